@@ -1,0 +1,92 @@
+#pragma once
+// The backend interface: the ops a decoder forward pass needs, declared once and implemented per device
+// (backend/cpu, backend/cuda). Ops take tensors and sizes and know nothing of models or requests.
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace spear {
+
+// A linear layer's weights as loaded from a checkpoint, on the host, fp32: y = x·Wᵀ + b.
+struct LinearWeights {
+  std::string name;  // e.g. "model.layers.3.self_attn.q_proj"
+  int out_features = 0, in_features = 0;
+  std::vector<float> w;     // [out_features, in_features]
+  std::vector<float> bias;  // [out_features] or empty
+};
+
+// A backend's own representation of a linear layer (dense here; quantized kinds come with the quant layer).
+class Linear {
+ public:
+  virtual ~Linear() = default;
+  int in_features = 0, out_features = 0;
+  std::string name;
+  virtual size_t weight_bytes() const = 0;
+};
+
+// One sequence's new tokens inside a flattened batch: rows [token_begin, token_begin + n_tokens) of the
+// activations are its tokens at absolute positions pos0 .. pos0 + n_tokens - 1; its keys and values live in
+// KV-cache slot kv_slot.
+struct SeqSlice {
+  int token_begin = 0;
+  int n_tokens = 0;
+  int pos0 = 0;
+  int kv_slot = 0;
+};
+
+struct AttentionParams {
+  int layer = 0;
+  int n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  int window = 0;  // sliding window in tokens (query attends to keys with pos > p - window); 0 = unlimited
+  float scale = 1.f;
+};
+
+// Rotary embedding frequencies, one per pair of dimensions (head_dim / 2), already scaled (llama3/linear).
+struct RopeTable {
+  std::vector<float> inv_freq;
+};
+
+class KvCache {
+ public:
+  virtual ~KvCache() = default;
+  virtual int num_slots() const = 0;
+  virtual int max_tokens() const = 0;  // per slot
+  virtual size_t bytes() const = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  virtual Device device() const = 0;
+
+  virtual Tensor alloc(int64_t rows, int64_t cols) = 0;  // activation buffer, contents undefined
+  virtual Tensor upload(const float* host, int64_t rows, int64_t cols) = 0;
+  virtual void download(const Tensor& t, float* host) = 0;  // copies to fp32 host memory
+  virtual std::unique_ptr<Linear> make_linear(const LinearWeights& w) = 0;
+  virtual std::unique_ptr<KvCache> make_kv_cache(int n_layers, int n_slots, int max_tokens, int kv_dim) = 0;
+
+  // out[i] = table[ids[i]]: embedding lookup, and picking rows of a batch (e.g. last token per sequence)
+  virtual void gather_rows(const Tensor& table, std::span<const int32_t> ids, Tensor& out) = 0;
+  // out = x / sqrt(mean(x²) + eps) * w, per row; w [1, d]. out may alias x.
+  virtual void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) = 0;
+  // out[T, out_features] = x[T, in_features]·Wᵀ + b
+  virtual void linear(const Tensor& x, const Linear& w, Tensor& out) = 0;
+  // In-place rotary embedding of x [T, n_heads * head_dim] (rotate-half convention of HF Llama).
+  virtual void rope(Tensor& x, int n_heads, int head_dim, std::span<const int32_t> positions,
+                    const RopeTable& table) = 0;
+  // Appends k, v [T, kv_dim] to the cache and computes causal (optionally windowed) GQA attention of
+  // q [T, n_heads * head_dim] for every sequence slice; out [T, n_heads * head_dim].
+  virtual void attention(const Tensor& q, const Tensor& k, const Tensor& v, std::span<const SeqSlice> seqs,
+                         KvCache& cache, const AttentionParams& p, Tensor& out) = 0;
+  // out = silu(gate) * up
+  virtual void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
+  // x += y
+  virtual void add(Tensor& x, const Tensor& y) = 0;
+};
+
+}  // namespace spear

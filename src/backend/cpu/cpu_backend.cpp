@@ -1,0 +1,128 @@
+#include "backend/cpu/cpu_backend.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "core/error.h"
+
+namespace spear {
+
+CpuKvCache::CpuKvCache(int n_layers, int n_slots, int max_tokens, int kv_dim)
+    : n_layers_(n_layers), n_slots_(n_slots), max_tokens_(max_tokens), kv_dim_(kv_dim) {
+  size_t n = size_t(n_layers) * n_slots * max_tokens * kv_dim;
+  k_.assign(n, 0.f);
+  v_.assign(n, 0.f);
+}
+
+CpuBackend::CpuBackend() = default;
+
+Tensor CpuBackend::alloc(int64_t rows, int64_t cols) {
+  Tensor t;
+  size_t n = size_t(rows * cols);
+  std::shared_ptr<float[]> buf(new float[n ? n : 1]);
+  t.data = buf.get();
+  t.storage = std::shared_ptr<void>(buf, buf.get());
+  t.rows = rows;
+  t.cols = cols;
+  return t;
+}
+
+Tensor CpuBackend::upload(const float* host, int64_t rows, int64_t cols) {
+  Tensor t = alloc(rows, cols);
+  std::memcpy(t.data, host, t.nbytes());
+  return t;
+}
+
+void CpuBackend::download(const Tensor& t, float* host) { std::memcpy(host, t.data, t.nbytes()); }
+
+std::unique_ptr<Linear> CpuBackend::make_linear(const LinearWeights& w) {
+  auto l = std::make_unique<CpuDenseLinear>();
+  l->name = w.name;
+  l->in_features = w.in_features;
+  l->out_features = w.out_features;
+  l->w = w.w;
+  l->bias = w.bias;
+  return l;
+}
+
+std::unique_ptr<KvCache> CpuBackend::make_kv_cache(int n_layers, int n_slots, int max_tokens, int kv_dim) {
+  return std::make_unique<CpuKvCache>(n_layers, n_slots, max_tokens, kv_dim);
+}
+
+void CpuBackend::gather_rows(const Tensor& table, std::span<const int32_t> ids, Tensor& out) {
+  const int64_t d = table.cols;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i] < 0 || ids[i] >= table.rows) fail("row index {} outside [0, {}) (token id outside the vocabulary?)", ids[i], table.rows);
+    std::memcpy(out.ptr<float>() + i * d, table.ptr<float>() + ids[i] * d, size_t(d) * sizeof(float));
+  }
+}
+
+void cpu_rms_norm_f32(const float* x, const float* w, int T, int d, float eps, float* out) {
+#pragma omp parallel for if (T > 16)
+  for (int t = 0; t < T; ++t) {
+    const float* xr = x + size_t(t) * d;
+    float ss = 0.f;
+    for (int i = 0; i < d; ++i) ss += xr[i] * xr[i];
+    // HF: x * rsqrt(mean(x²) + eps) in fp32, then weight * (that).
+    float inv = 1.f / std::sqrt(ss / float(d) + eps);
+    float* o = out + size_t(t) * d;
+    for (int i = 0; i < d; ++i) o[i] = w[i] * (xr[i] * inv);
+  }
+}
+
+void CpuBackend::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) {
+  cpu_rms_norm_f32(x.ptr<float>(), w.ptr<float>(), int(x.rows), int(x.cols), eps, out.ptr<float>());
+}
+
+void CpuBackend::linear(const Tensor& x, const Linear& l, Tensor& out) {
+  const auto& d = static_cast<const CpuDenseLinear&>(l);
+  cpu_linear_f32(x.ptr<float>(), int(x.rows), d.in_features, d.w.data(), d.bias.empty() ? nullptr : d.bias.data(),
+                 d.out_features, out.ptr<float>());
+}
+
+void cpu_rope_f32(float* x, int T, int n_heads, int head_dim, const int32_t* positions, const float* inv_freq) {
+  const int half = head_dim / 2;
+#pragma omp parallel for if (T > 16)
+  for (int t = 0; t < T; ++t) {
+    float cs[512], sn[512];  // head_dim <= 1024
+    for (int i = 0; i < half; ++i) {
+      // HF computes the angle as an fp32 product, then cos/sin of it.
+      float ang = float(positions[t]) * inv_freq[i];
+      cs[i] = std::cos(ang);
+      sn[i] = std::sin(ang);
+    }
+    for (int h = 0; h < n_heads; ++h) {
+      float* v = x + (size_t(t) * n_heads + h) * head_dim;
+      for (int i = 0; i < half; ++i) {
+        float a = v[i], b = v[i + half];
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + half] = b * cs[i] + a * sn[i];
+      }
+    }
+  }
+}
+
+void CpuBackend::rope(Tensor& x, int n_heads, int head_dim, std::span<const int32_t> positions,
+                      const RopeTable& table) {
+  if (head_dim > 1024) fail("head_dim {} > 1024 is not supported by the CPU RoPE kernel", head_dim);
+  cpu_rope_f32(x.ptr<float>(), int(x.rows), n_heads, head_dim, positions.data(), table.inv_freq.data());
+}
+
+void CpuBackend::swiglu(const Tensor& gate, const Tensor& up, Tensor& out) {
+  const float* g = gate.ptr<float>();
+  const float* u = up.ptr<float>();
+  float* o = out.ptr<float>();
+  const int64_t n = gate.numel();
+#pragma omp parallel for simd if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
+void CpuBackend::add(Tensor& x, const Tensor& y) {
+  float* a = x.ptr<float>();
+  const float* b = y.ptr<float>();
+  const int64_t n = x.numel();
+#pragma omp parallel for simd if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) a[i] += b[i];
+}
+
+}  // namespace spear

@@ -1,0 +1,62 @@
+#pragma once
+// CPU backend: fp32 activations and weights, GEMMs through OpenBLAS, element-wise loops with OpenMP.
+#include "backend/backend.h"
+
+namespace spear {
+
+class CpuDenseLinear : public Linear {
+ public:
+  std::vector<float> w;     // [out, in]
+  std::vector<float> bias;  // [out] or empty
+  size_t weight_bytes() const override { return (w.size() + bias.size()) * sizeof(float); }
+};
+
+// Contiguous per-slot cache: k[layer][slot][pos][kv_dim] (v the same).
+class CpuKvCache : public KvCache {
+ public:
+  CpuKvCache(int n_layers, int n_slots, int max_tokens, int kv_dim);
+  int num_slots() const override { return n_slots_; }
+  int max_tokens() const override { return max_tokens_; }
+  size_t bytes() const override { return (k_.size() + v_.size()) * sizeof(float); }
+  int kv_dim() const { return kv_dim_; }
+  float* k(int layer, int slot) { return k_.data() + offset(layer, slot); }
+  float* v(int layer, int slot) { return v_.data() + offset(layer, slot); }
+
+ private:
+  size_t offset(int layer, int slot) const {
+    return (size_t(layer) * n_slots_ + size_t(slot)) * size_t(max_tokens_) * size_t(kv_dim_);
+  }
+  int n_layers_, n_slots_, max_tokens_, kv_dim_;
+  std::vector<float> k_, v_;
+};
+
+class CpuBackend : public Backend {
+ public:
+  CpuBackend();
+  std::string name() const override { return "cpu"; }
+  Device device() const override { return Device::CPU; }
+
+  Tensor alloc(int64_t rows, int64_t cols) override;
+  Tensor upload(const float* host, int64_t rows, int64_t cols) override;
+  void download(const Tensor& t, float* host) override;
+  std::unique_ptr<Linear> make_linear(const LinearWeights& w) override;
+  std::unique_ptr<KvCache> make_kv_cache(int n_layers, int n_slots, int max_tokens, int kv_dim) override;
+
+  void gather_rows(const Tensor& table, std::span<const int32_t> ids, Tensor& out) override;
+  void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override;
+  void linear(const Tensor& x, const Linear& w, Tensor& out) override;
+  void rope(Tensor& x, int n_heads, int head_dim, std::span<const int32_t> positions,
+            const RopeTable& table) override;
+  void attention(const Tensor& q, const Tensor& k, const Tensor& v, std::span<const SeqSlice> seqs,
+                 KvCache& cache, const AttentionParams& p, Tensor& out) override;
+  void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) override;
+  void add(Tensor& x, const Tensor& y) override;
+};
+
+// Kernels as plain functions over raw pointers, so tests and benchmarks can call them directly.
+// y[T, n] = x[T, k]·Wᵀ (+ bias), W [n, k] row-major.
+void cpu_linear_f32(const float* x, int T, int k, const float* w, const float* bias, int n, float* y);
+void cpu_rms_norm_f32(const float* x, const float* w, int T, int d, float eps, float* out);
+void cpu_rope_f32(float* x, int T, int n_heads, int head_dim, const int32_t* positions, const float* inv_freq);
+
+}  // namespace spear

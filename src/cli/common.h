@@ -1,0 +1,30 @@
+#pragma once
+// Options and helpers shared by the subcommands.
+#include <memory>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "backend/backend.h"
+
+namespace spear::cli {
+
+struct CommonOptions {
+  std::string model_dir;
+  bool json = false;
+  int threads = 0;
+  std::string device = "cpu";
+};
+
+void add_model_option(CLI::App* app, CommonOptions& o);
+void add_json_option(CLI::App* app, CommonOptions& o);
+void add_runtime_options(CLI::App* app, CommonOptions& o);  // --threads, --device
+std::unique_ptr<Backend> make_backend(const CommonOptions& o);
+std::string read_text_file(const std::string& path);
+
+void register_ppl(CLI::App& app);
+void register_generate(CLI::App& app);
+void register_tokenize(CLI::App& app);
+void register_inspect(CLI::App& app);
+
+}  // namespace spear::cli

@@ -1,0 +1,78 @@
+// spear: quantize, diagnose, compensate, evaluate and serve 4-bit LLMs.
+#include <cstdio>
+
+#include <CLI/CLI.hpp>
+#include <cblas.h>
+#include <omp.h>
+
+#include "cli/common.h"
+#include "core/error.h"
+
+namespace spear::cli {
+
+void add_model_option(CLI::App* app, CommonOptions& o) {
+  app->add_option("--model,-m", o.model_dir, "Model directory: a Hugging Face checkpoint (config.json, "
+                                              "*.safetensors, tokenizer.json)")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+}
+
+void add_json_option(CLI::App* app, CommonOptions& o) {
+  app->add_flag("--json", o.json, "Print one JSON object on stdout instead of text");
+}
+
+void add_runtime_options(CLI::App* app, CommonOptions& o) {
+  app->add_option("--threads,-t", o.threads, "CPU threads for GEMMs and kernels (default: all cores)")
+      ->check(CLI::NonNegativeNumber);
+  app->add_option("--device", o.device, "Compute device")->check(CLI::IsMember({"cpu"}));
+}
+
+std::unique_ptr<Backend> make_backend(const CommonOptions& o);
+
+std::string read_text_file(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) fail("cannot open {}", path);
+  std::string s;
+  char buf[1 << 16];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
+  std::fclose(f);
+  return s;
+}
+
+}  // namespace spear::cli
+
+#include "backend/cpu/cpu_backend.h"
+
+std::unique_ptr<spear::Backend> spear::cli::make_backend(const CommonOptions& o) {
+  if (o.threads > 0) {
+    openblas_set_num_threads(o.threads);
+    omp_set_num_threads(o.threads);
+  }
+  return std::make_unique<CpuBackend>();
+}
+
+int main(int argc, char** argv) {
+  CLI::App app{"SPEAR: 4-bit LLM inference with token-gated error compensators"};
+  app.set_version_flag("--version", std::string("spear ") + SPEAR_VERSION);
+  app.require_subcommand(1);
+  spear::cli::register_ppl(app);
+  spear::cli::register_generate(app);
+  spear::cli::register_tokenize(app);
+  spear::cli::register_inspect(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const spear::Error& e) {
+    std::fprintf(stderr, "spear: error: %s\n", e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "spear: error: out of memory\n");
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "spear: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,202 @@
+// Loading and the forward pass shared by every Llama-family architecture.
+#include <cmath>
+
+#include "core/error.h"
+#include "core/progress.h"
+#include "io/safetensors.h"
+#include "model/model.h"
+
+namespace spear {
+
+Batch Batch::single(std::span<const int32_t> tokens, int pos0, int kv_slot) {
+  Batch b;
+  b.tokens.assign(tokens.begin(), tokens.end());
+  b.seqs.push_back({0, int(tokens.size()), pos0, kv_slot});
+  return b;
+}
+
+namespace {
+
+void check_shape(const TensorView& t, std::vector<int64_t> want) {
+  if (t.shape != want) {
+    TensorView w;
+    w.shape = want;
+    fail("{}: tensor '{}' has shape {}, the config implies {}", t.file, t.name, t.shape_str(), w.shape_str());
+  }
+}
+
+LinearWeights read_linear(const Checkpoint& ck, const std::string& name, int out, int in, bool bias) {
+  LinearWeights w;
+  w.name = name;
+  w.out_features = out;
+  w.in_features = in;
+  const TensorView& t = ck.get(name + ".weight");
+  check_shape(t, {out, in});
+  w.w = t.to_f32();
+  if (bias) {
+    const TensorView& b = ck.get(name + ".bias");
+    check_shape(b, {out});
+    w.bias = b.to_f32();
+  }
+  return w;
+}
+
+Tensor read_vector(Backend& be, const Checkpoint& ck, const std::string& name, int n) {
+  const TensorView& t = ck.get(name);
+  check_shape(t, {n});
+  auto v = t.to_f32();
+  return be.upload(v.data(), 1, n);
+}
+
+}  // namespace
+
+ModelConfig load_config(const std::string& dir) { return load_model_config(dir, supported_architectures()); }
+
+std::unique_ptr<Model> Model::load(const std::string& dir, Backend& be) {
+  ModelConfig cfg = load_config(dir);
+  Checkpoint ck(dir);
+  std::unique_ptr<Model> m(new Model(cfg, be));
+  const int H = cfg.hidden_size, I = cfg.intermediate_size, V = cfg.vocab_size;
+
+  const TensorView& emb = ck.get("model.embed_tokens.weight");
+  check_shape(emb, {V, H});
+  std::vector<float> emb_f = emb.to_f32();
+  m->embed_ = be.upload(emb_f.data(), V, H);
+  m->final_norm_ = read_vector(be, ck, "model.norm.weight", H);
+  m->n_params_ = size_t(V) * H + H;
+
+  ProgressBar bar("loading " + dir, cfg.num_layers);
+  m->layers_.resize(size_t(cfg.num_layers));
+  for (int i = 0; i < cfg.num_layers; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    DecoderLayer& L = m->layers_[size_t(i)];
+    L.attn_norm = read_vector(be, ck, p + "input_layernorm.weight", H);
+    L.mlp_norm = read_vector(be, ck, p + "post_attention_layernorm.weight", H);
+    auto lin = [&](const std::string& n, int out, int in, bool bias) {
+      LinearWeights w = read_linear(ck, p + n, out, in, bias);
+      m->n_params_ += w.w.size() + w.bias.size();
+      return be.make_linear(w);
+    };
+    L.q = lin("self_attn.q_proj", cfg.q_dim(), H, cfg.qkv_bias);
+    L.k = lin("self_attn.k_proj", cfg.kv_dim(), H, cfg.qkv_bias);
+    L.v = lin("self_attn.v_proj", cfg.kv_dim(), H, cfg.qkv_bias);
+    L.o = lin("self_attn.o_proj", H, cfg.q_dim(), cfg.o_bias);
+    L.gate = lin("mlp.gate_proj", I, H, cfg.mlp_bias);
+    L.up = lin("mlp.up_proj", I, H, cfg.mlp_bias);
+    L.down = lin("mlp.down_proj", H, I, cfg.mlp_bias);
+    m->n_params_ += 2 * size_t(H);
+    bar.update(i + 1);
+  }
+  bar.finish();
+
+  LinearWeights head;
+  head.name = "lm_head";
+  head.out_features = V;
+  head.in_features = H;
+  if (cfg.tie_word_embeddings) {
+    head.w = std::move(emb_f);
+  } else {
+    if (!ck.has("lm_head.weight"))
+      fail("{}: tie_word_embeddings is false but the checkpoint has no 'lm_head.weight'", dir);
+    const TensorView& t = ck.get("lm_head.weight");
+    check_shape(t, {V, H});
+    head.w = t.to_f32();
+    m->n_params_ += head.w.size();
+  }
+  m->lm_head_ = be.make_linear(head);
+  m->rope_ = make_rope_table(cfg.rope, cfg.head_dim, cfg.dtype);
+  return m;
+}
+
+std::unique_ptr<KvCache> Model::make_kv_cache(int n_slots, int max_tokens) {
+  return backend_.make_kv_cache(cfg_.num_layers, n_slots, max_tokens, cfg_.kv_dim());
+}
+
+size_t Model::weight_bytes() const {
+  size_t n = embed_.nbytes() + final_norm_.nbytes() + lm_head_->weight_bytes();
+  for (const auto& L : layers_) {
+    n += L.attn_norm.nbytes() + L.mlp_norm.nbytes();
+    for (const Linear* l : L.linears()) n += l->weight_bytes();
+  }
+  return n;
+}
+
+std::vector<float> Model::forward(const Batch& batch, KvCache& cache, LogitsMode mode, const TapFn* taps) {
+  Backend& be = backend_;
+  const ModelConfig& c = cfg_;
+  const int T = int(batch.tokens.size());
+  if (T == 0) return {};
+  std::vector<int32_t> positions(static_cast<size_t>(T));
+  for (const SeqSlice& s : batch.seqs) {
+    if (s.token_begin < 0 || s.n_tokens < 0 || s.token_begin + s.n_tokens > T) fail("forward: bad sequence slice");
+    if (s.kv_slot < 0 || s.kv_slot >= cache.num_slots()) fail("forward: KV slot {} out of range", s.kv_slot);
+    if (s.pos0 + s.n_tokens > cache.max_tokens())
+      fail("sequence of {} tokens exceeds the context capacity of {} tokens", s.pos0 + s.n_tokens, cache.max_tokens());
+    for (int i = 0; i < s.n_tokens; ++i) positions[size_t(s.token_begin + i)] = s.pos0 + i;
+  }
+  for (int32_t id : batch.tokens)
+    if (id < 0 || id >= c.vocab_size) fail("token id {} is outside the vocabulary [0, {})", id, c.vocab_size);
+
+  auto tap = [&](const Linear& l, TapPoint pt, const Tensor& t) {
+    if (taps) (*taps)(l.name, pt, t);
+  };
+  auto run_linear = [&](const Linear& l, const Tensor& in, Tensor& out) {
+    tap(l, TapPoint::Input, in);
+    be.linear(in, l, out);
+    tap(l, TapPoint::Output, out);
+  };
+
+  Tensor x = be.alloc(T, c.hidden_size);
+  Tensor h = be.alloc(T, c.hidden_size);
+  Tensor tmp = be.alloc(T, c.hidden_size);
+  Tensor q = be.alloc(T, c.q_dim()), att = be.alloc(T, c.q_dim());
+  Tensor k = be.alloc(T, c.kv_dim()), v = be.alloc(T, c.kv_dim());
+  Tensor gate = be.alloc(T, c.intermediate_size), up = be.alloc(T, c.intermediate_size);
+  be.gather_rows(embed_, batch.tokens, x);
+
+  AttentionParams ap;
+  ap.n_heads = c.num_heads;
+  ap.n_kv_heads = c.num_kv_heads;
+  ap.head_dim = c.head_dim;
+  ap.scale = 1.f / std::sqrt(float(c.head_dim));
+  for (int li = 0; li < c.num_layers; ++li) {
+    DecoderLayer& L = layers_[size_t(li)];
+    be.rms_norm(x, L.attn_norm, float(c.rms_norm_eps), h);
+    run_linear(*L.q, h, q);
+    run_linear(*L.k, h, k);
+    run_linear(*L.v, h, v);
+    be.rope(q, c.num_heads, c.head_dim, positions, rope_);
+    be.rope(k, c.num_kv_heads, c.head_dim, positions, rope_);
+    ap.layer = li;
+    ap.window = c.sliding_window[size_t(li)];
+    be.attention(q, k, v, batch.seqs, cache, ap, att);
+    run_linear(*L.o, att, tmp);
+    be.add(x, tmp);
+
+    be.rms_norm(x, L.mlp_norm, float(c.rms_norm_eps), h);
+    run_linear(*L.gate, h, gate);
+    run_linear(*L.up, h, up);
+    be.swiglu(gate, up, gate);
+    run_linear(*L.down, gate, tmp);
+    be.add(x, tmp);
+    if (taps) (*taps)("model.layers." + std::to_string(li), TapPoint::Output, x);
+  }
+  be.rms_norm(x, final_norm_, float(c.rms_norm_eps), h);
+  if (taps) (*taps)("model.norm", TapPoint::Output, h);
+  if (mode == LogitsMode::None) return {};
+
+  Tensor sel = h;
+  if (mode == LogitsMode::LastPerSeq) {
+    std::vector<int32_t> rows;
+    for (const SeqSlice& s : batch.seqs) rows.push_back(s.token_begin + s.n_tokens - 1);
+    sel = be.alloc(int64_t(rows.size()), c.hidden_size);
+    be.gather_rows(h, rows, sel);
+  }
+  Tensor logits = be.alloc(sel.rows, c.vocab_size);
+  be.linear(sel, *lm_head_, logits);
+  std::vector<float> out(static_cast<size_t>(logits.numel()));
+  be.download(logits, out.data());
+  return out;
+}
+
+}  // namespace spear

@@ -1,0 +1,76 @@
+#pragma once
+// A decoder-only transformer of the Llama family (Llama, Qwen2, Mistral): pre-norm blocks of GQA attention
+// with RoPE and a SwiGLU MLP. Hyper-parameters come from the per-architecture parsers (arch_*.cpp); the
+// forward pass is written once against the Backend interface.
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "io/hf_config.h"
+
+namespace spear {
+
+// Observes activations during a forward pass: every linear module's input and output (module names as in
+// the checkpoint, e.g. "model.layers.3.mlp.down_proj"), each block's output ("model.layers.3") and the
+// final normalised hidden state ("model.norm"). The tensor lives on the backend's device.
+enum class TapPoint { Input, Output };
+using TapFn = std::function<void(const std::string& module, TapPoint point, const Tensor& t)>;
+
+struct DecoderLayer {
+  Tensor attn_norm, mlp_norm;  // [1, hidden]
+  std::unique_ptr<Linear> q, k, v, o, gate, up, down;
+  std::vector<Linear*> linears() const { return {q.get(), k.get(), v.get(), o.get(), gate.get(), up.get(), down.get()}; }
+};
+
+// Which rows of logits a forward pass returns.
+enum class LogitsMode { All, LastPerSeq, None };
+
+struct Batch {
+  std::vector<int32_t> tokens;  // all new tokens, sequence after sequence
+  std::vector<SeqSlice> seqs;
+  static Batch single(std::span<const int32_t> tokens, int pos0, int kv_slot = 0);
+};
+
+class Model {
+ public:
+  // Loads a Hugging Face checkpoint directory onto the backend.
+  static std::unique_ptr<Model> load(const std::string& dir, Backend& backend);
+
+  const ModelConfig& config() const { return cfg_; }
+  Backend& backend() { return backend_; }
+  std::vector<DecoderLayer>& layers() { return layers_; }
+  Linear& lm_head() { return *lm_head_; }
+
+  std::unique_ptr<KvCache> make_kv_cache(int n_slots, int max_tokens);
+
+  // Runs the batch, appending its keys and values to `cache`. Returns fp32 logits on the host,
+  // [rows, vocab]: every token (All) or the last token of each sequence (LastPerSeq).
+  std::vector<float> forward(const Batch& batch, KvCache& cache, LogitsMode mode, const TapFn* taps = nullptr);
+
+  size_t parameter_count() const { return n_params_; }
+  size_t weight_bytes() const;
+
+ private:
+  Model(ModelConfig cfg, Backend& backend) : cfg_(std::move(cfg)), backend_(backend) {}
+  ModelConfig cfg_;
+  Backend& backend_;
+  Tensor embed_;       // [vocab, hidden]
+  Tensor final_norm_;  // [1, hidden]
+  std::unique_ptr<Linear> lm_head_;
+  std::vector<DecoderLayer> layers_;
+  RopeTable rope_;
+  size_t n_params_ = 0;
+};
+
+// Per-architecture registry (model/architectures.cpp) and the model config loader that uses it.
+const std::vector<ArchSpec>& supported_architectures();
+ModelConfig load_config(const std::string& dir);
+
+// RoPE inverse frequencies for a config, with its scaling applied, rounded to `round_to` (the checkpoint's
+// dtype, as transformers does; F32 = no rounding). model/rope.cpp.
+RopeTable make_rope_table(const RopeConfig& rope, int head_dim, DType round_to);
+
+}  // namespace spear

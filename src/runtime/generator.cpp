@@ -1,0 +1,47 @@
+#include "runtime/generator.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "core/error.h"
+
+namespace spear {
+
+GenerateResult generate(Model& model, const std::vector<int32_t>& prompt_ids, int max_new_tokens,
+                        const SamplingParams& sampling, const std::vector<int32_t>& eos_ids,
+                        const std::function<bool(int32_t)>& on_token) {
+  const int ctx = model.config().max_position_embeddings;
+  if (prompt_ids.empty()) fail("the prompt is empty (no tokens to condition on)");
+  if (max_new_tokens < 0) fail("max tokens must be >= 0");
+  if (int(prompt_ids.size()) >= ctx)
+    fail("prompt of {} tokens does not fit the model's context of {} tokens", prompt_ids.size(), ctx);
+  const int total = std::min<int>(ctx, int(prompt_ids.size()) + max_new_tokens);
+  auto cache = model.make_kv_cache(1, total);
+  Sampler sampler(sampling);
+  GenerateResult r;
+  r.finish_reason = "length";
+  if (max_new_tokens == 0) return r;
+
+  using clock = std::chrono::steady_clock;
+  auto t0 = clock::now();
+  std::vector<float> logits = model.forward(Batch::single(prompt_ids, 0), *cache, LogitsMode::LastPerSeq);
+  r.prefill_seconds = std::chrono::duration<double>(clock::now() - t0).count();
+  auto t1 = clock::now();
+  int pos = int(prompt_ids.size());
+  while (true) {
+    int32_t tok = sampler.sample(logits);
+    r.output_ids.push_back(tok);
+    bool go_on = !on_token || on_token(tok);
+    if (std::find(eos_ids.begin(), eos_ids.end(), tok) != eos_ids.end()) {
+      r.finish_reason = "stop";
+      break;
+    }
+    if (!go_on || int(r.output_ids.size()) >= max_new_tokens || pos >= total) break;
+    logits = model.forward(Batch::single(std::span<const int32_t>(&tok, 1), pos), *cache, LogitsMode::LastPerSeq);
+    ++pos;
+  }
+  r.decode_seconds = std::chrono::duration<double>(clock::now() - t1).count();
+  return r;
+}
+
+}  // namespace spear
