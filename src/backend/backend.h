@@ -63,6 +63,9 @@ class Backend {
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
   virtual Device device() const = 0;
+  // True when independent forward passes (separate KV caches) may run concurrently on host threads, each
+  // with single-threaded ops; batch evaluation (perplexity) then parallelises over sequences instead.
+  virtual bool concurrent_forwards() const { return false; }
 
   virtual Tensor alloc(int64_t rows, int64_t cols) = 0;  // activation buffer, contents undefined
   virtual Tensor upload(const float* host, int64_t rows, int64_t cols) = 0;

@@ -2,7 +2,6 @@
 #include <cstdio>
 
 #include <CLI/CLI.hpp>
-#include <cblas.h>
 #include <omp.h>
 
 #include "cli/common.h"
@@ -45,10 +44,7 @@ std::string read_text_file(const std::string& path) {
 #include "backend/cpu/cpu_backend.h"
 
 std::unique_ptr<spear::Backend> spear::cli::make_backend(const CommonOptions& o) {
-  if (o.threads > 0) {
-    openblas_set_num_threads(o.threads);
-    omp_set_num_threads(o.threads);
-  }
+  if (o.threads > 0) omp_set_num_threads(o.threads);
   return std::make_unique<CpuBackend>();
 }
 

@@ -35,6 +35,7 @@ class CpuBackend : public Backend {
   CpuBackend();
   std::string name() const override { return "cpu"; }
   Device device() const override { return Device::CPU; }
+  bool concurrent_forwards() const override { return true; }
 
   Tensor alloc(int64_t rows, int64_t cols) override;
   Tensor upload(const float* host, int64_t rows, int64_t cols) override;

@@ -1,0 +1,32 @@
+#pragma once
+// CUDA error handling and device discovery. Errors become spear::Error with the call site, so a missing
+// driver or an out-of-memory on the GPU is a clear message, never a crash.
+#include <string>
+
+#include <cuda_runtime.h>
+
+#include "core/error.h"
+
+namespace spear::cuda {
+
+#define SPEAR_CUDA_CHECK(expr)                                                                          \
+  do {                                                                                                  \
+    cudaError_t err_ = (expr);                                                                          \
+    if (err_ != cudaSuccess)                                                                            \
+      ::spear::fail("CUDA error at {}:{}: {} ({})", __FILE__, __LINE__, cudaGetErrorString(err_), #expr); \
+  } while (0)
+
+struct DeviceInfo {
+  int index = 0;
+  std::string name;
+  int sm_count = 0;
+  int major = 0, minor = 0;
+  size_t memory_bytes = 0;
+  size_t l2_bytes = 0;
+};
+
+// Number of usable GPUs; 0 when there is no driver or no device (never throws).
+int device_count();
+DeviceInfo device_info(int index);
+
+}  // namespace spear::cuda

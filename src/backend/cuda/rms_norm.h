@@ -1,0 +1,13 @@
+#pragma once
+// RMSNorm on the GPU: bf16 activations in and out, fp32 statistics (as the HF reference: x·rsqrt(mean(x²)+eps)
+// in fp32, then times the weight). Raw pointers and a stream, nothing of the engine.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+namespace spear::cuda {
+
+// x, out: [rows, d] bf16 row-major (out may alias x); w: [d] bf16.
+void rms_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* out, int rows, int d, float eps,
+                   cudaStream_t stream);
+
+}  // namespace spear::cuda
