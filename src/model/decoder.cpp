@@ -121,82 +121,99 @@ size_t Model::weight_bytes() const {
   return n;
 }
 
-std::vector<float> Model::forward(const Batch& batch, KvCache& cache, LogitsMode mode, const TapFn* taps) {
-  Backend& be = backend_;
-  const ModelConfig& c = cfg_;
+void Model::check_batch(const Batch& batch, const KvCache& cache) const {
   const int T = int(batch.tokens.size());
-  if (T == 0) return {};
-  std::vector<int32_t> positions(static_cast<size_t>(T));
   for (const SeqSlice& s : batch.seqs) {
     if (s.token_begin < 0 || s.n_tokens < 0 || s.token_begin + s.n_tokens > T) fail("forward: bad sequence slice");
     if (s.kv_slot < 0 || s.kv_slot >= cache.num_slots()) fail("forward: KV slot {} out of range", s.kv_slot);
     if (s.pos0 + s.n_tokens > cache.max_tokens())
       fail("sequence of {} tokens exceeds the context capacity of {} tokens", s.pos0 + s.n_tokens, cache.max_tokens());
-    for (int i = 0; i < s.n_tokens; ++i) positions[size_t(s.token_begin + i)] = s.pos0 + i;
   }
   for (int32_t id : batch.tokens)
-    if (id < 0 || id >= c.vocab_size) fail("token id {} is outside the vocabulary [0, {})", id, c.vocab_size);
+    if (id < 0 || id >= cfg_.vocab_size) fail("token id {} is outside the vocabulary [0, {})", id, cfg_.vocab_size);
+}
 
-  auto tap = [&](const Linear& l, TapPoint pt, const Tensor& t) {
-    if (taps) (*taps)(l.name, pt, t);
-  };
+std::vector<int32_t> Model::positions(const Batch& batch) const {
+  std::vector<int32_t> pos(batch.tokens.size());
+  for (const SeqSlice& s : batch.seqs)
+    for (int i = 0; i < s.n_tokens; ++i) pos[size_t(s.token_begin + i)] = s.pos0 + i;
+  return pos;
+}
+
+Tensor Model::embed(const Batch& batch) {
+  Tensor x = backend_.alloc(int64_t(batch.tokens.size()), cfg_.hidden_size);
+  backend_.gather_rows(embed_, batch.tokens, x);
+  return x;
+}
+
+void Model::run_layer(int li, Tensor& x, const Batch& batch, KvCache& cache, const TapFn* taps) {
+  Backend& be = backend_;
+  const ModelConfig& c = cfg_;
+  const int64_t T = x.rows;
+  const std::vector<int32_t> pos = positions(batch);
   auto run_linear = [&](const Linear& l, const Tensor& in, Tensor& out) {
-    tap(l, TapPoint::Input, in);
+    if (taps) (*taps)(l.name, TapPoint::Input, in);
     be.linear(in, l, out);
-    tap(l, TapPoint::Output, out);
+    if (taps) (*taps)(l.name, TapPoint::Output, out);
   };
-
-  Tensor x = be.alloc(T, c.hidden_size);
-  Tensor h = be.alloc(T, c.hidden_size);
-  Tensor tmp = be.alloc(T, c.hidden_size);
+  Tensor h = be.alloc(T, c.hidden_size), tmp = be.alloc(T, c.hidden_size);
   Tensor q = be.alloc(T, c.q_dim()), att = be.alloc(T, c.q_dim());
   Tensor k = be.alloc(T, c.kv_dim()), v = be.alloc(T, c.kv_dim());
   Tensor gate = be.alloc(T, c.intermediate_size), up = be.alloc(T, c.intermediate_size);
-  be.gather_rows(embed_, batch.tokens, x);
 
+  DecoderLayer& L = layers_[size_t(li)];
+  be.rms_norm(x, L.attn_norm, float(c.rms_norm_eps), h);
+  run_linear(*L.q, h, q);
+  run_linear(*L.k, h, k);
+  run_linear(*L.v, h, v);
+  be.rope(q, c.num_heads, c.head_dim, pos, rope_);
+  be.rope(k, c.num_kv_heads, c.head_dim, pos, rope_);
   AttentionParams ap;
+  ap.layer = li;
   ap.n_heads = c.num_heads;
   ap.n_kv_heads = c.num_kv_heads;
   ap.head_dim = c.head_dim;
+  ap.window = c.sliding_window[size_t(li)];
   ap.scale = 1.f / std::sqrt(float(c.head_dim));
-  for (int li = 0; li < c.num_layers; ++li) {
-    DecoderLayer& L = layers_[size_t(li)];
-    be.rms_norm(x, L.attn_norm, float(c.rms_norm_eps), h);
-    run_linear(*L.q, h, q);
-    run_linear(*L.k, h, k);
-    run_linear(*L.v, h, v);
-    be.rope(q, c.num_heads, c.head_dim, positions, rope_);
-    be.rope(k, c.num_kv_heads, c.head_dim, positions, rope_);
-    ap.layer = li;
-    ap.window = c.sliding_window[size_t(li)];
-    be.attention(q, k, v, batch.seqs, cache, ap, att);
-    run_linear(*L.o, att, tmp);
-    be.add(x, tmp);
+  be.attention(q, k, v, batch.seqs, cache, ap, att);
+  run_linear(*L.o, att, tmp);
+  be.add(x, tmp);
 
-    be.rms_norm(x, L.mlp_norm, float(c.rms_norm_eps), h);
-    run_linear(*L.gate, h, gate);
-    run_linear(*L.up, h, up);
-    be.swiglu(gate, up, gate);
-    run_linear(*L.down, gate, tmp);
-    be.add(x, tmp);
-    if (taps) (*taps)("model.layers." + std::to_string(li), TapPoint::Output, x);
-  }
-  be.rms_norm(x, final_norm_, float(c.rms_norm_eps), h);
+  be.rms_norm(x, L.mlp_norm, float(c.rms_norm_eps), h);
+  run_linear(*L.gate, h, gate);
+  run_linear(*L.up, h, up);
+  be.swiglu(gate, up, gate);
+  run_linear(*L.down, gate, tmp);
+  be.add(x, tmp);
+  if (taps) (*taps)("model.layers." + std::to_string(li), TapPoint::Output, x);
+}
+
+std::vector<float> Model::logits(const Tensor& x, const Batch& batch, LogitsMode mode, const TapFn* taps) {
+  Backend& be = backend_;
+  Tensor h = be.alloc(x.rows, cfg_.hidden_size);
+  be.rms_norm(x, final_norm_, float(cfg_.rms_norm_eps), h);
   if (taps) (*taps)("model.norm", TapPoint::Output, h);
   if (mode == LogitsMode::None) return {};
-
   Tensor sel = h;
   if (mode == LogitsMode::LastPerSeq) {
     std::vector<int32_t> rows;
     for (const SeqSlice& s : batch.seqs) rows.push_back(s.token_begin + s.n_tokens - 1);
-    sel = be.alloc(int64_t(rows.size()), c.hidden_size);
+    sel = be.alloc(int64_t(rows.size()), cfg_.hidden_size);
     be.gather_rows(h, rows, sel);
   }
-  Tensor logits = be.alloc(sel.rows, c.vocab_size);
-  be.linear(sel, *lm_head_, logits);
-  std::vector<float> out(static_cast<size_t>(logits.numel()));
-  be.download(logits, out.data());
-  return out;
+  Tensor out = be.alloc(sel.rows, cfg_.vocab_size);
+  be.linear(sel, *lm_head_, out);
+  std::vector<float> host(static_cast<size_t>(out.numel()));
+  be.download(out, host.data());
+  return host;
+}
+
+std::vector<float> Model::forward(const Batch& batch, KvCache& cache, LogitsMode mode, const TapFn* taps) {
+  if (batch.tokens.empty()) return {};
+  check_batch(batch, cache);
+  Tensor x = embed(batch);
+  for (int li = 0; li < cfg_.num_layers; ++li) run_layer(li, x, batch, cache, taps);
+  return logits(x, batch, mode, taps);
 }
 
 }  // namespace spear

@@ -50,6 +50,12 @@ class Model {
   // [rows, vocab]: every token (All) or the last token of each sequence (LastPerSeq).
   std::vector<float> forward(const Batch& batch, KvCache& cache, LogitsMode mode, const TapFn* taps = nullptr);
 
+  // The same pass in pieces, for layer-by-layer calibration (GPTQ, error compensators):
+  // embed -> run_layer(0..L-1) -> logits. `x` is the residual stream [tokens, hidden] on the backend.
+  Tensor embed(const Batch& batch);
+  void run_layer(int layer, Tensor& x, const Batch& batch, KvCache& cache, const TapFn* taps = nullptr);
+  std::vector<float> logits(const Tensor& x, const Batch& batch, LogitsMode mode, const TapFn* taps = nullptr);
+
   size_t parameter_count() const { return n_params_; }
   size_t weight_bytes() const;
 
@@ -63,6 +69,9 @@ class Model {
   std::vector<DecoderLayer> layers_;
   RopeTable rope_;
   size_t n_params_ = 0;
+
+  void check_batch(const Batch& batch, const KvCache& cache) const;
+  std::vector<int32_t> positions(const Batch& batch) const;
 };
 
 // Per-architecture registry (model/architectures.cpp) and the model config loader that uses it.

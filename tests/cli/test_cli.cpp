@@ -1,0 +1,113 @@
+// The spear command line as a user runs it: JSON outputs, exit codes, and error messages for bad input.
+#include <array>
+#include <cstdio>
+#include <fstream>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <sys/wait.h>
+
+#include "test_util.h"
+
+namespace spear {
+
+namespace {
+struct Run {
+  int code;
+  std::string out;  // stdout and stderr
+};
+
+Run run(const std::string& args) {
+  std::string cmd = std::string("SPEAR_PROGRESS=0 ") + SPEAR_BINARY + " " + args + " 2>&1";
+  Run r{-1, {}};
+  FILE* p = popen(cmd.c_str(), "r");
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+  int st = pclose(p);
+  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+}
+
+nlohmann::json golden() {
+  std::ifstream in(test::ref_model_dir() + "/golden.json");
+  return nlohmann::json::parse(in);
+}
+const std::string kModel = "--model " + test::ref_model_dir();
+}  // namespace
+
+TEST(Cli, HelpForEverySubcommand) {
+  for (const char* sub : {"", "ppl", "generate", "tokenize", "inspect"}) {
+    Run r = run(std::string(sub) + " --help");
+    EXPECT_EQ(r.code, 0) << sub;
+    EXPECT_NE(r.out.find("--"), std::string::npos) << sub;
+  }
+  Run r = run("ppl --help");
+  for (const char* opt : {"--model", "--data", "--ctx", "--max-windows", "--json", "--threads"})
+    EXPECT_NE(r.out.find(opt), std::string::npos) << opt;
+}
+
+TEST(Cli, TokenizeJson) {
+  Run r = run("tokenize " + kModel + " --json --text 'Hello world'");
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["ids"], (std::vector<int>{0, 7362, 547, 1600}));
+}
+
+TEST(Cli, GenerateGreedyJson) {
+  Run r = run("generate " + kModel + " --prompt 'The meaning of' --max-tokens 32 --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out);
+  auto all = golden()["greedy"]["ids"].get<std::vector<int>>();
+  EXPECT_EQ(j["prompt_ids"], std::vector<int>(all.begin(), all.begin() + 4));
+  EXPECT_EQ(j["output_ids"], std::vector<int>(all.begin() + 4, all.end()));
+  EXPECT_EQ(j["text"].get<std::string>(), golden()["greedy"]["text"].get<std::string>().substr(14));
+}
+
+TEST(Cli, GenerateSampledIsSeeded) {
+  std::string args = "generate " + kModel + " --prompt 'Once' --max-tokens 12 --temperature 0.9 --top-k 40 --top-p 0.95 --json";
+  Run a = run(args + " --seed 7"), b = run(args + " --seed 7");
+  ASSERT_EQ(a.code, 0) << a.out;
+  EXPECT_EQ(nlohmann::json::parse(a.out)["output_ids"], nlohmann::json::parse(b.out)["output_ids"]);
+}
+
+TEST(Cli, PplJsonKeys) {
+  std::string data = test::scratch_dir("cli_ppl") + "/t.txt";
+  std::ofstream(data) << golden()["prompt"].get<std::string>() << golden()["prompt"].get<std::string>();
+  Run r = run("ppl " + kModel + " --data " + data + " --ctx 64 --max-windows 2 --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["windows"], 2);
+  EXPECT_EQ(j["tokens_scored"], 126);
+  EXPECT_GT(j["ppl"].get<double>(), 1.0);
+  EXPECT_LT(j["ppl"].get<double>(), 200.0);
+}
+
+TEST(Cli, InspectJson) {
+  Run r = run("inspect " + kModel + " --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["architecture"], "LlamaForCausalLM");
+  EXPECT_EQ(j["parameters"], 23075328);
+  EXPECT_EQ(j["files"], 4);
+}
+
+TEST(Cli, BadInputIsAClearError) {
+  Run r = run("ppl --model /nonexistent --data /etc/hostname");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.out.find("nonexistent"), std::string::npos) << r.out;
+  std::string dir = test::scratch_dir("cli_bad");
+  r = run("inspect --model " + dir);
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("spear: error: "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("no config.json"), std::string::npos) << r.out;
+  r = run("generate " + kModel + " --prompt x --top-p 0");
+  EXPECT_NE(r.code, 0);
+  r = run("ppl " + kModel + " --data /etc/hostname");  // shorter than one window
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("fewer than one window"), std::string::npos) << r.out;
+  r = run("bogus-subcommand");
+  EXPECT_NE(r.code, 0);
+}
+
+}  // namespace spear
