@@ -12,14 +12,14 @@
 namespace spear {
 
 namespace {
-struct Run {
+struct CmdResult {
   int code;
   std::string out;  // stdout and stderr
 };
 
-Run run(const std::string& args) {
+CmdResult run(const std::string& args) {
   std::string cmd = std::string("SPEAR_PROGRESS=0 ") + SPEAR_BINARY + " " + args + " 2>&1";
-  Run r{-1, {}};
+  CmdResult r{-1, {}};
   FILE* p = popen(cmd.c_str(), "r");
   std::array<char, 4096> buf;
   size_t n;
@@ -38,24 +38,24 @@ const std::string kModel = "--model " + test::ref_model_dir();
 
 TEST(Cli, HelpForEverySubcommand) {
   for (const char* sub : {"", "ppl", "generate", "tokenize", "inspect"}) {
-    Run r = run(std::string(sub) + " --help");
+    CmdResult r = run(std::string(sub) + " --help");
     EXPECT_EQ(r.code, 0) << sub;
     EXPECT_NE(r.out.find("--"), std::string::npos) << sub;
   }
-  Run r = run("ppl --help");
+  CmdResult r = run("ppl --help");
   for (const char* opt : {"--model", "--data", "--ctx", "--max-windows", "--json", "--threads"})
     EXPECT_NE(r.out.find(opt), std::string::npos) << opt;
 }
 
 TEST(Cli, TokenizeJson) {
-  Run r = run("tokenize " + kModel + " --json --text 'Hello world'");
+  CmdResult r = run("tokenize " + kModel + " --json --text 'Hello world'");
   ASSERT_EQ(r.code, 0) << r.out;
   auto j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["ids"], (std::vector<int>{0, 7362, 547, 1600}));
 }
 
 TEST(Cli, GenerateGreedyJson) {
-  Run r = run("generate " + kModel + " --prompt 'The meaning of' --max-tokens 32 --json");
+  CmdResult r = run("generate " + kModel + " --prompt 'The meaning of' --max-tokens 32 --json");
   ASSERT_EQ(r.code, 0) << r.out;
   auto j = nlohmann::json::parse(r.out);
   auto all = golden()["greedy"]["ids"].get<std::vector<int>>();
@@ -66,7 +66,7 @@ TEST(Cli, GenerateGreedyJson) {
 
 TEST(Cli, GenerateSampledIsSeeded) {
   std::string args = "generate " + kModel + " --prompt 'Once' --max-tokens 12 --temperature 0.9 --top-k 40 --top-p 0.95 --json";
-  Run a = run(args + " --seed 7"), b = run(args + " --seed 7");
+  CmdResult a = run(args + " --seed 7"), b = run(args + " --seed 7");
   ASSERT_EQ(a.code, 0) << a.out;
   EXPECT_EQ(nlohmann::json::parse(a.out)["output_ids"], nlohmann::json::parse(b.out)["output_ids"]);
 }
@@ -74,7 +74,7 @@ TEST(Cli, GenerateSampledIsSeeded) {
 TEST(Cli, PplJsonKeys) {
   std::string data = test::scratch_dir("cli_ppl") + "/t.txt";
   std::ofstream(data) << golden()["prompt"].get<std::string>() << golden()["prompt"].get<std::string>();
-  Run r = run("ppl " + kModel + " --data " + data + " --ctx 64 --max-windows 2 --json");
+  CmdResult r = run("ppl " + kModel + " --data " + data + " --ctx 64 --max-windows 2 --json");
   ASSERT_EQ(r.code, 0) << r.out;
   auto j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["windows"], 2);
@@ -84,7 +84,7 @@ TEST(Cli, PplJsonKeys) {
 }
 
 TEST(Cli, InspectJson) {
-  Run r = run("inspect " + kModel + " --json");
+  CmdResult r = run("inspect " + kModel + " --json");
   ASSERT_EQ(r.code, 0) << r.out;
   auto j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["architecture"], "LlamaForCausalLM");
@@ -93,7 +93,7 @@ TEST(Cli, InspectJson) {
 }
 
 TEST(Cli, BadInputIsAClearError) {
-  Run r = run("ppl --model /nonexistent --data /etc/hostname");
+  CmdResult r = run("ppl --model /nonexistent --data /etc/hostname");
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.out.find("nonexistent"), std::string::npos) << r.out;
   std::string dir = test::scratch_dir("cli_bad");
