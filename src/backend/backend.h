@@ -10,6 +10,10 @@
 #include "core/tensor.h"
 
 namespace spear {
+struct PackedQuantWeights;
+}
+
+namespace spear {
 
 // A linear layer's weights as loaded from a checkpoint, on the host, fp32: y = x·Wᵀ + b.
 struct LinearWeights {
@@ -71,6 +75,9 @@ class Backend {
   virtual Tensor upload(const float* host, int64_t rows, int64_t cols) = 0;
   virtual void download(const Tensor& t, float* host) = 0;  // copies to fp32 host memory
   virtual std::unique_ptr<Linear> make_linear(const LinearWeights& w) = 0;
+  // A quantized linear layer from the package layout (converted to the backend's own layout here).
+  virtual std::unique_ptr<Linear> make_quant_linear(const std::string& name, const PackedQuantWeights& w,
+                                                    const std::vector<float>& bias) = 0;
   virtual std::unique_ptr<KvCache> make_kv_cache(int n_layers, int n_slots, int max_tokens, int kv_dim) = 0;
 
   // out[i] = table[ids[i]]: embedding lookup, and picking rows of a batch (e.g. last token per sequence)

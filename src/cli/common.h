@@ -26,5 +26,6 @@ void register_ppl(CLI::App& app);
 void register_generate(CLI::App& app);
 void register_tokenize(CLI::App& app);
 void register_inspect(CLI::App& app);
+void register_quantize(CLI::App& app);
 
 }  // namespace spear::cli

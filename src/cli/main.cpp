@@ -11,7 +11,7 @@ namespace spear::cli {
 
 void add_model_option(CLI::App* app, CommonOptions& o) {
   app->add_option("--model,-m", o.model_dir, "Model directory: a Hugging Face checkpoint (config.json, "
-                                              "*.safetensors, tokenizer.json)")
+                                              "*.safetensors, tokenizer.json) or a SPEAR package")
       ->required()
       ->check(CLI::ExistingDirectory);
 }
@@ -56,6 +56,7 @@ int main(int argc, char** argv) {
   spear::cli::register_generate(app);
   spear::cli::register_tokenize(app);
   spear::cli::register_inspect(app);
+  spear::cli::register_quantize(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

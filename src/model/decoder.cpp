@@ -5,6 +5,7 @@
 #include "core/progress.h"
 #include "io/safetensors.h"
 #include "model/model.h"
+#include "quant/package.h"
 
 namespace spear {
 
@@ -56,6 +57,9 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& be) {
   ModelConfig cfg = load_config(dir);
   Checkpoint ck(dir);
   std::unique_ptr<Model> m(new Model(cfg, be));
+  // A package holds some linears as packed codes (<module>.qweight); everything else reads as a checkpoint.
+  const bool package = is_package(dir);
+  if (package) m->package_ = read_manifest(dir);
   const int H = cfg.hidden_size, I = cfg.intermediate_size, V = cfg.vocab_size;
 
   const TensorView& emb = ck.get("model.embed_tokens.weight");
@@ -72,8 +76,22 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& be) {
     DecoderLayer& L = m->layers_[size_t(i)];
     L.attn_norm = read_vector(be, ck, p + "input_layernorm.weight", H);
     L.mlp_norm = read_vector(be, ck, p + "post_attention_layernorm.weight", H);
-    auto lin = [&](const std::string& n, int out, int in, bool bias) {
-      LinearWeights w = read_linear(ck, p + n, out, in, bias);
+    auto lin = [&](const std::string& n, int out, int in, bool bias) -> std::unique_ptr<Linear> {
+      const std::string name = p + n;
+      if (package && ck.has(name + ".qweight")) {
+        PackedQuantWeights q = read_quantized_linear(ck, *m->package_, name, out, in);
+        std::vector<float> b;
+        if (bias) {
+          const TensorView& bt = ck.get(name + ".bias");
+          check_shape(bt, {out});
+          b = bt.to_f32();
+        }
+        m->n_params_ += size_t(out) * in + b.size();
+        return be.make_quant_linear(name, q, b);
+      }
+      if (package && !ck.has(name + ".weight"))
+        fail("{}: package has neither '{}.qweight' nor '{}.weight'", dir, name, name);
+      LinearWeights w = read_linear(ck, name, out, in, bias);
       m->n_params_ += w.w.size() + w.bias.size();
       return be.make_linear(w);
     };

@@ -4,12 +4,14 @@
 // forward pass is written once against the Backend interface.
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "backend/backend.h"
 #include "io/hf_config.h"
+#include "quant/package.h"
 
 namespace spear {
 
@@ -57,6 +59,8 @@ class Model {
   std::vector<float> logits(const Tensor& x, const Batch& batch, LogitsMode mode, const TapFn* taps = nullptr);
 
   size_t parameter_count() const { return n_params_; }
+  // The package manifest when loaded from a quantized package.
+  const std::optional<PackageManifest>& package() const { return package_; }
   size_t weight_bytes() const;
 
  private:
@@ -69,6 +73,7 @@ class Model {
   std::vector<DecoderLayer> layers_;
   RopeTable rope_;
   size_t n_params_ = 0;
+  std::optional<PackageManifest> package_;
 
   void check_batch(const Batch& batch, const KvCache& cache) const;
   std::vector<int32_t> positions(const Batch& batch) const;

@@ -45,6 +45,17 @@ std::unique_ptr<Linear> CpuBackend::make_linear(const LinearWeights& w) {
   return l;
 }
 
+std::unique_ptr<Linear> CpuBackend::make_quant_linear(const std::string& name, const PackedQuantWeights& w,
+                                                      const std::vector<float>& bias) {
+  auto l = std::make_unique<CpuQuantLinear>();
+  l->name = name;
+  l->in_features = w.in;
+  l->out_features = w.out;
+  l->w = prepare_cpu_quant(w);
+  l->bias = bias;
+  return l;
+}
+
 std::unique_ptr<KvCache> CpuBackend::make_kv_cache(int n_layers, int n_slots, int max_tokens, int kv_dim) {
   return std::make_unique<CpuKvCache>(n_layers, n_slots, max_tokens, kv_dim);
 }
@@ -75,6 +86,10 @@ void CpuBackend::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& o
 }
 
 void CpuBackend::linear(const Tensor& x, const Linear& l, Tensor& out) {
+  if (auto* q = dynamic_cast<const CpuQuantLinear*>(&l)) {
+    quant_linear_f32(x.ptr<float>(), int(x.rows), q->w, q->bias.empty() ? nullptr : q->bias.data(), out.ptr<float>());
+    return;
+  }
   const auto& d = static_cast<const CpuDenseLinear&>(l);
   cpu_linear_f32(x.ptr<float>(), int(x.rows), d.in_features, d.w.data(), d.bias.empty() ? nullptr : d.bias.data(),
                  d.out_features, out.ptr<float>());

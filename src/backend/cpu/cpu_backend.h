@@ -1,6 +1,7 @@
 #pragma once
 // CPU backend: fp32 activations and weights, GEMMs through OpenBLAS, element-wise loops with OpenMP.
 #include "backend/backend.h"
+#include "backend/cpu/int4_linear.h"
 
 namespace spear {
 
@@ -9,6 +10,14 @@ class CpuDenseLinear : public Linear {
   std::vector<float> w;     // [out, in]
   std::vector<float> bias;  // [out] or empty
   size_t weight_bytes() const override { return (w.size() + bias.size()) * sizeof(float); }
+};
+
+// Weights quantized to 2..8 bits, computed from packed codes (int4_linear.h).
+class CpuQuantLinear : public Linear {
+ public:
+  CpuQuantWeights w;
+  std::vector<float> bias;
+  size_t weight_bytes() const override { return quant_weight_bytes(w) + bias.size() * sizeof(float); }
 };
 
 // Contiguous per-slot cache: k[layer][slot][pos][kv_dim] (v the same).
@@ -41,6 +50,8 @@ class CpuBackend : public Backend {
   Tensor upload(const float* host, int64_t rows, int64_t cols) override;
   void download(const Tensor& t, float* host) override;
   std::unique_ptr<Linear> make_linear(const LinearWeights& w) override;
+  std::unique_ptr<Linear> make_quant_linear(const std::string& name, const PackedQuantWeights& w,
+                                            const std::vector<float>& bias) override;
   std::unique_ptr<KvCache> make_kv_cache(int n_layers, int n_slots, int max_tokens, int kv_dim) override;
 
   void gather_rows(const Tensor& table, std::span<const int32_t> ids, Tensor& out) override;
