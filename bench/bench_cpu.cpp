@@ -1,7 +1,9 @@
 // CPU benchmark: fp32 GEMM (our linear op vs OpenBLAS sgemm on the same shapes, same run) and end-to-end
 // prefill / decode throughput of a model. Prints tables and writes JSON (default bench/results/).
 //
-//   build/bench/bench_cpu --model models/ref-llama-23m [--threads N] [--out FILE]
+//   build/bench/bench_cpu --model models/ref-llama-23m [--package PKG ...] [--threads N] [--out FILE]
+// With --package, the end-to-end part also runs each quantized package (same run), and reports the
+// weights' resident size next to the checkpoint's BF16 size.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -17,6 +19,7 @@
 #include <omp.h>
 
 #include "backend/cpu/cpu_backend.h"
+#include "io/safetensors.h"
 #include "model/model.h"
 #include "runtime/sampler.h"
 
@@ -56,14 +59,16 @@ double time_median(F&& f, int reps) {
 
 int main(int argc, char** argv) {
   std::string model_dir = "models/ref-llama-23m", out_path;
+  std::vector<std::string> packages;
   int threads = 0;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--model" && i + 1 < argc) model_dir = argv[++i];
     else if (a == "--threads" && i + 1 < argc) threads = std::atoi(argv[++i]);
     else if (a == "--out" && i + 1 < argc) out_path = argv[++i];
+    else if (a == "--package" && i + 1 < argc) packages.push_back(argv[++i]);
     else {
-      std::fprintf(stderr, "usage: bench_cpu [--model DIR] [--threads N] [--out FILE.json]\n");
+      std::fprintf(stderr, "usage: bench_cpu [--model DIR] [--package PKG]... [--threads N] [--out FILE.json]\n");
       return 2;
     }
   }
@@ -119,30 +124,50 @@ int main(int argc, char** argv) {
   J["gemm_worst_ratio_vs_openblas"] = worst_ratio;
 
   // --- End to end: prefill a 512-token prompt; decode 128 tokens after a 128-token prompt (batch 1).
-  std::vector<int32_t> ids(512);
-  std::uniform_int_distribution<int> tok(2, c.vocab_size - 1);
-  for (auto& t : ids) t = tok(rng);
-  auto cache = model->make_kv_cache(1, 512);
-  double prefill = time_median([&] { model->forward(Batch::single(ids, 0), *cache, LogitsMode::LastPerSeq); }, 5);
-  const int prompt = 128, steps = 128;
-  double decode = time_median([&] {
-    auto logits = model->forward(Batch::single(std::span<const int32_t>(ids.data(), prompt), 0), *cache,
-                                 LogitsMode::LastPerSeq);
-    for (int i = 0; i < steps; ++i) {
-      int32_t t = argmax(logits);
-      logits = model->forward(Batch::single(std::span<const int32_t>(&t, 1), prompt + i), *cache, LogitsMode::LastPerSeq);
-    }
-  }, 3);
-  double decode_prefill = time_median([&] {
-    model->forward(Batch::single(std::span<const int32_t>(ids.data(), prompt), 0), *cache, LogitsMode::LastPerSeq);
-  }, 3);
-  const double decode_tps = steps / std::max(1e-9, decode - decode_prefill);
-  std::printf("\nend to end (%s, fp32, %d thread(s))\n", model_dir.c_str(), nthreads);
-  std::printf("  prefill 512 tokens: %8.1f ms  %8.0f tokens/s\n", prefill * 1e3, 512 / prefill);
-  std::printf("  decode (batch 1)  : %8.2f ms/token  %8.1f tokens/s\n", 1e3 / decode_tps, decode_tps);
-  J["prefill_512_tokens_per_s"] = 512 / prefill;
-  J["decode_tokens_per_s"] = decode_tps;
-  J["decode_ms_per_token"] = 1e3 / decode_tps;
+  std::printf("\nend to end, batch 1, %d thread(s): prefill 512 tokens; decode 128 tokens after 128\n", nthreads);
+  std::printf("%-28s %12s %14s %12s %14s %12s\n", "model", "weights MB", "prefill tok/s", "decode tok/s",
+              "decode ms/tok", "vs fp32");
+  std::vector<std::string> dirs = {model_dir};
+  dirs.insert(dirs.end(), packages.begin(), packages.end());
+  double fp32_decode = 0;
+  for (const std::string& dir : dirs) {
+    auto m = dir == model_dir ? std::move(model) : Model::load(dir, be);
+    std::vector<int32_t> ids(512);
+    std::mt19937 r2(2);
+    std::uniform_int_distribution<int> tok(2, c.vocab_size - 1);
+    for (auto& t : ids) t = tok(r2);
+    auto cache = m->make_kv_cache(1, 512);
+    double prefill = time_median([&] { m->forward(Batch::single(ids, 0), *cache, LogitsMode::LastPerSeq); }, 5);
+    const int prompt = 128, steps = 128;
+    double decode = time_median([&] {
+      auto logits = m->forward(Batch::single(std::span<const int32_t>(ids.data(), prompt), 0), *cache,
+                               LogitsMode::LastPerSeq);
+      for (int i = 0; i < steps; ++i) {
+        int32_t t = argmax(logits);
+        logits = m->forward(Batch::single(std::span<const int32_t>(&t, 1), prompt + i), *cache, LogitsMode::LastPerSeq);
+      }
+    }, 3);
+    double decode_prefill = time_median([&] {
+      m->forward(Batch::single(std::span<const int32_t>(ids.data(), prompt), 0), *cache, LogitsMode::LastPerSeq);
+    }, 3);
+    const double decode_tps = steps / std::max(1e-9, decode - decode_prefill);
+    if (dir == model_dir) fp32_decode = decode_tps;
+    const double mb = double(m->weight_bytes()) / 1e6;
+    std::printf("%-28s %12.1f %14.0f %12.1f %14.2f %11.2fx\n", std::filesystem::path(dir).filename().c_str(), mb,
+                512 / prefill, decode_tps, 1e3 / decode_tps, decode_tps / fp32_decode);
+    J["end_to_end"].push_back({{"model", dir},
+                               {"quantized", m->package().has_value()},
+                               {"resident_weight_bytes", m->weight_bytes()},
+                               {"prefill_512_tokens_per_s", 512 / prefill},
+                               {"decode_tokens_per_s", decode_tps},
+                               {"decode_ms_per_token", 1e3 / decode_tps},
+                               {"decode_speedup_vs_fp32", decode_tps / fp32_decode}});
+  }
+  {
+    Checkpoint ck(model_dir);
+    J["checkpoint_bf16_bytes"] = ck.total_bytes();
+    std::printf("checkpoint tensors as stored (BF16): %.1f MB\n", double(ck.total_bytes()) / 1e6);
+  }
 
   if (out_path.empty()) {
     std::filesystem::create_directories("bench/results");

@@ -78,6 +78,9 @@ class Backend {
   // A quantized linear layer from the package layout (converted to the backend's own layout here).
   virtual std::unique_ptr<Linear> make_quant_linear(const std::string& name, const PackedQuantWeights& w,
                                                     const std::vector<float>& bias) = 0;
+  // A dense linear layer's weight [out, in] as a tensor sharing its memory (tied embeddings read the
+  // lm_head's weights instead of keeping a second copy). The Linear must outlive the tensor.
+  virtual Tensor dense_weight_tensor(const Linear& l) = 0;
   virtual std::unique_ptr<KvCache> make_kv_cache(int n_layers, int n_slots, int max_tokens, int kv_dim) = 0;
 
   // out[i] = table[ids[i]]: embedding lookup, and picking rows of a batch (e.g. last token per sequence)

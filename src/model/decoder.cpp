@@ -65,7 +65,7 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& be) {
   const TensorView& emb = ck.get("model.embed_tokens.weight");
   check_shape(emb, {V, H});
   std::vector<float> emb_f = emb.to_f32();
-  m->embed_ = be.upload(emb_f.data(), V, H);
+  if (!cfg.tie_word_embeddings) m->embed_ = be.upload(emb_f.data(), V, H);
   m->final_norm_ = read_vector(be, ck, "model.norm.weight", H);
   m->n_params_ = size_t(V) * H + H;
 
@@ -122,6 +122,7 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& be) {
     m->n_params_ += head.w.size();
   }
   m->lm_head_ = be.make_linear(head);
+  if (cfg.tie_word_embeddings) m->embed_ = be.dense_weight_tensor(*m->lm_head_);  // one copy, shared
   m->rope_ = make_rope_table(cfg.rope, cfg.head_dim, cfg.dtype);
   return m;
 }
@@ -131,7 +132,7 @@ std::unique_ptr<KvCache> Model::make_kv_cache(int n_slots, int max_tokens) {
 }
 
 size_t Model::weight_bytes() const {
-  size_t n = embed_.nbytes() + final_norm_.nbytes() + lm_head_->weight_bytes();
+  size_t n = (cfg_.tie_word_embeddings ? 0 : embed_.nbytes()) + final_norm_.nbytes() + lm_head_->weight_bytes();
   for (const auto& L : layers_) {
     n += L.attn_norm.nbytes() + L.mlp_norm.nbytes();
     for (const Linear* l : L.linears()) n += l->weight_bytes();

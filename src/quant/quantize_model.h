@@ -16,7 +16,7 @@ struct QuantizeOptions {
   QuantParams params;
   GptqOptions gptq;
   std::string calib_file;  // empty: sample calibration sequences from the model
-  int calib_samples = 128;
+  int calib_samples = 64;
   int calib_len = 512;
   uint64_t seed = 0;
   int chunk_sequences = 16;  // calibration sequences per forward pass (bounds memory)

@@ -56,6 +56,16 @@ std::unique_ptr<Linear> CpuBackend::make_quant_linear(const std::string& name, c
   return l;
 }
 
+Tensor CpuBackend::dense_weight_tensor(const Linear& l) {
+  auto* d = dynamic_cast<const CpuDenseLinear*>(&l);
+  if (!d) fail("{}: not a dense layer", l.name);
+  Tensor t;
+  t.data = const_cast<float*>(d->w.data());
+  t.rows = d->out_features;
+  t.cols = d->in_features;
+  return t;
+}
+
 std::unique_ptr<KvCache> CpuBackend::make_kv_cache(int n_layers, int n_slots, int max_tokens, int kv_dim) {
   return std::make_unique<CpuKvCache>(n_layers, n_slots, max_tokens, kv_dim);
 }

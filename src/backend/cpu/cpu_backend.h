@@ -52,6 +52,7 @@ class CpuBackend : public Backend {
   std::unique_ptr<Linear> make_linear(const LinearWeights& w) override;
   std::unique_ptr<Linear> make_quant_linear(const std::string& name, const PackedQuantWeights& w,
                                             const std::vector<float>& bias) override;
+  Tensor dense_weight_tensor(const Linear& l) override;
   std::unique_ptr<KvCache> make_kv_cache(int n_layers, int n_slots, int max_tokens, int kv_dim) override;
 
   void gather_rows(const Tensor& table, std::span<const int32_t> ids, Tensor& out) override;
