@@ -4,6 +4,7 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <optional>
 
 #include "backend/cpu/cpu_backend.h"
 #include "core/error.h"
@@ -101,9 +102,12 @@ QuantizeResult quantize_model(const std::string& model_dir, const std::string& o
       Tokenizer tok = Tokenizer::from_dir(model_dir);
       calib = calibration_from_text(tok, o.calib_file, o.calib_samples, o.calib_len, o.seed);
     } else {
-      Tokenizer tok = Tokenizer::from_dir(model_dir);
-      auto bos = tok.bos_id();
-      if (!bos) fail("{}: the tokenizer has no BOS token to sample calibration data from; pass --calib FILE", model_dir);
+      // Sampling needs only the BOS id: from the tokenizer when there is one, else from config.json.
+      std::optional<int32_t> bos;
+      if (std::filesystem::exists(std::filesystem::path(model_dir) / "tokenizer.json"))
+        bos = Tokenizer::from_dir(model_dir).bos_id();
+      if (!bos && !cfg.bos_token_ids.empty()) bos = cfg.bos_token_ids[0];
+      if (!bos) fail("{}: no BOS token to sample calibration data from; pass --calib FILE", model_dir);
       calib = calibration_from_model(*model, *bos, o.calib_samples, o.calib_len, o.seed);
     }
     r.calibration_seconds = std::chrono::duration<double>(clk::now() - tc).count();

@@ -23,6 +23,19 @@ Sampler::Sampler(const SamplingParams& p) : p_(p), rng_(p.seed) {
 int32_t Sampler::sample(std::span<const float> logits) {
   if (p_.temperature == 0.f) return argmax(logits);
   const int n = int(logits.size());
+  if (p_.top_k == 0 && p_.top_p >= 1.f) {
+    // Plain temperature sampling needs no sort: inverse CDF over the softmax in vocabulary order.
+    const float mx = *std::max_element(logits.begin(), logits.end());
+    std::vector<double> prob(static_cast<size_t>(n));
+    double sum = 0;
+    for (int i = 0; i < n; ++i) sum += prob[size_t(i)] = std::exp((logits[size_t(i)] - mx) / p_.temperature);
+    double u = std::uniform_real_distribution<double>(0.0, sum)(rng_);
+    for (int i = 0; i < n; ++i) {
+      u -= prob[size_t(i)];
+      if (u < 0) return i;
+    }
+    return n - 1;
+  }
   std::vector<int32_t> idx(static_cast<size_t>(n));
   std::iota(idx.begin(), idx.end(), 0);
   int keep = n;

@@ -27,7 +27,21 @@ void attend_block(const float* q, int q_stride, const float* kc, const float* vc
   Strided K(kc, nk, hd, Eigen::OuterStride<>(kv_stride));
   Strided V(vc, nk, hd, Eigen::OuterStride<>(kv_stride));
   Eigen::Map<RowMajor> S(scores, nr, nk);
-  S.noalias() = (Q * K.transpose()) * scale;
+  // Decode rows (a few queries) are dot products; Eigen's GEMM set-up would cost more than the work.
+  const bool small = nr <= 4;
+  if (small) {
+    for (int i = 0; i < nr; ++i)
+      for (int j = 0; j < nk; ++j) {
+        const float* qi = q + size_t(i) * q_stride;
+        const float* kj = kc + size_t(j) * kv_stride;
+        float d = 0.f;
+#pragma omp simd reduction(+ : d)
+        for (int e = 0; e < hd; ++e) d += qi[e] * kj[e];
+        scores[size_t(i) * nk + j] = d * scale;
+      }
+  } else {
+    S.noalias() = (Q * K.transpose()) * scale;
+  }
   for (int i = 0; i < nr; ++i) {
     const int pos = first_pos + i;
     const int lo = window > 0 ? std::max(0, pos - window + 1) : 0;  // first visible key
@@ -44,6 +58,21 @@ void attend_block(const float* q, int q_stride, const float* kc, const float* vc
     const float inv = 1.f / sum;
     for (int j = a; j <= b; ++j) row[j] *= inv;
   }
+  if (small) {
+    for (int i = 0; i < nr; ++i) {
+      float* o = out + size_t(i) * q_stride;
+      for (int e = 0; e < hd; ++e) o[e] = 0.f;
+      const float* pi = scores + size_t(i) * nk;
+      for (int j = 0; j < nk; ++j) {
+        const float pj = pi[j];
+        if (pj == 0.f) continue;  // masked
+        const float* vj = vc + size_t(j) * kv_stride;
+#pragma omp simd
+        for (int e = 0; e < hd; ++e) o[e] += pj * vj[e];
+      }
+    }
+    return;
+  }
   StridedOut O(out, nr, hd, Eigen::OuterStride<>(q_stride));
   O.noalias() = S * V;
 }
@@ -58,39 +87,48 @@ void CpuBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, st
   const int group = p.n_heads / p.n_kv_heads;
   if (cache.kv_dim() != kv_dim) fail("attention: KV cache has kv_dim {}, layer needs {}", cache.kv_dim(), kv_dim);
 
-  for (const SeqSlice& s : seqs) {
-    const int L = s.pos0 + s.n_tokens;  // keys visible to the last query
-    if (L > cache.max_tokens())
-      fail("sequence of {} tokens exceeds the KV cache capacity of {} tokens", L, cache.max_tokens());
-    float* kc = cache.k(p.layer, s.kv_slot);
-    float* vc = cache.v(p.layer, s.kv_slot);
-    std::memcpy(kc + size_t(s.pos0) * kv_dim, k.ptr<float>() + size_t(s.token_begin) * kv_dim,
+  // Append every sequence's new keys and values, then one parallel loop over all (sequence, row block, head)
+  // work items: a batch of many short sequences (decode) must not pay one parallel region per sequence.
+  struct Item {
+    int seq, blk, head;
+  };
+  std::vector<Item> items;
+  for (int si = 0; si < int(seqs.size()); ++si) {
+    const SeqSlice& s = seqs[size_t(si)];
+    if (s.pos0 + s.n_tokens > cache.max_tokens())
+      fail("sequence of {} tokens exceeds the KV cache capacity of {} tokens", s.pos0 + s.n_tokens, cache.max_tokens());
+    std::memcpy(cache.k(p.layer, s.kv_slot) + size_t(s.pos0) * kv_dim, k.ptr<float>() + size_t(s.token_begin) * kv_dim,
                 size_t(s.n_tokens) * kv_dim * sizeof(float));
-    std::memcpy(vc + size_t(s.pos0) * kv_dim, v.ptr<float>() + size_t(s.token_begin) * kv_dim,
+    std::memcpy(cache.v(p.layer, s.kv_slot) + size_t(s.pos0) * kv_dim, v.ptr<float>() + size_t(s.token_begin) * kv_dim,
                 size_t(s.n_tokens) * kv_dim * sizeof(float));
-
-    const float* qs = q.ptr<float>() + size_t(s.token_begin) * q_dim;
-    float* os = out.ptr<float>() + size_t(s.token_begin) * q_dim;
     const int n_blocks = (s.n_tokens + kRowBlock - 1) / kRowBlock;
-#pragma omp parallel
-    {
-      std::vector<float> scores;
-#pragma omp for collapse(2) schedule(dynamic)
-      for (int blk = 0; blk < n_blocks; ++blk) {
-        for (int h = 0; h < p.n_heads; ++h) {
-          const int r0 = blk * kRowBlock;
-          const int nr = std::min(kRowBlock, s.n_tokens - r0);
-          const int last_pos = s.pos0 + r0 + nr - 1;
-          // Keys this block can see: [k_lo, last_pos]. With a window, the first row sees the fewest.
-          const int k_lo = p.window > 0 ? std::max(0, s.pos0 + r0 - p.window + 1) : 0;
-          const int nk = last_pos - k_lo + 1;
-          scores.resize(size_t(nr) * nk);
-          const int kvh = h / group;
-          attend_block(qs + size_t(r0) * q_dim + h * hd, q_dim, kc + size_t(k_lo) * kv_dim + kvh * hd,
-                       vc + size_t(k_lo) * kv_dim + kvh * hd, kv_dim, hd, nr, nk, s.pos0 + r0, k_lo, p.window,
-                       p.scale, scores.data(), os + size_t(r0) * q_dim + h * hd);
-        }
-      }
+    for (int blk = 0; blk < n_blocks; ++blk)
+      for (int h = 0; h < p.n_heads; ++h) items.push_back({si, blk, h});
+  }
+  size_t work = 0;
+  for (const SeqSlice& s : seqs) work += size_t(s.n_tokens) * size_t(s.pos0 + s.n_tokens);
+#pragma omp parallel if (work * size_t(p.n_heads) > 32768)
+  {
+    std::vector<float> scores;
+#pragma omp for schedule(dynamic)
+    for (size_t it = 0; it < items.size(); ++it) {
+      const SeqSlice& s = seqs[size_t(items[it].seq)];
+      const int h = items[it].head;
+      const int r0 = items[it].blk * kRowBlock;
+      const int nr = std::min(kRowBlock, s.n_tokens - r0);
+      const int last_pos = s.pos0 + r0 + nr - 1;
+      // Keys this block can see: [k_lo, last_pos]. With a window, the first row sees the fewest.
+      const int k_lo = p.window > 0 ? std::max(0, s.pos0 + r0 - p.window + 1) : 0;
+      const int nk = last_pos - k_lo + 1;
+      scores.resize(size_t(nr) * nk);
+      const int kvh = h / group;
+      const float* qs = q.ptr<float>() + size_t(s.token_begin) * q_dim;
+      float* os = out.ptr<float>() + size_t(s.token_begin) * q_dim;
+      const float* kc = cache.k(p.layer, s.kv_slot);
+      const float* vc = cache.v(p.layer, s.kv_slot);
+      attend_block(qs + size_t(r0) * q_dim + h * hd, q_dim, kc + size_t(k_lo) * kv_dim + kvh * hd,
+                   vc + size_t(k_lo) * kv_dim + kvh * hd, kv_dim, hd, nr, nk, s.pos0 + r0, k_lo, p.window, p.scale,
+                   scores.data(), os + size_t(r0) * q_dim + h * hd);
     }
   }
 }
