@@ -21,8 +21,8 @@ echo; echo "== spear quantize: RTN and GPTQ, 4 bits per channel"
 build/spear quantize --model "$MODEL" --out "$OUT/w4-rtn" --method rtn --bits 4
 build/spear quantize --model "$MODEL" --out "$OUT/w4-gptq" --method gptq --bits 4 --calib-samples 32
 echo; echo "== spear ppl (first 64 windows of 512 tokens)"
-printf "%-10s %s\n" model perplexity
+printf "%-16s %s\n" model perplexity
 for m in "$MODEL" "$OUT/w4-rtn" "$OUT/w4-gptq"; do
   ppl=$(build/spear ppl --model "$m" --data "$DATA" --max-windows 64 --json | python3 -c "import json,sys; print('%.3f' % json.load(sys.stdin)['ppl'])")
-  printf "%-10s %s\n" "$(basename "$m")" "$ppl"
+  printf "%-16s %s\n" "$(basename "$m")" "$ppl"
 done

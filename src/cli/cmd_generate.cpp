@@ -66,6 +66,7 @@ void register_generate(CLI::App& app) {
     } else {
       if (printed < text.size()) std::fwrite(text.data() + printed, 1, text.size() - printed, stdout);
       std::printf("\n");
+      std::fflush(stdout);  // keep the summary on stderr after the text when both go to one terminal
       std::fprintf(stderr, "[%zu prompt tokens, %zu new, prefill %.1f ms, decode %.1f tokens/s, finish: %s]\n",
                    prompt_ids.size(), r.output_ids.size(), r.prefill_seconds * 1e3, decode_tps,
                    r.finish_reason.c_str());
