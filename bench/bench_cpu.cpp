@@ -19,6 +19,7 @@
 #include <omp.h>
 
 #include "backend/cpu/cpu_backend.h"
+#include "bench_util.h"
 #include "io/safetensors.h"
 #include "model/model.h"
 #include "runtime/sampler.h"
@@ -30,16 +31,7 @@ using clk = std::chrono::steady_clock;
 
 namespace {
 
-std::string shell(const char* cmd) {
-  std::string out;
-  if (FILE* p = popen(cmd, "r")) {
-    char buf[256];
-    while (fgets(buf, sizeof buf, p)) out += buf;
-    pclose(p);
-  }
-  while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
-  return out;
-}
+using bench::shell;
 
 // Median seconds of `reps` runs of f after one warm-up.
 template <typename F>

@@ -17,6 +17,7 @@
 #include <omp.h>
 
 #include "backend/cpu/cpu_backend.h"
+#include "bench_util.h"
 #include "backend/cpu/int4_linear.h"
 
 using namespace spear;
@@ -24,16 +25,7 @@ using clk = std::chrono::steady_clock;
 
 namespace {
 
-std::string shell(const char* cmd) {
-  std::string out;
-  if (FILE* p = popen(cmd, "r")) {
-    char buf[256];
-    while (fgets(buf, sizeof buf, p)) out += buf;
-    pclose(p);
-  }
-  while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
-  return out;
-}
+using bench::shell;
 
 // Median seconds after one warm-up; the number of runs adapts to the duration (3..25, ~0.6 s in all).
 template <typename F>

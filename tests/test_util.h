@@ -2,6 +2,8 @@
 // Paths the tests use: the bundled demo model, the committed fixtures, and ../shared (golden logits,
 // evaluation text) when present.
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
 
 #include <unistd.h>
@@ -17,6 +19,14 @@ inline std::string shared_dir() { return SPEAR_SHARED_DIR; }
 inline std::string ref_model_dir() { return source_dir() + "/models/ref-llama-23m"; }
 inline std::string fixture_dir(const std::string& rel) { return source_dir() + "/tests/fixtures/" + rel; }
 inline bool have_shared() { return std::filesystem::exists(shared_dir() + "/models/ref-llama-23m/golden_logits.safetensors"); }
+
+// The whole file as bytes ("" when it cannot be read).
+inline std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
 
 // A scratch directory under the build tree, removed and recreated per call.
 inline std::string scratch_dir(const std::string& name) {

@@ -14,15 +14,6 @@
 
 namespace spear {
 
-namespace {
-std::string slurp(const std::string& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-}  // namespace
-
 TEST(Perplexity, TokenNll) {
   std::vector<float> l = {0.f, 0.f, 0.f, 0.f};
   EXPECT_NEAR(token_nll(l.data(), 4, 2), std::log(4.0), 1e-12);
@@ -36,13 +27,13 @@ class ReferencePerplexity : public ::testing::TestWithParam<const char*> {};
 TEST_P(ReferencePerplexity, MatchesReferenceJson) {
   SPEAR_REQUIRE_SHARED();
   const std::string split = GetParam();
-  auto ref = nlohmann::json::parse(slurp(test::ref_model_dir() + "/reference.json"));
+  auto ref = nlohmann::json::parse(test::read_file(test::ref_model_dir() + "/reference.json"));
   const double want = ref[split]["ppl_fp32"].get<double>();
   const long want_tokens = ref[split]["tokens"].get<long>();
   CpuBackend be;
   auto model = Model::load(test::ref_model_dir(), be);
   Tokenizer tok = Tokenizer::from_dir(test::ref_model_dir());
-  std::vector<int32_t> ids = tok.encode(slurp(test::shared_dir() + "/data/" + split), false);
+  std::vector<int32_t> ids = tok.encode(test::read_file(test::shared_dir() + "/data/" + split), false);
   EXPECT_EQ(long(ids.size()), want_tokens);
   PerplexityResult r = perplexity(*model, ids, 512);
   EXPECT_EQ(r.windows, int(ids.size() / 512));

@@ -22,12 +22,6 @@ namespace spear {
 namespace fs = std::filesystem;
 
 namespace {
-std::string slurp(const std::string& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 std::string rtn_package(const std::string& name, QuantParams p = {}) {
   std::string out = test::scratch_dir(name);
@@ -61,14 +55,14 @@ TEST(Rtn, MatchesReferenceDefinitionOnRealRows) {
 TEST(Package, RtnW4PerplexityMatchesReference) {
   SPEAR_REQUIRE_SHARED();
   std::string pkg = rtn_package("pkg_rtn4");
-  auto ref = nlohmann::json::parse(slurp(test::ref_model_dir() + "/reference.json"));
+  auto ref = nlohmann::json::parse(test::read_file(test::ref_model_dir() + "/reference.json"));
   CpuBackend be;
   auto model = Model::load(pkg, be);
   ASSERT_TRUE(model->package().has_value());
   EXPECT_EQ(model->package()->quantized_modules.size(), 42u);
   Tokenizer tok = Tokenizer::from_dir(pkg);
   for (const char* split : {"test.txt"}) {
-    std::vector<int32_t> ids = tok.encode(slurp(test::shared_dir() + "/data/" + split), false);
+    std::vector<int32_t> ids = tok.encode(test::read_file(test::shared_dir() + "/data/" + split), false);
     PerplexityResult r = perplexity(*model, ids, 512);
     const double want = ref[split]["ppl_rtn_w4_per_channel_asym"].get<double>();
     EXPECT_NEAR(r.ppl, want, want * 5e-4) << split;
@@ -81,8 +75,8 @@ TEST(Package, DeterministicAndSmall) {
   QuantParams g128;
   g128.group_size = 128;
   std::string a = rtn_package("pkg_det_a", g128), b = rtn_package("pkg_det_b", g128);
-  EXPECT_EQ(slurp(a + "/model.safetensors"), slurp(b + "/model.safetensors"));
-  EXPECT_EQ(slurp(a + "/manifest.json"), slurp(b + "/manifest.json"));
+  EXPECT_EQ(test::read_file(a + "/model.safetensors"), test::read_file(b + "/model.safetensors"));
+  EXPECT_EQ(test::read_file(a + "/manifest.json"), test::read_file(b + "/manifest.json"));
   // 4-bit codes for 18.9M weights + fp32 scales and u8 zeros per 128 + bf16 embeddings and norms.
   const size_t bytes = fs::file_size(a + "/model.safetensors");
   EXPECT_LT(bytes, 20'000'000u);
@@ -133,10 +127,10 @@ TEST(Gptq, PackageIsDeterministicPerSeed) {
     return out;
   };
   std::string a = make("gptq_a", 3), b = make("gptq_b", 3), c = make("gptq_c", 4);
-  EXPECT_EQ(slurp(a + "/model.safetensors"), slurp(b + "/model.safetensors"));
-  EXPECT_EQ(slurp(a + "/manifest.json"), slurp(b + "/manifest.json"));
+  EXPECT_EQ(test::read_file(a + "/model.safetensors"), test::read_file(b + "/model.safetensors"));
+  EXPECT_EQ(test::read_file(a + "/manifest.json"), test::read_file(b + "/manifest.json"));
   EXPECT_NE(read_manifest(a).data_hash, read_manifest(c).data_hash);
-  EXPECT_NE(slurp(a + "/model.safetensors"), slurp(c + "/model.safetensors"));
+  EXPECT_NE(test::read_file(a + "/model.safetensors"), test::read_file(c + "/model.safetensors"));
 }
 
 TEST(Gptq, BeatsRtnOnTheReferenceModel) {
@@ -150,7 +144,7 @@ TEST(Gptq, BeatsRtnOnTheReferenceModel) {
   std::string gp = test::scratch_dir("gptq_ref"), rp = rtn_package("rtn_ref");
   quantize_model(test::ref_model_dir(), gp, g);
   Tokenizer tok = Tokenizer::from_dir(test::ref_model_dir());
-  std::vector<int32_t> ids = tok.encode(slurp(test::shared_dir() + "/data/valid.txt"), false);
+  std::vector<int32_t> ids = tok.encode(test::read_file(test::shared_dir() + "/data/valid.txt"), false);
   CpuBackend be;
   double fp = perplexity(*Model::load(test::ref_model_dir(), be), ids, 512, 12).ppl;
   double rtn = perplexity(*Model::load(rp, be), ids, 512, 12).ppl;
@@ -222,7 +216,7 @@ TEST_F(CorruptPackage, ZeroPointOutOfRange) {
 TEST_F(CorruptPackage, ManifestProblems) {
   CpuBackend be;
   std::string d = copy("pkg_manifest");
-  auto j = nlohmann::json::parse(slurp(d + "/manifest.json"));
+  auto j = nlohmann::json::parse(test::read_file(d + "/manifest.json"));
   j["format_version"] = 99;
   std::ofstream(d + "/manifest.json") << j.dump();
   EXPECT_SPEAR_ERROR(Model::load(d, be), "package format version 99 is not supported");
