@@ -11,6 +11,7 @@
 
 namespace spear {
 struct PackedQuantWeights;
+struct Compensator;
 }
 
 namespace spear {
@@ -81,6 +82,8 @@ class Backend {
   // A dense linear layer's weight [out, in] as a tensor sharing its memory (tied embeddings read the
   // lm_head's weights instead of keeping a second copy). The Linear must outlive the tensor.
   virtual Tensor dense_weight_tensor(const Linear& l) = 0;
+  // Attaches an error compensator to a linear layer (nullptr detaches): linear() then adds B·(g ⊙ A·x).
+  virtual void set_compensator(Linear& l, const Compensator* c) = 0;
   virtual std::unique_ptr<KvCache> make_kv_cache(int n_layers, int n_slots, int max_tokens, int kv_dim) = 0;
 
   // out[i] = table[ids[i]]: embedding lookup, and picking rows of a batch (e.g. last token per sequence)

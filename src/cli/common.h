@@ -27,5 +27,8 @@ void register_generate(CLI::App& app);
 void register_tokenize(CLI::App& app);
 void register_inspect(CLI::App& app);
 void register_quantize(CLI::App& app);
+void register_diagnose(CLI::App& app);
+void register_calibrate(CLI::App& app);
+void register_eval(CLI::App& app);
 
 }  // namespace spear::cli

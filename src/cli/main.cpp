@@ -57,6 +57,9 @@ int main(int argc, char** argv) {
   spear::cli::register_tokenize(app);
   spear::cli::register_inspect(app);
   spear::cli::register_quantize(app);
+  spear::cli::register_diagnose(app);
+  spear::cli::register_calibrate(app);
+  spear::cli::register_eval(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

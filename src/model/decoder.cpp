@@ -53,7 +53,7 @@ Tensor read_vector(Backend& be, const Checkpoint& ck, const std::string& name, i
 
 ModelConfig load_config(const std::string& dir) { return load_model_config(dir, supported_architectures()); }
 
-std::unique_ptr<Model> Model::load(const std::string& dir, Backend& be) {
+std::unique_ptr<Model> Model::load(const std::string& dir, Backend& be, const LoadOptions& opts) {
   ModelConfig cfg = load_config(dir);
   Checkpoint ck(dir);
   std::unique_ptr<Model> m(new Model(cfg, be));
@@ -124,7 +124,57 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& be) {
   m->lm_head_ = be.make_linear(head);
   if (cfg.tie_word_embeddings) m->embed_ = be.dense_weight_tensor(*m->lm_head_);  // one copy, shared
   m->rope_ = make_rope_table(cfg.rope, cfg.head_dim, cfg.dtype);
+  if (package && opts.compensators && !m->package_->compensators.empty()) {
+    for (const Compensator& c : read_compensators(dir, *m->package_, m->linear_dims())) {
+      be.set_compensator(*m->linear_slot(c.module), &c);
+      m->n_params_ += c.param_count();
+      m->compensated_.push_back(c.module);
+    }
+  }
   return m;
+}
+
+namespace {
+const char* kLinearSuffixes[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                 "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
+}
+
+std::unique_ptr<Linear>& Model::linear_slot(const std::string& module) {
+  const std::string pre = "model.layers.";
+  if (module.compare(0, pre.size(), pre) == 0) {
+    size_t dot = module.find('.', pre.size());
+    if (dot != std::string::npos) {
+      int li = -1;
+      try {
+        li = std::stoi(module.substr(pre.size(), dot - pre.size()));
+      } catch (...) {
+      }
+      if (li >= 0 && li < cfg_.num_layers) {
+        DecoderLayer& L = layers_[size_t(li)];
+        const std::string suf = module.substr(dot + 1);
+        std::unique_ptr<Linear>* slots[] = {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down};
+        for (int i = 0; i < 7; ++i)
+          if (suf == kLinearSuffixes[i]) return *slots[i];
+      }
+    }
+  }
+  fail("no linear module named '{}' in this model", module);
+}
+
+std::vector<std::string> Model::linear_names() const {
+  std::vector<std::string> names;
+  for (int li = 0; li < cfg_.num_layers; ++li)
+    for (const char* s : kLinearSuffixes) names.push_back("model.layers." + std::to_string(li) + "." + s);
+  return names;
+}
+
+std::map<std::string, std::pair<int, int>> Model::linear_dims() const {
+  std::map<std::string, std::pair<int, int>> d;
+  for (const auto& n : linear_names()) {
+    const Linear& l = *const_cast<Model*>(this)->linear_slot(n);
+    d[n] = {l.out_features, l.in_features};
+  }
+  return d;
 }
 
 std::unique_ptr<KvCache> Model::make_kv_cache(int n_slots, int max_tokens) {

@@ -3,6 +3,7 @@
 // with RoPE and a SwiGLU MLP. Hyper-parameters come from the per-architecture parsers (arch_*.cpp); the
 // forward pass is written once against the Backend interface.
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <span>
@@ -36,15 +37,27 @@ struct Batch {
   static Batch single(std::span<const int32_t> tokens, int pos0, int kv_slot = 0);
 };
 
+struct LoadOptions {
+  bool compensators = true;  // attach a package's error compensators (false: its plain quantized model)
+};
+
 class Model {
  public:
-  // Loads a Hugging Face checkpoint directory onto the backend.
-  static std::unique_ptr<Model> load(const std::string& dir, Backend& backend);
+  // Loads a Hugging Face checkpoint directory (or a SPEAR package) onto the backend.
+  static std::unique_ptr<Model> load(const std::string& dir, Backend& backend, const LoadOptions& opts = {});
 
   const ModelConfig& config() const { return cfg_; }
   Backend& backend() { return backend_; }
   std::vector<DecoderLayer>& layers() { return layers_; }
   Linear& lm_head() { return *lm_head_; }
+  // The slot of a decoder linear by its checkpoint name ("model.layers.3.mlp.down_proj"), so calibration can
+  // swap a layer's implementation; throws for unknown names.
+  std::unique_ptr<Linear>& linear_slot(const std::string& module);
+  // Every decoder linear in forward order (layer by layer: q, k, v, o, gate, up, down), with [out, in].
+  std::vector<std::string> linear_names() const;
+  std::map<std::string, std::pair<int, int>> linear_dims() const;
+  // Compensators attached at load from the package (module names), for reports.
+  const std::vector<std::string>& compensated_modules() const { return compensated_; }
 
   std::unique_ptr<KvCache> make_kv_cache(int n_slots, int max_tokens);
 
@@ -74,6 +87,7 @@ class Model {
   RopeTable rope_;
   size_t n_params_ = 0;
   std::optional<PackageManifest> package_;
+  std::vector<std::string> compensated_;
 
   void check_batch(const Batch& batch, const KvCache& cache) const;
   std::vector<int32_t> positions(const Batch& batch) const;

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "core/dtype.h"
 #include "core/error.h"
 #include "io/hf_config.h"
 #include "io/safetensors.h"
@@ -26,6 +27,11 @@ uint64_t fnv1a64(const void* data, size_t n, uint64_t h) {
 bool is_package(const std::string& dir) { return fs::exists(fs::path(dir) / "manifest.json"); }
 
 json manifest_to_json(const PackageManifest& m) {
+  json mods = json::array();
+  for (const auto& c : m.compensators) mods.push_back({{"module", c.module}, {"rank", c.rank}, {"gate_width", c.gate_width}});
+  json comp = {{"file", m.compensators.empty() ? "" : "compensators.safetensors"},
+               {"bytes", m.compensator_bytes},
+               {"modules", mods}};
   return json{{"format", "spear-package"},
               {"format_version", m.format_version},
               {"tool_version", m.tool_version},
@@ -44,6 +50,7 @@ json manifest_to_json(const PackageManifest& m) {
                 {"seed", m.seed},
                 {"data_hash", m.data_hash}}},
               {"quantized_modules", m.quantized_modules},
+              {"compensators", comp},
               {"extra", m.extra}};
 }
 
@@ -58,7 +65,7 @@ PackageManifest read_manifest(const std::string& dir) {
     if (j.value("format", "") != "spear-package") fail("{}: not a SPEAR package manifest (format != spear-package)", path);
     PackageManifest m;
     m.format_version = field(j, "format_version", "").get<int>();
-    if (m.format_version != kPackageFormatVersion)
+    if (m.format_version != kPackageFormatVersion && m.format_version != 1)
       fail("{}: package format version {} is not supported (this build reads version {}); re-quantize with this "
            "version of spear",
            path, m.format_version, kPackageFormatVersion);
@@ -85,6 +92,18 @@ PackageManifest read_manifest(const std::string& dir) {
     }
     m.quantized_modules = field(j, "quantized_modules", "").get<std::vector<std::string>>();
     if (j.contains("extra")) m.extra = j["extra"];
+    if (j.contains("compensators") && !j["compensators"].is_null()) {
+      const json& c = j["compensators"];
+      m.compensator_bytes = c.value("bytes", size_t(0));
+      for (const json& e : field(c, "modules", "compensators.")) {
+        CompensatorInfo ci;
+        ci.module = field(e, "module", "compensators.modules[].").get<std::string>();
+        ci.rank = field(e, "rank", "compensators.modules[].").get<int>();
+        ci.gate_width = field(e, "gate_width", "compensators.modules[].").get<int>();
+        if (ci.rank <= 0 || ci.gate_width < 0) fail("{}: compensator '{}' has rank {} gate_width {}", path, ci.module, ci.rank, ci.gate_width);
+        m.compensators.push_back(ci);
+      }
+    }
     return m;
   } catch (const json::exception& e) {
     fail("{}: malformed manifest: {}", path, e.what());
@@ -92,7 +111,7 @@ PackageManifest read_manifest(const std::string& dir) {
 }
 
 void write_package(const std::string& out_dir, const std::string& source_dir, const PackageManifest& manifest,
-                   const std::map<std::string, PackedQuantWeights>& quantized) {
+                   const std::map<std::string, PackedQuantWeights>& quantized, const std::vector<Compensator>& ecs) {
   fs::create_directories(out_dir);
   Checkpoint src(source_dir);
   std::vector<TensorToWrite> tensors;
@@ -120,7 +139,76 @@ void write_package(const std::string& out_dir, const std::string& source_dir, co
     fs::path s = fs::path(source_dir) / f;
     if (fs::exists(s)) fs::copy_file(s, fs::path(out_dir) / f, fs::copy_options::overwrite_existing);
   }
-  std::ofstream(fs::path(out_dir) / "manifest.json") << manifest_to_json(manifest).dump(2) << "\n";
+  PackageManifest m = manifest;
+  m.compensators.clear();
+  m.compensator_bytes = 0;
+  const fs::path ec_path = fs::path(out_dir) / "compensators.safetensors";
+  fs::remove(ec_path);
+  if (!ecs.empty()) {
+    std::vector<Compensator> sorted = ecs;
+    std::sort(sorted.begin(), sorted.end(), [](const Compensator& a, const Compensator& b) { return a.module < b.module; });
+    std::vector<TensorToWrite> et;
+    std::vector<std::vector<uint16_t>> bufs;
+    bufs.reserve(sorted.size() * 6);
+    for (const Compensator& c : sorted) {
+      c.validate();
+      m.compensators.push_back({c.module, c.rank, c.gate_width});
+      m.compensator_bytes += c.bytes();
+      auto add = [&](const char* part, const std::vector<float>& v, std::vector<int64_t> shape) {
+        if (v.empty()) return;
+        auto& b = bufs.emplace_back(v.size());
+        for (size_t i = 0; i < v.size(); ++i) b[i] = f32_to_bf16(v[i]);
+        et.push_back({c.module + "." + part, DType::BF16, std::move(shape), b.data(), b.size() * 2});
+      };
+      add("ec_A", c.A, {c.rank, c.in});
+      add("ec_B", c.B, {c.out, c.rank});
+      add("ec_W1", c.W1, {c.gate_width, c.rank});
+      add("ec_b1", c.b1, {c.gate_width});
+      add("ec_W2", c.W2, {c.rank, c.gate_width});
+      add("ec_b2", c.b2, {c.rank});
+    }
+    std::sort(et.begin(), et.end(), [](const TensorToWrite& a, const TensorToWrite& b) { return a.name < b.name; });
+    write_safetensors(ec_path.string(), et, {{"format", "spear-compensators"}});
+  }
+  std::ofstream(fs::path(out_dir) / "manifest.json") << manifest_to_json(m).dump(2) << "\n";
+}
+
+std::vector<Compensator> read_compensators(const std::string& dir, const PackageManifest& m,
+                                           const std::map<std::string, std::pair<int, int>>& module_dims) {
+  std::vector<Compensator> out;
+  if (m.compensators.empty()) return out;
+  const std::string path = (fs::path(dir) / "compensators.safetensors").string();
+  if (!fs::exists(path)) fail("{}: the manifest lists {} compensators but compensators.safetensors is missing", dir, m.compensators.size());
+  SafetensorsFile f(path);
+  for (const CompensatorInfo& ci : m.compensators) {
+    auto d = module_dims.find(ci.module);
+    if (d == module_dims.end()) fail("{}: compensator for unknown module '{}'", path, ci.module);
+    Compensator c;
+    c.module = ci.module;
+    c.resize(d->second.second, d->second.first, ci.rank, ci.gate_width);
+    auto get = [&](const char* part, std::vector<float>& v, std::vector<int64_t> shape) {
+      if (v.empty()) return;
+      const std::string name = ci.module + "." + part;
+      const TensorView* t = f.find(name);
+      if (!t) fail("{}: missing tensor '{}' (corrupt or incomplete package)", path, name);
+      if (t->shape != shape) {
+        TensorView want;
+        want.shape = shape;
+        fail("{}: '{}' has shape {}, expected {} (rank {}, gate width {})", path, name, t->shape_str(), want.shape_str(), ci.rank, ci.gate_width);
+      }
+      v = t->to_f32();
+      for (float x : v)
+        if (!std::isfinite(x)) fail("{}: '{}' has a non-finite value", path, name);
+    };
+    get("ec_A", c.A, {c.rank, c.in});
+    get("ec_B", c.B, {c.out, c.rank});
+    get("ec_W1", c.W1, {c.gate_width, c.rank});
+    get("ec_b1", c.b1, {c.gate_width});
+    get("ec_W2", c.W2, {c.rank, c.gate_width});
+    get("ec_b2", c.b2, {c.rank});
+    out.push_back(std::move(c));
+  }
+  return out;
 }
 
 PackedQuantWeights read_quantized_linear(const Checkpoint& ck, const PackageManifest& m, const std::string& module,

@@ -11,10 +11,17 @@
 
 #include "backend/cpu/int4_linear.h"
 #include "quant/quantizer.h"
+#include "spear/compensator.h"
 
 namespace spear {
 
-inline constexpr int kPackageFormatVersion = 1;
+// Version 2 added error compensators (compensators.safetensors); version 1 packages (none) still load.
+inline constexpr int kPackageFormatVersion = 2;
+
+struct CompensatorInfo {
+  std::string module;
+  int rank = 0, gate_width = 0;
+};
 
 struct PackageManifest {
   int format_version = kPackageFormatVersion;
@@ -29,6 +36,8 @@ struct PackageManifest {
   std::string tool_version;
   std::string source_model;  // base name of the source checkpoint directory
   std::vector<std::string> quantized_modules;
+  std::vector<CompensatorInfo> compensators;  // stored in compensators.safetensors
+  size_t compensator_bytes = 0;
   nlohmann::json extra = nlohmann::json::object();  // later stages (error compensators) add sections here
 };
 
@@ -38,8 +47,13 @@ nlohmann::json manifest_to_json(const PackageManifest& m);
 
 // Writes the package; `quantized` maps module names ("model.layers.0.self_attn.q_proj") to packed weights.
 // Deterministic: the same inputs give byte-identical files (tensors sorted by name, no timestamps).
+// `ecs` (error compensators) go to compensators.safetensors in bf16, listed in the manifest.
 void write_package(const std::string& out_dir, const std::string& source_dir, const PackageManifest& manifest,
-                   const std::map<std::string, PackedQuantWeights>& quantized);
+                   const std::map<std::string, PackedQuantWeights>& quantized, const std::vector<Compensator>& ecs = {});
+
+// Reads and validates the package's compensators (shapes from the manifest against the given module dims).
+std::vector<Compensator> read_compensators(const std::string& dir, const PackageManifest& m,
+                                           const std::map<std::string, std::pair<int, int>>& module_dims);
 
 // Reads and validates one quantized linear of a package (shapes against the manifest and the expected
 // [out, in]; codes and zero points within range).

@@ -49,19 +49,47 @@ std::unique_ptr<Linear>& linear_slot(DecoderLayer& L, const std::string& module)
 
 }  // namespace
 
+CalibrationSet make_calibration_set(Model& model, const std::string& model_dir, const std::string& calib_file,
+                                    int samples, int len, uint64_t seed) {
+  if (!calib_file.empty()) {
+    Tokenizer tok = Tokenizer::from_dir(model_dir);
+    return calibration_from_text(tok, calib_file, samples, len, seed);
+  }
+  // Sampling needs only the BOS id: from the tokenizer when there is one, else from config.json.
+  std::optional<int32_t> bos;
+  if (std::filesystem::exists(std::filesystem::path(model_dir) / "tokenizer.json"))
+    bos = Tokenizer::from_dir(model_dir).bos_id();
+  if (!bos && !model.config().bos_token_ids.empty()) bos = model.config().bos_token_ids[0];
+  if (!bos) fail("{}: no BOS token to sample calibration data from; pass --calib FILE", model_dir);
+  return calibration_from_model(model, *bos, samples, len, seed);
+}
+
 QuantizeResult quantize_model(const std::string& model_dir, const std::string& out_dir, const QuantizeOptions& o) {
   auto t0 = clk::now();
-  if (o.method != "rtn" && o.method != "gptq") fail("unknown quantization method '{}' (rtn, gptq)", o.method);
-  if (o.params.bits < 2 || o.params.bits > 8) fail("--bits must be in 2..8, got {}", o.params.bits);
-  if (o.params.group_size == 0 || o.params.group_size < -1) fail("--group must be -1 or positive, got {}", o.params.group_size);
   if (std::filesystem::exists(std::filesystem::path(out_dir) / "config.json") &&
       std::filesystem::equivalent(model_dir, out_dir))
     fail("output directory {} is the source model directory", out_dir);
+  QuantizedWeights q = quantize_weights(model_dir, o);
+  write_package(out_dir, model_dir, q.manifest, q.modules);
+  QuantizeResult r;
+  r.manifest = q.manifest;
+  r.quantized_params = q.quantized_params;
+  r.calibration_seconds = q.calibration_seconds;
+  r.package_bytes = std::filesystem::file_size(std::filesystem::path(out_dir) / "model.safetensors");
+  r.source_bytes = Checkpoint(model_dir).total_bytes();
+  r.seconds = std::chrono::duration<double>(clk::now() - t0).count();
+  return r;
+}
+
+QuantizedWeights quantize_weights(const std::string& model_dir, const QuantizeOptions& o, const CalibrationSet* given) {
+  if (o.method != "rtn" && o.method != "gptq") fail("unknown quantization method '{}' (rtn, gptq)", o.method);
+  if (o.params.bits < 2 || o.params.bits > 8) fail("--bits must be in 2..8, got {}", o.params.bits);
+  if (o.params.group_size == 0 || o.params.group_size < -1) fail("--group must be -1 or positive, got {}", o.params.group_size);
 
   ModelConfig cfg = load_config(model_dir);
   Checkpoint ck(model_dir);
   if (is_package(model_dir)) fail("{} is already a quantized package; quantize the original checkpoint", model_dir);
-  QuantizeResult r;
+  QuantizedWeights r;
   PackageManifest& m = r.manifest;
   m.method = o.method;
   m.params = o.params;
@@ -69,7 +97,7 @@ QuantizeResult quantize_model(const std::string& model_dir, const std::string& o
   m.tool_version = SPEAR_VERSION;
   m.source_model = std::filesystem::path(model_dir).lexically_normal().filename().string();
   if (m.source_model.empty()) m.source_model = std::filesystem::path(model_dir).parent_path().filename().string();
-  std::map<std::string, PackedQuantWeights> quantized;
+  std::map<std::string, PackedQuantWeights>& quantized = r.modules;
   auto dims = [&](const std::string& mod, int& out, int& in) {
     const int H = cfg.hidden_size, I = cfg.intermediate_size;
     if (mod == "self_attn.q_proj") out = cfg.q_dim(), in = H;
@@ -97,25 +125,15 @@ QuantizeResult quantize_model(const std::string& model_dir, const std::string& o
     CpuBackend be;
     auto model = Model::load(model_dir, be);
     auto tc = clk::now();
-    CalibrationSet calib;
-    if (!o.calib_file.empty()) {
-      Tokenizer tok = Tokenizer::from_dir(model_dir);
-      calib = calibration_from_text(tok, o.calib_file, o.calib_samples, o.calib_len, o.seed);
-    } else {
-      // Sampling needs only the BOS id: from the tokenizer when there is one, else from config.json.
-      std::optional<int32_t> bos;
-      if (std::filesystem::exists(std::filesystem::path(model_dir) / "tokenizer.json"))
-        bos = Tokenizer::from_dir(model_dir).bos_id();
-      if (!bos && !cfg.bos_token_ids.empty()) bos = cfg.bos_token_ids[0];
-      if (!bos) fail("{}: no BOS token to sample calibration data from; pass --calib FILE", model_dir);
-      calib = calibration_from_model(*model, *bos, o.calib_samples, o.calib_len, o.seed);
-    }
+    CalibrationSet own;
+    if (!given) own = make_calibration_set(*model, model_dir, o.calib_file, o.calib_samples, o.calib_len, o.seed);
+    const CalibrationSet& calib = given ? *given : own;
     r.calibration_seconds = std::chrono::duration<double>(clk::now() - tc).count();
     m.calibration_source = calib.source;
     m.calibration_file = calib.file;
-    m.calibration_samples = o.calib_samples;
-    m.calibration_len = o.calib_len;
-    m.seed = o.seed;
+    m.calibration_samples = int(calib.sequences.size());
+    m.calibration_len = calib.sequences.empty() ? 0 : int(calib.sequences[0].size());
+    m.seed = calib.seed;
     m.data_hash = calib.hash();
 
     // The residual stream of every calibration chunk, carried from layer to layer.
@@ -135,7 +153,7 @@ QuantizeResult quantize_model(const std::string& model_dir, const std::string& o
       c.x = model->embed(c.batch);
       chunks.push_back(std::move(c));
     }
-    auto cache = model->make_kv_cache(chunk, o.calib_len);
+    auto cache = model->make_kv_cache(chunk, m.calibration_len);
     ProgressBar bar("quantizing (gptq)", cfg.num_layers);
     for (int li = 0; li < cfg.num_layers; ++li) {
       const std::string prefix = "model.layers." + std::to_string(li) + ".";
@@ -172,10 +190,6 @@ QuantizeResult quantize_model(const std::string& model_dir, const std::string& o
       bar.update(li + 1);
     }
   }
-  write_package(out_dir, model_dir, m, quantized);
-  r.package_bytes = std::filesystem::file_size(std::filesystem::path(out_dir) / "model.safetensors");
-  r.source_bytes = ck.total_bytes();
-  r.seconds = std::chrono::duration<double>(clk::now() - t0).count();
   return r;
 }
 

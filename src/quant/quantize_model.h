@@ -3,6 +3,7 @@
 // runs calibration sequences layer by layer through the model whose earlier layers are already quantized,
 // collecting each linear's input Hessian H = 2/N Σ x xᵀ from the activation taps.
 #include <cstdint>
+#include <map>
 #include <string>
 
 #include "quant/gptq.h"
@@ -10,6 +11,8 @@
 #include "quant/quantizer.h"
 
 namespace spear {
+
+class Model;
 
 struct QuantizeOptions {
   std::string method = "rtn";  // rtn | gptq
@@ -32,5 +35,22 @@ struct QuantizeResult {
 };
 
 QuantizeResult quantize_model(const std::string& model_dir, const std::string& out_dir, const QuantizeOptions& o);
+
+// The same, in memory: the manifest (without compensators) and each module's packed weights. `calib`, when
+// given, is used for GPTQ instead of building a calibration set from the options (calibration shares it).
+struct QuantizedWeights {
+  PackageManifest manifest;
+  std::map<std::string, PackedQuantWeights> modules;
+  size_t quantized_params = 0;
+  double calibration_seconds = 0;
+};
+struct CalibrationSet;
+QuantizedWeights quantize_weights(const std::string& model_dir, const QuantizeOptions& o,
+                                  const CalibrationSet* calib = nullptr);
+
+// The calibration set the options ask for: windows of o.calib_file, or samples from `model` (BOS from the
+// tokenizer, else from config.json).
+CalibrationSet make_calibration_set(Model& model, const std::string& model_dir, const std::string& calib_file,
+                                    int samples, int len, uint64_t seed);
 
 }  // namespace spear

@@ -98,11 +98,26 @@ void CpuBackend::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& o
 void CpuBackend::linear(const Tensor& x, const Linear& l, Tensor& out) {
   if (auto* q = dynamic_cast<const CpuQuantLinear*>(&l)) {
     quant_linear_f32(x.ptr<float>(), int(x.rows), q->w, q->bias.empty() ? nullptr : q->bias.data(), out.ptr<float>());
+  } else {
+    const auto& d = static_cast<const CpuDenseLinear&>(l);
+    cpu_linear_f32(x.ptr<float>(), int(x.rows), d.in_features, d.w.data(), d.bias.empty() ? nullptr : d.bias.data(),
+                   d.out_features, out.ptr<float>());
+  }
+  const auto& base = static_cast<const CpuLinearBase&>(l);
+  if (base.ec) compensator_apply(*base.ec, x.ptr<float>(), int(x.rows), out.ptr<float>());
+}
+
+void CpuBackend::set_compensator(Linear& l, const Compensator* c) {
+  auto* base = dynamic_cast<CpuLinearBase*>(&l);
+  if (!base) fail("{}: not a CPU linear layer", l.name);
+  if (!c) {
+    base->ec.reset();
     return;
   }
-  const auto& d = static_cast<const CpuDenseLinear&>(l);
-  cpu_linear_f32(x.ptr<float>(), int(x.rows), d.in_features, d.w.data(), d.bias.empty() ? nullptr : d.bias.data(),
-                 d.out_features, out.ptr<float>());
+  c->validate();
+  if (c->in != l.in_features || c->out != l.out_features)
+    fail("{}: compensator is [{} -> {}], the layer [{} -> {}]", l.name, c->in, c->out, l.in_features, l.out_features);
+  base->ec = std::make_unique<Compensator>(*c);
 }
 
 void cpu_rope_f32(float* x, int T, int n_heads, int head_dim, const int32_t* positions, const float* inv_freq) {

@@ -2,22 +2,30 @@
 // CPU backend: fp32 activations and weights, GEMMs through OpenBLAS, element-wise loops with OpenMP.
 #include "backend/backend.h"
 #include "backend/cpu/int4_linear.h"
+#include "spear/compensator.h"
 
 namespace spear {
 
-class CpuDenseLinear : public Linear {
+// What every CPU linear carries besides its weights: an optional error compensator.
+class CpuLinearBase : public Linear {
+ public:
+  std::unique_ptr<Compensator> ec;
+  size_t ec_bytes() const { return ec ? ec->param_count() * sizeof(float) : 0; }
+};
+
+class CpuDenseLinear : public CpuLinearBase {
  public:
   std::vector<float> w;     // [out, in]
   std::vector<float> bias;  // [out] or empty
-  size_t weight_bytes() const override { return (w.size() + bias.size()) * sizeof(float); }
+  size_t weight_bytes() const override { return (w.size() + bias.size()) * sizeof(float) + ec_bytes(); }
 };
 
 // Weights quantized to 2..8 bits, computed from packed codes (int4_linear.h).
-class CpuQuantLinear : public Linear {
+class CpuQuantLinear : public CpuLinearBase {
  public:
   CpuQuantWeights w;
   std::vector<float> bias;
-  size_t weight_bytes() const override { return quant_weight_bytes(w) + bias.size() * sizeof(float); }
+  size_t weight_bytes() const override { return quant_weight_bytes(w) + bias.size() * sizeof(float) + ec_bytes(); }
 };
 
 // Contiguous per-slot cache: k[layer][slot][pos][kv_dim] (v the same).
@@ -53,6 +61,7 @@ class CpuBackend : public Backend {
   std::unique_ptr<Linear> make_quant_linear(const std::string& name, const PackedQuantWeights& w,
                                             const std::vector<float>& bias) override;
   Tensor dense_weight_tensor(const Linear& l) override;
+  void set_compensator(Linear& l, const Compensator* c) override;
   std::unique_ptr<KvCache> make_kv_cache(int n_layers, int n_slots, int max_tokens, int kv_dim) override;
 
   void gather_rows(const Tensor& table, std::span<const int32_t> ids, Tensor& out) override;
