@@ -84,6 +84,10 @@ void register_diagnose(CLI::App& app) {
 void register_calibrate(CLI::App& app) {
   auto o = std::make_shared<CommonOptions>();
   auto c = std::make_shared<CalibrateOptions>();
+  c->quant.calib_samples = 256;  // defaults chosen on valid.txt (README: how the defaults were chosen)
+  c->train.steps = 200;
+  c->train.batch_seqs = 4;
+  c->train.lr = 1e-3f;
   auto out = std::make_shared<std::string>();
   auto preset = std::make_shared<std::string>("default");
   auto plot = std::make_shared<std::string>();
@@ -116,6 +120,12 @@ void register_calibrate(CLI::App& app) {
   cmd->add_option("--lr-gate", c->train.lr_gate, "Adam learning rate of the gate (-1: same as --lr)");
   cmd->add_option("--diagnosis", c->diagnosis_in, "Reuse the diagnosis of an earlier calibration_report.json")
       ->check(CLI::ExistingFile);
+  cmd->add_option("--calib-ids", c->calib_ids_in, "Read the calibration sequences (token ids) from a file written by "
+                                                  "--save-calib-ids, e.g. to share one sampled set between runs")
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--save-calib-ids", c->calib_ids_out, "Write the calibration sequences used (JSON token ids)");
+  cmd->add_flag("!--no-loss-eval", c->train.full_eval, "Report the first and last training batch's KL instead of the "
+                                                       "mean over all calibration sequences (saves two passes)");
   cmd->add_option("--plot", *plot, "Also write the damage heat map with the placement (PNG)");
   add_runtime_options(cmd, *o);
   add_json_option(cmd, *o);

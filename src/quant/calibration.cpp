@@ -1,5 +1,9 @@
 #include "quant/calibration.h"
 
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -74,6 +78,36 @@ CalibrationSet calibration_from_model(Model& model, int32_t bos, int n, int len,
     bar.update(pos + 1);
   }
   bar.finish();
+  return c;
+}
+
+void save_calibration(const CalibrationSet& c, const std::string& path) {
+  nlohmann::json j = {{"source", c.source}, {"file", c.file}, {"seed", c.seed}, {"hash", c.hash()}, {"sequences", c.sequences}};
+  std::ofstream out(path);
+  if (!out) fail("cannot write {}", path);
+  out << j.dump() << "\n";
+}
+
+CalibrationSet load_calibration(const std::string& path, int vocab_size) {
+  std::ifstream in(path);
+  if (!in) fail("cannot open calibration ids {}", path);
+  CalibrationSet c;
+  try {
+    nlohmann::json j = nlohmann::json::parse(in);
+    c.source = j.at("source").get<std::string>();
+    c.file = j.value("file", "");
+    c.seed = j.at("seed").get<uint64_t>();
+    c.sequences = j.at("sequences").get<std::vector<std::vector<int32_t>>>();
+    if (c.sequences.empty()) fail("{}: no sequences", path);
+    for (const auto& s : c.sequences) {
+      if (s.size() != c.sequences[0].size() || s.size() < 2) fail("{}: sequences must have one length of at least 2", path);
+      for (int32_t id : s)
+        if (id < 0 || id >= vocab_size) fail("{}: token id {} outside the vocabulary [0, {})", path, id, vocab_size);
+    }
+    if (j.at("hash").get<std::string>() != c.hash()) fail("{}: the ids do not match the stored hash (corrupt file?)", path);
+  } catch (const nlohmann::json::exception& e) {
+    fail("{}: malformed calibration ids: {}", path, e.what());
+  }
   return c;
 }
 

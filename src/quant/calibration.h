@@ -23,4 +23,9 @@ CalibrationSet calibration_from_text(const Tokenizer& tok, const std::string& pa
 // n sequences of len tokens sampled together (batched decode) from BOS at temperature 1.
 CalibrationSet calibration_from_model(Model& model, int32_t bos, int n, int len, uint64_t seed);
 
+// A calibration set saved as JSON ({"source", "file", "seed", "hash", "sequences": [[ids...], ...]}), so
+// several runs can share one sampled set; reading validates equal lengths, ids < vocab and the hash.
+void save_calibration(const CalibrationSet& c, const std::string& path);
+CalibrationSet load_calibration(const std::string& path, int vocab_size);
+
 }  // namespace spear

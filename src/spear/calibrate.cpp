@@ -97,7 +97,10 @@ CalibrateResult calibrate(const std::string& model_dir, const std::string& out_d
 
   auto t = clk::now();
   CalibrationSet calib =
-      make_calibration_set(*fp, model_dir, o.quant.calib_file, o.quant.calib_samples, o.quant.calib_len, o.quant.seed);
+      o.calib_ids_in.empty()
+          ? make_calibration_set(*fp, model_dir, o.quant.calib_file, o.quant.calib_samples, o.quant.calib_len, o.quant.seed)
+          : load_calibration(o.calib_ids_in, cfg.vocab_size);
+  if (!o.calib_ids_out.empty()) save_calibration(calib, o.calib_ids_out);
   timings["calibration_data"] = since(t);
 
   t = clk::now();
@@ -210,6 +213,8 @@ CalibrateResult calibrate(const std::string& model_dir, const std::string& out_d
   CalibrateResult r;
   r.manifest = read_manifest(out_dir);
 
+  report["calibration"] = {{"source", calib.source}, {"sequences", calib.sequences.size()},
+                           {"length", calib.sequences[0].size()}, {"hash", calib.hash()}};
   report["options"] = {{"method", o.quant.method}, {"bits", o.quant.params.bits}, {"group_size", o.quant.params.group_size},
                        {"calib", o.quant.calib_file.empty() ? "model-samples" : o.quant.calib_file},
                        {"calib_samples", o.quant.calib_samples}, {"calib_len", o.quant.calib_len}, {"seed", o.quant.seed},

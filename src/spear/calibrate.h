@@ -30,6 +30,8 @@ struct CalibrateOptions {
   int chunk_sequences = 8;                // sequences per forward pass in stage 1
   TrainOptions train;                     // steps = 0: closed form only
   std::string diagnosis_in;               // reuse a diagnosis (JSON from a previous report) instead of computing it
+  std::string calib_ids_in;               // read the calibration sequences (save_calibration JSON) instead of making them
+  std::string calib_ids_out;              // save the calibration sequences used
 };
 
 struct CalibrateResult {
