@@ -35,6 +35,7 @@ void register_diagnose(CLI::App& app) {
   auto plot = std::make_shared<std::string>();
   auto samples = std::make_shared<int>(16), len = std::make_shared<int>(256);
   auto po = std::make_shared<PlacementOptions>();
+  po->rule = "spear";
   CLI::App* cmd = app.add_subcommand(
       "diagnose", "Measure how much quantizing each linear module alone damages the model (1 - linear CKA of the "
                   "final hidden states, relative MSE, KL of the next-token distribution), the entropy of that damage "
@@ -45,6 +46,8 @@ void register_diagnose(CLI::App& app) {
   cmd->add_option("--len", *len, "Tokens per sequence")->check(CLI::Range(2, 1 << 16));
   cmd->add_option("--budget", po->budget, "Compensator bytes as a fraction of the quantized model (for the placement shown)")
       ->check(CLI::Range(1e-6, 1.0));
+  cmd->add_option("--placement", po->rule, "Placement rule shown: spear | uniform | random | top-damage")
+      ->check(CLI::IsMember({"spear", "uniform", "random", "top-damage"}));
   cmd->add_option("--plot", *plot, "Write the damage heat map (PNG), chosen placement outlined");
   add_runtime_options(cmd, *o);
   add_json_option(cmd, *o);
@@ -103,7 +106,8 @@ void register_calibrate(CLI::App& app) {
       ->check(CLI::IsMember({"default", "fast"}));
   cmd->add_option("--budget", c->placement.budget, "Compensator bytes as a fraction of the quantized model's bytes")
       ->check(CLI::Range(1e-6, 1.0));
-  cmd->add_option("--placement", c->placement.rule, "spear (damage per cost, exp(H) modules) | uniform | random | top-damage")
+  cmd->add_option("--placement", c->placement.rule, "uniform (every module, equal rank: the default, best on valid.txt) | "
+                                                    "spear (damage per cost, exp(H) modules) | random | top-damage")
       ->check(CLI::IsMember({"spear", "uniform", "random", "top-damage"}));
   cmd->add_option("--compensator", c->compensator, "gated (token-gated) | static (no gate)")
       ->check(CLI::IsMember({"gated", "static"}));
@@ -133,9 +137,9 @@ void register_calibrate(CLI::App& app) {
     auto backend = make_backend(*o);
     CalibrateOptions opt = *c;
     if (*preset == "fast") {
-      // Demo preset: a quarter of the data and steps (documented in the README with its measured quality).
-      if (cmd->count("--calib-samples") == 0) opt.quant.calib_samples = 16;
-      if (cmd->count("--steps") == 0) opt.train.steps = 40;
+      // Demo preset: a quarter of the data (64 sequences of 256 tokens) and 60 steps; README has its quality.
+      if (cmd->count("--calib-samples") == 0) opt.quant.calib_samples = 64;
+      if (cmd->count("--steps") == 0) opt.train.steps = 60;
       if (cmd->count("--calib-len") == 0) opt.quant.calib_len = 256;
       opt.stage1_samples = 16;
       opt.diag_samples = 8;

@@ -24,7 +24,7 @@
 namespace spear {
 
 struct PlacementOptions {
-  std::string rule = "spear";  // spear | uniform | top-damage | random
+  std::string rule = "uniform";  // spear | uniform | top-damage | random (default chosen on valid.txt, README)
   double budget = 0.01;        // EC bytes as a fraction of the quantized model's bytes
   size_t model_bytes = 0;      // the quantized model's bytes (its package's tensors)
   int gate_width = 16;         // 0: static compensators

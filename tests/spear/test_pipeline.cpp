@@ -2,6 +2,7 @@
 // calibration on the bundled model (closed form and a few training steps).
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <random>
 
 #include <gtest/gtest.h>
@@ -77,6 +78,7 @@ TEST(Placement, EveryRuleStaysWithinTheBudget) {
 TEST(Placement, SpearRuleFollowsTheDamage) {
   Diagnosis d = toy_diagnosis();
   PlacementOptions o;
+  o.rule = "spear";
   o.budget = 0.01;
   o.model_bytes = 18'000'000;
   Placement p = place_compensators(d, o);
@@ -188,6 +190,24 @@ TEST(Calibrate, SameSeedGivesIdenticalPackagesAndTrainingReducesTheKl) {
   CpuBackend be;
   auto model = Model::load(a, be);
   EXPECT_EQ(model->compensated_modules().size(), rep["placement"]["modules"].size());
+
+  // `spear eval` puts the full-precision model, the package's plain W4 base and the package in one table.
+  const std::string text = test::scratch_dir("eval_text") + "/t.txt";
+  {
+    std::ofstream f(text);
+    for (int i = 0; i < 40; ++i) f << "The little dog ran to the park and played with a red ball all day long. ";
+  }
+  const std::string eval_out = test::scratch_dir("eval_out") + "/e.json";
+  ASSERT_EQ(std::system(("SPEAR_PROGRESS=0 " + std::string(SPEAR_BINARY) + " eval --model " + test::ref_model_dir() + " -p " + a +
+                         " --data " + text + " --ctx 128 --windows 2 --json > " + eval_out + " 2>/dev/null").c_str()), 0);
+  nlohmann::json ev = nlohmann::json::parse(test::read_file(eval_out));
+  ASSERT_EQ(ev["rows"].size(), 3u);
+  EXPECT_EQ(ev["rows"][0]["kind"], "fp");
+  EXPECT_EQ(ev["rows"][1]["kind"], "base");
+  EXPECT_EQ(ev["rows"][2]["kind"], "package");
+  EXPECT_GT(ev["rows"][1]["kl"]["mean"].get<double>(), 0.0);
+  EXPECT_TRUE(ev["rows"][2].contains("gap_closed_pct"));
+  EXPECT_NEAR(ev["rows"][2]["ec_fraction"].get<double>(), rep["compensator_fraction"].get<double>(), 1e-9);
 
   // QERA-exact (closed form only) reduces each module's activation-weighted error ‖ΔW − BA‖_R.
   CalibrateOptions o;

@@ -5,19 +5,25 @@
 # closed-form W4 package whose diagnosis the other W4 RTN runs reuse; phase 1 runs every configuration of
 # JOBS_FILE in parallel (each killed at the deadline), phase 2 scores all packages on test.txt and valid.txt.
 # Environment: BUDGET_S (whole run, default 560), EVAL_RESERVE (seconds kept for phase 2, default 200),
-# JOBS_FILE, PHASE0_ARGS (extra phase-0 arguments, e.g. a smaller calibration set for a smoke test).
+# JOBS_FILE, PHASE0_ARGS (extra phase-0 arguments, e.g. a smaller calibration set for a smoke test),
+# PHASE0_FROM (a folder with calib.json and diag.json from an earlier phase 0: skips it).
 set -u
 SPEAR=$(realpath "$1"); MODEL=$2; DATA=$3; OUT=$4
 JOBS_FILE=${JOBS_FILE:-$(dirname "$0")/device_jobs.txt}
+if [[ -d "$OUT" && -n "$(ls -A "$OUT" 2>/dev/null)" ]]; then echo "$OUT is not empty (stale packages would join the table)"; exit 2; fi
 START=$(date +%s); DEADLINE=$((START + ${BUDGET_S:-560})); RESERVE=${EVAL_RESERVE:-200}
 mkdir -p "$OUT/pkgs" "$OUT/logs"
 export SPEAR_PROGRESS=0
 t() { echo "[$(( $(date +%s) - START )) s] $*"; }
+DIAG=$OUT/pkgs/w4-regression-cf/calibration_report.json
+if [[ -n "${PHASE0_FROM:-}" ]]; then  # an earlier phase 0: its calib.json and diagnosis report
+  cp "$PHASE0_FROM/calib.json" "$OUT/calib.json"; DIAG=$PHASE0_FROM/diag.json
+else
 t "phase 0: calibration ids and the W4 RTN diagnosis"
 OMP_NUM_THREADS=$(nproc) "$SPEAR" calibrate --model "$MODEL" --out "$OUT/pkgs/w4-regression-cf" --steps 0 \
   --compensator static --save-calib-ids "$OUT/calib.json" ${PHASE0_ARGS:-} --json > "$OUT/logs/w4-regression-cf.json" 2> "$OUT/logs/w4-regression-cf.err" \
   || { t "phase 0 failed"; tail "$OUT/logs/w4-regression-cf.err"; }
-DIAG=$OUT/pkgs/w4-regression-cf/calibration_report.json
+fi
 t "phase 1"
 pids=()
 while read -r name threads args; do
