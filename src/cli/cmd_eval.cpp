@@ -97,14 +97,12 @@ void register_eval(CLI::App& app) {
         gap = 0;
       }
       KlSummary k = summarize_kl(sc[i].kl);
-      const double ec_pct = r.model_bytes ? 100.0 * double(r.ec_bytes) / double(r.model_bytes) : 0.0;
       // The quantized model's bytes as the budget counts them (tensor bytes, without the file header).
       double ec_frac = 0;
       if (r.kind == "package" && r.spear.is_object() && r.spear.contains("quantized_model_bytes"))
         ec_frac = double(r.ec_bytes) / r.spear["quantized_model_bytes"].get<double>();
       else if (r.model_bytes)
         ec_frac = double(r.ec_bytes) / double(r.model_bytes);
-      (void)ec_pct;
       table += fmt::format("{:<28} {:>10.4f} {:>8} {:>10} {:>7} {:>8} {:>8} {:>8} {:>8}\n", r.name.substr(0, 28), sc[i].ppl,
                            std::isnan(gap) ? "-" : fmt::format("{:.1f}", gap), r.kind == "package" ? std::to_string(r.ec_bytes) : "-",
                            r.kind == "package" ? fmt::format("{:.3f}", 100 * ec_frac) : "-",

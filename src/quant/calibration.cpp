@@ -1,15 +1,12 @@
 #include "quant/calibration.h"
 
-#include <fstream>
-
-#include <nlohmann/json.hpp>
-
 #include <filesystem>
 #include <fstream>
 #include <random>
 #include <sstream>
 
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "core/progress.h"
