@@ -150,8 +150,8 @@ TEST(Package, CompensatorsRoundTripAndTheBackendAppliesThem) {
         mm.backend().download(t, dst.data());
       });
     };
-    std::vector<float> dummy;
-    TapFn t1 = grab(in_w, out_w, *with), t2 = grab(dummy, out_wo, *without);
+    std::vector<float> in_wo;  // the plain model's input at the module (only its output is compared)
+    TapFn t1 = grab(in_w, out_w, *with), t2 = grab(in_wo, out_wo, *without);
     auto c1 = with->make_kv_cache(1, 16), c2 = without->make_kv_cache(1, 16);
     with->forward(Batch::single(s, 0), *c1, LogitsMode::LastPerSeq, &t1);
     without->forward(Batch::single(s, 0), *c2, LogitsMode::LastPerSeq, &t2);
