@@ -2,6 +2,7 @@
 // The backend interface: the ops a decoder forward pass needs, declared once and implemented per device
 // (backend/cpu, backend/cuda). Ops take tensors and sizes and know nothing of models or requests.
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -55,6 +56,22 @@ struct RopeTable {
   std::vector<float> inv_freq;
 };
 
+// What one forward pass computes on, described once before its ops run (Model::embed builds it). A GPU backend
+// uploads it in one copy and its kernels read it from device memory, so a decode step can be a replayed graph.
+// The ops below still take spans; a backend recognises these arrays by address.
+struct BatchDesc {
+  std::vector<int32_t> tokens;     // [T]
+  std::vector<int32_t> positions;  // [T] absolute position of each token
+  std::vector<int32_t> token_seq;  // [T] index into seqs of each token's sequence
+  std::vector<int32_t> last_rows;  // [n_seqs] row of each sequence's last token
+  std::vector<SeqSlice> seqs;
+  bool decode_only() const {
+    for (const SeqSlice& s : seqs)
+      if (s.n_tokens != 1) return false;
+    return !seqs.empty();
+  }
+};
+
 class KvCache {
  public:
   virtual ~KvCache() = default;
@@ -73,8 +90,23 @@ class Backend {
   virtual bool concurrent_forwards() const { return false; }
 
   virtual Tensor alloc(int64_t rows, int64_t cols) = 0;  // activation buffer, contents undefined
+  // An fp32 buffer (logits): the CPU's activations are fp32 already; a GPU's are bf16.
+  virtual Tensor alloc_f32(int64_t rows, int64_t cols) { return alloc(rows, cols); }
   virtual Tensor upload(const float* host, int64_t rows, int64_t cols) = 0;
   virtual void download(const Tensor& t, float* host) = 0;  // copies to fp32 host memory
+  virtual void download_i32(const Tensor& t, int32_t* host) = 0;  // an I32 tensor (argmax_rows' ids)
+  // Called before the ops of a forward pass (GPU: upload `d`, map KV pages for every token).
+  virtual void begin_batch(const BatchDesc& d, KvCache& cache) {
+    (void)d;
+    (void)cache;
+  }
+  // Runs `body` (ops only, no host transfers) and returns its output tensor. A GPU backend captures the body
+  // as a CUDA graph the first time it sees `key` with the KV cache of the last begin_batch, and replays it
+  // afterwards: same shapes, new BatchDesc contents.
+  virtual Tensor run_graph(uint64_t key, const std::function<Tensor()>& body) {
+    (void)key;
+    return body();
+  }
   virtual std::unique_ptr<Linear> make_linear(const LinearWeights& w) = 0;
   // A quantized linear layer from the package layout (converted to the backend's own layout here).
   virtual std::unique_ptr<Linear> make_quant_linear(const std::string& name, const PackedQuantWeights& w,
@@ -103,6 +135,9 @@ class Backend {
   virtual void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
   // x += y
   virtual void add(Tensor& x, const Tensor& y) = 0;
+  // ids[r] = argmax_c x[r, c] (first on ties); ids is [rows, 1] I32 from alloc_ids().
+  virtual void argmax_rows(const Tensor& x, Tensor& ids) = 0;
+  virtual Tensor alloc_ids(int64_t rows) = 0;
 };
 
 }  // namespace spear

@@ -30,5 +30,7 @@ void register_quantize(CLI::App& app);
 void register_diagnose(CLI::App& app);
 void register_calibrate(CLI::App& app);
 void register_eval(CLI::App& app);
+void register_make_model(CLI::App& app);
+void register_bench(CLI::App& app);
 
 }  // namespace spear::cli

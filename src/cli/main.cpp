@@ -23,7 +23,8 @@ void add_json_option(CLI::App* app, CommonOptions& o) {
 void add_runtime_options(CLI::App* app, CommonOptions& o) {
   app->add_option("--threads,-t", o.threads, "CPU threads for GEMMs and kernels (default: all cores)")
       ->check(CLI::NonNegativeNumber);
-  app->add_option("--device", o.device, "Compute device")->check(CLI::IsMember({"cpu"}));
+  app->add_option("--device", o.device, "Compute device: cpu (fp32) or cuda (bf16 activations, first GPU)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
 }
 
 std::unique_ptr<Backend> make_backend(const CommonOptions& o);
@@ -42,9 +43,19 @@ std::string read_text_file(const std::string& path) {
 }  // namespace spear::cli
 
 #include "backend/cpu/cpu_backend.h"
+#ifdef SPEAR_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
 
 std::unique_ptr<spear::Backend> spear::cli::make_backend(const CommonOptions& o) {
   if (o.threads > 0) omp_set_num_threads(o.threads);
+  if (o.device == "cuda") {
+#ifdef SPEAR_HAVE_CUDA
+    return std::make_unique<spear::cuda::CudaBackend>(0);
+#else
+    spear::fail("--device cuda: this spear was built without CUDA (configure with -DSPEAR_CUDA=ON and nvcc present)");
+#endif
+  }
   return std::make_unique<CpuBackend>();
 }
 
@@ -60,6 +71,8 @@ int main(int argc, char** argv) {
   spear::cli::register_diagnose(app);
   spear::cli::register_calibrate(app);
   spear::cli::register_eval(app);
+  spear::cli::register_make_model(app);
+  spear::cli::register_bench(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

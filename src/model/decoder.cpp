@@ -202,24 +202,45 @@ void Model::check_batch(const Batch& batch, const KvCache& cache) const {
     if (id < 0 || id >= cfg_.vocab_size) fail("token id {} is outside the vocabulary [0, {})", id, cfg_.vocab_size);
 }
 
-std::vector<int32_t> Model::positions(const Batch& batch) const {
-  std::vector<int32_t> pos(batch.tokens.size());
-  for (const SeqSlice& s : batch.seqs)
-    for (int i = 0; i < s.n_tokens; ++i) pos[size_t(s.token_begin + i)] = s.pos0 + i;
-  return pos;
+BatchDesc Model::describe(const Batch& batch) const {
+  BatchDesc d;
+  d.tokens = batch.tokens;
+  d.seqs = batch.seqs;
+  d.positions.resize(batch.tokens.size());
+  d.token_seq.resize(batch.tokens.size());
+  for (size_t si = 0; si < batch.seqs.size(); ++si) {
+    const SeqSlice& s = batch.seqs[si];
+    for (int i = 0; i < s.n_tokens; ++i) {
+      d.positions[size_t(s.token_begin + i)] = s.pos0 + i;
+      d.token_seq[size_t(s.token_begin + i)] = int32_t(si);
+    }
+    d.last_rows.push_back(s.token_begin + s.n_tokens - 1);
+  }
+  return d;
 }
 
 Tensor Model::embed(const Batch& batch) {
-  Tensor x = backend_.alloc(int64_t(batch.tokens.size()), cfg_.hidden_size);
-  backend_.gather_rows(embed_, batch.tokens, x);
+  BatchDesc d = describe(batch);
+  return embed_desc(d);  // gather reads only tokens: no KV pages are touched, so no begin_batch is needed
+}
+
+Tensor Model::embed_desc(const BatchDesc& d) {
+  Tensor x = backend_.alloc(int64_t(d.tokens.size()), cfg_.hidden_size);
+  backend_.gather_rows(embed_, d.tokens, x);
   return x;
 }
 
 void Model::run_layer(int li, Tensor& x, const Batch& batch, KvCache& cache, const TapFn* taps) {
+  BatchDesc d = describe(batch);
+  backend_.begin_batch(d, cache);
+  run_layer_desc(li, x, d, cache, taps);
+}
+
+void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache, const TapFn* taps) {
   Backend& be = backend_;
   const ModelConfig& c = cfg_;
   const int64_t T = x.rows;
-  const std::vector<int32_t> pos = positions(batch);
+  const std::vector<int32_t>& pos = d.positions;
   auto run_linear = [&](const Linear& l, const Tensor& in, Tensor& out) {
     if (taps) (*taps)(l.name, TapPoint::Input, in);
     be.linear(in, l, out);
@@ -244,7 +265,7 @@ void Model::run_layer(int li, Tensor& x, const Batch& batch, KvCache& cache, con
   ap.head_dim = c.head_dim;
   ap.window = c.sliding_window[size_t(li)];
   ap.scale = 1.f / std::sqrt(float(c.head_dim));
-  be.attention(q, k, v, batch.seqs, cache, ap, att);
+  be.attention(q, k, v, d.seqs, cache, ap, att);
   run_linear(*L.o, att, tmp);
   be.add(x, tmp);
 
@@ -258,6 +279,15 @@ void Model::run_layer(int li, Tensor& x, const Batch& batch, KvCache& cache, con
 }
 
 std::vector<float> Model::logits(const Tensor& x, const Batch& batch, LogitsMode mode, const TapFn* taps) {
+  BatchDesc d = describe(batch);
+  Tensor out = logits_desc(x, d, mode, taps);
+  if (mode == LogitsMode::None) return {};
+  std::vector<float> host(static_cast<size_t>(out.numel()));
+  backend_.download(out, host.data());
+  return host;
+}
+
+Tensor Model::logits_desc(const Tensor& x, const BatchDesc& d, LogitsMode mode, const TapFn* taps) {
   Backend& be = backend_;
   Tensor h = be.alloc(x.rows, cfg_.hidden_size);
   be.rms_norm(x, final_norm_, float(cfg_.rms_norm_eps), h);
@@ -265,24 +295,50 @@ std::vector<float> Model::logits(const Tensor& x, const Batch& batch, LogitsMode
   if (mode == LogitsMode::None) return {};
   Tensor sel = h;
   if (mode == LogitsMode::LastPerSeq) {
-    std::vector<int32_t> rows;
-    for (const SeqSlice& s : batch.seqs) rows.push_back(s.token_begin + s.n_tokens - 1);
-    sel = be.alloc(int64_t(rows.size()), cfg_.hidden_size);
-    be.gather_rows(h, rows, sel);
+    sel = be.alloc(int64_t(d.last_rows.size()), cfg_.hidden_size);
+    be.gather_rows(h, d.last_rows, sel);
   }
-  Tensor out = be.alloc(sel.rows, cfg_.vocab_size);
+  Tensor out = be.alloc_f32(sel.rows, cfg_.vocab_size);
   be.linear(sel, *lm_head_, out);
-  std::vector<float> host(static_cast<size_t>(out.numel()));
-  be.download(out, host.data());
-  return host;
+  return out;
 }
 
 std::vector<float> Model::forward(const Batch& batch, KvCache& cache, LogitsMode mode, const TapFn* taps) {
   if (batch.tokens.empty()) return {};
   check_batch(batch, cache);
-  Tensor x = embed(batch);
-  for (int li = 0; li < cfg_.num_layers; ++li) run_layer(li, x, batch, cache, taps);
-  return logits(x, batch, mode, taps);
+  const BatchDesc d = describe(batch);
+  backend_.begin_batch(d, cache);
+  Tensor x = embed_desc(d);
+  for (int li = 0; li < cfg_.num_layers; ++li) run_layer_desc(li, x, d, cache, taps);
+  Tensor out = logits_desc(x, d, mode, taps);
+  if (mode == LogitsMode::None) return {};
+  std::vector<float> host(static_cast<size_t>(out.numel()));
+  backend_.download(out, host.data());
+  return host;
+}
+
+std::vector<int32_t> Model::forward_greedy(const Batch& batch, KvCache& cache) {
+  if (batch.tokens.empty()) return {};
+  check_batch(batch, cache);
+  const BatchDesc d = describe(batch);
+  backend_.begin_batch(d, cache);
+  auto body = [&] {
+    Tensor x = embed_desc(d);
+    for (int li = 0; li < cfg_.num_layers; ++li) run_layer_desc(li, x, d, cache, nullptr);
+    Tensor logits = logits_desc(x, d, LogitsMode::LastPerSeq, nullptr);
+    Tensor ids = backend_.alloc_ids(logits.rows);
+    backend_.argmax_rows(logits, ids);
+    return ids;
+  };
+  // Decode steps of the same batch size (and KV cache) replay one graph with new batch contents.
+  Tensor ids;
+  if (d.decode_only())
+    ids = backend_.run_graph(uint64_t(d.seqs.size()), body);
+  else
+    ids = body();
+  std::vector<int32_t> out(static_cast<size_t>(ids.rows));
+  backend_.download_i32(ids, out.data());
+  return out;
 }
 
 }  // namespace spear

@@ -64,6 +64,9 @@ class Model {
   // Runs the batch, appending its keys and values to `cache`. Returns fp32 logits on the host,
   // [rows, vocab]: every token (All) or the last token of each sequence (LastPerSeq).
   std::vector<float> forward(const Batch& batch, KvCache& cache, LogitsMode mode, const TapFn* taps = nullptr);
+  // The greedy next token of each sequence (argmax of its last token's logits, computed on the device). A
+  // decode-only batch (one new token per sequence) runs as a replayed CUDA graph on the GPU backend.
+  std::vector<int32_t> forward_greedy(const Batch& batch, KvCache& cache);
 
   // The same pass in pieces, for layer-by-layer calibration (GPTQ, error compensators):
   // embed -> run_layer(0..L-1) -> logits. `x` is the residual stream [tokens, hidden] on the backend.
@@ -90,7 +93,11 @@ class Model {
   std::vector<std::string> compensated_;
 
   void check_batch(const Batch& batch, const KvCache& cache) const;
-  std::vector<int32_t> positions(const Batch& batch) const;
+  BatchDesc describe(const Batch& batch) const;
+  // The pass on a described batch (begin_batch already called): what embed/run_layer/logits do.
+  Tensor embed_desc(const BatchDesc& d);
+  void run_layer_desc(int layer, Tensor& x, const BatchDesc& d, KvCache& cache, const TapFn* taps);
+  Tensor logits_desc(const Tensor& x, const BatchDesc& d, LogitsMode mode, const TapFn* taps);
 };
 
 // Per-architecture registry (model/architectures.cpp) and the model config loader that uses it.

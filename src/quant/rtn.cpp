@@ -53,6 +53,8 @@ QuantizedMatrix rtn_quantize(const float* w, int out, int in, const QuantParams&
   m.q.resize(size_t(out) * in);
   m.scales.resize(size_t(out) * G);
   m.zeros.resize(size_t(out) * G);
+  // Rows are independent: parallel, and the result does not depend on the thread count.
+#pragma omp parallel for schedule(static) if (size_t(out) * in >= (size_t(1) << 20))
   for (int r = 0; r < out; ++r) {
     for (int g = 0; g < G; ++g) {
       const int c0 = g * glen, n = std::min(glen, in - c0);

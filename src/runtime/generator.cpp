@@ -23,13 +23,24 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt_ids, in
   if (max_new_tokens == 0) return r;
 
   using clock = std::chrono::steady_clock;
+  // Greedy decoding picks the token on the device (and replays a CUDA graph per step on the GPU): only the
+  // token id crosses to the host, not the logits.
+  const bool greedy = sampling.temperature <= 0.f;
+  std::vector<float> logits;
+  std::vector<int32_t> next;
+  auto step = [&](const Batch& b) {
+    if (greedy)
+      next = model.forward_greedy(b, *cache);
+    else
+      logits = model.forward(b, *cache, LogitsMode::LastPerSeq);
+  };
   auto t0 = clock::now();
-  std::vector<float> logits = model.forward(Batch::single(prompt_ids, 0), *cache, LogitsMode::LastPerSeq);
+  step(Batch::single(prompt_ids, 0));
   r.prefill_seconds = std::chrono::duration<double>(clock::now() - t0).count();
   auto t1 = clock::now();
   int pos = int(prompt_ids.size());
   while (true) {
-    int32_t tok = sampler.sample(logits);
+    int32_t tok = greedy ? next[0] : sampler.sample(logits);
     r.output_ids.push_back(tok);
     bool go_on = !on_token || on_token(tok);
     if (std::find(eos_ids.begin(), eos_ids.end(), tok) != eos_ids.end()) {
@@ -37,7 +48,7 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt_ids, in
       break;
     }
     if (!go_on || int(r.output_ids.size()) >= max_new_tokens || pos >= total) break;
-    logits = model.forward(Batch::single(std::span<const int32_t>(&tok, 1), pos), *cache, LogitsMode::LastPerSeq);
+    step(Batch::single(std::span<const int32_t>(&tok, 1), pos));
     ++pos;
   }
   r.decode_seconds = std::chrono::duration<double>(clock::now() - t1).count();

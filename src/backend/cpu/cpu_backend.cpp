@@ -35,6 +35,32 @@ Tensor CpuBackend::upload(const float* host, int64_t rows, int64_t cols) {
 
 void CpuBackend::download(const Tensor& t, float* host) { std::memcpy(host, t.data, t.nbytes()); }
 
+void CpuBackend::download_i32(const Tensor& t, int32_t* host) {
+  SPEAR_CHECK(t.dtype == DType::I32, "download_i32: tensor is not I32");
+  std::memcpy(host, t.data, t.nbytes());
+}
+
+Tensor CpuBackend::alloc_ids(int64_t rows) {
+  Tensor t;
+  std::shared_ptr<int32_t[]> buf(new int32_t[size_t(rows > 0 ? rows : 1)]);
+  t.data = buf.get();
+  t.storage = std::shared_ptr<void>(buf, buf.get());
+  t.dtype = DType::I32;
+  t.rows = rows;
+  t.cols = 1;
+  return t;
+}
+
+void CpuBackend::argmax_rows(const Tensor& x, Tensor& ids) {
+  for (int64_t r = 0; r < x.rows; ++r) {
+    const float* row = x.ptr<float>() + r * x.cols;
+    int64_t best = 0;
+    for (int64_t c = 1; c < x.cols; ++c)
+      if (row[c] > row[best]) best = c;
+    ids.ptr<int32_t>()[r] = int32_t(best);
+  }
+}
+
 std::unique_ptr<Linear> CpuBackend::make_linear(const LinearWeights& w) {
   auto l = std::make_unique<CpuDenseLinear>();
   l->name = w.name;

@@ -57,6 +57,7 @@ class CpuBackend : public Backend {
   Tensor alloc(int64_t rows, int64_t cols) override;
   Tensor upload(const float* host, int64_t rows, int64_t cols) override;
   void download(const Tensor& t, float* host) override;
+  void download_i32(const Tensor& t, int32_t* host) override;
   std::unique_ptr<Linear> make_linear(const LinearWeights& w) override;
   std::unique_ptr<Linear> make_quant_linear(const std::string& name, const PackedQuantWeights& w,
                                             const std::vector<float>& bias) override;
@@ -73,6 +74,8 @@ class CpuBackend : public Backend {
                  KvCache& cache, const AttentionParams& p, Tensor& out) override;
   void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) override;
   void add(Tensor& x, const Tensor& y) override;
+  void argmax_rows(const Tensor& x, Tensor& ids) override;
+  Tensor alloc_ids(int64_t rows) override;
 };
 
 // Kernels as plain functions over raw pointers, so tests and benchmarks can call them directly.

@@ -1,0 +1,401 @@
+// W4A16 GEMM benchmark: our w4a16_gemm against cuBLAS BF16 (cublasGemmEx, bf16 in/out, fp32 compute, the
+// same y = x·Wᵀ) on the linear shapes of Llama-3.2-1B and Llama-3.1-8B, M = 1..128 tokens, with the device's
+// copy bandwidth as the yardstick for the weight-streaming rate.
+//
+//   build/bench/bench_w4_gemm [--quick] [--reps N] [--out FILE.json] [--help]
+//
+// Method:
+//  * peak: cudaMemcpyAsync device-to-device of 1 GiB, bytes read + written / time (median of 10);
+//  * each shape rotates among enough copies of its weights (W4 and BF16 separately) that one rotation is at
+//    least 4× the L2 size, so every timed call streams its weights from DRAM;
+//  * all calls of a measurement are queued behind a host gate (a stream callback that waits until the
+//    whole batch is enqueued), then timed one by one with CUDA events: warm-up calls, then the median of
+//    --reps (default 30, at least 20) timings;
+//  * the W4 weights are random codes, scales and zeros (the timing does not depend on them); our output is
+//    checked against the reference kernel once per shape and M (rel err = ‖y − ref‖ / ‖ref‖, max err =
+//    max |y − ref| / max |ref|; the bf16 rounding of y alone gives ~1e-3 and ~4e-3);
+//  * W4 GB/s counts the bytes of codes + scales + zeros of the padded device layout; "% copy" is that rate
+//    over the measured copy bandwidth.
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <cublas_v2.h>
+#include <nlohmann/json.hpp>
+
+#include "backend/cpu/int4_linear.h"
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/w4a16_gemm.h"
+#include "bench_util.h"
+#include "core/dtype.h"
+#include "core/error.h"
+
+using namespace spear;
+
+namespace {
+
+using bench::shell;
+
+#define BENCH_CUBLAS_CHECK(expr)                                                      \
+  do {                                                                                \
+    cublasStatus_t st_ = (expr);                                                      \
+    if (st_ != CUBLAS_STATUS_SUCCESS) fail("cuBLAS error {} at {}: {}", int(st_), __LINE__, #expr); \
+  } while (0)
+
+// Device memory that frees itself.
+class DeviceMem {
+ public:
+  explicit DeviceMem(size_t bytes) : bytes_(bytes) { SPEAR_CUDA_CHECK(cudaMalloc(&p_, std::max<size_t>(bytes, 16))); }
+  ~DeviceMem() { cudaFree(p_); }
+  DeviceMem(const DeviceMem&) = delete;
+  DeviceMem& operator=(const DeviceMem&) = delete;
+  template <typename T>
+  T* as(size_t byte_offset = 0) const {
+    return reinterpret_cast<T*>(static_cast<char*>(p_) + byte_offset);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+// Holds the stream until release(): everything enqueued meanwhile runs back to back, so event timings do
+// not include host launch latency. Gives up after 10 s rather than dead-locking on a full launch queue.
+class HostGate {
+ public:
+  explicit HostGate(cudaStream_t s) {
+    SPEAR_CUDA_CHECK(cudaLaunchHostFunc(s, &HostGate::wait, &open_));
+  }
+  void release() { open_.store(true); }
+
+ private:
+  static void wait(void* p) {
+    auto* open = static_cast<std::atomic<bool>*>(p);
+    const auto t0 = std::chrono::steady_clock::now();
+    while (!open->load()) {
+      if (std::chrono::steady_clock::now() - t0 > std::chrono::seconds(10)) {
+        std::fprintf(stderr, "bench_w4_gemm: warning: host gate timed out (launch queue full?); timings of this "
+                             "measurement include launch latency\n");
+        return;
+      }
+      std::this_thread::yield();
+    }
+  }
+  std::atomic<bool> open_{false};
+};
+
+// Median time in µs of `reps` calls of f(i) (after `warmup` calls), each between its own pair of events.
+template <typename F>
+double time_median_us(cudaStream_t s, int warmup, int reps, F&& f) {
+  std::vector<cudaEvent_t> ev(2 * reps);
+  for (auto& e : ev) SPEAR_CUDA_CHECK(cudaEventCreate(&e));
+  {
+    HostGate gate(s);
+    for (int i = 0; i < warmup; ++i) f(i);
+    for (int i = 0; i < reps; ++i) {
+      SPEAR_CUDA_CHECK(cudaEventRecord(ev[2 * i], s));
+      f(warmup + i);
+      SPEAR_CUDA_CHECK(cudaEventRecord(ev[2 * i + 1], s));
+    }
+    gate.release();
+    SPEAR_CUDA_CHECK(cudaStreamSynchronize(s));
+  }
+  std::vector<double> t(reps);
+  for (int i = 0; i < reps; ++i) {
+    float ms = 0;
+    SPEAR_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]));
+    t[i] = ms * 1e3;
+  }
+  for (auto& e : ev) cudaEventDestroy(e);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+// Device-to-device copy of 1 GiB; bytes read + written per second.
+double copy_bandwidth_gbps(cudaStream_t s) {
+  const size_t bytes = size_t(1) << 30;
+  DeviceMem a(bytes), b(bytes);
+  SPEAR_CUDA_CHECK(cudaMemsetAsync(a.as<void>(), 1, bytes, s));
+  const double us = time_median_us(s, 2, 10, [&](int) {
+    SPEAR_CUDA_CHECK(cudaMemcpyAsync(b.as<void>(), a.as<void>(), bytes, cudaMemcpyDeviceToDevice, s));
+  });
+  return 2.0 * double(bytes) / (us * 1e-6) / 1e9;
+}
+
+// Random codes, scales and zeros in the canonical packed layout (values do not change the timing).
+PackedQuantWeights random_packed(int out, int in, int group, uint32_t seed) {
+  std::mt19937 rng(seed);
+  PackedQuantWeights p;
+  p.out = out;
+  p.in = in;
+  p.bits = 4;
+  p.group_size = group;
+  p.container_bits = 4;
+  p.qweight.resize(size_t(out) * p.row_bytes());
+  for (auto& b : p.qweight) b = uint8_t(rng());
+  if (in % 2) {  // the canonical layout keeps the last high nibble of odd rows at 0
+    for (int r = 0; r < out; ++r) p.qweight[size_t(r) * p.row_bytes() + p.row_bytes() - 1] &= 0x0f;
+  }
+  std::uniform_real_distribution<float> us(0.5e-3f, 2e-3f);
+  p.scales.resize(size_t(out) * p.groups());
+  p.zeros.resize(p.scales.size());
+  for (auto& s : p.scales) s = us(rng);
+  for (auto& z : p.zeros) z = uint8_t(rng() % 16);
+  return p;
+}
+
+std::string device_slug(std::string name) {
+  for (auto& c : name) c = std::isalnum(static_cast<unsigned char>(c)) ? char(std::tolower(c)) : '-';
+  std::string out;
+  for (char c : name)
+    if (!(c == '-' && (out.empty() || out.back() == '-'))) out += c;
+  while (!out.empty() && out.back() == '-') out.pop_back();
+  return out.empty() ? "gpu" : out;
+}
+
+struct Shape {
+  std::string model, module;
+  int n, k;
+  std::vector<int> groups;  // -1 = per channel
+};
+
+struct Row {
+  std::string model, module;
+  int n, k, m, group;
+  double w4_us, bf16_us, w4_gbps, pct_copy, rel_err, max_err;  // errors vs the reference kernel
+};
+
+void usage() {
+  std::printf(
+      "usage: bench_w4_gemm [--quick] [--reps N] [--out FILE.json] [--help]\n"
+      "  W4A16 GEMM (w4a16_gemm) vs cuBLAS BF16 on the Llama-3.2-1B / Llama-3.1-8B linear shapes, M = 1..128.\n"
+      "  --quick    a smoke run: 8B k/v and down only, M = 1, 16, 128\n"
+      "  --reps N   timed calls per measurement (median; default 30, at least 20)\n"
+      "  --out F    JSON output (default bench/results/w4_gemm-<commit>-<device>.json)\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  std::string out_path;
+  bool quick = false;
+  int reps = 30;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--out" && i + 1 < argc) out_path = argv[++i];
+    else if (a == "--reps" && i + 1 < argc) reps = std::max(20, std::atoi(argv[++i]));
+    else if (a == "--quick") quick = true;
+    else if (a == "--help" || a == "-h") {
+      usage();
+      return 0;
+    } else {
+      usage();
+      return 2;
+    }
+  }
+  reps = std::min(reps, 200);  // the host gate holds every call of a measurement in the launch queue
+  if (cuda::device_count() == 0) {
+    std::fprintf(stderr, "bench_w4_gemm: no CUDA device\n");
+    return 1;
+  }
+  SPEAR_CUDA_CHECK(cudaSetDevice(0));
+  const cuda::DeviceInfo dev = cuda::device_info(0);
+  const size_t l2 = dev.l2_bytes ? dev.l2_bytes : size_t(60) << 20;
+  const size_t rotation_bytes = 4 * l2;  // weights streamed per rotation: at least 4 × L2
+  cudaStream_t stream;
+  SPEAR_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cublasHandle_t cublas;
+  BENCH_CUBLAS_CHECK(cublasCreate(&cublas));
+  BENCH_CUBLAS_CHECK(cublasSetStream(cublas, stream));
+
+  const double copy_gbps = copy_bandwidth_gbps(stream);
+  std::printf("device: %s (%d SMs, L2 %.0f MB); copy bandwidth (D2D, read + write): %.0f GB/s\n\n", dev.name.c_str(),
+              dev.sm_count, l2 / 1e6, copy_gbps);
+
+  std::vector<Shape> shapes;
+  if (quick) {
+    shapes = {{"llama-3.1-8b", "k/v", 1024, 4096, {-1}}, {"llama-3.1-8b", "down", 4096, 14336, {-1, 128}}};
+  } else {
+    shapes = {{"llama-3.2-1b", "q/o", 2048, 2048, {-1}},        {"llama-3.2-1b", "k/v", 512, 2048, {-1}},
+              {"llama-3.2-1b", "gate/up", 8192, 2048, {-1}},    {"llama-3.2-1b", "down", 2048, 8192, {-1}},
+              {"llama-3.1-8b", "q/o", 4096, 4096, {-1, 128}},   {"llama-3.1-8b", "k/v", 1024, 4096, {-1, 128}},
+              {"llama-3.1-8b", "gate/up", 14336, 4096, {-1, 128}}, {"llama-3.1-8b", "down", 4096, 14336, {-1, 128}}};
+  }
+  const std::vector<int> ms = quick ? std::vector<int>{1, 16, 128} : std::vector<int>{1, 2, 4, 8, 16, 32, 64, 128};
+  const int max_m = *std::max_element(ms.begin(), ms.end());
+  int max_n = 0, max_k = 0;
+  for (const Shape& s : shapes) {
+    max_n = std::max(max_n, s.n);
+    max_k = std::max(max_k, s.k);
+  }
+  const size_t ws_bytes = cuda::w4a16_workspace_bytes(max_m, max_n, max_k, dev.sm_count);
+  DeviceMem ws(ws_bytes);
+  SPEAR_CUDA_CHECK(cudaMemset(ws.as<void>(), 0, ws_bytes));
+
+  std::printf("%-13s %-8s %6s %6s %4s %5s %9s %9s %8s %8s %7s %9s %9s\n", "model", "module", "N", "K", "M", "group",
+              "W4 us", "BF16 us", "speedup", "W4 GB/s", "% copy", "rel err", "max err");
+  std::vector<Row> rows;
+  std::mt19937 rng(1);
+  uint32_t seed = 1;
+  for (const Shape& s : shapes) {
+    // BF16 weights for cuBLAS: contents do not matter for timing (a constant pattern).
+    const size_t bf16_bytes = size_t(s.n) * s.k * 2;
+    const size_t bf16_stride = align_up(bf16_bytes, 256);
+    const int bf16_copies = int(std::max<size_t>(2, (rotation_bytes + bf16_bytes - 1) / bf16_bytes));
+    DeviceMem wbf(bf16_stride * bf16_copies);
+    SPEAR_CUDA_CHECK(cudaMemset(wbf.as<void>(), 0x3c, wbf.bytes()));  // bf16 0x3c3c ≈ 0.0115
+
+    DeviceMem x(size_t(max_m) * s.k * 2), y(size_t(max_m) * s.n * 2), yref(size_t(max_m) * s.n * 4);
+    {
+      std::normal_distribution<float> nd(0.f, 1.f);
+      std::vector<uint16_t> xh(size_t(max_m) * s.k);
+      for (auto& v : xh) v = f32_to_bf16(nd(rng));
+      SPEAR_CUDA_CHECK(cudaMemcpy(x.as<void>(), xh.data(), xh.size() * 2, cudaMemcpyHostToDevice));
+    }
+
+    for (int group : s.groups) {
+      const cuda::W4Layout lay = cuda::w4_prepare(random_packed(s.n, s.k, group, seed++));
+      const size_t qb = lay.q.size() * 4, sb = lay.scales.size() * 4, zb = lay.zeros.size() * 2;
+      const size_t w4_bytes = qb + sb + zb;
+      const size_t w4_stride = align_up(qb, 256) + align_up(sb, 256) + align_up(zb, 256);
+      const int w4_copies = int(std::max<size_t>(2, (rotation_bytes + w4_bytes - 1) / w4_bytes));
+      DeviceMem w4(w4_stride * w4_copies);
+      std::vector<cuda::W4Device> views(w4_copies);
+      for (int c = 0; c < w4_copies; ++c) {
+        const size_t base = size_t(c) * w4_stride;
+        uint32_t* q = w4.as<uint32_t>(base);
+        float* sc = w4.as<float>(base + align_up(qb, 256));
+        uint16_t* z = w4.as<uint16_t>(base + align_up(qb, 256) + align_up(sb, 256));
+        SPEAR_CUDA_CHECK(cudaMemcpy(q, lay.q.data(), qb, cudaMemcpyHostToDevice));
+        SPEAR_CUDA_CHECK(cudaMemcpy(sc, lay.scales.data(), sb, cudaMemcpyHostToDevice));
+        SPEAR_CUDA_CHECK(cudaMemcpy(z, lay.zeros.data(), zb, cudaMemcpyHostToDevice));
+        views[c] = cuda::W4Device{lay.n, lay.k, lay.n_pad, lay.k_pad, lay.group_size, lay.groups, q, sc, z};
+      }
+      const auto* xp = x.as<const __nv_bfloat16>();
+      auto* yp = y.as<__nv_bfloat16>();
+
+      // Our output against the reference kernel (each M: every token-tile count runs its own kernel instance).
+      auto check = [&](int m, double* rel, double* max_rel) {
+        cuda::w4a16_gemm(xp, m, views[0], nullptr, yp, ws.as<void>(), ws_bytes, dev.sm_count, stream);
+        cuda::w4a16_gemm_reference(xp, m, views[0], nullptr, yref.as<float>(), stream);
+        SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));
+        std::vector<uint16_t> got(size_t(m) * s.n);
+        std::vector<float> ref(got.size());
+        SPEAR_CUDA_CHECK(cudaMemcpy(got.data(), yp, got.size() * 2, cudaMemcpyDeviceToHost));
+        SPEAR_CUDA_CHECK(cudaMemcpy(ref.data(), yref.as<float>(), ref.size() * 4, cudaMemcpyDeviceToHost));
+        double num = 0, den = 0, max_d = 0, max_r = 0;
+        for (size_t i = 0; i < got.size(); ++i) {
+          const double d = double(bf16_to_f32(got[i])) - ref[i];
+          num += d * d;
+          den += double(ref[i]) * ref[i];
+          max_d = std::max(max_d, std::isfinite(d) ? std::fabs(d) : INFINITY);
+          max_r = std::max(max_r, double(std::fabs(ref[i])));
+        }
+        *rel = std::sqrt(num / std::max(den, 1e-30));
+        *max_rel = max_d / std::max(max_r, 1e-30);
+      };
+
+      for (int m : ms) {
+        auto run_w4 = [&](int i) {
+          cuda::w4a16_gemm(xp, m, views[i % w4_copies], nullptr, yp, ws.as<void>(), ws_bytes, dev.sm_count, stream);
+        };
+        const float alpha = 1.f, beta = 0.f;
+        auto run_bf16 = [&](int i) {
+          const void* wp = wbf.as<char>(size_t(i % bf16_copies) * bf16_stride);
+          BENCH_CUBLAS_CHECK(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, s.n, m, s.k, &alpha, wp, CUDA_R_16BF, s.k,
+                                          xp, CUDA_R_16BF, s.k, &beta, yp, CUDA_R_16BF, s.n, CUBLAS_COMPUTE_32F,
+                                          CUBLAS_GEMM_DEFAULT));
+        };
+        // One ungated call each first: lazy initialization (cuBLAS may allocate) must not happen behind the gate.
+        run_w4(0);
+        run_bf16(0);
+        SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));
+        const double w4_us = time_median_us(stream, std::min(30, 3 * w4_copies), reps, run_w4);
+        const double bf16_us = time_median_us(stream, std::min(30, 3 * bf16_copies), reps, run_bf16);
+        Row r{s.model, s.module, s.n, s.k, m, group, w4_us, bf16_us, 0, 0, 0, 0};
+        check(m, &r.rel_err, &r.max_err);
+        r.w4_gbps = double(w4_bytes) / (w4_us * 1e-6) / 1e9;
+        r.pct_copy = 100.0 * r.w4_gbps / copy_gbps;
+        rows.push_back(r);
+        std::printf("%-13s %-8s %6d %6d %4d %5s %9.2f %9.2f %7.2fx %8.0f %6.1f%% %9.2e %9.2e\n", r.model.c_str(),
+                    r.module.c_str(), r.n, r.k, r.m, group < 0 ? "chan" : std::to_string(group).c_str(), r.w4_us,
+                    r.bf16_us, r.bf16_us / r.w4_us, r.w4_gbps, r.pct_copy, r.rel_err, r.max_err);
+        std::fflush(stdout);
+      }
+    }
+  }
+
+  // The goals: 8B shapes at M <= 16 — W4 at >= 80% of copy bandwidth and >= 3.3x cuBLAS BF16.
+  std::printf("\n");
+  double err_max = 0;
+  for (const Row& r : rows) err_max = std::max(err_max, r.rel_err);
+  for (const char* model : {"llama-3.2-1b", "llama-3.1-8b"})
+    for (bool decode : {true, false}) {
+      double pct_min = 1e9, pct_max = 0, sp_min = 1e9, sp_max = 0;
+      for (const Row& r : rows) {
+        if (r.model != model || (r.m <= 16) != decode) continue;
+        pct_min = std::min(pct_min, r.pct_copy);
+        pct_max = std::max(pct_max, r.pct_copy);
+        sp_min = std::min(sp_min, r.bf16_us / r.w4_us);
+        sp_max = std::max(sp_max, r.bf16_us / r.w4_us);
+      }
+      if (pct_max == 0) continue;
+      std::printf("%s, %s: W4 at %.0f-%.0f%% of copy bandwidth, %.2f-%.2fx cuBLAS BF16\n", model,
+                  decode ? "M <= 16" : "M 32..128", pct_min, pct_max, sp_min, sp_max);
+    }
+  std::printf("goals: 8B at M <= 16 >= 80%% of copy bandwidth and >= 3.3x cuBLAS; max rel err %.2e "
+              "(bf16 output: ~1e-3)\n",
+              err_max);
+
+  nlohmann::json J;
+  J["commit"] = shell("git rev-parse --short HEAD 2>/dev/null");
+  J["device"] = dev.name;
+  J["sm_count"] = dev.sm_count;
+  J["l2_bytes"] = l2;
+  J["date"] = shell("date -u +%Y-%m-%dT%H:%M:%SZ");
+  J["copy_bandwidth_gbps"] = copy_gbps;
+  J["reps"] = reps;
+  J["quick"] = quick;
+  J["workspace_bytes"] = ws_bytes;
+  for (const Row& r : rows)
+    J["rows"].push_back({{"model", r.model},
+                         {"module", r.module},
+                         {"n", r.n},
+                         {"k", r.k},
+                         {"m", r.m},
+                         {"group_size", r.group},
+                         {"w4_us", r.w4_us},
+                         {"bf16_us", r.bf16_us},
+                         {"speedup", r.bf16_us / r.w4_us},
+                         {"w4_weight_gbps", r.w4_gbps},
+                         {"pct_copy_bandwidth", r.pct_copy},
+                         {"rel_err", r.rel_err},
+                         {"max_abs_err_over_max_ref", r.max_err}});
+  if (out_path.empty()) {
+    std::filesystem::create_directories("bench/results");
+    std::string commit = J["commit"].get<std::string>();
+    out_path = "bench/results/w4_gemm-" + (commit.empty() ? std::string("nocommit") : commit) + "-" +
+               device_slug(dev.name) + ".json";
+  }
+  std::ofstream(out_path) << J.dump(2) << "\n";
+  std::printf("wrote %s\n", out_path.c_str());
+  cublasDestroy(cublas);
+  cudaStreamDestroy(stream);
+  return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "bench_w4_gemm: %s\n", e.what());
+  return 1;
+}

@@ -1,0 +1,525 @@
+#include "backend/cuda/cuda_backend.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+
+#include <cuda_bf16.h>
+
+#include "backend/cpu/int4_linear.h"
+#include "backend/cuda/bias.h"
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/ec_naive.h"
+#include "backend/cuda/elementwise.h"
+#include "backend/cuda/rms_norm.h"
+#include "core/dtype.h"
+#include "core/error.h"
+#include "spear/compensator.h"
+
+namespace spear::cuda {
+
+#define SPEAR_CUBLAS_CHECK(expr)                                                             \
+  do {                                                                                       \
+    cublasStatus_t st_ = (expr);                                                             \
+    if (st_ != CUBLAS_STATUS_SUCCESS)                                                        \
+      ::spear::fail("cuBLAS error at {}:{}: {} ({})", __FILE__, __LINE__, int(st_), #expr); \
+  } while (0)
+
+// ---- DeviceBuffer
+
+DeviceBuffer::DeviceBuffer(size_t bytes) : n_(bytes) {
+  if (bytes == 0) return;
+  if (cudaMalloc(&p_, bytes) != cudaSuccess) {
+    cudaGetLastError();
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    fail("out of GPU memory: could not allocate {:.1f} MiB ({:.1f} MiB free of {:.1f} MiB)", double(bytes) / (1 << 20),
+         double(free_b) / (1 << 20), double(total_b) / (1 << 20));
+  }
+}
+
+DeviceBuffer::~DeviceBuffer() {
+  if (p_) cudaFree(p_);
+}
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
+  if (this != &o) {
+    if (p_) cudaFree(p_);
+    p_ = o.p_;
+    n_ = o.n_;
+    o.p_ = nullptr;
+    o.n_ = 0;
+  }
+  return *this;
+}
+
+namespace {
+
+std::vector<uint16_t> to_bf16(const float* x, size_t n) {
+  std::vector<uint16_t> out(n);
+#pragma omp parallel for schedule(static) if (n > (1u << 20))
+  for (size_t i = 0; i < n; ++i) out[i] = spear::f32_to_bf16(x[i]);
+  return out;
+}
+
+DeviceBuffer upload_bytes(const void* host, size_t bytes) {
+  DeviceBuffer b(bytes);
+  if (bytes) SPEAR_CUDA_CHECK(cudaMemcpy(b.get(), host, bytes, cudaMemcpyHostToDevice));
+  return b;
+}
+
+DeviceBuffer upload_bf16(const std::vector<float>& v) {
+  if (v.empty()) return {};
+  auto h = to_bf16(v.data(), v.size());
+  return upload_bytes(h.data(), h.size() * 2);
+}
+
+__nv_bfloat16* bf(const Tensor& t) { return static_cast<__nv_bfloat16*>(t.data); }
+
+void check_bf16(const Tensor& t, const char* what) {
+  SPEAR_CHECK(t.device == Device::CUDA && t.dtype == DType::BF16, "cuda backend: {} must be a bf16 GPU tensor", what);
+}
+
+std::atomic<uint64_t> g_cache_ids{1};
+
+}  // namespace
+
+// ---- KV cache
+
+CudaKvCache::CudaKvCache(int n_layers, int n_slots, int max_tokens, int kv_dim)
+    : n_layers_(n_layers), n_slots_(n_slots), max_tokens_(max_tokens), kv_dim_(kv_dim),
+      max_blocks_((max_tokens + kBlockTokens - 1) / kBlockTokens), n_blocks_(size_t(n_slots) * max_blocks_),
+      id_(g_cache_ids++) {
+  pool_ = DeviceBuffer(size_t(n_layers) * 2 * n_blocks_ * kBlockTokens * kv_dim * sizeof(__nv_bfloat16));
+  table_ = DeviceBuffer(size_t(n_slots) * max_blocks_ * sizeof(int32_t));
+  host_table_.assign(size_t(n_slots) * max_blocks_, -1);
+  slot_blocks_.assign(size_t(n_slots), 0);
+  // Hand out low block numbers first (pop from the back).
+  for (size_t b = n_blocks_; b-- > 0;) free_.push_back(int32_t(b));
+  SPEAR_CUDA_CHECK(cudaMemcpy(table_.get(), host_table_.data(), table_.bytes(), cudaMemcpyHostToDevice));
+}
+
+void CudaKvCache::ensure(int slot, int n_tokens, cudaStream_t stream) {
+  const int need = (n_tokens + kBlockTokens - 1) / kBlockTokens;
+  int& have = slot_blocks_[size_t(slot)];
+  while (have < need) {
+    if (free_.empty()) fail("KV cache out of blocks (slot {}, {} tokens)", slot, n_tokens);
+    host_table_[size_t(slot) * max_blocks_ + have] = free_.back();
+    free_.pop_back();
+    ++have;
+    dirty_ = true;
+  }
+  (void)stream;
+}
+
+void CudaKvCache::upload_table_if_dirty(cudaStream_t stream) {
+  if (!dirty_) return;
+  SPEAR_CUDA_CHECK(cudaMemcpyAsync(table_.get(), host_table_.data(), table_.bytes(), cudaMemcpyHostToDevice, stream));
+  SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));  // host_table_ may change before a later copy
+  dirty_ = false;
+}
+
+PagedKvLayer CudaKvCache::layer(int l) const {
+  PagedKvLayer p;
+  const size_t per = n_blocks_ * kBlockTokens * size_t(kv_dim_);
+  auto* base = pool_.as<__nv_bfloat16>() + size_t(l) * 2 * per;
+  p.k = base;
+  p.v = base + per;
+  p.block_table = table_.as<int32_t>();
+  p.max_blocks = max_blocks_;
+  p.kv_dim = kv_dim_;
+  return p;
+}
+
+// ---- backend
+
+CudaBackend::CudaBackend(int device) : device_(device) {
+  if (device_count() <= device) fail("--device cuda: no CUDA device {} (found {})", device, device_count());
+  SPEAR_CUDA_CHECK(cudaSetDevice(device));
+  sm_count_ = device_info(device).sm_count;
+  SPEAR_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  SPEAR_CUBLAS_CHECK(cublasCreate(&cublas_));
+  SPEAR_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
+  // A fixed workspace: cuBLAS then allocates nothing while a graph is being captured.
+  cublas_ws_ = DeviceBuffer(size_t(32) << 20);
+  SPEAR_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_ws_.get(), cublas_ws_.bytes()));
+  pool_ = std::make_shared<DevicePool>();
+  prof_ = std::make_unique<OpProfiler>(stream_);
+}
+
+void CudaBackend::drop_graphs() {
+  for (auto& [k, g] : graphs_)
+    if (g.exec) cudaGraphExecDestroy(g.exec);
+  graphs_.clear();
+}
+
+CudaBackend::~CudaBackend() {
+  prof_.reset();  // prints its table when profiling
+  drop_graphs();
+  if (batch_host_) cudaFreeHost(batch_host_);
+  if (cublas_) cublasDestroy(cublas_);
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+Tensor CudaBackend::alloc(int64_t rows, int64_t cols) {
+  Tensor t;
+  t.storage = pool_->alloc(size_t(rows * cols) * 2);
+  t.data = t.storage.get();
+  t.dtype = DType::BF16;
+  t.device = Device::CUDA;
+  t.rows = rows;
+  t.cols = cols;
+  return t;
+}
+
+Tensor CudaBackend::alloc_f32(int64_t rows, int64_t cols) {
+  Tensor t = alloc(rows, cols * 2);  // same bytes
+  t.dtype = DType::F32;
+  t.cols = cols;
+  return t;
+}
+
+Tensor CudaBackend::alloc_ids(int64_t rows) {
+  Tensor t = alloc(rows, 2);
+  t.dtype = DType::I32;
+  t.cols = 1;
+  return t;
+}
+
+Tensor CudaBackend::upload(const float* host, int64_t rows, int64_t cols) {
+  // Persistent (weights, norms): its own allocation, not the activation pool.
+  auto buf = std::make_shared<DeviceBuffer>(upload_bf16(std::vector<float>(host, host + rows * cols)));
+  Tensor t;
+  t.storage = std::shared_ptr<void>(buf, buf->get());
+  t.data = buf->get();
+  t.dtype = DType::BF16;
+  t.device = Device::CUDA;
+  t.rows = rows;
+  t.cols = cols;
+  return t;
+}
+
+void CudaBackend::download(const Tensor& t, float* host) {
+  SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  if (t.dtype == DType::F32) {
+    SPEAR_CUDA_CHECK(cudaMemcpy(host, t.data, t.nbytes(), cudaMemcpyDeviceToHost));
+    return;
+  }
+  check_bf16(t, "download");
+  std::vector<uint16_t> h(size_t(t.numel()));
+  SPEAR_CUDA_CHECK(cudaMemcpy(h.data(), t.data, h.size() * 2, cudaMemcpyDeviceToHost));
+  for (size_t i = 0; i < h.size(); ++i) host[i] = spear::bf16_to_f32(h[i]);
+}
+
+void CudaBackend::download_i32(const Tensor& t, int32_t* host) {
+  SPEAR_CHECK(t.dtype == DType::I32, "download_i32: tensor is not I32");
+  SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  SPEAR_CUDA_CHECK(cudaMemcpy(host, t.data, size_t(t.rows) * 4, cudaMemcpyDeviceToHost));
+}
+
+void CudaBackend::begin_batch(const BatchDesc& d, KvCache& cache) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto* kv = dynamic_cast<CudaKvCache*>(&cache);
+  SPEAR_CHECK(kv, "cuda backend: the KV cache was not made by this backend");
+  const size_t T = d.tokens.size(), S = d.seqs.size();
+  const size_t need = 4 * T + S + 4 * S;  // tokens, positions, token_seq, last_rows, seqs (4 ints each)
+  if (need > batch_cap_) {
+    SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    if (batch_host_) cudaFreeHost(batch_host_);
+    batch_cap_ = std::max<size_t>(need * 2, 4096);
+    SPEAR_CUDA_CHECK(cudaMallocHost(&batch_host_, batch_cap_ * 4));
+    batch_dev_ = DeviceBuffer(batch_cap_ * 4);
+    drop_graphs();  // they read the old device arrays
+  }
+  // Fixed offsets by capacity (not by this batch's T), so a graph's recorded addresses stay valid.
+  int32_t* h = batch_host_;
+  const size_t cap_t = batch_cap_ / 8;  // 4 arrays of cap_t ints, then cap_t seqs of 4 ints
+  int32_t* dev = batch_dev_.as<int32_t>();
+  d_tokens_ = dev;
+  d_positions_ = dev + cap_t;
+  d_token_seq_ = dev + 2 * cap_t;
+  d_last_rows_ = dev + 3 * cap_t;
+  d_seqs_ = reinterpret_cast<DevSeq*>(dev + 4 * cap_t);
+  SPEAR_CHECK(T <= cap_t && S <= cap_t, "internal: batch staging too small");
+  // The previous step's copy may still be reading the pinned buffer.
+  SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  std::memcpy(h, d.tokens.data(), T * 4);
+  std::memcpy(h + cap_t, d.positions.data(), T * 4);
+  std::memcpy(h + 2 * cap_t, d.token_seq.data(), T * 4);
+  std::memcpy(h + 3 * cap_t, d.last_rows.data(), S * 4);
+  max_ctx_ = 0;
+  for (size_t i = 0; i < S; ++i) {
+    const SeqSlice& s = d.seqs[i];
+    int32_t* o = h + 4 * cap_t + 4 * i;
+    o[0] = s.token_begin, o[1] = s.n_tokens, o[2] = s.pos0, o[3] = s.kv_slot;
+    kv->ensure(s.kv_slot, s.pos0 + s.n_tokens, stream_);
+    max_ctx_ = std::max(max_ctx_, s.pos0 + s.n_tokens);
+  }
+  SPEAR_CUDA_CHECK(cudaMemcpyAsync(dev, h, (4 * cap_t + 4 * S) * 4, cudaMemcpyHostToDevice, stream_));
+  kv->upload_table_if_dirty(stream_);
+  batch_ = &d;
+  batch_cache_ = kv;
+  if (prof_->enabled())
+    prof_->add_host("begin_batch", std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+}
+
+Tensor CudaBackend::run_graph(uint64_t key, const std::function<Tensor()>& body) {
+  SPEAR_CHECK(batch_cache_, "run_graph without begin_batch");
+  if (prof_->enabled()) return body();  // per-op timing needs eager ops
+  Graph& g = graphs_[{batch_cache_->id(), key}];
+  if (g.runs++ == 0) return body();  // eager: cuBLAS heuristics, lazily uploaded tables
+  if (!g.exec) {
+    cudaGraph_t graph = nullptr;
+    SPEAR_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
+    capturing_ = true;
+    try {
+      g.out = body();
+    } catch (...) {
+      capturing_ = false;
+      cudaStreamEndCapture(stream_, &graph);
+      if (graph) cudaGraphDestroy(graph);
+      throw;
+    }
+    capturing_ = false;
+    SPEAR_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+    SPEAR_CUDA_CHECK(cudaGraphInstantiate(&g.exec, graph, 0));
+    cudaGraphDestroy(graph);
+  }
+  SPEAR_CUDA_CHECK(cudaGraphLaunch(g.exec, stream_));
+  return g.out;
+}
+
+const int32_t* CudaBackend::device_ints(std::span<const int32_t> v) {
+  if (batch_) {
+    if (v.data() == batch_->tokens.data()) return d_tokens_;
+    if (v.data() == batch_->positions.data()) return d_positions_;
+    if (v.data() == batch_->token_seq.data()) return d_token_seq_;
+    if (v.data() == batch_->last_rows.data()) return d_last_rows_;
+  }
+  SPEAR_CHECK(!capturing_, "cuda backend: host array outside the batch description inside a graph capture");
+  if (scratch_ints_.bytes() < v.size() * 4) scratch_ints_ = DeviceBuffer(std::max<size_t>(v.size() * 4, 4096));
+  SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  SPEAR_CUDA_CHECK(cudaMemcpy(scratch_ints_.get(), v.data(), v.size() * 4, cudaMemcpyHostToDevice));
+  return scratch_ints_.as<int32_t>();
+}
+
+void CudaBackend::grow_w4_workspace(int n, int k) {
+  if (n <= w4_max_n_ && k <= w4_max_k_) return;
+  w4_max_n_ = std::max(w4_max_n_, n);
+  w4_max_k_ = std::max(w4_max_k_, k);
+  SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  w4_ws_ = DeviceBuffer(w4a16_workspace_bytes(128, w4_max_n_, w4_max_k_, sm_count_));
+  SPEAR_CUDA_CHECK(cudaMemset(w4_ws_.get(), 0, w4_ws_.bytes()));
+  drop_graphs();  // they recorded the old workspace
+}
+
+std::unique_ptr<Linear> CudaBackend::make_linear(const LinearWeights& w) {
+  auto l = std::make_unique<CudaLinear>();
+  l->name = w.name;
+  l->in_features = w.in_features;
+  l->out_features = w.out_features;
+  l->w = upload_bf16(w.w);
+  l->bias = upload_bf16(w.bias);
+  l->bytes = (w.w.size() + w.bias.size()) * 2;
+  return l;
+}
+
+std::unique_ptr<Linear> CudaBackend::make_quant_linear(const std::string& name, const PackedQuantWeights& w,
+                                                       const std::vector<float>& bias) {
+  auto l = std::make_unique<CudaLinear>();
+  l->name = name;
+  l->in_features = w.in;
+  l->out_features = w.out;
+  l->bias = upload_bf16(bias);
+  if (!w4_supported(w)) {
+    // 5..8-bit codes or odd group sizes: bf16 weights dequantized exactly as the reference, then cuBLAS.
+    std::vector<float> deq = unpack_quantized(w).dequantize();
+    l->w = upload_bf16(deq);
+    l->bytes = (deq.size() + bias.size()) * 2;
+    return l;
+  }
+  W4Layout lay = w4_prepare(w);
+  l->quantized = true;
+  l->q = upload_bytes(lay.q.data(), lay.q.size() * 4);
+  l->scales = upload_bytes(lay.scales.data(), lay.scales.size() * 4);
+  l->zeros = upload_bytes(lay.zeros.data(), lay.zeros.size() * 2);
+  l->w4 = W4Device{lay.n, lay.k, lay.n_pad, lay.k_pad, lay.group_size, lay.groups, l->q.as<uint32_t>(),
+                   l->scales.as<float>(), l->zeros.as<uint16_t>()};
+  l->bytes = l->q.bytes() + l->scales.bytes() + l->zeros.bytes() + l->bias.bytes();
+  grow_w4_workspace(lay.n, lay.k);
+  return l;
+}
+
+Tensor CudaBackend::dense_weight_tensor(const Linear& l) {
+  auto* d = dynamic_cast<const CudaLinear*>(&l);
+  SPEAR_CHECK(d && !d->quantized, "dense_weight_tensor: '{}' is not a dense CUDA linear", l.name);
+  Tensor t;
+  t.data = d->w.get();
+  t.dtype = DType::BF16;
+  t.device = Device::CUDA;
+  t.rows = l.out_features;
+  t.cols = l.in_features;
+  return t;
+}
+
+void CudaBackend::set_compensator(Linear& l, const Compensator* c) {
+  auto& cl = static_cast<CudaLinear&>(l);
+  if (cl.ec) cl.bytes -= cl.ec->bytes;
+  cl.ec.reset();
+  if (c == nullptr) return;
+  c->validate();
+  SPEAR_CHECK(c->in == l.in_features && c->out == l.out_features, "'{}': compensator shape [{}, {}] does not match "
+              "the linear [{}, {}]", l.name, c->out, c->in, l.out_features, l.in_features);
+  auto ec = std::make_unique<CudaEc>();
+  ec->in = c->in, ec->out = c->out, ec->rank = c->rank, ec->gate_width = c->gate_width;
+  auto up = [](const std::vector<float>& v) { return upload_bytes(v.data(), v.size() * 4); };
+  ec->A = up(c->A), ec->B = up(c->B);
+  if (c->gated()) ec->W1 = up(c->W1), ec->b1 = up(c->b1), ec->W2 = up(c->W2), ec->b2 = up(c->b2);
+  ec->bytes = c->bytes();  // as stored (bf16), like the CPU backend's accounting of packages
+  cl.bytes += ec->bytes;
+  cl.ec = std::move(ec);
+}
+
+void CudaBackend::sgemm_nt(const float* x, int T, int k, const float* w, int n, float* y) {
+  const float alpha = 1.f, beta = 0.f;
+  SPEAR_CUBLAS_CHECK(cublasSgemm(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, T, k, &alpha, w, k, x, k, &beta, y, n));
+}
+
+void CudaBackend::apply_ec_naive(const CudaEc& ec, const Tensor& x, Tensor& y) {
+  const int T = int(x.rows), r = ec.rank;
+  Tensor x32 = alloc_f32(T, ec.in), z = alloc_f32(T, r), d = alloc_f32(T, ec.out);
+  bf16_to_f32(bf(x), x32.ptr<float>(), x.numel(), stream_);
+  sgemm_nt(x32.ptr<float>(), T, ec.in, ec.A.as<float>(), r, z.ptr<float>());
+  const float* zg = z.ptr<float>();
+  Tensor h, u;
+  if (ec.gate_width > 0) {
+    h = alloc_f32(T, ec.gate_width);
+    u = alloc_f32(T, r);
+    sgemm_nt(z.ptr<float>(), T, r, ec.W1.as<float>(), ec.gate_width, h.ptr<float>());
+    ec_bias_silu_f32(h.ptr<float>(), ec.b1.as<float>(), T, ec.gate_width, stream_);
+    sgemm_nt(h.ptr<float>(), T, ec.gate_width, ec.W2.as<float>(), r, u.ptr<float>());
+    ec_gate_f32(u.ptr<float>(), ec.b2.as<float>(), z.ptr<float>(), u.ptr<float>(), T, r, stream_);
+    zg = u.ptr<float>();
+  }
+  sgemm_nt(zg, T, r, ec.B.as<float>(), ec.out, d.ptr<float>());
+  ec_add_into_bf16(bf(y), d.ptr<float>(), T, ec.out, stream_);
+}
+
+std::unique_ptr<KvCache> CudaBackend::make_kv_cache(int n_layers, int n_slots, int max_tokens, int kv_dim) {
+  return std::make_unique<CudaKvCache>(n_layers, n_slots, max_tokens, kv_dim);
+}
+
+void CudaBackend::gather_rows(const Tensor& table, std::span<const int32_t> ids, Tensor& out) {
+  auto prof = prof_->scope("gather_rows");
+  check_bf16(table, "gather table");
+  check_bf16(out, "gather output");
+  gather_rows_bf16(bf(table), table.cols, device_ints(ids), int(ids.size()), bf(out), stream_);
+}
+
+void CudaBackend::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) {
+  auto prof = prof_->scope("rms_norm");
+  check_bf16(x, "rms_norm input");
+  rms_norm_bf16(bf(x), bf(w), bf(out), int(x.rows), int(x.cols), eps, stream_);
+}
+
+void CudaBackend::linear(const Tensor& x, const Linear& lin, Tensor& out) {
+  const auto& l = static_cast<const CudaLinear&>(lin);
+  check_bf16(x, "linear input");
+  const int T = int(x.rows);
+  if (T == 0) return;
+  const auto* bias = l.bias.bytes() ? l.bias.as<__nv_bfloat16>() : nullptr;
+  if (l.quantized) {
+    SPEAR_CHECK(out.dtype == DType::BF16, "'{}': the W4 kernel writes bf16 outputs", l.name);
+    {
+      auto prof = prof_->scope("linear.w4a16");
+      w4a16_gemm(bf(x), T, l.w4, bias, bf(out), w4_ws_.get(), w4_ws_.bytes(), sm_count_, stream_);
+    }
+    if (l.ec) {
+      auto prof = prof_->scope("linear.ec_naive");
+      apply_ec_naive(*l.ec, x, out);
+    }
+    return;
+  }
+  // Row-major y[T, out] = x[T, in]·Wᵀ is column-major yᵀ[out, T] = W[out, in] (i.e. (Wᵀ col-major)ᵀ) · xᵀ.
+  const float alpha = 1.f, beta = 0.f;
+  const bool f32 = out.dtype == DType::F32;
+  auto prof = prof_->scope(f32 ? "linear.cublas_bf16_f32out" : "linear.cublas_bf16");
+  SPEAR_CUBLAS_CHECK(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, l.out_features, T, l.in_features, &alpha,
+                                  l.w.get(), CUDA_R_16BF, l.in_features, x.data, CUDA_R_16BF, l.in_features, &beta,
+                                  out.data, f32 ? CUDA_R_32F : CUDA_R_16BF, l.out_features, CUBLAS_COMPUTE_32F,
+                                  CUBLAS_GEMM_DEFAULT));
+  if (bias) {
+    if (f32)
+      add_bias_f32(out.ptr<float>(), bias, T, l.out_features, stream_);
+    else
+      add_bias_bf16(bf(out), bias, T, l.out_features, stream_);
+  }
+  if (l.ec) {
+    SPEAR_CHECK(!f32, "'{}': compensators on fp32 outputs are not supported", l.name);
+    apply_ec_naive(*l.ec, x, out);
+  }
+}
+
+void CudaBackend::rope(Tensor& x, int n_heads, int head_dim, std::span<const int32_t> positions,
+                       const RopeTable& table) {
+  auto prof = prof_->scope("rope");
+  auto it = rope_tables_.find(&table);
+  if (it == rope_tables_.end()) {
+    SPEAR_CHECK(!capturing_, "cuda backend: RoPE table first seen inside a graph capture");
+    it = rope_tables_.emplace(&table, upload_bytes(table.inv_freq.data(), table.inv_freq.size() * 4)).first;
+  }
+  rope_bf16(bf(x), int(x.rows), n_heads, head_dim, device_ints(positions), it->second.as<float>(), stream_);
+}
+
+void CudaBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, std::span<const SeqSlice> seqs,
+                            KvCache& cache, const AttentionParams& p, Tensor& out) {
+  auto* kv = dynamic_cast<CudaKvCache*>(&cache);
+  SPEAR_CHECK(kv && kv == batch_cache_ && batch_ && seqs.data() == batch_->seqs.data(),
+              "cuda backend: attention must run on the batch and KV cache given to begin_batch");
+  const PagedKvLayer layer = kv->layer(p.layer);
+  const int T = int(q.rows);
+  {
+    auto prof = prof_->scope("kv_append");
+    kv_append_bf16(bf(k), bf(v), T, d_token_seq_, d_seqs_, layer, stream_);
+  }
+  AttnShape s;
+  s.n_heads = p.n_heads;
+  s.n_kv_heads = p.n_kv_heads;
+  s.head_dim = p.head_dim;
+  s.window = p.window;
+  s.scale = p.scale;
+  const bool decode = batch_->decode_only();
+  if (decode) {
+    // Flash-decoding splits need scratch sized by batch, heads and the cache's pages; grown outside captures
+    // (a graph's first run is eager), and graphs recorded with the old buffer are dropped.
+    const size_t need = attention_workspace_bytes(std::max(T, 8), p.n_heads, p.head_dim, layer.max_blocks);
+    if (need > attn_ws_.bytes()) {
+      SPEAR_CHECK(!capturing_, "cuda backend: attention workspace grown inside a graph capture");
+      SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      attn_ws_ = DeviceBuffer(need);
+      drop_graphs();
+    }
+  }
+  auto prof = prof_->scope(decode ? "attention.decode" : "attention.prefill");
+  attention_bf16(bf(q), T, d_token_seq_, d_seqs_, int(seqs.size()), layer, s, max_ctx_, decode, bf(out),
+                 decode ? attn_ws_.get() : nullptr, decode ? attn_ws_.bytes() : 0, stream_);
+}
+
+void CudaBackend::swiglu(const Tensor& gate, const Tensor& up, Tensor& out) {
+  auto prof = prof_->scope("swiglu");
+  swiglu_bf16(bf(gate), bf(up), bf(out), gate.numel(), stream_);
+}
+
+void CudaBackend::add(Tensor& x, const Tensor& y) {
+  auto prof = prof_->scope("add");
+  add_bf16(bf(x), bf(y), x.numel(), stream_);
+}
+
+void CudaBackend::argmax_rows(const Tensor& x, Tensor& ids) {
+  auto prof = prof_->scope("argmax");
+  SPEAR_CHECK(x.dtype == DType::F32, "argmax_rows: fp32 logits expected");
+  argmax_rows_f32(x.ptr<float>(), int(x.rows), int(x.cols), ids.ptr<int32_t>(), stream_);
+}
+
+}  // namespace spear::cuda

@@ -1,0 +1,166 @@
+#pragma once
+// CUDA backend: bf16 activations and weights on one GPU and one stream, fp32 accumulation and statistics.
+// Dense linears go through cuBLAS (bf16 in, fp32 compute); quantized ones through the W4A16 kernel
+// (w4a16_gemm.h), or, for layouts it does not take (8-bit containers, odd group sizes), as bf16 weights
+// dequantized at load. The KV cache is paged (attention.h); decode steps run as replayed CUDA graphs
+// (run_graph). Activations come from a caching pool (device_pool.h).
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include "backend/backend.h"
+#include "backend/cuda/attention.h"
+#include "backend/cuda/device_pool.h"
+#include "backend/cuda/op_profiler.h"
+#include "backend/cuda/w4a16_gemm.h"
+
+namespace spear::cuda {
+
+// One cudaMalloc'd buffer, freed with its owner.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t bytes);
+  ~DeviceBuffer();
+  DeviceBuffer(DeviceBuffer&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr, o.n_ = 0; }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void* get() const { return p_; }
+  size_t bytes() const { return n_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(p_);
+  }
+
+ private:
+  void* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+// An error compensator on the device, fp32 (spear/compensator.h has the formula and shapes).
+struct CudaEc {
+  int in = 0, out = 0, rank = 0, gate_width = 0;
+  size_t bytes = 0;
+  DeviceBuffer A, B, W1, b1, W2, b2;
+};
+
+class CudaLinear : public Linear {
+ public:
+  std::unique_ptr<CudaEc> ec;
+  bool quantized = false;
+  DeviceBuffer w;                // dense: bf16 [out, in]
+  DeviceBuffer q, scales, zeros;  // W4 layout (w4a16_gemm.h)
+  W4Device w4;
+  DeviceBuffer bias;             // bf16 [out] or empty
+  size_t bytes = 0;
+  size_t weight_bytes() const override { return bytes; }
+};
+
+class CudaKvCache : public KvCache {
+ public:
+  CudaKvCache(int n_layers, int n_slots, int max_tokens, int kv_dim);
+  int num_slots() const override { return n_slots_; }
+  int max_tokens() const override { return max_tokens_; }
+  size_t bytes() const override { return pool_.bytes() + table_.bytes(); }
+  uint64_t id() const { return id_; }
+  // Maps pages so that `slot` holds positions [0, n_tokens); uploads the block table when it changed.
+  void ensure(int slot, int n_tokens, cudaStream_t stream);
+  void upload_table_if_dirty(cudaStream_t stream);
+  PagedKvLayer layer(int l) const;
+  int blocks_in_use() const { return int(n_blocks_) - int(free_.size()); }
+
+ private:
+  int n_layers_, n_slots_, max_tokens_, kv_dim_, max_blocks_;
+  size_t n_blocks_;
+  uint64_t id_;
+  DeviceBuffer pool_;   // [layer][k|v][block][kBlockTokens][kv_dim] bf16
+  DeviceBuffer table_;  // [n_slots][max_blocks] int32
+  std::vector<int32_t> host_table_;
+  std::vector<int> slot_blocks_;
+  std::vector<int32_t> free_;
+  bool dirty_ = false;
+};
+
+class CudaBackend : public Backend {
+ public:
+  explicit CudaBackend(int device = 0);
+  ~CudaBackend() override;
+  std::string name() const override { return "cuda"; }
+  Device device() const override { return Device::CUDA; }
+  cudaStream_t stream() const { return stream_; }
+
+  Tensor alloc(int64_t rows, int64_t cols) override;
+  Tensor alloc_f32(int64_t rows, int64_t cols) override;
+  Tensor alloc_ids(int64_t rows) override;
+  Tensor upload(const float* host, int64_t rows, int64_t cols) override;
+  void download(const Tensor& t, float* host) override;
+  void download_i32(const Tensor& t, int32_t* host) override;
+  void begin_batch(const BatchDesc& d, KvCache& cache) override;
+  Tensor run_graph(uint64_t key, const std::function<Tensor()>& body) override;
+  std::unique_ptr<Linear> make_linear(const LinearWeights& w) override;
+  std::unique_ptr<Linear> make_quant_linear(const std::string& name, const PackedQuantWeights& w,
+                                            const std::vector<float>& bias) override;
+  Tensor dense_weight_tensor(const Linear& l) override;
+  void set_compensator(Linear& l, const Compensator* c) override;
+  std::unique_ptr<KvCache> make_kv_cache(int n_layers, int n_slots, int max_tokens, int kv_dim) override;
+
+  void gather_rows(const Tensor& table, std::span<const int32_t> ids, Tensor& out) override;
+  void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override;
+  void linear(const Tensor& x, const Linear& w, Tensor& out) override;
+  void rope(Tensor& x, int n_heads, int head_dim, std::span<const int32_t> positions,
+            const RopeTable& table) override;
+  void attention(const Tensor& q, const Tensor& k, const Tensor& v, std::span<const SeqSlice> seqs,
+                 KvCache& cache, const AttentionParams& p, Tensor& out) override;
+  void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) override;
+  void add(Tensor& x, const Tensor& y) override;
+  void argmax_rows(const Tensor& x, Tensor& ids) override;
+
+  int sm_count() const { return sm_count_; }
+  size_t activation_bytes() const { return pool_->reserved_bytes(); }
+
+ private:
+  // Device copy of a host int array: the batch's arrays when `v` is one of them, else a synchronous upload
+  // into scratch (never inside a graph capture).
+  const int32_t* device_ints(std::span<const int32_t> v);
+  void grow_w4_workspace(int n, int k);
+  void drop_graphs();
+  // y += B·(g ⊙ A·x), as separate cuBLAS SGEMMs and element-wise kernels (ec_naive.h).
+  void apply_ec_naive(const CudaEc& ec, const Tensor& x, Tensor& y);
+  void sgemm_nt(const float* x, int T, int k, const float* w, int n, float* y);  // y[T,n] = x[T,k]·w[n,k]ᵀ
+
+  int device_ = 0, sm_count_ = 0;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  DeviceBuffer cublas_ws_;
+  std::shared_ptr<DevicePool> pool_;
+  DeviceBuffer w4_ws_, attn_ws_;
+  int w4_max_n_ = 0, w4_max_k_ = 0;
+
+  // The current batch (begin_batch): host arrays by address, their device copies.
+  const BatchDesc* batch_ = nullptr;
+  CudaKvCache* batch_cache_ = nullptr;
+  DeviceBuffer batch_dev_;
+  int32_t* batch_host_ = nullptr;  // pinned staging
+  size_t batch_cap_ = 0;           // int32 elements
+  int32_t *d_tokens_ = nullptr, *d_positions_ = nullptr, *d_token_seq_ = nullptr, *d_last_rows_ = nullptr;
+  DevSeq* d_seqs_ = nullptr;
+  int max_ctx_ = 0;
+  DeviceBuffer scratch_ints_;
+  bool capturing_ = false;
+
+  std::unique_ptr<OpProfiler> prof_;
+  std::map<const RopeTable*, DeviceBuffer> rope_tables_;
+  struct Graph {
+    cudaGraphExec_t exec = nullptr;
+    Tensor out;
+    int runs = 0;  // the first run is eager (lazy initialisations), the second captures
+  };
+  std::map<std::pair<uint64_t, uint64_t>, Graph> graphs_;  // (KV cache id, key)
+};
+
+}  // namespace spear::cuda

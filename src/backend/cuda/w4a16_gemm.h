@@ -1,0 +1,69 @@
+#pragma once
+// W4A16 GEMM on Hopper: y[M, N] = x[M, K] · dequant(W)ᵀ (+ bias), x and y bf16, W 2..4-bit codes in a 4-bit
+// container with per-channel or per-group (group % 16 == 0) scales and integer zero points, fp32 accumulation
+// on the tensor cores (mma.sync m16n8k16 bf16). Weights are the MMA's A operand (16 output features per
+// tile) and tokens its B operand (8 tokens per tile), so decode (M = 1..16) wastes no tensor-core rows on
+// padding tokens beyond 8.
+//
+// The codes are pre-shuffled once at load time (w4_prepare, host) into the mma fragment order: for each
+// 16-row tile and each 16-column k-step, lane l of a warp holds in one 32-bit word the 8 codes its A fragment
+// needs; four consecutive k-steps sit next to each other so that one 128-bit load per lane brings a whole
+// 16 × 64 weight tile. Conversion to bf16 uses the magic-number trick (lop3 of the nibble into the mantissa of
+// 128.0, then a subtraction of 128 + zero), which is exact.
+//
+// Raw pointers and a stream, nothing of the engine (backend/cuda/cuda_backend.* owns memory).
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+namespace spear {
+struct PackedQuantWeights;
+}
+
+namespace spear::cuda {
+
+// The GPU layout of one quantized matrix, on the host (made once at load time, then uploaded as is).
+struct W4Layout {
+  int n = 0, k = 0;          // logical [out_features, in_features]
+  int n_pad = 0, k_pad = 0;  // n rounded up to 16, k rounded up to 64 (padding codes are zero points: 0 weight)
+  int group_size = -1;       // -1: per channel; otherwise a multiple of 16
+  int groups = 1;            // ceil(k / group_size), 1 when per channel
+  std::vector<uint32_t> q;   // n_pad * k_pad / 8 words, shuffled (see above; w4a16_gemm.cu documents it)
+  std::vector<float> scales;      // [groups][n_pad] (column-major in n so a tile reads 16 consecutive values)
+  std::vector<uint16_t> zeros;    // [groups][n_pad], the integer zero point as bf16 bits of (128 + zero)
+};
+
+// True when the fast kernel takes this matrix: 4-bit container (bits 2..4) and per-channel or group % 16 == 0.
+// Others (8-bit container, odd group sizes) are dequantized to bf16 by the backend and go through cuBLAS.
+bool w4_supported(const PackedQuantWeights& p);
+W4Layout w4_prepare(const PackedQuantWeights& p);  // throws spear::Error when !w4_supported(p)
+// The exact inverse of w4_prepare's shuffle (codes, scales, zeros back to the canonical layout): for tests.
+PackedQuantWeights w4_unprepare(const W4Layout& l, int bits);
+
+// Device pointers of an uploaded W4Layout (owned by the caller).
+struct W4Device {
+  int n = 0, k = 0, n_pad = 0, k_pad = 0, group_size = -1, groups = 1;
+  const uint32_t* q = nullptr;
+  const float* scales = nullptr;
+  const uint16_t* zeros = nullptr;
+};
+
+// Split-K scratch: fp32 partial sums and per-tile arrival counters. The caller allocates it once (zeroed with
+// cudaMemset), sized for the largest M, N, K it will run; the kernel leaves the counters at zero again, so the
+// buffer can be reused by every GEMM on the same stream and inside CUDA graphs.
+size_t w4a16_workspace_bytes(int max_m, int max_n, int max_k, int sm_count);
+
+// y[m, n] = x[m, k] · dequant(W)ᵀ + bias (bias may be null; bf16 [n]). Any m >= 0 (m > 128 runs in chunks of
+// 128 tokens). x rows are k elements apart, y rows n elements apart.
+void w4a16_gemm(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfloat16* bias, __nv_bfloat16* y,
+                void* workspace, size_t workspace_bytes, int sm_count, cudaStream_t stream);
+
+// The naive reference (one thread per output element: dequantize on the fly, fp32 sums), for tests and the
+// benchmark's correctness check. Reads the same device layout.
+void w4a16_gemm_reference(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfloat16* bias, float* y,
+                          cudaStream_t stream);
+
+}  // namespace spear::cuda

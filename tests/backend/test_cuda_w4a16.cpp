@@ -1,0 +1,418 @@
+// W4A16 GEMM (backend/cuda/w4a16_gemm.h): the layout shuffle on the CPU (no GPU needed), then the reference
+// kernel against the CPU reference (quant_linear_reference) and the fast kernel against the reference kernel.
+//
+// Weights: RTN (quant/quantizer.h) of random normal matrices; x: random normal bf16. Error measure:
+// ‖out − ref‖ / ‖ref‖ over the whole output.
+//  * reference kernel vs CPU: same dequantized fp32 weights, fp32 vs double sums → < 2e-5;
+//  * fast kernel vs reference kernel: the fast kernel's sums are exact up to fp32 accumulation order and its
+//    output is rounded to bf16 (~1e-3 alone) → < 1e-2.
+// Every fast run writes into a NaN-poisoned y with a poisoned canary tail (each element must be written, none
+// beyond), runs twice (bit-identical: the split-K reduction is ordered) and, for the split plans, also with a
+// forced huge SM count (maximal split-K) and with no workspace (no split-K).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "backend/cpu/int4_linear.h"
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/w4a16_gemm.h"
+#include "core/dtype.h"
+#include "core/error.h"
+#include "quant/quantizer.h"
+
+namespace spear {
+
+namespace {
+
+constexpr uint16_t kPoisonBf16 = 0xffff;  // a NaN
+constexpr size_t kCanary = 64;            // poisoned elements after y that must stay untouched
+
+// RTN codes of a random normal [out, in] matrix.
+PackedQuantWeights random_quantized(int out, int in, int bits, int group, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.f, 0.02f);
+  std::vector<float> w(size_t(out) * in);
+  for (float& v : w) v = nd(rng);
+  QuantParams qp;
+  qp.bits = bits;
+  qp.group_size = group;
+  return pack_quantized(rtn_quantize(w.data(), out, in, qp));
+}
+
+std::vector<uint16_t> random_bf16(size_t n, uint32_t seed, float sd = 1.f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.f, sd);
+  std::vector<uint16_t> v(n);
+  for (auto& e : v) e = f32_to_bf16(nd(rng));
+  return v;
+}
+
+std::vector<float> to_f32(const std::vector<uint16_t>& v) {
+  std::vector<float> f(v.size());
+  for (size_t i = 0; i < v.size(); ++i) f[i] = bf16_to_f32(v[i]);
+  return f;
+}
+
+double rel_err(const std::vector<float>& got, const std::vector<float>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    num += (double(got[i]) - ref[i]) * (double(got[i]) - ref[i]);
+    den += double(ref[i]) * ref[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+std::string shape_name(int n, int k, int group, int bits) {
+  std::ostringstream s;
+  s << "n=" << n << " k=" << k << " group=" << group << " bits=" << bits;
+  return s.str();
+}
+
+// ---------------------------------------------------------------- device helpers
+
+// A device array that frees itself.
+template <typename T>
+class W4DevBuf {
+ public:
+  explicit W4DevBuf(size_t n) : n_(n) { SPEAR_CUDA_CHECK(cudaMalloc(&p_, std::max<size_t>(n, 1) * sizeof(T))); }
+  explicit W4DevBuf(const std::vector<T>& h) : W4DevBuf(h.size()) {
+    SPEAR_CUDA_CHECK(cudaMemcpy(p_, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  ~W4DevBuf() { cudaFree(p_); }
+  W4DevBuf(const W4DevBuf&) = delete;
+  W4DevBuf& operator=(const W4DevBuf&) = delete;
+  T* get() const { return p_; }
+  size_t size() const { return n_; }
+  std::vector<T> download() const {
+    std::vector<T> h(n_);
+    SPEAR_CUDA_CHECK(cudaMemcpy(h.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+  }
+
+ private:
+  T* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+// A W4Layout uploaded as is.
+struct UploadedW4 {
+  explicit UploadedW4(const cuda::W4Layout& l) : q(l.q), scales(l.scales), zeros(l.zeros) {
+    dev = cuda::W4Device{l.n, l.k, l.n_pad, l.k_pad, l.group_size, l.groups, q.get(), scales.get(), zeros.get()};
+  }
+  W4DevBuf<uint32_t> q;
+  W4DevBuf<float> scales;
+  W4DevBuf<uint16_t> zeros;
+  cuda::W4Device dev;
+};
+
+const __nv_bfloat16* bf(const W4DevBuf<uint16_t>& b) { return reinterpret_cast<const __nv_bfloat16*>(b.get()); }
+__nv_bfloat16* bf_mut(const W4DevBuf<uint16_t>& b) { return reinterpret_cast<__nv_bfloat16*>(b.get()); }
+
+// The fast kernel into a freshly poisoned y (+ canary); returns y as floats, fails the test on unwritten
+// elements or on a write past the end.
+std::vector<float> run_fast(const W4DevBuf<uint16_t>& x, int m, const cuda::W4Device& w, const __nv_bfloat16* bias,
+                            void* ws, size_t ws_bytes, int sm_count, const std::string& what,
+                            std::vector<uint16_t>* raw = nullptr) {
+  const size_t ny = size_t(m) * w.n;
+  W4DevBuf<uint16_t> y(ny + kCanary);
+  SPEAR_CUDA_CHECK(cudaMemset(y.get(), 0xff, (ny + kCanary) * 2));
+  cuda::w4a16_gemm(bf(x), m, w, bias, bf_mut(y), ws, ws_bytes, sm_count, nullptr);
+  SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<uint16_t> h = y.download();
+  std::vector<float> out(ny);
+  size_t unwritten = 0, first = 0;
+  for (size_t i = 0; i < ny; ++i) {
+    out[i] = bf16_to_f32(h[i]);
+    if (!std::isfinite(out[i]) && unwritten++ == 0) first = i;
+  }
+  EXPECT_EQ(unwritten, 0u) << what << ": " << unwritten << " outputs not written (first: token " << first / w.n
+                           << ", feature " << first % w.n << ")";
+  for (size_t i = ny; i < ny + kCanary; ++i)
+    if (h[i] != kPoisonBf16) {
+      ADD_FAILURE() << what << ": write past the end of y at +" << (i - ny);
+      break;
+    }
+  if (raw) raw->assign(h.begin(), h.begin() + ny);
+  return out;
+}
+
+std::vector<float> run_reference(const W4DevBuf<uint16_t>& x, int m, const cuda::W4Device& w,
+                                 const __nv_bfloat16* bias) {
+  W4DevBuf<float> y(size_t(m) * w.n);
+  cuda::w4a16_gemm_reference(bf(x), m, w, bias, y.get(), nullptr);
+  SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
+  return y.download();
+}
+
+#define SKIP_WITHOUT_GPU() \
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device"
+
+}  // namespace
+
+// ================================================================ layout (CPU only)
+
+TEST(W4Layout, UnprepareInvertsPrepare) {
+  const std::pair<int, int> shapes[] = {{1, 1}, {1, 16}, {3, 7}, {17, 70}, {33, 129}, {100, 1000}, {513, 64}, {5, 257}};
+  uint32_t seed = 1;
+  for (auto [n, k] : shapes)
+    for (int group : {-1, 16, 32, 64, 128})
+      for (int bits : {2, 3, 4}) {
+        const PackedQuantWeights p = random_quantized(n, k, bits, group, seed++);
+        ASSERT_TRUE(cuda::w4_supported(p)) << shape_name(n, k, group, bits);
+        const cuda::W4Layout l = cuda::w4_prepare(p);
+        ASSERT_EQ(l.n_pad % 16, 0);
+        ASSERT_EQ(l.k_pad % 64, 0);
+        ASSERT_EQ(l.q.size(), size_t(l.n_pad) * l.k_pad / 8);
+        ASSERT_EQ(l.scales.size(), size_t(l.groups) * l.n_pad);
+        const PackedQuantWeights b = cuda::w4_unprepare(l, bits);
+        const std::string what = shape_name(n, k, group, bits);
+        EXPECT_EQ(b.out, p.out) << what;
+        EXPECT_EQ(b.in, p.in) << what;
+        EXPECT_EQ(b.bits, p.bits) << what;
+        EXPECT_EQ(b.group_size, p.group_size) << what;
+        EXPECT_EQ(b.container_bits, p.container_bits) << what;
+        EXPECT_TRUE(b.qweight == p.qweight) << what;
+        EXPECT_TRUE(b.scales == p.scales) << what;
+        EXPECT_TRUE(b.zeros == p.zeros) << what;
+      }
+}
+
+// The layout against the PTX ISA's m16n8k16 A-fragment table, independently of w4a16_layout.cpp's index code:
+// lane (g = lane / 4, t = lane % 4) register R_i holds {A[row][col], A[row][col + 1]} with
+//   R0: row g, col 2t;  R1: row g + 8, col 2t;  R2: row g, col 2t + 8;  R3: row g + 8, col 2t + 8,
+// and the kernel's lop3((w >> 4i) & 0x000F000F | 0x43004300) − (128 + z) must give exactly q − z for both.
+// Padding (rows >= n, columns >= k) must dequantize to exactly 0.
+TEST(W4Layout, WordsAreMmaFragments) {
+  for (int group : {-1, 32}) {
+    const int n = 37, k = 150, bits = 4;
+    const PackedQuantWeights p = random_quantized(n, k, bits, group, 77);
+    const QuantizedMatrix u = unpack_quantized(p);
+    const cuda::W4Layout l = cuda::w4_prepare(p);
+    const int kblocks = l.k_pad / 64, glen = p.group_len(), G = p.groups();
+    int checked = 0;
+    for (int tile = 0; tile < l.n_pad / 16; ++tile)
+      for (int kb = 0; kb < kblocks; ++kb)
+        for (int lane = 0; lane < 32; ++lane)
+          for (int j = 0; j < 4; ++j) {
+            const uint32_t w = l.q[((size_t(tile) * kblocks + kb) * 32 + lane) * 4 + j];
+            const int g = lane / 4, t = lane % 4;
+            for (int i = 0; i < 4; ++i) {
+              const int row = tile * 16 + g + (i % 2 ? 8 : 0);
+              const int col = kb * 64 + j * 16 + 2 * t + (i >= 2 ? 8 : 0);
+              const uint32_t pair = ((w >> (4 * i)) & 0x000F000Fu) | 0x43004300u;
+              const int grp = std::min(col / glen, G - 1);
+              const uint16_t zb = l.zeros[size_t(grp) * l.n_pad + row];
+              for (int e = 0; e < 2; ++e) {
+                const float v = bf16_to_f32(uint16_t(pair >> (16 * e))) - bf16_to_f32(zb);
+                const int c = col + e;
+                if (row < n && c < k) {
+                  const int q = u.q[size_t(row) * k + c], z = u.zeros[size_t(row) * G + c / glen];
+                  ASSERT_EQ(v, float(q - z)) << "group " << group << " row " << row << " col " << c;
+                } else {
+                  ASSERT_EQ(v, 0.f) << "padding at row " << row << " col " << c << " is not a zero weight";
+                }
+                ++checked;
+              }
+            }
+          }
+    EXPECT_EQ(checked, l.n_pad * l.k_pad);
+  }
+}
+
+TEST(W4Layout, SupportedFormats) {
+  EXPECT_TRUE(cuda::w4_supported(random_quantized(16, 64, 4, -1, 1)));
+  EXPECT_TRUE(cuda::w4_supported(random_quantized(16, 64, 2, 16, 2)));
+  EXPECT_TRUE(cuda::w4_supported(random_quantized(16, 256, 3, 128, 3)));
+  const PackedQuantWeights eight = random_quantized(16, 64, 8, -1, 4);  // 8-bit container
+  EXPECT_FALSE(cuda::w4_supported(eight));
+  EXPECT_THROW(cuda::w4_prepare(eight), Error);
+  const PackedQuantWeights odd_group = random_quantized(16, 96, 4, 24, 5);
+  EXPECT_FALSE(cuda::w4_supported(odd_group));
+  EXPECT_THROW(cuda::w4_prepare(odd_group), Error);
+}
+
+// ================================================================ kernels (GPU)
+
+TEST(W4A16Reference, MatchesCpuReference) {
+  SKIP_WITHOUT_GPU();
+  const std::pair<int, int> shapes[] = {{1, 16}, {17, 64}, {100, 70}, {513, 1000}, {64, 4096}};
+  uint32_t seed = 100;
+  for (auto [n, k] : shapes)
+    for (int group : {-1, 32, 64, 128}) {
+      const PackedQuantWeights p = random_quantized(n, k, 4, group, seed++);
+      UploadedW4 w(cuda::w4_prepare(p));
+      bool with_bias = group > 0;
+      for (int m : {1, 3, 9, 33}) {
+        with_bias = !with_bias;
+        const std::vector<uint16_t> xb = random_bf16(size_t(m) * k, seed++);
+        const std::vector<uint16_t> bb = random_bf16(n, seed++, 0.1f);
+        const std::vector<float> xf = to_f32(xb), bf32 = to_f32(bb);
+        std::vector<float> ref(size_t(m) * n);
+        quant_linear_reference(xf.data(), m, p, with_bias ? bf32.data() : nullptr, ref.data());
+        W4DevBuf<uint16_t> x(xb), bias(bb);
+        const std::vector<float> got = run_reference(x, m, w.dev, with_bias ? bf(bias) : nullptr);
+        EXPECT_LT(rel_err(got, ref), 2e-5) << shape_name(n, k, group, 4) << " m=" << m << " bias=" << with_bias;
+      }
+    }
+}
+
+namespace {
+
+// Fast kernel vs reference kernel over one weight matrix and every m of the list; sm_counts: the plans to
+// try (the real SM count first).
+void check_fast_against_reference(int n, int k, int group, int bits, const std::vector<int>& ms,
+                                  const std::vector<int>& sm_counts, uint32_t seed) {
+  const PackedQuantWeights p = random_quantized(n, k, bits, group, seed);
+  UploadedW4 w(cuda::w4_prepare(p));
+  const std::string shape = shape_name(n, k, group, bits);
+  const int max_m = *std::max_element(ms.begin(), ms.end());
+  size_t ws_bytes = 0;
+  for (int sm : sm_counts) ws_bytes = std::max(ws_bytes, cuda::w4a16_workspace_bytes(max_m, n, k, sm));
+  W4DevBuf<unsigned char> ws(ws_bytes);
+  SPEAR_CUDA_CHECK(cudaMemset(ws.get(), 0, ws_bytes));
+  const std::vector<uint16_t> bb = random_bf16(n, seed + 1, 0.1f);
+  W4DevBuf<uint16_t> bias(bb);
+  for (size_t mi = 0; mi < ms.size(); ++mi) {
+    const int m = ms[mi];
+    const bool with_bias = (mi + size_t(n)) % 2 == 0;
+    const __nv_bfloat16* b = with_bias ? bf(bias) : nullptr;
+    W4DevBuf<uint16_t> x(random_bf16(size_t(m) * k, seed + 2 + uint32_t(mi)));
+    const std::vector<float> ref = run_reference(x, m, w.dev, b);
+    for (int sm : sm_counts) {
+      const std::string what = shape + " m=" + std::to_string(m) + " bias=" + std::to_string(with_bias) +
+                               " sm_count=" + std::to_string(sm);
+      std::vector<uint16_t> first, second;
+      const std::vector<float> got = run_fast(x, m, w.dev, b, ws.get(), ws_bytes, sm, what, &first);
+      run_fast(x, m, w.dev, b, ws.get(), ws_bytes, sm, what + " (second run)", &second);
+      EXPECT_LT(rel_err(got, ref), 1e-2) << what;
+      EXPECT_TRUE(first == second) << what << ": two runs differ (race in the split-K reduction?)";
+      if (::testing::Test::HasFailure()) return;  // one broken shape is enough to read
+    }
+  }
+  // The split-K arrival counters (the workspace's first words, one per 128-feature row group) are back at 0.
+  const int row_groups = (n + 127) / 128;
+  std::vector<unsigned> counters(row_groups);
+  SPEAR_CUDA_CHECK(cudaMemcpy(counters.data(), ws.get(), row_groups * sizeof(unsigned), cudaMemcpyDeviceToHost));
+  for (int i = 0; i < row_groups; ++i) EXPECT_EQ(counters[i], 0u) << shape << ": counter " << i << " left set";
+}
+
+const std::vector<int> kAllM = {1, 2, 3, 4, 7, 8, 9, 16, 31, 32, 64, 100, 128, 129, 300};
+
+}  // namespace
+
+TEST(W4A16Gemm, SmallShapesMatchReference) {
+  SKIP_WITHOUT_GPU();
+  const int sms = cuda::device_info(0).sm_count;
+  uint32_t seed = 1000;
+  for (int n : {1, 17, 100, 513})
+    for (int k : {16, 64, 70, 1000})
+      for (int group : {-1, 16, 32, 64, 128}) {
+        check_fast_against_reference(n, k, group, 4, kAllM, {sms, 1000}, seed);
+        seed += 100;
+        if (HasFailure()) return;
+      }
+}
+
+TEST(W4A16Gemm, LowBitCodesMatchReference) {
+  SKIP_WITHOUT_GPU();
+  const int sms = cuda::device_info(0).sm_count;
+  check_fast_against_reference(100, 1000, 32, 2, {1, 9, 33, 129}, {sms}, 5);
+  check_fast_against_reference(513, 256, -1, 3, {1, 9, 33, 129}, {sms}, 6);
+}
+
+TEST(W4A16Gemm, LargeShapesMatchReference) {
+  SKIP_WITHOUT_GPU();
+  const int sms = cuda::device_info(0).sm_count;
+  struct Case {
+    int n, k, group;
+  };
+  const Case cases[] = {{4096, 4096, -1},  {4096, 4096, 128}, {4096, 14336, -1}, {4096, 14336, 128},
+                        {513, 14336, 32},  {100, 4096, 64},   {14336, 4096, 128}, {1024, 4096, -1}};
+  uint32_t seed = 9000;
+  for (const Case& c : cases) {
+    check_fast_against_reference(c.n, c.k, c.group, 4, kAllM, {sms, 7}, seed);
+    seed += 100;
+    if (HasFailure()) return;
+  }
+}
+
+// No workspace: no split-K, same results; a misaligned x (the non-cp.async staging path); m = 0 is a no-op.
+TEST(W4A16Gemm, NoWorkspaceMisalignedXAndEmpty) {
+  SKIP_WITHOUT_GPU();
+  const int n = 512, k = 2048, m = 5;
+  const int sms = cuda::device_info(0).sm_count;
+  const PackedQuantWeights p = random_quantized(n, k, 4, 128, 42);
+  UploadedW4 w(cuda::w4_prepare(p));
+  W4DevBuf<uint16_t> x(random_bf16(size_t(m) * k + 8, 43));
+  const std::vector<float> ref = run_reference(x, m, w.dev, nullptr);
+  const std::vector<float> got = run_fast(x, m, w.dev, nullptr, nullptr, 0, sms, "no workspace");
+  EXPECT_LT(rel_err(got, ref), 1e-2);
+
+  // x shifted by one element: still k elements per row, but not 16-byte aligned.
+  W4DevBuf<uint16_t> xs(size_t(m) * k + 1);
+  SPEAR_CUDA_CHECK(cudaMemcpy(xs.get() + 1, x.get(), size_t(m) * k * 2, cudaMemcpyDeviceToDevice));
+  W4DevBuf<float> yref(size_t(m) * n);
+  cuda::w4a16_gemm_reference(bf(xs) + 1, m, w.dev, nullptr, yref.get(), nullptr);
+  W4DevBuf<uint16_t> y(size_t(m) * n);
+  SPEAR_CUDA_CHECK(cudaMemset(y.get(), 0xff, size_t(m) * n * 2));
+  const size_t ws_bytes = cuda::w4a16_workspace_bytes(m, n, k, sms);
+  W4DevBuf<unsigned char> ws(ws_bytes);
+  SPEAR_CUDA_CHECK(cudaMemset(ws.get(), 0, ws_bytes));
+  cuda::w4a16_gemm(bf(xs) + 1, m, w.dev, nullptr, bf_mut(y), ws.get(), ws_bytes, sms, nullptr);
+  SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
+  const std::vector<float> ref2 = yref.download();
+  std::vector<float> got2 = to_f32(y.download());
+  for (float v : got2) ASSERT_TRUE(std::isfinite(v)) << "misaligned x: output not written";
+  EXPECT_LT(rel_err(got2, ref2), 1e-2) << "misaligned x";
+
+  cuda::w4a16_gemm(bf(x), 0, w.dev, nullptr, bf_mut(y), ws.get(), ws_bytes, sms, nullptr);  // nothing to do
+  SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+// Captured in a CUDA graph (no allocation, memset or sync inside; relaxed mode as CudaBackend) and replayed:
+// same bits as eager runs, and the shared workspace keeps working across GEMMs of different shapes.
+TEST(W4A16Gemm, GraphReplayEqualsEager) {
+  SKIP_WITHOUT_GPU();
+  const int sms = cuda::device_info(0).sm_count;
+  const PackedQuantWeights pa = random_quantized(512, 2048, 4, -1, 7), pb = random_quantized(2048, 512, 4, 64, 8);
+  UploadedW4 a(cuda::w4_prepare(pa)), b(cuda::w4_prepare(pb));
+  const int m = 3;
+  const size_t ws_bytes = cuda::w4a16_workspace_bytes(m, 2048, 2048, sms);
+  W4DevBuf<unsigned char> ws(ws_bytes);
+  SPEAR_CUDA_CHECK(cudaMemset(ws.get(), 0, ws_bytes));
+  W4DevBuf<uint16_t> x(random_bf16(size_t(m) * 2048, 9)), ya(size_t(m) * 512), yb(size_t(m) * 2048);
+  // Eager: x [3, 2048] → ya [3, 512] → yb [3, 2048].
+  std::vector<uint16_t> eager_a, eager_b;
+  run_fast(x, m, a.dev, nullptr, ws.get(), ws_bytes, sms, "eager a", &eager_a);
+  SPEAR_CUDA_CHECK(cudaMemcpy(ya.get(), eager_a.data(), eager_a.size() * 2, cudaMemcpyHostToDevice));
+  run_fast(ya, m, b.dev, nullptr, ws.get(), ws_bytes, sms, "eager b", &eager_b);
+
+  cudaStream_t s;
+  SPEAR_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  SPEAR_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
+  cuda::w4a16_gemm(bf(x), m, a.dev, nullptr, bf_mut(ya), ws.get(), ws_bytes, sms, s);
+  cuda::w4a16_gemm(bf(ya), m, b.dev, nullptr, bf_mut(yb), ws.get(), ws_bytes, sms, s);
+  SPEAR_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+  SPEAR_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int rep = 0; rep < 3; ++rep) {
+    SPEAR_CUDA_CHECK(cudaMemsetAsync(ya.get(), 0xff, ya.size() * 2, s));
+    SPEAR_CUDA_CHECK(cudaMemsetAsync(yb.get(), 0xff, yb.size() * 2, s));
+    SPEAR_CUDA_CHECK(cudaGraphLaunch(exec, s));
+    SPEAR_CUDA_CHECK(cudaStreamSynchronize(s));
+    EXPECT_TRUE(ya.download() == eager_a) << "replay " << rep << ": first GEMM differs from the eager run";
+    EXPECT_TRUE(yb.download() == eager_b) << "replay " << rep << ": second GEMM differs from the eager run";
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(s);
+}
+
+}  // namespace spear

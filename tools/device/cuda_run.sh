@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One device call of the CUDA work (issue 5): the binaries are built here beforehand (portable, CUDA on, plots
+# off; tools/device/stage.sh copies them and their non-CUDA shared libraries into .devrun/), so the GPU machine
+# spends its time on tests and benchmarks only. Stages (any order, several allowed):
+#   tests   the GPU test binary (label gpu) and the CUDA test of every kernel
+#   memcheck compute-sanitizer memcheck on the GPU tests
+#   gemm    bench_w4_gemm: W4A16 vs cuBLAS BF16 on the 1B and 8B linear shapes
+#   ppl     GPU perplexity of the reference model and its RTN W4 package on all of test.txt
+#   e2e:LIKE  make-model --like LIKE (bf16 + W4 package) and bench decode at batch 1, 8, 32
+# Everything lands in $OUT/results.tgz (and the log on stdout).
+set -u
+export LD_LIBRARY_PATH=$PWD/.devrun/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+tar xJf .devrun/carry/bundle.tar.xz -C .devrun
+BIN=$PWD/.devrun/bin
+R=$(mktemp -d /tmp/spear-run.XXXX)
+mkdir -p ../shared/data ../shared/models/ref-llama-23m
+cp .devrun/data/test.txt ../shared/data/ 2>/dev/null
+[[ -f .devrun/golden_logits.safetensors ]] && cp .devrun/golden_logits.safetensors ../shared/models/ref-llama-23m/
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader
+t() { echo "[$(date +%T)] $*"; }
+for stage in "$@"; do
+  case $stage in
+    tests)
+      t "gpu tests"
+      "$BIN/test_cuda_ops" --gtest_color=no 2>&1 | tee "$R/tests.log" | grep -E "^\[  (FAILED|PASSED|  OK|SKIPPED) |cuda vs|ppl cuda|Failure|Expected|Which is|actual" | head -80 ;;
+    memcheck)
+      t "compute-sanitizer memcheck"
+      compute-sanitizer --tool memcheck --leak-check no "$BIN/test_cuda_ops" --gtest_filter='-*Perplexity*' > "$R/memcheck.log" 2>&1
+      tail -5 "$R/memcheck.log" ;;
+    gemm)
+      t "bench_w4_gemm"
+      "$BIN/bench_w4_gemm" --out "$R/w4_gemm.json" 2>&1 | tee "$R/w4_gemm.log" | tail -80 ;;
+    ppl)
+      t "ppl"
+      "$BIN/spear" quantize --model models/ref-llama-23m --out "$R/ref-w4" > "$R/quant.log" 2>&1
+      for m in models/ref-llama-23m "$R/ref-w4"; do
+        "$BIN/spear" ppl --model "$m" --data ../shared/data/test.txt --device cuda --json | tee -a "$R/ppl.jsonl"
+      done ;;
+    profile:*)
+      like=${stage#profile:}
+      t "per-op profile $like"
+      "$BIN/spear" make-model --like "$like" --random --out "/tmp/p-$like" --quantize-out "/tmp/p-$like-w4" 2>&1 | tail -1
+      for m in "/tmp/p-$like" "/tmp/p-$like-w4"; do
+        SPEAR_CUDA_PROFILE=1 "$BIN/spear" bench decode --device cuda -m "$m" --batch 1 --steps 16 2>&1 | tee -a "$R/profile-$like.log" | tail -22
+      done
+      rm -rf "/tmp/p-$like" "/tmp/p-$like-w4" ;;
+    ncu)
+      t "ncu on the W4A16 kernel"
+      ncu --clock-control none --kernel-name regex:w4a16 --launch-skip 40 --launch-count 4 --section SpeedOfLight \
+        --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis "$BIN/bench_w4_gemm" --quick \
+        > "$R/ncu.log" 2>&1
+      grep -E "w4a16|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Grid Size|Block Size|Theoretical Occ|Waves" "$R/ncu.log" | head -60 ;;
+    e2e:*)
+      like=${stage#e2e:}
+      t "make-model $like"
+      "$BIN/spear" make-model --like "$like" --random --out "/tmp/$like" --quantize-out "/tmp/$like-w4" 2>&1 | tail -3
+      t "bench decode $like"
+      "$BIN/spear" bench decode --device cuda -m "/tmp/$like" -m "/tmp/$like-w4" --batch 1,8,32 --out "$R/decode-$like.json" 2>&1 | tail -8
+      rm -rf "/tmp/$like" "/tmp/$like-w4" ;;
+  esac
+done
+t "end"
+(cd "$R" && rm -rf ref-w4 && tar czf "$OUT/results.tgz" .)
