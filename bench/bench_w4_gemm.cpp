@@ -2,7 +2,7 @@
 // same y = x·Wᵀ) on the linear shapes of Llama-3.2-1B and Llama-3.1-8B, M = 1..128 tokens, with the device's
 // copy bandwidth as the yardstick for the weight-streaming rate.
 //
-//   build/bench/bench_w4_gemm [--quick] [--reps N] [--out FILE.json] [--help]
+//   build/bench/bench_w4_gemm [--quick] [--no-pdl] [--reps N] [--out FILE.json] [--help]
 //
 // Method:
 //  * peak: cudaMemcpyAsync device-to-device of 1 GiB, bytes read + written / time (median of 10);
@@ -15,7 +15,15 @@
 //    checked against the reference kernel once per shape and M (rel err = ‖y − ref‖ / ‖ref‖, max err =
 //    max |y − ref| / max |ref|; the bf16 rounding of y alone gives ~1e-3 and ~4e-3);
 //  * W4 GB/s counts the bytes of codes + scales + zeros of the padded device layout; "% copy" is that rate
-//    over the measured copy bandwidth.
+//    over the measured copy bandwidth;
+//  * "b2b us" times --reps calls queued back to back between one pair of events (per call: total / reps,
+//    median of 5 batches), as a decode step replays them in a CUDA graph: no per-call event overhead, and
+//    programmatic dependent launch (on by default) overlaps a call's start with the previous call's end;
+//  * grouped rows (module "qkv*" / "gate+up*"): one w4a16_gemm_grouped launch over q/k/v (or gate/up), which
+//    share x, against cuBLAS BF16 on the fused [sum of n, k] matrix; M = 1, 8, 16;
+//  * the summary: per model, W4 at M <= 16 versus the goals (8B: >= 80% of copy bandwidth, >= 3.3x cuBLAS
+//    BF16) and the W4 GEMM time of one decode step (M = 1, b2b: grouped q/k/v + o + grouped gate/up + down,
+//    times the layers) against the 1B budget (<= 0.40 ms per token for the whole step).
 #include <algorithm>
 #include <atomic>
 #include <cctype>
@@ -25,6 +33,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <random>
 #include <string>
 #include <thread>
@@ -124,6 +133,35 @@ double time_median_us(cudaStream_t s, int warmup, int reps, F&& f) {
   return t[t.size() / 2];
 }
 
+// Per-call time in µs of `reps` calls queued back to back between one pair of events (after `warmup` calls),
+// median over `batches` batches.
+template <typename F>
+double time_back_to_back_us(cudaStream_t s, int warmup, int reps, F&& f, int batches = 5) {
+  cudaEvent_t e0, e1;
+  SPEAR_CUDA_CHECK(cudaEventCreate(&e0));
+  SPEAR_CUDA_CHECK(cudaEventCreate(&e1));
+  std::vector<double> t;
+  int call = 0;
+  for (int b = 0; b < batches; ++b) {
+    {
+      HostGate gate(s);
+      for (int i = 0; i < warmup; ++i) f(call++);
+      SPEAR_CUDA_CHECK(cudaEventRecord(e0, s));
+      for (int i = 0; i < reps; ++i) f(call++);
+      SPEAR_CUDA_CHECK(cudaEventRecord(e1, s));
+      gate.release();
+      SPEAR_CUDA_CHECK(cudaStreamSynchronize(s));
+    }
+    float ms = 0;
+    SPEAR_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    t.push_back(ms * 1e3 / reps);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
 // Device-to-device copy of 1 GiB; bytes read + written per second.
 double copy_bandwidth_gbps(cudaStream_t s) {
   const size_t bytes = size_t(1) << 30;
@@ -176,13 +214,83 @@ struct Row {
   std::string model, module;
   int n, k, m, group;
   double w4_us, bf16_us, w4_gbps, pct_copy, rel_err, max_err;  // errors vs the reference kernel
+  double b2b_us = 0, b2b_pct_copy = 0;
+};
+
+// Enough copies of a set of W4 matrices (uploaded one after the other) that one rotation streams at least
+// rotation_bytes: views[copy][matrix].
+struct RotatingW4 {
+  std::unique_ptr<DeviceMem> mem;
+  std::vector<std::vector<cuda::W4Device>> views;
+  size_t bytes_per_copy = 0;  // codes + scales + zeros of one copy of every matrix
+  int copies() const { return int(views.size()); }
+};
+
+RotatingW4 upload_rotating(const std::vector<const cuda::W4Layout*>& lays, size_t rotation_bytes) {
+  RotatingW4 r;
+  size_t stride = 0;
+  for (const cuda::W4Layout* l : lays) {
+    const size_t qb = l->q.size() * 4, sb = l->scales.size() * 4, zb = l->zeros.size() * 2;
+    r.bytes_per_copy += qb + sb + zb;
+    stride += align_up(qb, 256) + align_up(sb, 256) + align_up(zb, 256);
+  }
+  const int copies = int(std::max<size_t>(2, (rotation_bytes + r.bytes_per_copy - 1) / r.bytes_per_copy));
+  r.mem = std::make_unique<DeviceMem>(stride * copies);
+  r.views.resize(copies);
+  for (int c = 0; c < copies; ++c) {
+    size_t off = size_t(c) * stride;
+    for (const cuda::W4Layout* l : lays) {
+      const size_t qb = l->q.size() * 4, sb = l->scales.size() * 4, zb = l->zeros.size() * 2;
+      uint32_t* q = r.mem->as<uint32_t>(off);
+      float* sc = r.mem->as<float>(off + align_up(qb, 256));
+      uint16_t* z = r.mem->as<uint16_t>(off + align_up(qb, 256) + align_up(sb, 256));
+      SPEAR_CUDA_CHECK(cudaMemcpy(q, l->q.data(), qb, cudaMemcpyHostToDevice));
+      SPEAR_CUDA_CHECK(cudaMemcpy(sc, l->scales.data(), sb, cudaMemcpyHostToDevice));
+      SPEAR_CUDA_CHECK(cudaMemcpy(z, l->zeros.data(), zb, cudaMemcpyHostToDevice));
+      r.views[c].push_back(cuda::W4Device{l->n, l->k, l->n_pad, l->k_pad, l->group_size, l->groups, q, sc, z});
+      off += align_up(qb, 256) + align_up(sb, 256) + align_up(zb, 256);
+    }
+  }
+  return r;
+}
+
+// ‖y − ref‖ / ‖ref‖ and max |y − ref| / max |ref| of a bf16 device output against a float device reference.
+void compare_outputs(const __nv_bfloat16* y, const float* yref, size_t count, double* rel, double* max_rel) {
+  std::vector<uint16_t> got(count);
+  std::vector<float> ref(count);
+  SPEAR_CUDA_CHECK(cudaMemcpy(got.data(), y, count * 2, cudaMemcpyDeviceToHost));
+  SPEAR_CUDA_CHECK(cudaMemcpy(ref.data(), yref, count * 4, cudaMemcpyDeviceToHost));
+  double num = 0, den = 0, max_d = 0, max_r = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const double d = double(bf16_to_f32(got[i])) - ref[i];
+    num += d * d;
+    den += double(ref[i]) * ref[i];
+    max_d = std::max(max_d, std::isfinite(d) ? std::fabs(d) : INFINITY);
+    max_r = std::max(max_r, double(std::fabs(ref[i])));
+  }
+  *rel = std::sqrt(num / std::max(den, 1e-30));
+  *max_rel = max_d / std::max(max_r, 1e-30);
+}
+
+void print_row(const Row& r) {
+  std::printf("%-13s %-12s %6d %6d %4d %5s %9.2f %9.2f %7.2fx %8.0f %6.1f%% %9.2e %9.2e %8.2f %6.1f%%\n",
+              r.model.c_str(), r.module.c_str(), r.n, r.k, r.m, r.group < 0 ? "chan" : std::to_string(r.group).c_str(),
+              r.w4_us, r.bf16_us, r.bf16_us / r.w4_us, r.w4_gbps, r.pct_copy, r.rel_err, r.max_err, r.b2b_us,
+              r.b2b_pct_copy);
+  std::fflush(stdout);
+}
+
+struct Model {
+  std::string name;
+  int hidden, kv, inter, layers;
 };
 
 void usage() {
   std::printf(
-      "usage: bench_w4_gemm [--quick] [--reps N] [--out FILE.json] [--help]\n"
+      "usage: bench_w4_gemm [--quick] [--no-pdl] [--reps N] [--out FILE.json] [--help]\n"
       "  W4A16 GEMM (w4a16_gemm) vs cuBLAS BF16 on the Llama-3.2-1B / Llama-3.1-8B linear shapes, M = 1..128.\n"
       "  --quick    a smoke run: 8B k/v and down only, M = 1, 16, 128\n"
+      "  --no-pdl   launch without programmatic dependent launch (SPEAR_W4_* environment knobs also apply)\n"
       "  --reps N   timed calls per measurement (median; default 30, at least 20)\n"
       "  --out F    JSON output (default bench/results/w4_gemm-<commit>-<device>.json)\n");
 }
@@ -198,6 +306,11 @@ int main(int argc, char** argv) try {
     if (a == "--out" && i + 1 < argc) out_path = argv[++i];
     else if (a == "--reps" && i + 1 < argc) reps = std::max(20, std::atoi(argv[++i]));
     else if (a == "--quick") quick = true;
+    else if (a == "--no-pdl") {
+      cuda::W4GemmOptions o = cuda::w4a16_get_options();
+      o.pdl = false;
+      cuda::w4a16_set_options(o);
+    }
     else if (a == "--help" || a == "-h") {
       usage();
       return 0;
@@ -245,11 +358,14 @@ int main(int argc, char** argv) try {
   DeviceMem ws(ws_bytes);
   SPEAR_CUDA_CHECK(cudaMemset(ws.as<void>(), 0, ws_bytes));
 
-  std::printf("%-13s %-8s %6s %6s %4s %5s %9s %9s %8s %8s %7s %9s %9s\n", "model", "module", "N", "K", "M", "group",
-              "W4 us", "BF16 us", "speedup", "W4 GB/s", "% copy", "rel err", "max err");
+  std::printf("%-13s %-12s %6s %6s %4s %5s %9s %9s %8s %8s %7s %9s %9s %8s %7s\n", "model", "module", "N", "K",
+              "M", "group", "W4 us", "BF16 us", "speedup", "W4 GB/s", "% copy", "rel err", "max err", "b2b us",
+              "b2b %cp");
   std::vector<Row> rows;
   std::mt19937 rng(1);
   uint32_t seed = 1;
+  const float alpha = 1.f, beta = 0.f;
+  const int b2b_reps = std::max(reps, 50);
   for (const Shape& s : shapes) {
     // BF16 weights for cuBLAS: contents do not matter for timing (a constant pattern).
     const size_t bf16_bytes = size_t(s.n) * s.k * 2;
@@ -268,51 +384,17 @@ int main(int argc, char** argv) try {
 
     for (int group : s.groups) {
       const cuda::W4Layout lay = cuda::w4_prepare(random_packed(s.n, s.k, group, seed++));
-      const size_t qb = lay.q.size() * 4, sb = lay.scales.size() * 4, zb = lay.zeros.size() * 2;
-      const size_t w4_bytes = qb + sb + zb;
-      const size_t w4_stride = align_up(qb, 256) + align_up(sb, 256) + align_up(zb, 256);
-      const int w4_copies = int(std::max<size_t>(2, (rotation_bytes + w4_bytes - 1) / w4_bytes));
-      DeviceMem w4(w4_stride * w4_copies);
-      std::vector<cuda::W4Device> views(w4_copies);
-      for (int c = 0; c < w4_copies; ++c) {
-        const size_t base = size_t(c) * w4_stride;
-        uint32_t* q = w4.as<uint32_t>(base);
-        float* sc = w4.as<float>(base + align_up(qb, 256));
-        uint16_t* z = w4.as<uint16_t>(base + align_up(qb, 256) + align_up(sb, 256));
-        SPEAR_CUDA_CHECK(cudaMemcpy(q, lay.q.data(), qb, cudaMemcpyHostToDevice));
-        SPEAR_CUDA_CHECK(cudaMemcpy(sc, lay.scales.data(), sb, cudaMemcpyHostToDevice));
-        SPEAR_CUDA_CHECK(cudaMemcpy(z, lay.zeros.data(), zb, cudaMemcpyHostToDevice));
-        views[c] = cuda::W4Device{lay.n, lay.k, lay.n_pad, lay.k_pad, lay.group_size, lay.groups, q, sc, z};
-      }
+      const RotatingW4 rot = upload_rotating({&lay}, rotation_bytes);
+      const int w4_copies = rot.copies();
+      const size_t w4_bytes = rot.bytes_per_copy;
       const auto* xp = x.as<const __nv_bfloat16>();
       auto* yp = y.as<__nv_bfloat16>();
 
-      // Our output against the reference kernel (each M: every token-tile count runs its own kernel instance).
-      auto check = [&](int m, double* rel, double* max_rel) {
-        cuda::w4a16_gemm(xp, m, views[0], nullptr, yp, ws.as<void>(), ws_bytes, dev.sm_count, stream);
-        cuda::w4a16_gemm_reference(xp, m, views[0], nullptr, yref.as<float>(), stream);
-        SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));
-        std::vector<uint16_t> got(size_t(m) * s.n);
-        std::vector<float> ref(got.size());
-        SPEAR_CUDA_CHECK(cudaMemcpy(got.data(), yp, got.size() * 2, cudaMemcpyDeviceToHost));
-        SPEAR_CUDA_CHECK(cudaMemcpy(ref.data(), yref.as<float>(), ref.size() * 4, cudaMemcpyDeviceToHost));
-        double num = 0, den = 0, max_d = 0, max_r = 0;
-        for (size_t i = 0; i < got.size(); ++i) {
-          const double d = double(bf16_to_f32(got[i])) - ref[i];
-          num += d * d;
-          den += double(ref[i]) * ref[i];
-          max_d = std::max(max_d, std::isfinite(d) ? std::fabs(d) : INFINITY);
-          max_r = std::max(max_r, double(std::fabs(ref[i])));
-        }
-        *rel = std::sqrt(num / std::max(den, 1e-30));
-        *max_rel = max_d / std::max(max_r, 1e-30);
-      };
-
       for (int m : ms) {
         auto run_w4 = [&](int i) {
-          cuda::w4a16_gemm(xp, m, views[i % w4_copies], nullptr, yp, ws.as<void>(), ws_bytes, dev.sm_count, stream);
+          cuda::w4a16_gemm(xp, m, rot.views[i % w4_copies][0], nullptr, yp, ws.as<void>(), ws_bytes, dev.sm_count,
+                           stream);
         };
-        const float alpha = 1.f, beta = 0.f;
         auto run_bf16 = [&](int i) {
           const void* wp = wbf.as<char>(size_t(i % bf16_copies) * bf16_stride);
           BENCH_CUBLAS_CHECK(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, s.n, m, s.k, &alpha, wp, CUDA_R_16BF, s.k,
@@ -325,39 +407,163 @@ int main(int argc, char** argv) try {
         SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));
         const double w4_us = time_median_us(stream, std::min(30, 3 * w4_copies), reps, run_w4);
         const double bf16_us = time_median_us(stream, std::min(30, 3 * bf16_copies), reps, run_bf16);
+        const double b2b_us = time_back_to_back_us(stream, std::min(30, 3 * w4_copies), b2b_reps, run_w4);
         Row r{s.model, s.module, s.n, s.k, m, group, w4_us, bf16_us, 0, 0, 0, 0};
-        check(m, &r.rel_err, &r.max_err);
+        // Our output (after the timing loops, on a shared workspace) against the reference kernel.
+        cuda::w4a16_gemm(xp, m, rot.views[0][0], nullptr, yp, ws.as<void>(), ws_bytes, dev.sm_count, stream);
+        cuda::w4a16_gemm_reference(xp, m, rot.views[0][0], nullptr, yref.as<float>(), stream);
+        SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));
+        compare_outputs(yp, yref.as<float>(), size_t(m) * s.n, &r.rel_err, &r.max_err);
         r.w4_gbps = double(w4_bytes) / (w4_us * 1e-6) / 1e9;
         r.pct_copy = 100.0 * r.w4_gbps / copy_gbps;
+        r.b2b_us = b2b_us;
+        r.b2b_pct_copy = 100.0 * double(w4_bytes) / (b2b_us * 1e-6) / 1e9 / copy_gbps;
         rows.push_back(r);
-        std::printf("%-13s %-8s %6d %6d %4d %5s %9.2f %9.2f %7.2fx %8.0f %6.1f%% %9.2e %9.2e\n", r.model.c_str(),
-                    r.module.c_str(), r.n, r.k, r.m, group < 0 ? "chan" : std::to_string(group).c_str(), r.w4_us,
-                    r.bf16_us, r.bf16_us / r.w4_us, r.w4_gbps, r.pct_copy, r.rel_err, r.max_err);
-        std::fflush(stdout);
+        print_row(r);
       }
     }
   }
 
-  // The goals: 8B shapes at M <= 16 — W4 at >= 80% of copy bandwidth and >= 3.3x cuBLAS BF16.
+  // Grouped launches: q/k/v and gate/up of each model, which share their input x.
+  std::vector<Model> models;
+  if (!quick) models.push_back({"llama-3.2-1b", 2048, 512, 8192, 16});
+  models.push_back({"llama-3.1-8b", 4096, 1024, 14336, 32});
+  const std::vector<int> grouped_ms = quick ? std::vector<int>{1, 16} : std::vector<int>{1, 8, 16};
+  for (const Model& md : models) {
+    const int k = md.hidden;
+    struct Set {
+      std::string module;
+      std::vector<int> ns;
+    };
+    const Set sets[] = {{"qkv", {md.hidden, md.kv, md.kv}}, {"gate+up", {md.inter, md.inter}}};
+    DeviceMem x(size_t(16) * k * 2);
+    {
+      std::normal_distribution<float> nd(0.f, 1.f);
+      std::vector<uint16_t> xh(size_t(16) * k);
+      for (auto& v : xh) v = f32_to_bf16(nd(rng));
+      SPEAR_CUDA_CHECK(cudaMemcpy(x.as<void>(), xh.data(), xh.size() * 2, cudaMemcpyHostToDevice));
+    }
+    const auto* xp = x.as<const __nv_bfloat16>();
+    for (const Set& set : sets) {
+      const int count = int(set.ns.size());
+      int n_sum = 0;
+      for (int n : set.ns) n_sum += n;
+      // cuBLAS baseline: one fused [n_sum, k] BF16 matrix (what a BF16 engine would run).
+      const size_t bf16_bytes = size_t(n_sum) * k * 2;
+      const size_t bf16_stride = align_up(bf16_bytes, 256);
+      const int bf16_copies = int(std::max<size_t>(2, (rotation_bytes + bf16_bytes - 1) / bf16_bytes));
+      DeviceMem wbf(bf16_stride * bf16_copies);
+      SPEAR_CUDA_CHECK(cudaMemset(wbf.as<void>(), 0x3c, wbf.bytes()));
+      DeviceMem y(size_t(16) * n_sum * 2), yref(size_t(16) * n_sum * 4);
+      for (int group : quick || md.layers < 32 ? std::vector<int>{-1} : std::vector<int>{-1, 128}) {
+        std::vector<cuda::W4Layout> lays;
+        for (int n : set.ns) lays.push_back(cuda::w4_prepare(random_packed(n, k, group, seed++)));
+        std::vector<const cuda::W4Layout*> lp;
+        for (const auto& l : lays) lp.push_back(&l);
+        const RotatingW4 rot = upload_rotating(lp, rotation_bytes);
+        std::vector<__nv_bfloat16*> ys;
+        size_t off = 0;
+        for (int m : grouped_ms) {
+          ys.clear();
+          off = 0;
+          for (int n : set.ns) {
+            ys.push_back(y.as<__nv_bfloat16>(off * 2));
+            off += size_t(m) * n;
+          }
+          auto run_w4 = [&](int i) {
+            cuda::w4a16_gemm_grouped(xp, m, rot.views[i % rot.copies()].data(), count, nullptr, ys.data(),
+                                     ws.as<void>(), ws_bytes, dev.sm_count, stream);
+          };
+          auto run_bf16 = [&](int i) {
+            const void* wp = wbf.as<char>(size_t(i % bf16_copies) * bf16_stride);
+            BENCH_CUBLAS_CHECK(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, n_sum, m, k, &alpha, wp, CUDA_R_16BF, k,
+                                            xp, CUDA_R_16BF, k, &beta, y.as<void>(), CUDA_R_16BF, n_sum,
+                                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+          };
+          run_w4(0);
+          run_bf16(0);
+          SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));
+          const int w4_warm = std::min(30, 3 * rot.copies()), bf_warm = std::min(30, 3 * bf16_copies);
+          const double w4_us = time_median_us(stream, w4_warm, reps, run_w4);
+          const double bf16_us = time_median_us(stream, bf_warm, reps, run_bf16);
+          const double b2b_us = time_back_to_back_us(stream, w4_warm, b2b_reps, run_w4);
+          Row r{md.name, set.module + "(grp)", n_sum, k, m, group, w4_us, bf16_us, 0, 0, 0, 0};
+          run_w4(0);
+          size_t roff = 0;
+          for (int i = 0; i < count; ++i) {
+            cuda::w4a16_gemm_reference(xp, m, rot.views[0][i], nullptr, yref.as<float>(roff * 4), stream);
+            roff += size_t(m) * set.ns[i];
+          }
+          SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));
+          compare_outputs(y.as<__nv_bfloat16>(), yref.as<float>(), roff, &r.rel_err, &r.max_err);
+          r.w4_gbps = double(rot.bytes_per_copy) / (w4_us * 1e-6) / 1e9;
+          r.pct_copy = 100.0 * r.w4_gbps / copy_gbps;
+          r.b2b_us = b2b_us;
+          r.b2b_pct_copy = 100.0 * double(rot.bytes_per_copy) / (b2b_us * 1e-6) / 1e9 / copy_gbps;
+          rows.push_back(r);
+          print_row(r);
+        }
+      }
+    }
+  }
+
+  // The goals: 8B shapes at M <= 16 — W4 at >= 80% of copy bandwidth and >= 3.3x cuBLAS BF16; 1B decode step
+  // <= 0.40 ms per token overall (the W4 GEMMs are most of it).
   std::printf("\n");
   double err_max = 0;
   for (const Row& r : rows) err_max = std::max(err_max, r.rel_err);
   for (const char* model : {"llama-3.2-1b", "llama-3.1-8b"})
     for (bool decode : {true, false}) {
-      double pct_min = 1e9, pct_max = 0, sp_min = 1e9, sp_max = 0;
+      double pct_min = 1e9, pct_max = 0, sp_min = 1e9, sp_max = 0, b2b_min = 1e9, b2b_max = 0;
       for (const Row& r : rows) {
         if (r.model != model || (r.m <= 16) != decode) continue;
         pct_min = std::min(pct_min, r.pct_copy);
         pct_max = std::max(pct_max, r.pct_copy);
+        b2b_min = std::min(b2b_min, r.b2b_pct_copy);
+        b2b_max = std::max(b2b_max, r.b2b_pct_copy);
         sp_min = std::min(sp_min, r.bf16_us / r.w4_us);
         sp_max = std::max(sp_max, r.bf16_us / r.w4_us);
       }
       if (pct_max == 0) continue;
-      std::printf("%s, %s: W4 at %.0f-%.0f%% of copy bandwidth, %.2f-%.2fx cuBLAS BF16\n", model,
-                  decode ? "M <= 16" : "M 32..128", pct_min, pct_max, sp_min, sp_max);
+      std::printf("%s, %s: W4 at %.0f-%.0f%% of copy bandwidth (b2b %.0f-%.0f%%), %.2f-%.2fx cuBLAS BF16\n", model,
+                  decode ? "M <= 16" : "M 32..128", pct_min, pct_max, b2b_min, b2b_max, sp_min, sp_max);
     }
-  std::printf("goals: 8B at M <= 16 >= 80%% of copy bandwidth and >= 3.3x cuBLAS; max rel err %.2e "
-              "(bf16 output: ~1e-3)\n",
+  // 8B goal check on the large decode shapes (each matrix >= 16 MB: where bandwidth, not latency, decides).
+  {
+    int pass = 0, total = 0;
+    for (const Row& r : rows) {
+      if (r.model != "llama-3.1-8b" || r.m > 16 || double(r.n) * r.k / 2 < 16e6) continue;
+      ++total;
+      pass += r.b2b_pct_copy >= 80.0 && r.bf16_us / r.w4_us >= 3.3;
+    }
+    if (total)
+      std::printf("llama-3.1-8b, M <= 16, matrices >= 16 MB: %d of %d rows meet >= 80%% copy bandwidth (b2b) and "
+                  ">= 3.3x cuBLAS\n",
+                  pass, total);
+  }
+  // One decode step's W4 GEMMs (M = 1, per channel, back to back), grouped vs separate launches.
+  auto find = [&](const std::string& model, const std::string& module, int m) -> const Row* {
+    for (const Row& r : rows)
+      if (r.model == model && r.module == module && r.m == m && r.group < 0) return &r;
+    return nullptr;
+  };
+  for (const Model& md : models) {
+    const Row *qo = find(md.name, "q/o", 1), *kv = find(md.name, "k/v", 1), *gu = find(md.name, "gate/up", 1),
+              *dn = find(md.name, "down", 1), *qkv = find(md.name, "qkv(grp)", 1),
+              *gug = find(md.name, "gate+up(grp)", 1);
+    if (!qo || !kv || !gu || !dn) continue;
+    const double separate = md.layers * (2 * qo->b2b_us + 2 * kv->b2b_us + 2 * gu->b2b_us + dn->b2b_us) / 1e3;
+    std::printf("%s decode step, W4 GEMMs at M = 1 (b2b): %d separate launches %.3f ms", md.name.c_str(),
+                7 * md.layers, separate);
+    if (qkv && gug) {
+      const double grouped = md.layers * (qkv->b2b_us + qo->b2b_us + gug->b2b_us + dn->b2b_us) / 1e3;
+      std::printf(", %d launches with grouped q/k/v and gate/up %.3f ms", 4 * md.layers, grouped);
+    }
+    if (md.layers == 16) std::printf(" (goal: whole step <= 0.40 ms per token)");
+    std::printf("\n");
+  }
+  std::printf("goals: 8B at M <= 16 >= 80%% of copy bandwidth and >= 3.3x cuBLAS; 1B decode <= 0.40 ms per token; "
+              "max rel err %.2e (bf16 output: ~1e-3)\n",
               err_max);
 
   nlohmann::json J;
@@ -370,6 +576,11 @@ int main(int argc, char** argv) try {
   J["reps"] = reps;
   J["quick"] = quick;
   J["workspace_bytes"] = ws_bytes;
+  {
+    const cuda::W4GemmOptions o = cuda::w4a16_get_options();
+    J["options"] = {{"pdl", o.pdl}, {"path", o.path}, {"decode_rows", o.decode_rows},
+                    {"decode_splits", o.decode_splits}};
+  }
   for (const Row& r : rows)
     J["rows"].push_back({{"model", r.model},
                          {"module", r.module},
@@ -383,7 +594,9 @@ int main(int argc, char** argv) try {
                          {"w4_weight_gbps", r.w4_gbps},
                          {"pct_copy_bandwidth", r.pct_copy},
                          {"rel_err", r.rel_err},
-                         {"max_abs_err_over_max_ref", r.max_err}});
+                         {"max_abs_err_over_max_ref", r.max_err},
+                         {"w4_us_back_to_back", r.b2b_us},
+                         {"pct_copy_bandwidth_back_to_back", r.b2b_pct_copy}});
   if (out_path.empty()) {
     std::filesystem::create_directories("bench/results");
     std::string commit = J["commit"].get<std::string>();

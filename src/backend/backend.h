@@ -124,6 +124,11 @@ class Backend {
   virtual void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) = 0;
   // out[T, out_features] = x[T, in_features]·Wᵀ + b
   virtual void linear(const Tensor& x, const Linear& w, Tensor& out) = 0;
+  // outs[i][T, out_i] = x·Wᵢᵀ for linears that share their input (q/k/v, gate/up); backends that can run them
+  // as one launch override this.
+  virtual void linear_group(const Tensor& x, std::span<const Linear* const> ls, std::span<Tensor* const> outs) {
+    for (size_t i = 0; i < ls.size(); ++i) linear(x, *ls[i], *outs[i]);
+  }
   // In-place rotary embedding of x [T, n_heads * head_dim] (rotate-half convention of HF Llama).
   virtual void rope(Tensor& x, int n_heads, int head_dim, std::span<const int32_t> positions,
                     const RopeTable& table) = 0;

@@ -253,9 +253,17 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
 
   DecoderLayer& L = layers_[size_t(li)];
   be.rms_norm(x, L.attn_norm, float(c.rms_norm_eps), h);
-  run_linear(*L.q, h, q);
-  run_linear(*L.k, h, k);
-  run_linear(*L.v, h, v);
+  // Without taps, modules that share an input run as one group (one launch on the GPU).
+  auto run_group = [&](std::initializer_list<const Linear*> ls, std::initializer_list<Tensor*> outs) {
+    if (taps) {
+      auto o = outs.begin();
+      for (const Linear* l : ls) run_linear(*l, h, **o++);
+    } else {
+      be.linear_group(h, std::span<const Linear* const>(ls.begin(), ls.size()),
+                      std::span<Tensor* const>(outs.begin(), outs.size()));
+    }
+  };
+  run_group({L.q.get(), L.k.get(), L.v.get()}, {&q, &k, &v});
   be.rope(q, c.num_heads, c.head_dim, pos, rope_);
   be.rope(k, c.num_kv_heads, c.head_dim, pos, rope_);
   AttentionParams ap;
@@ -270,8 +278,7 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
   be.add(x, tmp);
 
   be.rms_norm(x, L.mlp_norm, float(c.rms_norm_eps), h);
-  run_linear(*L.gate, h, gate);
-  run_linear(*L.up, h, up);
+  run_group({L.gate.get(), L.up.get()}, {&gate, &up});
   be.swiglu(gate, up, gate);
   run_linear(*L.down, gate, tmp);
   be.add(x, tmp);

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
@@ -409,6 +410,338 @@ TEST(W4A16Gemm, GraphReplayEqualsEager) {
     SPEAR_CUDA_CHECK(cudaStreamSynchronize(s));
     EXPECT_TRUE(ya.download() == eager_a) << "replay " << rep << ": first GEMM differs from the eager run";
     EXPECT_TRUE(yb.download() == eager_b) << "replay " << rep << ": second GEMM differs from the eager run";
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(s);
+}
+
+}  // namespace spear
+
+// ================================================================ decode kernel, grouped launch, PDL, shared workspace
+
+namespace spear {
+
+namespace {
+
+// Sets W4GemmOptions for one test and restores the previous ones.
+class ScopedW4Options {
+ public:
+  explicit ScopedW4Options(const cuda::W4GemmOptions& o) : saved_(cuda::w4a16_get_options()) {
+    cuda::w4a16_set_options(o);
+  }
+  ~ScopedW4Options() { cuda::w4a16_set_options(saved_); }
+  ScopedW4Options(const ScopedW4Options&) = delete;
+  ScopedW4Options& operator=(const ScopedW4Options&) = delete;
+
+ private:
+  cuda::W4GemmOptions saved_;
+};
+
+// Checks a poisoned output (+ canary) after a run: every element written, nothing beyond.
+std::vector<float> check_poisoned(const W4DevBuf<uint16_t>& y, size_t ny, const std::string& what,
+                                  std::vector<uint16_t>* raw = nullptr) {
+  std::vector<uint16_t> h = y.download();
+  std::vector<float> out(ny);
+  size_t unwritten = 0;
+  for (size_t i = 0; i < ny; ++i) {
+    out[i] = bf16_to_f32(h[i]);
+    if (!std::isfinite(out[i])) ++unwritten;
+  }
+  EXPECT_EQ(unwritten, 0u) << what << ": outputs not written";
+  for (size_t i = ny; i < h.size(); ++i)
+    if (h[i] != kPoisonBf16) {
+      ADD_FAILURE() << what << ": write past the end of y at +" << (i - ny);
+      break;
+    }
+  if (raw) raw->assign(h.begin(), h.begin() + ny);
+  return out;
+}
+
+std::unique_ptr<W4DevBuf<uint16_t>> poisoned_y(size_t ny) {
+  auto y = std::make_unique<W4DevBuf<uint16_t>>(ny + kCanary);
+  SPEAR_CUDA_CHECK(cudaMemset(y->get(), 0xff, (ny + kCanary) * 2));
+  return y;
+}
+
+}  // namespace
+
+TEST(W4A16Options, SetGetAndValidate) {
+  const cuda::W4GemmOptions saved = cuda::w4a16_get_options();
+  cuda::W4GemmOptions o;
+  o.pdl = false;
+  o.path = 2;
+  o.decode_rows = 4;
+  o.decode_splits = 3;
+  cuda::w4a16_set_options(o);
+  const cuda::W4GemmOptions got = cuda::w4a16_get_options();
+  EXPECT_EQ(got.pdl, false);
+  EXPECT_EQ(got.path, 2);
+  EXPECT_EQ(got.decode_rows, 4);
+  EXPECT_EQ(got.decode_splits, 3);
+  cuda::W4GemmOptions bad;
+  bad.decode_rows = 3;
+  EXPECT_THROW(cuda::w4a16_set_options(bad), Error);
+  bad = {};
+  bad.decode_splits = 9;
+  EXPECT_THROW(cuda::w4a16_set_options(bad), Error);
+  bad = {};
+  bad.path = 3;
+  EXPECT_THROW(cuda::w4a16_set_options(bad), Error);
+  cuda::w4a16_set_options(saved);
+}
+
+// Every decode-kernel plan shape (row tiles per CTA R × cluster size S, including plans with idle warps and
+// idle CTAs) against the reference, per channel and grouped, m = 1..32 (token tiles T = 1, 2, 4).
+TEST(W4A16Decode, ForcedPlansMatchReference) {
+  SKIP_WITHOUT_GPU();
+  const int sms = cuda::device_info(0).sm_count;
+  struct Case {
+    int n, k, group;
+  };
+  const Case cases[] = {{100, 1000, -1}, {513, 1000, 32}, {1024, 4096, 128}, {2048, 512, -1}, {40, 64, 16}};
+  const std::pair<int, int> plans[] = {{1, 1}, {2, 3}, {4, 8}, {8, 2}, {8, 8}, {1, 8}, {8, 1}, {2, 5}};
+  uint32_t seed = 20000;
+  for (const Case& c : cases)
+    for (auto [R, S] : plans) {
+      cuda::W4GemmOptions o;
+      o.decode_rows = R;
+      o.decode_splits = S;
+      ScopedW4Options scoped(o);
+      SCOPED_TRACE("R=" + std::to_string(R) + " S=" + std::to_string(S));
+      check_fast_against_reference(c.n, c.k, c.group, 4, {1, 2, 5, 8, 9, 16, 17, 32}, {sms}, seed);
+      seed += 100;
+      if (HasFailure()) return;
+    }
+}
+
+// The general (split-K through the workspace) kernel is still right at small m, where the decode kernel
+// normally runs.
+TEST(W4A16Gemm, GeneralPathAtSmallM) {
+  SKIP_WITHOUT_GPU();
+  const int sms = cuda::device_info(0).sm_count;
+  cuda::W4GemmOptions o;
+  o.path = 2;
+  ScopedW4Options scoped(o);
+  check_fast_against_reference(1024, 4096, -1, 4, {1, 8, 16, 32}, {sms, 1000}, 31000);
+  check_fast_against_reference(513, 1000, 64, 4, {1, 3, 16, 31}, {sms, 1000}, 31100);
+}
+
+// GEMMs of different n sharing one workspace, many launches back to back over rotating copies of the weights
+// (as the benchmark and the backend do). Regression: the split-K arrival counters used to start the partial
+// sums right after the launch's own counters, so a narrow GEMM's partials overwrote the counters of a wider
+// one's (row groups >= 64, n > 8192) and the wide GEMM left rows unwritten or wrong.
+TEST(W4A16Gemm, BackToBackRotatingWeightsSharedWorkspace) {
+  SKIP_WITHOUT_GPU();
+  const int sms = cuda::device_info(0).sm_count;
+  const int k = 4096, n_small = 1024, n_wide = 9216, copies = 3;
+  const PackedQuantWeights ps = random_quantized(n_small, k, 4, -1, 40), pw = random_quantized(n_wide, k, 4, 128, 41);
+  const cuda::W4Layout ls = cuda::w4_prepare(ps), lw = cuda::w4_prepare(pw);
+  std::vector<std::unique_ptr<UploadedW4>> small, wide;
+  for (int c = 0; c < copies; ++c) {
+    small.push_back(std::make_unique<UploadedW4>(ls));
+    wide.push_back(std::make_unique<UploadedW4>(lw));
+  }
+  const int max_m = 40;
+  const size_t ws_bytes = cuda::w4a16_workspace_bytes(max_m, n_wide, k, sms);
+  W4DevBuf<unsigned char> ws(ws_bytes);
+  SPEAR_CUDA_CHECK(cudaMemset(ws.get(), 0, ws_bytes));
+  for (int path : {0, 2})
+    for (bool pdl : {true, false})
+      for (int m : {1, 16, 40}) {
+        cuda::W4GemmOptions o;
+        o.path = path;
+        o.pdl = pdl;
+        ScopedW4Options scoped(o);
+        const std::string what = "path " + std::to_string(path) + " pdl " + std::to_string(pdl) + " m " +
+                                 std::to_string(m);
+        W4DevBuf<uint16_t> x(random_bf16(size_t(m) * k, 42 + uint32_t(m)));
+        const std::vector<float> ref_s = run_reference(x, m, small[0]->dev, nullptr);
+        const std::vector<float> ref_w = run_reference(x, m, wide[0]->dev, nullptr);
+        constexpr int kLaunches = 24;  // small, wide, small, wide, ... over the copies, no sync in between
+        std::vector<std::unique_ptr<W4DevBuf<uint16_t>>> ys;
+        for (int i = 0; i < kLaunches; ++i) {
+          const bool is_wide = i % 2 == 1;
+          const size_t ny = size_t(m) * (is_wide ? n_wide : n_small);
+          ys.push_back(poisoned_y(ny));
+          const cuda::W4Device& w = (is_wide ? wide : small)[(i / 2) % copies]->dev;
+          cuda::w4a16_gemm(bf(x), m, w, nullptr, bf_mut(*ys.back()), ws.get(), ws_bytes, sms, nullptr);
+        }
+        SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
+        for (int i = 0; i < kLaunches; ++i) {
+          const bool is_wide = i % 2 == 1;
+          const size_t ny = size_t(m) * (is_wide ? n_wide : n_small);
+          const std::vector<float> got = check_poisoned(*ys[i], ny, what + " launch " + std::to_string(i));
+          EXPECT_LT(rel_err(got, is_wide ? ref_w : ref_s), 1e-2) << what << " launch " << i;
+        }
+        std::vector<unsigned> counters(n_wide / 128);
+        SPEAR_CUDA_CHECK(cudaMemcpy(counters.data(), ws.get(), counters.size() * 4, cudaMemcpyDeviceToHost));
+        for (size_t i = 0; i < counters.size(); ++i) EXPECT_EQ(counters[i], 0u) << what << ": counter " << i;
+        if (HasFailure()) return;
+      }
+}
+
+// A chain of dependent GEMMs (each reads the previous one's output) run with and without programmatic
+// dependent launch: bit-identical, and PDL never lets a GEMM read its input before the producer finished.
+TEST(W4A16Gemm, PdlOnOffBitIdentical) {
+  SKIP_WITHOUT_GPU();
+  const int sms = cuda::device_info(0).sm_count;
+  const PackedQuantWeights pa = random_quantized(2048, 1024, 4, -1, 50), pb = random_quantized(1024, 2048, 4, 64, 51);
+  UploadedW4 a(cuda::w4_prepare(pa)), b(cuda::w4_prepare(pb));
+  const size_t ws_bytes = cuda::w4a16_workspace_bytes(128, 2048, 2048, sms);
+  W4DevBuf<unsigned char> ws(ws_bytes);
+  SPEAR_CUDA_CHECK(cudaMemset(ws.get(), 0, ws_bytes));
+  cudaStream_t s;
+  SPEAR_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  for (int m : {1, 7, 16, 32, 64}) {
+    W4DevBuf<uint16_t> x0(random_bf16(size_t(m) * 1024, 52 + uint32_t(m), 0.5f));
+    W4DevBuf<uint16_t> h1(size_t(m) * 2048), h2(size_t(m) * 1024);
+    std::vector<uint16_t> results[2];
+    for (bool pdl : {false, true}) {
+      cuda::W4GemmOptions o;
+      o.pdl = pdl;
+      ScopedW4Options scoped(o);
+      SPEAR_CUDA_CHECK(cudaMemsetAsync(h1.get(), 0xff, h1.size() * 2, s));
+      SPEAR_CUDA_CHECK(cudaMemsetAsync(h2.get(), 0xff, h2.size() * 2, s));
+      // x0 → h1 → h2 → h1 → h2 ..., 10 rounds: a stale read of a poisoned (NaN) buffer would poison the end.
+      for (int round = 0; round < 10; ++round) {
+        cuda::w4a16_gemm(round == 0 ? bf(x0) : bf(h2), m, a.dev, nullptr, bf_mut(h1), ws.get(), ws_bytes, sms, s);
+        cuda::w4a16_gemm(bf(h1), m, b.dev, nullptr, bf_mut(h2), ws.get(), ws_bytes, sms, s);
+      }
+      SPEAR_CUDA_CHECK(cudaStreamSynchronize(s));
+      results[pdl] = h2.download();
+      size_t bad = 0;
+      for (uint16_t v : results[pdl]) bad += !std::isfinite(bf16_to_f32(v));
+      EXPECT_EQ(bad, 0u) << "m " << m << " pdl " << pdl << ": non-finite outputs";
+    }
+    EXPECT_TRUE(results[0] == results[1]) << "m " << m << ": PDL on and off differ";
+    if (HasFailure()) break;
+  }
+  cudaStreamDestroy(s);
+}
+
+namespace {
+
+// Grouped launch vs the reference and vs separate calls, over several m.
+void check_grouped(const std::vector<int>& ns, int k, const std::vector<int>& groups, uint32_t seed) {
+  const int sms = cuda::device_info(0).sm_count;
+  const int count = int(ns.size());
+  std::vector<std::unique_ptr<UploadedW4>> mats;
+  std::vector<cuda::W4Device> devs;
+  std::vector<std::unique_ptr<W4DevBuf<uint16_t>>> biases;
+  int max_n = 0;
+  for (int i = 0; i < count; ++i) {
+    mats.push_back(std::make_unique<UploadedW4>(cuda::w4_prepare(random_quantized(ns[i], k, 4, groups[i], seed + i))));
+    devs.push_back(mats.back()->dev);
+    biases.push_back(std::make_unique<W4DevBuf<uint16_t>>(random_bf16(ns[i], seed + 10 + i, 0.1f)));
+    max_n = std::max(max_n, ns[i]);
+  }
+  const size_t ws_bytes = cuda::w4a16_workspace_bytes(300, max_n, k, sms);
+  W4DevBuf<unsigned char> ws(ws_bytes);
+  SPEAR_CUDA_CHECK(cudaMemset(ws.get(), 0, ws_bytes));
+  for (int m : {1, 3, 8, 9, 16, 32, 33, 130}) {
+    W4DevBuf<uint16_t> x(random_bf16(size_t(m) * k, seed + 20 + uint32_t(m)));
+    // bias: all, none, or every other matrix
+    for (int bias_mode : {0, 1, 2}) {
+      std::vector<const __nv_bfloat16*> bptr(count, nullptr);
+      for (int i = 0; i < count; ++i)
+        if (bias_mode == 0 || (bias_mode == 2 && i % 2 == 0)) bptr[i] = bf(*biases[i]);
+      std::vector<std::unique_ptr<W4DevBuf<uint16_t>>> yg, ys;
+      std::vector<__nv_bfloat16*> yptr;
+      for (int i = 0; i < count; ++i) {
+        yg.push_back(poisoned_y(size_t(m) * ns[i]));
+        ys.push_back(poisoned_y(size_t(m) * ns[i]));
+        yptr.push_back(bf_mut(*yg.back()));
+      }
+      cuda::w4a16_gemm_grouped(bf(x), m, devs.data(), count, bias_mode == 1 ? nullptr : bptr.data(), yptr.data(),
+                               ws.get(), ws_bytes, sms, nullptr);
+      for (int i = 0; i < count; ++i)
+        cuda::w4a16_gemm(bf(x), m, devs[i], bptr[i], bf_mut(*ys[i]), ws.get(), ws_bytes, sms, nullptr);
+      SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
+      for (int i = 0; i < count; ++i) {
+        const std::string what = "grouped matrix " + std::to_string(i) + " n " + std::to_string(ns[i]) + " m " +
+                                 std::to_string(m) + " bias mode " + std::to_string(bias_mode);
+        std::vector<uint16_t> raw_g, raw_s;
+        const size_t ny = size_t(m) * ns[i];
+        const std::vector<float> got = check_poisoned(*yg[i], ny, what, &raw_g);
+        const std::vector<float> sep = check_poisoned(*ys[i], ny, what + " (separate)", &raw_s);
+        const std::vector<float> ref = run_reference(x, m, devs[i], bptr[i]);
+        EXPECT_LT(rel_err(got, ref), 1e-2) << what;
+        EXPECT_LT(rel_err(got, sep), 1e-2) << what << " vs separate calls";
+        if (m > 32) {
+          EXPECT_TRUE(raw_g == raw_s) << what << ": m > 32 runs separate GEMMs, bits must match";
+        }
+      }
+      if (::testing::Test::HasFailure()) return;
+    }
+  }
+}
+
+}  // namespace
+
+TEST(W4A16Grouped, QkvAndGateUpMatchSeparateCalls) {
+  SKIP_WITHOUT_GPU();
+  check_grouped({512, 128, 128}, 1024, {-1, -1, -1}, 60000);     // q/k/v, per channel
+  check_grouped({512, 128, 128}, 1024, {128, 128, 128}, 60100);  // q/k/v, g128
+  check_grouped({1000, 1000}, 777, {64, 64}, 60200);             // gate/up, odd n and k
+  check_grouped({100, 17, 513, 64}, 256, {-1, -1, -1, -1}, 60300);
+  check_grouped({256, 300}, 512, {-1, 32}, 60400);  // mixed kinds: separate launches
+  check_grouped({300}, 512, {32}, 60500);           // count 1
+}
+
+TEST(W4A16Grouped, RejectsBadArguments) {
+  SKIP_WITHOUT_GPU();
+  UploadedW4 a(cuda::w4_prepare(random_quantized(64, 128, 4, -1, 70)));
+  UploadedW4 b(cuda::w4_prepare(random_quantized(64, 256, 4, -1, 71)));
+  W4DevBuf<uint16_t> x(random_bf16(256, 72)), y0(64), y1(64);
+  cuda::W4Device devs[5] = {a.dev, b.dev, a.dev, a.dev, a.dev};
+  __nv_bfloat16* ys[5] = {bf_mut(y0), bf_mut(y1), bf_mut(y0), bf_mut(y0), bf_mut(y0)};
+  EXPECT_THROW(cuda::w4a16_gemm_grouped(bf(x), 1, devs, 2, nullptr, ys, nullptr, 0, 132, nullptr), Error);  // k
+  EXPECT_THROW(cuda::w4a16_gemm_grouped(bf(x), 1, devs, 5, nullptr, ys, nullptr, 0, 132, nullptr), Error);  // count
+  cuda::w4a16_gemm_grouped(bf(x), 0, devs, 2, nullptr, ys, nullptr, 0, 132, nullptr);  // m = 0: nothing
+  SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+// Grouped launches and dependent GEMMs captured in a graph (PDL edges inside the graph) and replayed: same
+// bits as the eager run.
+TEST(W4A16Grouped, GraphReplayEqualsEager) {
+  SKIP_WITHOUT_GPU();
+  const int sms = cuda::device_info(0).sm_count;
+  const int k = 1024, m = 2;
+  UploadedW4 q(cuda::w4_prepare(random_quantized(1024, k, 4, 128, 80)));
+  UploadedW4 kk(cuda::w4_prepare(random_quantized(256, k, 4, 128, 81)));
+  UploadedW4 v(cuda::w4_prepare(random_quantized(256, k, 4, 128, 82)));
+  UploadedW4 o(cuda::w4_prepare(random_quantized(k, 1024, 4, 128, 83)));
+  const cuda::W4Device devs[3] = {q.dev, kk.dev, v.dev};
+  W4DevBuf<uint16_t> x(random_bf16(size_t(m) * k, 84)), yq(size_t(m) * 1024), yk(size_t(m) * 256),
+      yv(size_t(m) * 256), yo(size_t(m) * k);
+  __nv_bfloat16* ys[3] = {bf_mut(yq), bf_mut(yk), bf_mut(yv)};
+  const size_t ws_bytes = cuda::w4a16_workspace_bytes(m, 1024, k, sms);
+  W4DevBuf<unsigned char> ws(ws_bytes);
+  SPEAR_CUDA_CHECK(cudaMemset(ws.get(), 0, ws_bytes));
+  cudaStream_t s;
+  SPEAR_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  auto enqueue = [&]() {
+    cuda::w4a16_gemm_grouped(bf(x), m, devs, 3, nullptr, ys, ws.get(), ws_bytes, sms, s);
+    cuda::w4a16_gemm(bf(yq), m, o.dev, nullptr, bf_mut(yo), ws.get(), ws_bytes, sms, s);  // reads q's output
+  };
+  enqueue();
+  SPEAR_CUDA_CHECK(cudaStreamSynchronize(s));
+  const std::vector<uint16_t> eq = yq.download(), ek = yk.download(), ev = yv.download(), eo = yo.download();
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  SPEAR_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
+  enqueue();
+  SPEAR_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+  SPEAR_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int rep = 0; rep < 3; ++rep) {
+    for (auto* b : {&yq, &yk, &yv, &yo}) SPEAR_CUDA_CHECK(cudaMemsetAsync(b->get(), 0xff, b->size() * 2, s));
+    SPEAR_CUDA_CHECK(cudaGraphLaunch(exec, s));
+    SPEAR_CUDA_CHECK(cudaStreamSynchronize(s));
+    EXPECT_TRUE(yq.download() == eq) << "replay " << rep << ": q";
+    EXPECT_TRUE(yk.download() == ek) << "replay " << rep << ": k";
+    EXPECT_TRUE(yv.download() == ev) << "replay " << rep << ": v";
+    EXPECT_TRUE(yo.download() == eo) << "replay " << rep << ": o (reads q inside the graph)";
   }
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);

@@ -25,8 +25,9 @@ for stage in "$@"; do
       "$BIN/test_cuda_ops" --gtest_color=no 2>&1 | tee "$R/tests.log" | grep -E "^\[  (FAILED|PASSED|  OK|SKIPPED) |cuda vs|ppl cuda|Failure|Expected|Which is|actual" | head -80 ;;
     memcheck)
       t "compute-sanitizer memcheck"
-      compute-sanitizer --tool memcheck --leak-check no "$BIN/test_cuda_ops" --gtest_filter='-*Perplexity*' > "$R/memcheck.log" 2>&1
-      tail -5 "$R/memcheck.log" ;;
+      timeout ${MEMCHECK_S:-150} compute-sanitizer --tool memcheck --leak-check no "$BIN/test_cuda_ops" \
+        --gtest_filter='-*Perplexity*:*Large*:*Rotating*:*DecodeMatchesCpu*' > "$R/memcheck.log" 2>&1
+      echo "memcheck exit $?"; grep -E "ERROR SUMMARY|PASSED|FAILED" "$R/memcheck.log" | tail -5 ;;
     gemm)
       t "bench_w4_gemm"
       "$BIN/bench_w4_gemm" --out "$R/w4_gemm.json" 2>&1 | tee "$R/w4_gemm.log" | tail -80 ;;

@@ -10,6 +10,7 @@
 #include "backend/cpu/int4_linear.h"
 #include "backend/cuda/bias.h"
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/dense_gemv.h"
 #include "backend/cuda/ec_naive.h"
 #include "backend/cuda/elementwise.h"
 #include "backend/cuda/rms_norm.h"
@@ -444,6 +445,12 @@ void CudaBackend::linear(const Tensor& x, const Linear& lin, Tensor& out) {
   // Row-major y[T, out] = x[T, in]·Wᵀ is column-major yᵀ[out, T] = W[out, in] (i.e. (Wᵀ col-major)ᵀ) · xᵀ.
   const float alpha = 1.f, beta = 0.f;
   const bool f32 = out.dtype == DType::F32;
+  if (f32 && T <= kDenseGemvMaxM) {  // the lm_head of a decode step (fp32 logits)
+    auto prof = prof_->scope("linear.gemv_f32out");
+    if (dense_gemv_bf16(bf(x), T, l.w.as<__nv_bfloat16>(), l.out_features, l.in_features, bias, out.data, true,
+                        stream_))
+      return;
+  }
   auto prof = prof_->scope(f32 ? "linear.cublas_bf16_f32out" : "linear.cublas_bf16");
   SPEAR_CUBLAS_CHECK(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, l.out_features, T, l.in_features, &alpha,
                                   l.w.get(), CUDA_R_16BF, l.in_features, x.data, CUDA_R_16BF, l.in_features, &beta,
@@ -459,6 +466,32 @@ void CudaBackend::linear(const Tensor& x, const Linear& lin, Tensor& out) {
     SPEAR_CHECK(!f32, "'{}': compensators on fp32 outputs are not supported", l.name);
     apply_ec_naive(*l.ec, x, out);
   }
+}
+
+void CudaBackend::linear_group(const Tensor& x, std::span<const Linear* const> ls, std::span<Tensor* const> outs) {
+  // One launch when every member is a W4 linear without a compensator (q/k/v, gate/up of a quantized model).
+  bool grouped = ls.size() >= 2 && ls.size() <= size_t(kW4MaxGrouped) && x.rows > 0;
+  for (const Linear* l : ls) {
+    const auto* c = static_cast<const CudaLinear*>(l);
+    grouped = grouped && c->quantized && !c->ec && c->in_features == ls[0]->in_features;
+  }
+  if (!grouped) {
+    Backend::linear_group(x, ls, outs);
+    return;
+  }
+  check_bf16(x, "linear input");
+  W4Device w[kW4MaxGrouped];
+  const __nv_bfloat16* bias[kW4MaxGrouped];
+  __nv_bfloat16* y[kW4MaxGrouped];
+  for (size_t i = 0; i < ls.size(); ++i) {
+    const auto* c = static_cast<const CudaLinear*>(ls[i]);
+    w[i] = c->w4;
+    bias[i] = c->bias.bytes() ? c->bias.as<__nv_bfloat16>() : nullptr;
+    y[i] = bf(*outs[i]);
+  }
+  auto prof = prof_->scope("linear.w4a16_grouped");
+  w4a16_gemm_grouped(bf(x), int(x.rows), w, int(ls.size()), bias, y, w4_ws_.get(), w4_ws_.bytes(), sm_count_,
+                     stream_);
 }
 
 void CudaBackend::rope(Tensor& x, int n_heads, int head_dim, std::span<const int32_t> positions,

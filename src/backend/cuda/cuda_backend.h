@@ -112,6 +112,7 @@ class CudaBackend : public Backend {
   void gather_rows(const Tensor& table, std::span<const int32_t> ids, Tensor& out) override;
   void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override;
   void linear(const Tensor& x, const Linear& w, Tensor& out) override;
+  void linear_group(const Tensor& x, std::span<const Linear* const> ls, std::span<Tensor* const> outs) override;
   void rope(Tensor& x, int n_heads, int head_dim, std::span<const int32_t> positions,
             const RopeTable& table) override;
   void attention(const Tensor& q, const Tensor& k, const Tensor& v, std::span<const SeqSlice> seqs,

@@ -18,7 +18,15 @@
 // scales [groups][n_pad] fp32, zeros [groups][n_pad] bf16 bits of 128 + z; column c is in group
 // min(c / group_size, groups − 1) (the clamp only matters for padding columns).
 //
-// ---- Fast kernel
+// ---- Two kernels
+//  * decode kernel (m <= 32, also grouped launches of up to 4 matrices sharing x): see its own comment below;
+//    built for latency — weights in flight before griddepcontrol.wait (PDL), x staged once, split-K reduced
+//    in shared memory and across a thread-block cluster through distributed shared memory (no workspace);
+//  * general kernel (any m <= 128; used for m > 32), described next.
+// Both are launched with programmatic dependent launch on sm_90+ (W4GemmOptions::pdl): only the weights (q,
+// scales, zeros) are read before griddepcontrol.wait; x, bias, y and the workspace only after it.
+//
+// ---- General kernel
 // A CTA is 8 warps; warp w owns the 16-row tile 8 · blockIdx.x + w (128 output features per CTA) and the CTA
 // owns the k-blocks [kb0, kb1) of split blockIdx.y. Tokens are the mma's B operand in T tiles of 8
 // (T ∈ {1, 2, 4, 8, 16}, up to 128 tokens per launch; one template instance per T and per-channel/grouped).
@@ -37,6 +45,9 @@
 //    fp32 partial tile to the workspace, bumps the tile's arrival counter, and the last CTA to arrive sums
 //    the partials in split order (deterministic whatever the arrival order), applies scale and bias, writes y
 //    and sets the counter back to 0 (the workspace stays reusable and graph-safe: no memset, no host sync).
+//    The counters sit at fixed offsets (kCounterSlots of them) before the partials, whatever the launch's n:
+//    GEMMs of different shapes share one workspace, and a narrower GEMM's partials must never land on a wider
+//    one's counters (they used to start right after the launch's own counters).
 //
 // ---- Reference kernel
 // One thread per output element, dequantizing on the fly with the index math above, fp32 sums.
@@ -44,9 +55,13 @@
 
 #include <algorithm>
 #include <climits>
+#include <deque>
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 #include <vector>
+
+#include <cooperative_groups.h>
 
 #include "backend/cuda/cuda_check.h"
 
@@ -58,12 +73,14 @@ namespace spear::cuda {
 
 namespace {
 
+namespace cg = cooperative_groups;
+
 constexpr int kWarps = 8;                  // 16-row tiles per CTA
 constexpr int kThreads = kWarps * 32;
 constexpr int kCtaRows = kWarps * 16;      // output features per CTA
 constexpr int kMaxTokens = 128;            // tokens per launch: 16 mma tiles of 8
+constexpr int kDecMaxTokens = 32;          // the decode kernel takes m <= 32 (T <= 4)
 constexpr int kKBlock = 64;                // columns per k-block (one uint4 per lane)
-constexpr size_t kAlign = 256;
 
 // Per token-tile count T: P = k-blocks of weights in flight per warp (register ring, 4·P registers),
 // XC = k-blocks per staged x chunk (power of 2), and the occupancy the register budget is tuned for.
@@ -132,6 +149,19 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_
 }
 __device__ __forceinline__ void ldmatrix_x2(uint32_t addr, uint32_t& r0, uint32_t& r1) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];" : "=r"(r0), "=r"(r1) : "r"(addr) : "memory");
+}
+
+// Programmatic dependent launch (sm_90+; no-ops when the launch did not ask for it): wait until the previous
+// kernel of the stream has completed and its memory is visible / let the next kernel of the stream start.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 
 // c[16 features × 8 tokens] += a[16 × 16] · b[16 × 8], bf16 inputs, fp32 accumulators.
@@ -251,6 +281,9 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(T)) w4a16_gemm_kerne
 #pragma unroll
   for (int i = 0; i < P; ++i)
     ring[i] = (active && kb0 + i < kb1) ? ld_weights(wq + size_t(kb0 + i) * 32, pol) : make_uint4(0, 0, 0, 0);
+  // PDL: the weights above do not depend on the previous kernel; x, bias, y and the workspace do.
+  pdl_launch_dependents();
+  pdl_wait();
   if (kb0 < kb1) stage_chunk(0);
   cp_async_commit();
 
@@ -426,6 +459,312 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(T)) w4a16_gemm_kerne
   store();
 }
 
+// ------------------------------------------------------------------------------------------ decode kernel
+// Small m (T <= 4 token tiles, m <= 32), one or several matrices that share x (grouped launch). CTA = 8 warps
+// over R row tiles (R ∈ {1, 2, 4, 8}) × KS = 8 / R k-slices; a cluster of S CTAs (gridDim.y = S <= 8) splits
+// k further, so the k-range is cut into KS · S slices of kbw k-blocks, one per warp. Each warp streams its
+// slice with a ring of P 128-bit weight loads in flight, all issued before griddepcontrol.wait (weights do
+// not depend on the previous kernel); then x rows [0, m) of the CTA's k-range are staged once (cp.async) and
+// consumed by ldmatrix (rows >= m alias row 0: their token columns are computed and never stored).
+// Reduction: each warp writes its scaled partial tile to shared memory; the KS warps of a tile are summed in
+// warp order in shared memory; with S > 1 the S CTAs of the cluster are summed in rank order through
+// distributed shared memory. No workspace, no atomics, deterministic.
+constexpr int kDecMaxMats = 4;
+constexpr int kDecMaxCluster = 8;
+// k-blocks of weights in flight per warp (4 registers each), within the 128 registers of 2 CTAs per SM.
+__host__ __device__ constexpr int dec_pipe(int T, bool grouped) { return T == 1 ? 16 : T == 2 ? (grouped ? 12 : 16) : 8; }
+
+struct W4DecMat {
+  const uint4* q;
+  const float* scales;
+  const uint16_t* zeros;
+  const __nv_bfloat16* bias;  // [n] or null
+  __nv_bfloat16* y;           // [m][n]
+  int n, n_pad, n_tiles, group_size, groups, group_steps;
+  int rg_begin;  // first blockIdx.x of this matrix
+};
+
+struct W4DecodeParams {
+  W4DecMat mat[kDecMaxMats];
+  const __nv_bfloat16* x;  // [m][k]
+  int count, m, k, kblocks;
+  int R, S, kbw;   // row tiles per CTA, CTAs per cluster (= gridDim.y), k-blocks per warp slice
+  int xs_stride;   // bf16 elements per staged x row: (8 / R) · kbw · 64 + 8 (odd in 16-byte units)
+  int gmax;        // group slots staged per CTA (grouped)
+  int x_vec;       // x is 16-byte aligned and k % 8 == 0
+};
+
+// Dynamic shared memory of the decode kernel: red [8 warps][T][32] float4, cred [R·T][32] float4,
+// scales [gmax][16R] fp32, zeros [gmax][16R] u16, x [m][xs_stride] bf16 (every part a multiple of 16 bytes).
+__host__ __device__ constexpr size_t dec_smem_bytes(int T, int R, int gmax, int m, int xs_stride) {
+  return size_t(kWarps) * T * 512 + size_t(R) * T * 512 + size_t(gmax) * R * 16 * 6 + size_t(m) * xs_stride * 2;
+}
+
+template <int T, bool kGrouped>
+__global__ void __launch_bounds__(kThreads, 2) w4a16_decode_kernel(const __grid_constant__ W4DecodeParams p) {
+  constexpr int P = dec_pipe(T, kGrouped);
+  constexpr int NP = T == 1 ? 1 : T / 2;  // ldmatrix calls per k-step (x2 for T = 1, else x4 per 2 tiles)
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int R = p.R, KS = kWarps / R;
+  float4* red = reinterpret_cast<float4*>(smem);
+  float4* cred = red + kWarps * T * 32;
+  float* ss = reinterpret_cast<float*>(cred + R * T * 32);
+  uint16_t* zs = reinterpret_cast<uint16_t*>(ss + p.gmax * R * 16);
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(zs + p.gmax * R * 16);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  int mi = 0;
+#pragma unroll
+  for (int i = 1; i < kDecMaxMats; ++i)
+    if (i < p.count && int(blockIdx.x) >= p.mat[i].rg_begin) mi = i;
+  const W4DecMat& mt = p.mat[mi];
+  const int rgl = int(blockIdx.x) - mt.rg_begin;
+  const int rsub = warp % R, ks = warp / R;
+  const int tile = rgl * R + rsub;
+  const bool tile_ok = tile < mt.n_tiles;  // warp-uniform
+  const int cta_kb0 = int(blockIdx.y) * KS * p.kbw;
+  const int cta_kb1 = min(p.kblocks, cta_kb0 + KS * p.kbw);
+  const int kb0 = cta_kb0 + ks * p.kbw;
+  const int kb1 = min(cta_kb1, kb0 + p.kbw);
+  const bool active = tile_ok && kb0 < kb1;  // warp-uniform
+  const int r_lo = tile * 16 + g, r_hi = r_lo + 8;
+
+  // 1. Weights (and their scales / zeros): independent of the previous kernel, in flight before the wait.
+  const uint64_t pol = evict_first_policy();
+  const uint4* wq = mt.q + size_t(active ? tile : 0) * p.kblocks * 32 + lane;
+  uint4 ring[P];
+#pragma unroll
+  for (int i = 0; i < P; ++i)
+    ring[i] = (active && kb0 + i < kb1) ? ld_weights(wq + size_t(kb0 + i) * 32, pol) : make_uint4(0, 0, 0, 0);
+
+  uint32_t nz_lo = neg_zero_pair(0x4300u), nz_hi = nz_lo;
+  float sc_lo = 0.f, sc_hi = 0.f;
+  int cg_lo = 0;
+  if constexpr (!kGrouped) {
+    if (tile_ok) {
+      nz_lo = neg_zero_pair(mt.zeros[r_lo]);
+      nz_hi = neg_zero_pair(mt.zeros[r_hi]);
+      sc_lo = mt.scales[r_lo];
+      sc_hi = mt.scales[r_hi];
+    }
+  } else {
+    if (cta_kb0 < cta_kb1) {  // the CTA's groups × its 16R rows (rows >= n_pad: zero-filled)
+      cg_lo = min(cta_kb0 * kKBlock / mt.group_size, mt.groups - 1);
+      const int cg_hi = min((cta_kb1 * kKBlock - 1) / mt.group_size, mt.groups - 1);
+      const int ng = cg_hi - cg_lo + 1;  // <= gmax
+      const int rows = R * 16, row0 = rgl * rows;
+      for (int i = tid; i < ng * (rows / 4); i += kThreads) {
+        const int gi = i / (rows / 4), rr = (i % (rows / 4)) * 4, row = row0 + rr;
+        const bool ok = row < mt.n_pad;
+        cp_async16(smem_u32(ss + gi * rows + rr), ok ? mt.scales + size_t(cg_lo + gi) * mt.n_pad + row : mt.scales,
+                   ok);
+      }
+      for (int i = tid; i < ng * (rows / 8); i += kThreads) {
+        const int gi = i / (rows / 8), rr = (i % (rows / 8)) * 8, row = row0 + rr;
+        const bool ok = row < mt.n_pad;
+        cp_async16(smem_u32(zs + gi * rows + rr), ok ? mt.zeros + size_t(cg_lo + gi) * mt.n_pad + row : mt.zeros,
+                   ok);
+      }
+    }
+    cp_async_commit();
+  }
+
+  // 2. Let the next kernel start its own weight prefetch; wait for the previous one (x, bias, y).
+  pdl_launch_dependents();
+  pdl_wait();
+
+  float b_lo = 0.f, b_hi = 0.f;
+  if (tile_ok && mt.bias) {
+    if (r_lo < mt.n) b_lo = __bfloat162float(mt.bias[r_lo]);
+    if (r_hi < mt.n) b_hi = __bfloat162float(mt.bias[r_hi]);
+  }
+
+  // 3. Stage x rows [0, m), columns [cta_kb0 · 64, cta_kb1 · 64) (zero beyond k).
+  if (cta_kb0 < cta_kb1) {
+    const int col0 = cta_kb0 * kKBlock;
+    const int segs = (cta_kb1 - cta_kb0) * (kKBlock / 8);
+    const int xlim = min(cta_kb1 * kKBlock, p.k);
+    for (int i = tid; i < p.m * segs; i += kThreads) {
+      const int r = i / segs, cs = i - r * segs;
+      const int col = col0 + cs * 8;
+      __nv_bfloat16* d = xs + r * p.xs_stride + cs * 8;
+      if (p.x_vec) {
+        const bool ok = col < xlim;  // k % 8 == 0: a segment is wholly inside or outside
+        cp_async16(smem_u32(d), ok ? p.x + size_t(r) * p.k + col : p.x, ok);
+      } else {
+        uint32_t v[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          uint32_t lo = 0, hi = 0;
+          if (col + 2 * e < xlim) lo = __bfloat16_as_ushort(p.x[size_t(r) * p.k + col + 2 * e]);
+          if (col + 2 * e + 1 < xlim) hi = __bfloat16_as_ushort(p.x[size_t(r) * p.k + col + 2 * e + 1]);
+          v[e] = lo | (hi << 16);
+        }
+        *reinterpret_cast<uint4*>(d) = make_uint4(v[0], v[1], v[2], v[3]);
+      }
+    }
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // ldmatrix lane addresses (see the general kernel), one per pair of token tiles; rows >= m read row 0.
+  uint32_t xrow[NP];
+  {
+    const uint32_t xs_base = smem_u32(xs);
+    const int lrow = (T == 1 ? 0 : (lane >> 4) * 8) + (lane & 7);
+    const uint32_t kofs = uint32_t((lane >> 3) & 1) * 16;
+#pragma unroll
+    for (int pi = 0; pi < NP; ++pi) {
+      const int row = pi * 16 + lrow;
+      xrow[pi] = xs_base + uint32_t((row < p.m ? row : 0) * p.xs_stride * 2) + kofs;
+    }
+  }
+
+  float acc[T][4];
+  float part[T][4];
+#pragma unroll
+  for (int tt = 0; tt < T; ++tt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[tt][e] = part[tt][e] = 0.f;
+
+  auto fold_group = [&]() {
+#pragma unroll
+    for (int tt = 0; tt < T; ++tt) {
+      acc[tt][0] = fmaf(part[tt][0], sc_lo, acc[tt][0]);
+      acc[tt][1] = fmaf(part[tt][1], sc_lo, acc[tt][1]);
+      acc[tt][2] = fmaf(part[tt][2], sc_hi, acc[tt][2]);
+      acc[tt][3] = fmaf(part[tt][3], sc_hi, acc[tt][3]);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) part[tt][e] = 0.f;
+    }
+  };
+
+  int grp = 0, grp_next = INT_MAX;
+  if constexpr (kGrouped) {
+    grp = min(kb0 * kKBlock / mt.group_size, mt.groups - 1) - 1;
+    grp_next = kb0 * 4;
+  }
+
+  auto kstep = [&](uint32_t w, uint32_t koff, int ksi) {
+    if constexpr (kGrouped) {
+      if (ksi == grp_next) {
+        fold_group();
+        ++grp;
+        grp_next = grp >= mt.groups - 1 ? INT_MAX : (grp + 1) * mt.group_steps;
+        const int slot = (grp - cg_lo) * (R * 16) + rsub * 16 + g;
+        sc_lo = ss[slot];
+        sc_hi = ss[slot + 8];
+        nz_lo = neg_zero_pair(zs[slot]);
+        nz_hi = neg_zero_pair(zs[slot + 8]);
+      }
+    }
+    uint32_t a[4];
+    dequant_fragment(w, nz_lo, nz_hi, a);
+    float(&dst)[T][4] = kGrouped ? part : acc;
+    if constexpr (T == 1) {
+      uint32_t b0, b1;
+      ldmatrix_x2(xrow[0] + koff, b0, b1);
+      mma_bf16(dst[0], a, b0, b1);
+    } else {
+#pragma unroll
+      for (int pi = 0; pi < NP; ++pi) {
+        uint32_t b0, b1, b2, b3;
+        ldmatrix_x4(xrow[pi] + koff, b0, b1, b2, b3);
+        mma_bf16(dst[2 * pi], a, b0, b1);
+        mma_bf16(dst[2 * pi + 1], a, b2, b3);
+      }
+    }
+  };
+
+  // 4. Stream the slice.
+  if (active) {
+    for (int kb = kb0; kb < kb1; kb += P) {
+      const uint4* wnext = wq + size_t(kb + P) * 32;
+#pragma unroll
+      for (int i = 0; i < P; ++i) {
+        const int b = kb + i;
+        if (b < kb1) {
+          const uint4 w = ring[i];
+          if (b + P < kb1) ring[i] = ld_weights(wnext + i * 32, pol);
+          const uint32_t ko = uint32_t(b - cta_kb0) * (kKBlock * 2);
+          kstep(w.x, ko, 4 * b);
+          kstep(w.y, ko + 32, 4 * b + 1);
+          kstep(w.z, ko + 64, 4 * b + 2);
+          kstep(w.w, ko + 96, 4 * b + 3);
+        }
+      }
+    }
+    if constexpr (kGrouped) fold_group();
+  }
+
+  // 5. Reduction. Partials are already scaled (per channel: here; grouped: per group).
+  if constexpr (kGrouped) sc_lo = sc_hi = 1.f;
+#pragma unroll
+  for (int tt = 0; tt < T; ++tt)
+    red[(warp * T + tt) * 32 + lane] =
+        make_float4(acc[tt][0] * sc_lo, acc[tt][1] * sc_lo, acc[tt][2] * sc_hi, acc[tt][3] * sc_hi);
+  __syncthreads();
+
+  auto store = [&](int tt, const float4& s) {
+    const int tok = tt * 8 + 2 * t;
+    if (tok < p.m) {
+      __nv_bfloat16* yr = mt.y + size_t(tok) * mt.n;
+      if (r_lo < mt.n) yr[r_lo] = __float2bfloat16_rn(s.x + b_lo);
+      if (r_hi < mt.n) yr[r_hi] = __float2bfloat16_rn(s.z + b_hi);
+    }
+    if (tok + 1 < p.m) {
+      __nv_bfloat16* yr = mt.y + size_t(tok + 1) * mt.n;
+      if (r_lo < mt.n) yr[r_lo] = __float2bfloat16_rn(s.y + b_lo);
+      if (r_hi < mt.n) yr[r_hi] = __float2bfloat16_rn(s.w + b_hi);
+    }
+  };
+
+  // Level 1: token tile tt of tile rsub is summed over the CTA's KS warps (warp order) by warp (rsub, tt % KS).
+  const int S = p.S;
+  for (int tt = ks; tt < T; tt += KS) {
+    float4 s = red[(rsub * T + tt) * 32 + lane];
+    for (int q = 1; q < KS; ++q) {
+      const float4 v = red[((q * R + rsub) * T + tt) * 32 + lane];
+      s.x += v.x;
+      s.y += v.y;
+      s.z += v.z;
+      s.w += v.w;
+    }
+    if (S == 1) {
+      if (tile_ok) store(tt, s);
+    } else {
+      cred[(rsub * T + tt) * 32 + lane] = s;
+    }
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Level 2: over the cluster's S CTAs (rank order) by warp (rsub, ·) of rank o / KS, o = tt mod (S · KS).
+  if (S > 1) {
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every CTA's cred is written (release / acquire)
+    const int o = int(cluster.block_rank()) * KS + ks, no = S * KS;
+    for (int tt = o; tt < T; tt += no) {
+      float4 v[kDecMaxCluster];
+#pragma unroll
+      for (int r = 0; r < kDecMaxCluster; ++r)
+        if (r < S) v[r] = *cluster.map_shared_rank(cred + (rsub * T + tt) * 32 + lane, r);
+      float4 s = v[0];
+#pragma unroll
+      for (int r = 1; r < kDecMaxCluster; ++r)
+        if (r < S) {
+          s.x += v[r].x;
+          s.y += v[r].y;
+          s.z += v[r].z;
+          s.w += v[r].w;
+        }
+      if (tile_ok) store(tt, s);
+    }
+    cluster.sync();  // no CTA leaves while another still reads its shared memory
+  }
+#endif
+}
+
 // ------------------------------------------------------------------------------------------ reference kernel
 
 __device__ int w4_code(const uint32_t* q, int kblocks, int r, int c) {
@@ -476,10 +815,15 @@ size_t smem_bytes(int T, int gmax) {
 // Split-K CTAs are capped (so is the workspace): 4 per SM while weights bound the time, 2 when the mma does.
 int split_cta_cap(int T, int sm_count) { return (T >= 8 ? 2 : 4) * std::max(sm_count, 1); }
 
-size_t counters_bytes(int row_groups) { return (size_t(row_groups) * 4 + kAlign - 1) / kAlign * kAlign; }
+// Workspace layout (the same for every launch, whatever its n: GEMMs of different shapes share one workspace):
+// kCounterSlots arrival counters (one per 128-feature row group), then the fp32 partial sums. A launch with
+// more row groups than counter slots does not split k (it has CTAs enough without).
+constexpr int kCounterSlots = 1024;
+constexpr size_t kCounterBytes = size_t(kCounterSlots) * 4;
 size_t partial_bytes(int ctas, int T) { return size_t(ctas) * kWarps * T * 32 * 16; }
 
 using KernelFn = void (*)(W4GemmParams);
+using DecodeFn = void (*)(W4DecodeParams);
 
 KernelFn kernel_for(int T, bool grouped) {
   switch (T) {
@@ -491,9 +835,55 @@ KernelFn kernel_for(int T, bool grouped) {
   }
 }
 
-// Resident CTAs per SM for an instance and a shared-memory size (host queries only: no sync, no stream work,
-// so it may run inside a graph capture). The first call on a device raises every instance's dynamic
-// shared-memory limit to the most it can ask for (16-column groups), so captures never meet a first use.
+DecodeFn decode_kernel_for(int T, bool grouped) {
+  switch (T) {
+    case 1: return grouped ? w4a16_decode_kernel<1, true> : w4a16_decode_kernel<1, false>;
+    case 2: return grouped ? w4a16_decode_kernel<2, true> : w4a16_decode_kernel<2, false>;
+    default: return grouped ? w4a16_decode_kernel<4, true> : w4a16_decode_kernel<4, false>;
+  }
+}
+
+// Per-device facts, read once (host queries only: no sync, no stream work, so the first call may happen
+// inside a graph capture). The first call on a device also raises every instance's dynamic shared-memory
+// limit to the most it can ask for, so captures never meet a first use.
+struct DeviceFacts {
+  int device = -1;
+  int major = 0;
+  size_t smem_per_sm = 0, smem_optin = 0, smem_reserved = 0;
+};
+
+const DeviceFacts& device_facts() {
+  static std::mutex mu;
+  static std::deque<DeviceFacts> facts;  // references stay valid as devices are added
+  int device = 0;
+  SPEAR_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mu);
+  for (const DeviceFacts& f : facts)
+    if (f.device == device) return f;
+  DeviceFacts f;
+  f.device = device;
+  int v = 0;
+  SPEAR_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, device));
+  f.major = v;
+  SPEAR_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  f.smem_per_sm = size_t(v);
+  SPEAR_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  f.smem_optin = size_t(v);
+  SPEAR_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrReservedSharedMemoryPerBlock, device));
+  f.smem_reserved = size_t(v);
+  for (int t = 1; t <= 16; t *= 2)
+    for (bool g : {false, true}) {
+      const size_t most = smem_bytes(t, g ? chunk_kblocks(t) * 4 + 1 : 0);
+      SPEAR_CUDA_CHECK(cudaFuncSetAttribute(kernel_for(t, g), cudaFuncAttributeMaxDynamicSharedMemorySize, int(most)));
+      if (t <= 4)
+        SPEAR_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel_for(t, g), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              int(f.smem_optin)));
+    }
+  facts.push_back(f);
+  return facts.back();
+}
+
+// Resident CTAs per SM of a general-kernel instance for a shared-memory size (cached).
 int ctas_per_sm(int T, bool grouped, size_t smem) {
   struct Entry {
     int device, T;
@@ -501,28 +891,71 @@ int ctas_per_sm(int T, bool grouped, size_t smem) {
     size_t smem;
     int ctas;
   };
+  const int device = device_facts().device;
   static std::mutex mu;
   static std::vector<Entry> cache;
-  static std::vector<int> configured;
-  int device = 0;
-  SPEAR_CUDA_CHECK(cudaGetDevice(&device));
   std::lock_guard<std::mutex> lock(mu);
   for (const Entry& e : cache)
     if (e.device == device && e.T == T && e.grouped == grouped && e.smem == smem) return e.ctas;
-  if (std::find(configured.begin(), configured.end(), device) == configured.end()) {
-    for (int t = 1; t <= 16; t *= 2)
-      for (bool g : {false, true}) {
-        const size_t most = smem_bytes(t, g ? chunk_kblocks(t) * 4 + 1 : 0);
-        SPEAR_CUDA_CHECK(
-            cudaFuncSetAttribute(kernel_for(t, g), cudaFuncAttributeMaxDynamicSharedMemorySize, int(most)));
-      }
-    configured.push_back(device);
-  }
   int ctas = 0;
   SPEAR_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel_for(T, grouped), kThreads, smem));
   ctas = std::max(ctas, 1);
   cache.push_back({device, T, grouped, smem, ctas});
   return ctas;
+}
+
+// ---- options (process-wide; the defaults can be overridden by environment variables, read once)
+
+std::mutex g_options_mu;
+bool g_options_init = false;
+W4GemmOptions g_options;
+
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  const long r = std::strtol(v, &end, 10);
+  return end && *end == 0 ? int(r) : fallback;
+}
+
+W4GemmOptions options_now() {
+  std::lock_guard<std::mutex> lock(g_options_mu);
+  if (!g_options_init) {
+    g_options.pdl = env_int("SPEAR_W4_PDL", 1) != 0;
+    g_options.path = std::clamp(env_int("SPEAR_W4_PATH", 0), 0, 2);
+    g_options.decode_rows = env_int("SPEAR_W4_DECODE_ROWS", 0);
+    g_options.decode_splits = env_int("SPEAR_W4_DECODE_SPLITS", 0);
+    g_options_init = true;
+  }
+  return g_options;
+}
+
+// One launch with the optional cluster shape (1, cluster_y, 1) and programmatic stream serialization (PDL).
+template <typename Params>
+void launch(void (*kernel)(Params), dim3 grid, size_t smem, int cluster_y, bool pdl, cudaStream_t stream,
+            const Params& params) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attrs[2];
+  unsigned n = 0;
+  if (cluster_y > 1) {
+    attrs[n].id = cudaLaunchAttributeClusterDimension;
+    attrs[n].val.clusterDim.x = 1;
+    attrs[n].val.clusterDim.y = unsigned(cluster_y);
+    attrs[n].val.clusterDim.z = 1;
+    ++n;
+  }
+  if (pdl) {
+    attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  cfg.attrs = n ? attrs : nullptr;
+  cfg.numAttrs = n;
+  SPEAR_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, params));
 }
 
 // Split-K plan: the number of splits that minimizes a simple time model, in k-blocks of one warp.
@@ -551,6 +984,7 @@ SplitPlan plan_splits(int T, int row_groups, int kblocks, int sm_count, int resi
     return c;
   };
   SplitPlan best{1, std::max(kblocks, 1)};
+  if (row_groups > kCounterSlots) return best;
   double best_cost = cost(1, best.kb_per_split);
   const int cap = split_cta_cap(T, sm_count);
   for (int s = 2; s <= kblocks; ++s) {
@@ -558,7 +992,7 @@ SplitPlan plan_splits(int T, int row_groups, int kblocks, int sm_count, int resi
     const int se = (kblocks + kbps - 1) / kbps;  // splits actually non-empty
     if (se != s) continue;
     if (long(row_groups) * se > cap) break;
-    if (counters_bytes(row_groups) + partial_bytes(row_groups * se, T) > budget) break;
+    if (kCounterBytes + partial_bytes(row_groups * se, T) > budget) break;
     const double c = cost(se, kbps);
     if (c < best_cost) {
       best_cost = c;
@@ -579,8 +1013,9 @@ void check_device_weights(const W4Device& w) {
               "w4a16_gemm: codes, scales and zeros must be 16-byte aligned device pointers");
 }
 
-void launch_chunk(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfloat16* bias, __nv_bfloat16* y,
-                  void* workspace, size_t workspace_bytes, int sm_count, cudaStream_t stream) {
+// The general kernel (any m <= 128, split-K through the workspace).
+void launch_general(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfloat16* bias, __nv_bfloat16* y,
+                    void* workspace, size_t workspace_bytes, int sm_count, bool pdl, cudaStream_t stream) {
   const int T = token_tiles(m);
   const bool grouped = w.groups > 1;
   W4GemmParams p{};
@@ -610,14 +1045,147 @@ void launch_chunk(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_b
   p.kb_per_split = plan.kb_per_split;
   if (p.splits > 1) {
     p.counters = static_cast<unsigned*>(workspace);
-    p.partials = reinterpret_cast<float*>(static_cast<char*>(workspace) + counters_bytes(row_groups));
+    p.partials = reinterpret_cast<float*>(static_cast<char*>(workspace) + kCounterBytes);
   }
-  const dim3 grid(row_groups, p.splits);
-  kernel_for(T, grouped)<<<grid, kThreads, smem, stream>>>(p);
-  SPEAR_CUDA_CHECK(cudaGetLastError());
+  launch(kernel_for(T, grouped), dim3(row_groups, p.splits), smem, 1, pdl, stream, p);
+}
+
+// ---- decode plan: tiles per CTA R and cluster size S from a small time model (µs) of one launch:
+//   waves × (latency + max(bytes / bandwidth, issue time, serial latency of a slice longer than the ring))
+//   + x staging + the reductions (shared memory; cluster barriers and DSMEM when S > 1).
+// The constants are rough H100/H200 figures; the choice only needs to be near the best, not exact.
+struct DecodePlan {
+  int R = 0, S = 0, kbw = 0, xs_stride = 0, gmax = 0;
+  size_t smem = 0;
+  double cost = 1e300;
+};
+
+DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count, const W4GemmOptions& o) {
+  const DeviceFacts& dev = device_facts();
+  sm_count = std::max(sm_count, 1);
+  const int kblocks = w[0].k_pad / kKBlock;
+  const int max_s = dev.major >= 9 ? kDecMaxCluster : 1;
+  long units = 0;  // 16 × 64 weight tiles of 512 bytes
+  for (int i = 0; i < count; ++i) units += long(w[i].n_pad / 16) * kblocks;
+  const double bytes = double(units) * 512.0;
+  constexpr double kLatency = 0.8;       // DRAM round trip under load
+  constexpr double kBandwidth = 3.2e6;   // bytes / µs, whole device
+  constexpr double kSmBandwidth = 45e3;  // bytes / µs one SM can pull with a few CTAs of loads in flight
+  constexpr double kSmL2 = 60e3;         // bytes / µs of x staging per SM (L2 → shared memory)
+  constexpr double kIssue = 7000.0;      // warp instructions / µs / SM
+  const int P = dec_pipe(T, count > 0 && w[0].groups > 1);
+
+  DecodePlan best;
+  for (int R : {8, 4, 2, 1}) {
+    if (o.decode_rows && R != o.decode_rows) continue;
+    const int KS = kWarps / R;
+    long ctas_x = 0;
+    for (int i = 0; i < count; ++i) ctas_x += (w[i].n_pad / 16 + R - 1) / R;
+    for (int S = 1; S <= max_s; ++S) {
+      if (o.decode_splits && S != std::min(o.decode_splits, max_s)) continue;
+      const int KT = KS * S;
+      const int kbw = (kblocks + KT - 1) / KT;
+      const bool forced = o.decode_rows || o.decode_splits;
+      if (!forced && S > 1 && (S - 1) * KS * kbw >= kblocks) continue;  // a CTA without k-blocks
+      const int cta_cols = KS * kbw * kKBlock;
+      int gmax = 0;
+      for (int i = 0; i < count; ++i)
+        if (w[i].groups > 1) gmax = std::max(gmax, std::min(w[i].groups, (cta_cols - 1) / w[i].group_size + 2));
+      const int xs_stride = cta_cols + 8;
+      const size_t smem = dec_smem_bytes(T, R, gmax, m, xs_stride);
+      if (smem > dev.smem_optin) continue;
+      const int resident =
+          std::min<int>(2, int(dev.smem_per_sm / std::max<size_t>(smem + dev.smem_reserved, 1)));
+      if (resident < 1) continue;
+      const long ctas = ctas_x * S;
+      const long slots = long(sm_count) * resident;
+      const long waves = (ctas + slots - 1) / slots;
+      const long in_wave = std::min(ctas, slots);
+      const long sms_used = std::min<long>(in_wave, sm_count);
+      const long ctas_per_sm = (in_wave + sm_count - 1) / sm_count;
+      const double bw = std::min(kBandwidth, double(sms_used) * kSmBandwidth);
+      const double stream = bytes / double(waves) / bw;
+      const double issue = double(ctas_per_sm) * kWarps * kbw * 4.0 * (12.0 + 1.5 * T) / kIssue;
+      const double serial = double((kbw + P - 1) / P - 1) * kLatency;
+      double cost = double(waves) * (kLatency + std::max({stream, issue, serial}));
+      cost += 0.7 * double(ctas_per_sm) * double(m) * cta_cols * 2.0 / kSmL2;  // partly under the weight loads
+      if (KS > 1) cost += 0.05 + 0.01 * KS;
+      if (S > 1) cost += 0.3 + 0.03 * S;
+      if (cost < best.cost) best = {R, S, kbw, xs_stride, gmax, smem, cost};
+    }
+  }
+  return best;
+}
+
+// The decode kernel over count matrices sharing x; false when no plan fits (the caller takes the general path).
+bool launch_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
+                   __nv_bfloat16* const* y, int sm_count, const W4GemmOptions& o, cudaStream_t stream) {
+  const int T = token_tiles(m);
+  if (T > 4 || count < 1 || count > kDecMaxMats) return false;
+  const bool grouped = w[0].groups > 1;
+  for (int i = 1; i < count; ++i)
+    if ((w[i].groups > 1) != grouped || w[i].k_pad != w[0].k_pad || w[i].k != w[0].k) return false;
+  DecodePlan plan = plan_decode(T, m, w, count, sm_count, o);
+  if (plan.R == 0 && (o.decode_rows || o.decode_splits)) {  // a forced plan that does not fit: the planner's own
+    W4GemmOptions free = o;
+    free.decode_rows = free.decode_splits = 0;
+    plan = plan_decode(T, m, w, count, sm_count, free);
+  }
+  if (plan.R == 0) return false;
+  W4DecodeParams p{};
+  int rg = 0;
+  for (int i = 0; i < count; ++i) {
+    W4DecMat& d = p.mat[i];
+    d.q = reinterpret_cast<const uint4*>(w[i].q);
+    d.scales = w[i].scales;
+    d.zeros = w[i].zeros;
+    d.bias = bias ? bias[i] : nullptr;
+    d.y = y[i];
+    d.n = w[i].n;
+    d.n_pad = w[i].n_pad;
+    d.n_tiles = w[i].n_pad / 16;
+    d.group_size = grouped ? w[i].group_size : 0;
+    d.groups = w[i].groups;
+    d.group_steps = grouped ? w[i].group_size / 16 : 0;
+    d.rg_begin = rg;
+    rg += (d.n_tiles + plan.R - 1) / plan.R;
+  }
+  p.x = x;
+  p.count = count;
+  p.m = m;
+  p.k = w[0].k;
+  p.kblocks = w[0].k_pad / kKBlock;
+  p.R = plan.R;
+  p.S = plan.S;
+  p.kbw = plan.kbw;
+  p.xs_stride = plan.xs_stride;
+  p.gmax = plan.gmax;
+  p.x_vec = (reinterpret_cast<uintptr_t>(x) & 15) == 0 && w[0].k % 8 == 0;
+  const bool pdl = o.pdl && device_facts().major >= 9;
+  launch(decode_kernel_for(T, grouped), dim3(rg, plan.S), plan.smem, plan.S, pdl, stream, p);
+  return true;
+}
+
+void check_gemm_args(const __nv_bfloat16* x, const void* workspace) {
+  SPEAR_CHECK(x, "w4a16_gemm: null x");
+  SPEAR_CHECK((reinterpret_cast<uintptr_t>(workspace) & 15) == 0, "w4a16_gemm: workspace must be 16-byte aligned");
 }
 
 }  // namespace
+
+void w4a16_set_options(const W4GemmOptions& o) {
+  SPEAR_CHECK(o.path >= 0 && o.path <= 2, "w4a16_set_options: path must be 0, 1 or 2, got {}", o.path);
+  SPEAR_CHECK(o.decode_rows == 0 || o.decode_rows == 1 || o.decode_rows == 2 || o.decode_rows == 4 ||
+                  o.decode_rows == 8,
+              "w4a16_set_options: decode_rows must be 0, 1, 2, 4 or 8, got {}", o.decode_rows);
+  SPEAR_CHECK(o.decode_splits >= 0 && o.decode_splits <= kDecMaxCluster,
+              "w4a16_set_options: decode_splits must be 0..{}, got {}", kDecMaxCluster, o.decode_splits);
+  options_now();  // the environment is read first, so a later first use cannot overwrite o
+  std::lock_guard<std::mutex> lock(g_options_mu);
+  g_options = o;
+}
+
+W4GemmOptions w4a16_get_options() { return options_now(); }
 
 size_t w4a16_workspace_bytes(int max_m, int max_n, int max_k, int sm_count) {
   const int row_groups = ((std::max(max_n, 1) + 15) / 16 + kWarps - 1) / kWarps;
@@ -628,20 +1196,43 @@ size_t w4a16_workspace_bytes(int max_m, int max_n, int max_k, int sm_count) {
     const long ctas = std::min(long(row_groups) * kblocks, long(split_cta_cap(T, sm_count)));
     partial = std::max(partial, partial_bytes(int(ctas), T));
   }
-  return counters_bytes(row_groups) + partial;
+  return kCounterBytes + partial;
 }
 
 void w4a16_gemm(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfloat16* bias, __nv_bfloat16* y,
                 void* workspace, size_t workspace_bytes, int sm_count, cudaStream_t stream) {
   if (m <= 0) return;
   check_device_weights(w);
-  SPEAR_CHECK(x && y, "w4a16_gemm: null x or y");
-  SPEAR_CHECK((reinterpret_cast<uintptr_t>(workspace) & 15) == 0, "w4a16_gemm: workspace must be 16-byte aligned");
+  check_gemm_args(x, workspace);
+  SPEAR_CHECK(y, "w4a16_gemm: null y");
+  const W4GemmOptions o = options_now();
+  const bool pdl = o.pdl && device_facts().major >= 9;
+  if (o.path != 2 && m <= kDecMaxTokens && launch_decode(x, m, &w, 1, &bias, &y, sm_count, o, stream)) return;
   for (int m0 = 0; m0 < m; m0 += kMaxTokens) {
     const int mc = std::min(kMaxTokens, m - m0);
-    launch_chunk(x + size_t(m0) * w.k, mc, w, bias, y + size_t(m0) * w.n, workspace, workspace_bytes, sm_count,
-                 stream);
+    launch_general(x + size_t(m0) * w.k, mc, w, bias, y + size_t(m0) * w.n, workspace, workspace_bytes, sm_count,
+                   pdl, stream);
   }
+}
+
+void w4a16_gemm_grouped(const __nv_bfloat16* x, int m, const W4Device* w, int count,
+                        const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, void* workspace,
+                        size_t workspace_bytes, int sm_count, cudaStream_t stream) {
+  SPEAR_CHECK(count >= 0 && count <= kW4MaxGrouped, "w4a16_gemm_grouped: count {} (at most {})", count,
+              kW4MaxGrouped);
+  if (m <= 0 || count == 0) return;
+  SPEAR_CHECK(w && y, "w4a16_gemm_grouped: null matrix or output array");
+  check_gemm_args(x, workspace);
+  for (int i = 0; i < count; ++i) {
+    check_device_weights(w[i]);
+    SPEAR_CHECK(y[i], "w4a16_gemm_grouped: null y[{}]", i);
+    SPEAR_CHECK(w[i].k == w[0].k, "w4a16_gemm_grouped: matrix {} has k {}, matrix 0 has k {}", i, w[i].k, w[0].k);
+  }
+  const W4GemmOptions o = options_now();
+  if (o.path != 2 && m <= kDecMaxTokens && launch_decode(x, m, w, count, bias, y, sm_count, o, stream)) return;
+  // Larger m (or mixed per-channel / grouped matrices): one GEMM after the other (same workspace, stream order).
+  for (int i = 0; i < count; ++i)
+    w4a16_gemm(x, m, w[i], bias ? bias[i] : nullptr, y[i], workspace, workspace_bytes, sm_count, stream);
 }
 
 void w4a16_gemm_reference(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfloat16* bias, float* y,

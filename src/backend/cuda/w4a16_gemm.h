@@ -51,15 +51,48 @@ struct W4Device {
   const uint16_t* zeros = nullptr;
 };
 
-// Split-K scratch: fp32 partial sums and per-tile arrival counters. The caller allocates it once (zeroed with
-// cudaMemset), sized for the largest M, N, K it will run; the kernel leaves the counters at zero again, so the
-// buffer can be reused by every GEMM on the same stream and inside CUDA graphs.
+// Split-K scratch of the general kernel (m > 32): arrival counters at fixed offsets, then fp32 partial sums.
+// The caller allocates it once (zeroed with cudaMemset), sized for the largest M, N, K it will run; the kernel
+// leaves the counters at zero again, so the buffer can be reused by every GEMM on the same stream (whatever
+// their shapes) and inside CUDA graphs. The decode kernel (m <= 32) needs none. For w4a16_gemm_grouped, size
+// it with the largest n of the matrices (w4a16_workspace_bytes(max_m, max over i of w[i].n, k, sm_count); the
+// sum of the n also works, it is larger): grouped launches of m > 32 run the matrices one after the other.
 size_t w4a16_workspace_bytes(int max_m, int max_n, int max_k, int sm_count);
 
 // y[m, n] = x[m, k] · dequant(W)ᵀ + bias (bias may be null; bf16 [n]). Any m >= 0 (m > 128 runs in chunks of
 // 128 tokens). x rows are k elements apart, y rows n elements apart.
+//
+// m <= 32 runs the decode kernel (one launch, no workspace, split-K through a thread-block cluster's shared
+// memory); larger m the general kernel (split-K through the workspace). On sm_90+ every launch asks for
+// programmatic dependent launch (PDL, see W4GemmOptions): the kernel starts streaming its weights while the
+// previous kernel of the stream still runs, and reads x / bias, writes y and touches the workspace only after
+// griddepcontrol.wait. So the weights (q, scales, zeros) must not be written by the kernel just before the
+// GEMM on the same stream (they are load-time constants); everything else follows normal stream order.
+// Works inside CUDA graph capture (PDL becomes a programmatic graph edge).
 void w4a16_gemm(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfloat16* bias, __nv_bfloat16* y,
                 void* workspace, size_t workspace_bytes, int sm_count, cudaStream_t stream);
+
+// Several matrices that share the same input x in one launch (q/k/v: 3, gate/up: 2): y[i][m, w[i].n] =
+// x[m, k] · dequant(W_i)ᵀ + bias[i]. 1 <= count <= kW4MaxGrouped, every w[i].k equal; bias may be null (no
+// biases) or hold nulls; y[i] rows are w[i].n elements apart. m <= 32 with matrices of one kind (all per channel
+// or all grouped) is a single decode launch; otherwise it is count w4a16_gemm calls in order. Results equal
+// separate w4a16_gemm calls up to fp32 summation order (the split of k may differ).
+constexpr int kW4MaxGrouped = 4;
+void w4a16_gemm_grouped(const __nv_bfloat16* x, int m, const W4Device* w, int count,
+                        const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, void* workspace,
+                        size_t workspace_bytes, int sm_count, cudaStream_t stream);
+
+// Process-wide knobs, for tests, benchmarks and tuning (defaults from the environment when set, read at first
+// use: SPEAR_W4_PDL=0|1, SPEAR_W4_PATH=0|1|2, SPEAR_W4_DECODE_ROWS, SPEAR_W4_DECODE_SPLITS). Not thread-safe
+// against GEMMs being enqueued concurrently with a change; results never depend on pdl.
+struct W4GemmOptions {
+  bool pdl = true;        // programmatic dependent launch on sm_90+ (off: plain stream order)
+  int path = 0;           // 0: auto (decode kernel for m <= 32), 1: same as auto, 2: always the general kernel
+  int decode_rows = 0;    // force the decode kernel's 16-row tiles per CTA (1, 2, 4 or 8); 0: planner
+  int decode_splits = 0;  // force the decode kernel's CTAs per cluster along k (1..8); 0: planner
+};
+void w4a16_set_options(const W4GemmOptions& options);
+W4GemmOptions w4a16_get_options();
 
 // The naive reference (one thread per output element: dequantize on the fly, fp32 sums), for tests and the
 // benchmark's correctness check. Reads the same device layout.
