@@ -1,0 +1,413 @@
+// W4A16 decode kernel (m <= 32, also grouped launches of up to 4 matrices sharing x), its planner and its
+// launcher; built for latency: weights in flight before griddepcontrol.wait (PDL), x staged once, split-K
+// reduced in shared memory and across a thread-block cluster through distributed shared memory (no workspace).
+// The code layout, the dequantization and the general kernel are described in w4a16_gemm.cu; the device
+// helpers both kernels share are in w4a16_common.cuh.
+//
+// Small m (T <= 4 token tiles, m <= 32), one or several matrices that share x (grouped launch). CTA = 8 warps
+// over R row tiles (R ∈ {1, 2, 4, 8}) × KS = 8 / R k-slices; a cluster of S CTAs (gridDim.y = S <= 8) splits
+// k further, so the k-range is cut into KS · S slices of kbw k-blocks, one per warp. Each warp streams its
+// slice with a ring of P 128-bit weight loads in flight, all issued before griddepcontrol.wait (weights do
+// not depend on the previous kernel); then x rows [0, m) of the CTA's k-range are staged once (cp.async) and
+// consumed by ldmatrix (rows >= m alias row 0: their token columns are computed and never stored).
+// Reduction: each warp writes its scaled partial tile to shared memory; the KS warps of a tile are summed in
+// warp order in shared memory; with S > 1 the S CTAs of the cluster are summed in rank order through
+// distributed shared memory. No workspace, no atomics, deterministic.
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+
+#include <cooperative_groups.h>
+
+#include "backend/cuda/w4a16_internal.h"
+
+namespace spear::cuda::w4_detail {
+
+namespace {
+
+namespace cg = cooperative_groups;
+
+constexpr int kDecMaxMats = 4;
+// k-blocks of weights in flight per warp (4 registers each), within the 128 registers of 2 CTAs per SM.
+__host__ __device__ constexpr int dec_pipe(int T, bool grouped) { return T == 1 ? 16 : T == 2 ? (grouped ? 12 : 16) : 8; }
+
+struct W4DecMat {
+  const uint4* q;
+  const float* scales;
+  const uint16_t* zeros;
+  const __nv_bfloat16* bias;  // [n] or null
+  __nv_bfloat16* y;           // [m][n]
+  int n, n_pad, n_tiles, group_size, groups, group_steps;
+  int rg_begin;  // first blockIdx.x of this matrix
+};
+
+struct W4DecodeParams {
+  W4DecMat mat[kDecMaxMats];
+  const __nv_bfloat16* x;  // [m][k]
+  int count, m, k, kblocks;
+  int R, S, kbw;   // row tiles per CTA, CTAs per cluster (= gridDim.y), k-blocks per warp slice
+  int xs_stride;   // bf16 elements per staged x row: (8 / R) · kbw · 64 + 8 (odd in 16-byte units)
+  int gmax;        // group slots staged per CTA (grouped)
+  int x_vec;       // x is 16-byte aligned and k % 8 == 0
+};
+
+// Dynamic shared memory of the decode kernel: red [8 warps][T][32] float4, cred [R·T][32] float4,
+// scales [gmax][16R] fp32, zeros [gmax][16R] u16, x [m][xs_stride] bf16 (every part a multiple of 16 bytes).
+__host__ __device__ constexpr size_t dec_smem_bytes(int T, int R, int gmax, int m, int xs_stride) {
+  return size_t(kWarps) * T * 512 + size_t(R) * T * 512 + size_t(gmax) * R * 16 * 6 + size_t(m) * xs_stride * 2;
+}
+
+template <int T, bool kGrouped>
+__global__ void __launch_bounds__(kThreads, 2) w4a16_decode_kernel(const __grid_constant__ W4DecodeParams p) {
+  constexpr int P = dec_pipe(T, kGrouped);
+  constexpr int NP = T == 1 ? 1 : T / 2;  // ldmatrix calls per k-step (x2 for T = 1, else x4 per 2 tiles)
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int R = p.R, KS = kWarps / R;
+  float4* red = reinterpret_cast<float4*>(smem);
+  float4* cred = red + kWarps * T * 32;
+  float* ss = reinterpret_cast<float*>(cred + R * T * 32);
+  uint16_t* zs = reinterpret_cast<uint16_t*>(ss + p.gmax * R * 16);
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(zs + p.gmax * R * 16);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  int mi = 0;
+#pragma unroll
+  for (int i = 1; i < kDecMaxMats; ++i)
+    if (i < p.count && int(blockIdx.x) >= p.mat[i].rg_begin) mi = i;
+  const W4DecMat& mt = p.mat[mi];
+  const int rgl = int(blockIdx.x) - mt.rg_begin;
+  const int rsub = warp % R, ks = warp / R;
+  const int tile = rgl * R + rsub;
+  const bool tile_ok = tile < mt.n_tiles;  // warp-uniform
+  const int cta_kb0 = int(blockIdx.y) * KS * p.kbw;
+  const int cta_kb1 = min(p.kblocks, cta_kb0 + KS * p.kbw);
+  const int kb0 = cta_kb0 + ks * p.kbw;
+  const int kb1 = min(cta_kb1, kb0 + p.kbw);
+  const bool active = tile_ok && kb0 < kb1;  // warp-uniform
+  const int r_lo = tile * 16 + g, r_hi = r_lo + 8;
+
+  // 1. Weights (and their scales / zeros): independent of the previous kernel, in flight before the wait.
+  const uint64_t pol = evict_first_policy();
+  const uint4* wq = mt.q + size_t(active ? tile : 0) * p.kblocks * 32 + lane;
+  uint4 ring[P];
+  fill_weight_ring(ring, wq, kb0, kb1, active, pol);
+
+  uint32_t nz_lo = neg_zero_pair(0x4300u), nz_hi = nz_lo;
+  float sc_lo = 0.f, sc_hi = 0.f;
+  int cg_lo = 0;
+  if constexpr (!kGrouped) {
+    if (tile_ok) load_channel_params(mt.scales, mt.zeros, r_lo, r_hi, nz_lo, nz_hi, sc_lo, sc_hi);
+  } else {
+    if (cta_kb0 < cta_kb1) {  // the CTA's groups × its 16R rows (rows >= n_pad: zero-filled)
+      cg_lo = min(cta_kb0 * kKBlock / mt.group_size, mt.groups - 1);
+      const int cg_hi = min((cta_kb1 * kKBlock - 1) / mt.group_size, mt.groups - 1);
+      const int ng = cg_hi - cg_lo + 1;  // <= gmax
+      const int rows = R * 16, row0 = rgl * rows;
+      for (int i = tid; i < ng * (rows / 4); i += kThreads) {
+        const int gi = i / (rows / 4), rr = (i % (rows / 4)) * 4, row = row0 + rr;
+        const bool ok = row < mt.n_pad;
+        cp_async16(smem_u32(ss + gi * rows + rr), ok ? mt.scales + size_t(cg_lo + gi) * mt.n_pad + row : mt.scales,
+                   ok);
+      }
+      for (int i = tid; i < ng * (rows / 8); i += kThreads) {
+        const int gi = i / (rows / 8), rr = (i % (rows / 8)) * 8, row = row0 + rr;
+        const bool ok = row < mt.n_pad;
+        cp_async16(smem_u32(zs + gi * rows + rr), ok ? mt.zeros + size_t(cg_lo + gi) * mt.n_pad + row : mt.zeros,
+                   ok);
+      }
+    }
+    cp_async_commit();
+  }
+
+  // 2. Let the next kernel start its own weight prefetch; wait for the previous one (x, bias, y).
+  pdl_launch_dependents();
+  pdl_wait();
+
+  float b_lo = 0.f, b_hi = 0.f;
+  if (tile_ok && mt.bias) {
+    if (r_lo < mt.n) b_lo = __bfloat162float(mt.bias[r_lo]);
+    if (r_hi < mt.n) b_hi = __bfloat162float(mt.bias[r_hi]);
+  }
+
+  // 3. Stage x rows [0, m), columns [cta_kb0 · 64, cta_kb1 · 64) (zero beyond k).
+  if (cta_kb0 < cta_kb1) {
+    const int col0 = cta_kb0 * kKBlock;
+    const int segs = (cta_kb1 - cta_kb0) * (kKBlock / 8);
+    const int xlim = min(cta_kb1 * kKBlock, p.k);
+    for (int i = tid; i < p.m * segs; i += kThreads) {
+      const int r = i / segs, cs = i - r * segs;
+      const int col = col0 + cs * 8;
+      stage_x_segment(xs + r * p.xs_stride + cs * 8, p.x, p.k, r, col, xlim, true, p.x_vec);
+    }
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // ldmatrix lane addresses (see the general kernel), one per pair of token tiles; rows >= m read row 0.
+  uint32_t xrow[NP];
+  {
+    const uint32_t xs_base = smem_u32(xs);
+    const int lrow = ldmatrix_row<T>(lane);
+    const uint32_t kofs = uint32_t((lane >> 3) & 1) * 16;
+#pragma unroll
+    for (int pi = 0; pi < NP; ++pi) {
+      const int row = pi * 16 + lrow;
+      xrow[pi] = xs_base + uint32_t((row < p.m ? row : 0) * p.xs_stride * 2) + kofs;
+    }
+  }
+
+  float acc[T][4];
+  float part[T][4];
+  zero_accumulators(acc, part);
+  auto fold = [&]() { fold_group(acc, part, sc_lo, sc_hi); };  // (a lambda keeps the codegen as before)
+
+  int grp = 0, grp_next = INT_MAX;
+  if constexpr (kGrouped) start_groups(kb0, mt.group_size, mt.groups, grp, grp_next);
+
+  auto kstep = [&](uint32_t w, uint32_t koff, int ksi) {
+    if constexpr (kGrouped) {
+      if (ksi == grp_next) {
+        fold();
+        advance_group(grp, grp_next, mt.groups, mt.group_steps);
+        const int slot = (grp - cg_lo) * (R * 16) + rsub * 16 + g;
+        load_group_params(ss, zs, slot, sc_lo, sc_hi, nz_lo, nz_hi);
+      }
+    }
+    uint32_t a[4];
+    dequant_fragment(w, nz_lo, nz_hi, a);
+    float(&dst)[T][4] = kGrouped ? part : acc;
+    if constexpr (T == 1) {
+      uint32_t b0, b1;
+      ldmatrix_x2(xrow[0] + koff, b0, b1);
+      mma_bf16(dst[0], a, b0, b1);
+    } else {
+#pragma unroll
+      for (int pi = 0; pi < NP; ++pi) {
+        uint32_t b0, b1, b2, b3;
+        ldmatrix_x4(xrow[pi] + koff, b0, b1, b2, b3);
+        mma_bf16(dst[2 * pi], a, b0, b1);
+        mma_bf16(dst[2 * pi + 1], a, b2, b3);
+      }
+    }
+  };
+
+  // 4. Stream the slice.
+  if (active) {
+    for (int kb = kb0; kb < kb1; kb += P) {
+      const uint4* wnext = wq + size_t(kb + P) * 32;
+#pragma unroll
+      for (int i = 0; i < P; ++i) {
+        const int b = kb + i;
+        if (b < kb1) {
+          const uint4 w = ring[i];
+          if (b + P < kb1) ring[i] = ld_weights(wnext + i * 32, pol);
+          const uint32_t ko = uint32_t(b - cta_kb0) * (kKBlock * 2);
+          kblock_steps(w, ko, b, kstep);
+        }
+      }
+    }
+    if constexpr (kGrouped) fold();
+  }
+
+  // 5. Reduction. Partials are already scaled (per channel: here; grouped: per group).
+  if constexpr (kGrouped) sc_lo = sc_hi = 1.f;
+#pragma unroll
+  for (int tt = 0; tt < T; ++tt)
+    red[(warp * T + tt) * 32 + lane] =
+        make_float4(acc[tt][0] * sc_lo, acc[tt][1] * sc_lo, acc[tt][2] * sc_hi, acc[tt][3] * sc_hi);
+  __syncthreads();
+
+  auto store = [&](int tt, const float4& s) {
+    const int tok = tt * 8 + 2 * t;
+    if (tok < p.m) {
+      __nv_bfloat16* yr = mt.y + size_t(tok) * mt.n;
+      if (r_lo < mt.n) yr[r_lo] = __float2bfloat16_rn(s.x + b_lo);
+      if (r_hi < mt.n) yr[r_hi] = __float2bfloat16_rn(s.z + b_hi);
+    }
+    if (tok + 1 < p.m) {
+      __nv_bfloat16* yr = mt.y + size_t(tok + 1) * mt.n;
+      if (r_lo < mt.n) yr[r_lo] = __float2bfloat16_rn(s.y + b_lo);
+      if (r_hi < mt.n) yr[r_hi] = __float2bfloat16_rn(s.w + b_hi);
+    }
+  };
+
+  // Level 1: token tile tt of tile rsub is summed over the CTA's KS warps (warp order) by warp (rsub, tt % KS).
+  const int S = p.S;
+  for (int tt = ks; tt < T; tt += KS) {
+    float4 s = red[(rsub * T + tt) * 32 + lane];
+    for (int q = 1; q < KS; ++q) {
+      const float4 v = red[((q * R + rsub) * T + tt) * 32 + lane];
+      s.x += v.x;
+      s.y += v.y;
+      s.z += v.z;
+      s.w += v.w;
+    }
+    if (S == 1) {
+      if (tile_ok) store(tt, s);
+    } else {
+      cred[(rsub * T + tt) * 32 + lane] = s;
+    }
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Level 2: over the cluster's S CTAs (rank order) by warp (rsub, ·) of rank o / KS, o = tt mod (S · KS).
+  if (S > 1) {
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every CTA's cred is written (release / acquire)
+    const int o = int(cluster.block_rank()) * KS + ks, no = S * KS;
+    for (int tt = o; tt < T; tt += no) {
+      float4 v[kDecMaxCluster];
+#pragma unroll
+      for (int r = 0; r < kDecMaxCluster; ++r)
+        if (r < S) v[r] = *cluster.map_shared_rank(cred + (rsub * T + tt) * 32 + lane, r);
+      float4 s = v[0];
+#pragma unroll
+      for (int r = 1; r < kDecMaxCluster; ++r)
+        if (r < S) {
+          s.x += v[r].x;
+          s.y += v[r].y;
+          s.z += v[r].z;
+          s.w += v[r].w;
+        }
+      if (tile_ok) store(tt, s);
+    }
+    cluster.sync();  // no CTA leaves while another still reads its shared memory
+  }
+#endif
+}
+
+using DecodeFn = void (*)(W4DecodeParams);
+
+DecodeFn decode_kernel_for(int T, bool grouped) {
+  switch (T) {
+    case 1: return grouped ? w4a16_decode_kernel<1, true> : w4a16_decode_kernel<1, false>;
+    case 2: return grouped ? w4a16_decode_kernel<2, true> : w4a16_decode_kernel<2, false>;
+    default: return grouped ? w4a16_decode_kernel<4, true> : w4a16_decode_kernel<4, false>;
+  }
+}
+
+// ---- decode plan: tiles per CTA R and cluster size S from a small time model (µs) of one launch:
+//   waves × (latency + max(bytes / bandwidth, issue time, serial latency of a slice longer than the ring))
+//   + x staging + the reductions (shared memory; cluster barriers and DSMEM when S > 1).
+// The constants are rough H100/H200 figures; the choice only needs to be near the best, not exact.
+struct DecodePlan {
+  int R = 0, S = 0, kbw = 0, xs_stride = 0, gmax = 0;
+  size_t smem = 0;
+  double cost = 1e300;
+};
+
+DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count, const W4GemmOptions& o) {
+  const DeviceFacts& dev = device_facts();
+  sm_count = std::max(sm_count, 1);
+  const int kblocks = w[0].k_pad / kKBlock;
+  const int max_s = dev.major >= 9 ? kDecMaxCluster : 1;
+  long units = 0;  // 16 × 64 weight tiles of 512 bytes
+  for (int i = 0; i < count; ++i) units += long(w[i].n_pad / 16) * kblocks;
+  const double bytes = double(units) * 512.0;
+  constexpr double kLatency = 0.8;       // DRAM round trip under load
+  constexpr double kBandwidth = 3.2e6;   // bytes / µs, whole device
+  constexpr double kSmBandwidth = 45e3;  // bytes / µs one SM can pull with a few CTAs of loads in flight
+  constexpr double kSmL2 = 60e3;         // bytes / µs of x staging per SM (L2 → shared memory)
+  constexpr double kIssue = 7000.0;      // warp instructions / µs / SM
+  const int P = dec_pipe(T, count > 0 && w[0].groups > 1);
+
+  DecodePlan best;
+  for (int R : {8, 4, 2, 1}) {
+    if (o.decode_rows && R != o.decode_rows) continue;
+    const int KS = kWarps / R;
+    long ctas_x = 0;
+    for (int i = 0; i < count; ++i) ctas_x += (w[i].n_pad / 16 + R - 1) / R;
+    for (int S = 1; S <= max_s; ++S) {
+      if (o.decode_splits && S != std::min(o.decode_splits, max_s)) continue;
+      const int KT = KS * S;
+      const int kbw = (kblocks + KT - 1) / KT;
+      const bool forced = o.decode_rows || o.decode_splits;
+      if (!forced && S > 1 && (S - 1) * KS * kbw >= kblocks) continue;  // a CTA without k-blocks
+      const int cta_cols = KS * kbw * kKBlock;
+      int gmax = 0;
+      for (int i = 0; i < count; ++i)
+        if (w[i].groups > 1) gmax = std::max(gmax, std::min(w[i].groups, (cta_cols - 1) / w[i].group_size + 2));
+      const int xs_stride = cta_cols + 8;
+      const size_t smem = dec_smem_bytes(T, R, gmax, m, xs_stride);
+      if (smem > dev.smem_optin) continue;
+      const int resident =
+          std::min<int>(2, int(dev.smem_per_sm / std::max<size_t>(smem + dev.smem_reserved, 1)));
+      if (resident < 1) continue;
+      const long ctas = ctas_x * S;
+      const long slots = long(sm_count) * resident;
+      const long waves = (ctas + slots - 1) / slots;
+      const long in_wave = std::min(ctas, slots);
+      const long sms_used = std::min<long>(in_wave, sm_count);
+      const long ctas_per_sm = (in_wave + sm_count - 1) / sm_count;
+      const double bw = std::min(kBandwidth, double(sms_used) * kSmBandwidth);
+      const double stream = bytes / double(waves) / bw;
+      const double issue = double(ctas_per_sm) * kWarps * kbw * 4.0 * (12.0 + 1.5 * T) / kIssue;
+      const double serial = double((kbw + P - 1) / P - 1) * kLatency;
+      double cost = double(waves) * (kLatency + std::max({stream, issue, serial}));
+      cost += 0.7 * double(ctas_per_sm) * double(m) * cta_cols * 2.0 / kSmL2;  // partly under the weight loads
+      if (KS > 1) cost += 0.05 + 0.01 * KS;
+      if (S > 1) cost += 0.3 + 0.03 * S;
+      if (cost < best.cost) best = {R, S, kbw, xs_stride, gmax, smem, cost};
+    }
+  }
+  return best;
+}
+
+}  // namespace
+
+void set_decode_max_smem(int T, bool grouped, int bytes) {
+  SPEAR_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel_for(T, grouped), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        bytes));
+}
+
+// The decode kernel over count matrices sharing x; false when no plan fits (the caller takes the general path).
+bool launch_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
+                   __nv_bfloat16* const* y, int sm_count, const W4GemmOptions& o, cudaStream_t stream) {
+  const int T = token_tiles(m);
+  if (T > 4 || count < 1 || count > kDecMaxMats) return false;
+  const bool grouped = w[0].groups > 1;
+  for (int i = 1; i < count; ++i)
+    if ((w[i].groups > 1) != grouped || w[i].k_pad != w[0].k_pad || w[i].k != w[0].k) return false;
+  DecodePlan plan = plan_decode(T, m, w, count, sm_count, o);
+  if (plan.R == 0 && (o.decode_rows || o.decode_splits)) {  // a forced plan that does not fit: the planner's own
+    W4GemmOptions free = o;
+    free.decode_rows = free.decode_splits = 0;
+    plan = plan_decode(T, m, w, count, sm_count, free);
+  }
+  if (plan.R == 0) return false;
+  W4DecodeParams p{};
+  int rg = 0;
+  for (int i = 0; i < count; ++i) {
+    W4DecMat& d = p.mat[i];
+    d.q = reinterpret_cast<const uint4*>(w[i].q);
+    d.scales = w[i].scales;
+    d.zeros = w[i].zeros;
+    d.bias = bias ? bias[i] : nullptr;
+    d.y = y[i];
+    d.n = w[i].n;
+    d.n_pad = w[i].n_pad;
+    d.n_tiles = w[i].n_pad / 16;
+    d.group_size = grouped ? w[i].group_size : 0;
+    d.groups = w[i].groups;
+    d.group_steps = grouped ? w[i].group_size / 16 : 0;
+    d.rg_begin = rg;
+    rg += (d.n_tiles + plan.R - 1) / plan.R;
+  }
+  p.x = x;
+  p.count = count;
+  p.m = m;
+  p.k = w[0].k;
+  p.kblocks = w[0].k_pad / kKBlock;
+  p.R = plan.R;
+  p.S = plan.S;
+  p.kbw = plan.kbw;
+  p.xs_stride = plan.xs_stride;
+  p.gmax = plan.gmax;
+  p.x_vec = (reinterpret_cast<uintptr_t>(x) & 15) == 0 && w[0].k % 8 == 0;
+  const bool pdl = o.pdl && device_facts().major >= 9;
+  launch(decode_kernel_for(T, grouped), dim3(rg, plan.S), plan.smem, plan.S, pdl, stream, p);
+  return true;
+}
+
+}  // namespace spear::cuda::w4_detail

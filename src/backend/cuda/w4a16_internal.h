@@ -1,0 +1,66 @@
+// Host-side pieces shared by w4a16_gemm.cu (general kernel, options, public entry points) and w4a16_decode.cu
+// (decode kernel, its planner and launcher). Internal to the CUDA backend: include only from those two files.
+// The state behind these functions (device facts cache, options) lives in w4a16_gemm.cu, once per process.
+#pragma once
+
+#include <cstddef>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/w4a16_common.cuh"
+#include "backend/cuda/w4a16_gemm.h"
+
+namespace spear::cuda::w4_detail {
+
+int token_tiles(int m);  // T for a launch of m <= 128 tokens
+
+// Per-device facts, read once (host queries only: no sync, no stream work, so the first call may happen
+// inside a graph capture). The first call on a device also raises every instance's dynamic shared-memory
+// limit (both kernels) to the most it can ask for, so captures never meet a first use. (w4a16_gemm.cu)
+struct DeviceFacts {
+  int device = -1;
+  int major = 0;
+  size_t smem_per_sm = 0, smem_optin = 0, smem_reserved = 0;
+};
+const DeviceFacts& device_facts();
+
+// Raises the dynamic shared-memory limit of the decode kernel instance (T, grouped) (w4a16_decode.cu; called
+// by device_facts()).
+void set_decode_max_smem(int T, bool grouped, int bytes);
+
+// The decode kernel over count matrices sharing x; false when no plan fits (the caller takes the general path).
+// (w4a16_decode.cu)
+bool launch_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
+                   __nv_bfloat16* const* y, int sm_count, const W4GemmOptions& o, cudaStream_t stream);
+
+// One launch with the optional cluster shape (1, cluster_y, 1) and programmatic stream serialization (PDL).
+template <typename Params>
+void launch(void (*kernel)(Params), dim3 grid, size_t smem, int cluster_y, bool pdl, cudaStream_t stream,
+            const Params& params) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attrs[2];
+  unsigned n = 0;
+  if (cluster_y > 1) {
+    attrs[n].id = cudaLaunchAttributeClusterDimension;
+    attrs[n].val.clusterDim.x = 1;
+    attrs[n].val.clusterDim.y = unsigned(cluster_y);
+    attrs[n].val.clusterDim.z = 1;
+    ++n;
+  }
+  if (pdl) {
+    attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  cfg.attrs = n ? attrs : nullptr;
+  cfg.numAttrs = n;
+  SPEAR_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, params));
+}
+
+}  // namespace spear::cuda::w4_detail
