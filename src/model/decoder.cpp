@@ -219,14 +219,13 @@ BatchDesc Model::describe(const Batch& batch) const {
   return d;
 }
 
-Tensor Model::embed(const Batch& batch) {
-  BatchDesc d = describe(batch);
-  return embed_desc(d);  // gather reads only tokens: no KV pages are touched, so no begin_batch is needed
-}
+// The gather reads only the tokens: no KV pages are touched, so no batch description is needed.
+Tensor Model::embed(const Batch& batch) { return embed_tokens(batch.tokens); }
 
-Tensor Model::embed_desc(const BatchDesc& d) {
-  Tensor x = backend_.alloc(int64_t(d.tokens.size()), cfg_.hidden_size);
-  backend_.gather_rows(embed_, d.tokens, x);
+// On the GPU, tokens from the current BatchDesc are read from its device copy (graph-safe).
+Tensor Model::embed_tokens(std::span<const int32_t> tokens) {
+  Tensor x = backend_.alloc(int64_t(tokens.size()), cfg_.hidden_size);
+  backend_.gather_rows(embed_, tokens, x);
   return x;
 }
 
@@ -315,7 +314,7 @@ std::vector<float> Model::forward(const Batch& batch, KvCache& cache, LogitsMode
   check_batch(batch, cache);
   const BatchDesc d = describe(batch);
   backend_.begin_batch(d, cache);
-  Tensor x = embed_desc(d);
+  Tensor x = embed_tokens(d.tokens);
   for (int li = 0; li < cfg_.num_layers; ++li) run_layer_desc(li, x, d, cache, taps);
   Tensor out = logits_desc(x, d, mode, taps);
   if (mode == LogitsMode::None) return {};
@@ -330,7 +329,7 @@ std::vector<int32_t> Model::forward_greedy(const Batch& batch, KvCache& cache) {
   const BatchDesc d = describe(batch);
   backend_.begin_batch(d, cache);
   auto body = [&] {
-    Tensor x = embed_desc(d);
+    Tensor x = embed_tokens(d.tokens);
     for (int li = 0; li < cfg_.num_layers; ++li) run_layer_desc(li, x, d, cache, nullptr);
     Tensor logits = logits_desc(x, d, LogitsMode::LastPerSeq, nullptr);
     Tensor ids = backend_.alloc_ids(logits.rows);

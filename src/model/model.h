@@ -95,7 +95,7 @@ class Model {
   void check_batch(const Batch& batch, const KvCache& cache) const;
   BatchDesc describe(const Batch& batch) const;
   // The pass on a described batch (begin_batch already called): what embed/run_layer/logits do.
-  Tensor embed_desc(const BatchDesc& d);
+  Tensor embed_tokens(std::span<const int32_t> tokens);
   void run_layer_desc(int layer, Tensor& x, const BatchDesc& d, KvCache& cache, const TapFn* taps);
   Tensor logits_desc(const Tensor& x, const BatchDesc& d, LogitsMode mode, const TapFn* taps);
 };

@@ -70,11 +70,13 @@ DeviceBuffer upload_bytes(const void* host, size_t bytes) {
   return b;
 }
 
-DeviceBuffer upload_bf16(const std::vector<float>& v) {
-  if (v.empty()) return {};
-  auto h = to_bf16(v.data(), v.size());
+DeviceBuffer upload_bf16(const float* v, size_t n) {
+  if (n == 0) return {};
+  auto h = to_bf16(v, n);
   return upload_bytes(h.data(), h.size() * 2);
 }
+
+DeviceBuffer upload_bf16(const std::vector<float>& v) { return upload_bf16(v.data(), v.size()); }
 
 __nv_bfloat16* bf(const Tensor& t) { return static_cast<__nv_bfloat16*>(t.data); }
 
@@ -101,7 +103,7 @@ CudaKvCache::CudaKvCache(int n_layers, int n_slots, int max_tokens, int kv_dim)
   SPEAR_CUDA_CHECK(cudaMemcpy(table_.get(), host_table_.data(), table_.bytes(), cudaMemcpyHostToDevice));
 }
 
-void CudaKvCache::ensure(int slot, int n_tokens, cudaStream_t stream) {
+void CudaKvCache::ensure(int slot, int n_tokens) {
   const int need = (n_tokens + kBlockTokens - 1) / kBlockTokens;
   int& have = slot_blocks_[size_t(slot)];
   while (have < need) {
@@ -111,7 +113,6 @@ void CudaKvCache::ensure(int slot, int n_tokens, cudaStream_t stream) {
     ++have;
     dirty_ = true;
   }
-  (void)stream;
 }
 
 void CudaKvCache::upload_table_if_dirty(cudaStream_t stream) {
@@ -190,7 +191,7 @@ Tensor CudaBackend::alloc_ids(int64_t rows) {
 
 Tensor CudaBackend::upload(const float* host, int64_t rows, int64_t cols) {
   // Persistent (weights, norms): its own allocation, not the activation pool.
-  auto buf = std::make_shared<DeviceBuffer>(upload_bf16(std::vector<float>(host, host + rows * cols)));
+  auto buf = std::make_shared<DeviceBuffer>(upload_bf16(host, size_t(rows * cols)));
   Tensor t;
   t.storage = std::shared_ptr<void>(buf, buf->get());
   t.data = buf->get();
@@ -254,7 +255,7 @@ void CudaBackend::begin_batch(const BatchDesc& d, KvCache& cache) {
     const SeqSlice& s = d.seqs[i];
     int32_t* o = h + 4 * cap_t + 4 * i;
     o[0] = s.token_begin, o[1] = s.n_tokens, o[2] = s.pos0, o[3] = s.kv_slot;
-    kv->ensure(s.kv_slot, s.pos0 + s.n_tokens, stream_);
+    kv->ensure(s.kv_slot, s.pos0 + s.n_tokens);
     max_ctx_ = std::max(max_ctx_, s.pos0 + s.n_tokens);
   }
   SPEAR_CUDA_CHECK(cudaMemcpyAsync(dev, h, (4 * cap_t + 4 * S) * 4, cudaMemcpyHostToDevice, stream_));

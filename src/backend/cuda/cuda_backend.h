@@ -69,7 +69,7 @@ class CudaKvCache : public KvCache {
   size_t bytes() const override { return pool_.bytes() + table_.bytes(); }
   uint64_t id() const { return id_; }
   // Maps pages so that `slot` holds positions [0, n_tokens); uploads the block table when it changed.
-  void ensure(int slot, int n_tokens, cudaStream_t stream);
+  void ensure(int slot, int n_tokens);
   void upload_table_if_dirty(cudaStream_t stream);
   PagedKvLayer layer(int l) const;
   int blocks_in_use() const { return int(n_blocks_) - int(free_.size()); }
