@@ -2,7 +2,7 @@
 // same y = x·Wᵀ) on the linear shapes of Llama-3.2-1B and Llama-3.1-8B, M = 1..128 tokens, with the device's
 // copy bandwidth as the yardstick for the weight-streaming rate.
 //
-//   build/bench/bench_w4_gemm [--quick] [--no-pdl] [--reps N] [--out FILE.json] [--help]
+//   build/bench/bench_w4_gemm [--quick] [--no-pdl] [--no-tune] [--reps N] [--out FILE.json] [--help]
 //
 // Method:
 //  * peak: cudaMemcpyAsync device-to-device of 1 GiB, bytes read + written / time (median of 10);
@@ -11,6 +11,8 @@
 //  * all calls of a measurement are queued behind a host gate (a stream callback that waits until the
 //    whole batch is enqueued), then timed one by one with CUDA events: warm-up calls, then the median of
 //    --reps (default 30, at least 20) timings;
+//  * M <= 32: the decode kernel's plan is tuned first (w4a16_tune_decode, L2 flushed before each timed call), as
+//    the engine does at its first step; --no-tune keeps the time model's plan;
 //  * the W4 weights are random codes, scales and zeros (the timing does not depend on them); our output is
 //    checked against the reference kernel once per shape and M (rel err = ‖y − ref‖ / ‖ref‖, max err =
 //    max |y − ref| / max |ref|; the bf16 rounding of y alone gives ~1e-3 and ~4e-3);
@@ -215,6 +217,7 @@ struct Row {
   int n, k, m, group;
   double w4_us, bf16_us, w4_gbps, pct_copy, rel_err, max_err;  // errors vs the reference kernel
   double b2b_us = 0, b2b_pct_copy = 0;
+  std::string plan = "general";  // the decode kernel's "R<tiles per CTA>S<CTAs per cluster>", or the general kernel
 };
 
 // Enough copies of a set of W4 matrices (uploaded one after the other) that one rotation streams at least
@@ -272,11 +275,15 @@ void compare_outputs(const __nv_bfloat16* y, const float* yref, size_t count, do
   *max_rel = max_d / std::max(max_r, 1e-30);
 }
 
+std::string plan_name(std::pair<int, int> rs) {
+  return rs.first ? "R" + std::to_string(rs.first) + "S" + std::to_string(rs.second) : "general";
+}
+
 void print_row(const Row& r) {
-  std::printf("%-13s %-12s %6d %6d %4d %5s %9.2f %9.2f %7.2fx %8.0f %6.1f%% %9.2e %9.2e %8.2f %6.1f%%\n",
+  std::printf("%-13s %-12s %6d %6d %4d %5s %9.2f %9.2f %7.2fx %8.0f %6.1f%% %9.2e %9.2e %8.2f %6.1f%% %s\n",
               r.model.c_str(), r.module.c_str(), r.n, r.k, r.m, r.group < 0 ? "chan" : std::to_string(r.group).c_str(),
               r.w4_us, r.bf16_us, r.bf16_us / r.w4_us, r.w4_gbps, r.pct_copy, r.rel_err, r.max_err, r.b2b_us,
-              r.b2b_pct_copy);
+              r.b2b_pct_copy, r.plan.c_str());
   std::fflush(stdout);
 }
 
@@ -287,10 +294,11 @@ struct Model {
 
 void usage() {
   std::printf(
-      "usage: bench_w4_gemm [--quick] [--no-pdl] [--reps N] [--out FILE.json] [--help]\n"
+      "usage: bench_w4_gemm [--quick] [--no-pdl] [--no-tune] [--reps N] [--out FILE.json] [--help]\n"
       "  W4A16 GEMM (w4a16_gemm) vs cuBLAS BF16 on the Llama-3.2-1B / Llama-3.1-8B linear shapes, M = 1..128.\n"
       "  --quick    a smoke run: 8B k/v and down only, M = 1, 16, 128\n"
       "  --no-pdl   launch without programmatic dependent launch (SPEAR_W4_* environment knobs also apply)\n"
+      "  --no-tune  keep the decode kernel's modelled plan (default: tune each shape first, as the engine does)\n"
       "  --reps N   timed calls per measurement (median; default 30, at least 20)\n"
       "  --out F    JSON output (default bench/results/w4_gemm-<commit>-<device>.json)\n");
 }
@@ -299,13 +307,14 @@ void usage() {
 
 int main(int argc, char** argv) try {
   std::string out_path;
-  bool quick = false;
+  bool quick = false, tune = true;
   int reps = 30;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--out" && i + 1 < argc) out_path = argv[++i];
     else if (a == "--reps" && i + 1 < argc) reps = std::max(20, std::atoi(argv[++i]));
     else if (a == "--quick") quick = true;
+    else if (a == "--no-tune") tune = false;
     else if (a == "--no-pdl") {
       cuda::W4GemmOptions o = cuda::w4a16_get_options();
       o.pdl = false;
@@ -356,11 +365,12 @@ int main(int argc, char** argv) try {
   }
   const size_t ws_bytes = cuda::w4a16_workspace_bytes(max_m, max_n, max_k, dev.sm_count);
   DeviceMem ws(ws_bytes);
+  DeviceMem flush(2 * l2);  // written before each timed tuning call: weights come from DRAM
   SPEAR_CUDA_CHECK(cudaMemset(ws.as<void>(), 0, ws_bytes));
 
   std::printf("%-13s %-12s %6s %6s %4s %5s %9s %9s %8s %8s %7s %9s %9s %8s %7s\n", "model", "module", "N", "K",
               "M", "group", "W4 us", "BF16 us", "speedup", "W4 GB/s", "% copy", "rel err", "max err", "b2b us",
-              "b2b %cp");
+              "b2b %cp  plan");
   std::vector<Row> rows;
   std::mt19937 rng(1);
   uint32_t seed = 1;
@@ -402,6 +412,11 @@ int main(int argc, char** argv) try {
                                           CUBLAS_GEMM_DEFAULT));
         };
         // One ungated call each first: lazy initialization (cuBLAS may allocate) must not happen behind the gate.
+        if (tune) {
+          __nv_bfloat16* yt = yp;
+          cuda::w4a16_tune_decode(xp, m, &rot.views[0][0], 1, &yt, flush.as<void>(), flush.bytes(), dev.sm_count,
+                                  stream);
+        }
         run_w4(0);
         run_bf16(0);
         SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -409,6 +424,7 @@ int main(int argc, char** argv) try {
         const double bf16_us = time_median_us(stream, std::min(30, 3 * bf16_copies), reps, run_bf16);
         const double b2b_us = time_back_to_back_us(stream, std::min(30, 3 * w4_copies), b2b_reps, run_w4);
         Row r{s.model, s.module, s.n, s.k, m, group, w4_us, bf16_us, 0, 0, 0, 0};
+        r.plan = plan_name(cuda::w4a16_decode_plan(m, &rot.views[0][0], 1, dev.sm_count));
         // Our output (after the timing loops, on a shared workspace) against the reference kernel.
         cuda::w4a16_gemm(xp, m, rot.views[0][0], nullptr, yp, ws.as<void>(), ws_bytes, dev.sm_count, stream);
         cuda::w4a16_gemm_reference(xp, m, rot.views[0][0], nullptr, yref.as<float>(), stream);
@@ -480,6 +496,9 @@ int main(int argc, char** argv) try {
                                             xp, CUDA_R_16BF, k, &beta, y.as<void>(), CUDA_R_16BF, n_sum,
                                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
           };
+          if (tune)
+            cuda::w4a16_tune_decode(xp, m, rot.views[0].data(), count, ys.data(), flush.as<void>(), flush.bytes(),
+                                    dev.sm_count, stream);
           run_w4(0);
           run_bf16(0);
           SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -488,6 +507,7 @@ int main(int argc, char** argv) try {
           const double bf16_us = time_median_us(stream, bf_warm, reps, run_bf16);
           const double b2b_us = time_back_to_back_us(stream, w4_warm, b2b_reps, run_w4);
           Row r{md.name, set.module + "(grp)", n_sum, k, m, group, w4_us, bf16_us, 0, 0, 0, 0};
+          r.plan = plan_name(cuda::w4a16_decode_plan(m, rot.views[0].data(), count, dev.sm_count));
           run_w4(0);
           size_t roff = 0;
           for (int i = 0; i < count; ++i) {
@@ -575,6 +595,7 @@ int main(int argc, char** argv) try {
   J["copy_bandwidth_gbps"] = copy_gbps;
   J["reps"] = reps;
   J["quick"] = quick;
+  J["tuned_decode_plans"] = tune;
   J["workspace_bytes"] = ws_bytes;
   {
     const cuda::W4GemmOptions o = cuda::w4a16_get_options();
@@ -596,7 +617,8 @@ int main(int argc, char** argv) try {
                          {"rel_err", r.rel_err},
                          {"max_abs_err_over_max_ref", r.max_err},
                          {"w4_us_back_to_back", r.b2b_us},
-                         {"pct_copy_bandwidth_back_to_back", r.b2b_pct_copy}});
+                         {"pct_copy_bandwidth_back_to_back", r.b2b_pct_copy},
+                         {"plan", r.plan}});
   if (out_path.empty()) {
     std::filesystem::create_directories("bench/results");
     std::string commit = J["commit"].get<std::string>();

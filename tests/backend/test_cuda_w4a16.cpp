@@ -515,6 +515,40 @@ TEST(W4A16Decode, ForcedPlansMatchReference) {
     }
 }
 
+// Tuning picks a plan per launch shape (token tiles, matrices) and later launches of that shape use it: still
+// right, whichever plan won; forgetting the plans works.
+TEST(W4A16Decode, TunedPlansMatchReference) {
+  SKIP_WITHOUT_GPU();
+  const int sms = cuda::device_info(0).sm_count;
+  cuda::w4a16_clear_tuning();
+  W4DevBuf<unsigned char> flush(size_t(8) << 20);
+  uint32_t seed = 21000;
+  for (int group : {-1, 64}) {
+    const int n = 777, k = 1536;
+    UploadedW4 w(cuda::w4_prepare(random_quantized(n, k, 4, group, seed)));
+    for (int m : {1, 9, 17}) {
+      W4DevBuf<uint16_t> x(random_bf16(size_t(m) * k, seed + uint32_t(m)));
+      W4DevBuf<uint16_t> y(size_t(m) * n);
+      __nv_bfloat16* yp = bf_mut(y);
+      EXPECT_FALSE(cuda::w4a16_decode_tuned(m, &w.dev, 1));
+      EXPECT_TRUE(cuda::w4a16_tune_decode(bf(x), m, &w.dev, 1, &yp, flush.get(), size_t(8) << 20, sms, nullptr, 2));
+      EXPECT_TRUE(cuda::w4a16_decode_tuned(m, &w.dev, 1));
+      const std::string what = "group " + std::to_string(group) + " m " + std::to_string(m);
+      const std::vector<float> got = run_fast(x, m, w.dev, nullptr, nullptr, 0, sms, what, nullptr);
+      EXPECT_LT(rel_err(got, run_reference(x, m, w.dev, nullptr)), 1e-2) << what;
+    }
+    // m = 33 is not the decode kernel's: nothing to tune.
+    W4DevBuf<uint16_t> x33(random_bf16(size_t(33) * k, seed)), y33(size_t(33) * n);
+    __nv_bfloat16* y33p = bf_mut(y33);
+    EXPECT_FALSE(cuda::w4a16_tune_decode(bf(x33), 33, &w.dev, 1, &y33p, nullptr, 0, sms, nullptr));
+    EXPECT_TRUE(cuda::w4a16_decode_tuned(33, &w.dev, 1));
+    seed += 100;
+  }
+  cuda::w4a16_clear_tuning();
+  UploadedW4 w(cuda::w4_prepare(random_quantized(777, 1536, 4, -1, 21000)));
+  EXPECT_FALSE(cuda::w4a16_decode_tuned(1, &w.dev, 1));
+}
+
 // The general (split-K through the workspace) kernel is still right at small m, where the decode kernel
 // normally runs.
 TEST(W4A16Gemm, GeneralPathAtSmallM) {

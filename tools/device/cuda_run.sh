@@ -5,6 +5,7 @@
 #   tests   the GPU test binary (label gpu) and the CUDA test of every kernel
 #   memcheck compute-sanitizer memcheck on the GPU tests
 #   gemm    bench_w4_gemm: W4A16 vs cuBLAS BF16 on the 1B and 8B linear shapes
+#   sweep   bench_w4_gemm --quick under each forced decode plan (SPEAR_W4_DECODE_ROWS / _SPLITS)
 #   ppl     GPU perplexity of the reference model and its RTN W4 package on all of test.txt
 #   e2e:LIKE  make-model --like LIKE (bf16 + W4 package) and bench decode at batch 1, 8, 32
 # Everything lands in $OUT/results.tgz (and the log on stdout).
@@ -18,6 +19,9 @@ cp .devrun/data/test.txt ../shared/data/ 2>/dev/null
 [[ -f .devrun/golden_logits.safetensors ]] && cp .devrun/golden_logits.safetensors ../shared/models/ref-llama-23m/
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader
 t() { echo "[$(date +%T)] $*"; }
+# The results come back even when the caller's timeout stops the run part-way.
+finish() { (cd "$R" && rm -rf ref-w4 && tar czf "$OUT/results.tgz" .); }
+trap 'finish; exit 124' TERM
 for stage in "$@"; do
   case $stage in
     tests)
@@ -31,6 +35,15 @@ for stage in "$@"; do
     gemm)
       t "bench_w4_gemm"
       "$BIN/bench_w4_gemm" --out "$R/w4_gemm.json" 2>&1 | tee "$R/w4_gemm.log" | tail -80 ;;
+    sweep)
+      t "decode plan sweep (bench_w4_gemm --quick under forced plans)"
+      for env in "" SPEAR_W4_DECODE_ROWS=1 SPEAR_W4_DECODE_ROWS=2 SPEAR_W4_DECODE_ROWS=4 SPEAR_W4_DECODE_ROWS=8 \
+                 SPEAR_W4_DECODE_SPLITS=1 SPEAR_W4_DECODE_SPLITS=2 SPEAR_W4_DECODE_SPLITS=4; do
+        echo "== ${env:-default}" | tee -a "$R/sweep.log"
+        env $env "$BIN/bench_w4_gemm" --quick --reps 20 --out "$R/sweep-${env:-default}.json" 2>&1 \
+          | grep -E '^llama' | awk '{printf "%s %s %s %s M%s %s b2b %s %s\n", $1, $2, $3, $4, $5, $6, $(NF-1), $NF}' \
+          | tee -a "$R/sweep.log"
+      done ;;
     ppl)
       t "ppl"
       "$BIN/spear" quantize --model models/ref-llama-23m --out "$R/ref-w4" > "$R/quant.log" 2>&1
@@ -61,4 +74,4 @@ for stage in "$@"; do
   esac
 done
 t "end"
-(cd "$R" && rm -rf ref-w4 && tar czf "$OUT/results.tgz" .)
+finish

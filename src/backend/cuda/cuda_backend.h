@@ -129,12 +129,17 @@ class CudaBackend : public Backend {
   // into scratch (never inside a graph capture).
   const int32_t* device_ints(std::span<const int32_t> v);
   void grow_w4_workspace(int n, int k);
+  // Tunes the W4 decode kernel's plan for this launch shape the first time it is seen (w4a16_tune_decode):
+  // eager runs only, since tuning synchronizes; the first run of every graph key is eager (run_graph).
+  void tune_w4_once(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y);
   void drop_graphs();
   // y += B·(g ⊙ A·x), as separate cuBLAS SGEMMs and element-wise kernels (ec_naive.h).
   void apply_ec_naive(const CudaEc& ec, const Tensor& x, Tensor& y);
   void sgemm_nt(const float* x, int T, int k, const float* w, int n, float* y);  // y[T,n] = x[T,k]·w[n,k]ᵀ
 
   int device_ = 0, sm_count_ = 0;
+  size_t l2_bytes_ = 0;
+  bool tune_w4_ = true;  // SPEAR_W4_TUNE=0 turns tuning off (the time model's plans)
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   DeviceBuffer cublas_ws_;

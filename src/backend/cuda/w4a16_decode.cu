@@ -14,8 +14,14 @@
 // warp order in shared memory; with S > 1 the S CTAs of the cluster are summed in rank order through
 // distributed shared memory. No workspace, no atomics, deterministic.
 #include <algorithm>
+#include <array>
 #include <climits>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <utility>
+#include <vector>
 
 #include <cooperative_groups.h>
 
@@ -29,7 +35,11 @@ namespace cg = cooperative_groups;
 
 constexpr int kDecMaxMats = 4;
 // k-blocks of weights in flight per warp (4 registers each), within the 128 registers of 2 CTAs per SM.
-__host__ __device__ constexpr int dec_pipe(int T, bool grouped) { return T == 1 ? 16 : T == 2 ? (grouped ? 12 : 16) : 8; }
+// (8 measured faster than 16 on the H200 for T = 1 and 2 once the ring refills in place: dev/cuda/w4_stream_lab.cu.)
+__host__ __device__ constexpr int dec_pipe(int, bool) { return 8; }
+// CTAs per SM the registers allow (launch bounds): three where 80 registers suffice (T = 1, T = 2 per channel),
+// so that 24 warps hide the load latency; two otherwise (T = 2 grouped spills at 80).
+__host__ __device__ constexpr int dec_min_blocks(int T, bool grouped) { return T == 1 || (T == 2 && !grouped) ? 3 : 2; }
 
 struct W4DecMat {
   const uint4* q;
@@ -58,7 +68,7 @@ __host__ __device__ constexpr size_t dec_smem_bytes(int T, int R, int gmax, int 
 }
 
 template <int T, bool kGrouped>
-__global__ void __launch_bounds__(kThreads, 2) w4a16_decode_kernel(const __grid_constant__ W4DecodeParams p) {
+__global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_decode_kernel(const __grid_constant__ W4DecodeParams p) {
   constexpr int P = dec_pipe(T, kGrouped);
   constexpr int NP = T == 1 ? 1 : T / 2;  // ldmatrix calls per k-step (x2 for T = 1, else x4 per 2 tiles)
   extern __shared__ __align__(16) unsigned char smem[];
@@ -158,10 +168,33 @@ __global__ void __launch_bounds__(kThreads, 2) w4a16_decode_kernel(const __grid_
     }
   }
 
-  float acc[T][4];
-  float part[T][4];
-  zero_accumulators(acc, part);
-  auto fold = [&]() { fold_group(acc, part, sc_lo, sc_hi); };  // (a lambda keeps the codegen as before)
+  // Accumulators. C independent MMA chains (T = 1 has one MMA per k-step: two chains halve the dependent
+  // latency). Folded zero point (T <= 2): the fragments hold 128 + q (no per-k-step subtraction) and an MMA of
+  // ones against the same x fragment sums x, so the result is s · (Σ (128 + q) x − (128 + z) · Σ x). For
+  // T = 4 the subtraction costs less than the extra MMAs, so the fragments hold q − z as in the general kernel.
+  constexpr int C = T == 1 ? 2 : 1;
+  constexpr bool kFold = T <= 2;
+  float acc[C][T][4], part[C][T][4], xsum[C][T][4], xpart[C][T][4];
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    zero_accumulators(acc[c], part[c]);
+    zero_accumulators(xsum[c], xpart[c]);
+  }
+  // −(128 + z) of rows g and g + 8 as floats (the low half of the bf16 pair is the value).
+  auto zero_f = [](uint32_t nz) { return __uint_as_float(nz << 16); };
+  auto fold = [&]() {  // grouped: the finished group, scaled, into acc[0]; clear the group's sums
+    const float z_lo = zero_f(nz_lo), z_hi = zero_f(nz_hi);
+#pragma unroll
+    for (int c = 0; c < C; ++c)
+#pragma unroll
+      for (int tt = 0; tt < T; ++tt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float v = kFold ? fmaf(e < 2 ? z_lo : z_hi, xpart[c][tt][e], part[c][tt][e]) : part[c][tt][e];
+          acc[0][tt][e] = fmaf(v, e < 2 ? sc_lo : sc_hi, acc[0][tt][e]);
+          part[c][tt][e] = xpart[c][tt][e] = 0.f;
+        }
+  };
 
   int grp = 0, grp_next = INT_MAX;
   if constexpr (kGrouped) start_groups(kb0, mt.group_size, mt.groups, grp, grp_next);
@@ -176,12 +209,24 @@ __global__ void __launch_bounds__(kThreads, 2) w4a16_decode_kernel(const __grid_
       }
     }
     uint32_t a[4];
-    dequant_fragment(w, nz_lo, nz_hi, a);
-    float(&dst)[T][4] = kGrouped ? part : acc;
+    if constexpr (kFold) {
+      a[0] = nibbles_to_bf16x2(w);
+      a[1] = nibbles_to_bf16x2(w >> 4);
+      a[2] = nibbles_to_bf16x2(w >> 8);
+      a[3] = nibbles_to_bf16x2(w >> 12);
+    } else {
+      dequant_fragment(w, nz_lo, nz_hi, a);
+    }
+    constexpr uint32_t kOnes = 0x3F803F80u;  // bf16x2 {1, 1}
+    const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
+    const int c = C == 2 ? (ksi & 1) : 0;
+    float(&dst)[T][4] = kGrouped ? part[c] : acc[c];
+    float(&xdst)[T][4] = kGrouped ? xpart[c] : xsum[c];
     if constexpr (T == 1) {
       uint32_t b0, b1;
       ldmatrix_x2(xrow[0] + koff, b0, b1);
       mma_bf16(dst[0], a, b0, b1);
+      if constexpr (kFold) mma_bf16(xdst[0], ones, b0, b1);
     } else {
 #pragma unroll
       for (int pi = 0; pi < NP; ++pi) {
@@ -189,6 +234,10 @@ __global__ void __launch_bounds__(kThreads, 2) w4a16_decode_kernel(const __grid_
         ldmatrix_x4(xrow[pi] + koff, b0, b1, b2, b3);
         mma_bf16(dst[2 * pi], a, b0, b1);
         mma_bf16(dst[2 * pi + 1], a, b2, b3);
+        if constexpr (kFold) {
+          mma_bf16(xdst[2 * pi], ones, b0, b1);
+          mma_bf16(xdst[2 * pi + 1], ones, b2, b3);
+        }
       }
     }
   };
@@ -201,22 +250,40 @@ __global__ void __launch_bounds__(kThreads, 2) w4a16_decode_kernel(const __grid_
       for (int i = 0; i < P; ++i) {
         const int b = kb + i;
         if (b < kb1) {
-          const uint4 w = ring[i];
-          if (b + P < kb1) ring[i] = ld_weights(wnext + i * 32, pol);
+          // Consume, then refill (see the general kernel: refilling first serializes the ring).
           const uint32_t ko = uint32_t(b - cta_kb0) * (kKBlock * 2);
-          kblock_steps(w, ko, b, kstep);
+          kblock_steps(ring[i], ko, b, kstep);
+          if (b + P < kb1) ring[i] = ld_weights(wnext + i * 32, pol);
         }
       }
     }
     if constexpr (kGrouped) fold();
   }
 
-  // 5. Reduction. Partials are already scaled (per channel: here; grouped: per group).
-  if constexpr (kGrouped) sc_lo = sc_hi = 1.f;
+  // 5. Reduction: each warp's scaled partial tile (grouped: scaled per group in fold).
+  {
+    const float z_lo = zero_f(nz_lo), z_hi = zero_f(nz_hi);
 #pragma unroll
-  for (int tt = 0; tt < T; ++tt)
-    red[(warp * T + tt) * 32 + lane] =
-        make_float4(acc[tt][0] * sc_lo, acc[tt][1] * sc_lo, acc[tt][2] * sc_hi, acc[tt][3] * sc_hi);
+    for (int tt = 0; tt < T; ++tt) {
+      float v[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if constexpr (kGrouped) {
+          v[e] = acc[0][tt][e];
+        } else {
+          float sa = 0.f, sx = 0.f;
+#pragma unroll
+          for (int c = 0; c < C; ++c) {
+            sa += acc[c][tt][e];
+            sx += xsum[c][tt][e];
+          }
+          if constexpr (kFold) sa = fmaf(e < 2 ? z_lo : z_hi, sx, sa);
+          v[e] = sa * (e < 2 ? sc_lo : sc_hi);
+        }
+      }
+      red[(warp * T + tt) * 32 + lane] = make_float4(v[0], v[1], v[2], v[3]);
+    }
+  }
   __syncthreads();
 
   auto store = [&](int tt, const float4& s) {
@@ -297,7 +364,8 @@ struct DecodePlan {
   double cost = 1e300;
 };
 
-DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count, const W4GemmOptions& o) {
+// force_r / force_s: 0 lets the model choose; a forced pair may leave CTAs without k-blocks (they only reduce).
+DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count, int force_r, int force_s) {
   const DeviceFacts& dev = device_facts();
   sm_count = std::max(sm_count, 1);
   const int kblocks = w[0].k_pad / kKBlock;
@@ -314,15 +382,15 @@ DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count,
 
   DecodePlan best;
   for (int R : {8, 4, 2, 1}) {
-    if (o.decode_rows && R != o.decode_rows) continue;
+    if (force_r && R != force_r) continue;
     const int KS = kWarps / R;
     long ctas_x = 0;
     for (int i = 0; i < count; ++i) ctas_x += (w[i].n_pad / 16 + R - 1) / R;
     for (int S = 1; S <= max_s; ++S) {
-      if (o.decode_splits && S != std::min(o.decode_splits, max_s)) continue;
+      if (force_s && S != std::min(force_s, max_s)) continue;
       const int KT = KS * S;
       const int kbw = (kblocks + KT - 1) / KT;
-      const bool forced = o.decode_rows || o.decode_splits;
+      const bool forced = force_r || force_s;
       if (!forced && S > 1 && (S - 1) * KS * kbw >= kblocks) continue;  // a CTA without k-blocks
       const int cta_cols = KS * kbw * kKBlock;
       int gmax = 0;
@@ -332,7 +400,7 @@ DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count,
       const size_t smem = dec_smem_bytes(T, R, gmax, m, xs_stride);
       if (smem > dev.smem_optin) continue;
       const int resident =
-          std::min<int>(2, int(dev.smem_per_sm / std::max<size_t>(smem + dev.smem_reserved, 1)));
+          std::min<int>(dec_min_blocks(T, count > 0 && w[0].groups > 1), int(dev.smem_per_sm / std::max<size_t>(smem + dev.smem_reserved, 1)));
       if (resident < 1) continue;
       const long ctas = ctas_x * S;
       const long slots = long(sm_count) * resident;
@@ -354,28 +422,40 @@ DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count,
   return best;
 }
 
-}  // namespace
-
-void set_decode_max_smem(int T, bool grouped, int bytes) {
+void set_decode_max_smem_impl(int T, bool grouped, int bytes) {
   SPEAR_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel_for(T, grouped), cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         bytes));
 }
 
-// The decode kernel over count matrices sharing x; false when no plan fits (the caller takes the general path).
-bool launch_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
-                   __nv_bfloat16* const* y, int sm_count, const W4GemmOptions& o, cudaStream_t stream) {
+// Tuned plans, process-wide: launch shape → (R, S).
+using TuneKey = std::array<int, 4 + kDecMaxMats>;  // device, T, grouped · 65536 + count, k_pad, n_pad of each
+std::mutex g_tune_mu;
+std::map<TuneKey, std::pair<int, int>> g_tuned;
+
+TuneKey tune_key(int T, const W4Device* w, int count) {
+  TuneKey key{};
+  key[0] = device_facts().device;
+  key[1] = T;
+  key[2] = (w[0].groups > 1 ? w[0].group_size : 0) * 65536 + count;
+  key[3] = w[0].k_pad;
+  for (int i = 0; i < count; ++i) key[4 + i] = w[i].n_pad;
+  return key;
+}
+
+bool decode_takes(int m, const W4Device* w, int count) {
   const int T = token_tiles(m);
-  if (T > 4 || count < 1 || count > kDecMaxMats) return false;
+  if (m > kDecMaxTokens || T > 4 || count < 1 || count > kDecMaxMats) return false;
   const bool grouped = w[0].groups > 1;
   for (int i = 1; i < count; ++i)
     if ((w[i].groups > 1) != grouped || w[i].k_pad != w[0].k_pad || w[i].k != w[0].k) return false;
-  DecodePlan plan = plan_decode(T, m, w, count, sm_count, o);
-  if (plan.R == 0 && (o.decode_rows || o.decode_splits)) {  // a forced plan that does not fit: the planner's own
-    W4GemmOptions free = o;
-    free.decode_rows = free.decode_splits = 0;
-    plan = plan_decode(T, m, w, count, sm_count, free);
-  }
-  if (plan.R == 0) return false;
+  return true;
+}
+
+void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4Device* w, int count,
+                 const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, const W4GemmOptions& o,
+                 cudaStream_t stream) {
+  const int T = token_tiles(m);
+  const bool grouped = w[0].groups > 1;
   W4DecodeParams p{};
   int rg = 0;
   for (int i = 0; i < count; ++i) {
@@ -407,7 +487,103 @@ bool launch_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, 
   p.x_vec = (reinterpret_cast<uintptr_t>(x) & 15) == 0 && w[0].k % 8 == 0;
   const bool pdl = o.pdl && device_facts().major >= 9;
   launch(decode_kernel_for(T, grouped), dim3(rg, plan.S), plan.smem, plan.S, pdl, stream, p);
+}
+
+
+}  // namespace
+
+void set_decode_max_smem(int T, bool grouped, int bytes) { set_decode_max_smem_impl(T, grouped, bytes); }
+
+// The decode kernel over count matrices sharing x; false when no plan fits (the caller takes the general path).
+// Plan: forced by the options, else the tuned one for this shape, else the time model's.
+bool launch_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
+                   __nv_bfloat16* const* y, int sm_count, const W4GemmOptions& o, cudaStream_t stream) {
+  if (!decode_takes(m, w, count)) return false;
+  const int T = token_tiles(m);
+  int fr = o.decode_rows, fs = o.decode_splits;
+  if (!fr && !fs) {
+    std::lock_guard<std::mutex> lock(g_tune_mu);
+    const auto it = g_tuned.find(tune_key(T, w, count));
+    if (it != g_tuned.end()) std::tie(fr, fs) = it->second;
+  }
+  DecodePlan plan = plan_decode(T, m, w, count, sm_count, fr, fs);
+  if (plan.R == 0 && (fr || fs)) plan = plan_decode(T, m, w, count, sm_count, 0, 0);  // forced plan does not fit
+  if (plan.R == 0) return false;
+  launch_plan(plan, x, m, w, count, bias, y, o, stream);
   return true;
+}
+
+bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y, void* flush,
+                 size_t flush_bytes, int sm_count, cudaStream_t stream, int reps) {
+  if (!decode_takes(m, w, count)) return false;
+  const int T = token_tiles(m);
+  const DeviceFacts& dev = device_facts();
+  const W4GemmOptions o = w4a16_get_options();
+  cudaEvent_t ev[2];
+  SPEAR_CUDA_CHECK(cudaEventCreate(&ev[0]));
+  SPEAR_CUDA_CHECK(cudaEventCreate(&ev[1]));
+  double best_us = 1e300;
+  std::pair<int, int> best{0, 0};
+  for (int R : {1, 2, 4, 8})
+    for (int S = 1; S <= (dev.major >= 9 ? kDecMaxCluster : 1); ++S) {
+      const DecodePlan plan = plan_decode(T, m, w, count, sm_count, R, S);
+      if (plan.R != R || plan.S != S) continue;
+      const int kblocks = w[0].k_pad / kKBlock, KS = kWarps / R;
+      if (S > 1 && (S - 1) * KS * plan.kbw >= kblocks) continue;  // a CTA without k-blocks
+      std::vector<float> ts;
+      try {
+        launch_plan(plan, x, m, w, count, nullptr, y, o, stream);  // warm-up (first use of the instance)
+        for (int r = 0; r < reps; ++r) {
+          if (flush) SPEAR_CUDA_CHECK(cudaMemsetAsync(flush, r & 0xff, flush_bytes, stream));
+          SPEAR_CUDA_CHECK(cudaEventRecord(ev[0], stream));
+          launch_plan(plan, x, m, w, count, nullptr, y, o, stream);
+          SPEAR_CUDA_CHECK(cudaEventRecord(ev[1], stream));
+          SPEAR_CUDA_CHECK(cudaEventSynchronize(ev[1]));
+          float ms = 0.f;
+          SPEAR_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[1]));
+          ts.push_back(ms);
+        }
+      } catch (const Error&) {  // a plan the device cannot launch after all (cluster resources): skip it
+        (void)cudaGetLastError();
+        SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));
+        continue;
+      }
+      std::nth_element(ts.begin(), ts.begin() + ts.size() / 2, ts.end());
+      const double us = 1e3 * ts[ts.size() / 2];
+      if (us < best_us) best_us = us, best = {R, S};
+    }
+  cudaEventDestroy(ev[0]);
+  cudaEventDestroy(ev[1]);
+  if (best.first == 0) return false;
+  std::lock_guard<std::mutex> lock(g_tune_mu);
+  g_tuned[tune_key(T, w, count)] = best;
+  return true;
+}
+
+std::pair<int, int> decode_plan(int m, const W4Device* w, int count, int sm_count) {
+  if (!decode_takes(m, w, count)) return {0, 0};
+  const int T = token_tiles(m);
+  const W4GemmOptions o = w4a16_get_options();
+  int fr = o.decode_rows, fs = o.decode_splits;
+  if (!fr && !fs) {
+    std::lock_guard<std::mutex> lock(g_tune_mu);
+    const auto it = g_tuned.find(tune_key(T, w, count));
+    if (it != g_tuned.end()) std::tie(fr, fs) = it->second;
+  }
+  DecodePlan plan = plan_decode(T, m, w, count, sm_count, fr, fs);
+  if (plan.R == 0 && (fr || fs)) plan = plan_decode(T, m, w, count, sm_count, 0, 0);
+  return {plan.R, plan.S};
+}
+
+bool decode_tuned(int m, const W4Device* w, int count) {
+  if (!decode_takes(m, w, count)) return true;  // nothing to tune
+  std::lock_guard<std::mutex> lock(g_tune_mu);
+  return g_tuned.count(tune_key(token_tiles(m), w, count)) > 0;
+}
+
+void clear_tuning() {
+  std::lock_guard<std::mutex> lock(g_tune_mu);
+  g_tuned.clear();
 }
 
 }  // namespace spear::cuda::w4_detail

@@ -247,10 +247,12 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(T)) w4a16_gemm_kerne
           if constexpr (kGrouped) chunk_g_lo = min((kb0 + c * XC) * kKBlock / p.group_size, p.groups - 1);
         }
         if (active) {
-          const uint4 w = ring[i];
-          if (b + P < kb1) ring[i] = ld_weights(wnext + i * 32, pol);
+          // Consume the slot, then refill it: the load then writes the slot's own registers. Loading first
+          // (while the old codes are still needed) made the compiler load into a temporary and copy it back,
+          // which waits for the load: one DRAM round trip per k-block instead of P in flight.
           const uint32_t xa = xs_chunk + uint32_t((i % XC) * kKBlock * 2);
-          kblock_steps(w, xa, b, kstep);
+          kblock_steps(ring[i], xa, b, kstep);
+          if (b + P < kb1) ring[i] = ld_weights(wnext + i * 32, pol);
         }
       }
     }
@@ -633,6 +635,32 @@ void w4a16_gemm_grouped(const __nv_bfloat16* x, int m, const W4Device* w, int co
   // Larger m (or mixed per-channel / grouped matrices): one GEMM after the other (same workspace, stream order).
   for (int i = 0; i < count; ++i)
     w4a16_gemm(x, m, w[i], bias ? bias[i] : nullptr, y[i], workspace, workspace_bytes, sm_count, stream);
+}
+
+bool w4a16_tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y,
+                       void* flush, size_t flush_bytes, int sm_count, cudaStream_t stream, int reps) {
+  SPEAR_CHECK(count >= 1 && count <= kW4MaxGrouped, "w4a16_tune_decode: count {} (1..{})", count, kW4MaxGrouped);
+  SPEAR_CHECK(w && y && x, "w4a16_tune_decode: null x, matrix or output array");
+  SPEAR_CHECK(reps >= 1, "w4a16_tune_decode: reps must be >= 1");
+  for (int i = 0; i < count; ++i) {
+    check_device_weights(w[i]);
+    SPEAR_CHECK(y[i], "w4a16_tune_decode: null y[{}]", i);
+  }
+  if (m <= 0) return false;
+  return tune_decode(x, m, w, count, y, flush, flush ? flush_bytes : 0, sm_count, stream, reps);
+}
+
+bool w4a16_decode_tuned(int m, const W4Device* w, int count) {
+  return m <= 0 || count < 1 || count > kW4MaxGrouped || decode_tuned(m, w, count);
+}
+
+void w4a16_clear_tuning() { clear_tuning(); }
+
+std::pair<int, int> w4a16_decode_plan(int m, const W4Device* w, int count, int sm_count) {
+  if (m <= 0 || !w || count < 1 || count > kW4MaxGrouped) return {0, 0};
+  const W4GemmOptions o = options_now();
+  if (o.path == 2) return {0, 0};
+  return decode_plan(m, w, count, sm_count);
 }
 
 void w4a16_gemm_reference(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfloat16* bias, float* y,

@@ -14,6 +14,7 @@
 // Raw pointers and a stream, nothing of the engine (backend/cuda/cuda_backend.* owns memory).
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include <cuda_bf16.h>
@@ -81,6 +82,23 @@ constexpr int kW4MaxGrouped = 4;
 void w4a16_gemm_grouped(const __nv_bfloat16* x, int m, const W4Device* w, int count,
                         const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, void* workspace,
                         size_t workspace_bytes, int sm_count, cudaStream_t stream);
+
+// Decode-kernel plan tuning (m <= 32). The kernel's plan (16-row tiles per CTA × CTAs per cluster along k) comes
+// from a time model that can be 1.5-2x off the best plan on some shapes; tuning times every plan the kernel can
+// run for this launch and keeps the fastest for every later launch with the same token tiles (m rounded up to
+// 8, 16 or 32) and matrices (count, each n, k, grouping), process-wide. Each timed call follows a write of
+// flush_bytes at flush (>= 2 × L2: every call reads its weights from DRAM, as in a decode step of a model that
+// does not fit in L2; null: no flush). Synchronizes the stream: never during graph capture. y receives
+// scratch results. Returns false when the decode kernel does not take this launch (m > 32, mixed per-channel
+// and grouped matrices); forced plans (W4GemmOptions) still win over tuned ones.
+bool w4a16_tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y,
+                       void* flush, size_t flush_bytes, int sm_count, cudaStream_t stream, int reps = 5);
+// True when this launch has a tuned plan or the decode kernel does not take it (nothing to tune).
+bool w4a16_decode_tuned(int m, const W4Device* w, int count);
+void w4a16_clear_tuning();  // forget every tuned plan (tests, benchmarks)
+// The decode plan a launch of this shape runs now: {16-row tiles per CTA, CTAs per cluster}; {0, 0} when the
+// decode kernel does not take it (benchmark reports).
+std::pair<int, int> w4a16_decode_plan(int m, const W4Device* w, int count, int sm_count);
 
 // Process-wide knobs, for tests, benchmarks and tuning (defaults from the environment when set, read at first
 // use: SPEAR_W4_PDL=0|1, SPEAR_W4_PATH=0|1|2, SPEAR_W4_DECODE_ROWS, SPEAR_W4_DECODE_SPLITS). Not thread-safe

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <utility>
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -34,6 +35,13 @@ void set_decode_max_smem(int T, bool grouped, int bytes);
 // (w4a16_decode.cu)
 bool launch_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
                    __nv_bfloat16* const* y, int sm_count, const W4GemmOptions& o, cudaStream_t stream);
+
+// Decode-plan tuning (w4a16_decode.cu; the public entry points in w4a16_gemm.cu check the arguments first).
+bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y, void* flush,
+                 size_t flush_bytes, int sm_count, cudaStream_t stream, int reps);
+bool decode_tuned(int m, const W4Device* w, int count);
+std::pair<int, int> decode_plan(int m, const W4Device* w, int count, int sm_count);
+void clear_tuning();
 
 // One launch with the optional cluster shape (1, cluster_y, 1) and programmatic stream serialization (PDL).
 template <typename Params>
