@@ -49,6 +49,7 @@ struct AttentionParams {
   int n_heads = 0, n_kv_heads = 0, head_dim = 0;
   int window = 0;  // sliding window in tokens (query attends to keys with pos > p - window); 0 = unlimited
   float scale = 1.f;
+  bool kv_appended = false;  // k and v of this step are already in the cache (Backend::rope_qk returned true)
 };
 
 // Rotary embedding frequencies, one per pair of dimensions (head_dim / 2), already scaled (llama3/linear).
@@ -132,7 +133,17 @@ class Backend {
   // In-place rotary embedding of x [T, n_heads * head_dim] (rotate-half convention of HF Llama).
   virtual void rope(Tensor& x, int n_heads, int head_dim, std::span<const int32_t> positions,
                     const RopeTable& table) = 0;
-  // Appends k, v [T, kv_dim] to the cache and computes causal (optionally windowed) GQA attention of
+  // RoPE of q and k before attention (in place). A backend may also append k and v to the cache here (one
+  // launch on the GPU) and return true; the caller then sets AttentionParams::kv_appended so that attention
+  // does not append them again.
+  virtual bool rope_qk(Tensor& q, Tensor& k, const Tensor& v, int n_heads, int n_kv_heads, int head_dim,
+                       std::span<const int32_t> positions, const RopeTable& table, KvCache& cache, int layer) {
+    (void)v, (void)cache, (void)layer;
+    rope(q, n_heads, head_dim, positions, table);
+    rope(k, n_kv_heads, head_dim, positions, table);
+    return false;
+  }
+  // Appends k, v [T, kv_dim] to the cache (unless p.kv_appended) and computes causal (optionally windowed) GQA attention of
   // q [T, n_heads * head_dim] for every sequence slice; out [T, n_heads * head_dim].
   virtual void attention(const Tensor& q, const Tensor& k, const Tensor& v, std::span<const SeqSlice> seqs,
                          KvCache& cache, const AttentionParams& p, Tensor& out) = 0;
@@ -140,6 +151,11 @@ class Backend {
   virtual void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
   // x += y
   virtual void add(Tensor& x, const Tensor& y) = 0;
+  // x += y, then out = rms_norm(x): the residual add and the next norm (one launch on the GPU). out != x.
+  virtual void add_rms_norm(Tensor& x, const Tensor& y, const Tensor& w, float eps, Tensor& out) {
+    add(x, y);
+    rms_norm(x, w, eps, out);
+  }
   // ids[r] = argmax_c x[r, c] (first on ties); ids is [rows, 1] I32 from alloc_ids().
   virtual void argmax_rows(const Tensor& x, Tensor& ids) = 0;
   virtual Tensor alloc_ids(int64_t rows) = 0;

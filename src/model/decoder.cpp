@@ -235,7 +235,8 @@ void Model::run_layer(int li, Tensor& x, const Batch& batch, KvCache& cache, con
   run_layer_desc(li, x, d, cache, taps);
 }
 
-void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache, const TapFn* taps) {
+void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache, const TapFn* taps,
+                           Tensor* residual) {
   Backend& be = backend_;
   const ModelConfig& c = cfg_;
   const int64_t T = x.rows;
@@ -251,7 +252,13 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
   Tensor gate = be.alloc(T, c.intermediate_size), up = be.alloc(T, c.intermediate_size);
 
   DecoderLayer& L = layers_[size_t(li)];
-  be.rms_norm(x, L.attn_norm, float(c.rms_norm_eps), h);
+  const float eps = float(c.rms_norm_eps);
+  if (residual && residual->data) {
+    be.add_rms_norm(x, *residual, L.attn_norm, eps, h);
+    *residual = Tensor();
+  } else {
+    be.rms_norm(x, L.attn_norm, eps, h);
+  }
   // Without taps, modules that share an input run as one group (one launch on the GPU).
   auto run_group = [&](std::initializer_list<const Linear*> ls, std::initializer_list<Tensor*> outs) {
     if (taps) {
@@ -263,9 +270,8 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
     }
   };
   run_group({L.q.get(), L.k.get(), L.v.get()}, {&q, &k, &v});
-  be.rope(q, c.num_heads, c.head_dim, pos, rope_);
-  be.rope(k, c.num_kv_heads, c.head_dim, pos, rope_);
   AttentionParams ap;
+  ap.kv_appended = be.rope_qk(q, k, v, c.num_heads, c.num_kv_heads, c.head_dim, pos, rope_, cache, li);
   ap.layer = li;
   ap.n_heads = c.num_heads;
   ap.n_kv_heads = c.num_kv_heads;
@@ -274,29 +280,37 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
   ap.scale = 1.f / std::sqrt(float(c.head_dim));
   be.attention(q, k, v, d.seqs, cache, ap, att);
   run_linear(*L.o, att, tmp);
-  be.add(x, tmp);
-
-  be.rms_norm(x, L.mlp_norm, float(c.rms_norm_eps), h);
+  be.add_rms_norm(x, tmp, L.mlp_norm, eps, h);
   run_group({L.gate.get(), L.up.get()}, {&gate, &up});
   be.swiglu(gate, up, gate);
-  run_linear(*L.down, gate, tmp);
-  be.add(x, tmp);
+  Tensor mlp_out = be.alloc(T, c.hidden_size);
+  run_linear(*L.down, gate, mlp_out);
+  if (residual && !taps)
+    *residual = mlp_out;
+  else
+    be.add(x, mlp_out);
   if (taps) (*taps)("model.layers." + std::to_string(li), TapPoint::Output, x);
 }
 
 std::vector<float> Model::logits(const Tensor& x, const Batch& batch, LogitsMode mode, const TapFn* taps) {
   BatchDesc d = describe(batch);
-  Tensor out = logits_desc(x, d, mode, taps);
+  Tensor xv = x;  // a view (logits_desc takes the residual stream by reference for its fused add)
+  Tensor out = logits_desc(xv, d, mode, taps);
   if (mode == LogitsMode::None) return {};
   std::vector<float> host(static_cast<size_t>(out.numel()));
   backend_.download(out, host.data());
   return host;
 }
 
-Tensor Model::logits_desc(const Tensor& x, const BatchDesc& d, LogitsMode mode, const TapFn* taps) {
+Tensor Model::logits_desc(Tensor& x, const BatchDesc& d, LogitsMode mode, const TapFn* taps, Tensor* residual) {
   Backend& be = backend_;
   Tensor h = be.alloc(x.rows, cfg_.hidden_size);
-  be.rms_norm(x, final_norm_, float(cfg_.rms_norm_eps), h);
+  if (residual && residual->data) {
+    be.add_rms_norm(x, *residual, final_norm_, float(cfg_.rms_norm_eps), h);
+    *residual = Tensor();
+  } else {
+    be.rms_norm(x, final_norm_, float(cfg_.rms_norm_eps), h);
+  }
   if (taps) (*taps)("model.norm", TapPoint::Output, h);
   if (mode == LogitsMode::None) return {};
   Tensor sel = h;
@@ -315,8 +329,9 @@ std::vector<float> Model::forward(const Batch& batch, KvCache& cache, LogitsMode
   const BatchDesc d = describe(batch);
   backend_.begin_batch(d, cache);
   Tensor x = embed_tokens(d.tokens);
-  for (int li = 0; li < cfg_.num_layers; ++li) run_layer_desc(li, x, d, cache, taps);
-  Tensor out = logits_desc(x, d, mode, taps);
+  Tensor residual;
+  for (int li = 0; li < cfg_.num_layers; ++li) run_layer_desc(li, x, d, cache, taps, &residual);
+  Tensor out = logits_desc(x, d, mode, taps, &residual);
   if (mode == LogitsMode::None) return {};
   std::vector<float> host(static_cast<size_t>(out.numel()));
   backend_.download(out, host.data());
@@ -330,8 +345,9 @@ std::vector<int32_t> Model::forward_greedy(const Batch& batch, KvCache& cache) {
   backend_.begin_batch(d, cache);
   auto body = [&] {
     Tensor x = embed_tokens(d.tokens);
-    for (int li = 0; li < cfg_.num_layers; ++li) run_layer_desc(li, x, d, cache, nullptr);
-    Tensor logits = logits_desc(x, d, LogitsMode::LastPerSeq, nullptr);
+    Tensor residual;
+    for (int li = 0; li < cfg_.num_layers; ++li) run_layer_desc(li, x, d, cache, nullptr, &residual);
+    Tensor logits = logits_desc(x, d, LogitsMode::LastPerSeq, nullptr, &residual);
     Tensor ids = backend_.alloc_ids(logits.rows);
     backend_.argmax_rows(logits, ids);
     return ids;

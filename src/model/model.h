@@ -96,8 +96,12 @@ class Model {
   BatchDesc describe(const Batch& batch) const;
   // The pass on a described batch (begin_batch already called): what embed/run_layer/logits do.
   Tensor embed_tokens(std::span<const int32_t> tokens);
-  void run_layer_desc(int layer, Tensor& x, const BatchDesc& d, KvCache& cache, const TapFn* taps);
-  Tensor logits_desc(const Tensor& x, const BatchDesc& d, LogitsMode mode, const TapFn* taps);
+  // residual: when given (and no taps), the layer's last residual add is left to the caller as *residual
+  // (x + *residual is the layer's output), and a non-empty *residual on entry is added first: each add then
+  // runs fused with the norm that follows it (Backend::add_rms_norm), the next layer's or the final one.
+  void run_layer_desc(int layer, Tensor& x, const BatchDesc& d, KvCache& cache, const TapFn* taps,
+                      Tensor* residual = nullptr);
+  Tensor logits_desc(Tensor& x, const BatchDesc& d, LogitsMode mode, const TapFn* taps, Tensor* residual = nullptr);
 };
 
 // Per-architecture registry (model/architectures.cpp) and the model config loader that uses it.

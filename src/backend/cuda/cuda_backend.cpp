@@ -16,6 +16,7 @@
 #include "backend/cuda/ec_naive.h"
 #include "backend/cuda/elementwise.h"
 #include "backend/cuda/rms_norm.h"
+#include "backend/cuda/rope_kv_append.h"
 #include "core/dtype.h"
 #include "core/error.h"
 #include "spear/compensator.h"
@@ -524,15 +525,36 @@ void CudaBackend::linear_group(const Tensor& x, std::span<const Linear* const> l
                      stream_);
 }
 
-void CudaBackend::rope(Tensor& x, int n_heads, int head_dim, std::span<const int32_t> positions,
-                       const RopeTable& table) {
-  auto prof = prof_->scope("rope");
+const float* CudaBackend::rope_inv_freq(const RopeTable& table) {
   auto it = rope_tables_.find(&table);
   if (it == rope_tables_.end()) {
     SPEAR_CHECK(!capturing_, "cuda backend: RoPE table first seen inside a graph capture");
     it = rope_tables_.emplace(&table, upload_bytes(table.inv_freq.data(), table.inv_freq.size() * 4)).first;
   }
-  rope_bf16(bf(x), int(x.rows), n_heads, head_dim, device_ints(positions), it->second.as<float>(), stream_);
+  return it->second.as<float>();
+}
+
+void CudaBackend::rope(Tensor& x, int n_heads, int head_dim, std::span<const int32_t> positions,
+                       const RopeTable& table) {
+  auto prof = prof_->scope("rope");
+  rope_bf16(bf(x), int(x.rows), n_heads, head_dim, device_ints(positions), rope_inv_freq(table), stream_);
+}
+
+bool CudaBackend::rope_qk(Tensor& q, Tensor& k, const Tensor& v, int n_heads, int n_kv_heads, int head_dim,
+                          std::span<const int32_t> positions, const RopeTable& table, KvCache& cache, int layer) {
+  auto* kv = dynamic_cast<CudaKvCache*>(&cache);
+  // The fused kernel needs this batch's device arrays (begin_batch); otherwise the plain path.
+  if (!kv || kv != batch_cache_ || !batch_ || positions.data() != batch_->positions.data())
+    return Backend::rope_qk(q, k, v, n_heads, n_kv_heads, head_dim, positions, table, cache, layer);
+  check_bf16(q, "rope q");
+  check_bf16(k, "rope k");
+  check_bf16(v, "attention v");
+  SPEAR_CHECK(k.cols == int64_t(n_kv_heads) * head_dim, "rope_qk: k has {} columns, {} KV heads of {} need {}", k.cols,
+              n_kv_heads, head_dim, int64_t(n_kv_heads) * head_dim);
+  auto prof = prof_->scope("rope_kv_append");
+  rope_kv_append_bf16(bf(q), bf(k), bf(v), int(q.rows), n_heads, head_dim, device_ints(positions),
+                      rope_inv_freq(table), d_token_seq_, d_seqs_, kv->layer(layer), stream_);
+  return true;
 }
 
 void CudaBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, std::span<const SeqSlice> seqs,
@@ -542,7 +564,7 @@ void CudaBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, s
               "cuda backend: attention must run on the batch and KV cache given to begin_batch");
   const PagedKvLayer layer = kv->layer(p.layer);
   const int T = int(q.rows);
-  {
+  if (!p.kv_appended) {
     auto prof = prof_->scope("kv_append");
     kv_append_bf16(bf(k), bf(v), T, d_token_seq_, d_seqs_, layer, stream_);
   }
@@ -577,6 +599,17 @@ void CudaBackend::swiglu(const Tensor& gate, const Tensor& up, Tensor& out) {
 void CudaBackend::add(Tensor& x, const Tensor& y) {
   auto prof = prof_->scope("add");
   add_bf16(bf(x), bf(y), x.numel(), stream_);
+}
+
+void CudaBackend::add_rms_norm(Tensor& x, const Tensor& y, const Tensor& w, float eps, Tensor& out) {
+  check_bf16(x, "residual");
+  check_bf16(y, "residual update");
+  SPEAR_CHECK(x.rows == y.rows && x.cols == y.cols && out.rows == x.rows && out.cols == x.cols && w.numel() == x.cols,
+              "add_rms_norm: shapes [{}, {}], [{}, {}], out [{}, {}], weight {}", x.rows, x.cols, y.rows, y.cols,
+              out.rows, out.cols, w.numel());
+  SPEAR_CHECK(out.data != x.data && out.data != y.data, "add_rms_norm: out must not alias x or y");
+  auto prof = prof_->scope("add_rms_norm");
+  add_rms_norm_bf16(bf(x), bf(y), bf(w), bf(out), int(x.rows), int(x.cols), eps, stream_);
 }
 
 void CudaBackend::argmax_rows(const Tensor& x, Tensor& ids) {

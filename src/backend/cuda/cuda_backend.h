@@ -119,6 +119,9 @@ class CudaBackend : public Backend {
                  KvCache& cache, const AttentionParams& p, Tensor& out) override;
   void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) override;
   void add(Tensor& x, const Tensor& y) override;
+  void add_rms_norm(Tensor& x, const Tensor& y, const Tensor& w, float eps, Tensor& out) override;
+  bool rope_qk(Tensor& q, Tensor& k, const Tensor& v, int n_heads, int n_kv_heads, int head_dim,
+               std::span<const int32_t> positions, const RopeTable& table, KvCache& cache, int layer) override;
   void argmax_rows(const Tensor& x, Tensor& ids) override;
 
   int sm_count() const { return sm_count_; }
@@ -133,6 +136,7 @@ class CudaBackend : public Backend {
   // eager runs only, since tuning synchronizes; the first run of every graph key is eager (run_graph).
   void tune_w4_once(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y);
   void drop_graphs();
+  const float* rope_inv_freq(const RopeTable& table);  // the table's device copy (uploaded at first use)
   // y += B·(g ⊙ A·x), as separate cuBLAS SGEMMs and element-wise kernels (ec_naive.h).
   void apply_ec_naive(const CudaEc& ec, const Tensor& x, Tensor& y);
   void sgemm_nt(const float* x, int T, int k, const float* w, int n, float* y);  // y[T,n] = x[T,k]·w[n,k]ᵀ

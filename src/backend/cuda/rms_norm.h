@@ -10,4 +10,9 @@ namespace spear::cuda {
 void rms_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* out, int rows, int d, float eps,
                    cudaStream_t stream);
 
+// x += y (one bf16 rounding, as add_bf16), then out = RMSNorm(x): bit-identical to add_bf16 then rms_norm_bf16,
+// in one launch (out must not alias x or y).
+void add_rms_norm_bf16(__nv_bfloat16* x, const __nv_bfloat16* y, const __nv_bfloat16* w, __nv_bfloat16* out,
+                       int rows, int d, float eps, cudaStream_t stream);
+
 }  // namespace spear::cuda

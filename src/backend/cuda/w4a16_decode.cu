@@ -37,9 +37,9 @@ constexpr int kDecMaxMats = 4;
 // k-blocks of weights in flight per warp (4 registers each), within the 128 registers of 2 CTAs per SM.
 // (8 measured faster than 16 on the H200 for T = 1 and 2 once the ring refills in place: dev/cuda/w4_stream_lab.cu.)
 __host__ __device__ constexpr int dec_pipe(int, bool) { return 8; }
-// CTAs per SM the registers allow (launch bounds): three where 80 registers suffice (T = 1, T = 2 per channel),
-// so that 24 warps hide the load latency; two otherwise (T = 2 grouped spills at 80).
-__host__ __device__ constexpr int dec_min_blocks(int T, bool grouped) { return T == 1 || (T == 2 && !grouped) ? 3 : 2; }
+// CTAs per SM the registers allow (launch bounds): three for per-channel T <= 2, so that 24 warps hide the load
+// latency (80 registers suffice); two otherwise (the grouped instances spill at 80).
+__host__ __device__ constexpr int dec_min_blocks(int T, bool grouped) { return T <= 2 && !grouped ? 3 : 2; }
 
 struct W4DecMat {
   const uint4* q;

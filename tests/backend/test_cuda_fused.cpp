@@ -1,0 +1,141 @@
+// The fused decoder kernels against the kernels they replace, bit for bit: add_rms_norm_bf16 = add_bf16 then
+// rms_norm_bf16; rope_kv_append_bf16 = rope_bf16 on q and on k then kv_append_bf16 (odd sizes, several
+// sequences on scattered pages, positions past 2^16).
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <random>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "backend/cuda/attention.h"
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/elementwise.h"
+#include "backend/cuda/rms_norm.h"
+#include "backend/cuda/rope_kv_append.h"
+#include "core/dtype.h"
+
+namespace spear {
+
+namespace {
+
+template <typename T>
+class Dev {
+ public:
+  explicit Dev(const std::vector<T>& h) : n_(h.size()) {
+    SPEAR_CUDA_CHECK(cudaMalloc(&p_, std::max<size_t>(n_, 1) * sizeof(T)));
+    SPEAR_CUDA_CHECK(cudaMemcpy(p_, h.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  ~Dev() { cudaFree(p_); }
+  Dev(const Dev&) = delete;
+  Dev& operator=(const Dev&) = delete;
+  T* get() const { return p_; }
+  std::vector<T> download() const {
+    std::vector<T> h(n_);
+    SPEAR_CUDA_CHECK(cudaMemcpy(h.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+  }
+
+ private:
+  T* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+__nv_bfloat16* bf(const Dev<uint16_t>& d) { return reinterpret_cast<__nv_bfloat16*>(d.get()); }
+
+std::vector<uint16_t> random_bits(size_t n, std::mt19937& rng, float sd) {
+  std::normal_distribution<float> nd(0.f, sd);
+  std::vector<uint16_t> v(n);
+  for (auto& x : v) x = f32_to_bf16(nd(rng));
+  return v;
+}
+
+}  // namespace
+
+TEST(CudaFused, AddRmsNormEqualsAddThenNorm) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(41);
+  for (auto [rows, d] : {std::pair{1, 64}, {3, 777}, {8, 2048}, {33, 4096}}) {
+    const auto x = random_bits(size_t(rows) * d, rng, 3.f), y = random_bits(size_t(rows) * d, rng, 1.f);
+    const auto w = random_bits(size_t(d), rng, 0.5f);
+    Dev<uint16_t> xa(x), ya(y), xb(x), yb(y), dw(w), outa(std::vector<uint16_t>(x.size(), 0xffff)),
+        outb(std::vector<uint16_t>(x.size(), 0xffff));
+    cuda::add_bf16(bf(xa), bf(ya), int64_t(x.size()), nullptr);
+    cuda::rms_norm_bf16(bf(xa), bf(dw), bf(outa), rows, d, 1e-5f, nullptr);
+    cuda::add_rms_norm_bf16(bf(xb), bf(yb), bf(dw), bf(outb), rows, d, 1e-5f, nullptr);
+    SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_TRUE(xa.download() == xb.download()) << rows << "x" << d << ": residual sums differ";
+    EXPECT_TRUE(outa.download() == outb.download()) << rows << "x" << d << ": normed outputs differ";
+  }
+}
+
+TEST(CudaFused, RopeKvAppendEqualsRopeThenAppend) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(42);
+  struct Case {
+    int n_heads, n_kv_heads, head_dim;
+    std::vector<std::pair<int, int>> seqs;  // (pos0, n_tokens)
+  };
+  const Case cases[] = {{32, 8, 64, {{0, 1}, {70000, 1}, {17, 1}}},  // decode, three sequences
+                        {6, 2, 10, {{5, 9}, {0, 23}}},                // prefill, odd head_dim / 2
+                        {4, 4, 128, {{31, 2}}}};
+  for (const Case& c : cases) {
+    const int kv_dim = c.n_kv_heads * c.head_dim, q_dim = c.n_heads * c.head_dim;
+    // Sequence i in slot i + 1; pages handed out in reverse order so that they are not contiguous.
+    int max_len = 0, T = 0;
+    for (auto [p0, n] : c.seqs) max_len = std::max(max_len, p0 + n), T += n;
+    const int max_blocks = (max_len + cuda::kBlockTokens - 1) / cuda::kBlockTokens;
+    const int n_slots = int(c.seqs.size()) + 1;
+    std::vector<int32_t> table(size_t(n_slots) * max_blocks, -1);
+    int next = 0;
+    std::vector<int32_t> token_seq, positions;
+    std::vector<cuda::DevSeq> seqs;
+    for (int i = 0, tb = 0; i < int(c.seqs.size()); ++i) {
+      auto [p0, n] = c.seqs[size_t(i)];
+      seqs.push_back({tb, n, p0, i + 1});
+      for (int j = 0; j < n; ++j) token_seq.push_back(i), positions.push_back(p0 + j);
+      for (int b = p0 / cuda::kBlockTokens; b <= (p0 + n - 1) / cuda::kBlockTokens; ++b)
+        table[size_t(i + 1) * max_blocks + b] = next++;
+      tb += n;
+    }
+    const int n_blocks = next;
+    std::vector<int32_t> rev(table);  // reverse the page order
+    for (auto& b : rev)
+      if (b >= 0) b = n_blocks - 1 - b;
+    std::vector<float> inv_freq(size_t(c.head_dim / 2));
+    for (size_t i = 0; i < inv_freq.size(); ++i) inv_freq[i] = std::pow(500000.f, -2.f * float(i) / float(c.head_dim));
+
+    const auto q = random_bits(size_t(T) * q_dim, rng, 1.f), k = random_bits(size_t(T) * kv_dim, rng, 1.f),
+               v = random_bits(size_t(T) * kv_dim, rng, 1.f);
+    const std::vector<uint16_t> pool(size_t(n_blocks) * cuda::kBlockTokens * kv_dim, 0);
+    Dev<int32_t> dtab(rev), dtok(token_seq), dpos(positions);
+    Dev<cuda::DevSeq> dseqs(seqs);
+    Dev<float> dfreq(inv_freq);
+    Dev<uint16_t> qa(q), ka(k), va(v), qb(q), kb(k), vb(v), pka(pool), pva(pool), pkb(pool), pvb(pool);
+    auto layer = [&](const Dev<uint16_t>& pk, const Dev<uint16_t>& pv) {
+      cuda::PagedKvLayer l;
+      l.k = bf(pk);
+      l.v = bf(pv);
+      l.block_table = dtab.get();
+      l.max_blocks = max_blocks;
+      l.kv_dim = kv_dim;
+      return l;
+    };
+    cuda::rope_bf16(bf(qa), T, c.n_heads, c.head_dim, dpos.get(), dfreq.get(), nullptr);
+    cuda::rope_bf16(bf(ka), T, c.n_kv_heads, c.head_dim, dpos.get(), dfreq.get(), nullptr);
+    cuda::kv_append_bf16(bf(ka), bf(va), T, dtok.get(), dseqs.get(), layer(pka, pva), nullptr);
+    cuda::rope_kv_append_bf16(bf(qb), bf(kb), bf(vb), T, c.n_heads, c.head_dim, dpos.get(), dfreq.get(), dtok.get(),
+                              dseqs.get(), layer(pkb, pvb), nullptr);
+    SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
+    const std::string what = "heads " + std::to_string(c.n_heads) + "/" + std::to_string(c.n_kv_heads) + " x " +
+                             std::to_string(c.head_dim) + ", T " + std::to_string(T);
+    EXPECT_TRUE(qa.download() == qb.download()) << what << ": q differs";
+    EXPECT_TRUE(ka.download() == kb.download()) << what << ": k differs";
+    EXPECT_TRUE(pka.download() == pkb.download()) << what << ": cached k differs";
+    EXPECT_TRUE(pva.download() == pvb.download()) << what << ": cached v differs";
+    EXPECT_FALSE(pka.download() == pool) << what << ": nothing appended";
+  }
+}
+
+}  // namespace spear
