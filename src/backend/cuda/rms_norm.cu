@@ -1,3 +1,9 @@
+// RMSNorm and the fused residual add + RMSNorm: one block per row, fp32 statistics. When the width is a
+// multiple of 8 and the rows are 16-byte aligned, each thread moves 8 bf16 per access (kVec); both kernels then
+// sum x² in the same order (thread t: the 8-element groups t, t + kThreads, ...), so the fused kernel stays
+// bit-identical to add_bf16 followed by rms_norm_bf16.
+#include <cstdint>
+
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/rms_norm.h"
 
@@ -5,20 +11,15 @@ namespace spear::cuda {
 
 namespace {
 
-// One block per row; each thread accumulates a strided slice of x², then a block reduction.
-template <int kThreads>
-__global__ void rms_norm_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
-                                __nv_bfloat16* out, int d, float eps) {
-  const size_t row = blockIdx.x;
-  const __nv_bfloat16* xr = x + row * d;
-  float ss = 0.f;
-  for (int i = threadIdx.x; i < d; i += kThreads) {
-    float v = __bfloat162float(xr[i]);
-    ss += v * v;
-  }
+using bf16 = __nv_bfloat16;
+using bf162 = __nv_bfloat162;
+constexpr int kThreads = 256;
+
+// Block-wide sum of every thread's `v`.
+__device__ __forceinline__ float block_sum(float v) {
   __shared__ float warp_sums[kThreads / 32];
-  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = ss;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
   __syncthreads();
   if (threadIdx.x < 32) {
     float t = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : 0.f;
@@ -26,41 +27,101 @@ __global__ void rms_norm_kernel(const __nv_bfloat16* __restrict__ x, const __nv_
     if (threadIdx.x == 0) warp_sums[0] = t;
   }
   __syncthreads();
-  const float inv = rsqrtf(warp_sums[0] / float(d) + eps);
-  __nv_bfloat16* orow = out + row * d;
-  for (int i = threadIdx.x; i < d; i += kThreads)
-    orow[i] = __float2bfloat16(__bfloat162float(w[i]) * (__bfloat162float(xr[i]) * inv));
+  return warp_sums[0];
 }
 
-// x += y (fp32 add, one bf16 rounding, as add_bf16), then out = RMSNorm(x) of the rounded sum (as rms_norm_bf16):
-// the residual add and the next norm of a decoder layer in one pass over the row, bit-identical to the two.
-template <int kThreads>
-__global__ void add_rms_norm_kernel(__nv_bfloat16* x, const __nv_bfloat16* __restrict__ y,
-                                    const __nv_bfloat16* __restrict__ w, __nv_bfloat16* out, int d, float eps) {
+// out[i] = w[i] · (x[i] · inv) for the row (x already final).
+template <bool kVec>
+__device__ __forceinline__ void scale_row(const bf16* xr, const bf16* __restrict__ w, bf16* orow, int d,
+                                          float inv) {  // (orow may alias xr: no __restrict__ on them)
+  if constexpr (kVec) {
+    for (int g = threadIdx.x; g < d / 8; g += kThreads) {
+      uint4 xv = reinterpret_cast<const uint4*>(xr)[g];
+      const uint4 wv = reinterpret_cast<const uint4*>(w)[g];
+      const bf162* xh = reinterpret_cast<const bf162*>(&xv);
+      const bf162* wh = reinterpret_cast<const bf162*>(&wv);
+      uint4 o;
+      bf162* oh = reinterpret_cast<bf162*>(&o);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 a = __bfloat1622float2(xh[j]), b = __bfloat1622float2(wh[j]);
+        oh[j] = __floats2bfloat162_rn(b.x * (a.x * inv), b.y * (a.y * inv));
+      }
+      reinterpret_cast<uint4*>(orow)[g] = o;
+    }
+  } else {
+    for (int i = threadIdx.x; i < d; i += kThreads)
+      orow[i] = __float2bfloat16(__bfloat162float(w[i]) * (__bfloat162float(xr[i]) * inv));
+  }
+}
+
+template <bool kVec>
+__global__ void __launch_bounds__(kThreads) rms_norm_kernel(const bf16* x, const bf16* __restrict__ w, bf16* out,
+                                                            int d, float eps) {
   const size_t row = blockIdx.x;
-  __nv_bfloat16* xr = x + row * d;
-  const __nv_bfloat16* yr = y + row * d;
+  const bf16* xr = x + row * d;
   float ss = 0.f;
-  for (int i = threadIdx.x; i < d; i += kThreads) {
-    const __nv_bfloat16 s = __float2bfloat16_rn(__bfloat162float(xr[i]) + __bfloat162float(yr[i]));
-    xr[i] = s;
-    const float v = __bfloat162float(s);
-    ss += v * v;
+  if constexpr (kVec) {
+    for (int g = threadIdx.x; g < d / 8; g += kThreads) {
+      const uint4 v = reinterpret_cast<const uint4*>(xr)[g];
+      const bf162* h = reinterpret_cast<const bf162*>(&v);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = __bfloat1622float2(h[j]);
+        ss += f.x * f.x;
+        ss += f.y * f.y;
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < d; i += kThreads) {
+      const float v = __bfloat162float(xr[i]);
+      ss += v * v;
+    }
   }
-  __shared__ float warp_sums[kThreads / 32];
-  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = ss;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float t = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : 0.f;
-    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-    if (threadIdx.x == 0) warp_sums[0] = t;
+  const float inv = rsqrtf(block_sum(ss) / float(d) + eps);
+  scale_row<kVec>(xr, w, out + row * d, d, inv);  // out may alias x: each thread rewrites only what it read
+}
+
+// x += y (fp32 add, one bf16 rounding, as add_bf16), then out = RMSNorm(x) of the rounded sum.
+template <bool kVec>
+__global__ void __launch_bounds__(kThreads) add_rms_norm_kernel(bf16* __restrict__ x, const bf16* __restrict__ y,
+                                                                const bf16* __restrict__ w, bf16* __restrict__ out,
+                                                                int d, float eps) {
+  const size_t row = blockIdx.x;
+  bf16* xr = x + row * d;
+  const bf16* yr = y + row * d;
+  float ss = 0.f;
+  if constexpr (kVec) {
+    for (int g = threadIdx.x; g < d / 8; g += kThreads) {
+      uint4 a = reinterpret_cast<const uint4*>(xr)[g];
+      const uint4 b = reinterpret_cast<const uint4*>(yr)[g];
+      bf162* ah = reinterpret_cast<bf162*>(&a);
+      const bf162* bh = reinterpret_cast<const bf162*>(&b);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 fa = __bfloat1622float2(ah[j]), fb = __bfloat1622float2(bh[j]);
+        ah[j] = __floats2bfloat162_rn(fa.x + fb.x, fa.y + fb.y);
+        const float2 f = __bfloat1622float2(ah[j]);
+        ss += f.x * f.x;
+        ss += f.y * f.y;
+      }
+      reinterpret_cast<uint4*>(xr)[g] = a;
+    }
+  } else {
+    for (int i = threadIdx.x; i < d; i += kThreads) {
+      const bf16 s = __float2bfloat16_rn(__bfloat162float(xr[i]) + __bfloat162float(yr[i]));
+      xr[i] = s;
+      const float v = __bfloat162float(s);
+      ss += v * v;
+    }
   }
-  __syncthreads();
-  const float inv = rsqrtf(warp_sums[0] / float(d) + eps);
-  __nv_bfloat16* orow = out + row * d;
-  for (int i = threadIdx.x; i < d; i += kThreads)  // each thread reads back only the elements it wrote
-    orow[i] = __float2bfloat16(__bfloat162float(w[i]) * (__bfloat162float(xr[i]) * inv));
+  const float inv = rsqrtf(block_sum(ss) / float(d) + eps);
+  scale_row<kVec>(xr, w, out + row * d, d, inv);  // each thread reads back only the elements it wrote
+}
+
+bool vec_ok(int d, const void* a, const void* b, const void* c, const void* e) {
+  auto al = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return d % 8 == 0 && al(a) && al(b) && al(c) && al(e);
 }
 
 }  // namespace
@@ -68,16 +129,20 @@ __global__ void add_rms_norm_kernel(__nv_bfloat16* x, const __nv_bfloat16* __res
 void add_rms_norm_bf16(__nv_bfloat16* x, const __nv_bfloat16* y, const __nv_bfloat16* w, __nv_bfloat16* out,
                        int rows, int d, float eps, cudaStream_t stream) {
   if (rows == 0) return;
-  constexpr int kThreads = 256;
-  add_rms_norm_kernel<kThreads><<<rows, kThreads, 0, stream>>>(x, y, w, out, d, eps);
+  if (vec_ok(d, x, y, w, out))
+    add_rms_norm_kernel<true><<<rows, kThreads, 0, stream>>>(x, y, w, out, d, eps);
+  else
+    add_rms_norm_kernel<false><<<rows, kThreads, 0, stream>>>(x, y, w, out, d, eps);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 
 void rms_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* out, int rows, int d, float eps,
                    cudaStream_t stream) {
   if (rows == 0) return;
-  constexpr int kThreads = 256;
-  rms_norm_kernel<kThreads><<<rows, kThreads, 0, stream>>>(x, w, out, d, eps);
+  if (vec_ok(d, x, x, w, out))
+    rms_norm_kernel<true><<<rows, kThreads, 0, stream>>>(x, w, out, d, eps);
+  else
+    rms_norm_kernel<false><<<rows, kThreads, 0, stream>>>(x, w, out, d, eps);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 

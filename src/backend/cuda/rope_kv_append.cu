@@ -2,6 +2,8 @@
 // place and stored into the cache) and its v row (stored into the cache).
 #include "backend/cuda/rope_kv_append.h"
 
+#include <cstdint>
+
 #include "backend/cuda/cuda_check.h"
 
 namespace spear::cuda {
@@ -10,17 +12,38 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-__device__ __forceinline__ void rotate_pair(bf16* v, int i, int half, float c, float s, bf16* dst) {
-  const float a = __bfloat162float(v[i]), b = __bfloat162float(v[i + half]);
-  const bf16 lo = __float2bfloat16_rn(a * c - b * s), hi = __float2bfloat16_rn(b * c + a * s);
-  v[i] = lo;
-  v[i + half] = hi;
-  if (dst) {
-    dst[i] = lo;
-    dst[i + half] = hi;
+using bf162 = __nv_bfloat162;
+
+// Rotates the pair (v[i], v[i + half]) in place and copies it to dst (when given). kPairs2: two adjacent pairs
+// (i, i + 1) at once through bf16x2 accesses.
+template <bool kPairs2>
+__device__ __forceinline__ void rotate(bf16* v, int i, int half, const float* cs, const float* sn, bf16* dst) {
+  if constexpr (kPairs2) {
+    bf162* p1 = reinterpret_cast<bf162*>(v + i);
+    bf162* p2 = reinterpret_cast<bf162*>(v + i + half);
+    const float2 a = __bfloat1622float2(*p1), b = __bfloat1622float2(*p2);
+    const float c0 = cs[i], c1 = cs[i + 1], s0 = sn[i], s1 = sn[i + 1];
+    const bf162 lo = __floats2bfloat162_rn(a.x * c0 - b.x * s0, a.y * c1 - b.y * s1);
+    const bf162 hi = __floats2bfloat162_rn(b.x * c0 + a.x * s0, b.y * c1 + a.y * s1);
+    *p1 = lo;
+    *p2 = hi;
+    if (dst) {
+      *reinterpret_cast<bf162*>(dst + i) = lo;
+      *reinterpret_cast<bf162*>(dst + i + half) = hi;
+    }
+  } else {
+    const float a = __bfloat162float(v[i]), b = __bfloat162float(v[i + half]);
+    const bf16 lo = __float2bfloat16_rn(a * cs[i] - b * sn[i]), hi = __float2bfloat16_rn(b * cs[i] + a * sn[i]);
+    v[i] = lo;
+    v[i + half] = hi;
+    if (dst) {
+      dst[i] = lo;
+      dst[i + half] = hi;
+    }
   }
 }
 
+template <bool kPairs2>
 __global__ void rope_kv_append_kernel(bf16* q, bf16* k, const bf16* __restrict__ v, int n_heads, int head_dim,
                                       const int32_t* __restrict__ positions, const float* __restrict__ inv_freq,
                                       const int32_t* __restrict__ token_seq, const DevSeq* __restrict__ seqs,
@@ -51,18 +74,25 @@ __global__ void rope_kv_append_kernel(bf16* q, bf16* k, const bf16* __restrict__
   const int n_kv_heads = kv.kv_dim / head_dim;
   bf16* qt = q + size_t(t) * size_t(n_heads) * head_dim;
   bf16* kt = k + size_t(t) * size_t(kv.kv_dim);
-  for (int e = threadIdx.x; e < (n_heads + n_kv_heads) * half; e += blockDim.x) {
-    const int h = e / half, i = e - h * half;
+  constexpr int kStep = kPairs2 ? 2 : 1;
+  const int per_head = half / kStep;
+  for (int e = threadIdx.x; e < (n_heads + n_kv_heads) * per_head; e += blockDim.x) {
+    const int h = e / per_head, i = (e - h * per_head) * kStep;
     if (h < n_heads) {
-      rotate_pair(qt + size_t(h) * head_dim, i, half, cs[i], sn[i], nullptr);
+      rotate<kPairs2>(qt + size_t(h) * head_dim, i, half, cs, sn, nullptr);
     } else {
       const size_t off = size_t(h - n_heads) * head_dim;
-      rotate_pair(kt + off, i, half, cs[i], sn[i], kd ? kd + off : nullptr);
+      rotate<kPairs2>(kt + off, i, half, cs, sn, kd ? kd + off : nullptr);
     }
   }
   if (vd) {
     const bf16* vt = v + size_t(t) * size_t(kv.kv_dim);
-    for (int i = threadIdx.x; i < kv.kv_dim; i += blockDim.x) vd[i] = vt[i];
+    if (kPairs2 && kv.kv_dim % 8 == 0 && (reinterpret_cast<uintptr_t>(vt) | reinterpret_cast<uintptr_t>(vd)) % 16 == 0) {
+      for (int i = threadIdx.x; i < kv.kv_dim / 8; i += blockDim.x)
+        reinterpret_cast<uint4*>(vd)[i] = reinterpret_cast<const uint4*>(vt)[i];
+    } else {
+      for (int i = threadIdx.x; i < kv.kv_dim; i += blockDim.x) vd[i] = vt[i];
+    }
   }
 }
 
@@ -75,10 +105,18 @@ void rope_kv_append_bf16(__nv_bfloat16* q, __nv_bfloat16* k, const __nv_bfloat16
   SPEAR_CHECK(head_dim > 0 && head_dim % 2 == 0 && head_dim <= 1024, "rope_kv_append_bf16: head_dim {}", head_dim);
   SPEAR_CHECK(kv.kv_dim > 0 && kv.kv_dim % head_dim == 0 && kv.k && kv.v,
               "rope_kv_append_bf16: KV layer kv_dim {} is not a multiple of head_dim {}", kv.kv_dim, head_dim);
-  const int work = (n_heads + kv.kv_dim / head_dim) * (head_dim / 2);
+  // bf16x2 accesses when every pair start is 4-byte aligned (half even, all rows at even offsets).
+  auto al4 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 4 == 0; };
+  const bool pairs2 = (head_dim / 2) % 2 == 0 && al4(q) && al4(k) && al4(kv.k);
+  const int work = (n_heads + kv.kv_dim / head_dim) * (head_dim / 2) / (pairs2 ? 2 : 1);
   const int threads = work >= 256 ? 256 : (work + 31) / 32 * 32;
-  rope_kv_append_kernel<<<T, threads, size_t(head_dim) * sizeof(float), stream>>>(
-      q, k, v, n_heads, head_dim, positions, inv_freq, token_seq, seqs, kv);
+  const size_t smem = size_t(head_dim) * sizeof(float);
+  if (pairs2)
+    rope_kv_append_kernel<true><<<T, threads, smem, stream>>>(q, k, v, n_heads, head_dim, positions, inv_freq,
+                                                              token_seq, seqs, kv);
+  else
+    rope_kv_append_kernel<false><<<T, threads, smem, stream>>>(q, k, v, n_heads, head_dim, positions, inv_freq,
+                                                               token_seq, seqs, kv);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 
