@@ -1,0 +1,288 @@
+#include "runtime/engine.h"
+
+#include <algorithm>
+#include <span>
+
+#include "core/error.h"
+
+namespace spear {
+
+struct Engine::Seq {
+  uint64_t id = 0;
+  Request req;
+  EventFn cb;
+  std::vector<int32_t> tokens;  // prompt, then every generated token: what the KV cache must end up holding
+  int n_prompt = 0;
+  int computed = 0;  // tokens already in the KV cache
+  int slot = -1;
+  int generated = 0;
+  Sampler sampler;
+  std::unique_ptr<TextStream> text;
+  Seq(Request r, EventFn f, uint64_t i, const TextStream::Decode& decode)
+      : id(i), req(std::move(r)), cb(std::move(f)), sampler(req.sampling) {
+    tokens = req.prompt;
+    n_prompt = int(tokens.size());
+    if (decode) text = std::make_unique<TextStream>(decode, req.stop);
+  }
+  void emit(RequestEvent e) {
+    e.id = id;
+    e.prompt_tokens = n_prompt;
+    e.completion_tokens = generated;
+    if (cb) cb(e);
+  }
+};
+
+namespace {
+
+int context_of(const Model& m, const EngineOptions& o) {
+  const int model_ctx = m.config().max_position_embeddings;
+  return o.max_context > 0 ? std::min(o.max_context, model_ctx) : model_ctx;
+}
+
+EngineOptions resolved(const Model& m, EngineOptions o) {
+  SPEAR_CHECK(o.max_running >= 1, "engine: max_running must be >= 1, got {}", o.max_running);
+  SPEAR_CHECK(o.chunk >= 1, "engine: chunk must be >= 1, got {}", o.chunk);
+  o.max_context = context_of(m, o);
+  if (o.kv_blocks <= 0) o.kv_blocks = o.max_running * KvBlockAllocator::blocks_for(o.max_context);
+  // One request must always fit alone, or preemption could not make progress.
+  SPEAR_CHECK(o.kv_blocks >= KvBlockAllocator::blocks_for(o.max_context),
+              "engine: {} KV blocks cannot hold one request of the full context ({} tokens = {} blocks)", o.kv_blocks,
+              o.max_context, KvBlockAllocator::blocks_for(o.max_context));
+  return o;
+}
+
+}  // namespace
+
+Engine::Engine(Model& model, const EngineOptions& options, TextStream::Decode decode)
+    : model_(model),
+      opt_(resolved(model, options)),
+      decode_(std::move(decode)),
+      cache_(model.make_kv_cache(opt_.max_running, opt_.max_context)),
+      blocks_(opt_.kv_blocks, opt_.max_running) {
+  for (int s = opt_.max_running - 1; s >= 0; --s) free_slots_.push_back(s);
+  stats_.kv_blocks_total = opt_.kv_blocks;
+}
+
+Engine::~Engine() = default;
+
+uint64_t Engine::submit(Request r, EventFn on_event) {
+  SPEAR_CHECK(!r.prompt.empty(), "the prompt is empty (no tokens to condition on)");
+  SPEAR_CHECK(r.max_tokens >= 0, "max_tokens must be >= 0, got {}", r.max_tokens);
+  SPEAR_CHECK(int(r.prompt.size()) < opt_.max_context,
+              "the prompt has {} tokens; the context holds {} (prompt + output), so at most {} prompt tokens",
+              r.prompt.size(), opt_.max_context, opt_.max_context - 1);
+  SPEAR_CHECK(r.stop.empty() || decode_, "stop strings need the engine's tokenizer");
+  const int vocab = model_.config().vocab_size;
+  for (int32_t t : r.prompt) SPEAR_CHECK(t >= 0 && t < vocab, "prompt token id {} is outside the vocabulary", t);
+  std::lock_guard<std::mutex> lock(mu_);
+  SPEAR_CHECK(int(incoming_.size()) + stats_.waiting < opt_.max_waiting, "the engine's queue is full ({} requests)",
+              opt_.max_waiting);
+  const uint64_t id = next_id_++;
+  incoming_.push_back(std::make_unique<Seq>(std::move(r), std::move(on_event), id, decode_));
+  return id;
+}
+
+void Engine::cancel(uint64_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  cancels_.push_back(id);
+}
+
+bool Engine::idle() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return incoming_.empty() && cancels_.empty() && stats_.running == 0 && stats_.waiting == 0;
+}
+
+EngineStats Engine::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+void Engine::take_incoming() {
+  std::vector<std::unique_ptr<Seq>> in;
+  std::vector<uint64_t> cancels;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    in.swap(incoming_);
+    cancels.swap(cancels_);
+  }
+  for (auto& s : in) waiting_.push_back(std::move(s));
+  for (uint64_t id : cancels) {
+    for (auto it = waiting_.begin(); it != waiting_.end(); ++it)
+      if ((*it)->id == id) {
+        auto s = std::move(*it);
+        waiting_.erase(it);
+        finish(*s, "abort");
+        break;
+      }
+    for (auto it = running_.begin(); it != running_.end(); ++it)
+      if ((*it)->id == id) {
+        auto s = std::move(*it);
+        running_.erase(it);
+        finish(*s, "abort");
+        break;
+      }
+  }
+}
+
+// Releases the request's KV slot and blocks (if it holds them) and emits its finished event.
+void Engine::finish(Seq& s, const std::string& reason, const std::string& error) {
+  if (s.slot >= 0) {
+    blocks_.release(s.slot);
+    free_slots_.push_back(s.slot);
+    s.slot = -1;
+  }
+  RequestEvent e;
+  e.finished = true;
+  e.finish_reason = reason;
+  e.error = error;
+  if (reason != "error" && reason != "abort" && s.text && !s.text->stopped()) e.text = s.text->flush();
+  s.emit(std::move(e));
+  std::lock_guard<std::mutex> lock(mu_);
+  ++stats_.finished;
+}
+
+// Frees the request's KV and queues it again first; it will be recomputed from all its tokens.
+void Engine::preempt(Seq& s) {
+  blocks_.release(s.slot);
+  free_slots_.push_back(s.slot);
+  s.slot = -1;
+  s.computed = 0;
+  std::lock_guard<std::mutex> lock(mu_);
+  ++stats_.preemptions;
+}
+
+bool Engine::step() {
+  take_incoming();
+  // Admission: requests that need no forward pass finish at once; others take a free slot.
+  while (!waiting_.empty() && !free_slots_.empty()) {
+    auto s = std::move(waiting_.front());
+    waiting_.pop_front();
+    if (s->req.max_tokens == 0) {
+      finish(*s, "length");
+      continue;
+    }
+    s->slot = free_slots_.back();
+    free_slots_.pop_back();
+    running_.push_back(std::move(s));
+  }
+
+  // Schedule: every decoding request's next token, then prompt chunks within the budget, in admission order;
+  // a request that cannot get its blocks preempts the newest running request (possibly itself).
+  struct Work {
+    Seq* seq;
+    int n;
+  };
+  std::vector<Work> work;
+  int budget = opt_.chunk;
+  for (size_t i = 0; i < running_.size(); ++i) {
+    Seq& s = *running_[i];
+    const int pending = int(s.tokens.size()) - s.computed;
+    const int n = pending == 1 ? 1 : std::min(pending, budget);
+    if (n <= 0) continue;
+    bool self_preempted = false;
+    while (!blocks_.reserve(s.slot, s.computed + n)) {
+      Seq& victim = *running_.back();
+      const bool self = &victim == &s;
+      // Work already planned for the victim this iteration is dropped with it.
+      work.erase(std::remove_if(work.begin(), work.end(), [&](const Work& w) { return w.seq == &victim; }),
+                 work.end());
+      preempt(victim);
+      waiting_.push_front(std::move(running_.back()));
+      running_.pop_back();
+      if (self) {
+        self_preempted = true;
+        break;
+      }
+    }
+    if (self_preempted) break;
+    if (pending > 1) budget -= n;
+    work.push_back({&s, n});
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.running = int(running_.size());
+    stats_.waiting = int(waiting_.size());
+    stats_.kv_blocks_used = blocks_.used();
+  }
+  if (work.empty()) return !waiting_.empty();
+
+  Batch batch;
+  for (const Work& w : work) {
+    Seq& s = *w.seq;
+    batch.seqs.push_back({int(batch.tokens.size()), w.n, s.computed, s.slot});
+    batch.tokens.insert(batch.tokens.end(), s.tokens.begin() + s.computed, s.tokens.begin() + s.computed + w.n);
+  }
+  std::vector<float> logits;
+  try {
+    logits = model_.forward(batch, *cache_, LogitsMode::LastPerSeq);
+  } catch (const std::exception& e) {
+    abort_all(std::string("forward pass failed: ") + e.what());
+    return true;
+  }
+  const size_t vocab = size_t(model_.config().vocab_size);
+
+  std::vector<Seq*> done;
+  std::vector<std::string> reasons;
+  uint64_t produced = 0;
+  for (size_t i = 0; i < work.size(); ++i) {
+    Seq& s = *work[i].seq;
+    s.computed += work[i].n;
+    if (s.computed < int(s.tokens.size())) continue;  // still prefilling
+    const int32_t tok = s.sampler.sample(std::span<const float>(logits.data() + i * vocab, vocab));
+    s.tokens.push_back(tok);
+    ++s.generated;
+    ++produced;
+    RequestEvent e;
+    e.tokens.push_back(tok);
+    const bool eos =
+        !s.req.ignore_eos && std::find(s.req.stop_ids.begin(), s.req.stop_ids.end(), tok) != s.req.stop_ids.end();
+    if (s.text && !eos) e.text = s.text->push(tok);
+    std::string reason;
+    if (eos || (s.text && s.text->stopped()))
+      reason = "stop";
+    else if (s.generated >= s.req.max_tokens || int(s.tokens.size()) >= opt_.max_context)
+      reason = "length";
+    s.emit(std::move(e));
+    if (!reason.empty()) {
+      done.push_back(&s);
+      reasons.push_back(reason);
+    }
+  }
+  for (size_t i = 0; i < done.size(); ++i) {
+    auto it = std::find_if(running_.begin(), running_.end(), [&](const auto& p) { return p.get() == done[i]; });
+    auto s = std::move(*it);
+    running_.erase(it);
+    finish(*s, reasons[i]);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  ++stats_.iterations;
+  stats_.tokens_generated += produced;
+  stats_.running = int(running_.size());
+  stats_.waiting = int(waiting_.size());
+  stats_.kv_blocks_used = blocks_.used();
+  return true;
+}
+
+void Engine::run_until_idle() {
+  while (step() || !idle()) {
+  }
+}
+
+void Engine::abort_all(const std::string& why) {
+  take_incoming();
+  while (!running_.empty()) {
+    auto s = std::move(running_.back());
+    running_.pop_back();
+    finish(*s, "error", why);
+  }
+  while (!waiting_.empty()) {
+    auto s = std::move(waiting_.front());
+    waiting_.pop_front();
+    finish(*s, "error", why);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.running = stats_.waiting = 0;
+  stats_.kv_blocks_used = blocks_.used();
+}
+
+}  // namespace spear

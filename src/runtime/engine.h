@@ -1,0 +1,104 @@
+#pragma once
+// Continuous-batching engine (DESIGN.md §5). Requests join and leave at every iteration; one iteration is one
+// forward pass over the next token of every decoding request plus up to `chunk` prompt tokens of requests
+// still prefilling (chunked prefill, in arrival order). The KV cache is accounted in 16-token blocks
+// (kv_blocks.h); when a request cannot get the block it needs, the most recently admitted request is
+// preempted: its blocks are freed and it waits again at the head of the queue, to be recomputed from its prompt
+// and the tokens it already produced. No request ever fails for lack of KV space, and every submitted request
+// ends with exactly one finished event ("stop", "length", "abort" or "error").
+//
+// Threads: submit(), cancel() and stats() may be called from any thread; step() and the event callbacks run on
+// the engine's thread (the one calling step / run_until_idle).
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "model/model.h"
+#include "runtime/kv_blocks.h"
+#include "runtime/sampler.h"
+#include "runtime/text_stream.h"
+
+namespace spear {
+
+struct Request {
+  std::vector<int32_t> prompt;
+  int max_tokens = 16;             // new tokens at most (0: finish at once, "length")
+  SamplingParams sampling;         // per request (greedy when temperature is 0), seeded
+  std::vector<std::string> stop;   // stop strings, matched on the decoded text (needs the engine's decoder)
+  std::vector<int32_t> stop_ids;   // end-of-sequence token ids
+  bool ignore_eos = false;         // keep going past stop_ids
+};
+
+struct RequestEvent {
+  uint64_t id = 0;
+  std::vector<int32_t> tokens;  // tokens produced since the last event (0 or 1)
+  std::string text;             // text that became final since the last event (with a decoder)
+  bool finished = false;
+  std::string finish_reason;  // when finished: "stop", "length", "abort" or "error"
+  std::string error;          // when finish_reason == "error"
+  int prompt_tokens = 0, completion_tokens = 0;
+};
+using EventFn = std::function<void(const RequestEvent&)>;
+
+struct EngineOptions {
+  int max_running = 8;  // KV slots: requests prefilling or decoding at once
+  int max_context = 0;  // prompt + output tokens per request (0: the model's context length)
+  int kv_blocks = 0;    // KV budget in blocks (0: max_running × max_context / 16, i.e. never preempts)
+  int chunk = 256;      // prompt tokens per iteration, on top of the decode tokens
+  int max_waiting = 4096;
+};
+
+struct EngineStats {
+  int running = 0, waiting = 0;
+  int kv_blocks_used = 0, kv_blocks_total = 0;
+  uint64_t iterations = 0, preemptions = 0, finished = 0, tokens_generated = 0;
+};
+
+class Engine {
+ public:
+  Engine(Model& model, const EngineOptions& options, TextStream::Decode decode = {});
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Queues a request; throws spear::Error for an invalid one (empty prompt, prompt that leaves no room in the
+  // context, negative max_tokens, stop strings without a decoder, a full queue). Returns its id.
+  uint64_t submit(Request r, EventFn on_event);
+  void cancel(uint64_t id);  // the request ends with "abort" at the next iteration
+  // One iteration: admit, schedule, one forward pass, sample, emit events. False when there was no work.
+  bool step();
+  void run_until_idle();
+  // Ends every queued and running request with an error event (shutdown, or a forward pass that threw).
+  void abort_all(const std::string& why);
+  bool idle() const;
+  EngineStats stats() const;
+  const EngineOptions& options() const { return opt_; }
+
+ private:
+  struct Seq;
+  void take_incoming();
+  void finish(Seq& s, const std::string& reason, const std::string& error = {});
+  void preempt(Seq& s);
+
+  Model& model_;
+  EngineOptions opt_;
+  TextStream::Decode decode_;
+  std::unique_ptr<KvCache> cache_;
+  KvBlockAllocator blocks_;
+  std::vector<int> free_slots_;
+  std::deque<std::unique_ptr<Seq>> waiting_;
+  std::vector<std::unique_ptr<Seq>> running_;  // in admission order
+
+  mutable std::mutex mu_;  // guards incoming_, cancels_, stats_ and next_id_
+  std::vector<std::unique_ptr<Seq>> incoming_;
+  std::vector<uint64_t> cancels_;
+  EngineStats stats_;
+  uint64_t next_id_ = 1;
+};
+
+}  // namespace spear

@@ -1,0 +1,64 @@
+#include "runtime/text_stream.h"
+
+#include <algorithm>
+
+namespace spear {
+
+size_t utf8_complete_prefix(const std::string& s) {
+  // Look at most 3 bytes back for the lead byte of a sequence that is not finished yet.
+  const size_t n = s.size();
+  for (size_t back = 1; back <= std::min<size_t>(3, n); ++back) {
+    const unsigned char c = static_cast<unsigned char>(s[n - back]);
+    if ((c & 0xC0) == 0x80) continue;  // continuation byte: keep looking for the lead
+    const size_t len = (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
+    return len > back ? n - back : n;
+  }
+  return n;
+}
+
+TextStream::TextStream(Decode decode, std::vector<std::string> stops) : decode_(std::move(decode)) {
+  for (auto& s : stops)
+    if (!s.empty()) stops_.push_back(std::move(s));
+}
+
+std::string TextStream::push(int32_t token) {
+  if (stopped_) return {};
+  ids_.push_back(token);
+  const std::string full = decode_(ids_);
+  // A stop string anywhere in the not-yet-final part ends the text before it.
+  size_t cut = std::string::npos;
+  for (const std::string& st : stops_) {
+    const size_t from = sent_.size() >= st.size() ? sent_.size() - st.size() + 1 : 0;
+    const size_t at = full.find(st, from);
+    if (at != std::string::npos) cut = std::min(cut, at);
+  }
+  if (cut != std::string::npos) {
+    stopped_ = true;
+    std::string delta = cut > sent_.size() ? full.substr(sent_.size(), cut - sent_.size()) : std::string();
+    sent_ += delta;
+    return delta;
+  }
+  // Hold back a suffix that could begin a stop string, and an unfinished UTF-8 character.
+  size_t safe = utf8_complete_prefix(full);
+  for (const std::string& st : stops_)
+    for (size_t k = std::min(st.size() - 1, full.size()); k > 0; --k)
+      if (full.compare(full.size() - k, k, st, 0, k) == 0) {
+        safe = std::min(safe, full.size() - k);
+        break;
+      }
+  if (safe <= sent_.size()) return {};
+  std::string delta = full.substr(sent_.size(), safe - sent_.size());
+  sent_ += delta;
+  return delta;
+}
+
+std::string TextStream::flush() {
+  if (stopped_) return {};
+  const std::string full = decode_(ids_);
+  if (full.size() <= sent_.size()) return {};
+  std::string delta = full.substr(sent_.size());
+  sent_ += delta;
+  return delta;
+}
+
+}  // namespace spear

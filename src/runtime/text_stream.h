@@ -1,0 +1,37 @@
+#pragma once
+// Incremental detokenization for streaming: turns the generated token ids into text deltas that are safe to
+// send: no partial UTF-8 character, and nothing that may still turn out to be the start of a stop string.
+// When a stop string appears, the text ends just before it (OpenAI semantics: the stop string is not returned).
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace spear {
+
+class TextStream {
+ public:
+  using Decode = std::function<std::string(std::span<const int32_t>)>;
+  TextStream(Decode decode, std::vector<std::string> stops);
+  // Appends a token; returns the text that became final. stopped() turns true when a stop string matched.
+  std::string push(int32_t token);
+  // The rest of the text when generation ends for another reason (length, EOS): held-back bytes included,
+  // partial UTF-8 at the very end included as is.
+  std::string flush();
+  bool stopped() const { return stopped_; }
+  const std::string& text() const { return sent_; }  // everything returned so far
+
+ private:
+  Decode decode_;
+  std::vector<std::string> stops_;
+  std::vector<int32_t> ids_;
+  std::string sent_;
+  bool stopped_ = false;
+};
+
+// Length of the longest prefix of s that ends on a UTF-8 character boundary (a trailing incomplete sequence
+// is left out; invalid bytes count as complete, so they are never held forever).
+size_t utf8_complete_prefix(const std::string& s);
+
+}  // namespace spear

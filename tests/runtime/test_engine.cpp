@@ -1,0 +1,259 @@
+// The continuous-batching engine on the bundled model (CPU): batched greedy outputs equal one-at-a-time
+// generation, with chunked prefill, queueing, and preemption under a tiny KV budget; cancellation, stop strings,
+// bad requests; every request ends exactly once and the KV blocks all come back.
+#include <map>
+#include <random>
+
+#include <gtest/gtest.h>
+
+#include "backend/cpu/cpu_backend.h"
+#include "runtime/engine.h"
+#include "runtime/generator.h"
+#include "test_util.h"
+#include "tokenizer/tokenizer.h"
+
+namespace spear {
+
+namespace {
+
+struct Outcome {
+  std::vector<int32_t> tokens;
+  std::string text, reason;
+  int finished_events = 0;
+};
+
+class EngineTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    be_ = new CpuBackend();
+    model_ = Model::load(test::ref_model_dir(), *be_).release();
+    tok_ = new Tokenizer(Tokenizer::from_dir(test::ref_model_dir()));
+  }
+  static void TearDownTestSuite() {
+    delete model_;
+    delete be_;
+    delete tok_;
+  }
+  static std::vector<std::vector<int32_t>> prompts(int n, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::uniform_int_distribution<int> len(1, 40), tok(3, model_->config().vocab_size - 1);
+    std::vector<std::vector<int32_t>> p(static_cast<size_t>(n));
+    for (auto& v : p) {
+      v.resize(size_t(len(rng)));
+      for (auto& t : v) t = tok(rng);
+    }
+    return p;
+  }
+  // Runs every prompt through one engine; returns each request's tokens, text and finish reason.
+  static std::vector<Outcome> run(Engine& eng, const std::vector<std::vector<int32_t>>& ps, int max_tokens,
+                                  const std::vector<std::string>& stop = {}) {
+    std::vector<Outcome> out(ps.size());
+    std::map<uint64_t, size_t> index;
+    for (size_t i = 0; i < ps.size(); ++i) {
+      Request r;
+      r.prompt = ps[i];
+      r.max_tokens = max_tokens;
+      r.stop = stop;
+      const uint64_t id = eng.submit(r, [&out, &index](const RequestEvent& e) {
+        Outcome& o = out[index.at(e.id)];
+        EXPECT_EQ(o.finished_events, 0) << "event after the finished event";
+        o.tokens.insert(o.tokens.end(), e.tokens.begin(), e.tokens.end());
+        o.text += e.text;
+        if (e.finished) {
+          ++o.finished_events;
+          o.reason = e.finish_reason;
+        }
+      });
+      index[id] = i;
+    }
+    eng.run_until_idle();
+    return out;
+  }
+  static std::vector<int32_t> alone(const std::vector<int32_t>& p, int max_tokens) {
+    return generate(*model_, p, max_tokens, SamplingParams{}, {}).output_ids;
+  }
+  static TextStream::Decode decoder() {
+    return [](std::span<const int32_t> ids) { return tok_->decode(ids); };
+  }
+  static CpuBackend* be_;
+  static Model* model_;
+  static Tokenizer* tok_;
+};
+CpuBackend* EngineTest::be_ = nullptr;
+Model* EngineTest::model_ = nullptr;
+Tokenizer* EngineTest::tok_ = nullptr;
+
+}  // namespace
+
+TEST_F(EngineTest, BatchedGreedyEqualsOneAtATime) {
+  const auto ps = prompts(7, 1);
+  EngineOptions o;
+  o.max_running = 3;  // queueing: requests join as others leave
+  o.chunk = 7;        // chunked prefill mixed with decode
+  Engine eng(*model_, o);
+  const auto got = run(eng, ps, 12);
+  for (size_t i = 0; i < ps.size(); ++i) {
+    EXPECT_EQ(got[i].tokens, alone(ps[i], 12)) << "request " << i;
+    EXPECT_EQ(got[i].reason, "length");
+    EXPECT_EQ(got[i].finished_events, 1);
+  }
+  const EngineStats st = eng.stats();
+  EXPECT_EQ(st.finished, ps.size());
+  EXPECT_EQ(st.kv_blocks_used, 0);
+  EXPECT_EQ(st.running + st.waiting, 0);
+  EXPECT_EQ(st.preemptions, 0u);
+}
+
+TEST_F(EngineTest, PreemptionUnderATinyKvBudgetKeepsOutputs) {
+  const auto ps = prompts(6, 2);
+  EngineOptions o;
+  o.max_running = 4;
+  o.max_context = 64;
+  o.kv_blocks = 5;  // one full request is 4 blocks: four running requests must take turns
+  o.chunk = 16;
+  Engine eng(*model_, o);
+  const auto got = run(eng, ps, 20);
+  for (size_t i = 0; i < ps.size(); ++i) {
+    EXPECT_EQ(got[i].tokens, alone(ps[i], 20)) << "request " << i;
+    EXPECT_EQ(got[i].finished_events, 1);
+  }
+  EXPECT_GT(eng.stats().preemptions, 0u);
+  EXPECT_EQ(eng.stats().kv_blocks_used, 0);
+}
+
+TEST_F(EngineTest, ContextLimitEndsWithLength) {
+  EngineOptions o;
+  o.max_context = 24;
+  Engine eng(*model_, o);
+  const auto got = run(eng, {std::vector<int32_t>(20, 5)}, 100);
+  EXPECT_EQ(got[0].tokens.size(), 4u);  // 20 prompt + 4 = the context
+  EXPECT_EQ(got[0].reason, "length");
+}
+
+TEST_F(EngineTest, CancelAbortsAndFreesBlocks) {
+  Engine eng(*model_, EngineOptions{});
+  std::vector<RequestEvent> events;
+  Request r;
+  r.prompt = prompts(1, 3)[0];
+  r.max_tokens = 50;
+  const uint64_t id = eng.submit(r, [&](const RequestEvent& e) { events.push_back(e); });
+  Request r2 = r;
+  const uint64_t id2 = eng.submit(r2, [&](const RequestEvent& e) { events.push_back(e); });
+  eng.step();
+  eng.step();
+  eng.cancel(id);
+  eng.cancel(id2);
+  eng.cancel(12345);  // unknown ids are ignored
+  eng.run_until_idle();
+  int aborted = 0;
+  for (const auto& e : events)
+    if (e.finished) {
+      EXPECT_EQ(e.finish_reason, "abort");
+      ++aborted;
+    }
+  EXPECT_EQ(aborted, 2);
+  EXPECT_EQ(eng.stats().kv_blocks_used, 0);
+  EXPECT_TRUE(eng.idle());
+}
+
+TEST_F(EngineTest, StopStringEndsTextBeforeIt) {
+  const std::vector<int32_t> p = tok_->encode("Once upon a time", true);
+  Engine plain(*model_, EngineOptions{}, decoder());
+  const auto full = run(plain, {p}, 30);
+  ASSERT_GT(full[0].text.size(), 12u);
+  EXPECT_EQ(full[0].text, tok_->decode(full[0].tokens));
+  // A stop string taken from the middle of the greedy continuation.
+  const std::string stop = full[0].text.substr(8, 4);
+  const size_t at = full[0].text.find(stop);
+  Engine eng(*model_, EngineOptions{}, decoder());
+  const auto got = run(eng, {p}, 30, {stop});
+  EXPECT_EQ(got[0].reason, "stop");
+  EXPECT_EQ(got[0].text, full[0].text.substr(0, at));
+  EXPECT_LT(got[0].tokens.size(), full[0].tokens.size());
+}
+
+TEST_F(EngineTest, EosStopsAndIgnoreEosGoesOn) {
+  const auto p = prompts(1, 4)[0];
+  const auto ref = alone(p, 10);
+  Engine eng(*model_, EngineOptions{});
+  Outcome o;
+  Request r;
+  r.prompt = p;
+  r.max_tokens = 10;
+  r.stop_ids = {ref[2]};  // pretend the third token is EOS
+  eng.submit(r, [&](const RequestEvent& e) {
+    o.tokens.insert(o.tokens.end(), e.tokens.begin(), e.tokens.end());
+    if (e.finished) o.reason = e.finish_reason;
+  });
+  eng.run_until_idle();
+  EXPECT_EQ(o.reason, "stop");
+  EXPECT_EQ(o.tokens, std::vector<int32_t>(ref.begin(), ref.begin() + 3));
+  r.ignore_eos = true;
+  o = {};
+  eng.submit(r, [&](const RequestEvent& e) {
+    o.tokens.insert(o.tokens.end(), e.tokens.begin(), e.tokens.end());
+    if (e.finished) o.reason = e.finish_reason;
+  });
+  eng.run_until_idle();
+  EXPECT_EQ(o.reason, "length");
+  EXPECT_EQ(o.tokens, ref);
+}
+
+TEST_F(EngineTest, BadRequestsAreRefusedAndZeroTokensFinishAtOnce) {
+  EngineOptions o;
+  o.max_context = 32;
+  Engine eng(*model_, o);
+  Request r;
+  EXPECT_THROW(eng.submit(r, {}), Error);  // empty prompt
+  r.prompt = std::vector<int32_t>(32, 5);
+  EXPECT_THROW(eng.submit(r, {}), Error);  // no room left in the context
+  r.prompt = {5, 6};
+  r.max_tokens = -1;
+  EXPECT_THROW(eng.submit(r, {}), Error);
+  r.max_tokens = 3;
+  r.prompt = {5, model_->config().vocab_size};
+  EXPECT_THROW(eng.submit(r, {}), Error);  // token outside the vocabulary
+  r.prompt = {5, 6};
+  r.stop = {"x"};
+  EXPECT_THROW(eng.submit(r, {}), Error);  // stop strings without a tokenizer
+  r.stop.clear();
+  r.max_tokens = 0;
+  std::string reason;
+  int events = 0;
+  eng.submit(r, [&](const RequestEvent& e) {
+    ++events;
+    reason = e.finish_reason;
+    EXPECT_TRUE(e.tokens.empty());
+  });
+  eng.run_until_idle();
+  EXPECT_EQ(events, 1);
+  EXPECT_EQ(reason, "length");
+  EngineOptions bad;
+  bad.max_context = 64;
+  bad.kv_blocks = 3;  // cannot hold one full request
+  EXPECT_THROW(Engine(*model_, bad), Error);
+}
+
+TEST_F(EngineTest, AbortAllEndsEveryRequestWithAnError) {
+  Engine eng(*model_, EngineOptions{});
+  int errors = 0;
+  for (const auto& p : prompts(3, 5)) {
+    Request r;
+    r.prompt = p;
+    r.max_tokens = 40;
+    eng.submit(r, [&](const RequestEvent& e) {
+      if (e.finished) {
+        EXPECT_EQ(e.finish_reason, "error");
+        EXPECT_EQ(e.error, "shutting down");
+        ++errors;
+      }
+    });
+  }
+  eng.step();
+  eng.abort_all("shutting down");
+  EXPECT_EQ(errors, 3);
+  EXPECT_EQ(eng.stats().kv_blocks_used, 0);
+  EXPECT_TRUE(eng.idle());
+}
+
+}  // namespace spear
