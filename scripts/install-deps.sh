@@ -4,7 +4,7 @@ set -euo pipefail
 PKGS=(
   build-essential cmake pkg-config
   nlohmann-json3-dev libcli11-dev libpcre2-dev libutf8proc-dev libopenblas-dev libeigen3-dev libfmt-dev libgd-dev
-  libgtest-dev libbenchmark-dev
+  libgtest-dev libbenchmark-dev libcpp-httplib-dev
 )
 missing=()
 for p in "${PKGS[@]}"; do

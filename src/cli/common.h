@@ -32,5 +32,6 @@ void register_calibrate(CLI::App& app);
 void register_eval(CLI::App& app);
 void register_make_model(CLI::App& app);
 void register_bench(CLI::App& app);
+void register_serve(CLI::App& app);
 
 }  // namespace spear::cli

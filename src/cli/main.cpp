@@ -73,6 +73,7 @@ int main(int argc, char** argv) {
   spear::cli::register_eval(app);
   spear::cli::register_make_model(app);
   spear::cli::register_bench(app);
+  spear::cli::register_serve(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

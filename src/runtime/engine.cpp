@@ -79,12 +79,21 @@ uint64_t Engine::submit(Request r, EventFn on_event) {
               opt_.max_waiting);
   const uint64_t id = next_id_++;
   incoming_.push_back(std::make_unique<Seq>(std::move(r), std::move(on_event), id, decode_));
+  work_cv_.notify_all();
   return id;
 }
 
 void Engine::cancel(uint64_t id) {
   std::lock_guard<std::mutex> lock(mu_);
   cancels_.push_back(id);
+  work_cv_.notify_all();
+}
+
+void Engine::wait_for_work(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  work_cv_.wait_for(lock, timeout, [&] {
+    return !incoming_.empty() || !cancels_.empty() || stats_.running > 0 || stats_.waiting > 0;
+  });
 }
 
 bool Engine::idle() const {

@@ -10,6 +10,8 @@
 // Threads: submit(), cancel() and stats() may be called from any thread; step() and the event callbacks run on
 // the engine's thread (the one calling step / run_until_idle).
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -76,6 +78,9 @@ class Engine {
   // Ends every queued and running request with an error event (shutdown, or a forward pass that threw).
   void abort_all(const std::string& why);
   bool idle() const;
+  // Blocks until there is work (a request or a cancel arrived, or requests are queued / running) or the
+  // timeout passes; for a serving loop: while (!stop) { engine.wait_for_work(100ms); engine.step(); }.
+  void wait_for_work(std::chrono::milliseconds timeout);
   EngineStats stats() const;
   const EngineOptions& options() const { return opt_; }
 
@@ -95,6 +100,7 @@ class Engine {
   std::vector<std::unique_ptr<Seq>> running_;  // in admission order
 
   mutable std::mutex mu_;  // guards incoming_, cancels_, stats_ and next_id_
+  std::condition_variable work_cv_;
   std::vector<std::unique_ptr<Seq>> incoming_;
   std::vector<uint64_t> cancels_;
   EngineStats stats_;

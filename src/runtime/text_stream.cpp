@@ -2,19 +2,9 @@
 
 #include <algorithm>
 
-namespace spear {
+#include "tokenizer/tokenizer.h"  // utf8_complete_prefix
 
-size_t utf8_complete_prefix(const std::string& s) {
-  // Look at most 3 bytes back for the lead byte of a sequence that is not finished yet.
-  const size_t n = s.size();
-  for (size_t back = 1; back <= std::min<size_t>(3, n); ++back) {
-    const unsigned char c = static_cast<unsigned char>(s[n - back]);
-    if ((c & 0xC0) == 0x80) continue;  // continuation byte: keep looking for the lead
-    const size_t len = (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
-    return len > back ? n - back : n;
-  }
-  return n;
-}
+namespace spear {
 
 TextStream::TextStream(Decode decode, std::vector<std::string> stops) : decode_(std::move(decode)) {
   for (auto& s : stops)

@@ -30,8 +30,4 @@ class TextStream {
   bool stopped_ = false;
 };
 
-// Length of the longest prefix of s that ends on a UTF-8 character boundary (a trailing incomplete sequence
-// is left out; invalid bytes count as complete, so they are never held forever).
-size_t utf8_complete_prefix(const std::string& s);
-
 }  // namespace spear

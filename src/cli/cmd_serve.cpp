@@ -1,0 +1,103 @@
+// spear serve: the OpenAI-compatible HTTP server (serve/server.h). The port opens first (/health answers 503
+// while the model loads); SIGINT / SIGTERM shut it down gracefully: new requests get 503, accepted ones finish
+// (up to --drain-seconds), then the rest end with an error.
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <thread>
+
+#include <pthread.h>
+
+#include "cli/common.h"
+#include "serve/server.h"
+#include "tokenizer/tokenizer.h"
+
+namespace spear::cli {
+
+void register_serve(CLI::App& app) {
+  auto o = std::make_shared<CommonOptions>();
+  auto so = std::make_shared<serve::ServerOptions>();
+  auto max_body_kb = std::make_shared<int>(1024);
+  CLI::App* cmd = app.add_subcommand(
+      "serve", "OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (SSE streaming), /v1/models, "
+               "/health, /metrics; continuous batching over a KV cache accounted in 16-token blocks");
+  add_model_option(cmd, *o);
+  add_runtime_options(cmd, *o);
+  cmd->add_option("--host", so->host, "Address to listen on")->capture_default_str();
+  cmd->add_option("--port", so->port, "Port to listen on (0: any free port, printed)")
+      ->check(CLI::Range(0, 65535))
+      ->capture_default_str();
+  cmd->add_option("--model-name", so->model_name, "Model name clients send (default: the model directory's name)");
+  cmd->add_option("--max-running", so->engine.max_running, "Requests prefilling or decoding at once (KV slots)")
+      ->check(CLI::Range(1, 4096))
+      ->capture_default_str();
+  cmd->add_option("--max-context", so->engine.max_context,
+                  "Prompt + output tokens per request (0: the model's context length)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd->add_option("--kv-blocks", so->engine.kv_blocks,
+                  "KV budget in 16-token blocks; beyond it the newest request is preempted and recomputed later "
+                  "(0: max-running x max-context / 16)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd->add_option("--chunk", so->engine.chunk, "Prompt tokens per iteration (chunked prefill)")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  cmd->add_option("--max-waiting", so->engine.max_waiting, "Queued requests at most (beyond: HTTP 429)")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  cmd->add_option("--max-connections", so->max_connections, "HTTP worker threads (each streaming client holds one)")
+      ->check(CLI::Range(1, 1 << 16))
+      ->capture_default_str();
+  cmd->add_option("--max-body-kb", *max_body_kb, "Largest request body in KiB (beyond: HTTP 413)")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  cmd->add_option("--drain-seconds", so->drain_seconds, "On shutdown, time for accepted requests to finish")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd->callback([=] {
+    serve::ServerOptions opts = *so;
+    opts.max_body_bytes = size_t(*max_body_kb) * 1024;
+    if (opts.model_name.empty())
+      opts.model_name = std::filesystem::path(o->model_dir).lexically_normal().filename().string();
+    if (opts.model_name.empty()) opts.model_name = "spear";
+    // Signals go to one watcher thread (blocked everywhere else, including the server's threads).
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+
+    serve::Server server(opts);
+    const int port = server.bind();
+    std::thread http([&] { server.run(); });
+    std::fprintf(stderr, "spear serve: listening on http://%s:%d (loading %s)\n", opts.host.c_str(), port,
+                 o->model_dir.c_str());
+    std::thread watcher([&] {
+      int sig = 0;
+      sigwait(&sigs, &sig);
+      std::fprintf(stderr, "spear serve: signal %d, shutting down (draining up to %.0f s)\n", sig,
+                   opts.drain_seconds);
+      server.stop();
+    });
+    try {
+      auto backend = make_backend(*o);
+      Tokenizer tok = Tokenizer::from_dir(o->model_dir);
+      auto model = Model::load(o->model_dir, *backend);
+      server.attach(*model, tok);
+      std::fprintf(stderr, "spear serve: ready, model '%s' on %s\n", opts.model_name.c_str(), o->device.c_str());
+      http.join();
+      pthread_kill(watcher.native_handle(), SIGTERM);  // wakes sigwait if the server stopped on its own
+      watcher.join();
+    } catch (...) {
+      server.stop();
+      if (http.joinable()) http.join();
+      pthread_kill(watcher.native_handle(), SIGTERM);
+      watcher.join();
+      throw;
+    }
+    std::fprintf(stderr, "spear serve: stopped\n");
+  });
+}
+
+}  // namespace spear::cli

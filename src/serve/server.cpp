@@ -1,0 +1,302 @@
+#include "serve/server.h"
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <random>
+
+#include <fmt/format.h>
+#include <httplib.h>
+
+#include "core/error.h"
+#include "serve/openai_api.h"
+
+namespace spear::serve {
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+using nlohmann::json;
+
+// Events of one request, from the engine thread to the HTTP thread that answers it.
+struct Channel {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<RequestEvent> events;
+  clock_type::time_point start = clock_type::now(), last_token;
+  bool any_token = false;
+};
+
+long unix_now() {
+  return long(std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch())
+                  .count());
+}
+
+std::string new_id(const char* prefix) {
+  static std::atomic<uint64_t> counter{0};
+  static const uint64_t salt = std::random_device{}();
+  return fmt::format("{}-{:016x}{:08x}", prefix, salt, counter.fetch_add(1));
+}
+
+void send_error(httplib::Response& res, const ApiError& e) {
+  res.status = e.status;
+  res.set_content(e.body().dump(), "application/json");
+}
+
+std::string sse(const json& j) { return "data: " + j.dump() + "\n\n"; }
+
+const char* status_text(int status) {
+  switch (status) {
+    case 400: return "bad request";
+    case 404: return "no such endpoint";
+    case 405: return "method not allowed";
+    case 413: return "request body too large";
+    case 414: return "URI too long";
+    case 431: return "request header fields too large";
+    default: return status >= 500 ? "server error" : "request error";
+  }
+}
+
+}  // namespace
+
+Server::Server(ServerOptions o) : opt_(std::move(o)), http_(std::make_unique<httplib::Server>()) {
+  SPEAR_CHECK(opt_.max_connections >= 1, "serve: --max-connections must be >= 1");
+  httplib::Server& s = *http_;
+  s.new_task_queue = [n = opt_.max_connections] { return new httplib::ThreadPool(size_t(n)); };
+  s.set_payload_max_length(opt_.max_body_bytes);
+  s.set_read_timeout(30, 0);
+  s.set_write_timeout(30, 0);
+
+  s.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
+    const bool ok = ready_ && !draining_;
+    res.status = ok ? 200 : 503;
+    res.set_content(json{{"status", ok ? "ok" : (draining_ ? "shutting down" : "loading")}}.dump(),
+                    "application/json");
+  });
+  s.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+    json m = {{"id", opt_.model_name}, {"object", "model"}, {"created", unix_now()}, {"owned_by", "spear"}};
+    res.set_content(json{{"object", "list"}, {"data", json::array({m})}}.dump(), "application/json");
+  });
+  s.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(metrics_.render(engine_ ? engine_->stats() : EngineStats{}), "text/plain; version=0.0.4");
+  });
+  s.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
+    handle_generation(req.body, false, &res);
+  });
+  s.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
+    handle_generation(req.body, true, &res);
+  });
+  // Statuses httplib sets itself (404 unknown path, 413 body too large, 400 bad request line) get the
+  // OpenAI error envelope too.
+  s.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
+    if (!res.body.empty()) return;
+    ApiError e{res.status, fmt::format("{} {}: {}", req.method, req.path, status_text(res.status)),
+               res.status == 404 ? "not_found_error" : "invalid_request_error", {}};
+    if (res.status == 413) e.message = fmt::format("the request body exceeds {} bytes", opt_.max_body_bytes);
+    metrics_.rejected(res.status);
+    send_error(res, e);
+  });
+  s.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
+    std::string what = "internal error";
+    try {
+      std::rethrow_exception(ep);
+    } catch (const std::exception& e) {
+      what = e.what();
+    } catch (...) {
+    }
+    send_error(res, ApiError{500, what, "server_error", {}});
+  });
+}
+
+Server::~Server() {
+  stop();
+  if (engine_thread_.joinable()) engine_thread_.join();
+}
+
+int Server::bind() {
+  int port = opt_.port;
+  if (port == 0) {
+    port = http_->bind_to_any_port(opt_.host);
+  } else if (!http_->bind_to_port(opt_.host, port)) {
+    port = -1;
+  }
+  SPEAR_CHECK(port > 0, "serve: cannot listen on {}:{} (in use, or not an address of this machine)", opt_.host,
+              opt_.port);
+  return port;
+}
+
+void Server::run() { http_->listen_after_bind(); }
+
+void Server::attach(Model& model, const Tokenizer& tok) {
+  SPEAR_CHECK(!engine_, "serve: a model is already attached");
+  tok_ = &tok;
+  engine_ = std::make_unique<Engine>(model, opt_.engine,
+                                     [t = &tok](std::span<const int32_t> ids) { return t->decode(ids, true); });
+  engine_thread_ = std::thread([this] { engine_loop(); });
+  ready_ = true;
+}
+
+void Server::engine_loop() {
+  while (!stop_engine_) {
+    engine_->wait_for_work(std::chrono::milliseconds(50));
+    if (stop_engine_) break;
+    try {
+      engine_->step();
+    } catch (const std::exception& e) {
+      engine_->abort_all(std::string("engine failure: ") + e.what());
+    }
+  }
+}
+
+void Server::stop() {
+  if (draining_.exchange(true)) return;
+  if (engine_) {
+    const auto deadline = clock_type::now() + std::chrono::duration<double>(opt_.drain_seconds);
+    while (!engine_->idle() && clock_type::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    stop_engine_ = true;
+    if (engine_thread_.joinable()) engine_thread_.join();
+    engine_->abort_all("the server is shutting down");  // the engine thread is gone: safe here
+  }
+  http_->stop();
+}
+
+void Server::handle_generation(const std::string& body, bool chat, void* response) {
+  httplib::Response& res = *static_cast<httplib::Response*>(response);
+  if (!ready_ || draining_) {
+    metrics_.rejected(503);
+    send_error(res, ApiError{503, draining_ ? "the server is shutting down" : "the model is still loading",
+                             "server_error", {}});
+    return;
+  }
+  auto parsed = parse_request(body, chat, opt_.model_name);
+  if (auto* e = std::get_if<ApiError>(&parsed)) {
+    metrics_.rejected(e->status);
+    send_error(res, *e);
+    return;
+  }
+  const GenerationRequest g = std::get<GenerationRequest>(std::move(parsed));
+  std::string prompt_text = g.prompt;
+  std::vector<std::string> stops = g.stop;
+  if (chat) {
+    ChatPrompt cp = apply_chat_template(g.messages, *tok_);
+    prompt_text = cp.text;
+    stops.insert(stops.end(), cp.stop.begin(), cp.stop.end());
+  }
+  Request r;
+  r.prompt = tok_->encode(prompt_text, true);
+  r.max_tokens = g.max_tokens;
+  r.sampling = g.sampling;
+  r.stop = stops;
+  r.stop_ids = tok_->eos_ids();
+  auto ch = std::make_shared<Channel>();
+  EventFn on_event = [ch, this](const RequestEvent& e) {
+    const auto now = clock_type::now();
+    if (!e.tokens.empty()) {
+      if (!ch->any_token)
+        metrics_.first_token(std::chrono::duration<double>(now - ch->start).count());
+      else
+        metrics_.inter_token(std::chrono::duration<double>(now - ch->last_token).count());
+      ch->any_token = true;
+      ch->last_token = now;
+    }
+    if (e.finished)
+      metrics_.request_done(e.finish_reason, e.prompt_tokens, e.completion_tokens,
+                            std::chrono::duration<double>(now - ch->start).count());
+    std::lock_guard<std::mutex> lock(ch->mu);
+    ch->events.push_back(e);
+    ch->cv.notify_all();
+  };
+  uint64_t id = 0;
+  try {
+    id = engine_->submit(std::move(r), on_event);
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    const bool full = msg.find("queue is full") != std::string::npos;
+    const ApiError err{full ? 429 : 400, msg, full ? "rate_limit_error" : "invalid_request_error",
+                       msg.find("prompt") != std::string::npos ? "prompt" : ""};
+    metrics_.rejected(err.status);
+    send_error(res, err);
+    return;
+  }
+  const std::string cid = new_id(chat ? "chatcmpl" : "cmpl");
+  const long created = unix_now();
+  const std::string echo = !chat && g.echo ? g.prompt : std::string();
+
+  if (!g.stream) {
+    std::string text = echo, reason, error;
+    int pt = 0, ct = 0;
+    for (bool done = false; !done;) {
+      std::unique_lock<std::mutex> lock(ch->mu);
+      ch->cv.wait(lock, [&] { return !ch->events.empty(); });
+      for (; !ch->events.empty(); ch->events.pop_front()) {
+        const RequestEvent& e = ch->events.front();
+        text += e.text;
+        if (e.finished) {
+          done = true;
+          reason = e.finish_reason;
+          error = e.error;
+          pt = e.prompt_tokens;
+          ct = e.completion_tokens;
+        }
+      }
+    }
+    if (reason == "error" || reason == "abort") {
+      send_error(res, ApiError{503, error.empty() ? "the request was aborted" : error, "server_error", {}});
+      return;
+    }
+    res.set_content(completion_response(cid, created, opt_.model_name, text, reason, pt, ct, chat).dump(),
+                    "application/json");
+    return;
+  }
+
+  res.set_header("Cache-Control", "no-cache");
+  auto first = std::make_shared<bool>(true);
+  const bool usage = g.include_usage;
+  res.set_chunked_content_provider(
+      "text/event-stream",
+      [this, ch, id, cid, created, chat, echo, first, usage](size_t, httplib::DataSink& sink) {
+        std::deque<RequestEvent> evs;
+        {
+          std::unique_lock<std::mutex> lock(ch->mu);
+          ch->cv.wait_for(lock, std::chrono::milliseconds(100), [&] { return !ch->events.empty(); });
+          evs.swap(ch->events);
+        }
+        auto write = [&](const std::string& s) { return sink.write(s.data(), s.size()); };
+        if (evs.empty()) return sink.is_writable();  // a client that left cancels (releaser below)
+        for (const RequestEvent& e : evs) {
+          std::string text = e.text;
+          if (*first) text = echo + text;
+          if ((!text.empty() || (*first && chat)) &&
+              !write(sse(stream_chunk(cid, created, opt_.model_name, text, std::nullopt, chat, *first))))
+            return false;
+          if (!text.empty() || chat) *first = false;
+          if (!e.finished) continue;
+          bool ok = true;
+          if (e.finish_reason == "error" || e.finish_reason == "abort") {
+            ok = write(sse(ApiError{503, e.error.empty() ? "the request was aborted" : e.error, "server_error", {}}
+                               .body()));
+          } else {
+            ok = write(sse(stream_chunk(cid, created, opt_.model_name, "", e.finish_reason, chat, false)));
+            if (ok && usage) {
+              json u = {{"id", cid},
+                        {"object", chat ? "chat.completion.chunk" : "text_completion"},
+                        {"created", created},
+                        {"model", opt_.model_name},
+                        {"choices", json::array()},
+                        {"usage", usage_json(e.prompt_tokens, e.completion_tokens)}};
+              ok = write(sse(u));
+            }
+          }
+          if (!ok || !write("data: [DONE]\n\n")) return false;
+          sink.done();
+          return true;
+        }
+        return true;
+      },
+      [this, id](bool success) {
+        if (!success && engine_) engine_->cancel(id);  // finished requests ignore it
+      });
+}
+
+}  // namespace spear::serve
