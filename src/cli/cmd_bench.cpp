@@ -71,6 +71,7 @@ DecodeRow bench_decode(Model& m, const std::string& name, int B, int prompt, int
 void register_bench(CLI::App& app) {
   CLI::App* bench = app.add_subcommand("bench", "Benchmarks (kernel benchmarks are the bench_* programs of bench/)");
   bench->require_subcommand(1);
+  register_bench_serve(bench);
   auto o = std::make_shared<CommonOptions>();
   auto models = std::make_shared<std::vector<std::string>>();
   auto batches = std::make_shared<std::vector<int>>(std::vector<int>{1, 8, 32});

@@ -33,5 +33,6 @@ void register_eval(CLI::App& app);
 void register_make_model(CLI::App& app);
 void register_bench(CLI::App& app);
 void register_serve(CLI::App& app);
+void register_bench_serve(CLI::App* bench);  // `spear bench serve` (cmd_bench_serve.cpp)
 
 }  // namespace spear::cli

@@ -26,7 +26,7 @@ std::optional<ApiError> number(const json& j, const char* key, T lo, T hi, T& ou
   const double d = v.get<double>();
   if (d < double(lo) || d > double(hi))
     return bad(std::string("'") + key + "' must be between " + std::to_string(lo) + " and " + std::to_string(hi) +
-                   ", got " + v.dump(),
+                   ", got " + to_wire(v),
                key);
   out = v.get<T>();
   return std::nullopt;
@@ -141,6 +141,8 @@ ChatPrompt apply_chat_template(const std::vector<ChatMessage>& messages, const T
   p.stop = {"\n\nuser:", "\n\nsystem:"};
   return p;
 }
+
+std::string to_wire(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
 json usage_json(int prompt_tokens, int completion_tokens) {
   return {{"prompt_tokens", prompt_tokens},

@@ -62,4 +62,8 @@ nlohmann::json stream_chunk(const std::string& id, long created, const std::stri
                             const std::optional<std::string>& finish_reason, bool chat, bool first);
 nlohmann::json usage_json(int prompt_tokens, int completion_tokens);
 
+// JSON text for the wire: bytes that are not valid UTF-8 (a model can emit a lone byte of a multi-byte
+// character, a client can send one) become U+FFFD instead of an exception.
+std::string to_wire(const nlohmann::json& j);
+
 }  // namespace spear::serve

@@ -1,10 +1,13 @@
 #include "serve/server.h"
 
 #include <chrono>
+#include <csignal>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
 #include <random>
+
+#include <sys/socket.h>
 
 #include <fmt/format.h>
 #include <httplib.h>
@@ -41,10 +44,10 @@ std::string new_id(const char* prefix) {
 
 void send_error(httplib::Response& res, const ApiError& e) {
   res.status = e.status;
-  res.set_content(e.body().dump(), "application/json");
+  res.set_content(to_wire(e.body()), "application/json");
 }
 
-std::string sse(const json& j) { return "data: " + j.dump() + "\n\n"; }
+std::string sse(const json& j) { return "data: " + to_wire(j) + "\n\n"; }
 
 const char* status_text(int status) {
   switch (status) {
@@ -62,10 +65,18 @@ const char* status_text(int status) {
 
 Server::Server(ServerOptions o) : opt_(std::move(o)), http_(std::make_unique<httplib::Server>()) {
   SPEAR_CHECK(opt_.max_connections >= 1, "serve: --max-connections must be >= 1");
+  std::signal(SIGPIPE, SIG_IGN);  // a client that left must not end the process; the write just fails
   httplib::Server& s = *http_;
   s.new_task_queue = [n = opt_.max_connections] { return new httplib::ThreadPool(size_t(n)); };
   s.set_payload_max_length(opt_.max_body_bytes);
   s.set_read_timeout(30, 0);
+  // cpp-httplib 0.11 listens with a backlog of 5: a burst of clients then overflows the accept queue and some
+  // connections are reset. Keep the default options (SO_REUSEADDR, ...) and note the socket, so that bind()
+  // can listen again with the system's maximum backlog.
+  s.set_socket_options([this](socket_t sock) {
+    httplib::default_socket_options(sock);
+    listen_fd_ = int(sock);
+  });
   s.set_write_timeout(30, 0);
 
   s.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
@@ -123,6 +134,7 @@ int Server::bind() {
   }
   SPEAR_CHECK(port > 0, "serve: cannot listen on {}:{} (in use, or not an address of this machine)", opt_.host,
               opt_.port);
+  if (listen_fd_ >= 0) ::listen(listen_fd_, SOMAXCONN);  // a larger accept queue (see the constructor)
   return port;
 }
 
@@ -245,7 +257,7 @@ void Server::handle_generation(const std::string& body, bool chat, void* respons
       send_error(res, ApiError{503, error.empty() ? "the request was aborted" : error, "server_error", {}});
       return;
     }
-    res.set_content(completion_response(cid, created, opt_.model_name, text, reason, pt, ct, chat).dump(),
+    res.set_content(to_wire(completion_response(cid, created, opt_.model_name, text, reason, pt, ct, chat)),
                     "application/json");
     return;
   }
@@ -262,14 +274,21 @@ void Server::handle_generation(const std::string& body, bool chat, void* respons
           ch->cv.wait_for(lock, std::chrono::milliseconds(100), [&] { return !ch->events.empty(); });
           evs.swap(ch->events);
         }
+        // A client that left: cancel the request and end the response as if it were complete (returning false
+        // takes a path of cpp-httplib 0.11 that, under load, also broke other fresh connections).
+        auto gone = [&] {
+          engine_->cancel(id);
+          sink.done();
+          return true;
+        };
         auto write = [&](const std::string& s) { return sink.write(s.data(), s.size()); };
-        if (evs.empty()) return sink.is_writable();  // a client that left cancels (releaser below)
+        if (evs.empty()) return sink.is_writable() ? true : gone();
         for (const RequestEvent& e : evs) {
           std::string text = e.text;
           if (*first) text = echo + text;
           if ((!text.empty() || (*first && chat)) &&
               !write(sse(stream_chunk(cid, created, opt_.model_name, text, std::nullopt, chat, *first))))
-            return false;
+            return gone();
           if (!text.empty() || chat) *first = false;
           if (!e.finished) continue;
           bool ok = true;
@@ -288,7 +307,7 @@ void Server::handle_generation(const std::string& body, bool chat, void* respons
               ok = write(sse(u));
             }
           }
-          if (!ok || !write("data: [DONE]\n\n")) return false;
+          if (!ok || !write("data: [DONE]\n\n")) return gone();
           sink.done();
           return true;
         }

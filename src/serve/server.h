@@ -57,6 +57,7 @@ class Server {
   const Tokenizer* tok_ = nullptr;
   Metrics metrics_;
   std::atomic<bool> ready_{false}, draining_{false}, stop_engine_{false};
+  int listen_fd_ = -1;
   std::thread engine_thread_;
 };
 

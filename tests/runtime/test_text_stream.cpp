@@ -5,6 +5,7 @@
 #include "core/error.h"
 #include "runtime/kv_blocks.h"
 #include "runtime/text_stream.h"
+#include "tokenizer/tokenizer.h"
 
 namespace spear {
 
