@@ -494,11 +494,11 @@ void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4
 
 void set_decode_max_smem(int T, bool grouped, int bytes) { set_decode_max_smem_impl(T, grouped, bytes); }
 
-// The decode kernel over count matrices sharing x; false when no plan fits (the caller takes the general path).
-// Plan: forced by the options, else the tuned one for this shape, else the time model's.
-bool launch_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
-                   __nv_bfloat16* const* y, int sm_count, const W4GemmOptions& o, cudaStream_t stream) {
-  if (!decode_takes(m, w, count)) return false;
+namespace {
+
+// The plan a launch runs: forced by the options, else the tuned one for this shape, else the time model's (also
+// when a forced or tuned plan does not fit). R == 0: none fits.
+DecodePlan choose_plan(int m, const W4Device* w, int count, int sm_count, const W4GemmOptions& o) {
   const int T = token_tiles(m);
   int fr = o.decode_rows, fs = o.decode_splits;
   if (!fr && !fs) {
@@ -507,7 +507,17 @@ bool launch_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, 
     if (it != g_tuned.end()) std::tie(fr, fs) = it->second;
   }
   DecodePlan plan = plan_decode(T, m, w, count, sm_count, fr, fs);
-  if (plan.R == 0 && (fr || fs)) plan = plan_decode(T, m, w, count, sm_count, 0, 0);  // forced plan does not fit
+  if (plan.R == 0 && (fr || fs)) plan = plan_decode(T, m, w, count, sm_count, 0, 0);
+  return plan;
+}
+
+}  // namespace
+
+// The decode kernel over count matrices sharing x; false when no plan fits (the caller takes the general path).
+bool launch_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
+                   __nv_bfloat16* const* y, int sm_count, const W4GemmOptions& o, cudaStream_t stream) {
+  if (!decode_takes(m, w, count)) return false;
+  const DecodePlan plan = choose_plan(m, w, count, sm_count, o);
   if (plan.R == 0) return false;
   launch_plan(plan, x, m, w, count, bias, y, o, stream);
   return true;
@@ -562,16 +572,7 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
 
 std::pair<int, int> decode_plan(int m, const W4Device* w, int count, int sm_count) {
   if (!decode_takes(m, w, count)) return {0, 0};
-  const int T = token_tiles(m);
-  const W4GemmOptions o = w4a16_get_options();
-  int fr = o.decode_rows, fs = o.decode_splits;
-  if (!fr && !fs) {
-    std::lock_guard<std::mutex> lock(g_tune_mu);
-    const auto it = g_tuned.find(tune_key(T, w, count));
-    if (it != g_tuned.end()) std::tie(fr, fs) = it->second;
-  }
-  DecodePlan plan = plan_decode(T, m, w, count, sm_count, fr, fs);
-  if (plan.R == 0 && (fr || fs)) plan = plan_decode(T, m, w, count, sm_count, 0, 0);
+  const DecodePlan plan = choose_plan(m, w, count, sm_count, w4a16_get_options());
   return {plan.R, plan.S};
 }
 
