@@ -4,11 +4,13 @@
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
+#include <algorithm>
 #include <thread>
 
 #include <pthread.h>
 
 #include "cli/common.h"
+#include "runtime/latency_table.h"
 #include "serve/server.h"
 #include "tokenizer/tokenizer.h"
 
@@ -52,6 +54,15 @@ void register_serve(CLI::App& app) {
   cmd->add_option("--max-body-kb", *max_body_kb, "Largest request body in KiB (beyond: HTTP 413)")
       ->check(CLI::Range(1, 1 << 20))
       ->capture_default_str();
+  auto table_path = std::make_shared<std::string>();
+  cmd->add_option("--slo-itl-ms", so->engine.slo_itl_ms,
+                  "Inter-token latency SLO: each iteration's prompt chunk is the largest (<= --chunk) whose predicted "
+                  "time with the iteration's decode tokens meets it (0: fixed --chunk)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd->add_option("--latency-table", *table_path,
+                  "Latency table from `spear tune` for --slo-itl-ms (default: measured at start-up)")
+      ->check(CLI::ExistingFile);
   cmd->add_option("--drain-seconds", so->drain_seconds, "On shutdown, time for accepted requests to finish")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
@@ -84,6 +95,13 @@ void register_serve(CLI::App& app) {
       auto backend = make_backend(*o);
       Tokenizer tok = Tokenizer::from_dir(o->model_dir);
       auto model = Model::load(o->model_dir, *backend);
+      if (opts.engine.slo_itl_ms > 0) {
+        // The table must come before the engine, which reads it at construction: attach() builds the engine.
+        auto t = table_path->empty()
+                     ? LatencyTable::measure(*model, default_latency_points(std::min(2 * opts.engine.chunk, 1024)), 3)
+                     : LatencyTable::load(*table_path);
+        server.set_latency_table(std::make_shared<const LatencyTable>(std::move(t)));
+      }
       server.attach(*model, tok);
       std::fprintf(stderr, "spear serve: ready, model '%s' on %s\n", opts.model_name.c_str(), o->device.c_str());
       http.join();

@@ -2,6 +2,7 @@
 // Options and helpers shared by the subcommands.
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
@@ -33,6 +34,8 @@ void register_eval(CLI::App& app);
 void register_make_model(CLI::App& app);
 void register_bench(CLI::App& app);
 void register_serve(CLI::App& app);
-void register_bench_serve(CLI::App* bench);  // `spear bench serve` (cmd_bench_serve.cpp)
+void register_bench_serve(CLI::App* bench);
+void register_tune(CLI::App& app);
+std::vector<int> default_latency_points(int max_tokens);  // 1, 2, 4, ... max_tokens (cmd_tune.cpp)  // `spear bench serve` (cmd_bench_serve.cpp)
 
 }  // namespace spear::cli

@@ -74,6 +74,7 @@ int main(int argc, char** argv) {
   spear::cli::register_make_model(app);
   spear::cli::register_bench(app);
   spear::cli::register_serve(app);
+  spear::cli::register_tune(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -42,6 +42,7 @@ int context_of(const Model& m, const EngineOptions& o) {
 EngineOptions resolved(const Model& m, EngineOptions o) {
   SPEAR_CHECK(o.max_running >= 1, "engine: max_running must be >= 1, got {}", o.max_running);
   SPEAR_CHECK(o.chunk >= 1, "engine: chunk must be >= 1, got {}", o.chunk);
+  SPEAR_CHECK(o.slo_itl_ms <= 0 || o.latency, "engine: an ITL SLO needs a latency table");
   o.max_context = context_of(m, o);
   if (o.kv_blocks <= 0) o.kv_blocks = o.max_running * KvBlockAllocator::blocks_for(o.max_context);
   // One request must always fit alone, or preemption could not make progress.
@@ -183,6 +184,15 @@ bool Engine::step() {
   };
   std::vector<Work> work;
   int budget = opt_.chunk;
+  if (opt_.slo_itl_ms > 0 && opt_.latency) {
+    int decoding = 0;
+    for (const auto& s : running_) decoding += int(s->tokens.size()) - s->computed == 1;
+    if (decoding > 0) budget = std::max(1, opt_.latency->largest_chunk(decoding, opt_.chunk, opt_.slo_itl_ms));
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.last_chunk_budget = budget;
+  }
   for (size_t i = 0; i < running_.size(); ++i) {
     Seq& s = *running_[i];
     const int pending = int(s.tokens.size()) - s.computed;

@@ -22,6 +22,7 @@
 
 #include "model/model.h"
 #include "runtime/kv_blocks.h"
+#include "runtime/latency_table.h"
 #include "runtime/sampler.h"
 #include "runtime/text_stream.h"
 
@@ -53,12 +54,18 @@ struct EngineOptions {
   int kv_blocks = 0;    // KV budget in blocks (0: max_running × max_context / 16, i.e. never preempts)
   int chunk = 256;      // prompt tokens per iteration, on top of the decode tokens
   int max_waiting = 4096;
+  // SLO-constrained chunked prefill: with a latency table of this model (runtime/latency_table.h), each
+  // iteration takes the largest prompt chunk (<= chunk) whose predicted iteration time, with the decode tokens
+  // of that iteration, stays within slo_itl_ms (at least 1 token, so prefills always progress). 0: fixed chunk.
+  double slo_itl_ms = 0;
+  std::shared_ptr<const LatencyTable> latency;
 };
 
 struct EngineStats {
   int running = 0, waiting = 0;
   int kv_blocks_used = 0, kv_blocks_total = 0;
   uint64_t iterations = 0, preemptions = 0, finished = 0, tokens_generated = 0;
+  int last_chunk_budget = 0;  // prompt tokens the last iteration allowed
 };
 
 class Engine {

@@ -42,6 +42,8 @@ class Server {
   void run();  // serves until stop() (blocking; call bind() first)
   // Attaches the model (after loading it while /health answers 503) and starts the engine thread.
   void attach(Model& model, const Tokenizer& tok);
+  // The latency table for an ITL SLO (ServerOptions::engine.slo_itl_ms); before attach().
+  void set_latency_table(std::shared_ptr<const LatencyTable> t) { opt_.engine.latency = std::move(t); }
   // Graceful shutdown: new requests get 503, accepted ones finish within drain_seconds (then end with an
   // error), then the listener closes and run() returns. Safe from any thread (and from a signal watcher).
   void stop();

@@ -1,0 +1,99 @@
+// The latency table (prediction, chunk search, file round trip) and the SLO-constrained chunking of the engine.
+#include <fstream>
+
+#include <gtest/gtest.h>
+
+#include "backend/cpu/cpu_backend.h"
+#include "runtime/engine.h"
+#include "runtime/generator.h"
+#include "runtime/latency_table.h"
+#include "test_util.h"
+
+namespace spear {
+
+namespace {
+
+LatencyTable synthetic() {
+  LatencyTable t;
+  t.tokens = {1, 64, 256};
+  t.ms = {10, 20, 50};
+  return t;
+}
+
+}  // namespace
+
+TEST(LatencyTable, PredictsPiecewiseLinearAndSearchesTheChunk) {
+  const LatencyTable t = synthetic();
+  EXPECT_DOUBLE_EQ(t.predict_ms(1), 10);
+  EXPECT_DOUBLE_EQ(t.predict_ms(64), 20);
+  EXPECT_DOUBLE_EQ(t.predict_ms(160), 35);
+  EXPECT_DOUBLE_EQ(t.predict_ms(448), 80);  // beyond the last point: the last slope
+  // 4 decode tokens, budget 30 ms: 20 + (n - 64) * 30 / 192 <= 30 -> n <= 128 -> chunk 124.
+  EXPECT_EQ(t.largest_chunk(4, 512, 30), 124);
+  EXPECT_EQ(t.largest_chunk(4, 100, 30), 100);  // capped by the chunk limit
+  EXPECT_EQ(t.largest_chunk(300, 512, 30), 0);  // the decodes alone are over budget
+}
+
+TEST(LatencyTable, FileRoundTripAndBadFiles) {
+  const std::string dir = test::scratch_dir("latency");
+  LatencyTable t = synthetic();
+  t.device = "cpu";
+  t.save(dir + "/t.json");
+  const LatencyTable u = LatencyTable::load(dir + "/t.json");
+  EXPECT_EQ(u.tokens, t.tokens);
+  EXPECT_EQ(u.ms, t.ms);
+  EXPECT_EQ(u.device, "cpu");
+  std::ofstream(dir + "/bad.json") << "{\"format\":\"spear-latency-table/1\",\"tokens\":[4,2],\"ms\":[1,2]}";
+  EXPECT_THROW(LatencyTable::load(dir + "/bad.json"), Error);
+  std::ofstream(dir + "/noisy.json") << "{\"format\":\"spear-latency-table/1\",\"tokens\":[1,2,4],\"ms\":[5,9,7]}";
+  EXPECT_EQ(LatencyTable::load(dir + "/noisy.json").ms, (std::vector<double>{5, 8, 8}));  // pooled to monotone
+  std::ofstream(dir + "/junk.json") << "not json";
+  EXPECT_THROW(LatencyTable::load(dir + "/junk.json"), Error);
+  EXPECT_THROW(LatencyTable::load(dir + "/missing.json"), Error);
+}
+
+TEST(LatencyTable, MeasuredOnTheModelAndUsedByTheEngine) {
+  CpuBackend be;
+  auto model = Model::load(test::ref_model_dir(), be);
+  const LatencyTable m = LatencyTable::measure(*model, {1, 8, 32}, 2);
+  ASSERT_EQ(m.tokens, (std::vector<int>{1, 8, 32}));
+  for (size_t i = 0; i < m.ms.size(); ++i) {
+    EXPECT_GT(m.ms[i], 0);
+    if (i > 0) {
+      EXPECT_GE(m.ms[i], m.ms[i - 1]);  // monotone after the fit
+    }
+  }
+
+  // A table that makes every prompt token cost 1 ms on top of 10 ms: an 11.5 ms SLO leaves room for one prompt
+  // token next to one decode token. Outputs are unchanged; only the chunking is.
+  auto t = std::make_shared<LatencyTable>();
+  t->tokens = {1, 1001};
+  t->ms = {10, 1010};
+  EngineOptions o;
+  o.chunk = 64;
+  o.slo_itl_ms = 11.5;
+  o.latency = t;
+  Engine eng(*model, o);
+  const std::vector<std::vector<int32_t>> ps = {{5, 6, 7, 8, 9, 10, 11, 12}, {20, 21, 22, 23, 24, 25}};
+  std::vector<std::vector<int32_t>> got(ps.size());
+  int min_budget = 1 << 30;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    Request r;
+    r.prompt = ps[i];
+    r.max_tokens = 6;
+    eng.submit(r, [&got, i](const RequestEvent& e) { got[i].insert(got[i].end(), e.tokens.begin(), e.tokens.end()); });
+    eng.step();  // the first request prefills alone (no decodes: the whole chunk), then decodes
+  }
+  while (!eng.idle()) {
+    eng.step();
+    min_budget = std::min(min_budget, eng.stats().last_chunk_budget);
+  }
+  EXPECT_EQ(min_budget, 1);  // while the first request decoded, the second prefilled one token per iteration
+  for (size_t i = 0; i < ps.size(); ++i)
+    EXPECT_EQ(got[i], generate(*model, ps[i], 6, SamplingParams{}, {}).output_ids) << i;
+  EngineOptions bad;
+  bad.slo_itl_ms = 10;
+  EXPECT_THROW(Engine(*model, bad), Error);  // an SLO without a table
+}
+
+}  // namespace spear
