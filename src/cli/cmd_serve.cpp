@@ -102,8 +102,8 @@ void register_serve(CLI::App& app) {
                      : LatencyTable::load(*table_path);
         server.set_latency_table(std::make_shared<const LatencyTable>(std::move(t)));
       }
-      server.attach(*model, tok);
-      std::fprintf(stderr, "spear serve: ready, model '%s' on %s\n", opts.model_name.c_str(), o->device.c_str());
+      if (server.attach(*model, tok))
+        std::fprintf(stderr, "spear serve: ready, model '%s' on %s\n", opts.model_name.c_str(), o->device.c_str());
       http.join();
       pthread_kill(watcher.native_handle(), SIGTERM);  // wakes sigwait if the server stopped on its own
       watcher.join();

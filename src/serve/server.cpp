@@ -122,6 +122,7 @@ Server::Server(ServerOptions o) : opt_(std::move(o)), http_(std::make_unique<htt
 
 Server::~Server() {
   stop();
+  stop_engine_ = true;
   if (engine_thread_.joinable()) engine_thread_.join();
 }
 
@@ -140,13 +141,16 @@ int Server::bind() {
 
 void Server::run() { http_->listen_after_bind(); }
 
-void Server::attach(Model& model, const Tokenizer& tok) {
+bool Server::attach(Model& model, const Tokenizer& tok) {
+  std::lock_guard<std::mutex> lock(life_mu_);
+  if (draining_) return false;  // stopped while the model was loading: nothing to start
   SPEAR_CHECK(!engine_, "serve: a model is already attached");
   tok_ = &tok;
   engine_ = std::make_unique<Engine>(model, opt_.engine,
                                      [t = &tok](std::span<const int32_t> ids) { return t->decode(ids, true); });
   engine_thread_ = std::thread([this] { engine_loop(); });
   ready_ = true;
+  return true;
 }
 
 void Server::engine_loop() {
@@ -162,6 +166,7 @@ void Server::engine_loop() {
 }
 
 void Server::stop() {
+  std::lock_guard<std::mutex> lock(life_mu_);
   if (draining_.exchange(true)) return;
   if (engine_) {
     const auto deadline = clock_type::now() + std::chrono::duration<double>(opt_.drain_seconds);

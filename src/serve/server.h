@@ -7,6 +7,7 @@
 // request (its KV blocks come back at the next iteration).
 #include <atomic>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -40,8 +41,9 @@ class Server {
 
   int bind();  // listens on host:port; returns the port; throws spear::Error when it cannot
   void run();  // serves until stop() (blocking; call bind() first)
-  // Attaches the model (after loading it while /health answers 503) and starts the engine thread.
-  void attach(Model& model, const Tokenizer& tok);
+  // Attaches the model (after loading it while /health answers 503) and starts the engine thread; false when
+  // stop() came first (nothing is started).
+  bool attach(Model& model, const Tokenizer& tok);
   // The latency table for an ITL SLO (ServerOptions::engine.slo_itl_ms); before attach().
   void set_latency_table(std::shared_ptr<const LatencyTable> t) { opt_.engine.latency = std::move(t); }
   // Graceful shutdown: new requests get 503, accepted ones finish within drain_seconds (then end with an
@@ -60,6 +62,7 @@ class Server {
   Metrics metrics_;
   std::atomic<bool> ready_{false}, draining_{false}, stop_engine_{false};
   int listen_fd_ = -1;
+  std::mutex life_mu_;  // attach() and stop() exclude each other
   std::thread engine_thread_;
 };
 
