@@ -76,12 +76,18 @@ uint64_t Engine::submit(Request r, EventFn on_event) {
   const int vocab = model_.config().vocab_size;
   for (int32_t t : r.prompt) SPEAR_CHECK(t >= 0 && t < vocab, "prompt token id {} is outside the vocabulary", t);
   std::lock_guard<std::mutex> lock(mu_);
+  SPEAR_CHECK(!closed_, "the engine is shut down");
   SPEAR_CHECK(int(incoming_.size()) + stats_.waiting < opt_.max_waiting, "the engine's queue is full ({} requests)",
               opt_.max_waiting);
   const uint64_t id = next_id_++;
   incoming_.push_back(std::make_unique<Seq>(std::move(r), std::move(on_event), id, decode_));
   work_cv_.notify_all();
   return id;
+}
+
+void Engine::close() {
+  std::lock_guard<std::mutex> lock(mu_);
+  closed_ = true;
 }
 
 void Engine::cancel(uint64_t id) {

@@ -84,6 +84,9 @@ class Engine {
   void run_until_idle();
   // Ends every queued and running request with an error event (shutdown, or a forward pass that threw).
   void abort_all(const std::string& why);
+  // Refuses every later submit() (spear::Error "the engine is shut down"); with abort_all afterwards, no
+  // request can slip in between and wait forever.
+  void close();
   bool idle() const;
   // Blocks until there is work (a request or a cancel arrived, or requests are queued / running) or the
   // timeout passes; for a serving loop: while (!stop) { engine.wait_for_work(100ms); engine.step(); }.
@@ -112,6 +115,7 @@ class Engine {
   std::vector<uint64_t> cancels_;
   EngineStats stats_;
   uint64_t next_id_ = 1;
+  bool closed_ = false;
 };
 
 }  // namespace spear

@@ -173,6 +173,7 @@ void Server::stop() {
     while (!engine_->idle() && clock_type::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(20));
     stop_engine_ = true;
     if (engine_thread_.joinable()) engine_thread_.join();
+    engine_->close();  // a handler that passed its draining check just now gets 503 instead of waiting forever
     engine_->abort_all("the server is shutting down");  // the engine thread is gone: safe here
   }
   http_->stop();
@@ -230,7 +231,9 @@ void Server::handle_generation(const std::string& body, bool chat, void* respons
   } catch (const Error& e) {
     const std::string msg = e.what();
     const bool full = msg.find("queue is full") != std::string::npos;
-    const ApiError err{full ? 429 : 400, msg, full ? "rate_limit_error" : "invalid_request_error",
+    const bool closed = msg.find("shut down") != std::string::npos;
+    const ApiError err{full ? 429 : closed ? 503 : 400, msg,
+                       full ? "rate_limit_error" : closed ? "server_error" : "invalid_request_error",
                        msg.find("prompt") != std::string::npos ? "prompt" : ""};
     metrics_.rejected(err.status);
     send_error(res, err);

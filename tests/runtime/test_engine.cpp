@@ -250,8 +250,12 @@ TEST_F(EngineTest, AbortAllEndsEveryRequestWithAnError) {
     });
   }
   eng.step();
+  eng.close();
   eng.abort_all("shutting down");
   EXPECT_EQ(errors, 3);
+  Request late;
+  late.prompt = {5, 6};
+  EXPECT_THROW(eng.submit(late, {}), Error);  // closed: refused, never left waiting
   EXPECT_EQ(eng.stats().kv_blocks_used, 0);
   EXPECT_TRUE(eng.idle());
 }
