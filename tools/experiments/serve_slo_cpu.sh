@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # CPU version of issue 7's scheduler experiment: fixed prompt chunks vs the ITL-SLO chunking, same load.
+# Run from the repository root after scripts/build.sh; needs ../shared/data/test.txt and curl.
 set -u
 M=models/ref-llama-23m; OUT=bench/results/serve-cpu; mkdir -p $OUT
+LT=$OUT/latency-table-ref-llama-23m-cpu.json
+./build/spear tune -m $M --out $LT --max-tokens 512 --reps 5
 port=18200
-for cfg in "chunk512:--chunk 512" "chunk256:--chunk 256" "chunk128:--chunk 128" "chunk64:--chunk 64" "slo60:--chunk 512 --slo-itl-ms 60 --latency-table /tmp/lt.json"; do
+for cfg in "chunk512:--chunk 512" "chunk256:--chunk 256" "chunk128:--chunk 128" "chunk64:--chunk 64" "slo60:--chunk 512 --slo-itl-ms 60 --latency-table $LT"; do
   name=${cfg%%:*}; args=${cfg#*:}; port=$((port+1))
   ./build/spear serve -m $M --port $port --max-running 16 --max-context 512 $args > /tmp/slo-$name.log 2>&1 &
   pid=$!
