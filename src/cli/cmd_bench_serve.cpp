@@ -64,9 +64,9 @@ long rss_kb() {
 }
 
 // One streaming request; fills s. Runs on its own thread.
-void one_request(const std::string& host, int port, const std::string& model, const std::string& prompt,
+void one_request(const std::string& url, const std::string& model, const std::string& prompt,
                  int max_tokens, int leave_after, Sample& s) {
-  httplib::Client c(host, port);
+  httplib::Client c(url);
   c.set_read_timeout(600, 0);
   httplib::Request req;
   req.method = "POST";
@@ -130,7 +130,7 @@ std::vector<std::pair<std::string, int>> make_workload(const LoadOptions& o, con
   return w;
 }
 
-json run_load(const LoadOptions& o, const std::string& host, int port, const std::string& model,
+json run_load(const LoadOptions& o, const std::string& url, const std::string& model,
               const std::vector<std::pair<std::string, int>>& work) {
   std::mt19937_64 rng(o.seed + 1);
   std::exponential_distribution<double> gap(o.rate > 0 ? o.rate : 1.0);
@@ -151,7 +151,7 @@ json run_load(const LoadOptions& o, const std::string& host, int port, const std
     while (in_flight.load() >= o.concurrency) std::this_thread::sleep_for(std::chrono::milliseconds(1));
     ++in_flight;
     threads.emplace_back([&, i] {
-      one_request(host, port, model, work[i].first, work[i].second, leave[i], samples[i]);
+      one_request(url, model, work[i].first, work[i].second, leave[i], samples[i]);
       --in_flight;
     });
   }
@@ -268,8 +268,7 @@ void register_bench_serve(CLI::App* bench) {
     std::unique_ptr<Tokenizer> server_tok;
     std::unique_ptr<serve::Server> server;  // destroyed before what it serves
     std::thread http;
-    std::string host = "127.0.0.1", name = lo->model_name, tok_dir = o->model_dir.empty() ? lo->tokenizer : o->model_dir;
-    int port = 0;
+    std::string url = lo->url, name = lo->model_name, tok_dir = o->model_dir.empty() ? lo->tokenizer : o->model_dir;
     if (!o->model_dir.empty()) {
       serve::ServerOptions sopt = *so;
       sopt.port = 0;
@@ -278,7 +277,7 @@ void register_bench_serve(CLI::App* bench) {
       sopt.engine.max_waiting = std::max(sopt.engine.max_waiting, lo->requests);
       name = sopt.model_name;
       server = std::make_unique<serve::Server>(sopt);
-      port = server->bind();
+      url = "http://127.0.0.1:" + std::to_string(server->bind());
       http = std::thread([&] { server->run(); });
       backend = make_backend(*o);
       model = Model::load(o->model_dir, *backend);
@@ -289,17 +288,13 @@ void register_bench_serve(CLI::App* bench) {
       auto m = probe.Get("/v1/models");
       if (!m || m->status != 200) fail("--url {}: GET /v1/models failed", lo->url);
       if (name.empty()) name = json::parse(m->body)["data"][0]["id"].get<std::string>();
-      const auto pos = lo->url.find("://");
-      const std::string hp = pos == std::string::npos ? lo->url : lo->url.substr(pos + 3);
-      host = hp.substr(0, hp.find(':'));
-      port = hp.find(':') == std::string::npos ? 80 : std::stoi(hp.substr(hp.find(':') + 1));
     }
     if (tok_dir.empty()) fail("--url: the workload needs the model's tokenizer: give --tokenizer DIR");
     const Tokenizer tok = Tokenizer::from_dir(tok_dir);
     const auto work = make_workload(*lo, tok);
     json runs = json::array();
     for (int rep = 0; rep < lo->repeat; ++rep) {
-      json r = run_load(*lo, host, port, name, work);
+      json r = run_load(*lo, url, name, work);
       if (server) {  // every request ended and the KV cache is empty again
         for (int i = 0; i < 500 && !(server->engine()->idle() && server->engine()->stats().kv_blocks_used == 0); ++i)
           std::this_thread::sleep_for(std::chrono::milliseconds(10));

@@ -223,12 +223,7 @@ bool Engine::step() {
     if (pending > 1) budget -= n;
     work.push_back({&s, n});
   }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stats_.running = int(running_.size());
-    stats_.waiting = int(waiting_.size());
-    stats_.kv_blocks_used = blocks_.used();
-  }
+  publish_occupancy();
   if (work.empty()) return !waiting_.empty();
 
   Batch batch;
@@ -279,12 +274,12 @@ bool Engine::step() {
     running_.erase(it);
     finish(*s, reasons[i]);
   }
-  std::lock_guard<std::mutex> lock(mu_);
-  ++stats_.iterations;
-  stats_.tokens_generated += produced;
-  stats_.running = int(running_.size());
-  stats_.waiting = int(waiting_.size());
-  stats_.kv_blocks_used = blocks_.used();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.iterations;
+    stats_.tokens_generated += produced;
+  }
+  publish_occupancy();
   return true;
 }
 
@@ -305,8 +300,13 @@ void Engine::abort_all(const std::string& why) {
     waiting_.pop_front();
     finish(*s, "error", why);
   }
+  publish_occupancy();
+}
+
+void Engine::publish_occupancy() {
   std::lock_guard<std::mutex> lock(mu_);
-  stats_.running = stats_.waiting = 0;
+  stats_.running = int(running_.size());
+  stats_.waiting = int(waiting_.size());
   stats_.kv_blocks_used = blocks_.used();
 }
 

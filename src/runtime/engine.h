@@ -99,6 +99,7 @@ class Engine {
   void take_incoming();
   void finish(Seq& s, const std::string& reason, const std::string& error = {});
   void preempt(Seq& s);
+  void publish_occupancy();  // running / waiting / KV blocks into stats_ (engine thread)
 
   Model& model_;
   EngineOptions opt_;

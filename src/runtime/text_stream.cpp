@@ -13,8 +13,8 @@ TextStream::TextStream(Decode decode, std::vector<std::string> stops) : decode_(
 
 std::string TextStream::push(int32_t token) {
   if (stopped_) return {};
-  ids_.push_back(token);
-  const std::string full = decode_(ids_);
+  full_ += decode_(std::span<const int32_t>(&token, 1));  // byte-level decoding concatenates per token
+  const std::string& full = full_;
   // A stop string anywhere in the not-yet-final part ends the text before it.
   size_t cut = std::string::npos;
   for (const std::string& st : stops_) {
@@ -44,9 +44,8 @@ std::string TextStream::push(int32_t token) {
 
 std::string TextStream::flush() {
   if (stopped_) return {};
-  const std::string full = decode_(ids_);
-  if (full.size() <= sent_.size()) return {};
-  std::string delta = full.substr(sent_.size());
+  if (full_.size() <= sent_.size()) return {};
+  std::string delta = full_.substr(sent_.size());
   sent_ += delta;
   return delta;
 }

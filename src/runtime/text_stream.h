@@ -12,6 +12,8 @@ namespace spear {
 
 class TextStream {
  public:
+  // Must be concatenative (the text of a token list is the texts of its tokens in order), as byte-level BPE
+  // is: each push decodes only the new token.
   using Decode = std::function<std::string(std::span<const int32_t>)>;
   TextStream(Decode decode, std::vector<std::string> stops);
   // Appends a token; returns the text that became final. stopped() turns true when a stop string matched.
@@ -25,7 +27,7 @@ class TextStream {
  private:
   Decode decode_;
   std::vector<std::string> stops_;
-  std::vector<int32_t> ids_;
+  std::string full_;  // the text of every token pushed so far
   std::string sent_;
   bool stopped_ = false;
 };

@@ -93,10 +93,10 @@ Server::Server(ServerOptions o) : opt_(std::move(o)), http_(std::make_unique<htt
     res.set_content(metrics_.render(engine_ ? engine_->stats() : EngineStats{}), "text/plain; version=0.0.4");
   });
   s.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
-    handle_generation(req.body, false, &res);
+    handle_generation(req.body, false, res);
   });
   s.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
-    handle_generation(req.body, true, &res);
+    handle_generation(req.body, true, res);
   });
   // Statuses httplib sets itself (404 unknown path, 413 body too large, 400 bad request line) get the
   // OpenAI error envelope too.
@@ -179,8 +179,7 @@ void Server::stop() {
   http_->stop();
 }
 
-void Server::handle_generation(const std::string& body, bool chat, void* response) {
-  httplib::Response& res = *static_cast<httplib::Response*>(response);
+void Server::handle_generation(const std::string& body, bool chat, httplib::Response& res) {
   if (!ready_ || draining_) {
     metrics_.rejected(503);
     send_error(res, ApiError{503, draining_ ? "the server is shutting down" : "the model is still loading",

@@ -18,6 +18,7 @@
 
 namespace httplib {
 class Server;
+struct Response;
 }
 
 namespace spear::serve {
@@ -53,7 +54,7 @@ class Server {
 
  private:
   void engine_loop();
-  void handle_generation(const std::string& body, bool chat, void* response);  // httplib::Response*
+  void handle_generation(const std::string& body, bool chat, httplib::Response& res);
 
   ServerOptions opt_;
   std::unique_ptr<httplib::Server> http_;
