@@ -3,11 +3,14 @@
 // (backend/cpu, backend/cuda). Ops take tensors and sizes and know nothing of models or requests.
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "backend/ec_dispatch.h"
 #include "core/tensor.h"
 
 namespace spear {
@@ -117,7 +120,27 @@ class Backend {
   virtual Tensor dense_weight_tensor(const Linear& l) = 0;
   // Attaches an error compensator to a linear layer (nullptr detaches): linear() then adds B·(g ⊙ A·x).
   virtual void set_compensator(Linear& l, const Compensator* c) = 0;
+  // The attached compensator's {rank, gate width}; {0, 0} without one.
+  virtual std::pair<int, int> compensator_shape(const Linear& l) const = 0;
   virtual std::unique_ptr<KvCache> make_kv_cache(int n_layers, int n_slots, int max_tokens, int kv_dim) = 0;
+
+  // How compensated linears run (backends with several EC implementations: CUDA; the CPU has one path and
+  // ignores these). A forced path applies to every compensated linear (benchmarks); Auto consults the
+  // dispatch table (null: the built-in rule). verbose: report each dispatch decision once on stderr.
+  virtual void set_ec_path(EcPath p) { (void)p; }
+  virtual void set_ec_dispatch(std::shared_ptr<const EcDispatchTable> t) { (void)t; }
+  virtual void set_verbose(bool v) { (void)v; }
+  // Times linear(x, l) with its compensator at each token count under every EC path the backend can run
+  // there (µs per call, median of reps, weights read from DRAM): what `spear tune` writes the dispatch table
+  // from. Empty when the backend has a single path.
+  struct EcTiming {
+    int m = 0;
+    std::map<EcPath, double> us;
+  };
+  virtual std::vector<EcTiming> time_ec_paths(const Linear& l, std::span<const int> tokens, int reps) {
+    (void)l, (void)tokens, (void)reps;
+    return {};
+  }
 
   // out[i] = table[ids[i]]: embedding lookup, and picking rows of a batch (e.g. last token per sequence)
   virtual void gather_rows(const Tensor& table, std::span<const int32_t> ids, Tensor& out) = 0;

@@ -9,14 +9,16 @@
 #include "cli/common.h"
 #include "core/error.h"
 #include "model/model.h"
+#include "spear/random_ec.h"
 
 namespace spear::cli {
 
 namespace {
 
 struct DecodeRow {
-  std::string model;
-  int batch = 0, prompt = 0, steps = 0;
+  std::string model, ec_path = "-";
+  int batch = 0, prompt = 0, steps = 0, ec_modules = 0;
+  double ec_density = 0, ec_bytes_pct = 0;
   double weight_gb = 0, prefill_ms = 0, step_ms_median = 0, step_ms_p10 = 0, step_ms_p90 = 0;
 };
 
@@ -26,12 +28,13 @@ double percentile(std::vector<double> v, double p) {
   return v[i];
 }
 
-// B sequences of `prompt` random tokens prefilled together, then `steps` greedy decode steps (one token per
-// sequence each); the first `warmup` steps (eager run, graph capture) are not timed. Every step ends with the
-// new token ids on the host, as a serving loop needs them.
-DecodeRow bench_decode(Model& m, const std::string& name, int B, int prompt, int steps, int warmup, uint64_t seed) {
+// B sequences of `prompt` random tokens prefilled together (prefill_reps times, each into a fresh cache, after
+// one untimed prefill when prefill_reps > 1: median), then `steps` greedy decode steps (one token per sequence
+// each); the first `warmup` steps (eager run, graph capture) are not timed. Every step ends with the new token
+// ids on the host, as a serving loop needs them.
+DecodeRow bench_decode(Model& m, const std::string& name, int B, int prompt, int steps, int warmup, uint64_t seed,
+                       int prefill_reps) {
   const int V = m.config().vocab_size;
-  auto cache = m.make_kv_cache(B, prompt + steps + warmup + 1);
   std::mt19937 rng(uint32_t(seed + uint64_t(B)));
   std::uniform_int_distribution<int> tok(0, V - 1);
   Batch pre;
@@ -39,10 +42,17 @@ DecodeRow bench_decode(Model& m, const std::string& name, int B, int prompt, int
     pre.seqs.push_back({int(pre.tokens.size()), prompt, 0, b});
     for (int i = 0; i < prompt; ++i) pre.tokens.push_back(tok(rng));
   }
-  auto t0 = std::chrono::steady_clock::now();
-  std::vector<int32_t> next = m.forward_greedy(pre, *cache);
+  std::unique_ptr<KvCache> cache;
+  std::vector<int32_t> next;
+  std::vector<double> pre_ms;
+  for (int rep = prefill_reps > 1 ? -1 : 0; rep < prefill_reps; ++rep) {
+    cache = m.make_kv_cache(B, prompt + steps + warmup + 1);
+    auto t0 = std::chrono::steady_clock::now();
+    next = m.forward_greedy(pre, *cache);
+    if (rep >= 0) pre_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
   DecodeRow r;
-  r.prefill_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  r.prefill_ms = percentile(pre_ms, 0.5);
   std::vector<double> times;
   for (int s = 0; s < warmup + steps; ++s) {
     Batch step;
@@ -77,6 +87,9 @@ void register_bench(CLI::App& app) {
   auto batches = std::make_shared<std::vector<int>>(std::vector<int>{1, 8, 32});
   auto prompt = std::make_shared<int>(128), steps = std::make_shared<int>(64), warmup = std::make_shared<int>(3);
   auto out = std::make_shared<std::string>();
+  auto densities = std::make_shared<std::vector<double>>(std::vector<double>{0.0});
+  auto ec_paths = std::make_shared<std::vector<std::string>>(std::vector<std::string>{"auto"});
+  auto ec_rank = std::make_shared<int>(16), ec_gate = std::make_shared<int>(8), prefill_reps = std::make_shared<int>(1);
   CLI::App* cmd = bench->add_subcommand(
       "decode", "Greedy decode speed: B sequences of --prompt random tokens are prefilled together, then --steps "
                 "decode steps are timed (median ms per step = ms per token of each sequence; tokens/s = B / step). "
@@ -89,6 +102,20 @@ void register_bench(CLI::App& app) {
   cmd->add_option("--steps", *steps, "Timed decode steps")->check(CLI::Range(1, 1 << 20));
   cmd->add_option("--warmup", *warmup, "Untimed decode steps first")->check(CLI::Range(2, 1000));
   cmd->add_option("--out", *out, "Also write the rows as JSON to this file");
+  cmd->add_option("--prefill-reps", *prefill_reps, "Timed prefills per row (median; >1 adds one untimed first)")
+      ->check(CLI::Range(1, 100));
+  cmd->add_option("--ec-density", *densities,
+                  "Attach random-weight error compensators to this fraction of the decoder linears (list: one row "
+                  "set per density; 0 = the model as loaded)")
+      ->delimiter(',')
+      ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--ec-rank", *ec_rank, "Rank of the random compensators")->check(CLI::Range(1, 1024))->capture_default_str();
+  cmd->add_option("--ec-gate", *ec_gate, "Gate width of the random compensators (0: static)")
+      ->check(CLI::Range(0, 1024))
+      ->capture_default_str();
+  cmd->add_option("--ec-paths", *ec_paths, "EC paths to measure, each a row set: auto, naive, fused, overlapped")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"auto", "naive", "fused", "overlapped"}));
   add_runtime_options(cmd, *o);
   add_json_option(cmd, *o);
   cmd->callback([=] {
@@ -96,12 +123,36 @@ void register_bench(CLI::App& app) {
     std::vector<DecodeRow> rows;
     for (const std::string& dir : *models) {
       auto m = Model::load(dir, *backend);
-      for (int B : *batches) {
-        if (B < 1) fail("--batch: batch sizes must be >= 1 (got {})", B);
-        rows.push_back(bench_decode(*m, dir, B, *prompt, *steps, *warmup, 0));
-        const DecodeRow& r = rows.back();
-        if (!o->json)
-          std::fprintf(stderr, "%s batch %d: %.3f ms/step\n", dir.c_str(), B, r.step_ms_median);
+      bool attached = false;
+      for (double density : *densities) {
+        size_t ec_bytes = 0;
+        int n_ec = 0;
+        if (density > 0 || attached) detach_compensators(*m), attached = false;
+        if (density > 0) {
+          for (const Compensator& c : attach_random_compensators(*m, density, *ec_rank, *ec_gate, 1234))
+            ec_bytes += c.bytes(), ++n_ec;
+          attached = true;
+        }
+        // Without ECs the path does not matter: one row set.
+        const std::vector<std::string> paths = density > 0 || !m->compensated_modules().empty()
+                                                   ? *ec_paths
+                                                   : std::vector<std::string>{"auto"};
+        for (const std::string& path : paths) {
+          backend->set_ec_path(parse_ec_path(path));
+          for (int B : *batches) {
+            if (B < 1) fail("--batch: batch sizes must be >= 1 (got {})", B);
+            rows.push_back(bench_decode(*m, dir, B, *prompt, *steps, *warmup, 0, *prefill_reps));
+            DecodeRow& r = rows.back();
+            r.ec_density = density;
+            r.ec_modules = n_ec;
+            r.ec_bytes_pct = 100.0 * double(ec_bytes) / double(std::max<size_t>(m->weight_bytes() - ec_bytes, 1));
+            if (density > 0 || !m->compensated_modules().empty()) r.ec_path = path;
+            if (!o->json)
+              std::fprintf(stderr, "%s ec %.2f %s batch %d: %.3f ms/step\n", dir.c_str(), density, r.ec_path.c_str(),
+                           B, r.step_ms_median);
+          }
+        }
+        backend->set_ec_path(parse_ec_path(o->ec_path));
       }
     }
     nlohmann::json j = nlohmann::json::array();
@@ -109,7 +160,9 @@ void register_bench(CLI::App& app) {
       j.push_back({{"model", r.model}, {"batch", r.batch}, {"prompt", r.prompt}, {"steps", r.steps},
                    {"weight_gb", r.weight_gb}, {"prefill_ms", r.prefill_ms}, {"step_ms_median", r.step_ms_median},
                    {"step_ms_p10", r.step_ms_p10}, {"step_ms_p90", r.step_ms_p90},
-                   {"tokens_per_s", 1000.0 * r.batch / r.step_ms_median}});
+                   {"tokens_per_s", 1000.0 * r.batch / r.step_ms_median}, {"ec_density", r.ec_density},
+                   {"ec_modules", r.ec_modules}, {"ec_bytes_pct", r.ec_bytes_pct}, {"ec_path", r.ec_path},
+                   {"prefill_tokens_per_s", 1000.0 * r.batch * r.prompt / r.prefill_ms}});
     nlohmann::json doc = {{"device", o->device}, {"backend", backend->name()}, {"rows", j}};
     if (!out->empty()) {
       std::FILE* f = std::fopen(out->c_str(), "w");
@@ -121,11 +174,13 @@ void register_bench(CLI::App& app) {
       std::printf("%s\n", doc.dump().c_str());
       return;
     }
-    std::printf("%-40s %9s %6s %11s %13s %9s %9s %10s\n", "model", "weights", "batch", "prefill ms", "ms/step (p50)",
-                "p10", "p90", "tokens/s");
+    std::printf("%-32s %9s %5s %6s %-10s %6s %11s %10s %13s %9s %9s %10s\n", "model", "weights", "EC %", "EC B%",
+                "EC path", "batch", "prefill ms", "prefill/s", "ms/step (p50)", "p10", "p90", "tokens/s");
     for (const auto& r : rows)
-      std::printf("%-40s %7.2f GB %6d %11.1f %13.3f %9.3f %9.3f %10.0f\n", r.model.c_str(), r.weight_gb, r.batch,
-                  r.prefill_ms, r.step_ms_median, r.step_ms_p10, r.step_ms_p90, 1000.0 * r.batch / r.step_ms_median);
+      std::printf("%-32s %7.2f GB %5.0f %6.2f %-10s %6d %11.1f %10.0f %13.3f %9.3f %9.3f %10.0f\n", r.model.c_str(),
+                  r.weight_gb, 100 * r.ec_density, r.ec_bytes_pct, r.ec_path.c_str(), r.batch, r.prefill_ms,
+                  1000.0 * r.batch * r.prompt / r.prefill_ms, r.step_ms_median, r.step_ms_p10, r.step_ms_p90,
+                  1000.0 * r.batch / r.step_ms_median);
   });
 }
 

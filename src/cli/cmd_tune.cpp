@@ -1,11 +1,17 @@
 // spear tune: measures the served model's iteration time by the number of tokens in the batch (the latency
-// table the SLO-constrained scheduler of `spear serve --slo-itl-ms` predicts with) and writes it as JSON.
+// table the SLO-constrained scheduler of `spear serve --slo-itl-ms` predicts with) and writes it as JSON; on
+// --device cuda with compensators also the EC dispatch table (every EC path timed per module shape and token
+// count, backend/ec_dispatch.h).
 #include <cstdio>
+#include <map>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 
 #include "cli/common.h"
+#include "core/error.h"
 #include "runtime/latency_table.h"
+#include "spear/random_ec.h"
 
 namespace spear::cli {
 
@@ -16,12 +22,54 @@ std::vector<int> default_latency_points(int max_tokens) {
   return pts;
 }
 
+namespace {
+
+// Times every EC path of each distinct compensated module shape and writes the dispatch table.
+void tune_ec_dispatch(Model& model, const std::vector<std::string>& modules, const std::vector<int>& tokens, int reps,
+                      const CommonOptions& o, const std::string& out) {
+  std::map<std::tuple<int, int, int, int>, const Linear*> shapes;  // (n, k, rank, gate) -> first module
+  for (const std::string& name : modules) {
+    const Linear* l = model.linear_slot(name).get();
+    const auto [rank, gate] = model.backend().compensator_shape(*l);
+    if (rank > 0) shapes.emplace(std::make_tuple(l->out_features, l->in_features, rank, gate), l);
+  }
+  EcDispatchTable table;
+  table.device = o.device;
+  table.model = o.model_dir;
+  if (!o.json)
+    std::printf("%-44s %6s %6s %5s %5s %6s %10s %10s %10s  %s\n", "module (first of its shape)", "n", "k", "rank",
+                "gate", "tokens", "naive us", "overlap us", "fused us", "choice");
+  for (const auto& [key, l] : shapes) {
+    const auto [n, k, rank, gate] = key;
+    for (const Backend::EcTiming& t : model.backend().time_ec_paths(*l, tokens, reps)) {
+      table.add(n, k, rank, gate, t.m, t.us);
+      if (o.json) continue;
+      auto us = [&](EcPath p) {
+        auto it = t.us.find(p);
+        return it == t.us.end() ? std::string("-") : fmt::format("{:.1f}", it->second);
+      };
+      std::printf("%-44s %6d %6d %5d %5d %6d %10s %10s %10s  %s\n", l->name.c_str(), n, k, rank, gate, t.m,
+                  us(EcPath::Naive).c_str(), us(EcPath::Overlapped).c_str(), us(EcPath::Fused).c_str(),
+                  ec_path_name(table.entries.back().path));
+    }
+  }
+  table.save(out);
+  if (!o.json) std::printf("wrote %s (%zu entries)\n", out.c_str(), table.entries.size());
+}
+
+}  // namespace
+
 void register_tune(CLI::App& app) {
   auto o = std::make_shared<CommonOptions>();
   auto out = std::make_shared<std::string>("latency_table.json");
   auto points = std::make_shared<std::vector<int>>();
   auto max_tokens = std::make_shared<int>(512);
   auto reps = std::make_shared<int>(5);
+  auto ec_out = std::make_shared<std::string>("ec_dispatch.json");
+  auto ec_tokens = std::make_shared<std::vector<int>>(EcDispatchTable::default_tokens());
+  auto ec_density = std::make_shared<double>(0.0);
+  auto ec_rank = std::make_shared<int>(16), ec_gate = std::make_shared<int>(8), ec_reps = std::make_shared<int>(15);
+  auto no_latency = std::make_shared<bool>(false);
   CLI::App* cmd = app.add_subcommand(
       "tune", "Measure the model's forward time by tokens per iteration (with its error compensators) and write the "
               "latency table that `spear serve --slo-itl-ms` schedules with");
@@ -35,9 +83,33 @@ void register_tune(CLI::App& app) {
       ->check(CLI::Range(1, 1 << 16))
       ->capture_default_str();
   cmd->add_option("--reps", *reps, "Timed passes per point (median)")->check(CLI::Range(1, 1000))->capture_default_str();
+  cmd->add_flag("--no-latency-table", *no_latency, "Skip the latency table (only the EC dispatch table)");
+  cmd->add_option("--ec-dispatch-out", *ec_out,
+                  "EC dispatch table file (--device cuda, when the model has compensators): load it with "
+                  "--ec-dispatch, or name it ec_dispatch.json in the model directory")
+      ->capture_default_str();
+  cmd->add_option("--ec-tokens", *ec_tokens, "Token counts the EC paths are timed at")->delimiter(',');
+  cmd->add_option("--ec-reps", *ec_reps, "Timed calls per EC path and token count (median)")
+      ->check(CLI::Range(1, 1000))
+      ->capture_default_str();
+  cmd->add_option("--ec-density", *ec_density,
+                  "Attach random-weight compensators to this fraction of the linears first (models without a "
+                  "calibration, as `spear bench decode --ec-density`)")
+      ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--ec-rank", *ec_rank, "Rank of the random compensators")->check(CLI::Range(1, 1024))->capture_default_str();
+  cmd->add_option("--ec-gate", *ec_gate, "Gate width of the random compensators")->check(CLI::Range(0, 1024))->capture_default_str();
   cmd->callback([=] {
     auto backend = make_backend(*o);
     auto model = Model::load(o->model_dir, *backend);
+    std::vector<std::string> ec_modules = model->compensated_modules();
+    if (*ec_density > 0) {
+      detach_compensators(*model);
+      ec_modules.clear();
+      for (const Compensator& c : attach_random_compensators(*model, *ec_density, *ec_rank, *ec_gate, 1234))
+        ec_modules.push_back(c.module);
+    }
+    if (o->device == "cuda" && !ec_modules.empty()) tune_ec_dispatch(*model, ec_modules, *ec_tokens, *ec_reps, *o, *ec_out);
+    if (*no_latency) return;
     LatencyTable t = LatencyTable::measure(*model, points->empty() ? default_latency_points(*max_tokens) : *points,
                                            *reps);
     t.device = o->device;

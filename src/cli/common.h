@@ -15,11 +15,14 @@ struct CommonOptions {
   bool json = false;
   int threads = 0;
   std::string device = "cpu";
+  std::string ec_path = "auto";  // --ec-path (CUDA): auto | naive | fused | overlapped
+  std::string ec_dispatch;       // --ec-dispatch FILE (CUDA); empty: <model>/ec_dispatch.json when present
+  bool verbose = false;
 };
 
 void add_model_option(CLI::App* app, CommonOptions& o);
 void add_json_option(CLI::App* app, CommonOptions& o);
-void add_runtime_options(CLI::App* app, CommonOptions& o);  // --threads, --device
+void add_runtime_options(CLI::App* app, CommonOptions& o);  // --threads, --device, --ec-path, --ec-dispatch, -v
 std::unique_ptr<Backend> make_backend(const CommonOptions& o);
 std::string read_text_file(const std::string& path);
 

@@ -1,4 +1,5 @@
 // spear: quantize, diagnose, compensate, evaluate and serve 4-bit LLMs.
+#include <filesystem>
 #include <cstdio>
 
 #include <CLI/CLI.hpp>
@@ -25,6 +26,16 @@ void add_runtime_options(CLI::App* app, CommonOptions& o) {
       ->check(CLI::NonNegativeNumber);
   app->add_option("--device", o.device, "Compute device: cpu (fp32) or cuda (bf16 activations, first GPU)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
+  app->add_option("--ec-path", o.ec_path,
+                  "How error compensators run on --device cuda: auto (the dispatch table, else fused for <= 32 "
+                  "tokens and overlapped above), naive (separate kernels), fused (inside the W4 decode kernel; "
+                  "naive where it cannot), overlapped (second stream beside the GEMM)")
+      ->check(CLI::IsMember({"auto", "naive", "fused", "overlapped"}))
+      ->capture_default_str();
+  app->add_option("--ec-dispatch", o.ec_dispatch,
+                  "EC dispatch table written by `spear tune --device cuda` (default: ec_dispatch.json in the model "
+                  "directory when present, else the built-in rule)");
+  app->add_flag("--verbose,-v", o.verbose, "Report decisions on stderr (which EC path each compensated linear takes)");
 }
 
 std::unique_ptr<Backend> make_backend(const CommonOptions& o);
@@ -51,7 +62,20 @@ std::unique_ptr<spear::Backend> spear::cli::make_backend(const CommonOptions& o)
   if (o.threads > 0) omp_set_num_threads(o.threads);
   if (o.device == "cuda") {
 #ifdef SPEAR_HAVE_CUDA
-    return std::make_unique<spear::cuda::CudaBackend>(0);
+    auto b = std::make_unique<spear::cuda::CudaBackend>(0);
+    b->set_verbose(o.verbose);
+    b->set_ec_path(spear::parse_ec_path(o.ec_path));
+    std::string table = o.ec_dispatch;
+    if (table.empty() && !o.model_dir.empty() && std::filesystem::exists(o.model_dir + "/ec_dispatch.json"))
+      table = o.model_dir + "/ec_dispatch.json";
+    if (!table.empty()) {
+      auto t = std::make_shared<spear::EcDispatchTable>(spear::EcDispatchTable::load(table));
+      if (o.verbose)
+        std::fprintf(stderr, "ec dispatch: table %s (%zu entries, measured on %s)\n", table.c_str(), t->entries.size(),
+                     t->device.c_str());
+      b->set_ec_dispatch(std::move(t));
+    }
+    return b;
 #else
     spear::fail("--device cuda: this spear was built without CUDA (configure with -DSPEAR_CUDA=ON and nvcc present)");
 #endif

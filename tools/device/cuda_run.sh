@@ -8,6 +8,10 @@
 #   sweep   bench_w4_gemm --quick under each forced decode plan (SPEAR_W4_DECODE_ROWS / _SPLITS)
 #   ppl     GPU perplexity of the reference model and its RTN W4 package on all of test.txt
 #   e2e:LIKE  make-model --like LIKE (bf16 + W4 package) and bench decode at batch 1, 8, 32
+#   ec:LIKE   issue 6 on a LIKE-shaped W4 model: spear tune (EC dispatch table, random ECs on every linear),
+#             then bench decode at batch 1, 8, 32 with random ECs on 15/38/60% of the linears under the naive,
+#             fused, overlapped and dispatched (auto + table) paths, and prefill at 512 and 2048 tokens
+#   ecppl     GPU vs CPU perplexity of a SPEAR package (calibrated here, fast preset) under each EC path
 # Everything lands in $OUT/results.tgz (and the log on stdout).
 set -u
 export LD_LIBRARY_PATH=$PWD/.devrun/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -20,17 +24,17 @@ cp .devrun/data/test.txt ../shared/data/ 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader
 t() { echo "[$(date +%T)] $*"; }
 # The results come back even when the caller's timeout stops the run part-way.
-finish() { (cd "$R" && rm -rf ref-w4 && tar czf "$OUT/results.tgz" .); }
+finish() { (cd "$R" && rm -rf ref-w4 ref-spear && tar czf "$OUT/results.tgz" .); }
 trap 'finish; exit 124' TERM
 for stage in "$@"; do
   case $stage in
     tests)
       t "gpu tests"
-      "$BIN/test_cuda_ops" --gtest_color=no 2>&1 | tee "$R/tests.log" | grep -E "^\[  (FAILED|PASSED|  OK|SKIPPED) |cuda vs|ppl cuda|Failure|Expected|Which is|actual" | head -80 ;;
+      timeout ${TESTS_S:-240} "$BIN/test_cuda_ops" --gtest_color=no 2>&1 | tee "$R/tests.log" | grep -E "^\[  (FAILED|PASSED|  OK|SKIPPED) |cuda vs|ppl cuda|Failure|Expected|Which is|actual" | head -80 ;;
     memcheck)
       t "compute-sanitizer memcheck"
       timeout ${MEMCHECK_S:-150} compute-sanitizer --tool memcheck --leak-check no "$BIN/test_cuda_ops" \
-        --gtest_filter='-*Perplexity*:*Large*:*Rotating*:*DecodeMatchesCpu*' > "$R/memcheck.log" 2>&1
+        --gtest_filter="${MEMCHECK_FILTER:--*Perplexity*:*Large*:*Rotating*:*DecodeMatchesCpu*}" > "$R/memcheck.log" 2>&1
       echo "memcheck exit $?"; grep -E "ERROR SUMMARY|PASSED|FAILED" "$R/memcheck.log" | tail -5 ;;
     gemm)
       t "bench_w4_gemm"
@@ -64,6 +68,45 @@ for stage in "$@"; do
         --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis "$BIN/bench_w4_gemm" --quick \
         > "$R/ncu.log" 2>&1
       grep -E "w4a16|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Grid Size|Block Size|Theoretical Occ|Waves" "$R/ncu.log" | head -60 ;;
+    ec:*)
+      like=${stage#ec:}
+      t "make-model $like (W4)"
+      "$BIN/spear" make-model --like "$like" --random --out "/tmp/$like" --quantize-out "/tmp/$like-w4" 2>&1 | tail -2
+      rm -rf "/tmp/$like"
+      t "spear tune: EC dispatch table $like"
+      timeout 200 "$BIN/spear" tune --device cuda -m "/tmp/$like-w4" --no-latency-table --ec-density 1 --ec-rank 16 --ec-gate 8 \
+        --ec-tokens 1,8,32,512,2048 --ec-dispatch-out "$R/ec_dispatch-$like.json" 2>&1 | tee "$R/ec_tune-$like.txt" | tail -40
+      t "bench decode with ECs $like"
+      timeout 300 "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch 1,8,32 --steps 48 --ec-density 0,0.15,0.38,0.6 \
+        --ec-paths naive,fused,overlapped,auto --ec-dispatch "$R/ec_dispatch-$like.json" \
+        --out "$R/ec_decode-$like.json" 2>&1 | tee "$R/ec_decode-$like.txt" | grep -v "ms/step$" | tail -45
+      for P in 512 2048; do
+        t "prefill $P tokens with ECs $like"
+        "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch 1 --prompt $P --steps 2 --prefill-reps 5 \
+          --ec-density 0,0.38 --ec-paths naive,overlapped,auto --ec-dispatch "$R/ec_dispatch-$like.json" \
+          --out "$R/ec_prefill$P-$like.json" 2>&1 | tee "$R/ec_prefill$P-$like.txt" | grep -v "ms/step$" | tail -6
+      done
+      rm -rf "/tmp/$like-w4" ;;
+    ecppl)
+      t "SPEAR package: the staged one (calibrate --preset fast) + its RTN weights rebuilt by spear quantize"
+      if [[ -d .devrun/ref-spear ]]; then
+        "$BIN/spear" quantize --model models/ref-llama-23m --out "$R/ref-rtn" > /dev/null 2>&1
+        cp -r .devrun/ref-spear "$R/ref-spear" && cp "$R/ref-rtn/model.safetensors" "$R/ref-spear/" && rm -rf "$R/ref-rtn"
+      else
+        "$BIN/spear" calibrate --model models/ref-llama-23m --out "$R/ref-spear" --method rtn --bits 4 --budget 0.01 \
+          --preset fast > "$R/calibrate.log" 2>&1; tail -2 "$R/calibrate.log"
+      fi
+      "$BIN/spear" ppl --model "$R/ref-spear" --data ../shared/data/test.txt --max-windows 128 --device cpu --json | tee -a "$R/ecppl.jsonl"
+      for path in naive fused overlapped auto; do
+        "$BIN/spear" ppl --model "$R/ref-spear" --data ../shared/data/test.txt --max-windows 128 --device cuda --ec-path $path --json \
+          | tee -a "$R/ecppl.jsonl"
+      done
+      for path in naive fused overlapped; do  # decode steps: the fused path runs here (ppl windows are prefills)
+        echo "== generate --ec-path $path" | tee -a "$R/ecgen.txt"
+        "$BIN/spear" generate --model "$R/ref-spear" --device cuda --ec-path $path --prompt "The meaning of life is" \
+          --max-tokens 48 2>/dev/null | tee -a "$R/ecgen.txt"
+      done
+      rm -rf "$R/ref-spear" ;;
     e2e:*)
       like=${stage#e2e:}
       t "make-model $like"

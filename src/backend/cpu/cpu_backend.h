@@ -63,6 +63,10 @@ class CpuBackend : public Backend {
                                             const std::vector<float>& bias) override;
   Tensor dense_weight_tensor(const Linear& l) override;
   void set_compensator(Linear& l, const Compensator* c) override;
+  std::pair<int, int> compensator_shape(const Linear& l) const override {
+    const auto* b = dynamic_cast<const CpuLinearBase*>(&l);
+    return b && b->ec ? std::pair<int, int>{b->ec->rank, b->ec->gate_width} : std::pair<int, int>{0, 0};
+  }
   std::unique_ptr<KvCache> make_kv_cache(int n_layers, int n_slots, int max_tokens, int kv_dim) override;
 
   void gather_rows(const Tensor& table, std::span<const int32_t> ids, Tensor& out) override;

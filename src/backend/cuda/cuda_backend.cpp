@@ -23,13 +23,6 @@
 
 namespace spear::cuda {
 
-#define SPEAR_CUBLAS_CHECK(expr)                                                             \
-  do {                                                                                       \
-    cublasStatus_t st_ = (expr);                                                             \
-    if (st_ != CUBLAS_STATUS_SUCCESS)                                                        \
-      ::spear::fail("cuBLAS error at {}:{}: {} ({})", __FILE__, __LINE__, int(st_), #expr); \
-  } while (0)
-
 // ---- DeviceBuffer
 
 DeviceBuffer::DeviceBuffer(size_t bytes) : n_(bytes) {
@@ -151,6 +144,13 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   // A fixed workspace: cuBLAS then allocates nothing while a graph is being captured.
   cublas_ws_ = DeviceBuffer(size_t(32) << 20);
   SPEAR_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_ws_.get(), cublas_ws_.bytes()));
+  SPEAR_CUDA_CHECK(cudaStreamCreateWithFlags(&ec_stream_, cudaStreamNonBlocking));
+  SPEAR_CUBLAS_CHECK(cublasCreate(&cublas_ec_));
+  SPEAR_CUBLAS_CHECK(cublasSetStream(cublas_ec_, ec_stream_));
+  cublas_ec_ws_ = DeviceBuffer(size_t(4) << 20);
+  SPEAR_CUBLAS_CHECK(cublasSetWorkspace(cublas_ec_, cublas_ec_ws_.get(), cublas_ec_ws_.bytes()));
+  SPEAR_CUDA_CHECK(cudaEventCreateWithFlags(&ev_fork_, cudaEventDisableTiming));
+  SPEAR_CUDA_CHECK(cudaEventCreateWithFlags(&ev_join_, cudaEventDisableTiming));
   pool_ = std::make_shared<DevicePool>();
   prof_ = std::make_unique<OpProfiler>(stream_);
 }
@@ -166,6 +166,10 @@ CudaBackend::~CudaBackend() {
   drop_graphs();
   if (batch_host_) cudaFreeHost(batch_host_);
   if (cublas_) cublasDestroy(cublas_);
+  if (cublas_ec_) cublasDestroy(cublas_ec_);
+  if (ev_fork_) cudaEventDestroy(ev_fork_);
+  if (ev_join_) cudaEventDestroy(ev_join_);
+  if (ec_stream_) cudaStreamDestroy(ec_stream_);
   if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -372,6 +376,8 @@ Tensor CudaBackend::dense_weight_tensor(const Linear& l) {
 
 void CudaBackend::set_compensator(Linear& l, const Compensator* c) {
   auto& cl = static_cast<CudaLinear&>(l);
+  SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  drop_graphs();  // they may hold the old compensator's buffers
   if (cl.ec) cl.bytes -= cl.ec->bytes;
   cl.ec.reset();
   if (c == nullptr) return;
@@ -383,14 +389,24 @@ void CudaBackend::set_compensator(Linear& l, const Compensator* c) {
   auto up = [](const std::vector<float>& v) { return upload_bytes(v.data(), v.size() * 4); };
   ec->A = up(c->A), ec->B = up(c->B);
   if (c->gated()) ec->W1 = up(c->W1), ec->b1 = up(c->b1), ec->W2 = up(c->W2), ec->b2 = up(c->b2);
+  ec->A16 = upload_bf16(c->A), ec->B16 = upload_bf16(c->B);
+  ec->scratch = DeviceBuffer(w4a16_ec_scratch_bytes(c->rank));
+  SPEAR_CUDA_CHECK(cudaMemset(ec->scratch.get(), 0, ec->scratch.bytes()));
+  W4EcDevice& d = ec->dev;
+  d.rank = c->rank;
+  d.gate_width = c->gate_width;
+  d.A = ec->A16.as<__nv_bfloat16>();
+  d.B = ec->B16.as<__nv_bfloat16>();
+  if (c->gated()) d.W1 = ec->W1.as<float>(), d.b1 = ec->b1.as<float>(), d.W2 = ec->W2.as<float>(), d.b2 = ec->b2.as<float>();
+  d.scratch = ec->scratch.get();
   ec->bytes = c->bytes();  // as stored (bf16), like the CPU backend's accounting of packages
   cl.bytes += ec->bytes;
   cl.ec = std::move(ec);
 }
 
-void CudaBackend::sgemm_nt(const float* x, int T, int k, const float* w, int n, float* y) {
+void CudaBackend::sgemm_nt(const float* x, int T, int k, const float* w, int n, float* y, cublasHandle_t handle) {
   const float alpha = 1.f, beta = 0.f;
-  SPEAR_CUBLAS_CHECK(cublasSgemm(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, T, k, &alpha, w, k, x, k, &beta, y, n));
+  SPEAR_CUBLAS_CHECK(cublasSgemm(handle ? handle : cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, T, k, &alpha, w, k, x, k, &beta, y, n));
 }
 
 void CudaBackend::apply_ec_naive(const CudaEc& ec, const Tensor& x, Tensor& y) {
@@ -438,13 +454,21 @@ void CudaBackend::linear(const Tensor& x, const Linear& lin, Tensor& out) {
   const auto* bias = l.bias.bytes() ? l.bias.as<__nv_bfloat16>() : nullptr;
   if (l.quantized) {
     SPEAR_CHECK(out.dtype == DType::BF16, "'{}': the W4 kernel writes bf16 outputs", l.name);
-    {
+    const EcPath path = l.ec ? choose_ec_path(l, x) : EcPath::Auto;
+    if (path == EcPath::Fused) {
       __nv_bfloat16* y = bf(out);
       tune_w4_once(bf(x), T, &l.w4, 1, &y);
-      auto prof = prof_->scope("linear.w4a16");
-      w4a16_gemm(bf(x), T, l.w4, bias, bf(out), w4_ws_.get(), w4_ws_.bytes(), sm_count_, stream_);
-    }
-    if (l.ec) {
+      auto prof = prof_->scope("linear.w4a16_ec_fused");
+      const W4EcDevice* ec = &l.ec->dev;
+      if (w4a16_gemm_ec(bf(x), T, &l.w4, 1, &ec, &bias, &y, sm_count_, stream_)) return;
+    }  // no decode plan fits with the EC's shared memory: the naive path below
+    const EcPath path_run = path == EcPath::Fused ? EcPath::Naive : path;
+    Tensor d;
+    if (path_run == EcPath::Overlapped) d = ec_overlap_fork(*l.ec, x);
+    w4_gemm(l, x, out);
+    if (path_run == EcPath::Overlapped) {
+      ec_overlap_join(d, out);
+    } else if (path_run == EcPath::Naive) {
       auto prof = prof_->scope("linear.ec_naive");
       apply_ec_naive(*l.ec, x, out);
     }
@@ -453,6 +477,10 @@ void CudaBackend::linear(const Tensor& x, const Linear& lin, Tensor& out) {
   // Row-major y[T, out] = x[T, in]·Wᵀ is column-major yᵀ[out, T] = W[out, in] (i.e. (Wᵀ col-major)ᵀ) · xᵀ.
   const float alpha = 1.f, beta = 0.f;
   const bool f32 = out.dtype == DType::F32;
+  SPEAR_CHECK(!(f32 && l.ec), "'{}': compensators on fp32 outputs are not supported", l.name);
+  const EcPath path = l.ec ? choose_ec_path(l, x) : EcPath::Auto;
+  Tensor d;
+  if (path == EcPath::Overlapped) d = ec_overlap_fork(*l.ec, x);
   if (f32 && T <= kDenseGemvMaxM) {  // the lm_head of a decode step (fp32 logits)
     auto prof = prof_->scope("linear.gemv_f32out");
     if (dense_gemv_bf16(bf(x), T, l.w.as<__nv_bfloat16>(), l.out_features, l.in_features, bias, out.data, true,
@@ -470,10 +498,10 @@ void CudaBackend::linear(const Tensor& x, const Linear& lin, Tensor& out) {
     else
       add_bias_bf16(bf(out), bias, T, l.out_features, stream_);
   }
-  if (l.ec) {
-    SPEAR_CHECK(!f32, "'{}': compensators on fp32 outputs are not supported", l.name);
+  if (path == EcPath::Overlapped)
+    ec_overlap_join(d, out);
+  else if (l.ec)
     apply_ec_naive(*l.ec, x, out);
-  }
 }
 
 void CudaBackend::tune_w4_once(const __nv_bfloat16* x, int m, const W4Device* w, int count,
@@ -499,13 +527,16 @@ void CudaBackend::tune_w4_once(const __nv_bfloat16* x, int m, const W4Device* w,
 }
 
 void CudaBackend::linear_group(const Tensor& x, std::span<const Linear* const> ls, std::span<Tensor* const> outs) {
-  // One launch when every member is a W4 linear without a compensator (q/k/v, gate/up of a quantized model).
+  // One launch when every member is a W4 linear (q/k/v, gate/up of a quantized model) and each compensator
+  // among them runs fused; otherwise one linear() per member (each with its own EC path).
   bool grouped = ls.size() >= 2 && ls.size() <= size_t(kW4MaxGrouped) && x.rows > 0;
+  bool any_ec = false, all_fused = true;
   for (const Linear* l : ls) {
     const auto* c = static_cast<const CudaLinear*>(l);
-    grouped = grouped && c->quantized && !c->ec && c->in_features == ls[0]->in_features;
+    grouped = grouped && c->quantized && c->in_features == ls[0]->in_features;
+    if (grouped && c->ec) any_ec = true, all_fused = all_fused && choose_ec_path(*c, x) == EcPath::Fused;
   }
-  if (!grouped) {
+  if (!grouped || (any_ec && !all_fused)) {
     Backend::linear_group(x, ls, outs);
     return;
   }
@@ -513,13 +544,24 @@ void CudaBackend::linear_group(const Tensor& x, std::span<const Linear* const> l
   W4Device w[kW4MaxGrouped];
   const __nv_bfloat16* bias[kW4MaxGrouped];
   __nv_bfloat16* y[kW4MaxGrouped];
+  const W4EcDevice* ec[kW4MaxGrouped] = {};
   for (size_t i = 0; i < ls.size(); ++i) {
     const auto* c = static_cast<const CudaLinear*>(ls[i]);
     w[i] = c->w4;
     bias[i] = c->bias.bytes() ? c->bias.as<__nv_bfloat16>() : nullptr;
     y[i] = bf(*outs[i]);
+    if (c->ec) ec[i] = &c->ec->dev;
   }
   tune_w4_once(bf(x), int(x.rows), w, int(ls.size()), y);
+  if (any_ec) {
+    bool done = false;
+    {
+      auto prof = prof_->scope("linear.w4a16_grouped_ec_fused");
+      done = w4a16_gemm_ec(bf(x), int(x.rows), w, int(ls.size()), ec, bias, y, sm_count_, stream_);
+    }
+    if (!done) Backend::linear_group(x, ls, outs);  // no plan fits the group as a whole: one by one
+    return;
+  }
   auto prof = prof_->scope("linear.w4a16_grouped");
   w4a16_gemm_grouped(bf(x), int(x.rows), w, int(ls.size()), bias, y, w4_ws_.get(), w4_ws_.bytes(), sm_count_,
                      stream_);

@@ -6,6 +6,7 @@
 // (run_graph). Activations come from a caching pool (device_pool.h).
 #include <cstdint>
 #include <map>
+#include <set>
 #include <memory>
 #include <vector>
 
@@ -19,6 +20,14 @@
 #include "backend/cuda/w4a16_gemm.h"
 
 namespace spear::cuda {
+
+#define SPEAR_CUBLAS_CHECK(expr)                                                             \
+  do {                                                                                       \
+    cublasStatus_t st_ = (expr);                                                             \
+    if (st_ != CUBLAS_STATUS_SUCCESS)                                                        \
+      ::spear::fail("cuBLAS error at {}:{}: {} ({})", __FILE__, __LINE__, int(st_), #expr); \
+  } while (0)
+
 
 // One cudaMalloc'd buffer, freed with its owner.
 class DeviceBuffer {
@@ -42,11 +51,15 @@ class DeviceBuffer {
   size_t n_ = 0;
 };
 
-// An error compensator on the device, fp32 (spear/compensator.h has the formula and shapes).
+// An error compensator on the device (spear/compensator.h has the formula and shapes): fp32 parameters for the
+// naive path and the gate, bf16 copies of A and B for the fused and overlapped paths (what a package stores),
+// and the fused kernel's scratch (w4a16_gemm.h).
 struct CudaEc {
   int in = 0, out = 0, rank = 0, gate_width = 0;
   size_t bytes = 0;
   DeviceBuffer A, B, W1, b1, W2, b2;
+  DeviceBuffer A16, B16, scratch;
+  W4EcDevice dev;
 };
 
 class CudaLinear : public Linear {
@@ -107,7 +120,15 @@ class CudaBackend : public Backend {
                                             const std::vector<float>& bias) override;
   Tensor dense_weight_tensor(const Linear& l) override;
   void set_compensator(Linear& l, const Compensator* c) override;
+  std::pair<int, int> compensator_shape(const Linear& l) const override {
+    const auto& c = static_cast<const CudaLinear&>(l);
+    return c.ec ? std::pair<int, int>{c.ec->rank, c.ec->gate_width} : std::pair<int, int>{0, 0};
+  }
   std::unique_ptr<KvCache> make_kv_cache(int n_layers, int n_slots, int max_tokens, int kv_dim) override;
+  void set_ec_path(EcPath p) override;
+  void set_ec_dispatch(std::shared_ptr<const EcDispatchTable> t) override;
+  void set_verbose(bool v) override { verbose_ = v; }
+  std::vector<EcTiming> time_ec_paths(const Linear& l, std::span<const int> tokens, int reps) override;
 
   void gather_rows(const Tensor& table, std::span<const int32_t> ids, Tensor& out) override;
   void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override;
@@ -139,7 +160,15 @@ class CudaBackend : public Backend {
   const float* rope_inv_freq(const RopeTable& table);  // the table's device copy (uploaded at first use)
   // y += B·(g ⊙ A·x), as separate cuBLAS SGEMMs and element-wise kernels (ec_naive.h).
   void apply_ec_naive(const CudaEc& ec, const Tensor& x, Tensor& y);
-  void sgemm_nt(const float* x, int T, int k, const float* w, int n, float* y);  // y[T,n] = x[T,k]·w[n,k]ᵀ
+  // The overlapped path: forks onto ec_stream_ and computes d = B·(g ⊙ A·x) there (returns d, fp32); the
+  // caller enqueues the GEMM on stream_, then ec_overlap_join adds d into y after the join.
+  Tensor ec_overlap_fork(const CudaEc& ec, const Tensor& x);
+  void ec_overlap_join(const Tensor& d, Tensor& y);
+  // The path this linear's compensator takes for m tokens (never Auto); reported once when verbose.
+  EcPath choose_ec_path(const CudaLinear& l, const Tensor& x);
+  void w4_gemm(const CudaLinear& l, const Tensor& x, Tensor& out);  // the plain W4 GEMM (tuned at first use)
+  // y[T,n] = x[T,k]·w[n,k]ᵀ, fp32, on `handle` (cublas_ or cublas_ec_).
+  void sgemm_nt(const float* x, int T, int k, const float* w, int n, float* y, cublasHandle_t handle = nullptr);
 
   int device_ = 0, sm_count_ = 0;
   size_t l2_bytes_ = 0;
@@ -147,6 +176,15 @@ class CudaBackend : public Backend {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   DeviceBuffer cublas_ws_;
+  // The overlapped EC path's second stream, its cuBLAS handle (own fixed workspace) and fork / join events.
+  cudaStream_t ec_stream_ = nullptr;
+  cublasHandle_t cublas_ec_ = nullptr;
+  DeviceBuffer cublas_ec_ws_;
+  cudaEvent_t ev_fork_ = nullptr, ev_join_ = nullptr;
+  EcPath ec_path_ = EcPath::Auto;
+  std::shared_ptr<const EcDispatchTable> ec_table_;
+  bool verbose_ = false;
+  std::set<std::pair<const void*, int>> ec_reported_;  // (linear, token bucket) decisions already printed
   std::shared_ptr<DevicePool> pool_;
   DeviceBuffer w4_ws_, attn_ws_;
   int w4_max_n_ = 0, w4_max_k_ = 0;

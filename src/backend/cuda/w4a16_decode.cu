@@ -25,6 +25,7 @@
 
 #include <cooperative_groups.h>
 
+#include "backend/cuda/w4a16_ec.cuh"
 #include "backend/cuda/w4a16_internal.h"
 
 namespace spear::cuda::w4_detail {
@@ -49,6 +50,8 @@ struct W4DecMat {
   __nv_bfloat16* y;           // [m][n]
   int n, n_pad, n_tiles, group_size, groups, group_steps;
   int rg_begin;  // first blockIdx.x of this matrix
+  int has_ec;    // ec is set (w4a16_ec.cuh)
+  W4DecEc ec;
 };
 
 struct W4DecodeParams {
@@ -59,12 +62,19 @@ struct W4DecodeParams {
   int xs_stride;   // bf16 elements per staged x row: (8 / R) · kbw · 64 + 8 (odd in 16-byte units)
   int gmax;        // group slots staged per CTA (grouped)
   int x_vec;       // x is 16-byte aligned and k % 8 == 0
+  // Fused compensators (w4a16_ec.cuh): tickets [0, ec_slices) compute k-slices of A·x; ticket and done live
+  // in the first EC's scratch. ec_rmax: the largest rank (0: no EC; sizes B rows and g ⊙ z in shared memory).
+  unsigned* ticket;
+  unsigned* done;
+  int ec_slices, ec_rmax;
 };
 
 // Dynamic shared memory of the decode kernel: red [8 warps][T][32] float4, cred [R·T][32] float4,
-// scales [gmax][16R] fp32, zeros [gmax][16R] u16, x [m][xs_stride] bf16 (every part a multiple of 16 bytes).
-__host__ __device__ constexpr size_t dec_smem_bytes(int T, int R, int gmax, int m, int xs_stride) {
-  return size_t(kWarps) * T * 512 + size_t(R) * T * 512 + size_t(gmax) * R * 16 * 6 + size_t(m) * xs_stride * 2;
+// scales [gmax][16R] fp32, zeros [gmax][16R] u16, x [m][xs_stride] bf16, with fused ECs B rows [16R][rank] bf16
+// and g ⊙ z [m][rank] fp32 (every part a multiple of 16 bytes).
+__host__ __device__ constexpr size_t dec_smem_bytes(int T, int R, int gmax, int m, int xs_stride, int ec_rmax) {
+  return size_t(kWarps) * T * 512 + size_t(R) * T * 512 + size_t(gmax) * R * 16 * 6 + size_t(m) * xs_stride * 2 +
+         size_t(R) * 16 * ec_rmax * 2 + size_t(m) * ec_rmax * 4;
 }
 
 template <int T, bool kGrouped>
@@ -78,6 +88,8 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
   float* ss = reinterpret_cast<float*>(cred + R * T * 32);
   uint16_t* zs = reinterpret_cast<uint16_t*>(ss + p.gmax * R * 16);
   __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(zs + p.gmax * R * 16);
+  __nv_bfloat16* ecb = xs + p.m * p.xs_stride;                           // B rows of this CTA (fused EC)
+  float* eczs = reinterpret_cast<float*>(ecb + R * 16 * p.ec_rmax);       // g ⊙ z [m][rank]
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -129,6 +141,15 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
     cp_async_commit();
   }
+  if (mt.has_ec) {  // this CTA's rows of B (constants, like the weights): rows >= n zero-filled
+    const int r = mt.ec.rank, segs = r / 8, row0 = rgl * R * 16;
+    for (int i = tid; i < R * 16 * segs; i += kThreads) {
+      const int row = i / segs, sg = i - row * segs;
+      const bool ok = row0 + row < mt.n;
+      cp_async16(smem_u32(ecb + row * r + sg * 8), ok ? mt.ec.B + size_t(row0 + row) * r + sg * 8 : mt.ec.B, ok);
+    }
+    cp_async_commit();
+  }
 
   // 2. Let the next kernel start its own weight prefetch; wait for the previous one (x, bias, y).
   pdl_launch_dependents();
@@ -154,6 +175,21 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
+
+  // 3b. Fused ECs: the first CTAs to get here compute the k-slices of A·x (the last one of an EC the gate).
+  if (p.ec_slices > 0) {
+    __shared__ int s_ticket;
+    if (tid == 0) s_ticket = int(atomicAdd(p.ticket, 1u));
+    __syncthreads();
+    const int tk = s_ticket;
+    if (tk < p.ec_slices) {
+      int e = 0;
+#pragma unroll
+      for (int i = 0; i < kDecMaxMats; ++i)
+        if (i < p.count && p.mat[i].has_ec && tk >= p.mat[i].ec.ticket0) e = i;
+      ec_z_slice(p.mat[e].ec, tk - p.mat[e].ec.ticket0, p.x, p.m, p.k, reinterpret_cast<float*>(red));
+    }
+  }
 
   // ldmatrix lane addresses (see the general kernel), one per pair of token tiles; rows >= m read row 0.
   uint32_t xrow[NP];
@@ -285,18 +321,28 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
   }
   __syncthreads();
+  if (mt.has_ec) ec_fetch_zg(mt.ec, p.m, eczs);
+  const int ecr = mt.has_ec ? mt.ec.rank : 0;
+  const __nv_bfloat16* ecb_lo = ecb + (rsub * 16 + g) * ecr;
+  const __nv_bfloat16* ecb_hi = ecb_lo + 8 * ecr;
 
   auto store = [&](int tt, const float4& s) {
     const int tok = tt * 8 + 2 * t;
+    float e0 = 0.f, e1 = 0.f, e2 = 0.f, e3 = 0.f;  // B·(g ⊙ z) of (r_lo, tok), (r_lo, tok + 1), (r_hi, ...)
+    if (ecr) {
+      if (tok < p.m) e0 = ec_term(ecb_lo, eczs + tok * ecr, ecr), e2 = ec_term(ecb_hi, eczs + tok * ecr, ecr);
+      if (tok + 1 < p.m)
+        e1 = ec_term(ecb_lo, eczs + (tok + 1) * ecr, ecr), e3 = ec_term(ecb_hi, eczs + (tok + 1) * ecr, ecr);
+    }
     if (tok < p.m) {
       __nv_bfloat16* yr = mt.y + size_t(tok) * mt.n;
-      if (r_lo < mt.n) yr[r_lo] = __float2bfloat16_rn(s.x + b_lo);
-      if (r_hi < mt.n) yr[r_hi] = __float2bfloat16_rn(s.z + b_hi);
+      if (r_lo < mt.n) yr[r_lo] = __float2bfloat16_rn(s.x + b_lo + e0);
+      if (r_hi < mt.n) yr[r_hi] = __float2bfloat16_rn(s.z + b_hi + e2);
     }
     if (tok + 1 < p.m) {
       __nv_bfloat16* yr = mt.y + size_t(tok + 1) * mt.n;
-      if (r_lo < mt.n) yr[r_lo] = __float2bfloat16_rn(s.y + b_lo);
-      if (r_hi < mt.n) yr[r_hi] = __float2bfloat16_rn(s.w + b_hi);
+      if (r_lo < mt.n) yr[r_lo] = __float2bfloat16_rn(s.y + b_lo + e1);
+      if (r_hi < mt.n) yr[r_hi] = __float2bfloat16_rn(s.w + b_hi + e3);
     }
   };
 
@@ -342,6 +388,21 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     cluster.sync();  // no CTA leaves while another still reads its shared memory
   }
 #endif
+  // The last CTA of a launch with ECs puts the counters back to zero for the next launch (every CTA has
+  // passed its wait and every slice has arrived by the time done reaches the grid size).
+  if (p.ec_slices > 0) {
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence();
+      if (atomicAdd(p.done, 1u) == gridDim.x * gridDim.y - 1) {
+        *p.ticket = 0;
+        *p.done = 0;
+        for (int i = 0; i < p.count; ++i)
+          if (p.mat[i].has_ec) p.mat[i].ec.counters[2] = 0, p.mat[i].ec.counters[3] = 0;
+        __threadfence();
+      }
+    }
+  }
 }
 
 using DecodeFn = void (*)(W4DecodeParams);
@@ -365,7 +426,9 @@ struct DecodePlan {
 };
 
 // force_r / force_s: 0 lets the model choose; a forced pair may leave CTAs without k-blocks (they only reduce).
-DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count, int force_r, int force_s) {
+// ec_rmax: the largest rank of fused ECs (their B rows and g ⊙ z take shared memory), 0 without.
+DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count, int force_r, int force_s,
+                       int ec_rmax = 0) {
   const DeviceFacts& dev = device_facts();
   sm_count = std::max(sm_count, 1);
   const int kblocks = w[0].k_pad / kKBlock;
@@ -397,7 +460,7 @@ DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count,
       for (int i = 0; i < count; ++i)
         if (w[i].groups > 1) gmax = std::max(gmax, std::min(w[i].groups, (cta_cols - 1) / w[i].group_size + 2));
       const int xs_stride = cta_cols + 8;
-      const size_t smem = dec_smem_bytes(T, R, gmax, m, xs_stride);
+      const size_t smem = dec_smem_bytes(T, R, gmax, m, xs_stride, ec_rmax);
       if (smem > dev.smem_optin) continue;
       const int resident =
           std::min<int>(dec_min_blocks(T, count > 0 && w[0].groups > 1), int(dev.smem_per_sm / std::max<size_t>(smem + dev.smem_reserved, 1)));
@@ -451,9 +514,40 @@ bool decode_takes(int m, const W4Device* w, int count) {
   return true;
 }
 
+// Fills the fused-EC part of the params: k-slices of about 16 KiB of A each (at most kEcMaxSlices per EC), fewer
+// when the launch has few CTAs, so that every ticket holder is a running CTA (tickets <= CTAs, <= SMs / 2).
+void set_ec_params(W4DecodeParams& p, const W4EcDevice* const* ec, int ctas, int sm_count) {
+  int n_ec = 0;
+  for (int i = 0; i < p.count; ++i) n_ec += ec[i] != nullptr;
+  if (n_ec == 0) return;
+  const int cap = std::max(1, std::min(ctas, std::max(sm_count, 2) / 2) / n_ec);
+  int ticket = 0;
+  for (int i = 0; i < p.count; ++i) {
+    if (!ec[i]) continue;
+    const W4EcDevice& e = *ec[i];
+    W4DecEc& d = p.mat[i].ec;
+    p.mat[i].has_ec = 1;
+    d.A = e.A, d.B = e.B, d.W1 = e.W1, d.b1 = e.b1, d.W2 = e.W2, d.b2 = e.b2;
+    d.rank = e.rank;
+    d.gate_width = e.W1 ? e.gate_width : 0;
+    d.counters = static_cast<unsigned*>(e.scratch);
+    d.zg = reinterpret_cast<float*>(static_cast<char*>(e.scratch) + kEcCounterBytes);
+    d.zpart = d.zg + 32 * e.rank;
+    const long a_bytes = long(e.rank) * p.k * 2;
+    int slices = int(std::clamp<long>((a_bytes + 16383) / 16384, 1, std::min(kEcMaxSlices, cap)));
+    d.kc = ((p.k + slices - 1) / slices + 255) / 256 * 256;
+    d.slices = (p.k + d.kc - 1) / d.kc;
+    d.ticket0 = ticket;
+    ticket += d.slices;
+    if (!p.ticket) p.ticket = d.counters, p.done = d.counters + 1;
+    p.ec_rmax = std::max(p.ec_rmax, e.rank);
+  }
+  p.ec_slices = ticket;
+}
+
 void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4Device* w, int count,
                  const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, const W4GemmOptions& o,
-                 cudaStream_t stream) {
+                 cudaStream_t stream, const W4EcDevice* const* ec = nullptr, int sm_count = 0) {
   const int T = token_tiles(m);
   const bool grouped = w[0].groups > 1;
   W4DecodeParams p{};
@@ -485,6 +579,7 @@ void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4
   p.xs_stride = plan.xs_stride;
   p.gmax = plan.gmax;
   p.x_vec = (reinterpret_cast<uintptr_t>(x) & 15) == 0 && w[0].k % 8 == 0;
+  if (ec) set_ec_params(p, ec, rg * plan.S, sm_count);
   const bool pdl = o.pdl && device_facts().major >= 9;
   launch(decode_kernel_for(T, grouped), dim3(rg, plan.S), plan.smem, plan.S, pdl, stream, p);
 }
@@ -498,7 +593,7 @@ namespace {
 
 // The plan a launch runs: forced by the options, else the tuned one for this shape, else the time model's (also
 // when a forced or tuned plan does not fit). R == 0: none fits.
-DecodePlan choose_plan(int m, const W4Device* w, int count, int sm_count, const W4GemmOptions& o) {
+DecodePlan choose_plan(int m, const W4Device* w, int count, int sm_count, const W4GemmOptions& o, int ec_rmax = 0) {
   const int T = token_tiles(m);
   int fr = o.decode_rows, fs = o.decode_splits;
   if (!fr && !fs) {
@@ -506,8 +601,8 @@ DecodePlan choose_plan(int m, const W4Device* w, int count, int sm_count, const 
     const auto it = g_tuned.find(tune_key(T, w, count));
     if (it != g_tuned.end()) std::tie(fr, fs) = it->second;
   }
-  DecodePlan plan = plan_decode(T, m, w, count, sm_count, fr, fs);
-  if (plan.R == 0 && (fr || fs)) plan = plan_decode(T, m, w, count, sm_count, 0, 0);
+  DecodePlan plan = plan_decode(T, m, w, count, sm_count, fr, fs, ec_rmax);
+  if (plan.R == 0 && (fr || fs)) plan = plan_decode(T, m, w, count, sm_count, 0, 0, ec_rmax);
   return plan;
 }
 
@@ -520,6 +615,31 @@ bool launch_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, 
   const DecodePlan plan = choose_plan(m, w, count, sm_count, o);
   if (plan.R == 0) return false;
   launch_plan(plan, x, m, w, count, bias, y, o, stream);
+  return true;
+}
+
+bool ec_fusable(int m, const W4Device* w, int count, const W4EcDevice* const* ec) {
+  if (!decode_takes(m, w, count) || w[0].k % 8 != 0) return false;
+  for (int i = 0; i < count; ++i) {
+    if (!ec || !ec[i]) continue;
+    const W4EcDevice& e = *ec[i];
+    if (e.rank < 8 || e.rank % 8 || e.rank > kW4EcMaxRank || e.gate_width < 0 || e.gate_width > kW4EcMaxGate ||
+        !e.A || !e.B || !e.scratch || (e.gate_width > 0 && e.W1 && (!e.b1 || !e.W2 || !e.b2)))
+      return false;
+  }
+  return true;
+}
+
+bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4EcDevice* const* ec,
+                      const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count,
+                      const W4GemmOptions& o, cudaStream_t stream) {
+  if (!ec_fusable(m, w, count, ec) || (reinterpret_cast<uintptr_t>(x) & 15) != 0) return false;
+  int rmax = 0;
+  for (int i = 0; i < count; ++i)
+    if (ec[i]) rmax = std::max(rmax, ec[i]->rank);
+  const DecodePlan plan = choose_plan(m, w, count, sm_count, o, rmax);
+  if (plan.R == 0) return false;
+  launch_plan(plan, x, m, w, count, bias, y, o, stream, ec, sm_count);
   return true;
 }
 

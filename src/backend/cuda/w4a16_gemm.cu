@@ -67,6 +67,7 @@
 #include <vector>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/w4a16_ec.cuh"
 #include "backend/cuda/w4a16_internal.h"
 
 namespace spear::cuda {
@@ -635,6 +636,29 @@ void w4a16_gemm_grouped(const __nv_bfloat16* x, int m, const W4Device* w, int co
   // Larger m (or mixed per-channel / grouped matrices): one GEMM after the other (same workspace, stream order).
   for (int i = 0; i < count; ++i)
     w4a16_gemm(x, m, w[i], bias ? bias[i] : nullptr, y[i], workspace, workspace_bytes, sm_count, stream);
+}
+
+size_t w4a16_ec_scratch_bytes(int rank) { return ec_scratch_bytes(std::max(rank, 0)); }
+
+bool w4a16_ec_fusable(int m, const W4Device* w, int count, const W4EcDevice* const* ec) {
+  return m >= 1 && count >= 1 && count <= kW4MaxGrouped && w && ec_fusable(m, w, count, ec);
+}
+
+bool w4a16_gemm_ec(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4EcDevice* const* ec,
+                   const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count, cudaStream_t stream) {
+  SPEAR_CHECK(count >= 1 && count <= kW4MaxGrouped, "w4a16_gemm_ec: count {} (1..{})", count, kW4MaxGrouped);
+  SPEAR_CHECK(w && y && x, "w4a16_gemm_ec: null x, matrix or output array");
+  if (m <= 0) return true;
+  for (int i = 0; i < count; ++i) {
+    check_device_weights(w[i]);
+    SPEAR_CHECK(y[i], "w4a16_gemm_ec: null y[{}]", i);
+    if (ec && ec[i])
+      SPEAR_CHECK(ec[i]->rank >= 1 && ec[i]->A && ec[i]->B && ec[i]->scratch,
+                  "w4a16_gemm_ec: compensator {} has rank {} or a null A, B or scratch", i, ec[i]->rank);
+  }
+  const W4GemmOptions o = options_now();
+  if (o.path == 2) return false;
+  return launch_decode_ec(x, m, w, count, ec, bias, y, sm_count, o, stream);
 }
 
 bool w4a16_tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y,

@@ -83,6 +83,37 @@ void w4a16_gemm_grouped(const __nv_bfloat16* x, int m, const W4Device* w, int co
                         const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, void* workspace,
                         size_t workspace_bytes, int sm_count, cudaStream_t stream);
 
+// ---- Error compensators fused into the decode kernel (m <= 32; DESIGN.md §5, spear/compensator.h):
+//   y += B·(g ⊙ z),  z = A·x,  g = 1 + tanh(W2·silu(W1·z + b1) + b2)
+// in the same launch as y = x·Wᵀ. The first CTAs to start (an atomic ticket: only CTAs that are running take
+// EC work, so the wait below cannot deadlock) each compute one k-slice of A·x from x; the CTA that finishes an
+// EC's last slice sums the slices in order, applies the gate and publishes g ⊙ z behind a release flag.
+// Every CTA of that matrix prefetches its rows of B into shared memory together with its weights and, in the
+// epilogue, acquires the flag and adds B·(g ⊙ z) before the single rounding to bf16. z and g ⊙ z stay in L2
+// (a few hundred bytes). Deterministic; the kernel leaves its scratch counters at zero (graph replays).
+constexpr int kW4EcMaxRank = 64;  // rank % 8 == 0 and <= 64 (B rows are 16-byte chunks in shared memory)
+constexpr int kW4EcMaxGate = 64;  // gate width <= 64 (0: static compensator, g == 1)
+struct W4EcDevice {
+  int rank = 0, gate_width = 0;
+  const __nv_bfloat16* A = nullptr;  // [rank][k]
+  const __nv_bfloat16* B = nullptr;  // [n][rank]
+  const float* W1 = nullptr;         // [gate_width][rank] fp32 (null when static)
+  const float* b1 = nullptr;         // [gate_width]
+  const float* W2 = nullptr;         // [rank][gate_width]
+  const float* b2 = nullptr;         // [rank]
+  void* scratch = nullptr;           // w4a16_ec_scratch_bytes(rank) bytes, zeroed once (cudaMemset) by the owner
+};
+size_t w4a16_ec_scratch_bytes(int rank);
+// True when w4a16_gemm_ec runs these compensators fused (ec[i] null: matrix i has none): m <= 32, one kind of
+// matrix (as the grouped decode launch), k % 8 == 0, every rank % 8 == 0 and <= kW4EcMaxRank, gate width <=
+// kW4EcMaxGate. x must also be 16-byte aligned (checked by w4a16_gemm_ec).
+bool w4a16_ec_fusable(int m, const W4Device* w, int count, const W4EcDevice* const* ec);
+// y[i] = x · dequant(W_i)ᵀ + bias[i] (+ B·(g ⊙ A·x) where ec[i] is set), one decode launch. Returns false (and
+// enqueues nothing) when it cannot run this launch fused; the caller then takes another path. The scratch of
+// an EC must not be used by two launches in flight at once (one stream; one launch per linear at a time).
+bool w4a16_gemm_ec(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4EcDevice* const* ec,
+                   const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count, cudaStream_t stream);
+
 // Decode-kernel plan tuning (m <= 32). The kernel's plan (16-row tiles per CTA × CTAs per cluster along k) comes
 // from a time model that can be 1.5-2x off the best plan on some shapes; tuning times every plan the kernel can
 // run for this launch and keeps the fastest for every later launch with the same token tiles (m rounded up to

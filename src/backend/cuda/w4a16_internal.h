@@ -36,6 +36,12 @@ void set_decode_max_smem(int T, bool grouped, int bytes);
 bool launch_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
                    __nv_bfloat16* const* y, int sm_count, const W4GemmOptions& o, cudaStream_t stream);
 
+// The decode launch with fused error compensators (w4a16_decode.cu); false when it cannot take it.
+bool ec_fusable(int m, const W4Device* w, int count, const W4EcDevice* const* ec);
+bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4EcDevice* const* ec,
+                      const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count,
+                      const W4GemmOptions& o, cudaStream_t stream);
+
 // Decode-plan tuning (w4a16_decode.cu; the public entry points in w4a16_gemm.cu check the arguments first).
 bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y, void* flush,
                  size_t flush_bytes, int sm_count, cudaStream_t stream, int reps);

@@ -1,0 +1,166 @@
+// The CUDA backend's error-compensator paths (issue 6, DESIGN.md §5): naive (separate kernels after the GEMM,
+// cuda_backend.cpp), fused (A·x, gate and B inside the W4 decode launch, w4a16_gemm.h) and overlapped (the EC
+// on a second stream beside the GEMM, one add after the join), the dispatch between them, and their timing
+// for `spear tune`.
+#include <algorithm>
+#include <cstdio>
+#include <random>
+
+#include <cuda_bf16.h>
+
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/ec_naive.h"
+#include "core/dtype.h"
+#include "core/error.h"
+
+namespace spear::cuda {
+
+namespace {
+
+__nv_bfloat16* bf(const Tensor& t) { return static_cast<__nv_bfloat16*>(t.data); }
+
+int token_bucket(int m) {  // verbose reports: one line per power-of-two bucket
+  int b = 1;
+  while (b < m) b *= 2;
+  return b;
+}
+
+}  // namespace
+
+void CudaBackend::set_ec_path(EcPath p) {
+  SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  drop_graphs();  // recorded with the previous choice
+  ec_path_ = p;
+  ec_reported_.clear();
+}
+
+void CudaBackend::set_ec_dispatch(std::shared_ptr<const EcDispatchTable> t) {
+  SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  drop_graphs();
+  ec_table_ = std::move(t);
+  ec_reported_.clear();
+}
+
+void CudaBackend::w4_gemm(const CudaLinear& l, const Tensor& x, Tensor& out) {
+  __nv_bfloat16* y = bf(out);
+  const auto* bias = l.bias.bytes() ? l.bias.as<__nv_bfloat16>() : nullptr;
+  tune_w4_once(bf(x), int(x.rows), &l.w4, 1, &y);
+  auto prof = prof_->scope("linear.w4a16");
+  w4a16_gemm(bf(x), int(x.rows), l.w4, bias, y, w4_ws_.get(), w4_ws_.bytes(), sm_count_, stream_);
+}
+
+EcPath CudaBackend::choose_ec_path(const CudaLinear& l, const Tensor& x) {
+  const int m = int(x.rows);
+  const CudaEc& ec = *l.ec;
+  const W4EcDevice* dev = &ec.dev;
+  const bool fusable = l.quantized && (reinterpret_cast<uintptr_t>(x.data) & 15) == 0 &&
+                       w4a16_get_options().path != 2 && w4a16_ec_fusable(m, &l.w4, 1, &dev);
+  EcPath p = ec_path_;
+  const char* why = "forced";
+  if (p == EcPath::Auto && ec_table_) {
+    p = ec_table_->lookup(ec.out, ec.in, ec.rank, ec.gate_width, m);
+    why = "dispatch table";
+  }
+  if (p == EcPath::Auto) {
+    // Built-in rule: fused wherever the decode kernel takes it (m <= 32), else overlapped.
+    p = fusable ? EcPath::Fused : EcPath::Overlapped;
+    why = "built-in rule";
+  }
+  if (p == EcPath::Fused && !fusable) {
+    p = ec_path_ == EcPath::Fused ? EcPath::Naive : EcPath::Overlapped;
+    why = ec_path_ == EcPath::Fused ? "forced fused, not fusable here" : "dispatch table said fused, not fusable here";
+  }
+  if (verbose_ && ec_reported_.insert({&l, token_bucket(m)}).second)
+    std::fprintf(stderr, "ec dispatch: %s [%d x %d] rank %d gate %d, %d tokens: %s (%s)\n", l.name.c_str(), ec.out,
+                 ec.in, ec.rank, ec.gate_width, m, ec_path_name(p), why);
+  return p;
+}
+
+Tensor CudaBackend::ec_overlap_fork(const CudaEc& ec, const Tensor& x) {
+  const int T = int(x.rows), r = ec.rank;
+  // Allocated here, on the main stream's timeline: they are returned to the pool only after the join.
+  Tensor z = alloc_f32(T, r), d = alloc_f32(T, ec.out), h, u;
+  if (ec.gate_width > 0) h = alloc_f32(T, ec.gate_width), u = alloc_f32(T, r);
+  SPEAR_CUDA_CHECK(cudaEventRecord(ev_fork_, stream_));
+  SPEAR_CUDA_CHECK(cudaStreamWaitEvent(ec_stream_, ev_fork_, 0));
+  const float alpha = 1.f, beta = 0.f;
+  // z[T, r] = x[T, k] · A16ᵀ (bf16 in, fp32 out)
+  SPEAR_CUBLAS_CHECK(cublasGemmEx(cublas_ec_, CUBLAS_OP_T, CUBLAS_OP_N, r, T, ec.in, &alpha, ec.A16.get(),
+                                     CUDA_R_16BF, ec.in, x.data, CUDA_R_16BF, ec.in, &beta, z.data, CUDA_R_32F, r,
+                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  const float* zg = z.ptr<float>();
+  if (ec.gate_width > 0) {
+    sgemm_nt(z.ptr<float>(), T, r, ec.W1.as<float>(), ec.gate_width, h.ptr<float>(), cublas_ec_);
+    ec_bias_silu_f32(h.ptr<float>(), ec.b1.as<float>(), T, ec.gate_width, ec_stream_);
+    sgemm_nt(h.ptr<float>(), T, ec.gate_width, ec.W2.as<float>(), r, u.ptr<float>(), cublas_ec_);
+    ec_gate_f32(u.ptr<float>(), ec.b2.as<float>(), z.ptr<float>(), u.ptr<float>(), T, r, ec_stream_);
+    zg = u.ptr<float>();
+  }
+  sgemm_nt(zg, T, r, ec.B.as<float>(), ec.out, d.ptr<float>(), cublas_ec_);
+  SPEAR_CUDA_CHECK(cudaEventRecord(ev_join_, ec_stream_));
+  return d;  // z, h, u go back to the pool now; the main stream reuses them only after the join below
+}
+
+void CudaBackend::ec_overlap_join(const Tensor& d, Tensor& y) {
+  SPEAR_CUDA_CHECK(cudaStreamWaitEvent(stream_, ev_join_, 0));
+  auto prof = prof_->scope("linear.ec_overlap_add");
+  ec_add_into_bf16(bf(y), d.ptr<float>(), int(y.rows), int(y.cols), stream_);
+}
+
+std::vector<Backend::EcTiming> CudaBackend::time_ec_paths(const Linear& lin, std::span<const int> tokens, int reps) {
+  const auto& l = static_cast<const CudaLinear&>(lin);
+  SPEAR_CHECK(l.ec, "time_ec_paths: '{}' has no compensator", l.name);
+  SPEAR_CHECK(!capturing_, "time_ec_paths inside a graph capture");
+  reps = std::max(reps, 1);
+  const EcPath saved = ec_path_;
+  const bool saved_verbose = verbose_;
+  verbose_ = false;
+  const size_t flush_bytes = 2 * std::max<size_t>(l2_bytes_, size_t(8) << 20);
+  DeviceBuffer flush(flush_bytes);
+  cudaEvent_t ev[2];
+  SPEAR_CUDA_CHECK(cudaEventCreate(&ev[0]));
+  SPEAR_CUDA_CHECK(cudaEventCreate(&ev[1]));
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<EcTiming> out;
+  try {
+    for (int m : tokens) {
+      std::vector<float> hx(size_t(m) * l.in_features);
+      for (float& v : hx) v = nd(rng);
+      Tensor x = upload(hx.data(), m, l.in_features), y = alloc(m, l.out_features);
+      EcTiming t;
+      t.m = m;
+      for (EcPath p : {EcPath::Naive, EcPath::Overlapped, EcPath::Fused}) {
+        ec_path_ = p;
+        if (choose_ec_path(l, x) != p) continue;  // fused where the kernel does not take it
+        linear(x, l, y);  // warm-up: W4 plan tuning, cuBLAS heuristics, pool
+        std::vector<float> ms;
+        for (int r = 0; r < reps; ++r) {
+          SPEAR_CUDA_CHECK(cudaMemsetAsync(flush.get(), r & 0xff, flush_bytes, stream_));
+          SPEAR_CUDA_CHECK(cudaEventRecord(ev[0], stream_));
+          linear(x, l, y);
+          SPEAR_CUDA_CHECK(cudaEventRecord(ev[1], stream_));
+          SPEAR_CUDA_CHECK(cudaEventSynchronize(ev[1]));
+          float v = 0.f;
+          SPEAR_CUDA_CHECK(cudaEventElapsedTime(&v, ev[0], ev[1]));
+          ms.push_back(v);
+        }
+        std::nth_element(ms.begin(), ms.begin() + ms.size() / 2, ms.end());
+        t.us[p] = 1e3 * ms[ms.size() / 2];
+      }
+      out.push_back(std::move(t));
+    }
+  } catch (...) {
+    ec_path_ = saved, verbose_ = saved_verbose;
+    cudaEventDestroy(ev[0]);
+    cudaEventDestroy(ev[1]);
+    throw;
+  }
+  ec_path_ = saved, verbose_ = saved_verbose;
+  cudaEventDestroy(ev[0]);
+  cudaEventDestroy(ev[1]);
+  return out;
+}
+
+}  // namespace spear::cuda
