@@ -136,6 +136,7 @@ class Backend {
   struct EcTiming {
     int m = 0;
     std::map<EcPath, double> us;
+    double base_us = 0;  // the linear alone, without its compensator (0: not measured)
   };
   virtual std::vector<EcTiming> time_ec_paths(const Linear& l, std::span<const int> tokens, int reps) {
     (void)l, (void)tokens, (void)reps;

@@ -37,8 +37,8 @@ void tune_ec_dispatch(Model& model, const std::vector<std::string>& modules, con
   table.device = o.device;
   table.model = o.model_dir;
   if (!o.json)
-    std::printf("%-44s %6s %6s %5s %5s %6s %10s %10s %10s  %s\n", "module (first of its shape)", "n", "k", "rank",
-                "gate", "tokens", "naive us", "overlap us", "fused us", "choice");
+    std::printf("%-44s %6s %6s %5s %5s %6s %9s %10s %10s %10s  %s\n", "module (first of its shape)", "n", "k", "rank",
+                "gate", "tokens", "no EC us", "naive us", "overlap us", "fused us", "choice");
   for (const auto& [key, l] : shapes) {
     const auto [n, k, rank, gate] = key;
     for (const Backend::EcTiming& t : model.backend().time_ec_paths(*l, tokens, reps)) {
@@ -48,8 +48,8 @@ void tune_ec_dispatch(Model& model, const std::vector<std::string>& modules, con
         auto it = t.us.find(p);
         return it == t.us.end() ? std::string("-") : fmt::format("{:.1f}", it->second);
       };
-      std::printf("%-44s %6d %6d %5d %5d %6d %10s %10s %10s  %s\n", l->name.c_str(), n, k, rank, gate, t.m,
-                  us(EcPath::Naive).c_str(), us(EcPath::Overlapped).c_str(), us(EcPath::Fused).c_str(),
+      std::printf("%-44s %6d %6d %5d %5d %6d %9.1f %10s %10s %10s  %s\n", l->name.c_str(), n, k, rank, gate, t.m,
+                  t.base_us, us(EcPath::Naive).c_str(), us(EcPath::Overlapped).c_str(), us(EcPath::Fused).c_str(),
                   ec_path_name(table.entries.back().path));
     }
   }

@@ -457,9 +457,9 @@ void CudaBackend::linear(const Tensor& x, const Linear& lin, Tensor& out) {
     const EcPath path = l.ec ? choose_ec_path(l, x) : EcPath::Auto;
     if (path == EcPath::Fused) {
       __nv_bfloat16* y = bf(out);
-      tune_w4_once(bf(x), T, &l.w4, 1, &y);
-      auto prof = prof_->scope("linear.w4a16_ec_fused");
       const W4EcDevice* ec = &l.ec->dev;
+      tune_w4_once(bf(x), T, &l.w4, 1, &y, &ec);
+      auto prof = prof_->scope("linear.w4a16_ec_fused");
       if (w4a16_gemm_ec(bf(x), T, &l.w4, 1, &ec, &bias, &y, sm_count_, stream_)) return;
     }  // no decode plan fits with the EC's shared memory: the naive path below
     const EcPath path_run = path == EcPath::Fused ? EcPath::Naive : path;
@@ -505,8 +505,8 @@ void CudaBackend::linear(const Tensor& x, const Linear& lin, Tensor& out) {
 }
 
 void CudaBackend::tune_w4_once(const __nv_bfloat16* x, int m, const W4Device* w, int count,
-                               __nv_bfloat16* const* y) {
-  if (!tune_w4_ || capturing_ || w4a16_decode_tuned(m, w, count)) return;
+                               __nv_bfloat16* const* y, const W4EcDevice* const* ec) {
+  if (!tune_w4_ || capturing_ || w4a16_decode_tuned(m, w, count, ec)) return;
   cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
   SPEAR_CUDA_CHECK(cudaStreamIsCapturing(stream_, &cs));
   if (cs != cudaStreamCaptureStatusNone) return;
@@ -518,7 +518,7 @@ void CudaBackend::tune_w4_once(const __nv_bfloat16* x, int m, const W4Device* w,
     flush = nullptr;
   }
   try {
-    w4a16_tune_decode(x, m, w, count, y, flush, flush_bytes, sm_count_, stream_);
+    w4a16_tune_decode(x, m, w, count, y, flush, flush_bytes, sm_count_, stream_, 5, ec);
   } catch (...) {
     if (flush) cudaFree(flush);
     throw;
@@ -552,7 +552,7 @@ void CudaBackend::linear_group(const Tensor& x, std::span<const Linear* const> l
     y[i] = bf(*outs[i]);
     if (c->ec) ec[i] = &c->ec->dev;
   }
-  tune_w4_once(bf(x), int(x.rows), w, int(ls.size()), y);
+  tune_w4_once(bf(x), int(x.rows), w, int(ls.size()), y, any_ec ? ec : nullptr);
   if (any_ec) {
     bool done = false;
     {

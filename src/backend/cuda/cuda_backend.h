@@ -155,7 +155,8 @@ class CudaBackend : public Backend {
   void grow_w4_workspace(int n, int k);
   // Tunes the W4 decode kernel's plan for this launch shape the first time it is seen (w4a16_tune_decode):
   // eager runs only, since tuning synchronizes; the first run of every graph key is eager (run_graph).
-  void tune_w4_once(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y);
+  void tune_w4_once(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y,
+                    const W4EcDevice* const* ec = nullptr);
   void drop_graphs();
   const float* rope_inv_freq(const RopeTable& table);  // the table's device copy (uploaded at first use)
   // y += B·(g ⊙ A·x), as separate cuBLAS SGEMMs and element-wise kernels (ec_naive.h).

@@ -3,6 +3,7 @@
 // on a second stream beside the GEMM, one add after the join), the dispatch between them, and their timing
 // for `spear tune`.
 #include <algorithm>
+#include <functional>
 #include <cstdio>
 #include <random>
 
@@ -131,15 +132,13 @@ std::vector<Backend::EcTiming> CudaBackend::time_ec_paths(const Linear& lin, std
       Tensor x = upload(hx.data(), m, l.in_features), y = alloc(m, l.out_features);
       EcTiming t;
       t.m = m;
-      for (EcPath p : {EcPath::Naive, EcPath::Overlapped, EcPath::Fused}) {
-        ec_path_ = p;
-        if (choose_ec_path(l, x) != p) continue;  // fused where the kernel does not take it
-        linear(x, l, y);  // warm-up: W4 plan tuning, cuBLAS heuristics, pool
+      auto timed = [&](const std::function<void()>& call) {
+        call();  // warm-up: W4 plan tuning, cuBLAS heuristics, pool
         std::vector<float> ms;
         for (int r = 0; r < reps; ++r) {
           SPEAR_CUDA_CHECK(cudaMemsetAsync(flush.get(), r & 0xff, flush_bytes, stream_));
           SPEAR_CUDA_CHECK(cudaEventRecord(ev[0], stream_));
-          linear(x, l, y);
+          call();
           SPEAR_CUDA_CHECK(cudaEventRecord(ev[1], stream_));
           SPEAR_CUDA_CHECK(cudaEventSynchronize(ev[1]));
           float v = 0.f;
@@ -147,7 +146,13 @@ std::vector<Backend::EcTiming> CudaBackend::time_ec_paths(const Linear& lin, std
           ms.push_back(v);
         }
         std::nth_element(ms.begin(), ms.begin() + ms.size() / 2, ms.end());
-        t.us[p] = 1e3 * ms[ms.size() / 2];
+        return 1e3 * double(ms[ms.size() / 2]);
+      };
+      if (l.quantized) t.base_us = timed([&] { w4_gemm(l, x, y); });
+      for (EcPath p : {EcPath::Naive, EcPath::Overlapped, EcPath::Fused}) {
+        ec_path_ = p;
+        if (choose_ec_path(l, x) != p) continue;  // fused where the kernel does not take it
+        t.us[p] = timed([&] { linear(x, l, y); });
       }
       out.push_back(std::move(t));
     }

@@ -35,6 +35,9 @@ namespace {
 namespace cg = cooperative_groups;
 
 constexpr int kDecMaxMats = 4;
+// Static shared memory of the decode kernel (the fused EC's flags) comes off the opt-in limit: plans
+// keep this margin below it (plan_decode), the instances' dynamic limit is the rest.
+constexpr int kDecStaticSmemMargin = 2048;
 // k-blocks of weights in flight per warp (4 registers each), within the 128 registers of 2 CTAs per SM.
 // (8 measured faster than 16 on the H200 for T = 1 and 2 once the ring refills in place: dev/cuda/w4_stream_lab.cu.)
 __host__ __device__ constexpr int dec_pipe(int, bool) { return 8; }
@@ -62,19 +65,36 @@ struct W4DecodeParams {
   int xs_stride;   // bf16 elements per staged x row: (8 / R) · kbw · 64 + 8 (odd in 16-byte units)
   int gmax;        // group slots staged per CTA (grouped)
   int x_vec;       // x is 16-byte aligned and k % 8 == 0
-  // Fused compensators (w4a16_ec.cuh): tickets [0, ec_slices) compute k-slices of A·x; ticket and done live
-  // in the first EC's scratch. ec_rmax: the largest rank (0: no EC; sizes B rows and g ⊙ z in shared memory).
-  unsigned* ticket;
+  // Fused compensators (w4a16_ec.cuh): blockIdx.x < ec_cols are EC CTAs (the W4 CTAs follow); done counts
+  // finished CTAs (in the first EC's scratch). ec_rmax / ec_gmax: the largest rank / gate width (shared memory).
   unsigned* done;
-  int ec_slices, ec_rmax;
+  int ec_cols, ec_rmax, ec_gmax;
 };
 
 // Dynamic shared memory of the decode kernel: red [8 warps][T][32] float4, cred [R·T][32] float4,
-// scales [gmax][16R] fp32, zeros [gmax][16R] u16, x [m][xs_stride] bf16, with fused ECs B rows [16R][rank] bf16
-// and g ⊙ z [m][rank] fp32 (every part a multiple of 16 bytes).
-__host__ __device__ constexpr size_t dec_smem_bytes(int T, int R, int gmax, int m, int xs_stride, int ec_rmax) {
+// scales [gmax][16R] fp32, zeros [gmax][16R] u16, x [m][xs_stride] bf16, with fused ECs B rows [16R][rank] bf16,
+// g ⊙ z and z [m][rank] fp32 and the gate's hidden [m][gate width (a multiple of 4)] fp32 (every part a
+// multiple of 16 bytes). EC CTAs use the start of the same space for their z partials [rank][m].
+__host__ __device__ constexpr size_t dec_smem_bytes(int T, int R, int gmax, int m, int xs_stride, int ec_rmax,
+                                                    int ec_gmax) {
   return size_t(kWarps) * T * 512 + size_t(R) * T * 512 + size_t(gmax) * R * 16 * 6 + size_t(m) * xs_stride * 2 +
-         size_t(R) * 16 * ec_rmax * 2 + size_t(m) * ec_rmax * 4;
+         size_t(R) * 16 * ec_rmax * 2 + size_t(m) * ec_rmax * 8 + size_t(m) * ec_gmax * 4 +
+         size_t(ec_gate_floats(ec_rmax, ec_gmax)) * 4;
+}
+
+// The last CTA of a launch with ECs to finish puts the counters back to zero for the next launch (every CTA has
+// passed its wait and every slice has arrived by then). Every thread calls it.
+__device__ __forceinline__ void ec_launch_done(const W4DecodeParams& p) {
+  if (p.ec_cols == 0) return;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  __threadfence();
+  if (atomicAdd(p.done, 1u) == gridDim.x * gridDim.y - 1) {
+    *p.done = 0;
+    for (int i = 0; i < p.count; ++i)
+      if (p.mat[i].has_ec) p.mat[i].ec.counters[1] = 0, p.mat[i].ec.counters[2] = 0;
+    __threadfence();
+  }
 }
 
 template <int T, bool kGrouped>
@@ -88,8 +108,28 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
   float* ss = reinterpret_cast<float*>(cred + R * T * 32);
   uint16_t* zs = reinterpret_cast<uint16_t*>(ss + p.gmax * R * 16);
   __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(zs + p.gmax * R * 16);
-  __nv_bfloat16* ecb = xs + p.m * p.xs_stride;                           // B rows of this CTA (fused EC)
-  float* eczs = reinterpret_cast<float*>(ecb + R * 16 * p.ec_rmax);       // g ⊙ z [m][rank]
+  __nv_bfloat16* ecb = xs + p.m * p.xs_stride;                      // B rows of this CTA (fused EC)
+  float* eczs = reinterpret_cast<float*>(ecb + R * 16 * p.ec_rmax);  // g ⊙ z [m][rank]
+  float* eczt = eczs + p.m * p.ec_rmax;                              // z [m][rank]
+  float* echb = eczt + p.m * p.ec_rmax;                              // gate hidden [m][gate width]
+  float* ecgs = echb + p.m * p.ec_gmax;                              // gate parameters
+
+  // EC CTAs (leading columns): one k-slice of A·x each, then they leave (w4a16_ec.cuh).
+  if (int(blockIdx.x) < p.ec_cols) {
+    int e = 0;
+#pragma unroll
+    for (int i = 1; i < kDecMaxMats; ++i)
+      if (i < p.count && p.mat[i].has_ec && int(blockIdx.x) >= p.mat[i].ec.col0) e = i;
+    const W4DecEc& ec = p.mat[e].ec;
+    const int slice = (int(blockIdx.x) - ec.col0) * int(gridDim.y) + int(blockIdx.y);
+    uint4 a[kEcRing];
+    ec_prefetch(ec, slice, p.k, a);
+    pdl_launch_dependents();
+    pdl_wait();
+    ec_slice(ec, slice, a, p.x, p.m, p.k, smem);
+    ec_launch_done(p);
+    return;
+  }
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -148,6 +188,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
       const bool ok = row0 + row < mt.n;
       cp_async16(smem_u32(ecb + row * r + sg * 8), ok ? mt.ec.B + size_t(row0 + row) * r + sg * 8 : mt.ec.B, ok);
     }
+    ec_prefetch_gate(mt.ec, ecgs);
     cp_async_commit();
   }
 
@@ -175,21 +216,6 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-
-  // 3b. Fused ECs: the first CTAs to get here compute the k-slices of A·x (the last one of an EC the gate).
-  if (p.ec_slices > 0) {
-    __shared__ int s_ticket;
-    if (tid == 0) s_ticket = int(atomicAdd(p.ticket, 1u));
-    __syncthreads();
-    const int tk = s_ticket;
-    if (tk < p.ec_slices) {
-      int e = 0;
-#pragma unroll
-      for (int i = 0; i < kDecMaxMats; ++i)
-        if (i < p.count && p.mat[i].has_ec && tk >= p.mat[i].ec.ticket0) e = i;
-      ec_z_slice(p.mat[e].ec, tk - p.mat[e].ec.ticket0, p.x, p.m, p.k, reinterpret_cast<float*>(red));
-    }
-  }
 
   // ldmatrix lane addresses (see the general kernel), one per pair of token tiles; rows >= m read row 0.
   uint32_t xrow[NP];
@@ -321,7 +347,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
   }
   __syncthreads();
-  if (mt.has_ec) ec_fetch_zg(mt.ec, p.m, eczs);
+  if (mt.has_ec) ec_gate(mt.ec, p.m, eczs, eczt, echb, ecgs);
   const int ecr = mt.has_ec ? mt.ec.rank : 0;
   const __nv_bfloat16* ecb_lo = ecb + (rsub * 16 + g) * ecr;
   const __nv_bfloat16* ecb_hi = ecb_lo + 8 * ecr;
@@ -388,21 +414,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     cluster.sync();  // no CTA leaves while another still reads its shared memory
   }
 #endif
-  // The last CTA of a launch with ECs puts the counters back to zero for the next launch (every CTA has
-  // passed its wait and every slice has arrived by the time done reaches the grid size).
-  if (p.ec_slices > 0) {
-    __syncthreads();
-    if (tid == 0) {
-      __threadfence();
-      if (atomicAdd(p.done, 1u) == gridDim.x * gridDim.y - 1) {
-        *p.ticket = 0;
-        *p.done = 0;
-        for (int i = 0; i < p.count; ++i)
-          if (p.mat[i].has_ec) p.mat[i].ec.counters[2] = 0, p.mat[i].ec.counters[3] = 0;
-        __threadfence();
-      }
-    }
-  }
+  ec_launch_done(p);
 }
 
 using DecodeFn = void (*)(W4DecodeParams);
@@ -419,6 +431,25 @@ DecodeFn decode_kernel_for(int T, bool grouped) {
 //   waves × (latency + max(bytes / bandwidth, issue time, serial latency of a slice longer than the ring))
 //   + x staging + the reductions (shared memory; cluster barriers and DSMEM when S > 1).
 // The constants are rough H100/H200 figures; the choice only needs to be near the best, not exact.
+// The fused compensators of a launch as the planner needs them.
+struct EcPlanInfo {
+  int n = 0, rmax = 0, gmax = 0, cpr_max = 0;
+  int base_slices[kDecMaxMats] = {};  // k-slices of each EC (0: matrix without one)
+  int cols(int S) const {             // EC CTA columns with S CTAs per cluster column
+    int c = 0;
+    for (int i = 0; i < kDecMaxMats; ++i) c += (base_slices[i] + S - 1) / S;
+    return c;
+  }
+};
+
+// 256-column chunks per k-slice of a rank-r EC over k: as few as keep the slices at most 64 (registers:
+// rank / 8 rows × cpr chunks <= kEcRing per lane); 0 when no such split exists (not fusable).
+int ec_cpr(int rank, int k) {
+  const int chunks = (k + 255) / 256;
+  const int cpr = (chunks + 63) / 64;
+  return (rank / 8) * cpr <= kEcRing ? cpr : 0;
+}
+
 struct DecodePlan {
   int R = 0, S = 0, kbw = 0, xs_stride = 0, gmax = 0;
   size_t smem = 0;
@@ -426,9 +457,11 @@ struct DecodePlan {
 };
 
 // force_r / force_s: 0 lets the model choose; a forced pair may leave CTAs without k-blocks (they only reduce).
-// ec_rmax: the largest rank of fused ECs (their B rows and g ⊙ z take shared memory), 0 without.
+// ec: the fused compensators of the launch (null: none). With them the plan adds their EC CTA columns and
+// their shared memory, and must run in one wave (w4a16_ec.cuh: every CTA resident at once).
 DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count, int force_r, int force_s,
-                       int ec_rmax = 0) {
+                       const EcPlanInfo* ec = nullptr) {
+  const int ec_rmax = ec ? ec->rmax : 0, ec_gmax = ec ? ec->gmax : 0;
   const DeviceFacts& dev = device_facts();
   sm_count = std::max(sm_count, 1);
   const int kblocks = w[0].k_pad / kKBlock;
@@ -447,9 +480,10 @@ DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count,
   for (int R : {8, 4, 2, 1}) {
     if (force_r && R != force_r) continue;
     const int KS = kWarps / R;
-    long ctas_x = 0;
-    for (int i = 0; i < count; ++i) ctas_x += (w[i].n_pad / 16 + R - 1) / R;
+    long ctas_w4 = 0;
+    for (int i = 0; i < count; ++i) ctas_w4 += (w[i].n_pad / 16 + R - 1) / R;
     for (int S = 1; S <= max_s; ++S) {
+      const long ctas_x = ctas_w4 + (ec ? ec->cols(S) : 0);
       if (force_s && S != std::min(force_s, max_s)) continue;
       const int KT = KS * S;
       const int kbw = (kblocks + KT - 1) / KT;
@@ -460,14 +494,16 @@ DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count,
       for (int i = 0; i < count; ++i)
         if (w[i].groups > 1) gmax = std::max(gmax, std::min(w[i].groups, (cta_cols - 1) / w[i].group_size + 2));
       const int xs_stride = cta_cols + 8;
-      const size_t smem = dec_smem_bytes(T, R, gmax, m, xs_stride, ec_rmax);
-      if (smem > dev.smem_optin) continue;
+      const size_t smem = std::max(dec_smem_bytes(T, R, gmax, m, xs_stride, ec_rmax, ec_gmax),
+                                   ec ? ec_cta_smem_bytes(m, ec->cpr_max, ec_rmax) : size_t(0));
+      if (smem + kDecStaticSmemMargin > dev.smem_optin) continue;
       const int resident =
           std::min<int>(dec_min_blocks(T, count > 0 && w[0].groups > 1), int(dev.smem_per_sm / std::max<size_t>(smem + dev.smem_reserved, 1)));
       if (resident < 1) continue;
       const long ctas = ctas_x * S;
       const long slots = long(sm_count) * resident;
       const long waves = (ctas + slots - 1) / slots;
+      if (ec && waves > 1) continue;
       const long in_wave = std::min(ctas, slots);
       const long sms_used = std::min<long>(in_wave, sm_count);
       const long ctas_per_sm = (in_wave + sm_count - 1) / sm_count;
@@ -486,17 +522,25 @@ DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count,
 }
 
 void set_decode_max_smem_impl(int T, bool grouped, int bytes) {
+  cudaFuncAttributes a{};
+  SPEAR_CUDA_CHECK(cudaFuncGetAttributes(&a, decode_kernel_for(T, grouped)));
+  SPEAR_CHECK(a.sharedSizeBytes <= size_t(kDecStaticSmemMargin), "internal: decode kernel static shared memory {} B",
+              a.sharedSizeBytes);
   SPEAR_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel_for(T, grouped), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        bytes));
+                                        bytes - kDecStaticSmemMargin));
 }
 
 // Tuned plans, process-wide: launch shape → (R, S).
-using TuneKey = std::array<int, 4 + kDecMaxMats>;  // device, T, grouped · 65536 + count, k_pad, n_pad of each
+// device, T, grouped · 65536 + count, k_pad, n_pad of each, fused ECs (rank of each, in 8 bits; gate width)
+using TuneKey = std::array<int, 6 + kDecMaxMats>;
 std::mutex g_tune_mu;
 std::map<TuneKey, std::pair<int, int>> g_tuned;
 
-TuneKey tune_key(int T, const W4Device* w, int count) {
+TuneKey tune_key(int T, const W4Device* w, int count, const EcPlanInfo* ec = nullptr) {
   TuneKey key{};
+  if (ec)
+    for (int i = 0; i < kDecMaxMats; ++i) key[4 + kDecMaxMats] |= (ec->base_slices[i] ? 1 : 0) << i;
+  if (ec) key[5 + kDecMaxMats] = ec->rmax * 4096 + ec->gmax;
   key[0] = device_facts().device;
   key[1] = T;
   key[2] = (w[0].groups > 1 ? w[0].group_size : 0) * 65536 + count;
@@ -514,14 +558,23 @@ bool decode_takes(int m, const W4Device* w, int count) {
   return true;
 }
 
-// Fills the fused-EC part of the params: k-slices of about 16 KiB of A each (at most kEcMaxSlices per EC), fewer
-// when the launch has few CTAs, so that every ticket holder is a running CTA (tickets <= CTAs, <= SMs / 2).
-void set_ec_params(W4DecodeParams& p, const W4EcDevice* const* ec, int ctas, int sm_count) {
-  int n_ec = 0;
-  for (int i = 0; i < p.count; ++i) n_ec += ec[i] != nullptr;
-  if (n_ec == 0) return;
-  const int cap = std::max(1, std::min(ctas, std::max(sm_count, 2) / 2) / n_ec);
-  int ticket = 0;
+EcPlanInfo ec_plan_info(int k, int count, const W4EcDevice* const* ec) {
+  EcPlanInfo info;
+  for (int i = 0; i < count; ++i) {
+    if (!ec || !ec[i]) continue;
+    const int cpr = ec_cpr(ec[i]->rank, k);
+    info.base_slices[i] = (k + 256 * cpr - 1) / (256 * cpr);
+    info.rmax = std::max(info.rmax, ec[i]->rank);
+    info.cpr_max = std::max(info.cpr_max, cpr);
+    info.gmax = std::max(info.gmax, ec[i]->W1 ? (ec[i]->gate_width + 3) / 4 * 4 : 0);
+    ++info.n;
+  }
+  return info;
+}
+
+// Fills the fused-EC part of the params: EC CTA columns first (p.ec_cols), S slices per column.
+void set_ec_params(W4DecodeParams& p, const W4EcDevice* const* ec, const EcPlanInfo& info, int S) {
+  int col = 0;
   for (int i = 0; i < p.count; ++i) {
     if (!ec[i]) continue;
     const W4EcDevice& e = *ec[i];
@@ -531,27 +584,30 @@ void set_ec_params(W4DecodeParams& p, const W4EcDevice* const* ec, int ctas, int
     d.rank = e.rank;
     d.gate_width = e.W1 ? e.gate_width : 0;
     d.counters = static_cast<unsigned*>(e.scratch);
-    d.zg = reinterpret_cast<float*>(static_cast<char*>(e.scratch) + kEcCounterBytes);
-    d.zpart = d.zg + 32 * e.rank;
-    const long a_bytes = long(e.rank) * p.k * 2;
-    int slices = int(std::clamp<long>((a_bytes + 16383) / 16384, 1, std::min(kEcMaxSlices, cap)));
-    d.kc = ((p.k + slices - 1) / slices + 255) / 256 * 256;
-    d.slices = (p.k + d.kc - 1) / d.kc;
-    d.ticket0 = ticket;
-    ticket += d.slices;
-    if (!p.ticket) p.ticket = d.counters, p.done = d.counters + 1;
-    p.ec_rmax = std::max(p.ec_rmax, e.rank);
+    d.z = reinterpret_cast<float*>(static_cast<char*>(e.scratch) + kEcCounterBytes);
+    d.zpart = d.z + 32 * e.rank;
+    d.cpr = ec_cpr(e.rank, p.k);
+    d.cols = (info.base_slices[i] + S - 1) / S;
+    d.slices = d.cols * S;
+    d.col0 = col;
+    col += d.cols;
+    if (!p.done) p.done = d.counters;
   }
-  p.ec_slices = ticket;
+  p.ec_cols = col;
+  p.ec_rmax = info.rmax;
+  p.ec_gmax = info.gmax;
 }
 
 void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4Device* w, int count,
                  const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, const W4GemmOptions& o,
-                 cudaStream_t stream, const W4EcDevice* const* ec = nullptr, int sm_count = 0) {
+                 cudaStream_t stream, const W4EcDevice* const* ec = nullptr, const EcPlanInfo* ec_info = nullptr) {
   const int T = token_tiles(m);
   const bool grouped = w[0].groups > 1;
   W4DecodeParams p{};
-  int rg = 0;
+  p.count = count;
+  p.k = w[0].k;
+  if (ec && ec_info) set_ec_params(p, ec, *ec_info, plan.S);
+  int rg = p.ec_cols;
   for (int i = 0; i < count; ++i) {
     W4DecMat& d = p.mat[i];
     d.q = reinterpret_cast<const uint4*>(w[i].q);
@@ -569,9 +625,7 @@ void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4
     rg += (d.n_tiles + plan.R - 1) / plan.R;
   }
   p.x = x;
-  p.count = count;
   p.m = m;
-  p.k = w[0].k;
   p.kblocks = w[0].k_pad / kKBlock;
   p.R = plan.R;
   p.S = plan.S;
@@ -579,7 +633,6 @@ void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4
   p.xs_stride = plan.xs_stride;
   p.gmax = plan.gmax;
   p.x_vec = (reinterpret_cast<uintptr_t>(x) & 15) == 0 && w[0].k % 8 == 0;
-  if (ec) set_ec_params(p, ec, rg * plan.S, sm_count);
   const bool pdl = o.pdl && device_facts().major >= 9;
   launch(decode_kernel_for(T, grouped), dim3(rg, plan.S), plan.smem, plan.S, pdl, stream, p);
 }
@@ -593,16 +646,17 @@ namespace {
 
 // The plan a launch runs: forced by the options, else the tuned one for this shape, else the time model's (also
 // when a forced or tuned plan does not fit). R == 0: none fits.
-DecodePlan choose_plan(int m, const W4Device* w, int count, int sm_count, const W4GemmOptions& o, int ec_rmax = 0) {
+DecodePlan choose_plan(int m, const W4Device* w, int count, int sm_count, const W4GemmOptions& o,
+                       const EcPlanInfo* ec = nullptr) {
   const int T = token_tiles(m);
   int fr = o.decode_rows, fs = o.decode_splits;
   if (!fr && !fs) {
     std::lock_guard<std::mutex> lock(g_tune_mu);
-    const auto it = g_tuned.find(tune_key(T, w, count));
+    const auto it = g_tuned.find(tune_key(T, w, count, ec));
     if (it != g_tuned.end()) std::tie(fr, fs) = it->second;
   }
-  DecodePlan plan = plan_decode(T, m, w, count, sm_count, fr, fs, ec_rmax);
-  if (plan.R == 0 && (fr || fs)) plan = plan_decode(T, m, w, count, sm_count, 0, 0, ec_rmax);
+  DecodePlan plan = plan_decode(T, m, w, count, sm_count, fr, fs, ec);
+  if (plan.R == 0 && (fr || fs)) plan = plan_decode(T, m, w, count, sm_count, 0, 0, ec);
   return plan;
 }
 
@@ -624,6 +678,7 @@ bool ec_fusable(int m, const W4Device* w, int count, const W4EcDevice* const* ec
     if (!ec || !ec[i]) continue;
     const W4EcDevice& e = *ec[i];
     if (e.rank < 8 || e.rank % 8 || e.rank > kW4EcMaxRank || e.gate_width < 0 || e.gate_width > kW4EcMaxGate ||
+        ec_cpr(e.rank, w[0].k) == 0 ||
         !e.A || !e.B || !e.scratch || (e.gate_width > 0 && e.W1 && (!e.b1 || !e.W2 || !e.b2)))
       return false;
   }
@@ -634,18 +689,19 @@ bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int coun
                       const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count,
                       const W4GemmOptions& o, cudaStream_t stream) {
   if (!ec_fusable(m, w, count, ec) || (reinterpret_cast<uintptr_t>(x) & 15) != 0) return false;
-  int rmax = 0;
-  for (int i = 0; i < count; ++i)
-    if (ec[i]) rmax = std::max(rmax, ec[i]->rank);
-  const DecodePlan plan = choose_plan(m, w, count, sm_count, o, rmax);
+  const EcPlanInfo info = ec_plan_info(w[0].k, count, ec);
+  const DecodePlan plan = choose_plan(m, w, count, sm_count, o, info.n ? &info : nullptr);
   if (plan.R == 0) return false;
-  launch_plan(plan, x, m, w, count, bias, y, o, stream, ec, sm_count);
+  launch_plan(plan, x, m, w, count, bias, y, o, stream, ec, info.n ? &info : nullptr);
   return true;
 }
 
 bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y, void* flush,
-                 size_t flush_bytes, int sm_count, cudaStream_t stream, int reps) {
+                 size_t flush_bytes, int sm_count, cudaStream_t stream, int reps, const W4EcDevice* const* ec) {
   if (!decode_takes(m, w, count)) return false;
+  if (ec && !ec_fusable(m, w, count, ec)) return false;
+  const EcPlanInfo info = ec_plan_info(w[0].k, count, ec);
+  const EcPlanInfo* ei = info.n ? &info : nullptr;
   const int T = token_tiles(m);
   const DeviceFacts& dev = device_facts();
   const W4GemmOptions o = w4a16_get_options();
@@ -656,17 +712,17 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
   std::pair<int, int> best{0, 0};
   for (int R : {1, 2, 4, 8})
     for (int S = 1; S <= (dev.major >= 9 ? kDecMaxCluster : 1); ++S) {
-      const DecodePlan plan = plan_decode(T, m, w, count, sm_count, R, S);
+      const DecodePlan plan = plan_decode(T, m, w, count, sm_count, R, S, ei);
       if (plan.R != R || plan.S != S) continue;
       const int kblocks = w[0].k_pad / kKBlock, KS = kWarps / R;
       if (S > 1 && (S - 1) * KS * plan.kbw >= kblocks) continue;  // a CTA without k-blocks
       std::vector<float> ts;
       try {
-        launch_plan(plan, x, m, w, count, nullptr, y, o, stream);  // warm-up (first use of the instance)
+        launch_plan(plan, x, m, w, count, nullptr, y, o, stream, ec, ei);  // warm-up (first use of the instance)
         for (int r = 0; r < reps; ++r) {
           if (flush) SPEAR_CUDA_CHECK(cudaMemsetAsync(flush, r & 0xff, flush_bytes, stream));
           SPEAR_CUDA_CHECK(cudaEventRecord(ev[0], stream));
-          launch_plan(plan, x, m, w, count, nullptr, y, o, stream);
+          launch_plan(plan, x, m, w, count, nullptr, y, o, stream, ec, ei);
           SPEAR_CUDA_CHECK(cudaEventRecord(ev[1], stream));
           SPEAR_CUDA_CHECK(cudaEventSynchronize(ev[1]));
           float ms = 0.f;
@@ -686,7 +742,7 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
   cudaEventDestroy(ev[1]);
   if (best.first == 0) return false;
   std::lock_guard<std::mutex> lock(g_tune_mu);
-  g_tuned[tune_key(T, w, count)] = best;
+  g_tuned[tune_key(T, w, count, ei)] = best;
   return true;
 }
 
@@ -696,10 +752,11 @@ std::pair<int, int> decode_plan(int m, const W4Device* w, int count, int sm_coun
   return {plan.R, plan.S};
 }
 
-bool decode_tuned(int m, const W4Device* w, int count) {
-  if (!decode_takes(m, w, count)) return true;  // nothing to tune
+bool decode_tuned(int m, const W4Device* w, int count, const W4EcDevice* const* ec) {
+  if (!decode_takes(m, w, count) || (ec && !ec_fusable(m, w, count, ec))) return true;  // nothing to tune
+  const EcPlanInfo info = ec_plan_info(w[0].k, count, ec);
   std::lock_guard<std::mutex> lock(g_tune_mu);
-  return g_tuned.count(tune_key(token_tiles(m), w, count)) > 0;
+  return g_tuned.count(tune_key(token_tiles(m), w, count, info.n ? &info : nullptr)) > 0;
 }
 
 void clear_tuning() {

@@ -1,10 +1,17 @@
-// Device side of the error compensator fused into the W4A16 decode kernel (w4a16_gemm.h describes the scheme;
+// Device side of the error compensator fused into the W4A16 decode launch (w4a16_gemm.h states the contract;
 // w4a16_decode.cu calls these). Internal to the CUDA backend.
 //
-// Scratch of one EC (w4a16_ec_scratch_bytes): 4 counters (ticket and done: used by the launch's first EC
-// only; arrivals of k-slices; ready flag), then g ⊙ z [32][rank] fp32, then the k-slice partial sums
-// [kEcMaxSlices][32][rank] fp32. Everything is written before it is read within one launch, and the counters
-// are back at zero when the launch ends, so the same scratch serves every launch of its linear.
+// The launch gets extra leading CTA columns, the EC CTAs: each computes one k-slice of z = A·x, its slice of A
+// (rank × 256·cpr columns) loaded into registers before griddepcontrol.wait, so those loads are among the
+// first in the memory queue. The EC CTA that completes an EC's last slice sums the slices in slice order into
+// z and releases a ready flag. The W4 CTAs of a compensated matrix acquire the flag after their own reduction,
+// apply the gate to z themselves (a few hundred FMAs) and add B·(g ⊙ z) from their prefetched rows of B.
+// Every CTA of the launch is resident at once (the planner only takes one-wave plans with ECs), so the
+// flag wait cannot deadlock whatever order the CTAs start in.
+//
+// Scratch of one EC (w4a16_ec_scratch_bytes): counters (done: the launch's CTAs, used in the first EC's
+// scratch; arrivals of k-slices; ready flag), z [32][rank] fp32, k-slice partial sums [kEcMaxSlices][32][rank].
+// The last CTA of the launch puts the counters back to zero, so the scratch serves every launch of its linear.
 #pragma once
 
 #include <cstddef>
@@ -16,7 +23,8 @@
 
 namespace spear::cuda::w4_detail {
 
-constexpr int kEcMaxSlices = 16;
+constexpr int kEcRing = 8;         // uint4 of A per lane: rank / 8 rows × cpr chunks of 256 columns
+constexpr int kEcMaxSlices = 72;   // 64 slices + up to 7 empty ones that round up to whole cluster columns
 constexpr int kEcCounterBytes = 16;
 
 __host__ __device__ constexpr size_t ec_scratch_bytes(int rank) {
@@ -28,10 +36,13 @@ struct W4DecEc {
   const __nv_bfloat16* A;  // [rank][k]
   const __nv_bfloat16* B;  // [n][rank]
   const float *W1, *b1, *W2, *b2;
-  unsigned* counters;  // ticket, done, arrivals, flag
-  float* zg;           // [32][rank]
+  unsigned* counters;  // done, arrivals, ready
+  float* z;            // [32][rank]
   float* zpart;        // [kEcMaxSlices][32][rank]
-  int rank, gate_width, slices, kc, ticket0;
+  int rank, gate_width;
+  int cpr;             // 256-column chunks per slice (kc = 256 · cpr)
+  int slices;          // cols · gridDim.y
+  int col0, cols;      // EC CTA columns [col0, col0 + cols) of blockIdx.x
 };
 
 __device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
@@ -62,81 +73,135 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// k-slice `s` of z = A·x for tokens [0, m) into e.zpart[s] (the whole CTA; x read through L2: the previous
-// kernel wrote it). Then the CTA that completes the EC's last slice reduces the slices in order, applies the
-// gate (one warp per token, 128 floats of `wbuf` per warp) and releases g ⊙ z. Ends with __syncthreads.
-static __device__ __noinline__ void ec_z_slice(const W4DecEc& e, int s, const __nv_bfloat16* x, int m, int k, float* wbuf) {
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int r = e.rank, k0 = s * e.kc, k1 = min(k, k0 + e.kc);
-  for (int j = warp; j < r; j += kWarps) {
-    const __nv_bfloat16* arow = e.A + size_t(j) * k;
-    for (int t0 = 0; t0 < m; t0 += 4) {
-      float acc[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int kk = k0 + lane * 8; kk < k1; kk += 256) {
-        const uint4 a = __ldg(reinterpret_cast<const uint4*>(arow + kk));
+// Register chunk i of the EC CTA's slice: row warp + 8 · (i / cpr), columns k0 + 256 · (i % cpr) + 8 · lane.
+__device__ __forceinline__ void ec_chunk(const W4DecEc& e, int slice, int k, int i, int& row, int& col, bool& ok) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int ri = i / e.cpr, ci = i - ri * e.cpr;
+  const int k0 = slice * e.cpr * 256;
+  row = warp + 8 * ri;
+  col = k0 + ci * 256 + lane * 8;
+  ok = ri < (e.rank >> 3) && col < min(k, k0 + e.cpr * 256);
+}
+
+// Before griddepcontrol.wait: the slice's A into registers.
+__device__ __forceinline__ void ec_prefetch(const W4DecEc& e, int slice, int k, uint4 (&a)[kEcRing]) {
 #pragma unroll
-        for (int c = 0; c < 4; ++c)
-          if (t0 + c < m) acc[c] += dot8_bf16(a, __ldcg(reinterpret_cast<const uint4*>(x + size_t(t0 + c) * k + kk)));
-      }
+  for (int i = 0; i < kEcRing; ++i) {
+    int row, col;
+    bool ok;
+    ec_chunk(e, slice, k, i, row, col, ok);
+    a[i] = ok ? __ldg(reinterpret_cast<const uint4*>(e.A + size_t(row) * k + col)) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// Shared memory of an EC CTA: x [m][256 · cpr] bf16, then z partials [rank][m] fp32.
+__host__ __device__ constexpr size_t ec_cta_smem_bytes(int m, int cpr, int rank) {
+  return size_t(m) * 256 * cpr * 2 + size_t(rank) * m * 4;
+}
+
+// After griddepcontrol.wait: the slice's columns of x for tokens [0, m) are staged (cp.async: the previous
+// kernel wrote x), then the slice's partial z goes into zpart; the CTA completing the EC's last slice sums
+// the slices in order into z and sets the flag. smem: ec_cta_smem_bytes. Every thread calls it.
+__device__ __forceinline__ void ec_slice(const W4DecEc& e, int slice, const uint4 (&a)[kEcRing],
+                                         const __nv_bfloat16* x, int m, int k, unsigned char* smem) {
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int kc = e.cpr * 256, k0 = slice * kc;
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem);
+  float* zs = reinterpret_cast<float*>(xs + m * kc);
+  for (int i = tid; i < m * (kc / 8); i += kThreads) {
+    const int t = i / (kc / 8), c = (i - t * (kc / 8)) * 8;
+    const bool ok = k0 + c < k;
+    cp_async16(smem_u32(xs + t * kc + c), ok ? x + size_t(t) * k + k0 + c : x, ok);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  for (int t = 0; t < m; ++t) {
+    float acc[kEcRing];
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const float v = warp_sum(acc[c]);
-        if (lane == 0 && t0 + c < m) __stcg(e.zpart + (size_t(s) * 32 + t0 + c) * r + j, v);
-      }
+    for (int i = 0; i < kEcRing; ++i) {
+      int row, col;
+      bool ok;
+      ec_chunk(e, slice, k, i, row, col, ok);
+      acc[i] = ok ? dot8_bf16(a[i], *reinterpret_cast<const uint4*>(xs + t * kc + (col - k0))) : 0.f;
     }
+    // Lane 0 of each warp owns its rows: chunks of a row are added in chunk order (deterministic).
+#pragma unroll
+    for (int i = 0; i < kEcRing; ++i) {
+      int row, col;
+      bool ok;
+      ec_chunk(e, slice, k, i, row, col, ok);
+      const float v = warp_sum(acc[i]);
+      if (lane == 0 && row < e.rank && (i % e.cpr) == 0) zs[row * m + t] = 0.f;
+      if (lane == 0 && row < e.rank) zs[row * m + t] += v;
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < m * e.rank; i += kThreads) {
+    const int t = i / e.rank, j = i - t * e.rank;
+    __stcg(e.zpart + (size_t(slice) * 32 + t) * e.rank + j, zs[j * m + t]);
   }
   __shared__ int s_last;
   __syncthreads();
   if (tid == 0) {
     __threadfence();
-    s_last = atomicAdd(e.counters + 2, 1u) == unsigned(e.slices - 1);
+    s_last = atomicAdd(e.counters + 1, 1u) == unsigned(e.slices - 1);
   }
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  float* zb = wbuf + warp * 128;  // z [rank], then h [gate_width]
-  float* hb = zb + 64;
-  for (int t = warp; t < m; t += kWarps) {
-    for (int j = lane; j < r; j += 32) {
-      float z = 0.f;
-      for (int q = 0; q < e.slices; ++q) z += __ldcg(e.zpart + (size_t(q) * 32 + t) * r + j);
-      zb[j] = z;
-    }
-    __syncwarp();
-    const int gw = e.gate_width;
-    if (gw > 0) {
-      for (int i = lane; i < gw; i += 32) {
-        float a = e.b1[i];
-        for (int j = 0; j < r; ++j) a = fmaf(e.W1[i * r + j], zb[j], a);
-        hb[i] = a / (1.f + expf(-a));
-      }
-      __syncwarp();
-    }
-    for (int j = lane; j < r; j += 32) {
-      float zg = zb[j];
-      if (gw > 0) {
-        float u = e.b2[j];
-        for (int i = 0; i < gw; ++i) u = fmaf(e.W2[j * gw + i], hb[i], u);
-        zg *= 1.f + tanhf(u);
-      }
-      __stcg(e.zg + size_t(t) * r + j, zg);
-    }
-    __syncwarp();
+  for (int i = tid; i < m * e.rank; i += kThreads) {
+    float s = 0.f;
+    for (int q = 0; q < e.slices; ++q) s += __ldcg(e.zpart + size_t(q) * 32 * e.rank + i);
+    __stcg(e.z + i, s);
   }
   __syncthreads();
   if (tid == 0) {
     __threadfence();
-    st_release_gpu(e.counters + 3, 1u);
+    st_release_gpu(e.counters + 2, 1u);
   }
 }
 
-// Waits (thread 0) until g ⊙ z of `e` is published, then copies it for tokens [0, m) into shared memory
-// zs [m][rank]. Every thread of the CTA calls it; ends with __syncthreads.
-__device__ __forceinline__ void ec_fetch_zg(const W4DecEc& e, int m, float* zs) {
+// Gate parameters in shared memory: W1 [gw][r], W2 [r][gw], b1 [gw], b2 [r] fp32 (a multiple of 4 floats).
+__host__ __device__ constexpr int ec_gate_floats(int rank, int gw) { return (2 * gw * rank + gw + rank + 3) / 4 * 4; }
+
+// Before griddepcontrol.wait (constants): the gate's parameters into gs (4-byte cp.async: any gate width).
+__device__ __forceinline__ void ec_prefetch_gate(const W4DecEc& e, float* gs) {
+  const int r = e.rank, gw = e.gate_width;
+  if (gw == 0) return;
+  const int n1 = gw * r, n2 = 2 * gw * r, n3 = n2 + gw, n = n3 + r;
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    const float* src = i < n1 ? e.W1 + i : i < n2 ? e.W2 + (i - n1) : i < n3 ? e.b1 + (i - n2) : e.b2 + (i - n3);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_u32(gs + i)), "l"(src) : "memory");
+  }
+}
+
+// A W4 CTA of a compensated matrix, after its reduction: waits for z, then g ⊙ z for tokens [0, m) into zg
+// [m][rank] (shared memory; zt [m][rank] and hb [m][gate_width] are shared scratch, gs the prefetched gate).
+// Every thread calls it; ends with __syncthreads.
+__device__ __forceinline__ void ec_gate(const W4DecEc& e, int m, float* zg, float* zt, float* hb, const float* gs) {
   if (threadIdx.x == 0)
-    while (ld_acquire_gpu(e.counters + 3) == 0) __nanosleep(64);
+    while (ld_acquire_gpu(e.counters + 2) == 0) __nanosleep(20);
   __syncthreads();
-  for (int i = threadIdx.x; i < m * e.rank; i += kThreads) zs[i] = __ldcg(e.zg + i);
+  const int r = e.rank, gw = e.gate_width;
+  float* zdst = gw > 0 ? zt : zg;
+  for (int i = threadIdx.x; i < m * r; i += kThreads) zdst[i] = __ldcg(e.z + i);
+  __syncthreads();
+  if (gw == 0) return;
+  const float *W1 = gs, *W2 = gs + gw * r, *b1 = W2 + gw * r, *b2 = b1 + gw;
+  for (int i = threadIdx.x; i < m * gw; i += kThreads) {
+    const int t = i / gw, q = i - t * gw;
+    float s = b1[q];
+    for (int j = 0; j < r; ++j) s = fmaf(W1[q * r + j], zt[t * r + j], s);
+    hb[i] = s / (1.f + expf(-s));
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < m * r; i += kThreads) {
+    const int t = i / r, j = i - t * r;
+    float u = b2[j];
+    for (int q = 0; q < gw; ++q) u = fmaf(W2[j * gw + q], hb[t * gw + q], u);
+    zg[i] = (1.f + tanhf(u)) * zt[i];
+  }
   __syncthreads();
 }
 

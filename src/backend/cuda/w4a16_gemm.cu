@@ -662,7 +662,8 @@ bool w4a16_gemm_ec(const __nv_bfloat16* x, int m, const W4Device* w, int count, 
 }
 
 bool w4a16_tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y,
-                       void* flush, size_t flush_bytes, int sm_count, cudaStream_t stream, int reps) {
+                       void* flush, size_t flush_bytes, int sm_count, cudaStream_t stream, int reps,
+                       const W4EcDevice* const* ec) {
   SPEAR_CHECK(count >= 1 && count <= kW4MaxGrouped, "w4a16_tune_decode: count {} (1..{})", count, kW4MaxGrouped);
   SPEAR_CHECK(w && y && x, "w4a16_tune_decode: null x, matrix or output array");
   SPEAR_CHECK(reps >= 1, "w4a16_tune_decode: reps must be >= 1");
@@ -671,11 +672,11 @@ bool w4a16_tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int cou
     SPEAR_CHECK(y[i], "w4a16_tune_decode: null y[{}]", i);
   }
   if (m <= 0) return false;
-  return tune_decode(x, m, w, count, y, flush, flush ? flush_bytes : 0, sm_count, stream, reps);
+  return tune_decode(x, m, w, count, y, flush, flush ? flush_bytes : 0, sm_count, stream, reps, ec);
 }
 
-bool w4a16_decode_tuned(int m, const W4Device* w, int count) {
-  return m <= 0 || count < 1 || count > kW4MaxGrouped || decode_tuned(m, w, count);
+bool w4a16_decode_tuned(int m, const W4Device* w, int count, const W4EcDevice* const* ec) {
+  return m <= 0 || count < 1 || count > kW4MaxGrouped || decode_tuned(m, w, count, ec);
 }
 
 void w4a16_clear_tuning() { clear_tuning(); }

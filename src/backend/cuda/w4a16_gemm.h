@@ -121,11 +121,13 @@ bool w4a16_gemm_ec(const __nv_bfloat16* x, int m, const W4Device* w, int count, 
 // flush_bytes at flush (>= 2 × L2: every call reads its weights from DRAM, as in a decode step of a model that
 // does not fit in L2; null: no flush). Synchronizes the stream: never during graph capture. y receives
 // scratch results. Returns false when the decode kernel does not take this launch (m > 32, mixed per-channel
-// and grouped matrices); forced plans (W4GemmOptions) still win over tuned ones.
+// and grouped matrices); forced plans (W4GemmOptions) still win over tuned ones. With ec (fused compensators,
+// as for w4a16_gemm_ec) the plans of that fused launch are tuned, separately from the launch without them.
 bool w4a16_tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y,
-                       void* flush, size_t flush_bytes, int sm_count, cudaStream_t stream, int reps = 5);
+                       void* flush, size_t flush_bytes, int sm_count, cudaStream_t stream, int reps = 5,
+                       const W4EcDevice* const* ec = nullptr);
 // True when this launch has a tuned plan or the decode kernel does not take it (nothing to tune).
-bool w4a16_decode_tuned(int m, const W4Device* w, int count);
+bool w4a16_decode_tuned(int m, const W4Device* w, int count, const W4EcDevice* const* ec = nullptr);
 void w4a16_clear_tuning();  // forget every tuned plan (tests, benchmarks)
 // The decode plan a launch of this shape runs now: {16-row tiles per CTA, CTAs per cluster}; {0, 0} when the
 // decode kernel does not take it (benchmark reports).
