@@ -131,15 +131,17 @@ class Backend {
   virtual void set_ec_dispatch(std::shared_ptr<const EcDispatchTable> t) { (void)t; }
   virtual void set_verbose(bool v) { (void)v; }
   // Times linear(x, l) with its compensator at each token count under every EC path the backend can run
-  // there (µs per call, median of reps, weights read from DRAM): what `spear tune` writes the dispatch table
-  // from. Empty when the backend has a single path.
+  // there (µs per call, median of reps), cycling over the linears `ls` of one shape as a decode step does (a
+  // CUDA graph on the GPU): what `spear tune` writes the dispatch table from. Empty when the backend has a
+  // single path.
   struct EcTiming {
     int m = 0;
     std::map<EcPath, double> us;
     double base_us = 0;  // the linear alone, without its compensator (0: not measured)
   };
-  virtual std::vector<EcTiming> time_ec_paths(const Linear& l, std::span<const int> tokens, int reps) {
-    (void)l, (void)tokens, (void)reps;
+  virtual std::vector<EcTiming> time_ec_paths(std::span<const Linear* const> ls, std::span<const int> tokens,
+                                               int reps) {
+    (void)ls, (void)tokens, (void)reps;
     return {};
   }
 

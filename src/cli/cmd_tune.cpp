@@ -27,11 +27,11 @@ namespace {
 // Times every EC path of each distinct compensated module shape and writes the dispatch table.
 void tune_ec_dispatch(Model& model, const std::vector<std::string>& modules, const std::vector<int>& tokens, int reps,
                       const CommonOptions& o, const std::string& out) {
-  std::map<std::tuple<int, int, int, int>, const Linear*> shapes;  // (n, k, rank, gate) -> first module
+  std::map<std::tuple<int, int, int, int>, std::vector<const Linear*>> shapes;  // (n, k, rank, gate) -> modules
   for (const std::string& name : modules) {
     const Linear* l = model.linear_slot(name).get();
     const auto [rank, gate] = model.backend().compensator_shape(*l);
-    if (rank > 0) shapes.emplace(std::make_tuple(l->out_features, l->in_features, rank, gate), l);
+    if (rank > 0) shapes[std::make_tuple(l->out_features, l->in_features, rank, gate)].push_back(l);
   }
   EcDispatchTable table;
   table.device = o.device;
@@ -39,9 +39,10 @@ void tune_ec_dispatch(Model& model, const std::vector<std::string>& modules, con
   if (!o.json)
     std::printf("%-44s %6s %6s %5s %5s %6s %9s %10s %10s %10s  %s\n", "module (first of its shape)", "n", "k", "rank",
                 "gate", "tokens", "no EC us", "naive us", "overlap us", "fused us", "choice");
-  for (const auto& [key, l] : shapes) {
+  for (const auto& [key, ls] : shapes) {
     const auto [n, k, rank, gate] = key;
-    for (const Backend::EcTiming& t : model.backend().time_ec_paths(*l, tokens, reps)) {
+    const Linear* l = ls.front();
+    for (const Backend::EcTiming& t : model.backend().time_ec_paths(ls, tokens, reps)) {
       table.add(n, k, rank, gate, t.m, t.us);
       if (o.json) continue;
       auto us = [&](EcPath p) {
@@ -89,7 +90,7 @@ void register_tune(CLI::App& app) {
                   "--ec-dispatch, or name it ec_dispatch.json in the model directory")
       ->capture_default_str();
   cmd->add_option("--ec-tokens", *ec_tokens, "Token counts the EC paths are timed at")->delimiter(',');
-  cmd->add_option("--ec-reps", *ec_reps, "Timed calls per EC path and token count (median)")
+  cmd->add_option("--ec-reps", *ec_reps, "Timed replays of the graph of calls per EC path and token count (median)")
       ->check(CLI::Range(1, 1000))
       ->capture_default_str();
   cmd->add_option("--ec-density", *ec_density,

@@ -180,13 +180,15 @@ TEST(CudaEc, TimeEcPathsReportsEachRunnablePath) {
   auto lin = gpu.make_quant_linear("test", p, {});
   gpu.set_compensator(*lin, &c);
   const int tokens[] = {1, 16, 64};
-  const auto t = gpu.time_ec_paths(*lin, tokens, 3);
+  const Linear* ls[] = {lin.get()};
+  const auto t = gpu.time_ec_paths(ls, tokens, 3);
   ASSERT_EQ(t.size(), 3u);
   for (const auto& e : t) {
     EXPECT_EQ(e.us.count(EcPath::Naive), 1u) << e.m;
     EXPECT_EQ(e.us.count(EcPath::Overlapped), 1u) << e.m;
     EXPECT_EQ(e.us.count(EcPath::Fused), e.m <= 32 ? 1u : 0u) << e.m;
     for (const auto& [path, us] : e.us) EXPECT_GT(us, 0.0) << e.m << " " << ec_path_name(path);
+    EXPECT_GT(e.base_us, 0.0) << e.m;
   }
 }
 

@@ -128,7 +128,8 @@ class CudaBackend : public Backend {
   void set_ec_path(EcPath p) override;
   void set_ec_dispatch(std::shared_ptr<const EcDispatchTable> t) override;
   void set_verbose(bool v) override { verbose_ = v; }
-  std::vector<EcTiming> time_ec_paths(const Linear& l, std::span<const int> tokens, int reps) override;
+  std::vector<EcTiming> time_ec_paths(std::span<const Linear* const> ls, std::span<const int> tokens,
+                                      int reps) override;
 
   void gather_rows(const Tensor& table, std::span<const int32_t> ids, Tensor& out) override;
   void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override;

@@ -109,62 +109,91 @@ void CudaBackend::ec_overlap_join(const Tensor& d, Tensor& y) {
   ec_add_into_bf16(bf(y), d.ptr<float>(), int(y.rows), int(y.cols), stream_);
 }
 
-std::vector<Backend::EcTiming> CudaBackend::time_ec_paths(const Linear& lin, std::span<const int> tokens, int reps) {
-  const auto& l = static_cast<const CudaLinear&>(lin);
-  SPEAR_CHECK(l.ec, "time_ec_paths: '{}' has no compensator", l.name);
+std::vector<Backend::EcTiming> CudaBackend::time_ec_paths(std::span<const Linear* const> ls,
+                                                          std::span<const int> tokens, int reps) {
+  SPEAR_CHECK(!ls.empty(), "time_ec_paths: no linears");
   SPEAR_CHECK(!capturing_, "time_ec_paths inside a graph capture");
+  const auto& l0 = static_cast<const CudaLinear&>(*ls[0]);
+  for (const Linear* p : ls) {
+    const auto& l = static_cast<const CudaLinear&>(*p);
+    SPEAR_CHECK(l.ec, "time_ec_paths: '{}' has no compensator", l.name);
+    SPEAR_CHECK(l.in_features == l0.in_features && l.out_features == l0.out_features && l.quantized == l0.quantized &&
+                    l.ec->rank == l0.ec->rank && l.ec->gate_width == l0.ec->gate_width,
+                "time_ec_paths: '{}' differs in shape from '{}'", l.name, l0.name);
+  }
   reps = std::max(reps, 1);
   const EcPath saved = ec_path_;
   const bool saved_verbose = verbose_;
   verbose_ = false;
-  const size_t flush_bytes = 2 * std::max<size_t>(l2_bytes_, size_t(8) << 20);
-  DeviceBuffer flush(flush_bytes);
   cudaEvent_t ev[2];
   SPEAR_CUDA_CHECK(cudaEventCreate(&ev[0]));
   SPEAR_CUDA_CHECK(cudaEventCreate(&ev[1]));
   std::mt19937 rng(7);
   std::normal_distribution<float> nd(0.f, 1.f);
+  // As in a decode step: calls back to back in one CUDA graph (PDL edges between them), cycling over the
+  // model's linears of this shape so that their weights come from DRAM when they do not fit in L2 together.
+  const int calls = std::max<int>(int(ls.size()), 16);
+  auto timed = [&](const std::function<void(const CudaLinear&)>& call, const Tensor& x) {
+    for (const Linear* p : ls) call(static_cast<const CudaLinear&>(*p));  // eager: plan tuning, heuristics, pool
+    (void)x;
+    SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    SPEAR_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
+    capturing_ = true;
+    try {
+      for (int c = 0; c < calls; ++c) call(static_cast<const CudaLinear&>(*ls[size_t(c) % ls.size()]));
+    } catch (...) {
+      capturing_ = false;
+      cudaStreamEndCapture(stream_, &graph);
+      if (graph) cudaGraphDestroy(graph);
+      throw;
+    }
+    capturing_ = false;
+    SPEAR_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+    SPEAR_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    cudaGraphDestroy(graph);
+    std::vector<float> ms;
+    SPEAR_CUDA_CHECK(cudaGraphLaunch(exec, stream_));  // warm
+    for (int r = 0; r < reps; ++r) {
+      SPEAR_CUDA_CHECK(cudaEventRecord(ev[0], stream_));
+      SPEAR_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
+      SPEAR_CUDA_CHECK(cudaEventRecord(ev[1], stream_));
+      SPEAR_CUDA_CHECK(cudaEventSynchronize(ev[1]));
+      float v = 0.f;
+      SPEAR_CUDA_CHECK(cudaEventElapsedTime(&v, ev[0], ev[1]));
+      ms.push_back(v);
+    }
+    cudaGraphExecDestroy(exec);
+    std::nth_element(ms.begin(), ms.begin() + ms.size() / 2, ms.end());
+    return 1e3 * double(ms[ms.size() / 2]) / calls;
+  };
   std::vector<EcTiming> out;
+  auto restore = [&] {
+    ec_path_ = saved, verbose_ = saved_verbose;
+    cudaEventDestroy(ev[0]);
+    cudaEventDestroy(ev[1]);
+  };
   try {
     for (int m : tokens) {
-      std::vector<float> hx(size_t(m) * l.in_features);
+      std::vector<float> hx(size_t(m) * l0.in_features);
       for (float& v : hx) v = nd(rng);
-      Tensor x = upload(hx.data(), m, l.in_features), y = alloc(m, l.out_features);
+      Tensor x = upload(hx.data(), m, l0.in_features), y = alloc(m, l0.out_features);
       EcTiming t;
       t.m = m;
-      auto timed = [&](const std::function<void()>& call) {
-        call();  // warm-up: W4 plan tuning, cuBLAS heuristics, pool
-        std::vector<float> ms;
-        for (int r = 0; r < reps; ++r) {
-          SPEAR_CUDA_CHECK(cudaMemsetAsync(flush.get(), r & 0xff, flush_bytes, stream_));
-          SPEAR_CUDA_CHECK(cudaEventRecord(ev[0], stream_));
-          call();
-          SPEAR_CUDA_CHECK(cudaEventRecord(ev[1], stream_));
-          SPEAR_CUDA_CHECK(cudaEventSynchronize(ev[1]));
-          float v = 0.f;
-          SPEAR_CUDA_CHECK(cudaEventElapsedTime(&v, ev[0], ev[1]));
-          ms.push_back(v);
-        }
-        std::nth_element(ms.begin(), ms.begin() + ms.size() / 2, ms.end());
-        return 1e3 * double(ms[ms.size() / 2]);
-      };
-      if (l.quantized) t.base_us = timed([&] { w4_gemm(l, x, y); });
+      if (l0.quantized) t.base_us = timed([&](const CudaLinear& l) { w4_gemm(l, x, y); }, x);
       for (EcPath p : {EcPath::Naive, EcPath::Overlapped, EcPath::Fused}) {
         ec_path_ = p;
-        if (choose_ec_path(l, x) != p) continue;  // fused where the kernel does not take it
-        t.us[p] = timed([&] { linear(x, l, y); });
+        if (choose_ec_path(l0, x) != p) continue;  // fused where the kernel does not take it
+        t.us[p] = timed([&](const CudaLinear& l) { linear(x, l, y); }, x);
       }
       out.push_back(std::move(t));
     }
   } catch (...) {
-    ec_path_ = saved, verbose_ = saved_verbose;
-    cudaEventDestroy(ev[0]);
-    cudaEventDestroy(ev[1]);
+    restore();
     throw;
   }
-  ec_path_ = saved, verbose_ = saved_verbose;
-  cudaEventDestroy(ev[0]);
-  cudaEventDestroy(ev[1]);
+  restore();
   return out;
 }
 

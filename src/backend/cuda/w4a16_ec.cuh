@@ -3,14 +3,15 @@
 //
 // The launch gets extra leading CTA columns, the EC CTAs: each computes one k-slice of z = A·x, its slice of A
 // (rank × 256·cpr columns) loaded into registers before griddepcontrol.wait, so those loads are among the
-// first in the memory queue. The EC CTA that completes an EC's last slice sums the slices in slice order into
-// z and releases a ready flag. The W4 CTAs of a compensated matrix acquire the flag after their own reduction,
-// apply the gate to z themselves (a few hundred FMAs) and add B·(g ⊙ z) from their prefetched rows of B.
+// first in the memory queue, and releases its partial sums with an atomic arrival count. The W4 CTAs of a
+// compensated matrix acquire the count after their own reduction, sum the slices in order, apply the gate
+// themselves (a few hundred FMAs, parameters prefetched) and add B·(g ⊙ z) from their prefetched rows of B.
 // Every CTA of the launch is resident at once (the planner only takes one-wave plans with ECs), so the
 // flag wait cannot deadlock whatever order the CTAs start in.
 //
 // Scratch of one EC (w4a16_ec_scratch_bytes): counters (done: the launch's CTAs, used in the first EC's
-// scratch; arrivals of k-slices; ready flag), z [32][rank] fp32, k-slice partial sums [kEcMaxSlices][32][rank].
+// scratch; arrivals of k-slices; one unused), z [32][rank] fp32 (unused), k-slice partial sums
+// [kEcMaxSlices][32][rank].
 // The last CTA of the launch puts the counters back to zero, so the scratch serves every launch of its linear.
 #pragma once
 
@@ -49,9 +50,6 @@ __device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
   unsigned v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
-}
-__device__ __forceinline__ void st_release_gpu(unsigned* p, unsigned v) {
-  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
 __device__ __forceinline__ float dot8_bf16(const uint4& a, const uint4& b) {
@@ -100,8 +98,8 @@ __host__ __device__ constexpr size_t ec_cta_smem_bytes(int m, int cpr, int rank)
 }
 
 // After griddepcontrol.wait: the slice's columns of x for tokens [0, m) are staged (cp.async: the previous
-// kernel wrote x), then the slice's partial z goes into zpart; the CTA completing the EC's last slice sums
-// the slices in order into z and sets the flag. smem: ec_cta_smem_bytes. Every thread calls it.
+// kernel wrote x), then the slice's partial z goes into zpart and the arrival count is raised (release).
+// smem: ec_cta_smem_bytes. Every thread calls it.
 __device__ __forceinline__ void ec_slice(const W4DecEc& e, int slice, const uint4 (&a)[kEcRing],
                                          const __nv_bfloat16* x, int m, int k, unsigned char* smem) {
   const int tid = threadIdx.x, lane = tid & 31;
@@ -141,24 +139,9 @@ __device__ __forceinline__ void ec_slice(const W4DecEc& e, int slice, const uint
     const int t = i / e.rank, j = i - t * e.rank;
     __stcg(e.zpart + (size_t(slice) * 32 + t) * e.rank + j, zs[j * m + t]);
   }
-  __shared__ int s_last;
   __syncthreads();
-  if (tid == 0) {
-    __threadfence();
-    s_last = atomicAdd(e.counters + 1, 1u) == unsigned(e.slices - 1);
-  }
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  for (int i = tid; i < m * e.rank; i += kThreads) {
-    float s = 0.f;
-    for (int q = 0; q < e.slices; ++q) s += __ldcg(e.zpart + size_t(q) * 32 * e.rank + i);
-    __stcg(e.z + i, s);
-  }
-  __syncthreads();
-  if (tid == 0) {
-    __threadfence();
-    st_release_gpu(e.counters + 2, 1u);
+  if (tid == 0) {  // release: the CTA's zpart stores (ordered before by the barrier) are visible to acquirers
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(e.counters + 1) : "memory");
   }
 }
 
@@ -176,16 +159,22 @@ __device__ __forceinline__ void ec_prefetch_gate(const W4DecEc& e, float* gs) {
   }
 }
 
-// A W4 CTA of a compensated matrix, after its reduction: waits for z, then g ⊙ z for tokens [0, m) into zg
-// [m][rank] (shared memory; zt [m][rank] and hb [m][gate_width] are shared scratch, gs the prefetched gate).
-// Every thread calls it; ends with __syncthreads.
+// A W4 CTA of a compensated matrix, after its reduction: waits until every k-slice has arrived, sums the
+// slices in slice order (z: the same bits in every CTA), then g ⊙ z for tokens [0, m) into zg [m][rank] (shared
+// memory; zt [m][rank] and hb [m][gate_width] are shared scratch, gs the prefetched gate). Every thread calls
+// it; ends with __syncthreads.
 __device__ __forceinline__ void ec_gate(const W4DecEc& e, int m, float* zg, float* zt, float* hb, const float* gs) {
   if (threadIdx.x == 0)
-    while (ld_acquire_gpu(e.counters + 2) == 0) __nanosleep(20);
+    while (ld_acquire_gpu(e.counters + 1) < unsigned(e.slices)) __nanosleep(20);
   __syncthreads();
   const int r = e.rank, gw = e.gate_width;
   float* zdst = gw > 0 ? zt : zg;
-  for (int i = threadIdx.x; i < m * r; i += kThreads) zdst[i] = __ldcg(e.z + i);
+  for (int i = threadIdx.x; i < m * r; i += kThreads) {
+    const int t = i / r, j = i - t * r;
+    float z = 0.f;
+    for (int q = 0; q < e.slices; ++q) z += __ldcg(e.zpart + (size_t(q) * 32 + t) * r + j);
+    zdst[i] = z;
+  }
   __syncthreads();
   if (gw == 0) return;
   const float *W1 = gs, *W2 = gs + gw * r, *b1 = W2 + gw * r, *b2 = b1 + gw;
