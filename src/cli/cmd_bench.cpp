@@ -133,10 +133,10 @@ void register_bench(CLI::App& app) {
             ec_bytes += c.bytes(), ++n_ec;
           attached = true;
         }
-        // Without ECs the path does not matter: one row set.
-        const std::vector<std::string> paths = density > 0 || !m->compensated_modules().empty()
-                                                   ? *ec_paths
-                                                   : std::vector<std::string>{"auto"};
+        // Without ECs, or on a backend with one EC path (CPU), the path does not matter: one row set.
+        const bool has_ec = density > 0 || !m->compensated_modules().empty();
+        const std::vector<std::string> paths =
+            has_ec && backend->device() == Device::CUDA ? *ec_paths : std::vector<std::string>{"auto"};
         for (const std::string& path : paths) {
           backend->set_ec_path(parse_ec_path(path));
           for (int B : *batches) {
@@ -146,7 +146,7 @@ void register_bench(CLI::App& app) {
             r.ec_density = density;
             r.ec_modules = n_ec;
             r.ec_bytes_pct = 100.0 * double(ec_bytes) / double(std::max<size_t>(m->weight_bytes() - ec_bytes, 1));
-            if (density > 0 || !m->compensated_modules().empty()) r.ec_path = path;
+            if (has_ec) r.ec_path = backend->device() == Device::CUDA ? path : "cpu";
             if (!o->json)
               std::fprintf(stderr, "%s ec %.2f %s batch %d: %.3f ms/step\n", dir.c_str(), density, r.ec_path.c_str(),
                            B, r.step_ms_median);
