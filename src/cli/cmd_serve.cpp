@@ -97,9 +97,14 @@ void register_serve(CLI::App& app) {
       auto model = Model::load(o->model_dir, *backend);
       if (opts.engine.slo_itl_ms > 0) {
         // The table must come before the engine, which reads it at construction: attach() builds the engine.
-        auto t = table_path->empty()
-                     ? LatencyTable::measure(*model, default_latency_points(std::min(2 * opts.engine.chunk, 1024)), 3)
-                     : LatencyTable::load(*table_path);
+        LatencyTable t;
+        if (table_path->empty()) {
+          const int max_tokens = std::min(2 * opts.engine.chunk, 1024);
+          t = LatencyTable::measure(*model, default_latency_points(max_tokens), 3);
+          t.measure_batches(*model, 3, opts.engine.max_running, std::min(max_tokens, model->config().max_position_embeddings));
+        } else {
+          t = LatencyTable::load(*table_path);
+        }
         server.set_latency_table(std::make_shared<const LatencyTable>(std::move(t)));
       }
       if (server.attach(*model, tok))

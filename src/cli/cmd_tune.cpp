@@ -71,6 +71,7 @@ void register_tune(CLI::App& app) {
   auto ec_density = std::make_shared<double>(0.0);
   auto ec_rank = std::make_shared<int>(16), ec_gate = std::make_shared<int>(8), ec_reps = std::make_shared<int>(15);
   auto no_latency = std::make_shared<bool>(false);
+  auto max_seqs = std::make_shared<int>(16);
   CLI::App* cmd = app.add_subcommand(
       "tune", "Measure the model's forward time by tokens per iteration (with its error compensators) and write the "
               "latency table that `spear serve --slo-itl-ms` schedules with");
@@ -85,6 +86,10 @@ void register_tune(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--reps", *reps, "Timed passes per point (median)")->check(CLI::Range(1, 1000))->capture_default_str();
   cmd->add_flag("--no-latency-table", *no_latency, "Skip the latency table (only the EC dispatch table)");
+  cmd->add_option("--max-seqs", *max_seqs,
+                  "Largest batch of decoding sequences timed for the batch-composition terms (as serve's --max-running)")
+      ->check(CLI::Range(1, 4096))
+      ->capture_default_str();
   cmd->add_option("--ec-dispatch-out", *ec_out,
                   "EC dispatch table file (--device cuda, when the model has compensators): load it with "
                   "--ec-dispatch, or name it ec_dispatch.json in the model directory")
@@ -113,16 +118,20 @@ void register_tune(CLI::App& app) {
     if (*no_latency) return;
     LatencyTable t = LatencyTable::measure(*model, points->empty() ? default_latency_points(*max_tokens) : *points,
                                            *reps);
+    t.measure_batches(*model, *reps, *max_seqs, *max_tokens);
     t.device = o->device;
     t.model = o->model_dir;
     t.save(*out);
     if (o->json) {
-      std::printf("%s\n", nlohmann::json{{"out", *out}, {"tokens", t.tokens}, {"ms", t.ms}}.dump().c_str());
+      std::printf("%s\n", nlohmann::json{{"out", *out}, {"tokens", t.tokens}, {"ms", t.ms}, {"ms_per_kpair", t.ms_per_kpair},
+                                          {"ms_per_seq", t.ms_per_seq}}.dump().c_str());
       return;
     }
     std::printf("%8s %10s %12s\n", "tokens", "ms", "us/token");
     for (size_t i = 0; i < t.tokens.size(); ++i)
       std::printf("%8d %10.3f %12.1f\n", t.tokens[i], t.ms[i], 1e3 * t.ms[i] / t.tokens[i]);
+    std::printf("batch terms: %.4f ms per 1000 attention pairs over cached context, %.3f ms per extra sequence\n",
+                t.ms_per_kpair, t.ms_per_seq);
     std::printf("wrote %s\n", out->c_str());
   });
 }

@@ -191,9 +191,15 @@ bool Engine::step() {
   std::vector<Work> work;
   int budget = opt_.chunk;
   if (opt_.slo_itl_ms > 0 && opt_.latency) {
-    int decoding = 0;
-    for (const auto& s : running_) decoding += int(s->tokens.size()) - s->computed == 1;
-    if (decoding > 0) budget = std::max(1, opt_.latency->largest_chunk(decoding, opt_.chunk, opt_.slo_itl_ms));
+    // The iteration's composition: every decode (one token at its context), then prompt chunks in order.
+    std::vector<SeqWork> decodes, prompts;
+    for (const auto& s : running_) {
+      const int pending = int(s->tokens.size()) - s->computed;
+      if (pending == 1) decodes.push_back({1, s->computed});
+      if (pending > 1) prompts.push_back({pending, s->computed});
+    }
+    if (!decodes.empty())
+      budget = std::max(1, opt_.latency->largest_chunk(decodes, prompts, opt_.chunk, opt_.slo_itl_ms));
   }
   {
     std::lock_guard<std::mutex> lock(mu_);

@@ -9,18 +9,38 @@
 
 namespace spear {
 
+// One sequence's part of an iteration: n new tokens after pos0 cached ones.
+struct SeqWork {
+  int n = 0, pos0 = 0;
+};
+
 struct LatencyTable {
   std::vector<int> tokens;  // increasing
-  std::vector<double> ms;   // forward time of one iteration with that many tokens
+  std::vector<double> ms;   // forward time of one iteration of one fresh sequence (pos0 = 0) with that many tokens
   std::string device, model;
+  // The batch-composition terms (fitted by measure_batches; 0 = the tokens table alone): ms per attention pair
+  // beyond those of the table's own fresh sequence, and ms per extra sequence in the batch.
+  double ms_per_kpair = 0, ms_per_seq = 0;  // kpair = 1000 (query token, cached key) pairs
 
   double predict_ms(int n_tokens) const;
+  // An iteration of these sequences: the table at the total token count, plus the attention over cached
+  // context (each new token attends to pos0 + its index + 1 keys; the table's fresh sequence of the same total
+  // already has N (N + 1) / 2) and the per-sequence cost. Non-decreasing in every n and pos0.
+  double predict_ms(const std::vector<SeqWork>& batch) const;
   // The largest c in [0, max_chunk] with predict_ms(fixed + c) <= budget_ms (0 when even c = 0 is over).
   int largest_chunk(int fixed_tokens, int max_chunk, double budget_ms) const;
+  // The same over a composition: `fixed` (the decodes) plus c prompt tokens handed to `prefill` in order (each
+  // up to its n, at its pos0), the largest c <= max_chunk that meets the budget.
+  int largest_chunk(const std::vector<SeqWork>& fixed, const std::vector<SeqWork>& prefill, int max_chunk,
+                    double budget_ms) const;
 
   // Times Model::forward on one sequence of each token count (median of reps after a warm-up), then fits the
   // closest non-decreasing curve (pool adjacent violators; load() does the same).
   static LatencyTable measure(Model& model, const std::vector<int>& token_counts, int reps);
+  // Then the composition terms: decode steps of B sequences at context C (and with a prompt chunk beside
+  // them) are timed and ms_per_kpair, ms_per_seq fitted to what the table alone leaves (non-negative least
+  // squares). Sizes are clamped to the model's context.
+  void measure_batches(Model& model, int reps, int max_seqs = 16, int max_context = 512);
   void save(const std::string& path) const;
   static LatencyTable load(const std::string& path);  // throws spear::Error on a bad file
 };

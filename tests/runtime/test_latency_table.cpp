@@ -34,6 +34,31 @@ TEST(LatencyTable, PredictsPiecewiseLinearAndSearchesTheChunk) {
   EXPECT_EQ(t.largest_chunk(300, 512, 30), 0);  // the decodes alone are over budget
 }
 
+// The composition terms: decodes over long cached contexts and several sequences cost more than the same
+// number of fresh tokens, and the chunk search sees it.
+TEST(LatencyTable, BatchCompositionTermsAndChunkSearch) {
+  LatencyTable t = synthetic();
+  t.ms_per_kpair = 0.5;  // 0.5 ms per 1000 (query, key) pairs over cached context
+  t.ms_per_seq = 0.25;
+  // One fresh sequence of 64 tokens: the table alone.
+  EXPECT_DOUBLE_EQ(t.predict_ms(std::vector<SeqWork>{{64, 0}}), 20);
+  // 4 decodes at context 1000: 4 tokens, kpairs 4 · 1001 / 1000 = 4.004, the table's fresh 4 tokens 0.010.
+  const std::vector<SeqWork> dec = {{1, 1000}, {1, 1000}, {1, 1000}, {1, 1000}};
+  const double base = t.predict_ms(4);
+  EXPECT_NEAR(t.predict_ms(dec), base + 0.5 * (4.004 - 0.010) + 0.25 * 3, 1e-9);
+  // The chunk search: a prompt of 300 tokens at pos0 0 beside the decodes, budget 30 ms.
+  const std::vector<SeqWork> prompt = {{300, 0}};
+  const int c = t.largest_chunk(dec, prompt, 512, 30);
+  std::vector<SeqWork> with = dec;
+  with.push_back({c, 0});
+  EXPECT_LE(t.predict_ms(with), 30);
+  with.back().n = c + 1;
+  EXPECT_GT(t.predict_ms(with), 30);
+  EXPECT_LT(c, t.largest_chunk(4, 512, 30));  // the context terms leave less room than the tokens table alone
+  // Chunks spread over several prompts in order, each up to its length (never more than they hold).
+  EXPECT_EQ(t.largest_chunk(std::vector<SeqWork>{}, std::vector<SeqWork>{{3, 0}, {2, 5}}, 512, 1e9), 5);
+}
+
 TEST(LatencyTable, FileRoundTripAndBadFiles) {
   const std::string dir = test::scratch_dir("latency");
   LatencyTable t = synthetic();
@@ -43,6 +68,12 @@ TEST(LatencyTable, FileRoundTripAndBadFiles) {
   EXPECT_EQ(u.tokens, t.tokens);
   EXPECT_EQ(u.ms, t.ms);
   EXPECT_EQ(u.device, "cpu");
+  t.ms_per_kpair = 0.125;
+  t.ms_per_seq = 0.5;
+  t.save(dir + "/t2.json");
+  const LatencyTable v = LatencyTable::load(dir + "/t2.json");
+  EXPECT_DOUBLE_EQ(v.ms_per_kpair, 0.125);
+  EXPECT_DOUBLE_EQ(v.ms_per_seq, 0.5);
   std::ofstream(dir + "/bad.json") << "{\"format\":\"spear-latency-table/1\",\"tokens\":[4,2],\"ms\":[1,2]}";
   EXPECT_THROW(LatencyTable::load(dir + "/bad.json"), Error);
   std::ofstream(dir + "/noisy.json") << "{\"format\":\"spear-latency-table/1\",\"tokens\":[1,2,4],\"ms\":[5,9,7]}";
@@ -55,8 +86,12 @@ TEST(LatencyTable, FileRoundTripAndBadFiles) {
 TEST(LatencyTable, MeasuredOnTheModelAndUsedByTheEngine) {
   CpuBackend be;
   auto model = Model::load(test::ref_model_dir(), be);
-  const LatencyTable m = LatencyTable::measure(*model, {1, 8, 32}, 2);
+  LatencyTable m = LatencyTable::measure(*model, {1, 8, 32}, 2);
   ASSERT_EQ(m.tokens, (std::vector<int>{1, 8, 32}));
+  m.measure_batches(*model, 1, 4, 64);
+  EXPECT_GE(m.ms_per_kpair, 0);
+  EXPECT_GE(m.ms_per_seq, 0);
+  EXPECT_GT(m.ms_per_kpair + m.ms_per_seq, 0) << "decodes over cached context cost nothing extra?";
   for (size_t i = 0; i < m.ms.size(); ++i) {
     EXPECT_GT(m.ms[i], 0);
     if (i > 0) {

@@ -2,13 +2,15 @@
 # CPU version of issue 7's scheduler experiment: fixed prompt chunks vs the ITL-SLO chunking, same load.
 # Run from the repository root after scripts/build.sh; needs ../shared/data/test.txt and curl.
 set -u
-M=models/ref-llama-23m; OUT=bench/results/serve-cpu; mkdir -p $OUT
+# THREADS=N: the server's (and the latency table's) CPU threads, leaving the other cores to the load generator.
+M=models/ref-llama-23m; OUT=bench/results/serve-cpu${THREADS:+-t$THREADS}; mkdir -p $OUT
+T=${THREADS:+--threads $THREADS}
 LT=$OUT/latency-table-ref-llama-23m-cpu.json
-./build/spear tune -m $M --out $LT --max-tokens 512 --reps 5
+./build/spear tune -m $M --out $LT --max-tokens 512 --reps 5 $T
 port=18200
 for cfg in "chunk512:--chunk 512" "chunk256:--chunk 256" "chunk128:--chunk 128" "chunk64:--chunk 64" "slo60:--chunk 512 --slo-itl-ms 60 --latency-table $LT"; do
   name=${cfg%%:*}; args=${cfg#*:}; port=$((port+1))
-  ./build/spear serve -m $M --port $port --max-running 16 --max-context 512 $args > /tmp/slo-$name.log 2>&1 &
+  ./build/spear serve -m $M --port $port --max-running 16 --max-context 512 $T $args > /tmp/slo-$name.log 2>&1 &
   pid=$!
   for i in $(seq 50); do curl -sf localhost:$port/health >/dev/null && break; sleep 0.2; done
   ./build/spear bench serve --url http://127.0.0.1:$port --tokenizer $M --data ../shared/data/test.txt --rate 3 \
