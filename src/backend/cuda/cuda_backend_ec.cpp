@@ -133,9 +133,8 @@ std::vector<Backend::EcTiming> CudaBackend::time_ec_paths(std::span<const Linear
   // As in a decode step: calls back to back in one CUDA graph (PDL edges between them), cycling over the
   // model's linears of this shape so that their weights come from DRAM when they do not fit in L2 together.
   const int calls = std::max<int>(int(ls.size()), 16);
-  auto timed = [&](const std::function<void(const CudaLinear&)>& call, const Tensor& x) {
+  auto timed = [&](const std::function<void(const CudaLinear&)>& call) {
     for (const Linear* p : ls) call(static_cast<const CudaLinear&>(*p));  // eager: plan tuning, heuristics, pool
-    (void)x;
     SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t exec = nullptr;
@@ -181,11 +180,11 @@ std::vector<Backend::EcTiming> CudaBackend::time_ec_paths(std::span<const Linear
       Tensor x = upload(hx.data(), m, l0.in_features), y = alloc(m, l0.out_features);
       EcTiming t;
       t.m = m;
-      if (l0.quantized) t.base_us = timed([&](const CudaLinear& l) { w4_gemm(l, x, y); }, x);
+      if (l0.quantized) t.base_us = timed([&](const CudaLinear& l) { w4_gemm(l, x, y); });
       for (EcPath p : {EcPath::Naive, EcPath::Overlapped, EcPath::Fused}) {
         ec_path_ = p;
         if (choose_ec_path(l0, x) != p) continue;  // fused where the kernel does not take it
-        t.us[p] = timed([&](const CudaLinear& l) { linear(x, l, y); }, x);
+        t.us[p] = timed([&](const CudaLinear& l) { linear(x, l, y); });
       }
       out.push_back(std::move(t));
     }
