@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <fstream>
+#include <functional>
 #include <random>
 
 #include <nlohmann/json.hpp>
@@ -49,6 +50,19 @@ double LatencyTable::predict_ms(int n) const {
 
 namespace {
 
+// The largest c in [0, hi] with fits(c), 0 when none; fits must not turn true again once false.
+int largest_fitting(int hi, const std::function<bool(int)>& fits) {
+  int lo = 0;  // invariant: lo fits (or is 0)
+  while (lo < hi) {
+    const int mid = lo + (hi - lo + 1) / 2;
+    if (fits(mid))
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
 double attention_kpairs(const std::vector<SeqWork>& batch, int& total) {
   double pairs = 0;
   total = 0;
@@ -84,28 +98,11 @@ int LatencyTable::largest_chunk(const std::vector<SeqWork>& fixed, const std::ve
   };
   int pending = 0;
   for (const SeqWork& p : prefill) pending += p.n;
-  int lo = 0, hi = std::min(max_chunk, pending);  // invariant: lo fits (or is 0)
-  while (lo < hi) {
-    const int mid = lo + (hi - lo + 1) / 2;
-    if (with(mid) <= budget_ms)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
+  return largest_fitting(std::min(max_chunk, pending), [&](int c) { return with(c) <= budget_ms; });
 }
 
 int LatencyTable::largest_chunk(int fixed, int max_chunk, double budget_ms) const {
-  if (predict_ms(fixed + 0) > budget_ms && fixed > 0) return 0;
-  int lo = 0, hi = max_chunk;  // invariant: lo fits (or is 0)
-  while (lo < hi) {
-    const int mid = lo + (hi - lo + 1) / 2;
-    if (predict_ms(fixed + mid) <= budget_ms)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
+  return largest_fitting(max_chunk, [&](int c) { return predict_ms(fixed + c) <= budget_ms; });
 }
 
 LatencyTable LatencyTable::measure(Model& model, const std::vector<int>& counts, int reps) {

@@ -280,25 +280,30 @@ Tensor CudaBackend::run_graph(uint64_t key, const std::function<Tensor()>& body)
   if (prof_->enabled()) return body();  // per-op timing needs eager ops
   Graph& g = graphs_[{batch_cache_->id(), key}];
   if (g.runs++ == 0) return body();  // eager: cuBLAS heuristics, lazily uploaded tables
-  if (!g.exec) {
-    cudaGraph_t graph = nullptr;
-    SPEAR_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
-    capturing_ = true;
-    try {
-      g.out = body();
-    } catch (...) {
-      capturing_ = false;
-      cudaStreamEndCapture(stream_, &graph);
-      if (graph) cudaGraphDestroy(graph);
-      throw;
-    }
-    capturing_ = false;
-    SPEAR_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
-    SPEAR_CUDA_CHECK(cudaGraphInstantiate(&g.exec, graph, 0));
-    cudaGraphDestroy(graph);
-  }
+  if (!g.exec) g.exec = capture_graph([&] { g.out = body(); });
   SPEAR_CUDA_CHECK(cudaGraphLaunch(g.exec, stream_));
   return g.out;
+}
+
+cudaGraphExec_t CudaBackend::capture_graph(const std::function<void()>& body) {
+  cudaGraph_t graph = nullptr;
+  SPEAR_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
+  capturing_ = true;
+  try {
+    body();
+  } catch (...) {
+    capturing_ = false;
+    cudaStreamEndCapture(stream_, &graph);
+    if (graph) cudaGraphDestroy(graph);
+    throw;
+  }
+  capturing_ = false;
+  SPEAR_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  SPEAR_CUDA_CHECK(err);
+  return exec;
 }
 
 const int32_t* CudaBackend::device_ints(std::span<const int32_t> v) {

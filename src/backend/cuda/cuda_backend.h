@@ -159,6 +159,8 @@ class CudaBackend : public Backend {
   void tune_w4_once(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y,
                     const W4EcDevice* const* ec = nullptr);
   void drop_graphs();
+  // Captures what body enqueues on stream_ (capturing_ set meanwhile) and instantiates it.
+  cudaGraphExec_t capture_graph(const std::function<void()>& body);
   const float* rope_inv_freq(const RopeTable& table);  // the table's device copy (uploaded at first use)
   // y += B·(g ⊙ A·x), as separate cuBLAS SGEMMs and element-wise kernels (ec_naive.h).
   void apply_ec_naive(const CudaEc& ec, const Tensor& x, Tensor& y);

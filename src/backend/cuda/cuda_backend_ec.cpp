@@ -136,22 +136,9 @@ std::vector<Backend::EcTiming> CudaBackend::time_ec_paths(std::span<const Linear
   auto timed = [&](const std::function<void(const CudaLinear&)>& call) {
     for (const Linear* p : ls) call(static_cast<const CudaLinear&>(*p));  // eager: plan tuning, heuristics, pool
     SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    cudaGraph_t graph = nullptr;
-    cudaGraphExec_t exec = nullptr;
-    SPEAR_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
-    capturing_ = true;
-    try {
+    cudaGraphExec_t exec = capture_graph([&] {
       for (int c = 0; c < calls; ++c) call(static_cast<const CudaLinear&>(*ls[size_t(c) % ls.size()]));
-    } catch (...) {
-      capturing_ = false;
-      cudaStreamEndCapture(stream_, &graph);
-      if (graph) cudaGraphDestroy(graph);
-      throw;
-    }
-    capturing_ = false;
-    SPEAR_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
-    SPEAR_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-    cudaGraphDestroy(graph);
+    });
     std::vector<float> ms;
     SPEAR_CUDA_CHECK(cudaGraphLaunch(exec, stream_));  // warm
     for (int r = 0; r < reps; ++r) {

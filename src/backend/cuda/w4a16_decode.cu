@@ -92,7 +92,7 @@ __device__ __forceinline__ void ec_launch_done(const W4DecodeParams& p) {
   if (atomicAdd(p.done, 1u) == gridDim.x * gridDim.y - 1) {
     *p.done = 0;
     for (int i = 0; i < p.count; ++i)
-      if (p.mat[i].has_ec) p.mat[i].ec.counters[1] = 0, p.mat[i].ec.counters[2] = 0;
+      if (p.mat[i].has_ec) p.mat[i].ec.counters[1] = 0;
     __threadfence();
   }
 }
@@ -584,8 +584,7 @@ void set_ec_params(W4DecodeParams& p, const W4EcDevice* const* ec, const EcPlanI
     d.rank = e.rank;
     d.gate_width = e.W1 ? e.gate_width : 0;
     d.counters = static_cast<unsigned*>(e.scratch);
-    d.z = reinterpret_cast<float*>(static_cast<char*>(e.scratch) + kEcCounterBytes);
-    d.zpart = d.z + 32 * e.rank;
+    d.zpart = reinterpret_cast<float*>(static_cast<char*>(e.scratch) + kEcCounterBytes);
     d.cpr = ec_cpr(e.rank, p.k);
     d.cols = (info.base_slices[i] + S - 1) / S;
     d.slices = d.cols * S;

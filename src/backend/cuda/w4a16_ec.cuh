@@ -10,8 +10,7 @@
 // flag wait cannot deadlock whatever order the CTAs start in.
 //
 // Scratch of one EC (w4a16_ec_scratch_bytes): counters (done: the launch's CTAs, used in the first EC's
-// scratch; arrivals of k-slices; one unused), z [32][rank] fp32 (unused), k-slice partial sums
-// [kEcMaxSlices][32][rank].
+// scratch; arrivals of k-slices), then the k-slice partial sums [kEcMaxSlices][32][rank] fp32.
 // The last CTA of the launch puts the counters back to zero, so the scratch serves every launch of its linear.
 #pragma once
 
@@ -29,7 +28,7 @@ constexpr int kEcMaxSlices = 72;   // 64 slices + up to 7 empty ones that round 
 constexpr int kEcCounterBytes = 16;
 
 __host__ __device__ constexpr size_t ec_scratch_bytes(int rank) {
-  return size_t(kEcCounterBytes) + size_t(4) * 32 * rank * (1 + kEcMaxSlices);
+  return size_t(kEcCounterBytes) + size_t(4) * 32 * rank * kEcMaxSlices;
 }
 
 // One fused EC as the kernel sees it (inside W4DecodeParams, by value).
@@ -37,8 +36,7 @@ struct W4DecEc {
   const __nv_bfloat16* A;  // [rank][k]
   const __nv_bfloat16* B;  // [n][rank]
   const float *W1, *b1, *W2, *b2;
-  unsigned* counters;  // done, arrivals, ready
-  float* z;            // [32][rank]
+  unsigned* counters;  // done, arrivals
   float* zpart;        // [kEcMaxSlices][32][rank]
   int rank, gate_width;
   int cpr;             // 256-column chunks per slice (kc = 256 · cpr)
