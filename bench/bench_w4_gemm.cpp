@@ -2,7 +2,7 @@
 // same y = x·Wᵀ) on the linear shapes of Llama-3.2-1B and Llama-3.1-8B, M = 1..128 tokens, with the device's
 // copy bandwidth as the yardstick for the weight-streaming rate.
 //
-//   build/bench/bench_w4_gemm [--quick] [--no-pdl] [--no-tune] [--reps N] [--out FILE.json] [--help]
+//   build/bench/bench_w4_gemm [--quick] [--prefill] [--no-pdl] [--no-tune] [--reps N] [--out FILE.json] [--help]
 //
 // Method:
 //  * peak: cudaMemcpyAsync device-to-device of 1 GiB, bytes read + written / time (median of 10);
@@ -292,11 +292,89 @@ struct Model {
   int hidden, kv, inter, layers;
 };
 
+// --prefill: the prefill-sized GEMMs (M = 32..2048, group 128) through the three ways the engine could run
+// them: the W4 kernel (general path, 128-token chunks), dequantization into a bf16 scratch matrix + cuBLAS
+// BF16 (what CudaBackend does from SPEAR_W4_DEQUANT_MIN_M tokens on), and cuBLAS BF16 on bf16 weights (the
+// unquantized model). One copy of the weights (these GEMMs are compute-bound); errors of the dequantized
+// path against the reference kernel.
+nlohmann::json prefill_section(cudaStream_t stream, cublasHandle_t cublas, int sm_count, int reps) {
+  struct P {
+    const char* model;
+    const char* module;
+    int n, k;
+  };
+  const P shapes[] = {{"llama-3.2-1b", "gate/up", 8192, 2048}, {"llama-3.1-8b", "q/o", 4096, 4096},
+                      {"llama-3.1-8b", "gate/up", 14336, 4096}, {"llama-3.1-8b", "down", 4096, 14336}};
+  const int ms[] = {32, 64, 128, 256, 512, 1024, 2048};
+  const int max_m = 2048;
+  std::printf("\nprefill GEMMs (group 128): W4 kernel vs dequantize + cuBLAS BF16 vs cuBLAS BF16 on bf16 weights\n");
+  std::printf("%-13s %-8s %6s %6s %5s %10s %10s %9s %10s %9s %9s %9s\n", "model", "module", "N", "K", "M", "W4 us",
+              "deq+BF16", "deq us", "BF16 us", "W4 TF/s", "deq TF/s", "rel err");
+  nlohmann::json out = nlohmann::json::array();
+  const float alpha = 1.f, beta = 0.f;
+  uint32_t seed = 100;
+  for (const P& s : shapes) {
+    const cuda::W4Layout lay = cuda::w4_prepare(random_packed(s.n, s.k, 128, seed++));
+    DeviceMem q(lay.q.size() * 4), sc(lay.scales.size() * 4), z(lay.zeros.size() * 2);
+    SPEAR_CUDA_CHECK(cudaMemcpy(q.as<void>(), lay.q.data(), q.bytes(), cudaMemcpyHostToDevice));
+    SPEAR_CUDA_CHECK(cudaMemcpy(sc.as<void>(), lay.scales.data(), sc.bytes(), cudaMemcpyHostToDevice));
+    SPEAR_CUDA_CHECK(cudaMemcpy(z.as<void>(), lay.zeros.data(), z.bytes(), cudaMemcpyHostToDevice));
+    const cuda::W4Device w{lay.n, lay.k, lay.n_pad, lay.k_pad, lay.group_size, lay.groups, q.as<uint32_t>(),
+                           sc.as<float>(), z.as<uint16_t>()};
+    DeviceMem deq(size_t(s.n) * s.k * 2), x(size_t(max_m) * s.k * 2), y(size_t(max_m) * s.n * 2),
+        yref(size_t(max_m) * s.n * 4);
+    const size_t ws_bytes = cuda::w4a16_workspace_bytes(128, s.n, s.k, sm_count);
+    DeviceMem ws(ws_bytes);
+    SPEAR_CUDA_CHECK(cudaMemset(ws.as<void>(), 0, ws_bytes));
+    {
+      std::mt19937 rng(seed);
+      std::normal_distribution<float> nd(0.f, 1.f);
+      std::vector<uint16_t> xh(size_t(max_m) * s.k);
+      for (auto& v : xh) v = f32_to_bf16(nd(rng));
+      SPEAR_CUDA_CHECK(cudaMemcpy(x.as<void>(), xh.data(), xh.size() * 2, cudaMemcpyHostToDevice));
+    }
+    const auto* xp = x.as<const __nv_bfloat16>();
+    auto* yp = y.as<__nv_bfloat16>();
+    auto* dp = deq.as<__nv_bfloat16>();
+    for (int m : ms) {
+      auto gemm = [&](int) {
+        BENCH_CUBLAS_CHECK(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, s.n, m, s.k, &alpha, dp, CUDA_R_16BF, s.k,
+                                        xp, CUDA_R_16BF, s.k, &beta, yp, CUDA_R_16BF, s.n, CUBLAS_COMPUTE_32F,
+                                        CUBLAS_GEMM_DEFAULT));
+      };
+      auto run_deq = [&](int) { cuda::w4a16_dequantize(w, dp, stream); };
+      auto run_w4 = [&](int) {
+        cuda::w4a16_gemm(xp, m, w, nullptr, yp, ws.as<void>(), ws_bytes, sm_count, stream);
+      };
+      run_deq(0), gemm(0), run_w4(0);
+      SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));
+      const double w4_us = time_median_us(stream, 3, reps, run_w4);
+      const double deq_us = time_median_us(stream, 3, reps, run_deq);
+      const double bf16_us = time_median_us(stream, 3, reps, gemm);
+      const double both_us = time_median_us(stream, 3, reps, [&](int i) { run_deq(i), gemm(i); });
+      run_deq(0), gemm(0);
+      cuda::w4a16_gemm_reference(xp, m, w, nullptr, yref.as<float>(), stream);
+      SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));
+      double rel = 0, max_rel = 0;
+      compare_outputs(yp, yref.as<float>(), size_t(m) * s.n, &rel, &max_rel);
+      const double flop = 2.0 * m * double(s.n) * s.k;
+      std::printf("%-13s %-8s %6d %6d %5d %10.1f %10.1f %9.1f %10.1f %9.0f %9.0f %9.2e\n", s.model, s.module, s.n,
+                  s.k, m, w4_us, both_us, deq_us, bf16_us, flop / w4_us * 1e-6, flop / both_us * 1e-6, rel);
+      std::fflush(stdout);
+      out.push_back({{"model", s.model}, {"module", s.module}, {"n", s.n}, {"k", s.k}, {"m", m}, {"w4_us", w4_us},
+                     {"dequant_cublas_us", both_us}, {"dequant_us", deq_us}, {"bf16_cublas_us", bf16_us},
+                     {"dequant_cublas_rel_err", rel}});
+    }
+  }
+  return out;
+}
+
 void usage() {
   std::printf(
-      "usage: bench_w4_gemm [--quick] [--no-pdl] [--no-tune] [--reps N] [--out FILE.json] [--help]\n"
+      "usage: bench_w4_gemm [--quick] [--prefill] [--no-pdl] [--no-tune] [--reps N] [--out FILE.json] [--help]\n"
       "  W4A16 GEMM (w4a16_gemm) vs cuBLAS BF16 on the Llama-3.2-1B / Llama-3.1-8B linear shapes, M = 1..128.\n"
       "  --quick    a smoke run: 8B k/v and down only, M = 1, 16, 128\n"
+      "  --prefill  only the prefill table: M = 32..2048, W4 kernel vs dequantize + cuBLAS vs cuBLAS BF16\n"
       "  --no-pdl   launch without programmatic dependent launch (SPEAR_W4_* environment knobs also apply)\n"
       "  --no-tune  keep the decode kernel's modelled plan (default: tune each shape first, as the engine does)\n"
       "  --reps N   timed calls per measurement (median; default 30, at least 20)\n"
@@ -307,13 +385,14 @@ void usage() {
 
 int main(int argc, char** argv) try {
   std::string out_path;
-  bool quick = false, tune = true;
+  bool quick = false, tune = true, prefill_only = false;
   int reps = 30;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--out" && i + 1 < argc) out_path = argv[++i];
     else if (a == "--reps" && i + 1 < argc) reps = std::max(20, std::atoi(argv[++i]));
     else if (a == "--quick") quick = true;
+    else if (a == "--prefill") prefill_only = true;
     else if (a == "--no-tune") tune = false;
     else if (a == "--no-pdl") {
       cuda::W4GemmOptions o = cuda::w4a16_get_options();
@@ -346,6 +425,17 @@ int main(int argc, char** argv) try {
   const double copy_gbps = copy_bandwidth_gbps(stream);
   std::printf("device: %s (%d SMs, L2 %.0f MB); copy bandwidth (D2D, read + write): %.0f GB/s\n\n", dev.name.c_str(),
               dev.sm_count, l2 / 1e6, copy_gbps);
+
+  if (prefill_only) {
+    nlohmann::json J;
+    J["commit"] = shell("git rev-parse --short HEAD 2>/dev/null");
+    J["device"] = dev.name;
+    J["prefill"] = prefill_section(stream, cublas, dev.sm_count, reps);
+    if (out_path.empty()) out_path = "bench/results/w4_prefill-" + J["commit"].get<std::string>() + ".json";
+    std::ofstream(out_path) << J.dump(2) << "\n";
+    std::printf("wrote %s\n", out_path.c_str());
+    return 0;
+  }
 
   std::vector<Shape> shapes;
   if (quick) {

@@ -782,4 +782,37 @@ TEST(W4A16Grouped, GraphReplayEqualsEager) {
   cudaStreamDestroy(s);
 }
 
+// ================================================================ dequantization (prefill path)
+
+// w4a16_dequantize writes bf16(scale · (code − zero)) of every weight, bit for bit the CPU dequantization
+// rounded to bf16, on odd shapes and every group size; nothing past the matrix.
+TEST(W4A16Dequant, BitExactAgainstCpuDequantization) {
+  SKIP_WITHOUT_GPU();
+  uint32_t seed = 7000;
+  for (int n : {1, 17, 100, 513})
+    for (int k : {16, 64, 70, 1000})
+      for (int group : {-1, 16, 32, 128}) {
+        const PackedQuantWeights p = random_quantized(n, k, group == 32 ? 3 : 4, group, seed++);
+        UploadedW4 w(cuda::w4_prepare(p));
+        const size_t count = size_t(n) * k;
+        W4DevBuf<uint16_t> out(count + kCanary);
+        SPEAR_CUDA_CHECK(cudaMemset(out.get(), 0xff, (count + kCanary) * 2));
+        cuda::w4a16_dequantize(w.dev, bf_mut(out), nullptr);
+        SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
+        const std::vector<uint16_t> got = out.download();
+        const std::vector<float> ref = unpack_quantized(p).dequantize();
+        size_t bad = 0, first = 0;
+        for (size_t i = 0; i < count; ++i)
+          if (got[i] != f32_to_bf16(ref[i]) && bad++ == 0) first = i;
+        EXPECT_EQ(bad, 0u) << shape_name(n, k, group, p.bits) << ": first at row " << first / k << " col "
+                           << first % k << ": got " << bf16_to_f32(got[first]) << " want " << ref[first];
+        for (size_t i = count; i < count + kCanary; ++i)
+          if (got[i] != kPoisonBf16) {
+            ADD_FAILURE() << shape_name(n, k, group, p.bits) << ": write past the end at +" << (i - count);
+            break;
+          }
+        if (HasFailure()) return;
+      }
+}
+
 }  // namespace spear

@@ -11,6 +11,13 @@
 #   ec:LIKE   issue 6 on a LIKE-shaped W4 model: spear tune (EC dispatch table, random ECs on every linear),
 #             then bench decode at batch 1, 8, 32 with random ECs on 15/38/60% of the linears under the naive,
 #             fused, overlapped and dispatched (auto + table) paths, and prefill at 512 and 2048 tokens
+#   pdl:LIKE  bench decode of a LIKE-shaped bf16 + W4 pair at batch 1, 8, 32 with PDL on every kernel (default)
+#             and with SPEAR_PDL=0 (only the W4 kernels use it), same run
+#   kprof:LIKE  ncu times every kernel of a W4 decode step at batch 1 alone (tools/device/kernel_breakdown.py;
+#             decode plans untuned unless KPROF_TUNE=1: the tuner's timings mean nothing under ncu)
+#   wprefill  bench_w4_gemm --prefill: W4 kernel vs dequantize + cuBLAS vs cuBLAS BF16 at M = 32..2048
+#   prefill:LIKE  prefill of 512 and 2048 tokens, bf16 vs W4 with the W4 prefill GEMMs through dequantize +
+#             cuBLAS (default) and through the W4 kernel (SPEAR_W4_DEQUANT_MIN_M=0)
 #   ecppl     GPU vs CPU perplexity of a SPEAR package (calibrated here, fast preset) under each EC path
 # Everything lands in $OUT/results.tgz (and the log on stdout).
 set -u
@@ -107,6 +114,43 @@ for stage in "$@"; do
           --max-tokens 48 2>/dev/null | tee -a "$R/ecgen.txt"
       done
       rm -rf "$R/ref-spear" ;;
+    wprefill)
+      t "bench_w4_gemm --prefill"
+      "$BIN/bench_w4_gemm" --prefill --out "$R/w4_prefill.json" 2>&1 | tee "$R/w4_prefill.txt" | tail -32 ;;
+    prefill:*)
+      like=${stage#prefill:}
+      t "make-model $like"
+      "$BIN/spear" make-model --like "$like" --random --out "/tmp/$like" --quantize-out "/tmp/$like-w4" 2>&1 | tail -1
+      for P in 512 2048; do
+        for dq in 129 0; do
+          t "prefill $P tokens $like SPEAR_W4_DEQUANT_MIN_M=$dq"
+          SPEAR_W4_DEQUANT_MIN_M=$dq "$BIN/spear" bench decode --device cuda -m "/tmp/$like" -m "/tmp/$like-w4" --batch 1 \
+            --prompt $P --steps 2 --prefill-reps 5 --out "$R/prefill$P-dq$dq-$like.json" 2>&1 \
+            | tee "$R/prefill$P-dq$dq-$like.txt" | tail -3
+        done
+      done
+      rm -rf "/tmp/$like" "/tmp/$like-w4" ;;
+    pdl:*)
+      like=${stage#pdl:}
+      t "make-model $like"
+      "$BIN/spear" make-model --like "$like" --random --out "/tmp/$like" --quantize-out "/tmp/$like-w4" 2>&1 | tail -1
+      for pdl in 1 0; do
+        t "bench decode $like SPEAR_PDL=$pdl"
+        SPEAR_PDL=$pdl "$BIN/spear" bench decode --device cuda -m "/tmp/$like" -m "/tmp/$like-w4" --batch 1,8,32 \
+          --out "$R/decode-pdl$pdl-$like.json" 2>&1 | tee "$R/decode-pdl$pdl-$like.txt" | tail -7
+      done
+      rm -rf "/tmp/$like" ;;  # the W4 package stays for kprof
+    kprof:*)
+      like=${stage#kprof:}
+      [[ -d "/tmp/$like-w4" ]] || { "$BIN/spear" make-model --like "$like" --random --out "/tmp/$like" \
+        --quantize-out "/tmp/$like-w4" 2>&1 | tail -1; rm -rf "/tmp/$like"; }
+      t "ncu: every kernel of a decode step, $like W4 batch 1"
+      ms=$(SPEAR_W4_TUNE=${KPROF_TUNE:-0} "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch 1 --json 2>/dev/null \
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["rows"][0]["step_ms_median"])' 2>/dev/null)
+      SPEAR_W4_TUNE=${KPROF_TUNE:-0} timeout 300 ncu --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
+        --print-units base --print-kernel-base function "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" \
+        --batch 1 --steps 3 --warmup 2 > "$R/kprof-$like.csv" 2> "$R/kprof-$like.err"
+      python3 tools/device/kernel_breakdown.py "$R/kprof-$like.csv" $ms | tee "$R/kprof-$like.txt" ;;
     e2e:*)
       like=${stage#e2e:}
       t "make-model $like"

@@ -26,6 +26,7 @@
 
 #include "backend/cuda/attention.h"
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/pdl.cuh"
 
 namespace spear::cuda {
 
@@ -288,6 +289,7 @@ __host__ __device__ constexpr size_t decode_smem_bytes() {
 // grid (n_splits, n_kv_heads * head_blocks, T); head_blocks = ceil(group / 16).
 template <int DP>
 __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnArgs a) {
+  pdl_enter();
   constexpr int S = DP + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sQ = reinterpret_cast<bf16*>(smem_raw);  // [16][S]
@@ -405,6 +407,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnArgs a)
 // One warp per (token, query head): merges the active splits' partial outputs (log-sum-exp weights).
 // Tokens whose context took a single split were written by the decode kernel itself.
 __global__ void __launch_bounds__(kThreads) attn_combine_kernel(const AttnArgs a) {
+  pdl_enter();
   const int item = blockIdx.x * kWarps + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (item >= a.T * a.n_heads) return;
   const int t = item / a.n_heads, h = item % a.n_heads;
@@ -458,6 +461,7 @@ __host__ __device__ constexpr size_t prefill_smem_bytes() {
 // tiles come first.
 template <int DP, int KT>
 __global__ void __launch_bounds__(kThreads) attn_prefill_kernel(const AttnArgs a) {
+  pdl_enter();
   constexpr int S = DP + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sQ = reinterpret_cast<bf16*>(smem_raw);  // [64][S]
@@ -572,6 +576,7 @@ template <typename Word>
 __global__ void kv_append_kernel(const bf16* __restrict__ k, const bf16* __restrict__ v,
                                  const int32_t* __restrict__ token_seq, const DevSeq* __restrict__ seqs,
                                  const PagedKvLayer kv) {
+  pdl_enter();
   constexpr int kPer = int(sizeof(Word) / sizeof(bf16));
   const int t = blockIdx.x;
   const DevSeq sq = seqs[token_seq[t]];
@@ -634,7 +639,7 @@ void launch_decode(const AttnArgs& a, cudaStream_t stream) {
   ensure_decode_smem<DP>();
   const int head_blocks = (a.group + kDecodeRows - 1) / kDecodeRows;
   const dim3 grid(unsigned(a.n_splits), unsigned(a.n_kv_heads * head_blocks), unsigned(a.T));
-  attn_decode_kernel<DP><<<grid, kThreads, smem, stream>>>(a);
+  launch_kernel(attn_decode_kernel<DP>, grid, kThreads, smem, stream, a);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -646,7 +651,7 @@ void launch_prefill(const AttnArgs& a, cudaStream_t stream) {
   const int64_t tiles = (int64_t(a.T) * a.group + kQRows - 1) / kQRows + a.n_seqs;
   SPEAR_CHECK(tiles < (int64_t(1) << 31), "attention_bf16: batch of {} tokens too large", a.T);
   const dim3 grid(unsigned(tiles), unsigned(a.n_kv_heads));
-  attn_prefill_kernel<DP, KT><<<grid, kThreads, smem, stream>>>(a);
+  launch_kernel(attn_prefill_kernel<DP, KT>, grid, kThreads, smem, stream, a);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -691,11 +696,11 @@ void kv_append_bf16(const __nv_bfloat16* k, const __nv_bfloat16* v, int T, const
   if (vec16) {
     const int words = kv.kv_dim / 8;
     const int threads = words >= 128 ? 128 : (words + 31) / 32 * 32;
-    kv_append_kernel<uint4><<<T, threads, 0, stream>>>(k, v, token_seq, seqs, kv);
+    launch_kernel(kv_append_kernel<uint4>, T, threads, 0, stream, k, v, token_seq, seqs, kv);
   } else if (vec4) {
-    kv_append_kernel<uint32_t><<<T, 128, 0, stream>>>(k, v, token_seq, seqs, kv);
+    launch_kernel(kv_append_kernel<uint32_t>, T, 128, 0, stream, k, v, token_seq, seqs, kv);
   } else {
-    kv_append_kernel<uint16_t><<<T, 128, 0, stream>>>(k, v, token_seq, seqs, kv);
+    launch_kernel(kv_append_kernel<uint16_t>, T, 128, 0, stream, k, v, token_seq, seqs, kv);
   }
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
@@ -755,7 +760,7 @@ void attention_bf16(const __nv_bfloat16* q, int T, const int32_t* token_seq, con
     }
     if (splits > 1) {
       const int items = T * shape.n_heads;
-      attn_combine_kernel<<<(items + kWarps - 1) / kWarps, kThreads, 0, stream>>>(a);
+      launch_kernel(attn_combine_kernel, (items + kWarps - 1) / kWarps, kThreads, 0, stream, a);
       SPEAR_CUDA_CHECK(cudaGetLastError());
     }
     return;

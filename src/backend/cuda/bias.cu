@@ -1,5 +1,6 @@
 #include "backend/cuda/bias.h"
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/pdl.cuh"
 
 namespace spear::cuda {
 
@@ -7,6 +8,7 @@ namespace {
 
 template <typename T>
 __global__ void add_bias_kernel(T* y, const __nv_bfloat16* __restrict__ bias, int rows, int n) {
+  pdl_enter();
   const size_t total = size_t(rows) * n;
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
     const float b = __bfloat162float(bias[i % n]);
@@ -23,13 +25,13 @@ int blocks_for(size_t total) { return int(std::min<size_t>((total + 255) / 256, 
 
 void add_bias_bf16(__nv_bfloat16* y, const __nv_bfloat16* bias, int rows, int n, cudaStream_t stream) {
   if (rows == 0 || n == 0) return;
-  add_bias_kernel<<<blocks_for(size_t(rows) * n), 256, 0, stream>>>(y, bias, rows, n);
+  launch_kernel(add_bias_kernel<__nv_bfloat16>, blocks_for(size_t(rows) * n), 256, 0, stream, y, bias, rows, n);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 
 void add_bias_f32(float* y, const __nv_bfloat16* bias, int rows, int n, cudaStream_t stream) {
   if (rows == 0 || n == 0) return;
-  add_bias_kernel<<<blocks_for(size_t(rows) * n), 256, 0, stream>>>(y, bias, rows, n);
+  launch_kernel(add_bias_kernel<float>, blocks_for(size_t(rows) * n), 256, 0, stream, y, bias, rows, n);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -138,6 +138,7 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   sm_count_ = device_info(device).sm_count;
   l2_bytes_ = device_info(device).l2_bytes;
   if (const char* e = std::getenv("SPEAR_W4_TUNE")) tune_w4_ = std::string(e) != "0";
+  if (const char* e = std::getenv("SPEAR_W4_DEQUANT_MIN_M")) w4_dequant_min_m_ = std::atoi(e);
   SPEAR_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   SPEAR_CUBLAS_CHECK(cublasCreate(&cublas_));
   SPEAR_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
@@ -364,6 +365,7 @@ std::unique_ptr<Linear> CudaBackend::make_quant_linear(const std::string& name, 
                    l->scales.as<float>(), l->zeros.as<uint16_t>()};
   l->bytes = l->q.bytes() + l->scales.bytes() + l->zeros.bytes() + l->bias.bytes();
   grow_w4_workspace(lay.n, lay.k);
+  w4_max_weights_ = std::max(w4_max_weights_, size_t(lay.n) * size_t(lay.k));
   return l;
 }
 
@@ -541,7 +543,9 @@ void CudaBackend::linear_group(const Tensor& x, std::span<const Linear* const> l
     grouped = grouped && c->quantized && c->in_features == ls[0]->in_features;
     if (grouped && c->ec) any_ec = true, all_fused = all_fused && choose_ec_path(*c, x) == EcPath::Fused;
   }
-  if (!grouped || (any_ec && !all_fused)) {
+  // Prefill-sized inputs: each member through dequantization + cuBLAS (w4_gemm), one after the other as the
+  // grouped W4 kernel would run them anyway beyond the decode kernel's 32 tokens.
+  if (!grouped || (any_ec && !all_fused) || w4_dequant_ready(int(x.rows))) {
     Backend::linear_group(x, ls, outs);
     return;
   }

@@ -171,6 +171,9 @@ class CudaBackend : public Backend {
   // The path this linear's compensator takes for m tokens (never Auto); reported once when verbose.
   EcPath choose_ec_path(const CudaLinear& l, const Tensor& x);
   void w4_gemm(const CudaLinear& l, const Tensor& x, Tensor& out);  // the plain W4 GEMM (tuned at first use)
+  // Whether m tokens take dequantization + cuBLAS BF16 (m >= w4_dequant_min_m_): allocates the scratch matrix
+  // at first use (outside captures; without the memory the W4 kernel keeps every size).
+  bool w4_dequant_ready(int m);
   // y[T,n] = x[T,k]·w[n,k]ᵀ, fp32, on `handle` (cublas_ or cublas_ec_).
   void sgemm_nt(const float* x, int T, int k, const float* w, int n, float* y, cublasHandle_t handle = nullptr);
 
@@ -192,6 +195,11 @@ class CudaBackend : public Backend {
   std::shared_ptr<DevicePool> pool_;
   DeviceBuffer w4_ws_, attn_ws_;
   int w4_max_n_ = 0, w4_max_k_ = 0;
+  // Prefill GEMMs of at least this many tokens dequantize the W4 matrix into w4_deq_ (sized for the largest
+  // one) and run cuBLAS BF16; SPEAR_W4_DEQUANT_MIN_M overrides, 0 turns it off.
+  int w4_dequant_min_m_ = 129;
+  size_t w4_max_weights_ = 0;
+  DeviceBuffer w4_deq_;
 
   // The current batch (begin_batch): host arrays by address, their device copies.
   const BatchDesc* batch_ = nullptr;

@@ -9,6 +9,7 @@
 
 #include <cuda_bf16.h>
 
+#include "backend/cuda/bias.h"
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/ec_naive.h"
@@ -43,9 +44,37 @@ void CudaBackend::set_ec_dispatch(std::shared_ptr<const EcDispatchTable> t) {
   ec_reported_.clear();
 }
 
+bool CudaBackend::w4_dequant_ready(int m) {
+  if (w4_dequant_min_m_ <= 0 || m < w4_dequant_min_m_ || w4_max_weights_ == 0) return false;
+  const size_t need = w4_max_weights_ * 2;
+  if (w4_deq_.bytes() >= need) return true;
+  if (capturing_) return false;  // never allocate inside a graph capture: the W4 kernel takes this one
+  SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  try {
+    w4_deq_ = DeviceBuffer(need);
+  } catch (const Error&) {  // no room for the scratch matrix: the W4 kernel for every size from now on
+    w4_dequant_min_m_ = 0;
+    return false;
+  }
+  return true;
+}
+
 void CudaBackend::w4_gemm(const CudaLinear& l, const Tensor& x, Tensor& out) {
   __nv_bfloat16* y = bf(out);
   const auto* bias = l.bias.bytes() ? l.bias.as<__nv_bfloat16>() : nullptr;
+  const int m = int(x.rows);
+  if (w4_dequant_ready(m)) {
+    // y[m, n] = x · deq(W)ᵀ as in the dense path: column-major yᵀ = deq(W) (k-major rows) · xᵀ.
+    auto prof = prof_->scope("linear.w4_dequant_cublas");
+    auto* w = w4_deq_.as<__nv_bfloat16>();
+    w4a16_dequantize(l.w4, w, stream_);
+    const float alpha = 1.f, beta = 0.f;
+    SPEAR_CUBLAS_CHECK(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, l.out_features, m, l.in_features, &alpha, w,
+                                    CUDA_R_16BF, l.in_features, x.data, CUDA_R_16BF, l.in_features, &beta, y,
+                                    CUDA_R_16BF, l.out_features, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (bias) add_bias_bf16(y, bias, m, l.out_features, stream_);
+    return;
+  }
   tune_w4_once(bf(x), int(x.rows), &l.w4, 1, &y);
   auto prof = prof_->scope("linear.w4a16");
   w4a16_gemm(bf(x), int(x.rows), l.w4, bias, y, w4_ws_.get(), w4_ws_.bytes(), sm_count_, stream_);

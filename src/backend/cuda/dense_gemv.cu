@@ -2,6 +2,7 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/dense_gemv.h"
+#include "backend/cuda/pdl.cuh"
 
 namespace spear::cuda {
 
@@ -16,6 +17,7 @@ __global__ void __launch_bounds__(kWarps * 32) dense_gemv_kernel(const __nv_bflo
                                                                  const __nv_bfloat16* __restrict__ w, int n, int k,
                                                                  const __nv_bfloat16* __restrict__ bias, void* y,
                                                                  bool y_f32, int rows_per_warp, int m) {
+  pdl_enter();
   extern __shared__ float xs[];  // [M][k], rows >= m zero
   for (int i = threadIdx.x; i < M * k; i += blockDim.x) xs[i] = i < m * k ? __bfloat162float(x[i]) : 0.f;
   __syncthreads();
@@ -82,7 +84,8 @@ void launch(const __nv_bfloat16* x, int m, const __nv_bfloat16* w, int n, int k,
   // Rows per warp: enough blocks for ~8 per SM on the largest heads, each warp a few rows to amortise staging x.
   const int rows_per_warp = n >= (1 << 16) ? 4 : 1;
   const int blocks = (n + kWarps * rows_per_warp - 1) / (kWarps * rows_per_warp);
-  dense_gemv_kernel<M><<<blocks, kWarps * 32, smem, stream>>>(x, w, n, k, bias, y, y_f32, rows_per_warp, m);
+  launch_kernel(dense_gemv_kernel<M>, blocks, kWarps * 32, smem, stream, x, w, n, k, bias, y, y_f32, rows_per_warp,
+                m);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -6,6 +6,7 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/elementwise.h"
+#include "backend/cuda/pdl.cuh"
 
 namespace spear::cuda {
 
@@ -49,6 +50,7 @@ __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
 template <typename Word>
 __global__ void gather_rows_kernel(const bf16* __restrict__ table, int64_t cols, const int32_t* __restrict__ ids,
                                    bf16* __restrict__ out) {
+  pdl_enter();
   constexpr int kPer = int(sizeof(Word) / sizeof(bf16));
   const int64_t row = blockIdx.x;
   const int64_t words = cols / kPer;
@@ -60,6 +62,7 @@ __global__ void gather_rows_kernel(const bf16* __restrict__ table, int64_t cols,
 // ---- add, swiglu -------------------------------------------------------------------------------------------
 
 __global__ void add_kernel(bf16* x, const bf16* y, int64_t n, int64_t n_vec) {
+  pdl_enter();
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   const int64_t i0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   uint4* xv = reinterpret_cast<uint4*>(x);
@@ -81,6 +84,7 @@ __device__ __forceinline__ float swiglu_f(float g, float u) { return g / (1.f + 
 
 // out may alias gate: each element is read before it is written by the same thread (no __restrict__ here).
 __global__ void swiglu_kernel(const bf16* gate, const bf16* up, bf16* out, int64_t n, int64_t n_vec) {
+  pdl_enter();
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   const int64_t i0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const uint4* gv = reinterpret_cast<const uint4*>(gate);
@@ -106,6 +110,7 @@ __global__ void swiglu_kernel(const bf16* gate, const bf16* up, bf16* out, int64
 template <bool kPairs2>
 __global__ void rope_kernel(bf16* x, int n_heads, int head_dim, const int32_t* __restrict__ positions,
                             const float* __restrict__ inv_freq) {
+  pdl_enter();
   extern __shared__ float cs_sn[];  // [half] cos, then [half] sin
   const int half = head_dim / 2;
   float* cs = cs_sn;
@@ -143,6 +148,7 @@ __global__ void rope_kernel(bf16* x, int n_heads, int head_dim, const int32_t* _
 // ---- conversions -------------------------------------------------------------------------------------------
 
 __global__ void f32_to_bf16_kernel(const float* __restrict__ in, bf16* __restrict__ out, int64_t n, int64_t n_vec) {
+  pdl_enter();
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   const int64_t i0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   for (int64_t i = i0; i < n_vec; i += stride) {  // 4 floats (16 B) -> 4 bf16 (8 B)
@@ -157,6 +163,7 @@ __global__ void f32_to_bf16_kernel(const float* __restrict__ in, bf16* __restric
 }
 
 __global__ void bf16_to_f32_kernel(const bf16* __restrict__ in, float* __restrict__ out, int64_t n, int64_t n_vec) {
+  pdl_enter();
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   const int64_t i0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   for (int64_t i = i0; i < n_vec; i += stride) {  // 4 bf16 (8 B) -> 4 floats (16 B)
@@ -185,6 +192,7 @@ __device__ __forceinline__ void arg_better(float v, int i, float& bv, int& bi) {
 // read by one SM, so memory-level parallelism matters more than anything else here).
 __global__ void __launch_bounds__(kArgmaxThreads) argmax_rows_kernel(const float* __restrict__ x, int cols,
                                                                      int32_t* __restrict__ out, bool vec4) {
+  pdl_enter();
   const float* xr = x + int64_t(blockIdx.x) * cols;
   float bv = -INFINITY;
   int bi = INT32_MAX;
@@ -252,11 +260,11 @@ void gather_rows_bf16(const __nv_bfloat16* table, int64_t cols, const int32_t* i
   if (n <= 0 || cols <= 0) return;
   if (cols % 8 == 0 && aligned(table, 16) && aligned(out, 16)) {
     const int threads = int(cols / 8 >= 256 ? 256 : (cols / 8 + 31) / 32 * 32);
-    gather_rows_kernel<uint4><<<n, threads, 0, stream>>>(table, cols, ids, out);
+    launch_kernel(gather_rows_kernel<uint4>, n, threads, 0, stream, table, cols, ids, out);
   } else if (cols % 2 == 0 && aligned(table, 4) && aligned(out, 4)) {
-    gather_rows_kernel<uint32_t><<<n, 256, 0, stream>>>(table, cols, ids, out);
+    launch_kernel(gather_rows_kernel<uint32_t>, n, 256, 0, stream, table, cols, ids, out);
   } else {
-    gather_rows_kernel<uint16_t><<<n, 256, 0, stream>>>(table, cols, ids, out);
+    launch_kernel(gather_rows_kernel<uint16_t>, n, 256, 0, stream, table, cols, ids, out);
   }
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
@@ -264,7 +272,7 @@ void gather_rows_bf16(const __nv_bfloat16* table, int64_t cols, const int32_t* i
 void add_bf16(__nv_bfloat16* x, const __nv_bfloat16* y, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
   const int64_t n_vec = aligned(x, 16) && aligned(y, 16) ? n / 8 : 0;
-  add_kernel<<<grid_for(n_vec > 0 ? n_vec : n), kThreads, 0, stream>>>(x, y, n, n_vec);
+  launch_kernel(add_kernel, grid_for(n_vec > 0 ? n_vec : n), kThreads, 0, stream, x, y, n, n_vec);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -272,7 +280,7 @@ void swiglu_bf16(const __nv_bfloat16* gate, const __nv_bfloat16* up, __nv_bfloat
                  cudaStream_t stream) {
   if (n <= 0) return;
   const int64_t n_vec = aligned(gate, 16) && aligned(up, 16) && aligned(out, 16) ? n / 8 : 0;
-  swiglu_kernel<<<grid_for(n_vec > 0 ? n_vec : n), kThreads, 0, stream>>>(gate, up, out, n, n_vec);
+  launch_kernel(swiglu_kernel, grid_for(n_vec > 0 ? n_vec : n), kThreads, 0, stream, gate, up, out, n, n_vec);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -286,23 +294,23 @@ void rope_bf16(__nv_bfloat16* x, int T, int n_heads, int head_dim, const int32_t
   const int work = n_heads * half;
   const int threads = work >= 256 ? 256 : (work + 31) / 32 * 32;
   if (half % 2 == 0 && aligned(x, 4))
-    rope_kernel<true><<<T, threads, smem, stream>>>(x, n_heads, head_dim, positions, inv_freq);
+    launch_kernel(rope_kernel<true>, T, threads, smem, stream, x, n_heads, head_dim, positions, inv_freq);
   else
-    rope_kernel<false><<<T, threads, smem, stream>>>(x, n_heads, head_dim, positions, inv_freq);
+    launch_kernel(rope_kernel<false>, T, threads, smem, stream, x, n_heads, head_dim, positions, inv_freq);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 
 void f32_to_bf16(const float* in, __nv_bfloat16* out, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
   const int64_t n_vec = aligned(in, 16) && aligned(out, 8) ? n / 4 : 0;
-  f32_to_bf16_kernel<<<grid_for(n_vec > 0 ? n_vec : n), kThreads, 0, stream>>>(in, out, n, n_vec);
+  launch_kernel(f32_to_bf16_kernel, grid_for(n_vec > 0 ? n_vec : n), kThreads, 0, stream, in, out, n, n_vec);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 
 void bf16_to_f32(const __nv_bfloat16* in, float* out, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
   const int64_t n_vec = aligned(in, 8) && aligned(out, 16) ? n / 4 : 0;
-  bf16_to_f32_kernel<<<grid_for(n_vec > 0 ? n_vec : n), kThreads, 0, stream>>>(in, out, n, n_vec);
+  launch_kernel(bf16_to_f32_kernel, grid_for(n_vec > 0 ? n_vec : n), kThreads, 0, stream, in, out, n, n_vec);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -310,7 +318,7 @@ void argmax_rows_f32(const float* x, int rows, int cols, int32_t* out, cudaStrea
   if (rows <= 0) return;
   SPEAR_CHECK(cols > 0, "argmax_rows_f32: {} columns", cols);
   const bool vec4 = cols % 4 == 0 && aligned(x, 16);
-  argmax_rows_kernel<<<rows, kArgmaxThreads, 0, stream>>>(x, cols, out, vec4);
+  launch_kernel(argmax_rows_kernel, rows, kArgmaxThreads, 0, stream, x, cols, out, vec4);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 

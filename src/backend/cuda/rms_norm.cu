@@ -6,6 +6,7 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/rms_norm.h"
+#include "backend/cuda/pdl.cuh"
 
 namespace spear::cuda {
 
@@ -58,6 +59,7 @@ __device__ __forceinline__ void scale_row(const bf16* xr, const bf16* __restrict
 template <bool kVec>
 __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const bf16* x, const bf16* __restrict__ w, bf16* out,
                                                             int d, float eps) {
+  pdl_enter();
   const size_t row = blockIdx.x;
   const bf16* xr = x + row * d;
   float ss = 0.f;
@@ -87,6 +89,7 @@ template <bool kVec>
 __global__ void __launch_bounds__(kThreads) add_rms_norm_kernel(bf16* __restrict__ x, const bf16* __restrict__ y,
                                                                 const bf16* __restrict__ w, bf16* __restrict__ out,
                                                                 int d, float eps) {
+  pdl_enter();
   const size_t row = blockIdx.x;
   bf16* xr = x + row * d;
   const bf16* yr = y + row * d;
@@ -130,9 +133,9 @@ void add_rms_norm_bf16(__nv_bfloat16* x, const __nv_bfloat16* y, const __nv_bflo
                        int rows, int d, float eps, cudaStream_t stream) {
   if (rows == 0) return;
   if (vec_ok(d, x, y, w, out))
-    add_rms_norm_kernel<true><<<rows, kThreads, 0, stream>>>(x, y, w, out, d, eps);
+    launch_kernel(add_rms_norm_kernel<true>, rows, kThreads, 0, stream, x, y, w, out, d, eps);
   else
-    add_rms_norm_kernel<false><<<rows, kThreads, 0, stream>>>(x, y, w, out, d, eps);
+    launch_kernel(add_rms_norm_kernel<false>, rows, kThreads, 0, stream, x, y, w, out, d, eps);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -140,9 +143,9 @@ void rms_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16
                    cudaStream_t stream) {
   if (rows == 0) return;
   if (vec_ok(d, x, x, w, out))
-    rms_norm_kernel<true><<<rows, kThreads, 0, stream>>>(x, w, out, d, eps);
+    launch_kernel(rms_norm_kernel<true>, rows, kThreads, 0, stream, x, w, out, d, eps);
   else
-    rms_norm_kernel<false><<<rows, kThreads, 0, stream>>>(x, w, out, d, eps);
+    launch_kernel(rms_norm_kernel<false>, rows, kThreads, 0, stream, x, w, out, d, eps);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 

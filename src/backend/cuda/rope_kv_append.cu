@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/pdl.cuh"
 
 namespace spear::cuda {
 
@@ -48,6 +49,7 @@ __global__ void rope_kv_append_kernel(bf16* q, bf16* k, const bf16* __restrict__
                                       const int32_t* __restrict__ positions, const float* __restrict__ inv_freq,
                                       const int32_t* __restrict__ token_seq, const DevSeq* __restrict__ seqs,
                                       const PagedKvLayer kv) {
+  pdl_enter();
   extern __shared__ float cs_sn[];  // [half] cos, then [half] sin
   const int half = head_dim / 2;
   float* cs = cs_sn;
@@ -111,12 +113,8 @@ void rope_kv_append_bf16(__nv_bfloat16* q, __nv_bfloat16* k, const __nv_bfloat16
   const int work = (n_heads + kv.kv_dim / head_dim) * (head_dim / 2) / (pairs2 ? 2 : 1);
   const int threads = work >= 256 ? 256 : (work + 31) / 32 * 32;
   const size_t smem = size_t(head_dim) * sizeof(float);
-  if (pairs2)
-    rope_kv_append_kernel<true><<<T, threads, smem, stream>>>(q, k, v, n_heads, head_dim, positions, inv_freq,
-                                                              token_seq, seqs, kv);
-  else
-    rope_kv_append_kernel<false><<<T, threads, smem, stream>>>(q, k, v, n_heads, head_dim, positions, inv_freq,
-                                                               token_seq, seqs, kv);
+  launch_kernel(pairs2 ? rope_kv_append_kernel<true> : rope_kv_append_kernel<false>, T, threads, smem, stream, q, k,
+                v, n_heads, head_dim, positions, inv_freq, token_seq, seqs, kv);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 

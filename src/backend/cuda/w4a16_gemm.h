@@ -145,6 +145,11 @@ struct W4GemmOptions {
 void w4a16_set_options(const W4GemmOptions& options);
 W4GemmOptions w4a16_get_options();
 
+// out[n][k] (row-major, k elements apart) = bf16(scale · (code − zero)) of every weight: the weights for a cuBLAS
+// BF16 GEMM when m is large (prefill; the backend picks the path by m, SPEAR_W4_DEQUANT_MIN_M). Launched with
+// PDL like the other kernels; reads only load-time constants before its wait.
+void w4a16_dequantize(const W4Device& w, __nv_bfloat16* out, cudaStream_t stream);
+
 // The naive reference (one thread per output element: dequantize on the fly, fp32 sums), for tests and the
 // benchmark's correctness check. Reads the same device layout.
 void w4a16_gemm_reference(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfloat16* bias, float* y,
