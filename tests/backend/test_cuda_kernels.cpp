@@ -454,9 +454,15 @@ void run_attention_case(const AttnCase& c, std::mt19937& rng) {
     const size_t ws_bytes = cuda::attention_workspace_bytes(T, n_heads, hd, layer.max_blocks);
     DevBuf<uint8_t> ws(ws_bytes);
     ws.fill_bytes(0xff);  // NaN: only what a split wrote may be read
+    SPEAR_CUDA_CHECK(cudaMemset(ws.get(), 0, cuda::attention_workspace_zero_bytes()));  // the arrival counters
     cuda::attention_bf16(bf(dq), T, dtok.get(), dseqs.get(), n_seqs, layer, shape, max_len, true, bf(dout), ws.get(),
                          ws_bytes, nullptr);
     SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
+    // The splits' last arrivals put their counters back to zero (the next launch reuses them).
+    const std::vector<uint8_t> wsh = ws.download();
+    EXPECT_TRUE(std::all_of(wsh.begin(), wsh.begin() + cuda::attention_workspace_zero_bytes(),
+                            [](uint8_t b) { return b == 0; }))
+        << "split arrival counters left non-zero";
   } else {
     cuda::attention_bf16(bf(dq), T, dtok.get(), dseqs.get(), n_seqs, layer, shape, max_len, c.decode, bf(dout),
                          nullptr);
@@ -579,6 +585,7 @@ TEST(CudaAttention, DecodeGraphReplayWithGrowingContexts) {
     shape.scale = 1.f / std::sqrt(float(hd));
     const size_t ws_bytes = cuda::attention_workspace_bytes(T, n_heads, hd, layer.max_blocks);
     DevBuf<uint8_t> ws(ws_bytes);
+    SPEAR_CUDA_CHECK(cudaMemset(ws.get(), 0, cuda::attention_workspace_zero_bytes()));
 
     cudaStream_t stream;  // a blocking stream: the uploads below (legacy stream) are ordered before each replay
     SPEAR_CUDA_CHECK(cudaStreamCreate(&stream));

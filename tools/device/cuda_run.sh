@@ -18,6 +18,8 @@
 #   wprefill  bench_w4_gemm --prefill: W4 kernel vs dequantize + cuBLAS vs cuBLAS BF16 at M = 32..2048
 #   prefill:LIKE  prefill of 512 and 2048 tokens, bf16 vs W4 with the W4 prefill GEMMs through dequantize +
 #             cuBLAS (default) and through the W4 kernel (SPEAR_W4_DEQUANT_MIN_M=0)
+#   ecprefill:LIKE  prefill of 512 and 2048 tokens of a LIKE-shaped W4 model with random ECs on 38% of the
+#             linears: naive, overlapped and auto (built-in rule) paths against no ECs (reuses /tmp/LIKE-w4)
 #   ecppl     GPU vs CPU perplexity of a SPEAR package (calibrated here, fast preset) under each EC path
 # Everything lands in $OUT/results.tgz (and the log on stdout).
 set -u
@@ -94,6 +96,16 @@ for stage in "$@"; do
           --out "$R/ec_prefill$P-$like.json" 2>&1 | tee "$R/ec_prefill$P-$like.txt" | grep -v "ms/step$" | tail -6
       done
       rm -rf "/tmp/$like-w4" ;;
+    ecprefill:*)
+      like=${stage#ecprefill:}
+      [[ -d "/tmp/$like-w4" ]] || { "$BIN/spear" make-model --like "$like" --random --out "/tmp/$like" \
+        --quantize-out "/tmp/$like-w4" 2>&1 | tail -1; rm -rf "/tmp/$like"; }
+      for P in 512 2048; do
+        t "prefill $P tokens with ECs $like"
+        "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch 1 --prompt $P --steps 2 --prefill-reps 5 \
+          --ec-density 0,0.38 --ec-paths naive,overlapped,auto --out "$R/ec_prefill$P-$like.json" 2>&1 \
+          | tee "$R/ec_prefill$P-$like.txt" | grep -v "ms/step$" | tail -6
+      done ;;
     ecppl)
       t "SPEAR package: the staged one (calibrate --preset fast) + its RTN weights rebuilt by spear quantize"
       if [[ -d .devrun/ref-spear ]]; then

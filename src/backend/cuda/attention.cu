@@ -8,7 +8,9 @@
 //  * decode (one new token per sequence): a CTA takes one token, one KV head (up to 16 query heads, padded to
 //    the 16 rows of an mma) and one split of the context; each of the 4 warps owns 16 keys of every 64-key
 //    tile, the warps merge in shared memory. With several splits (flash-decoding) each split writes its
-//    normalised partial output and log-sum-exp to the workspace and attn_combine_kernel merges them. The
+//    normalised partial output and log-sum-exp to the workspace and counts itself in; the last split of a
+//    (token, head block) to arrive merges them in split order (no second kernel: one launch less per layer,
+//    and the result does not depend on the arrival order). The
 //    launch depends only on T, the shape, kv.max_blocks and the workspace size, never on context lengths
 //    (read from seqs on the device), so a captured decode step replays while contexts grow; a sequence's
 //    context is divided evenly over the splits (at least kMinTilesPerSplit tiles each) and the CTAs of the
@@ -43,6 +45,10 @@ constexpr int kPagesPerDecodeTile = kDecodeKeys / kBlockTokens;
 constexpr int kMinTilesPerSplit = 2;  // a decode split covers at least 128 keys
 constexpr int kMaxSplits = 64;
 constexpr int kDecodeCtasPerSm = 3;   // target CTAs of a decode launch: fills the GPU about once
+// Arrival counters of the split merge, one per (token, KV head, head block), at the start of the workspace
+// (zeroed once by its owner, left at zero by every launch); a decode batch with more groups runs unsplit.
+constexpr int kMaxSplitGroups = 16384;
+constexpr size_t kCounterBytes = size_t(kMaxSplitGroups) * sizeof(unsigned);
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct AttnArgs {
@@ -58,6 +64,7 @@ struct AttnArgs {
   bf16* out;                   // [T, n_heads * head_dim]
   float* part_o;               // decode, n_splits > 1: [T][n_splits][n_heads][head_dim], normalised
   float* part_lse;             // [T][n_splits][n_heads], log2 domain
+  unsigned* counters;          // [T][n_kv_heads * head_blocks] arrivals of the splits (kept at zero between launches)
 };
 
 // ---- PTX wrappers ------------------------------------------------------------------------------------------
@@ -281,6 +288,8 @@ __device__ __forceinline__ DecodePlan decode_plan(int p, int window, int n_split
   return d;
 }
 
+__device__ void combine_splits(const AttnArgs& a, int t, int h, int na, int lane);
+
 template <int DP>
 __host__ __device__ constexpr size_t decode_smem_bytes() {
   return size_t(kDecodeRows + 4 * kDecodeKeys) * (DP + 8) * sizeof(bf16);  // Q + 2 stages of K and V
@@ -402,23 +411,30 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnArgs a)
       if (d == 0) a.part_lse[prow] = M + log2f(L);
     }
   }
+  if (single) return;
+  // Count this split in (threadfence reduction): the last of the group's n_active splits merges them all and
+  // puts the counter back to zero for the next launch.
+  __shared__ unsigned s_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned* c = a.counters + size_t(t) * gridDim.y + blockIdx.y;
+    s_last = atomicAdd(c, 1u) == unsigned(plan.n_active - 1);
+    if (s_last) *c = 0u;
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int r = warp; r < n_rows; r += kWarps) combine_splits(a, t, head0 + r, plan.n_active, lane);
 }
 
-// One warp per (token, query head): merges the active splits' partial outputs (log-sum-exp weights).
-// Tokens whose context took a single split were written by the decode kernel itself.
-__global__ void __launch_bounds__(kThreads) attn_combine_kernel(const AttnArgs a) {
-  pdl_enter();
-  const int item = blockIdx.x * kWarps + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-  if (item >= a.T * a.n_heads) return;
-  const int t = item / a.n_heads, h = item % a.n_heads;
-  const DevSeq sq = a.seqs[a.token_seq[t]];
-  const int p = sq.pos0 + (t - sq.token_begin);
-  const int na = decode_plan(p, a.window, a.n_splits).n_active;
-  if (na <= 1) return;
+// One warp merges the na splits of (token t, query head h), in split order (log-sum-exp weights). The partials
+// come from other CTAs of the same launch: read through L2 (ld.cg), after the arrival count's fences.
+__device__ void combine_splits(const AttnArgs& a, int t, int h, int na, int lane) {
   const int D = a.head_dim;
   const size_t row0 = size_t(t) * a.n_splits * a.n_heads + h;  // split c: row0 + c * n_heads
   float M = -INFINITY;
-  for (int c = lane; c < na; c += 32) M = fmaxf(M, a.part_lse[row0 + size_t(c) * a.n_heads]);
+  for (int c = lane; c < na; c += 32) M = fmaxf(M, __ldcg(a.part_lse + row0 + size_t(c) * a.n_heads));
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
   constexpr int kPairsPerLane = 4;  // head_dim <= 256 = 32 lanes x 4 pairs
@@ -426,14 +442,14 @@ __global__ void __launch_bounds__(kThreads) attn_combine_kernel(const AttnArgs a
   float W = 0.f;
   for (int c = 0; c < na; ++c) {
     const size_t prow = row0 + size_t(c) * a.n_heads;
-    const float w = exp2f(a.part_lse[prow] - M);
+    const float w = exp2f(__ldcg(a.part_lse + prow) - M);
     W += w;
     const float* po = a.part_o + prow * D;
 #pragma unroll
     for (int k = 0; k < kPairsPerLane; ++k) {
       const int d = 2 * lane + 64 * k;
       if (d < D) {
-        const float2 v = *reinterpret_cast<const float2*>(po + d);
+        const float2 v = __ldcg(reinterpret_cast<const float2*>(po + d));
         acc[k][0] += w * v.x;
         acc[k][1] += w * v.y;
       }
@@ -665,10 +681,11 @@ int max_decode_splits(int max_blocks) {
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
-// Workspace layout of the decode split: part_o [T][splits][n_heads][head_dim] fp32, then part_lse.
+// Workspace layout of the decode split: the arrival counters (kCounterBytes), part_o [T][splits][n_heads][head_dim]
+// fp32, then part_lse.
 size_t decode_workspace_bytes(int T, int splits, int n_heads, int head_dim) {
   const size_t rows = size_t(T) * size_t(splits) * size_t(n_heads);
-  return align256(rows * size_t(head_dim) * sizeof(float)) + rows * sizeof(float);
+  return kCounterBytes + align256(rows * size_t(head_dim) * sizeof(float)) + rows * sizeof(float);
 }
 
 }  // namespace
@@ -684,8 +701,11 @@ size_t attention_workspace_bytes(int max_tokens, int n_heads, int head_dim, int 
   // T * splits <= min(T * max_splits, target + T).
   const size_t target = size_t(kDecodeCtasPerSm) * size_t(current_sm_count());
   const size_t rows = std::min(size_t(max_tokens) * size_t(max_decode_splits(max_blocks)), target + size_t(max_tokens));
-  return align256(rows * size_t(n_heads) * size_t(head_dim) * sizeof(float)) + rows * size_t(n_heads) * sizeof(float);
+  return kCounterBytes + align256(rows * size_t(n_heads) * size_t(head_dim) * sizeof(float)) +
+         rows * size_t(n_heads) * sizeof(float);
 }
+
+size_t attention_workspace_zero_bytes() { return kCounterBytes; }
 
 void kv_append_bf16(const __nv_bfloat16* k, const __nv_bfloat16* v, int T, const int32_t* token_seq,
                     const DevSeq* seqs, const PagedKvLayer& kv, cudaStream_t stream) {
@@ -744,24 +764,22 @@ void attention_bf16(const __nv_bfloat16* q, int T, const int32_t* token_seq, con
     const int ctas_per_split = T * shape.n_kv_heads * head_blocks;
     const int target = kDecodeCtasPerSm * current_sm_count();
     int splits = std::clamp((target + ctas_per_split - 1) / ctas_per_split, 1, max_decode_splits(kv.max_blocks));
+    if (size_t(ctas_per_split) > size_t(kMaxSplitGroups)) splits = 1;  // more groups than counters
     while (splits > 1 && (workspace == nullptr ||
                           decode_workspace_bytes(T, splits, shape.n_heads, D) > workspace_bytes))
       --splits;
     a.n_splits = splits;
     if (splits > 1) {
       const size_t rows = size_t(T) * size_t(splits) * size_t(shape.n_heads);
-      a.part_o = static_cast<float*>(workspace);
-      a.part_lse = reinterpret_cast<float*>(static_cast<char*>(workspace) + align256(rows * size_t(D) * sizeof(float)));
+      char* ws = static_cast<char*>(workspace);
+      a.counters = reinterpret_cast<unsigned*>(ws);
+      a.part_o = reinterpret_cast<float*>(ws + kCounterBytes);
+      a.part_lse = reinterpret_cast<float*>(ws + kCounterBytes + align256(rows * size_t(D) * sizeof(float)));
     }
     switch (DP) {
       case 64: launch_decode<64>(a, stream); break;
       case 128: launch_decode<128>(a, stream); break;
       default: launch_decode<256>(a, stream); break;
-    }
-    if (splits > 1) {
-      const int items = T * shape.n_heads;
-      launch_kernel(attn_combine_kernel, (items + kWarps - 1) / kWarps, kThreads, 0, stream, a);
-      SPEAR_CUDA_CHECK(cudaGetLastError());
     }
     return;
   }

@@ -48,11 +48,14 @@ void attention_bf16(const __nv_bfloat16* q, int T, const int32_t* token_seq, con
                     const PagedKvLayer& kv, const AttnShape& shape, int max_ctx, bool decode, __nv_bfloat16* out,
                     cudaStream_t stream);
 
-// Decode split (flash-decoding) scratch: fp32 partial outputs and log-sum-exps of every split. Bytes that
-// cover any decode batch of up to max_tokens tokens with these heads on a cache of max_blocks pages per slot
-// (on the current device: the split count follows its SM count). Allocate once, no initialisation needed;
-// reusable by every layer and step on one stream, and inside CUDA graphs.
+// Decode split (flash-decoding) scratch: the splits' arrival counters, then fp32 partial outputs and
+// log-sum-exps of every split. Bytes that cover any decode batch of up to max_tokens tokens with these heads
+// on a cache of max_blocks pages per slot (on the current device: the split count follows its SM count).
+// Allocate once and zero its first attention_workspace_zero_bytes() bytes (or all of it) once: every launch
+// leaves the counters at zero again, so the workspace is reusable by every layer and step on one stream, and
+// inside CUDA graphs; the rest needs no initialisation.
 size_t attention_workspace_bytes(int max_tokens, int n_heads, int head_dim, int max_blocks);
+size_t attention_workspace_zero_bytes();
 // As above, with that workspace. The decode kernel splits each context over several CTAs when the batch alone
 // does not fill the GPU (the split count depends on T, the heads, kv.max_blocks and workspace_bytes, never on
 // context lengths, so a captured step stays valid as contexts grow). Without a workspace (nullptr, or the

@@ -634,6 +634,7 @@ void CudaBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, s
       SPEAR_CHECK(!capturing_, "cuda backend: attention workspace grown inside a graph capture");
       SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
       attn_ws_ = DeviceBuffer(need);
+      SPEAR_CUDA_CHECK(cudaMemset(attn_ws_.get(), 0, attention_workspace_zero_bytes()));
       drop_graphs();
     }
   }
