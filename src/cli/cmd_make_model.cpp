@@ -11,13 +11,14 @@
 #include "core/error.h"
 #include "model/random_model.h"
 #include "quant/quantize_model.h"
+#include "tokenizer/tokenizer.h"
 
 namespace spear::cli {
 
 namespace {
 
 struct MakeModelOptions {
-  std::string like, out, quantize_out;
+  std::string like, out, quantize_out, tokenizer;
   bool random = false;
   uint64_t seed = 0;
   int layers = 0;  // 0: the preset's
@@ -46,7 +47,8 @@ void register_make_model(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand(
       "make-model", "Write a checkpoint with random weights and the exact shapes of a real model, for speed and "
                     "memory benchmarks (weights N(0, 0.02^2), norms 1, bf16; deterministic per --seed). No "
-                    "tokenizer is written: use token ids (ppl / generate / tokenize need tokenizer.json)");
+                    "tokenizer is written unless --tokenizer lends one: use token ids (ppl / generate / tokenize / "
+                    "serve need tokenizer.json)");
   std::vector<std::string> names;
   for (const auto& p : model_presets()) names.push_back(p.name);
   cmd->add_option("--like", o->like, preset_help())->required()->check(CLI::IsMember(names));
@@ -65,6 +67,11 @@ void register_make_model(CLI::App& app) {
                                                   "-1 = per output channel")
       ->default_val(128);
   cmd->add_flag("--sym", o->quant.symmetric, "--quantize-out: symmetric grid");
+  cmd->add_option("--tokenizer", o->tokenizer,
+                  "Copy this directory's tokenizer (tokenizer.json, tokenizer_config.json) beside the weights and "
+                  "zero the output rows beyond its vocabulary, so that greedy outputs decode to text (e.g. "
+                  "models/ref-llama-23m, for `spear serve` benchmarks on a random model)")
+      ->check(CLI::ExistingDirectory);
   cmd->add_option("--threads,-t", o->threads, "CPU threads for generation (default: all cores)")
       ->check(CLI::NonNegativeNumber);
   add_json_option(cmd, *json_out);
@@ -91,7 +98,19 @@ void register_make_model(CLI::App& app) {
     RandomModelOptions ro;
     ro.seed = o->seed;
     ro.like = o->like;
+    if (!o->tokenizer.empty()) {
+      const int v = Tokenizer::from_dir(o->tokenizer).vocab_size();
+      if (v > cfg.vocab_size)
+        fail("--tokenizer {}: its vocabulary ({} ids) is larger than the model's ({})", o->tokenizer, v,
+             cfg.vocab_size);
+      ro.decodable_vocab = v;
+    }
     RandomModelResult r = write_random_model(cfg, o->out, ro);
+    if (!o->tokenizer.empty())
+      for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) {
+        const auto src = std::filesystem::path(o->tokenizer) / f;
+        if (std::filesystem::exists(src)) std::filesystem::copy_file(src, std::filesystem::path(o->out) / f);
+      }
 
     std::optional<QuantizeResult> q;
     if (!o->quantize_out.empty()) {

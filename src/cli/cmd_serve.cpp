@@ -12,6 +12,7 @@
 #include "cli/common.h"
 #include "runtime/latency_table.h"
 #include "serve/server.h"
+#include "spear/random_ec.h"
 #include "tokenizer/tokenizer.h"
 
 namespace spear::cli {
@@ -63,6 +64,18 @@ void register_serve(CLI::App& app) {
   cmd->add_option("--latency-table", *table_path,
                   "Latency table from `spear tune` for --slo-itl-ms (default: measured at start-up)")
       ->check(CLI::ExistingFile);
+  auto ec_density = std::make_shared<double>(0.0);
+  auto ec_rank = std::make_shared<int>(16), ec_gate = std::make_shared<int>(8);
+  cmd->add_option("--ec-density", *ec_density,
+                  "Benchmarks: attach random-weight compensators to this fraction of the decoder linears (e.g. a "
+                  "random model from `spear make-model`; the latency table measured at start-up includes them)")
+      ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--ec-rank", *ec_rank, "Rank of the --ec-density compensators")
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
+  cmd->add_option("--ec-gate", *ec_gate, "Gate width of the --ec-density compensators (0: static)")
+      ->check(CLI::Range(0, 1024))
+      ->capture_default_str();
   cmd->add_option("--drain-seconds", so->drain_seconds, "On shutdown, time for accepted requests to finish")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
@@ -95,6 +108,11 @@ void register_serve(CLI::App& app) {
       auto backend = make_backend(*o);
       Tokenizer tok = Tokenizer::from_dir(o->model_dir);
       auto model = Model::load(o->model_dir, *backend);
+      if (*ec_density > 0) {
+        const size_t n = attach_random_compensators(*model, *ec_density, *ec_rank, *ec_gate, 1234).size();
+        std::fprintf(stderr, "spear serve: %zu random compensators (rank %d, gate width %d) attached\n", n, *ec_rank,
+                     *ec_gate);
+      }
       if (opts.engine.slo_itl_ms > 0) {
         // The table must come before the engine, which reads it at construction: attach() builds the engine.
         LatencyTable t;

@@ -336,11 +336,16 @@ RandomModelResult write_random_model(const ModelConfig& c, const std::string& ou
   const auto t0 = clk::now();
   if (c.dtype != DType::BF16) fail("random models are written in bf16; the config asks for {}", dtype_name(c.dtype));
   if (!(o.init_std > 0.f)) fail("init_std must be positive, got {}", o.init_std);
+  if (o.decodable_vocab < 0 || o.decodable_vocab > c.vocab_size)
+    fail("decodable vocabulary {} is outside the model's vocabulary of {}", o.decodable_vocab, c.vocab_size);
   const json provenance = {{"source", "random"},
                            {"like", o.like},
                            {"seed", o.seed},
                            {"init", fmt::format("normal(0, {}) for linears and embeddings, 1 for norms", o.init_std)},
-                           {"note", "random weights for benchmarks; no tokenizer"}};
+                           {"note", o.decodable_vocab > 0
+                                        ? fmt::format("random weights for benchmarks; output rows >= {} are zero "
+                                                      "(a borrowed tokenizer's vocabulary)", o.decodable_vocab)
+                                        : std::string("random weights for benchmarks; no tokenizer")}};
   // Validate the config the way the loader will before writing gigabytes.
   const json cfg_json = llama_config_json(c, provenance);
   parse_model_config(cfg_json, "config.json for " + out_dir, supported_architectures());
@@ -390,6 +395,9 @@ RandomModelResult write_random_model(const ModelConfig& c, const std::string& ou
       std::unique_ptr<uint16_t[]> d(new uint16_t[n]);  // not zeroed: first touch in the parallel fill
       if (t.init == Init::Normal) fill_normal_bf16(d.get(), n, random_tensor_key(o.seed, t.name), o.init_std);
       else std::fill(d.get(), d.get() + n, t.init == Init::Ones ? kBf16One : uint16_t(0));
+      const bool output_rows = t.name == "lm_head.weight" || (c.tie_word_embeddings && t.name == "model.embed_tokens.weight");
+      if (output_rows && o.decodable_vocab > 0 && o.decodable_vocab < c.vocab_size)
+        std::fill(d.get() + size_t(o.decodable_vocab) * size_t(c.hidden_size), d.get() + n, uint16_t(0));
       buf->list.push_back({t.name, DType::BF16, t.shape, d.get(), t.nbytes()});
       buf->data.push_back(std::move(d));
       weight_map[t.name] = fname;

@@ -2,8 +2,9 @@
 // Random-weight checkpoints with the exact shapes of real models (`spear make-model --like NAME --random`),
 // so speed and memory can be measured at real sizes without downloading weights. The output is an ordinary
 // Hugging Face directory (config.json, generation_config.json, model.safetensors or shards with
-// model.safetensors.index.json) that Model::load reads like any other. No tokenizer is written: such a
-// model is for benchmarks that feed token ids; `spear ppl` / `generate` / `tokenize` need tokenizer.json.
+// model.safetensors.index.json) that Model::load reads like any other. No tokenizer is written (`spear
+// make-model --tokenizer DIR` copies one and sets decodable_vocab): such a model is for benchmarks that feed
+// token ids; `spear ppl` / `generate` / `tokenize` / `serve` need tokenizer.json.
 //
 // Weights, as transformers initialises Llama (initializer_range 0.02): every linear, the embedding and an
 // untied lm_head ~ N(0, 0.02²); RMSNorm weights 1.0; stored as bf16 (round to nearest even).
@@ -58,6 +59,10 @@ struct RandomModelOptions {
   size_t max_shard_bytes = 5'000'000'000;
   std::string like;  // preset name, recorded in config.json and the safetensors metadata
   bool progress = true;
+  // > 0: rows >= this of the output projection (lm_head, or the embedding when tied) are zero, so greedy
+  // outputs stay among the first `decodable_vocab` ids (those of a tokenizer copied beside the weights: a
+  // server on the random model then streams text for every token). The weights' size is unchanged.
+  int decodable_vocab = 0;
 };
 
 struct RandomModelResult {

@@ -238,9 +238,18 @@ bool Engine::step() {
     batch.seqs.push_back({int(batch.tokens.size()), w.n, s.computed, s.slot});
     batch.tokens.insert(batch.tokens.end(), s.tokens.begin() + s.computed, s.tokens.begin() + s.computed + w.n);
   }
+  // When every sequence of the iteration decodes greedily, the argmax runs on the device and only the ids come
+  // back (forward_greedy; on the GPU a decode-only iteration replays a CUDA graph); otherwise the last
+  // position's logits of each sequence come to the host for its sampler.
+  const bool greedy =
+      std::all_of(work.begin(), work.end(), [](const Work& w) { return w.seq->sampler.greedy(); });
   std::vector<float> logits;
+  std::vector<int32_t> ids;
   try {
-    logits = model_.forward(batch, *cache_, LogitsMode::LastPerSeq);
+    if (greedy)
+      ids = model_.forward_greedy(batch, *cache_);
+    else
+      logits = model_.forward(batch, *cache_, LogitsMode::LastPerSeq);
   } catch (const std::exception& e) {
     abort_all(std::string("forward pass failed: ") + e.what());
     return true;
@@ -254,7 +263,8 @@ bool Engine::step() {
     Seq& s = *work[i].seq;
     s.computed += work[i].n;
     if (s.computed < int(s.tokens.size())) continue;  // still prefilling
-    const int32_t tok = s.sampler.sample(std::span<const float>(logits.data() + i * vocab, vocab));
+    const int32_t tok =
+        greedy ? ids[i] : s.sampler.sample(std::span<const float>(logits.data() + i * vocab, vocab));
     s.tokens.push_back(tok);
     ++s.generated;
     ++produced;

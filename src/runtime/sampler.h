@@ -17,6 +17,8 @@ class Sampler {
  public:
   explicit Sampler(const SamplingParams& p);
   int32_t sample(std::span<const float> logits);
+  // Temperature 0: the first maximum of the logits, which Model::forward_greedy computes on the device.
+  bool greedy() const { return p_.temperature == 0.f; }
 
  private:
   SamplingParams p_;

@@ -1,5 +1,6 @@
 // spear make-model: random checkpoints load like real ones, have the real models' shapes and parameter
 // counts, and are a deterministic function of the seed (not of threads or sharding).
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -198,6 +199,40 @@ TEST(RandomModel, LayerOverrideAndTiedEmbeddingsLoad) {
   EXPECT_TRUE(m->config().tie_word_embeddings);
   EXPECT_EQ(m->parameter_count(), parameter_count(c));
   EXPECT_EQ(parameter_count(c), 213376u);  // 512·128 embedding + final norm 128 + one layer 147712
+}
+
+// decodable_vocab (make-model --tokenizer): the output rows beyond it are zero and the rest unchanged, tied
+// (embedding) or not (lm_head); greedy outputs then stay below it; out-of-range values are refused.
+TEST(RandomModel, DecodableVocabZeroesOutputRowsBeyondIt) {
+  Scratch tmp("random_decodable");
+  make(tmp.path + "/plain", 3);
+  for (bool tied : {false, true}) {
+    ModelConfig c = tiny();
+    c.tie_word_embeddings = tied;
+    const std::string dir = tmp.path + (tied ? "/tied" : "/untied");
+    RandomModelOptions o;
+    o.seed = 3;
+    o.progress = false;
+    o.decodable_vocab = 100;
+    write_random_model(c, dir, o);
+    const std::string out_name = tied ? "model.embed_tokens.weight" : "lm_head.weight";
+    const std::vector<float> w = Checkpoint(dir).get(out_name).to_f32();
+    const std::vector<float> ref = Checkpoint(tmp.path + "/plain").get(out_name).to_f32();
+    const size_t H = size_t(c.hidden_size);
+    ASSERT_EQ(w.size(), size_t(c.vocab_size) * H);
+    EXPECT_TRUE(std::equal(w.begin(), w.begin() + 100 * H, ref.begin())) << out_name << ": rows < 100 changed";
+    EXPECT_TRUE(std::all_of(w.begin() + 100 * H, w.end(), [](float v) { return v == 0.f; })) << out_name;
+    const std::vector<float> logits = logits_of(dir, kIds);
+    const size_t V = size_t(c.vocab_size);
+    for (size_t t = 0; t < kIds.size(); ++t) {
+      const auto row = logits.begin() + long(t * V);
+      EXPECT_LT(std::max_element(row, row + long(V)) - row, 100) << "token " << t << (tied ? " tied" : "");
+    }
+  }
+  RandomModelOptions bad;
+  bad.progress = false;
+  bad.decodable_vocab = tiny().vocab_size + 1;
+  EXPECT_THROW(write_random_model(tiny(), tmp.path + "/bad", bad), Error);
 }
 
 // --quantize-out: the random checkpoint goes through the ordinary RTN path into a package that loads.

@@ -20,6 +20,9 @@
 #             cuBLAS (default) and through the W4 kernel (SPEAR_W4_DEQUANT_MIN_M=0)
 #   ecprefill:LIKE  prefill of 512 and 2048 tokens of a LIKE-shaped W4 model with random ECs on 38% of the
 #             linears: naive, overlapped and auto (built-in rule) paths against no ECs (reuses /tmp/LIKE-w4)
+#   serve:LIKE  issue 7's scheduler experiment on a LIKE-shaped random W4 model (the reference tokenizer
+#             lent, tools/experiments/serve_slo.sh): fixed chunks vs the ITL-SLO chunking at 16 req/s with
+#             random ECs on SERVE_DENSITIES (default 0.38) of the linears
 #   ecppl     GPU vs CPU perplexity of a SPEAR package (calibrated here, fast preset) under each EC path
 # Everything lands in $OUT/results.tgz (and the log on stdout).
 set -u
@@ -106,6 +109,18 @@ for stage in "$@"; do
           --ec-density 0,0.38 --ec-paths naive,overlapped,auto --out "$R/ec_prefill$P-$like.json" 2>&1 \
           | tee "$R/ec_prefill$P-$like.txt" | grep -v "ms/step$" | tail -6
       done ;;
+    serve:*)
+      like=${stage#serve:}
+      t "make-model $like with the reference tokenizer"
+      "$BIN/spear" make-model --like "$like" --random --tokenizer models/ref-llama-23m --out "/tmp/s-$like" \
+        --quantize-out "/tmp/s-$like-w4" 2>&1 | tail -1
+      rm -rf "/tmp/s-$like"
+      for d in ${SERVE_DENSITIES:-0.38}; do
+        t "serve experiment $like EC density $d"
+        BIN="$BIN/spear" MODEL="/tmp/s-$like-w4" OUT="$R/serve-$like" DEVICE=cuda DENSITY=$d \
+          bash tools/experiments/serve_slo.sh
+      done
+      rm -rf "/tmp/s-$like-w4" ;;
     ecppl)
       t "SPEAR package: the staged one (calibrate --preset fast) + its RTN weights rebuilt by spear quantize"
       if [[ -d .devrun/ref-spear ]]; then

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Issue 7's scheduler experiment: the same Poisson load against `spear serve` with fixed prompt chunks and
+# with the ITL-SLO chunking (latency table measured at start-up, compensators included), one server process
+# per configuration. Runs on any device; on the GPU with a random 8B-shaped W4 model that borrows the
+# reference tokenizer (tools/device/cuda_run.sh stage serve:LIKE), on the CPU with the reference model.
+#
+#   MODEL=DIR OUT=DIR [DEVICE=cuda] [DENSITY=0.38] [RATE=16] [N=160] [SLOS="16 22"] [CHUNKS="512 256 128 64"]
+#   [PROMPT="128 768"] [OUTPUT="32 96"] [MAX_RUNNING=64] [MAX_CONTEXT=1024] [EXTRA="--threads 1"] \
+#     bash tools/experiments/serve_slo.sh
+# Needs python3 (health polling, the summary) and ../shared/data/test.txt (prompt text).
+set -u
+BIN=${BIN:-./build/spear}
+: "${MODEL:?MODEL=model directory}" "${OUT:?OUT=results directory}"
+DEVICE=${DEVICE:-cpu}; DENSITY=${DENSITY:-0}; RATE=${RATE:-16}; N=${N:-160}
+SLOS=${SLOS:-16 22}; CHUNKS=${CHUNKS:-512 256 128 64}
+read -r PMIN PMAX <<< "${PROMPT:-128 768}"; read -r OMIN OMAX <<< "${OUTPUT:-32 96}"
+MAX_RUNNING=${MAX_RUNNING:-64}; MAX_CONTEXT=${MAX_CONTEXT:-1024}; EXTRA=${EXTRA:-}
+DATA=${DATA:-../shared/data/test.txt}
+mkdir -p "$OUT"
+port=${PORT:-18300}
+configs=()
+for c in $CHUNKS; do configs+=("chunk$c:--chunk $c"); done
+for s in $SLOS; do configs+=("slo$s:--chunk 512 --slo-itl-ms $s"); done
+tag="d${DENSITY}"
+for cfg in "${configs[@]}"; do
+  name=${cfg%%:*}; args=${cfg#*:}; port=$((port + 1))
+  log="$OUT/serve-$tag-$name.log"
+  "$BIN" serve -m "$MODEL" --device "$DEVICE" --port $port --max-running "$MAX_RUNNING" --max-context "$MAX_CONTEXT" \
+    --ec-density "$DENSITY" $EXTRA $args > "$log" 2>&1 &
+  pid=$!
+  python3 - "$port" <<'PY' || { echo "$name: server did not become ready (see $log)"; kill $pid; wait $pid; continue; }
+import sys, time, urllib.request
+for _ in range(600):
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2)
+        sys.exit(0)
+    except Exception:
+        time.sleep(0.25)
+sys.exit(1)
+PY
+  timeout 240 "$BIN" bench serve --url "http://127.0.0.1:$port" --tokenizer "$MODEL" --data "$DATA" --rate "$RATE" \
+    --requests "$N" --concurrency "$N" --prompt-min "$PMIN" --prompt-max "$PMAX" --out-min "$OMIN" --out-max "$OMAX" \
+    --seed 5 --slo-itl-ms "$(echo "$SLOS" | awk '{print $1}')" --out "$OUT/slo-$tag-$name.json" --json > /dev/null 2>&1
+  kill -INT $pid; wait $pid 2>/dev/null
+  python3 - "$OUT/slo-$tag-$name.json" "$name" "$DENSITY" <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))["runs"][0]
+except Exception as e:
+    print(f"{sys.argv[2]}: no result ({e})"); sys.exit(0)
+print(f"EC {float(sys.argv[3]):.2f} {sys.argv[2]:>9}: ok {r['completed']} failed {r['failed']} | TTFT p50 {r['ttft_ms']['p50']:.0f}"
+      f" p99 {r['ttft_ms']['p99']:.0f} ms | ITL p50 {r['itl_ms']['p50']:.1f} p99 {r['itl_ms']['p99']:.1f} ms | TPOT p50"
+      f" {r['tpot_ms']['p50']:.1f} ms | goodput {r['goodput_rps']:.2f} req/s | {r['output_token_throughput']:.0f} tok/s")
+PY
+done
