@@ -45,6 +45,7 @@ struct LoadOptions {
 struct Sample {
   bool ok = false, left = false;
   int status = 0, out_tokens = 0;
+  std::string stream_error;  // an error event inside a 200 stream (the request failed after it started)
   double ttft = 0, e2e = 0;
   std::vector<double> itl;
 };
@@ -86,6 +87,8 @@ void one_request(const std::string& url, const std::string& model, const std::st
       if (ev.rfind("data: {", 0) != 0) continue;
       const json j = json::parse(ev.substr(6), nullptr, false);
       if (j.is_discarded()) continue;
+      if (j.contains("error") && s.stream_error.empty())
+        s.stream_error = j["error"].is_object() ? j["error"].value("message", std::string("error")) : "error";
       if (j.contains("usage") && j["usage"].is_object()) s.out_tokens = j["usage"].value("completion_tokens", 0);
       if (!j.contains("choices") || j["choices"].empty() || j["choices"][0].value("text", "").empty()) continue;
       const auto now = clk::now();
@@ -105,7 +108,8 @@ void one_request(const std::string& url, const std::string& model, const std::st
   s.e2e = std::chrono::duration<double>(clk::now() - t0).count();
   if (s.left) return;
   s.status = res ? res->status : -int(res.error());  // negative: httplib::Error (no response)
-  s.ok = res && res->status == 200;
+  s.ok = res && res->status == 200 && s.stream_error.empty();
+  if (res && res->status == 200 && !s.stream_error.empty()) s.status = 200;  // counted as "200 + error event"
 }
 
 // The prompt texts: windows of the data file at random offsets, cut to a random token length.
@@ -161,7 +165,9 @@ json run_load(const LoadOptions& o, const std::string& url, const std::string& m
   int ok = 0, left = 0, failed = 0, good = 0;
   long out_tokens = 0;
   std::map<int, int> statuses;
+  std::string first_error;
   for (const Sample& s : samples) {
+    if (first_error.empty() && !s.stream_error.empty()) first_error = s.stream_error;
     if (s.left) {
       ++left;
       continue;
@@ -196,7 +202,7 @@ json run_load(const LoadOptions& o, const std::string& url, const std::string& m
           {"failed_by_status", st}, {"duration_s", dur}, {"request_throughput", ok / dur},
           {"output_token_throughput", double(out_tokens) / dur}, {"output_tokens", out_tokens},
           {"goodput_rps", good / dur}, {"ttft_ms", stats(ttft)}, {"tpot_ms", stats(tpot)}, {"itl_ms", stats(itl)},
-          {"e2e_ms", stats(e2e)}};
+          {"e2e_ms", stats(e2e)}, {"first_stream_error", first_error}};
 }
 
 void print_report(const json& r, const LoadOptions& o) {
@@ -205,6 +211,8 @@ void print_report(const json& r, const LoadOptions& o) {
   std::printf("============ Serving Benchmark Result ============\n");
   line("Requests (completed/disconnected/failed):", fmt::format("{} / {} / {}", r["completed"].get<int>(),
                                                                  r["disconnected"].get<int>(), r["failed"].get<int>()));
+  if (!r["first_stream_error"].get<std::string>().empty())
+    line("First error inside a stream:", r["first_stream_error"].get<std::string>());
   line("Benchmark duration (s):", f(r["duration_s"]));
   line("Total generated tokens:", std::to_string(r["output_tokens"].get<long>()));
   line("Request throughput (req/s):", f(r["request_throughput"]));

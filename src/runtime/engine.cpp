@@ -1,6 +1,7 @@
 #include "runtime/engine.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <span>
 
 #include "core/error.h"
@@ -251,6 +252,8 @@ bool Engine::step() {
     else
       logits = model_.forward(batch, *cache_, LogitsMode::LastPerSeq);
   } catch (const std::exception& e) {
+    // Every accepted request ends with this error; the operator sees it too.
+    std::fprintf(stderr, "spear engine: forward pass of %zu tokens failed: %s\n", batch.tokens.size(), e.what());
     abort_all(std::string("forward pass failed: ") + e.what());
     return true;
   }

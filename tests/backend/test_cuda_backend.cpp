@@ -154,6 +154,45 @@ TEST(CudaBackend, PrefillDequantPathMatchesW4Kernel) {
   EXPECT_GT(diff_sum, 0.0) << "identical logits: did the dequantized path run at all?";
 }
 
+// Batches of more tokens than the first batch staging holds (512): one 600-token prompt, then a mixed batch of
+// a 530-token prompt with a decode token, equal to the CPU within bf16 rounding. (The staging once grew only
+// when 4 ints per token overflowed it, so 513..1023 tokens failed with "batch staging too small".)
+TEST(CudaBackend, BatchesBeyondTheFirstStagingCapacity) {
+  SPEAR_REQUIRE_GPU();
+  std::mt19937 rng(11);
+  auto random_ids = [&](int n) {
+    std::vector<int32_t> v(static_cast<size_t>(n));
+    for (auto& t : v) t = int32_t(rng() % 8000);
+    return v;
+  };
+  const std::vector<int32_t> a = random_ids(600), b = random_ids(530);
+  std::vector<float> got[2];
+  for (int dev = 0; dev < 2; ++dev) {
+    std::unique_ptr<Backend> be;
+    if (dev == 0)
+      be = std::make_unique<cuda::CudaBackend>();
+    else
+      be = std::make_unique<CpuBackend>();
+    auto m = Model::load(test::ref_model_dir(), *be);
+    auto cache = m->make_kv_cache(2, 640);
+    std::vector<float> l1 = m->forward(Batch::single(a, 0), *cache, LogitsMode::LastPerSeq);
+    Batch mixed;
+    mixed.tokens = b;
+    mixed.tokens.push_back(7);
+    mixed.seqs = {{0, 530, 0, 1}, {530, 1, 600, 0}};  // (token_begin, n_tokens, pos0, kv_slot)
+    std::vector<float> l2 = m->forward(mixed, *cache, LogitsMode::LastPerSeq);
+    got[dev] = l1;
+    got[dev].insert(got[dev].end(), l2.begin(), l2.end());
+  }
+  ASSERT_EQ(got[0].size(), got[1].size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got[0].size(); ++i) {
+    const double d = double(got[0][i]) - got[1][i];
+    num += d * d, den += double(got[1][i]) * got[1][i];
+  }
+  EXPECT_LT(std::sqrt(num / den), 2e-2);
+}
+
 TEST(CudaBackend, DecodeGraphsEqualEagerStepsAndBatchEqualsSingle) {
   SPEAR_REQUIRE_GPU();
   for (const std::string& dir : {test::ref_model_dir(), w4_package()}) {

@@ -113,13 +113,14 @@ for stage in "$@"; do
       like=${stage#serve:}
       t "make-model $like with the reference tokenizer"
       "$BIN/spear" make-model --like "$like" --random --tokenizer models/ref-llama-23m --out "/tmp/s-$like" \
-        --quantize-out "/tmp/s-$like-w4" 2>&1 | tail -1
+        --quantize-out "/tmp/s-$like-w4" ${SERVE_LAYERS:+--layers $SERVE_LAYERS} 2>&1 | tail -1
       rm -rf "/tmp/s-$like"
       for d in ${SERVE_DENSITIES:-0.38}; do
         t "serve experiment $like EC density $d"
         BIN="$BIN/spear" MODEL="/tmp/s-$like-w4" OUT="$R/serve-$like" DEVICE=cuda DENSITY=$d \
           bash tools/experiments/serve_slo.sh
       done
+      grep -h "spear engine" "$R/serve-$like"/serve-*.log | sort | uniq -c | head -5
       rm -rf "/tmp/s-$like-w4" ;;
     ecppl)
       t "SPEAR package: the staged one (calibrate --preset fast) + its RTN weights rebuilt by spear quantize"

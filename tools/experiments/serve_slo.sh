@@ -50,6 +50,7 @@ except Exception as e:
     print(f"{sys.argv[2]}: no result ({e})"); sys.exit(0)
 print(f"EC {float(sys.argv[3]):.2f} {sys.argv[2]:>9}: ok {r['completed']} failed {r['failed']} | TTFT p50 {r['ttft_ms']['p50']:.0f}"
       f" p99 {r['ttft_ms']['p99']:.0f} ms | ITL p50 {r['itl_ms']['p50']:.1f} p99 {r['itl_ms']['p99']:.1f} ms | TPOT p50"
-      f" {r['tpot_ms']['p50']:.1f} ms | goodput {r['goodput_rps']:.2f} req/s | {r['output_token_throughput']:.0f} tok/s")
+      f" {r['tpot_ms']['p50']:.1f} ms | goodput {r['goodput_rps']:.2f} req/s | {r['output_token_throughput']:.0f} tok/s"
+      + (f" | first error: {r['first_stream_error']}" if r.get('first_stream_error') else ""))
 PY
 done

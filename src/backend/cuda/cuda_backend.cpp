@@ -235,11 +235,12 @@ void CudaBackend::begin_batch(const BatchDesc& d, KvCache& cache) {
   auto* kv = dynamic_cast<CudaKvCache*>(&cache);
   SPEAR_CHECK(kv, "cuda backend: the KV cache was not made by this backend");
   const size_t T = d.tokens.size(), S = d.seqs.size();
-  const size_t need = 4 * T + S + 4 * S;  // tokens, positions, token_seq, last_rows, seqs (4 ints each)
-  if (need > batch_cap_) {
+  // The staging holds 8 · cap_t ints (layout below): cap_t must cover the tokens and the sequences.
+  const size_t need_t = std::max(T, S);
+  if (need_t > batch_cap_ / 8) {
     SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
     if (batch_host_) cudaFreeHost(batch_host_);
-    batch_cap_ = std::max<size_t>(need * 2, 4096);
+    batch_cap_ = std::max<size_t>(8 * 2 * need_t, 4096);
     SPEAR_CUDA_CHECK(cudaMallocHost(&batch_host_, batch_cap_ * 4));
     batch_dev_ = DeviceBuffer(batch_cap_ * 4);
     drop_graphs();  // they read the old device arrays
