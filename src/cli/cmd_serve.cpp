@@ -76,12 +76,17 @@ void register_serve(CLI::App& app) {
   cmd->add_option("--ec-gate", *ec_gate, "Gate width of the --ec-density compensators (0: static)")
       ->check(CLI::Range(0, 1024))
       ->capture_default_str();
+  auto no_warm_up = std::make_shared<bool>(false);
+  cmd->add_flag("--no-warm-up", *no_warm_up,
+                "--device cuda: skip the start-up passes (a prompt chunk, decode batches of every size) that tune "
+                "kernel plans and capture CUDA graphs before /health turns ready");
   cmd->add_option("--drain-seconds", so->drain_seconds, "On shutdown, time for accepted requests to finish")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   cmd->callback([=] {
     serve::ServerOptions opts = *so;
     opts.max_body_bytes = size_t(*max_body_kb) * 1024;
+    opts.warm_up = o->device == "cuda" && !*no_warm_up;
     if (opts.model_name.empty())
       opts.model_name = std::filesystem::path(o->model_dir).lexically_normal().filename().string();
     if (opts.model_name.empty()) opts.model_name = "spear";

@@ -302,6 +302,25 @@ bool Engine::step() {
   return true;
 }
 
+double Engine::warm_up() {
+  SPEAR_CHECK(running_.empty() && waiting_.empty(), "engine: warm_up needs an idle engine");
+  const auto t0 = std::chrono::steady_clock::now();
+  const int chunk = std::max(1, std::min(opt_.chunk, opt_.max_context - 1));
+  Batch prompt;
+  prompt.tokens.assign(size_t(chunk), 0);
+  prompt.seqs.push_back({0, chunk, 0, 0});
+  model_.forward_greedy(prompt, *cache_);
+  for (int B = opt_.max_running; B >= 1; --B) {
+    Batch d;
+    for (int i = 0; i < B; ++i) {
+      d.seqs.push_back({i, 1, 0, i});
+      d.tokens.push_back(0);
+    }
+    for (int rep = 0; rep < 2; ++rep) model_.forward_greedy(d, *cache_);
+  }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 void Engine::run_until_idle() {
   while (step() || !idle()) {
   }

@@ -82,6 +82,12 @@ class Engine {
   // One iteration: admit, schedule, one forward pass, sample, emit events. False when there was no work.
   bool step();
   void run_until_idle();
+  // Before the first request (the engine idle): runs the passes whose first occurrence costs extra on a GPU
+  // backend, so that they stay out of the first requests' latencies: one prompt chunk (prefill scratch, plan
+  // tuning), then decode steps of every batch size from max_running down to 1, twice each (eager, then the
+  // CUDA graph capture; largest first, so the attention scratch never grows again and drops earlier graphs).
+  // Dummy tokens at position 0 of the slots, which every request overwrites before reading. Returns seconds.
+  double warm_up();
   // Ends every queued and running request with an error event (shutdown, or a forward pass that threw).
   void abort_all(const std::string& why);
   // Refuses every later submit() (spear::Error "the engine is shut down"); with abort_all afterwards, no

@@ -1,6 +1,7 @@
 #include "serve/server.h"
 
 #include <chrono>
+#include <cstdio>
 #include <csignal>
 #include <condition_variable>
 #include <deque>
@@ -148,6 +149,11 @@ bool Server::attach(Model& model, const Tokenizer& tok) {
   tok_ = &tok;
   engine_ = std::make_unique<Engine>(model, opt_.engine,
                                      [t = &tok](std::span<const int32_t> ids) { return t->decode(ids, true); });
+  if (opt_.warm_up) {
+    const double s = engine_->warm_up();
+    std::fprintf(stderr, "spear serve: warmed up (a prompt chunk and decode batches of 1..%d) in %.1f s\n",
+                 opt_.engine.max_running, s);
+  }
   engine_thread_ = std::thread([this] { engine_loop(); });
   ready_ = true;
   return true;

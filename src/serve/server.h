@@ -30,6 +30,7 @@ struct ServerOptions {
   size_t max_body_bytes = size_t(1) << 20;
   int max_connections = 512;   // HTTP worker threads (each streaming client holds one)
   double drain_seconds = 30;   // on stop(): time for accepted requests to finish before they get an error
+  bool warm_up = false;        // Engine::warm_up() before /health turns ready (spear serve: on for --device cuda)
   EngineOptions engine;
 };
 

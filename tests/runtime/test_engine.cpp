@@ -104,6 +104,29 @@ TEST_F(EngineTest, BatchedGreedyEqualsOneAtATime) {
   EXPECT_EQ(st.preemptions, 0u);
 }
 
+// warm_up (what spear serve runs on a GPU before it turns ready) leaves no trace: afterwards every request
+// decodes exactly as alone, every block is free, and it refuses an engine with work.
+TEST_F(EngineTest, WarmUpLeavesOutputsAndBlocksUnchanged) {
+  const auto ps = prompts(5, 3);
+  EngineOptions o;
+  o.max_running = 4;
+  o.max_context = 96;
+  o.chunk = 9;
+  Engine eng(*model_, o);
+  EXPECT_GE(eng.warm_up(), 0.0);
+  EXPECT_EQ(eng.stats().kv_blocks_used, 0);
+  const auto got = run(eng, ps, 10);
+  for (size_t i = 0; i < ps.size(); ++i) EXPECT_EQ(got[i].tokens, alone(ps[i], 10)) << "request " << i;
+  EXPECT_EQ(eng.stats().kv_blocks_used, 0);
+  Request r;
+  r.prompt = ps[0];
+  r.max_tokens = 4;
+  eng.submit(r, [](const RequestEvent&) {});
+  eng.step();  // admitted and running
+  EXPECT_THROW(eng.warm_up(), Error);
+  eng.run_until_idle();
+}
+
 TEST_F(EngineTest, PreemptionUnderATinyKvBudgetKeepsOutputs) {
   const auto ps = prompts(6, 2);
   EngineOptions o;
