@@ -200,7 +200,7 @@ bool Engine::step() {
       if (pending > 1) prompts.push_back({pending, s->computed});
     }
     if (!decodes.empty())
-      budget = std::max(1, opt_.latency->largest_chunk(decodes, prompts, opt_.chunk, opt_.slo_itl_ms));
+      budget = std::max(1, opt_.latency->largest_chunk(decodes, prompts, opt_.chunk, opt_.slo_itl_ms / slo_scale_));
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -244,6 +244,15 @@ bool Engine::step() {
   // position's logits of each sequence come to the host for its sampler.
   const bool greedy =
       std::all_of(work.begin(), work.end(), [](const Work& w) { return w.seq->sampler.greedy(); });
+  // The SLO's iterations (those with a decode token): predicted time of what was scheduled, against the clock.
+  double predicted_ms = -1;
+  auto decodes_one = [](const Work& w) { return w.seq->computed + 1 == int(w.seq->tokens.size()); };
+  if (opt_.slo_itl_ms > 0 && opt_.latency && std::any_of(work.begin(), work.end(), decodes_one)) {
+    std::vector<SeqWork> composition;
+    for (const Work& w : work) composition.push_back({w.n, w.seq->computed});
+    predicted_ms = opt_.latency->predict_ms(composition);
+  }
+  const auto t_fwd = std::chrono::steady_clock::now();
   std::vector<float> logits;
   std::vector<int32_t> ids;
   try {
@@ -256,6 +265,18 @@ bool Engine::step() {
     std::fprintf(stderr, "spear engine: forward pass of %zu tokens failed: %s\n", batch.tokens.size(), e.what());
     abort_all(std::string("forward pass failed: ") + e.what());
     return true;
+  }
+  if (predicted_ms >= 0) {
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_fwd).count();
+    // Online calibration: the table is measured once, apart from serving (other threads, caches, eager vs graph
+    // passes), and its bias shows here; a slow average of measured / predicted rescales every later prediction.
+    if (predicted_ms > 0) slo_scale_ = 0.9 * slo_scale_ + 0.1 * std::clamp(ms / predicted_ms, 0.25, 4.0);
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.slo_scale = slo_scale_;
+    ++stats_.slo_iterations;
+    stats_.slo_predicted_ms += predicted_ms;
+    stats_.slo_measured_ms += ms;
+    if (ms > opt_.slo_itl_ms) ++stats_.slo_over;
   }
   const size_t vocab = size_t(model_.config().vocab_size);
 

@@ -57,6 +57,7 @@ struct EngineOptions {
   // SLO-constrained chunked prefill: with a latency table of this model (runtime/latency_table.h), each
   // iteration takes the largest prompt chunk (<= chunk) whose predicted iteration time, with the decode tokens
   // of that iteration, stays within slo_itl_ms (at least 1 token, so prefills always progress). 0: fixed chunk.
+  // Predictions are rescaled online by the average measured / predicted time of the iterations so far.
   double slo_itl_ms = 0;
   std::shared_ptr<const LatencyTable> latency;
 };
@@ -66,6 +67,11 @@ struct EngineStats {
   int kv_blocks_used = 0, kv_blocks_total = 0;
   uint64_t iterations = 0, preemptions = 0, finished = 0, tokens_generated = 0;
   int last_chunk_budget = 0;  // prompt tokens the last iteration allowed
+  // With an ITL SLO: iterations that had decode tokens (the ones the SLO governs), their predicted and
+  // measured forward times (sums), and how many took longer than the SLO: the predictor's bias, live.
+  uint64_t slo_iterations = 0, slo_over = 0;
+  double slo_predicted_ms = 0, slo_measured_ms = 0;  // predicted: the table's, before slo_scale
+  double slo_scale = 1;  // the current calibration (measured / predicted, averaged) the chunk search applies
 };
 
 class Engine {
@@ -123,6 +129,7 @@ class Engine {
   EngineStats stats_;
   uint64_t next_id_ = 1;
   bool closed_ = false;
+  double slo_scale_ = 1;  // engine thread; see EngineStats::slo_scale
 };
 
 }  // namespace spear

@@ -77,6 +77,23 @@ std::string Metrics::render(const EngineStats& e) const {
                    e.kv_blocks_total ? double(e.kv_blocks_used) / e.kv_blocks_total : 0.0);
   s += fmt::format("# TYPE spear_preemptions_total counter\nspear_preemptions_total {}\n", e.preemptions);
   s += fmt::format("# TYPE spear_engine_iterations_total counter\nspear_engine_iterations_total {}\n", e.iterations);
+  if (e.slo_iterations > 0) {
+    s += fmt::format("# HELP spear_slo_iterations_total Iterations with decode tokens under --slo-itl-ms.\n"
+                     "# TYPE spear_slo_iterations_total counter\nspear_slo_iterations_total {}\n",
+                     e.slo_iterations);
+    s += fmt::format("# HELP spear_slo_iteration_ms_total Their forward time, predicted by the latency table and "
+                     "measured.\n# TYPE spear_slo_iteration_ms_total counter\n"
+                     "spear_slo_iteration_ms_total{{kind=\"predicted\"}} {:.3f}\n"
+                     "spear_slo_iteration_ms_total{{kind=\"measured\"}} {:.3f}\n",
+                     e.slo_predicted_ms, e.slo_measured_ms);
+    s += fmt::format("# HELP spear_slo_prediction_scale Measured / predicted forward time, averaged: the factor the "
+                     "chunk search applies to the latency table.\n# TYPE spear_slo_prediction_scale gauge\n"
+                     "spear_slo_prediction_scale {:.4f}\n",
+                     e.slo_scale);
+    s += fmt::format("# HELP spear_slo_iterations_over_total Of them, those whose forward pass took longer than the "
+                     "SLO.\n# TYPE spear_slo_iterations_over_total counter\nspear_slo_iterations_over_total {}\n",
+                     e.slo_over);
+  }
   s += ttft_.render("spear_time_to_first_token_seconds", "Time from arrival to the first generated token.");
   s += itl_.render("spear_inter_token_latency_seconds", "Time between consecutive tokens of a request.");
   s += e2e_.render("spear_e2e_request_latency_seconds", "Time from arrival to the end of a request.");

@@ -8,6 +8,7 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "runtime/engine.h"
+#include "runtime/latency_table.h"
 #include "runtime/generator.h"
 #include "test_util.h"
 #include "tokenizer/tokenizer.h"
@@ -125,6 +126,35 @@ TEST_F(EngineTest, WarmUpLeavesOutputsAndBlocksUnchanged) {
   eng.step();  // admitted and running
   EXPECT_THROW(eng.warm_up(), Error);
   eng.run_until_idle();
+}
+
+// Under an ITL SLO the engine accounts, for the iterations with decode tokens, the latency table's prediction
+// of what it scheduled and the measured forward time, and counts those over the SLO. A generous SLO: none over;
+// an impossible one: every such iteration over (and one prompt token per iteration). Outputs never change.
+TEST_F(EngineTest, SloIterationsArePredictedMeasuredAndCounted) {
+  const auto ps = prompts(4, 5);
+  auto table = std::make_shared<LatencyTable>();
+  table->tokens = {1, 64};
+  table->ms = {0.5, 4.0};
+  for (double slo : {1e6, 1e-6}) {
+    EngineOptions o;
+    o.max_running = 4;
+    o.chunk = 16;
+    o.slo_itl_ms = slo;
+    o.latency = table;
+    Engine eng(*model_, o);
+    const auto got = run(eng, ps, 8);
+    for (size_t i = 0; i < ps.size(); ++i) EXPECT_EQ(got[i].tokens, alone(ps[i], 8)) << "request " << i;
+    const EngineStats st = eng.stats();
+    EXPECT_GT(st.slo_iterations, 0u) << "slo " << slo;
+    EXPECT_LE(st.slo_iterations, st.iterations);
+    EXPECT_GE(st.slo_predicted_ms, 0.5 * double(st.slo_iterations));  // at least the 1-token row each
+    EXPECT_GT(st.slo_measured_ms, 0.0);
+    EXPECT_EQ(st.slo_over, slo > 1 ? 0u : st.slo_iterations) << "slo " << slo;
+    EXPECT_NE(st.slo_scale, 1.0) << "the calibration never moved";
+    EXPECT_GE(st.slo_scale, 0.25);
+    EXPECT_LE(st.slo_scale, 4.0);
+  }
 }
 
 TEST_F(EngineTest, PreemptionUnderATinyKvBudgetKeepsOutputs) {

@@ -41,16 +41,30 @@ PY
   timeout 240 "$BIN" bench serve --url "http://127.0.0.1:$port" --tokenizer "$MODEL" --data "$DATA" --rate "$RATE" \
     --requests "$N" --concurrency "$N" --prompt-min "$PMIN" --prompt-max "$PMAX" --out-min "$OMIN" --out-max "$OMAX" \
     --seed 5 --slo-itl-ms "$(echo "$SLOS" | awk '{print $1}')" --out "$OUT/slo-$tag-$name.json" --json > /dev/null 2>&1
+  python3 -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(
+    'http://127.0.0.1:$port/metrics', timeout=10).read().decode())" > "$OUT/metrics-$tag-$name.txt" 2>/dev/null
   kill -INT $pid; wait $pid 2>/dev/null
-  python3 - "$OUT/slo-$tag-$name.json" "$name" "$DENSITY" <<'PY' | tee -a "$OUT/summary.txt"
-import json, sys
+  python3 - "$OUT/slo-$tag-$name.json" "$name" "$DENSITY" "$OUT/metrics-$tag-$name.txt" <<'PY' | tee -a "$OUT/summary.txt"
+import json, re, sys
 try:
     r = json.load(open(sys.argv[1]))["runs"][0]
 except Exception as e:
     print(f"{sys.argv[2]}: no result ({e})"); sys.exit(0)
-print(f"EC {float(sys.argv[3]):.2f} {sys.argv[2]:>9}: ok {r['completed']} failed {r['failed']} | TTFT p50 {r['ttft_ms']['p50']:.0f}"
-      f" p99 {r['ttft_ms']['p99']:.0f} ms | ITL p50 {r['itl_ms']['p50']:.1f} p99 {r['itl_ms']['p99']:.1f} ms | TPOT p50"
-      f" {r['tpot_ms']['p50']:.1f} ms | goodput {r['goodput_rps']:.2f} req/s | {r['output_token_throughput']:.0f} tok/s"
-      + (f" | first error: {r['first_stream_error']}" if r.get('first_stream_error') else ""))
+line = (f"EC {float(sys.argv[3]):.2f} {sys.argv[2]:>9}: ok {r['completed']} failed {r['failed']} | TTFT p50"
+        f" {r['ttft_ms']['p50']:.0f} p99 {r['ttft_ms']['p99']:.0f} ms | ITL p50 {r['itl_ms']['p50']:.1f} p99"
+        f" {r['itl_ms']['p99']:.1f} ms | TPOT p50 {r['tpot_ms']['p50']:.1f} ms | goodput {r['goodput_rps']:.2f} req/s"
+        f" | {r['output_token_throughput']:.0f} tok/s")
+# The SLO iterations (spear serve --slo-itl-ms): the latency table's predictions against the clock.
+m = open(sys.argv[4]).read() if len(sys.argv) > 4 else ""
+def val(pat):
+    x = re.search(pat + r" ([0-9.e+-]+)", m)
+    return float(x.group(1)) if x else None
+n, pred, meas, over = (val(r"spear_slo_iterations_total"), val(r'spear_slo_iteration_ms_total\{kind="predicted"\}'),
+                       val(r'spear_slo_iteration_ms_total\{kind="measured"\}'), val(r"spear_slo_iterations_over_total"))
+if n:
+    line += f" | {n:.0f} SLO iterations: predicted {pred / n:.1f} ms, measured {meas / n:.1f} ms, {100 * over / n:.0f}% over"
+if r.get("first_stream_error"):
+    line += f" | first error: {r['first_stream_error']}"
+print(line)
 PY
 done

@@ -1,23 +1,10 @@
 #!/usr/bin/env bash
-# CPU version of issue 7's scheduler experiment: fixed prompt chunks vs the ITL-SLO chunking, same load.
-# Run from the repository root after scripts/build.sh; needs ../shared/data/test.txt and curl.
+# CPU version of issue 7's scheduler experiment (tools/experiments/serve_slo.sh with the bundled model): fixed
+# prompt chunks vs the ITL-SLO chunking, 90 requests at 3 req/s, prompts 64-256 and outputs 16-48 tokens,
+# 16 KV slots, SLO 60 ms. Run from the repository root after scripts/build.sh; needs ../shared/data/test.txt.
+# THREADS=N: the server's CPU threads (and its start-up latency table's), leaving the other cores to the load.
+# (Results before 2026-11-29 came from an earlier form of this script that wrote the table with `spear tune`.)
 set -u
-# THREADS=N: the server's (and the latency table's) CPU threads, leaving the other cores to the load generator.
-M=models/ref-llama-23m; OUT=bench/results/serve-cpu${THREADS:+-t$THREADS}; mkdir -p $OUT
-T=${THREADS:+--threads $THREADS}
-LT=$OUT/latency-table-ref-llama-23m-cpu.json
-./build/spear tune -m $M --out $LT --max-tokens 512 --reps 5 $T
-port=18200
-for cfg in "chunk512:--chunk 512" "chunk256:--chunk 256" "chunk128:--chunk 128" "chunk64:--chunk 64" "slo60:--chunk 512 --slo-itl-ms 60 --latency-table $LT"; do
-  name=${cfg%%:*}; args=${cfg#*:}; port=$((port+1))
-  ./build/spear serve -m $M --port $port --max-running 16 --max-context 512 $T $args > /tmp/slo-$name.log 2>&1 &
-  pid=$!
-  for i in $(seq 50); do curl -sf localhost:$port/health >/dev/null && break; sleep 0.2; done
-  ./build/spear bench serve --url http://127.0.0.1:$port --tokenizer $M --data ../shared/data/test.txt --rate 3 \
-    --requests 90 --concurrency 90 --prompt-min 64 --prompt-max 256 --out-min 16 --out-max 48 --seed 5 \
-    --slo-itl-ms 60 --out $OUT/slo-exp-$name.json --json > /dev/null 2>&1
-  kill -INT $pid; wait $pid 2>/dev/null
-  python3 -c "
-import json; r=json.load(open('$OUT/slo-exp-$name.json'))['runs'][0]
-print(f\"$name: ok {r['completed']} failed {r['failed']} | TTFT p50 {r['ttft_ms']['p50']:.0f} p99 {r['ttft_ms']['p99']:.0f} ms | ITL p50 {r['itl_ms']['p50']:.0f} p99 {r['itl_ms']['p99']:.0f} ms | TPOT p50 {r['tpot_ms']['p50']:.1f} | goodput {r['goodput_rps']:.2f} req/s | {r['output_token_throughput']:.0f} tok/s\")"
-done
+MODEL=models/ref-llama-23m OUT=${OUT:-bench/results/serve-cpu${THREADS:+-t$THREADS}} DEVICE=cpu DENSITY=0 RATE=3 \
+  N=90 SLOS=60 CHUNKS="512 256 128 64" PROMPT="64 256" OUTPUT="16 48" MAX_RUNNING=16 MAX_CONTEXT=512 \
+  EXTRA="${THREADS:+--threads $THREADS}" PORT=18200 exec bash "$(dirname "$0")/serve_slo.sh"
