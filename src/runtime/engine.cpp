@@ -266,6 +266,15 @@ bool Engine::step() {
     abort_all(std::string("forward pass failed: ") + e.what());
     return true;
   }
+  {
+    int prompt_tokens = 0;
+    for (const Work& w : work)
+      if (w.seq->computed + w.n < int(w.seq->tokens.size()) || w.n > 1) prompt_tokens += w.n;
+    int b = 0;
+    while (b + 1 < EngineStats::kChunkBuckets && prompt_tokens >= (1 << b)) ++b;
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.prompt_tokens_per_iteration[size_t(b)];
+  }
   if (predicted_ms >= 0) {
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_fwd).count();
     // Online calibration: the table is measured once, apart from serving (other threads, caches, eager vs graph

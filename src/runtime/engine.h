@@ -9,6 +9,7 @@
 //
 // Threads: submit(), cancel() and stats() may be called from any thread; step() and the event callbacks run on
 // the engine's thread (the one calling step / run_until_idle).
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -72,6 +73,9 @@ struct EngineStats {
   uint64_t slo_iterations = 0, slo_over = 0;
   double slo_predicted_ms = 0, slo_measured_ms = 0;  // predicted: the table's, before slo_scale
   double slo_scale = 1;  // the current calibration (measured / predicted, averaged) the chunk search applies
+  // Prompt tokens per iteration (chunked prefill), by bucket: 0, 1, 2-3, 4-7, ..., 512-1023, >= 1024.
+  static constexpr int kChunkBuckets = 12;
+  std::array<uint64_t, kChunkBuckets> prompt_tokens_per_iteration{};
 };
 
 class Engine {

@@ -77,6 +77,17 @@ std::string Metrics::render(const EngineStats& e) const {
                    e.kv_blocks_total ? double(e.kv_blocks_used) / e.kv_blocks_total : 0.0);
   s += fmt::format("# TYPE spear_preemptions_total counter\nspear_preemptions_total {}\n", e.preemptions);
   s += fmt::format("# TYPE spear_engine_iterations_total counter\nspear_engine_iterations_total {}\n", e.iterations);
+  {
+    s += "# HELP spear_iteration_prompt_tokens Prompt tokens (chunked prefill) per engine iteration.\n"
+         "# TYPE spear_iteration_prompt_tokens histogram\n";
+    uint64_t cum = 0;
+    for (int b = 0; b < EngineStats::kChunkBuckets; ++b) {
+      cum += e.prompt_tokens_per_iteration[size_t(b)];
+      const std::string le = b + 1 < EngineStats::kChunkBuckets ? std::to_string((1 << b) - 1) : "+Inf";
+      s += fmt::format("spear_iteration_prompt_tokens_bucket{{le=\"{}\"}} {}\n", le, cum);
+    }
+    s += fmt::format("spear_iteration_prompt_tokens_count {}\n", cum);
+  }
   if (e.slo_iterations > 0) {
     s += fmt::format("# HELP spear_slo_iterations_total Iterations with decode tokens under --slo-itl-ms.\n"
                      "# TYPE spear_slo_iterations_total counter\nspear_slo_iterations_total {}\n",
