@@ -161,6 +161,7 @@ for stage in "$@"; do
     pdl:*)
       like=${stage#pdl:}
       t "make-model $like"
+      rm -rf "/tmp/$like" "/tmp/$like-w4"  # an earlier stage may have left its package
       "$BIN/spear" make-model --like "$like" --random --out "/tmp/$like" --quantize-out "/tmp/$like-w4" 2>&1 | tail -1
       for pdl in 1 0; do
         t "bench decode $like SPEAR_PDL=$pdl"
