@@ -268,8 +268,7 @@ bool Engine::step() {
   }
   {
     int prompt_tokens = 0;
-    for (const Work& w : work)
-      if (w.seq->computed + w.n < int(w.seq->tokens.size()) || w.n > 1) prompt_tokens += w.n;
+    for (const Work& w : work) prompt_tokens += decodes_one(w) ? 0 : w.n;
     int b = 0;
     while (b + 1 < EngineStats::kChunkBuckets && prompt_tokens >= (1 << b)) ++b;
     std::lock_guard<std::mutex> lock(mu_);

@@ -96,7 +96,8 @@ class Engine {
   // backend, so that they stay out of the first requests' latencies: one prompt chunk (prefill scratch, plan
   // tuning), then decode steps of every batch size from max_running down to 1, twice each (eager, then the
   // CUDA graph capture; largest first, so the attention scratch never grows again and drops earlier graphs).
-  // Dummy tokens at position 0 of the slots, which every request overwrites before reading. Returns seconds.
+  // The passes use token 0 at positions from 0 in the KV slots, which every request writes before it reads
+  // them. Returns the seconds it took.
   double warm_up();
   // Ends every queued and running request with an error event (shutdown, or a forward pass that threw).
   void abort_all(const std::string& why);

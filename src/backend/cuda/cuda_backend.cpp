@@ -482,8 +482,6 @@ void CudaBackend::linear(const Tensor& x, const Linear& lin, Tensor& out) {
     }
     return;
   }
-  // Row-major y[T, out] = x[T, in]·Wᵀ is column-major yᵀ[out, T] = W[out, in] (i.e. (Wᵀ col-major)ᵀ) · xᵀ.
-  const float alpha = 1.f, beta = 0.f;
   const bool f32 = out.dtype == DType::F32;
   SPEAR_CHECK(!(f32 && l.ec), "'{}': compensators on fp32 outputs are not supported", l.name);
   const EcPath path = l.ec ? choose_ec_path(l, x) : EcPath::Auto;
@@ -495,21 +493,28 @@ void CudaBackend::linear(const Tensor& x, const Linear& lin, Tensor& out) {
                         stream_))
       return;
   }
-  auto prof = prof_->scope(f32 ? "linear.cublas_bf16_f32out" : "linear.cublas_bf16");
-  SPEAR_CUBLAS_CHECK(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, l.out_features, T, l.in_features, &alpha,
-                                  l.w.get(), CUDA_R_16BF, l.in_features, x.data, CUDA_R_16BF, l.in_features, &beta,
-                                  out.data, f32 ? CUDA_R_32F : CUDA_R_16BF, l.out_features, CUBLAS_COMPUTE_32F,
-                                  CUBLAS_GEMM_DEFAULT));
-  if (bias) {
-    if (f32)
-      add_bias_f32(out.ptr<float>(), bias, T, l.out_features, stream_);
-    else
-      add_bias_bf16(bf(out), bias, T, l.out_features, stream_);
+  {
+    auto prof = prof_->scope(f32 ? "linear.cublas_bf16_f32out" : "linear.cublas_bf16");
+    cublas_linear(l.w.get(), l.out_features, l.in_features, x.data, T, bias, out.data, f32);
   }
   if (path == EcPath::Overlapped)
     ec_overlap_join(d, out);
   else if (l.ec)
     apply_ec_naive(*l.ec, x, out);
+}
+
+void CudaBackend::cublas_linear(const void* w, int n, int k, const void* x, int m, const __nv_bfloat16* bias,
+                                void* y, bool f32_out) {
+  // Row-major y[m, n] = x[m, k]·Wᵀ is column-major yᵀ[n, m] = W[n, k] (i.e. (Wᵀ col-major)ᵀ) · xᵀ.
+  const float alpha = 1.f, beta = 0.f;
+  SPEAR_CUBLAS_CHECK(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, w, CUDA_R_16BF, k, x,
+                                  CUDA_R_16BF, k, &beta, y, f32_out ? CUDA_R_32F : CUDA_R_16BF, n,
+                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  if (!bias) return;
+  if (f32_out)
+    add_bias_f32(static_cast<float*>(y), bias, m, n, stream_);
+  else
+    add_bias_bf16(static_cast<__nv_bfloat16*>(y), bias, m, n, stream_);
 }
 
 void CudaBackend::tune_w4_once(const __nv_bfloat16* x, int m, const W4Device* w, int count,

@@ -171,6 +171,9 @@ class CudaBackend : public Backend {
   // The path this linear's compensator takes for m tokens (never Auto); reported once when verbose.
   EcPath choose_ec_path(const CudaLinear& l, const Tensor& x);
   void w4_gemm(const CudaLinear& l, const Tensor& x, Tensor& out);  // the plain W4 GEMM (tuned at first use)
+  // y[m, n] = x[m, k] · Wᵀ (+ bias) with cuBLAS on stream_: W bf16 [n][k], x bf16, y bf16 or fp32 (f32_out).
+  void cublas_linear(const void* w, int n, int k, const void* x, int m, const __nv_bfloat16* bias, void* y,
+                     bool f32_out);
   // Whether m tokens take dequantization + cuBLAS BF16 (m >= w4_dequant_min_m_): allocates the scratch matrix
   // at first use (outside captures; without the memory the W4 kernel keeps every size).
   bool w4_dequant_ready(int m);

@@ -9,7 +9,6 @@
 
 #include <cuda_bf16.h>
 
-#include "backend/cuda/bias.h"
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/ec_naive.h"
@@ -64,15 +63,9 @@ void CudaBackend::w4_gemm(const CudaLinear& l, const Tensor& x, Tensor& out) {
   const auto* bias = l.bias.bytes() ? l.bias.as<__nv_bfloat16>() : nullptr;
   const int m = int(x.rows);
   if (w4_dequant_ready(m)) {
-    // y[m, n] = x · deq(W)ᵀ as in the dense path: column-major yᵀ = deq(W) (k-major rows) · xᵀ.
     auto prof = prof_->scope("linear.w4_dequant_cublas");
-    auto* w = w4_deq_.as<__nv_bfloat16>();
-    w4a16_dequantize(l.w4, w, stream_);
-    const float alpha = 1.f, beta = 0.f;
-    SPEAR_CUBLAS_CHECK(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, l.out_features, m, l.in_features, &alpha, w,
-                                    CUDA_R_16BF, l.in_features, x.data, CUDA_R_16BF, l.in_features, &beta, y,
-                                    CUDA_R_16BF, l.out_features, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    if (bias) add_bias_bf16(y, bias, m, l.out_features, stream_);
+    w4a16_dequantize(l.w4, w4_deq_.as<__nv_bfloat16>(), stream_);
+    cublas_linear(w4_deq_.get(), l.out_features, l.in_features, x.data, m, bias, y, false);  // as a dense linear
     return;
   }
   tune_w4_once(bf(x), int(x.rows), &l.w4, 1, &y);
