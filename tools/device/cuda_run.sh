@@ -24,7 +24,8 @@
 #             lent, tools/experiments/serve_slo.sh): fixed chunks vs the ITL-SLO chunking at 16 req/s with
 #             random ECs on SERVE_DENSITIES (default 0.38) of the linears
 #   ecppl     GPU vs CPU perplexity of a SPEAR package (calibrated here, fast preset) under each EC path
-# Everything lands in $OUT/results.tgz (and the log on stdout).
+# Everything lands in $OUT/results.tgz (results-$TAG.tgz with TAG set, so that several calls of one device run,
+# e.g. under different SPEAR_* settings, keep their files apart) and the log on stdout.
 set -u
 export LD_LIBRARY_PATH=$PWD/.devrun/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 tar xJf .devrun/carry/bundle.tar.xz -C .devrun
@@ -36,7 +37,7 @@ cp .devrun/data/test.txt ../shared/data/ 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader
 t() { echo "[$(date +%T)] $*"; }
 # The results come back even when the caller's timeout stops the run part-way.
-finish() { (cd "$R" && rm -rf ref-w4 ref-spear && tar czf "$OUT/results.tgz" .); }
+finish() { (cd "$R" && rm -rf ref-w4 ref-spear && tar czf "$OUT/results${TAG:+-$TAG}.tgz" .); }
 trap 'finish; exit 124' TERM
 for stage in "$@"; do
   case $stage in
