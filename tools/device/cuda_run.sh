@@ -15,6 +15,9 @@
 #             and with SPEAR_PDL=0 (only the W4 kernels use it), same run
 #   kprof:LIKE  ncu times every kernel of a W4 decode step at batch 1 alone (tools/device/kernel_breakdown.py;
 #             decode plans untuned unless KPROF_TUNE=1: the tuner's timings mean nothing under ncu)
+#   ncuk    ncu sections (speed of light, warp stalls, compute, memory, occupancy) of the kernels matching
+#           NCU_KERNEL (a regex over demangled names, default "gemm_kernel<16") in bench_w4_gemm $NCU_ARGS
+#           (default --prefill): NCU_SKIP launches skipped (default 3), NCU_COUNT profiled (default 2)
 #   wprefill  bench_w4_gemm --prefill: W4 kernel vs dequantize + cuBLAS vs cuBLAS BF16 at M = 32..2048
 #   prefill:LIKE  prefill of 512 and 2048 tokens, bf16 vs W4 with the W4 prefill GEMMs through dequantize +
 #             cuBLAS (default) and through the W4 kernel (SPEAR_W4_DEQUANT_MIN_M=0)
@@ -143,6 +146,16 @@ for stage in "$@"; do
           --max-tokens 48 2>/dev/null | tee -a "$R/ecgen.txt"
       done
       rm -rf "$R/ref-spear" ;;
+    ncuk)
+      t "ncu sections of ${NCU_KERNEL:-gemm_kernel<16}"
+      timeout 240 ncu --clock-control none --kernel-name-base demangled -k "regex:${NCU_KERNEL:-gemm_kernel<16}" \
+        --launch-skip ${NCU_SKIP:-3} --launch-count ${NCU_COUNT:-2} --section SpeedOfLight --section WarpStateStats \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+        --section InstructionStats --metrics "$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' \
+        long_scoreboard short_scoreboard barrier mio_throttle math_pipe_throttle wait not_selected lg_throttle \
+        dispatch_stall selected no_instruction imc_miss drain membar sleeping branch_resolving tex_throttle)sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active" \
+        "$BIN/bench_w4_gemm" ${NCU_ARGS:---prefill} > "$R/ncuk.log" 2>&1
+      grep -vE "^ +-+|^\s*$|bench_w4_gemm|^llama|^model|^prefill" "$R/ncuk.log" | grep -E "gemm_kernel|Throughput|Duration|stalled|hmma|Issue|Eligible|Active Warps|Registers|Occupancy|Bank|Executed Ipc|L1|L2|Shared" | head -120 ;;
     wprefill)
       t "bench_w4_gemm --prefill"
       "$BIN/bench_w4_gemm" --prefill --out "$R/w4_prefill.json" 2>&1 | tee "$R/w4_prefill.txt" | tail -32 ;;
