@@ -16,7 +16,7 @@
 #   kprof:LIKE  ncu times every kernel of a W4 decode step at batch 1 alone (tools/device/kernel_breakdown.py;
 #             decode plans untuned unless KPROF_TUNE=1: the tuner's timings mean nothing under ncu)
 #   ncuk    ncu sections (speed of light, warp stalls, compute, memory, occupancy) of the kernels matching
-#           NCU_KERNEL (a regex over demangled names, default "gemm_kernel<16") in bench_w4_gemm $NCU_ARGS
+#           NCU_KERNEL (a regex over demangled names, default "gemm_kernel<.int.16": ncu writes template arguments as (int)16) in bench_w4_gemm $NCU_ARGS
 #           (default --prefill): NCU_SKIP launches skipped (default 3), NCU_COUNT profiled (default 2)
 #   wprefill  bench_w4_gemm --prefill: W4 kernel vs dequantize + cuBLAS vs cuBLAS BF16 at M = 32..2048
 #   prefill:LIKE  prefill of 512 and 2048 tokens, bf16 vs W4 with the W4 prefill GEMMs through dequantize +
@@ -147,8 +147,8 @@ for stage in "$@"; do
       done
       rm -rf "$R/ref-spear" ;;
     ncuk)
-      t "ncu sections of ${NCU_KERNEL:-gemm_kernel<16}"
-      timeout 240 ncu --clock-control none --kernel-name-base demangled -k "regex:${NCU_KERNEL:-gemm_kernel<16}" \
+      t "ncu sections of ${NCU_KERNEL:-gemm_kernel<.int.16}"
+      timeout 240 ncu --clock-control none --kernel-name-base demangled -k "regex:${NCU_KERNEL:-gemm_kernel<.int.16}" \
         --launch-skip ${NCU_SKIP:-3} --launch-count ${NCU_COUNT:-2} --section SpeedOfLight --section WarpStateStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
         --section InstructionStats --metrics "$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' \
