@@ -108,16 +108,8 @@ struct W4GemmParams {
 
 // ------------------------------------------------------------------------------------------ general kernel
 
-// kSplit = 1: warp w owns row tile 8 · blockIdx.x + w and all T token tiles. kSplit = 2 (token split, T >= 8):
-// the 8 warps are 4 row pairs × 2 token halves; a warp owns RT = 2 row tiles (32 features) × TW = T / 2 token
-// tiles, so every x fragment read from shared memory feeds two mma instead of one (at T = 16 the ldmatrix
-// traffic, not the tensor cores, bounded the kernel) while both warps of a pair stream the same weights (the
-// second read is an L2 hit). Each output is summed by one warp in the same k order either way: bit-identical.
-template <int T, bool kGrouped, int kSplit>
+template <int T, bool kGrouped>
 __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(T)) w4a16_gemm_kernel(const W4GemmParams p) {
-  constexpr int RT = kSplit;      // row tiles per warp
-  constexpr int TW = T / kSplit;  // token tiles per warp
-  static_assert(kSplit == 1 || TW >= 2, "a split warp loads its token tiles in pairs");
   constexpr int P = pipe_depth(T);
   constexpr int XC = chunk_kblocks(T);
   constexpr int XS = x_row_stride(T);  // 16-byte units per row are odd: ldmatrix rows hit distinct banks
@@ -136,20 +128,12 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(T)) w4a16_gemm_kerne
   const int g = lane >> 2, t = lane & 3;
   const int rg = blockIdx.x, split = blockIdx.y;
   const int row0 = rg * kCtaRows;
-  const int rp = warp / kSplit, th = warp % kSplit;  // row pair (or row tile) and token half of this warp
-  int tile[RT], r_lo[RT], r_hi[RT];                  // the lane's two output features of each row tile
-  bool act[RT];
-#pragma unroll
-  for (int r = 0; r < RT; ++r) {
-    tile[r] = rg * kWarps + rp * RT + r;
-    act[r] = tile[r] < p.n_tiles;
-    r_lo[r] = tile[r] * 16 + g;
-    r_hi[r] = r_lo[r] + 8;
-  }
-  const bool active = act[0];  // warp-uniform; idle warps still take part in staging and barriers
+  const int tile = rg * kWarps + warp;
+  const bool active = tile < p.n_tiles;  // warp-uniform; idle warps still take part in staging and barriers
   const int kb0 = split * p.kb_per_split;
   const int kb1 = min(p.kblocks, kb0 + p.kb_per_split);
   const int nchunks = (kb1 - kb0 + XC - 1) / XC;
+  const int r_lo = tile * 16 + g, r_hi = r_lo + 8;  // the two output features of this lane
 
   // Stage x (and the groups' scales / zeros) for k-blocks [kb0 + c·XC, +XC) ∩ [kb0, kb1) into buffer c & 1.
   auto stage_chunk = [&](int c) {
@@ -184,86 +168,69 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(T)) w4a16_gemm_kerne
     }
   };
 
-  // Weight rings: k-blocks kb0 .. kb0 + P − 1 of every row tile in flight before anything else.
+  // Weight ring: k-blocks kb0 .. kb0 + P − 1 in flight before anything else.
   const uint64_t pol = evict_first_policy();
-  const uint4* wq[RT];
-  uint4 ring[RT][P];
-#pragma unroll
-  for (int r = 0; r < RT; ++r) {
-    wq[r] = p.q + size_t(act[r] ? tile[r] : 0) * p.kblocks * 32 + lane;
-    fill_weight_ring(ring[r], wq[r], kb0, kb1, act[r], pol);
-  }
+  const uint4* wq = p.q + size_t(active ? tile : 0) * p.kblocks * 32 + lane;
+  uint4 ring[P];
+  fill_weight_ring(ring, wq, kb0, kb1, active, pol);
   // PDL: the weights above do not depend on the previous kernel; x, bias, y and the workspace do.
   pdl_launch_dependents();
   pdl_wait();
   if (kb0 < kb1) stage_chunk(0);
   cp_async_commit();
 
-  // Zero points (as bf16x2 pairs of −(128 + z)) and scales of rows r_lo / r_hi of each row tile.
-  uint32_t nz_lo[RT], nz_hi[RT];
-  float sc_lo[RT], sc_hi[RT];
-#pragma unroll
-  for (int r = 0; r < RT; ++r) {
-    nz_lo[r] = nz_hi[r] = neg_zero_pair(0x4300u);
-    sc_lo[r] = sc_hi[r] = 0.f;
-    if constexpr (!kGrouped) {
-      if (act[r]) load_channel_params(p.scales, p.zeros, r_lo[r], r_hi[r], nz_lo[r], nz_hi[r], sc_lo[r], sc_hi[r]);
-    }
+  // Zero points (as bf16x2 pairs of −(128 + z)) and scales of rows r_lo / r_hi.
+  uint32_t nz_lo = neg_zero_pair(0x4300u), nz_hi = nz_lo;
+  float sc_lo = 0.f, sc_hi = 0.f;
+  if constexpr (!kGrouped) {
+    if (active) load_channel_params(p.scales, p.zeros, r_lo, r_hi, nz_lo, nz_hi, sc_lo, sc_hi);
   }
   // Grouped: the group of the current k-step and the first k-step of the next one (start_groups).
   int grp = 0, grp_next = INT_MAX, chunk_g_lo = 0, chunk_buf = 0;
   if constexpr (kGrouped) start_groups(kb0, p.group_size, p.groups, grp, grp_next);
 
-  float acc[RT][TW][4];   // totals: rows (g, g, g+8, g+8) × tokens (2t, 2t+1, 2t, 2t+1) of each token tile
-  float part[RT][TW][4];  // grouped: the current group's sums
-#pragma unroll
-  for (int r = 0; r < RT; ++r) zero_accumulators(acc[r], part[r]);
-  auto fold = [&]() {
-#pragma unroll
-    for (int r = 0; r < RT; ++r) fold_group(acc[r], part[r], sc_lo[r], sc_hi[r]);
-  };
+  float acc[T][4];   // totals: rows (g, g, g+8, g+8) × tokens (2t, 2t+1, 2t, 2t+1) of each token tile
+  float part[T][4];  // grouped: the current group's sums
+  zero_accumulators(acc, part);
+  auto fold = [&]() { fold_group(acc, part, sc_lo, sc_hi); };  // (a lambda keeps the codegen as before)
 
   // ldmatrix lane addresses: x4 loads token tiles (tt, tt+1) × k halves (lo, hi) = b0, b1 of tt, b0, b1 of
-  // tt + 1; x2 (TW = 1) only the first two. A split warp starts at its token half.
+  // tt + 1; x2 (T = 1) only the first two.
   const uint32_t xs_base = smem_u32(xs);
-  const int lrow = th * TW * 8 + ldmatrix_row<TW>(lane);
+  const int lrow = ldmatrix_row<T>(lane);
   const uint32_t lane_off = uint32_t(lrow * XS + ((lane >> 3) & 1) * 8) * 2;
   uint32_t xs_chunk = xs_base + lane_off;
 
-  // One k-step (16 columns): dequantize the lane's 8 codes of each row tile, multiply by every token tile.
-  auto kstep = [&](const uint32_t (&w)[RT], uint32_t xaddr, int ks) {
+  // One k-step (16 columns): dequantize the lane's 8 codes, multiply by every token tile.
+  auto kstep = [&](uint32_t w, uint32_t xaddr, int ks) {
     if constexpr (kGrouped) {
-      if (ks == grp_next) {  // a new group starts: fold the last one, fetch the new one's scales and zeros
+      if (ks == grp_next) {  // a new group starts: fold the last one, fetch the new one's scale and zero
         fold();
         advance_group(grp, grp_next, p.groups, p.group_steps);
-        const int slot = (chunk_buf * p.gmax + grp - chunk_g_lo) * kCtaRows + rp * RT * 16 + g;
-#pragma unroll
-        for (int r = 0; r < RT; ++r) load_group_params(ss, zs, slot + r * 16, sc_lo[r], sc_hi[r], nz_lo[r], nz_hi[r]);
+        const int slot = (chunk_buf * p.gmax + grp - chunk_g_lo) * kCtaRows + warp * 16 + g;
+        load_group_params(ss, zs, slot, sc_lo, sc_hi, nz_lo, nz_hi);
       }
     }
-    uint32_t a[RT][4];
-#pragma unroll
-    for (int r = 0; r < RT; ++r) dequant_fragment(w[r], nz_lo[r], nz_hi[r], a[r]);
-    float(&dst)[RT][TW][4] = kGrouped ? part : acc;
-    if constexpr (TW == 1) {
+    uint32_t a[4];
+    dequant_fragment(w, nz_lo, nz_hi, a);
+    float(&dst)[T][4] = kGrouped ? part : acc;
+    if constexpr (T == 1) {
       uint32_t b0, b1;
       ldmatrix_x2(xaddr, b0, b1);
-      mma_bf16(dst[0][0], a[0], b0, b1);
+      mma_bf16(dst[0], a, b0, b1);
     } else {
 #pragma unroll
-      for (int tt = 0; tt < TW; tt += 2) {
+      for (int tt = 0; tt < T; tt += 2) {
         uint32_t b0, b1, b2, b3;
         ldmatrix_x4(xaddr + uint32_t(tt * 8 * XS * 2), b0, b1, b2, b3);
-#pragma unroll
-        for (int r = 0; r < RT; ++r) {
-          mma_bf16(dst[r][tt], a[r], b0, b1);
-          mma_bf16(dst[r][tt + 1], a[r], b2, b3);
-        }
+        mma_bf16(dst[tt], a, b0, b1);
+        mma_bf16(dst[tt + 1], a, b2, b3);
       }
     }
   };
 
   for (int kb = kb0; kb < kb1; kb += P) {
+    const uint4* wnext = wq + size_t(kb + P) * 32;  // k-blocks kb + P + i: immediate offsets from one base
 #pragma unroll
     for (int i = 0; i < P; ++i) {
       const int b = kb + i;
@@ -285,54 +252,31 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(T)) w4a16_gemm_kerne
           // (while the old codes are still needed) made the compiler load into a temporary and copy it back,
           // which waits for the load: one DRAM round trip per k-block instead of P in flight.
           const uint32_t xa = xs_chunk + uint32_t((i % XC) * kKBlock * 2);
-          uint32_t w[RT];
-#pragma unroll
-          for (int r = 0; r < RT; ++r) w[r] = ring[r][i].x;
-          kstep(w, xa, 4 * b);
-#pragma unroll
-          for (int r = 0; r < RT; ++r) w[r] = ring[r][i].y;
-          kstep(w, xa + 32, 4 * b + 1);
-#pragma unroll
-          for (int r = 0; r < RT; ++r) w[r] = ring[r][i].z;
-          kstep(w, xa + 64, 4 * b + 2);
-#pragma unroll
-          for (int r = 0; r < RT; ++r) w[r] = ring[r][i].w;
-          kstep(w, xa + 96, 4 * b + 3);
-          if (b + P < kb1) {
-#pragma unroll
-            for (int r = 0; r < RT; ++r)
-              if (act[r]) ring[r][i] = ld_weights(wq[r] + size_t(b + P) * 32, pol);
-          }
+          kblock_steps(ring[i], xa, b, kstep);
+          if (b + P < kb1) ring[i] = ld_weights(wnext + i * 32, pol);
         }
       }
     }
   }
   cp_async_wait<0>();
-  if constexpr (kGrouped) {
-    fold();
-#pragma unroll
-    for (int r = 0; r < RT; ++r) sc_lo[r] = sc_hi[r] = 1.f;  // already applied per group
-  }
+  if constexpr (kGrouped) fold();
+  if constexpr (kGrouped) sc_lo = sc_hi = 1.f;  // already applied per group
 
   auto store = [&]() {
+    const float b_lo = (p.bias && r_lo < p.n) ? __bfloat162float(p.bias[r_lo]) : 0.f;
+    const float b_hi = (p.bias && r_hi < p.n) ? __bfloat162float(p.bias[r_hi]) : 0.f;
 #pragma unroll
-    for (int r = 0; r < RT; ++r) {
-      const int lo = r_lo[r], hi = r_hi[r];
-      const float b_lo = (p.bias && lo < p.n) ? __bfloat162float(p.bias[lo]) : 0.f;
-      const float b_hi = (p.bias && hi < p.n) ? __bfloat162float(p.bias[hi]) : 0.f;
-#pragma unroll
-      for (int tt = 0; tt < TW; ++tt) {
-        const int tok = (th * TW + tt) * 8 + 2 * t;
-        if (tok < p.m) {
-          __nv_bfloat16* yr = p.y + size_t(tok) * p.n;
-          if (lo < p.n) yr[lo] = __float2bfloat16_rn(fmaf(acc[r][tt][0], sc_lo[r], b_lo));
-          if (hi < p.n) yr[hi] = __float2bfloat16_rn(fmaf(acc[r][tt][2], sc_hi[r], b_hi));
-        }
-        if (tok + 1 < p.m) {
-          __nv_bfloat16* yr = p.y + size_t(tok + 1) * p.n;
-          if (lo < p.n) yr[lo] = __float2bfloat16_rn(fmaf(acc[r][tt][1], sc_lo[r], b_lo));
-          if (hi < p.n) yr[hi] = __float2bfloat16_rn(fmaf(acc[r][tt][3], sc_hi[r], b_hi));
-        }
+    for (int tt = 0; tt < T; ++tt) {
+      const int tok = tt * 8 + 2 * t;
+      if (tok < p.m) {
+        __nv_bfloat16* yr = p.y + size_t(tok) * p.n;
+        if (r_lo < p.n) yr[r_lo] = __float2bfloat16_rn(fmaf(acc[tt][0], sc_lo, b_lo));
+        if (r_hi < p.n) yr[r_hi] = __float2bfloat16_rn(fmaf(acc[tt][2], sc_hi, b_hi));
+      }
+      if (tok + 1 < p.m) {
+        __nv_bfloat16* yr = p.y + size_t(tok + 1) * p.n;
+        if (r_lo < p.n) yr[r_lo] = __float2bfloat16_rn(fmaf(acc[tt][1], sc_lo, b_lo));
+        if (r_hi < p.n) yr[r_hi] = __float2bfloat16_rn(fmaf(acc[tt][3], sc_hi, b_hi));
       }
     }
   };
@@ -342,17 +286,13 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(T)) w4a16_gemm_kerne
     return;
   }
 
-  // Split-K: publish this CTA's partial tiles (RT · TW = T per warp), then the last CTA of the row group
-  // reduces in split order.
+  // Split-K: publish this CTA's partial tile, then the last CTA of the row group reduces in split order.
   const size_t split_stride = size_t(kWarps) * T * 32;  // float4 per split of one row group
   float4* mine = reinterpret_cast<float4*>(p.partials) + (size_t(rg) * p.splits + split) * split_stride +
                  size_t(warp) * T * 32 + lane;
   if (active) {
 #pragma unroll
-    for (int r = 0; r < RT; ++r)
-#pragma unroll
-      for (int tt = 0; tt < TW; ++tt)
-        __stcg(mine + (r * TW + tt) * 32, make_float4(acc[r][tt][0], acc[r][tt][1], acc[r][tt][2], acc[r][tt][3]));
+    for (int tt = 0; tt < T; ++tt) __stcg(mine + tt * 32, make_float4(acc[tt][0], acc[tt][1], acc[tt][2], acc[tt][3]));
   }
   __threadfence();
   __syncthreads();
@@ -367,22 +307,18 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm(T)) w4a16_gemm_kerne
   const float4* all = reinterpret_cast<const float4*>(p.partials) + size_t(rg) * p.splits * split_stride +
                       size_t(warp) * T * 32 + lane;
 #pragma unroll
-  for (int r = 0; r < RT; ++r)
+  for (int tt = 0; tt < T; ++tt)
 #pragma unroll
-    for (int tt = 0; tt < TW; ++tt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[r][tt][e] = 0.f;
+    for (int e = 0; e < 4; ++e) acc[tt][e] = 0.f;
   for (int s = 0; s < p.splits; ++s) {
 #pragma unroll
-    for (int r = 0; r < RT; ++r)
-#pragma unroll
-      for (int tt = 0; tt < TW; ++tt) {
-        const float4 v = __ldcg(all + s * split_stride + (r * TW + tt) * 32);
-        acc[r][tt][0] += v.x;
-        acc[r][tt][1] += v.y;
-        acc[r][tt][2] += v.z;
-        acc[r][tt][3] += v.w;
-      }
+    for (int tt = 0; tt < T; ++tt) {
+      const float4 v = __ldcg(all + s * split_stride + tt * 32);
+      acc[tt][0] += v.x;
+      acc[tt][1] += v.y;
+      acc[tt][2] += v.z;
+      acc[tt][3] += v.w;
+    }
   }
   store();
 }
@@ -441,19 +377,13 @@ size_t partial_bytes(int ctas, int T) { return size_t(ctas) * kWarps * T * 32 * 
 
 using KernelFn = void (*)(W4GemmParams);
 
-// split: 2 selects the token-split instance (T >= 8 only), anything else the one-tile-per-warp instance.
-KernelFn kernel_for(int T, bool grouped, int split) {
-  const bool ts = split == 2;
+KernelFn kernel_for(int T, bool grouped) {
   switch (T) {
-    case 1: return grouped ? w4a16_gemm_kernel<1, true, 1> : w4a16_gemm_kernel<1, false, 1>;
-    case 2: return grouped ? w4a16_gemm_kernel<2, true, 1> : w4a16_gemm_kernel<2, false, 1>;
-    case 4: return grouped ? w4a16_gemm_kernel<4, true, 1> : w4a16_gemm_kernel<4, false, 1>;
-    case 8:
-      if (ts) return grouped ? w4a16_gemm_kernel<8, true, 2> : w4a16_gemm_kernel<8, false, 2>;
-      return grouped ? w4a16_gemm_kernel<8, true, 1> : w4a16_gemm_kernel<8, false, 1>;
-    default:
-      if (ts) return grouped ? w4a16_gemm_kernel<16, true, 2> : w4a16_gemm_kernel<16, false, 2>;
-      return grouped ? w4a16_gemm_kernel<16, true, 1> : w4a16_gemm_kernel<16, false, 1>;
+    case 1: return grouped ? w4a16_gemm_kernel<1, true> : w4a16_gemm_kernel<1, false>;
+    case 2: return grouped ? w4a16_gemm_kernel<2, true> : w4a16_gemm_kernel<2, false>;
+    case 4: return grouped ? w4a16_gemm_kernel<4, true> : w4a16_gemm_kernel<4, false>;
+    case 8: return grouped ? w4a16_gemm_kernel<8, true> : w4a16_gemm_kernel<8, false>;
+    default: return grouped ? w4a16_gemm_kernel<16, true> : w4a16_gemm_kernel<16, false>;
   }
 }
 
@@ -488,9 +418,7 @@ const DeviceFacts& device_facts() {
   for (int t = 1; t <= 16; t *= 2)
     for (bool g : {false, true}) {
       const size_t most = smem_bytes(t, g ? chunk_kblocks(t) * 4 + 1 : 0);
-      for (int split : {1, 2})
-        SPEAR_CUDA_CHECK(
-            cudaFuncSetAttribute(kernel_for(t, g, split), cudaFuncAttributeMaxDynamicSharedMemorySize, int(most)));
+      SPEAR_CUDA_CHECK(cudaFuncSetAttribute(kernel_for(t, g), cudaFuncAttributeMaxDynamicSharedMemorySize, int(most)));
       if (t <= 4) set_decode_max_smem(t, g, int(f.smem_optin));
     }
   facts.push_back(f);
@@ -502,11 +430,10 @@ const DeviceFacts& device_facts() {
 namespace {
 
 // Resident CTAs per SM of a general-kernel instance for a shared-memory size (cached).
-int ctas_per_sm(int T, bool grouped, int split, size_t smem) {
+int ctas_per_sm(int T, bool grouped, size_t smem) {
   struct Entry {
     int device, T;
     bool grouped;
-    int split;
     size_t smem;
     int ctas;
   };
@@ -515,12 +442,11 @@ int ctas_per_sm(int T, bool grouped, int split, size_t smem) {
   static std::vector<Entry> cache;
   std::lock_guard<std::mutex> lock(mu);
   for (const Entry& e : cache)
-    if (e.device == device && e.T == T && e.grouped == grouped && e.split == split && e.smem == smem) return e.ctas;
+    if (e.device == device && e.T == T && e.grouped == grouped && e.smem == smem) return e.ctas;
   int ctas = 0;
-  SPEAR_CUDA_CHECK(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel_for(T, grouped, split), kThreads, smem));
+  SPEAR_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel_for(T, grouped), kThreads, smem));
   ctas = std::max(ctas, 1);
-  cache.push_back({device, T, grouped, split, smem, ctas});
+  cache.push_back({device, T, grouped, smem, ctas});
   return ctas;
 }
 
@@ -545,8 +471,6 @@ W4GemmOptions options_now() {
     g_options.path = std::clamp(env_int("SPEAR_W4_PATH", 0), 0, 2);
     g_options.decode_rows = env_int("SPEAR_W4_DECODE_ROWS", 0);
     g_options.decode_splits = env_int("SPEAR_W4_DECODE_SPLITS", 0);
-    g_options.token_split = env_int("SPEAR_W4_TOKEN_SPLIT", 0);
-    if (g_options.token_split < 0 || g_options.token_split > 2) g_options.token_split = 0;
     g_options_init = true;
   }
   return g_options;
@@ -610,10 +534,8 @@ void check_device_weights(const W4Device& w) {
 
 // The general kernel (any m <= 128, split-K through the workspace).
 void launch_general(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfloat16* bias, __nv_bfloat16* y,
-                    void* workspace, size_t workspace_bytes, int sm_count, bool pdl, int token_split,
-                    cudaStream_t stream) {
+                    void* workspace, size_t workspace_bytes, int sm_count, bool pdl, cudaStream_t stream) {
   const int T = token_tiles(m);
-  const int split = T >= 8 && token_split != 1 ? 2 : 1;  // 0 (auto) and 2: the token split where it exists
   const bool grouped = w.groups > 1;
   W4GemmParams p{};
   p.x = x;
@@ -635,7 +557,7 @@ void launch_general(const __nv_bfloat16* x, int m, const W4Device& w, const __nv
   p.x_vec = (reinterpret_cast<uintptr_t>(x) & 15) == 0 && w.k % 8 == 0;
   const int row_groups = (p.n_tiles + kWarps - 1) / kWarps;
   const size_t smem = smem_bytes(T, p.gmax);
-  const int resident = ctas_per_sm(T, grouped, split, smem);
+  const int resident = ctas_per_sm(T, grouped, smem);
   const size_t budget = workspace ? workspace_bytes : 0;
   const SplitPlan plan = plan_splits(T, row_groups, p.kblocks, sm_count, resident, budget);
   p.splits = plan.splits;
@@ -644,7 +566,7 @@ void launch_general(const __nv_bfloat16* x, int m, const W4Device& w, const __nv
     p.counters = static_cast<unsigned*>(workspace);
     p.partials = reinterpret_cast<float*>(static_cast<char*>(workspace) + kCounterBytes);
   }
-  launch(kernel_for(T, grouped, split), dim3(row_groups, p.splits), smem, 1, pdl, stream, p);
+  launch(kernel_for(T, grouped), dim3(row_groups, p.splits), smem, 1, pdl, stream, p);
 }
 
 void check_gemm_args(const __nv_bfloat16* x, const void* workspace) {
@@ -661,8 +583,6 @@ void w4a16_set_options(const W4GemmOptions& o) {
               "w4a16_set_options: decode_rows must be 0, 1, 2, 4 or 8, got {}", o.decode_rows);
   SPEAR_CHECK(o.decode_splits >= 0 && o.decode_splits <= kDecMaxCluster,
               "w4a16_set_options: decode_splits must be 0..{}, got {}", kDecMaxCluster, o.decode_splits);
-  SPEAR_CHECK(o.token_split >= 0 && o.token_split <= 2, "w4a16_set_options: token_split must be 0, 1 or 2, got {}",
-              o.token_split);
   options_now();  // the environment is read first, so a later first use cannot overwrite o
   std::lock_guard<std::mutex> lock(g_options_mu);
   g_options = o;
@@ -694,7 +614,7 @@ void w4a16_gemm(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfl
   for (int m0 = 0; m0 < m; m0 += kMaxTokens) {
     const int mc = std::min(kMaxTokens, m - m0);
     launch_general(x + size_t(m0) * w.k, mc, w, bias, y + size_t(m0) * w.n, workspace, workspace_bytes, sm_count,
-                   pdl, o.token_split, stream);
+                   pdl, stream);
   }
 }
 

@@ -134,16 +134,13 @@ void w4a16_clear_tuning();  // forget every tuned plan (tests, benchmarks)
 std::pair<int, int> w4a16_decode_plan(int m, const W4Device* w, int count, int sm_count);
 
 // Process-wide knobs, for tests, benchmarks and tuning (defaults from the environment when set, read at first
-// use: SPEAR_W4_PDL=0|1, SPEAR_W4_PATH=0|1|2, SPEAR_W4_DECODE_ROWS, SPEAR_W4_DECODE_SPLITS,
-// SPEAR_W4_TOKEN_SPLIT=0|1|2). Not thread-safe against GEMMs being enqueued concurrently with a change; results
-// never depend on pdl or token_split.
+// use: SPEAR_W4_PDL=0|1, SPEAR_W4_PATH=0|1|2, SPEAR_W4_DECODE_ROWS, SPEAR_W4_DECODE_SPLITS). Not thread-safe
+// against GEMMs being enqueued concurrently with a change; results never depend on pdl.
 struct W4GemmOptions {
   bool pdl = true;        // programmatic dependent launch on sm_90+ (off: plain stream order)
   int path = 0;           // 0: auto (decode kernel for m <= 32), 1: same as auto, 2: always the general kernel
   int decode_rows = 0;    // force the decode kernel's 16-row tiles per CTA (1, 2, 4 or 8); 0: planner
   int decode_splits = 0;  // force the decode kernel's CTAs per cluster along k (1..8); 0: planner
-  int token_split = 0;    // general kernel at m > 32: 0 auto (= 2), 1: a warp per row tile × all tokens,
-                          // 2: a warp per 2 row tiles × half the tokens (SPEAR_W4_TOKEN_SPLIT)
 };
 void w4a16_set_options(const W4GemmOptions& options);
 W4GemmOptions w4a16_get_options();
