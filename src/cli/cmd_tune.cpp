@@ -15,9 +15,16 @@
 
 namespace spear::cli {
 
+// The GPU kernels change tiers right after powers of two (the W4 GEMM's token tiles: 8, 16, 32, 64, 128 tokens,
+// then 128-token chunks or the dequantize + cuBLAS path), so the time steps up between p and p + 1 and stays
+// flat to 2p. Points on both sides of each step keep the piecewise-linear table from interpolating across it
+// (with 1, 2, 4, ... alone, 65 tokens was predicted near 64 while it costs what 128 does).
 std::vector<int> default_latency_points(int max_tokens) {
   std::vector<int> pts;
-  for (int n = 1; n < max_tokens; n *= 2) pts.push_back(n);
+  for (int n = 1; n < max_tokens; n *= 2) {
+    pts.push_back(n);
+    if (n >= 8 && n + 1 < max_tokens) pts.push_back(n + 1);
+  }
   pts.push_back(max_tokens);
   return pts;
 }
@@ -79,7 +86,7 @@ void register_tune(CLI::App& app) {
   add_runtime_options(cmd, *o);
   add_json_option(cmd, *o);
   cmd->add_option("--out", *out, "Latency table file (JSON)")->capture_default_str();
-  cmd->add_option("--tokens", *points, "Token counts to measure (default: 1, 2, 4, ... up to --max-tokens)")
+  cmd->add_option("--tokens", *points, "Token counts to measure (default: 1, 2, 4, 8, 9, 16, 17, ... up to --max-tokens: both sides of each power of two)")
       ->delimiter(',');
   cmd->add_option("--max-tokens", *max_tokens, "Largest token count of the default points")
       ->check(CLI::Range(1, 1 << 16))

@@ -37,8 +37,9 @@ void register_eval(CLI::App& app);
 void register_make_model(CLI::App& app);
 void register_bench(CLI::App& app);
 void register_serve(CLI::App& app);
-void register_bench_serve(CLI::App* bench);
+void register_bench_serve(CLI::App* bench);  // `spear bench serve` (cmd_bench_serve.cpp)
 void register_tune(CLI::App& app);
-std::vector<int> default_latency_points(int max_tokens);  // 1, 2, 4, ... max_tokens (cmd_tune.cpp)  // `spear bench serve` (cmd_bench_serve.cpp)
+// 1, 2, 4, 8, 9, 16, 17, ... max_tokens: each power of two from 8 on and the count after it (cmd_tune.cpp).
+std::vector<int> default_latency_points(int max_tokens);
 
 }  // namespace spear::cli

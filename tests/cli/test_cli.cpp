@@ -110,4 +110,19 @@ TEST(Cli, BadInputIsAClearError) {
   EXPECT_NE(r.code, 0);
 }
 
+// `spear tune`'s default points straddle every power of two from 8 (the GPU kernels step up right after each),
+// and the table it writes is non-decreasing (the fit's promise) and reloads.
+TEST(Cli, TuneDefaultPointsStraddlePowersOfTwo) {
+  const std::string out = test::scratch_dir("cli_tune") + "/lt.json";
+  CmdResult r = run("tune " + kModel + " --max-tokens 40 --reps 1 --max-seqs 2 --out " + out + " --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out.substr(r.out.find('{')));
+  EXPECT_EQ(j["tokens"], std::vector<int>({1, 2, 4, 8, 9, 16, 17, 32, 33, 40}));
+  const auto ms = j["ms"].get<std::vector<double>>();
+  ASSERT_EQ(ms.size(), 10u);
+  for (size_t i = 1; i < ms.size(); ++i) EXPECT_GE(ms[i], ms[i - 1]) << "at " << i;
+  std::ifstream in(out);
+  EXPECT_EQ(nlohmann::json::parse(in)["tokens"], j["tokens"]);
+}
+
 }  // namespace spear
