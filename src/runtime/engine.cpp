@@ -199,8 +199,11 @@ bool Engine::step() {
       if (pending == 1) decodes.push_back({1, s->computed});
       if (pending > 1) prompts.push_back({pending, s->computed});
     }
-    if (!decodes.empty())
-      budget = std::max(1, opt_.latency->largest_chunk(decodes, prompts, opt_.chunk, opt_.slo_itl_ms / slo_scale_));
+    // No prompt token when even one would break the SLO (0): the GPU's time steps up after 64 and 128 tokens,
+    // so a forced token beside 64 decodes cost a whole tier. Prompts then wait for decodes to finish, which they
+    // do within their max_tokens, so every prompt still progresses; iterations without decodes take opt_.chunk.
+    if (!decodes.empty() && !prompts.empty())
+      budget = opt_.latency->largest_chunk(decodes, prompts, opt_.chunk, opt_.slo_itl_ms / slo_scale_);
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -278,7 +281,8 @@ bool Engine::step() {
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_fwd).count();
     // Online calibration: the table is measured once, apart from serving (other threads, caches, eager vs graph
     // passes), and its bias shows here; a slow average of measured / predicted rescales every later prediction.
-    if (predicted_ms > 0) slo_scale_ = 0.9 * slo_scale_ + 0.1 * std::clamp(ms / predicted_ms, 0.25, 4.0);
+    if (predicted_ms > 0 && opt_.slo_calibrate)
+      slo_scale_ = 0.9 * slo_scale_ + 0.1 * std::clamp(ms / predicted_ms, 0.25, 4.0);
     std::lock_guard<std::mutex> lock(mu_);
     stats_.slo_scale = slo_scale_;
     ++stats_.slo_iterations;

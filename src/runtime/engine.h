@@ -57,9 +57,11 @@ struct EngineOptions {
   int max_waiting = 4096;
   // SLO-constrained chunked prefill: with a latency table of this model (runtime/latency_table.h), each
   // iteration takes the largest prompt chunk (<= chunk) whose predicted iteration time, with the decode tokens
-  // of that iteration, stays within slo_itl_ms (at least 1 token, so prefills always progress). 0: fixed chunk.
+  // of that iteration, stays within slo_itl_ms (none when even one token would break it: prompts then wait for
+  // decodes to finish, which bounds the wait). 0: fixed chunk.
   // Predictions are rescaled online by the average measured / predicted time of the iterations so far.
   double slo_itl_ms = 0;
+  bool slo_calibrate = true;  // false: the table's predictions as they are (tests that need exact chunks)
   std::shared_ptr<const LatencyTable> latency;
 };
 

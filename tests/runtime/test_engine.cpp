@@ -130,7 +130,8 @@ TEST_F(EngineTest, WarmUpLeavesOutputsAndBlocksUnchanged) {
 
 // Under an ITL SLO the engine accounts, for the iterations with decode tokens, the latency table's prediction
 // of what it scheduled and the measured forward time, and counts those over the SLO. A generous SLO: none over;
-// an impossible one: every such iteration over (and one prompt token per iteration). Outputs never change.
+// an impossible one: every such iteration over (prompts then wait until no request decodes, and still all
+// finish). Outputs never change.
 TEST_F(EngineTest, SloIterationsArePredictedMeasuredAndCounted) {
   const auto ps = prompts(4, 5);
   auto table = std::make_shared<LatencyTable>();

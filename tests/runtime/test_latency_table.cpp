@@ -107,6 +107,7 @@ TEST(LatencyTable, MeasuredOnTheModelAndUsedByTheEngine) {
   EngineOptions o;
   o.chunk = 64;
   o.slo_itl_ms = 11.5;
+  o.slo_calibrate = false;  // the table's own predictions: this machine's speed must not move the chunks
   o.latency = t;
   Engine eng(*model, o);
   const std::vector<std::vector<int32_t>> ps = {{5, 6, 7, 8, 9, 10, 11, 12}, {20, 21, 22, 23, 24, 25}};
@@ -126,6 +127,31 @@ TEST(LatencyTable, MeasuredOnTheModelAndUsedByTheEngine) {
   EXPECT_EQ(min_budget, 1);  // while the first request decoded, the second prefilled one token per iteration
   for (size_t i = 0; i < ps.size(); ++i)
     EXPECT_EQ(got[i], generate(*model, ps[i], 6, SamplingParams{}, {}).output_ids) << i;
+
+  // A 10.5 ms SLO has no room for a prompt token beside a decode: the second request waits until the first
+  // (12 tokens: it still decodes when a prefill of one token per iteration would have ended) has finished,
+  // then prefills alone; outputs are the same.
+  o.slo_itl_ms = 10.5;
+  Engine tight(*model, o);
+  std::vector<std::vector<int32_t>> got2(ps.size());
+  std::vector<size_t> finish_order;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    Request r;
+    r.prompt = ps[i];
+    r.max_tokens = i == 0 ? 12 : 6;
+    tight.submit(r, [&, i](const RequestEvent& e) {
+      if (i == 1 && !e.tokens.empty()) EXPECT_EQ(finish_order.size(), 1u) << "request 1 decoded beside request 0";
+      got2[i].insert(got2[i].end(), e.tokens.begin(), e.tokens.end());
+      if (e.finished) finish_order.push_back(i);
+    });
+    tight.step();
+  }
+  tight.run_until_idle();
+  EXPECT_EQ(finish_order, (std::vector<size_t>{0, 1}));
+  EXPECT_EQ(got2[0], generate(*model, ps[0], 12, SamplingParams{}, {}).output_ids);
+  EXPECT_EQ(got2[1], got[1]);
+  EXPECT_EQ(tight.stats().kv_blocks_used, 0);
+
   EngineOptions bad;
   bad.slo_itl_ms = 10;
   EXPECT_THROW(Engine(*model, bad), Error);  // an SLO without a table
