@@ -269,9 +269,9 @@ bool Engine::step() {
     abort_all(std::string("forward pass failed: ") + e.what());
     return true;
   }
+  int prompt_tokens = 0;
+  for (const Work& w : work) prompt_tokens += decodes_one(w) ? 0 : w.n;
   {
-    int prompt_tokens = 0;
-    for (const Work& w : work) prompt_tokens += decodes_one(w) ? 0 : w.n;
     int b = 0;
     while (b + 1 < EngineStats::kChunkBuckets && prompt_tokens >= (1 << b)) ++b;
     std::lock_guard<std::mutex> lock(mu_);
@@ -281,7 +281,9 @@ bool Engine::step() {
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_fwd).count();
     // Online calibration: the table is measured once, apart from serving (other threads, caches, eager vs graph
     // passes), and its bias shows here; a slow average of measured / predicted rescales every later prediction.
-    if (predicted_ms > 0 && opt_.slo_calibrate)
+    // Mixed iterations only (see EngineStats::slo_mixed_iterations).
+    const bool mixed = prompt_tokens > 0;
+    if (mixed && predicted_ms > 0 && opt_.slo_calibrate)
       slo_scale_ = 0.9 * slo_scale_ + 0.1 * std::clamp(ms / predicted_ms, 0.25, 4.0);
     std::lock_guard<std::mutex> lock(mu_);
     stats_.slo_scale = slo_scale_;
@@ -289,6 +291,12 @@ bool Engine::step() {
     stats_.slo_predicted_ms += predicted_ms;
     stats_.slo_measured_ms += ms;
     if (ms > opt_.slo_itl_ms) ++stats_.slo_over;
+    if (mixed) {
+      ++stats_.slo_mixed_iterations;
+      stats_.slo_mixed_predicted_ms += predicted_ms;
+      stats_.slo_mixed_measured_ms += ms;
+      if (ms > opt_.slo_itl_ms) ++stats_.slo_mixed_over;
+    }
   }
   const size_t vocab = size_t(model_.config().vocab_size);
 

@@ -75,6 +75,11 @@ struct EngineStats {
   uint64_t slo_iterations = 0, slo_over = 0;
   double slo_predicted_ms = 0, slo_measured_ms = 0;  // predicted: the table's, before slo_scale
   double slo_scale = 1;  // the current calibration (measured / predicted, averaged) the chunk search applies
+  // Of them, the mixed ones (prompt tokens beside the decodes: the iterations whose chunk the search chose, and
+  // the only ones the calibration learns from: decode-only steps replay CUDA graphs and run faster than the
+  // eager passes the table was measured on, so they would teach it to over-fill the mixed ones).
+  uint64_t slo_mixed_iterations = 0, slo_mixed_over = 0;
+  double slo_mixed_predicted_ms = 0, slo_mixed_measured_ms = 0;
   // Prompt tokens per iteration (chunked prefill), by bucket: 0, 1, 2-3, 4-7, ..., 512-1023, >= 1024.
   static constexpr int kChunkBuckets = 12;
   std::array<uint64_t, kChunkBuckets> prompt_tokens_per_iteration{};

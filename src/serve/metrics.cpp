@@ -104,6 +104,18 @@ std::string Metrics::render(const EngineStats& e) const {
     s += fmt::format("# HELP spear_slo_iterations_over_total Of them, those whose forward pass took longer than the "
                      "SLO.\n# TYPE spear_slo_iterations_over_total counter\nspear_slo_iterations_over_total {}\n",
                      e.slo_over);
+    s += fmt::format("# HELP spear_slo_mixed_iterations_total Of them, those with prompt tokens beside the decodes "
+                     "(the chunk search's; the calibration learns from these only).\n"
+                     "# TYPE spear_slo_mixed_iterations_total counter\nspear_slo_mixed_iterations_total {}\n",
+                     e.slo_mixed_iterations);
+    s += fmt::format("# HELP spear_slo_mixed_iteration_ms_total Their forward time, predicted and measured.\n"
+                     "# TYPE spear_slo_mixed_iteration_ms_total counter\n"
+                     "spear_slo_mixed_iteration_ms_total{{kind=\"predicted\"}} {:.3f}\n"
+                     "spear_slo_mixed_iteration_ms_total{{kind=\"measured\"}} {:.3f}\n",
+                     e.slo_mixed_predicted_ms, e.slo_mixed_measured_ms);
+    s += fmt::format("# HELP spear_slo_mixed_iterations_over_total Mixed iterations over the SLO.\n"
+                     "# TYPE spear_slo_mixed_iterations_over_total counter\nspear_slo_mixed_iterations_over_total {}\n",
+                     e.slo_mixed_over);
   }
   s += ttft_.render("spear_time_to_first_token_seconds", "Time from arrival to the first generated token.");
   s += itl_.render("spear_inter_token_latency_seconds", "Time between consecutive tokens of a request.");

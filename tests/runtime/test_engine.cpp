@@ -131,7 +131,7 @@ TEST_F(EngineTest, WarmUpLeavesOutputsAndBlocksUnchanged) {
 // Under an ITL SLO the engine accounts, for the iterations with decode tokens, the latency table's prediction
 // of what it scheduled and the measured forward time, and counts those over the SLO. A generous SLO: none over;
 // an impossible one: every such iteration over (prompts then wait until no request decodes, and still all
-// finish). Outputs never change.
+// finish). Only mixed iterations (prompt tokens beside decodes) calibrate the table. Outputs never change.
 TEST_F(EngineTest, SloIterationsArePredictedMeasuredAndCounted) {
   const auto ps = prompts(4, 5);
   auto table = std::make_shared<LatencyTable>();
@@ -152,7 +152,18 @@ TEST_F(EngineTest, SloIterationsArePredictedMeasuredAndCounted) {
     EXPECT_GE(st.slo_predicted_ms, 0.5 * double(st.slo_iterations));  // at least the 1-token row each
     EXPECT_GT(st.slo_measured_ms, 0.0);
     EXPECT_EQ(st.slo_over, slo > 1 ? 0u : st.slo_iterations) << "slo " << slo;
-    EXPECT_NE(st.slo_scale, 1.0) << "the calibration never moved";
+    EXPECT_LE(st.slo_mixed_iterations, st.slo_iterations);
+    EXPECT_LE(st.slo_mixed_over, st.slo_over);
+    if (slo > 1) {
+      // Prompts longer than the chunk prefill beside the first decodes; the calibration learns from those.
+      EXPECT_GT(st.slo_mixed_iterations, 0u);
+      EXPECT_GT(st.slo_mixed_measured_ms, 0.0);
+      EXPECT_NE(st.slo_scale, 1.0) << "the calibration never moved";
+    } else {
+      // No prompt token fits beside a decode: no mixed iteration, nothing to calibrate on.
+      EXPECT_EQ(st.slo_mixed_iterations, 0u);
+      EXPECT_EQ(st.slo_scale, 1.0);
+    }
     EXPECT_GE(st.slo_scale, 0.25);
     EXPECT_LE(st.slo_scale, 4.0);
   }
