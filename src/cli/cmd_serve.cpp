@@ -61,6 +61,11 @@ void register_serve(CLI::App& app) {
                   "time with the iteration's decode tokens meets it (0: fixed --chunk)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  cmd->add_option("--slo-quantile", so->engine.slo_quantile,
+                  "Share of the chunk-filled iterations that should meet --slo-itl-ms: predictions are scaled by this "
+                  "quantile of measured / predicted time over the recent iterations filled near the SLO")
+      ->check(CLI::Range(0.01, 1.0))
+      ->capture_default_str();
   cmd->add_option("--latency-table", *table_path,
                   "Latency table from `spear tune` for --slo-itl-ms (default: measured at start-up)")
       ->check(CLI::ExistingFile);

@@ -44,6 +44,8 @@ EngineOptions resolved(const Model& m, EngineOptions o) {
   SPEAR_CHECK(o.max_running >= 1, "engine: max_running must be >= 1, got {}", o.max_running);
   SPEAR_CHECK(o.chunk >= 1, "engine: chunk must be >= 1, got {}", o.chunk);
   SPEAR_CHECK(o.slo_itl_ms <= 0 || o.latency, "engine: an ITL SLO needs a latency table");
+  SPEAR_CHECK(o.slo_quantile > 0 && o.slo_quantile <= 1, "engine: slo_quantile must be in (0, 1], got {}",
+              o.slo_quantile);
   o.max_context = context_of(m, o);
   if (o.kv_blocks <= 0) o.kv_blocks = o.max_running * KvBlockAllocator::blocks_for(o.max_context);
   // One request must always fit alone, or preemption could not make progress.
@@ -63,6 +65,7 @@ Engine::Engine(Model& model, const EngineOptions& options, TextStream::Decode de
       blocks_(opt_.kv_blocks, opt_.max_running) {
   for (int s = opt_.max_running - 1; s >= 0; --s) free_slots_.push_back(s);
   stats_.kv_blocks_total = opt_.kv_blocks;
+  slo_cal_ = SloCalibrator(opt_.slo_quantile);
 }
 
 Engine::~Engine() = default;
@@ -203,7 +206,7 @@ bool Engine::step() {
     // so a forced token beside 64 decodes cost a whole tier. Prompts then wait for decodes to finish, which they
     // do within their max_tokens, so every prompt still progresses; iterations without decodes take opt_.chunk.
     if (!decodes.empty() && !prompts.empty())
-      budget = opt_.latency->largest_chunk(decodes, prompts, opt_.chunk, opt_.slo_itl_ms / slo_scale_);
+      budget = opt_.latency->largest_chunk(decodes, prompts, opt_.chunk, opt_.slo_itl_ms / slo_cal_.scale());
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -280,13 +283,12 @@ bool Engine::step() {
   if (predicted_ms >= 0) {
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_fwd).count();
     // Online calibration: the table is measured once, apart from serving (other threads, caches, eager vs graph
-    // passes), and its bias shows here; a slow average of measured / predicted rescales every later prediction.
-    // Mixed iterations only (see EngineStats::slo_mixed_iterations).
+    // passes), and its bias and spread show here (SloCalibrator). Mixed iterations only (see
+    // EngineStats::slo_mixed_iterations).
     const bool mixed = prompt_tokens > 0;
-    if (mixed && predicted_ms > 0 && opt_.slo_calibrate)
-      slo_scale_ = 0.9 * slo_scale_ + 0.1 * std::clamp(ms / predicted_ms, 0.25, 4.0);
+    if (mixed && opt_.slo_calibrate) slo_cal_.add(predicted_ms, ms, opt_.slo_itl_ms);
     std::lock_guard<std::mutex> lock(mu_);
-    stats_.slo_scale = slo_scale_;
+    stats_.slo_scale = slo_cal_.scale();
     ++stats_.slo_iterations;
     stats_.slo_predicted_ms += predicted_ms;
     stats_.slo_measured_ms += ms;

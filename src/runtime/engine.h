@@ -59,9 +59,11 @@ struct EngineOptions {
   // iteration takes the largest prompt chunk (<= chunk) whose predicted iteration time, with the decode tokens
   // of that iteration, stays within slo_itl_ms (none when even one token would break it: prompts then wait for
   // decodes to finish, which bounds the wait). 0: fixed chunk.
-  // Predictions are rescaled online by the average measured / predicted time of the iterations so far.
+  // Predictions are rescaled online (SloCalibrator): by the slo_quantile of measured / predicted over the recent
+  // iterations that were filled near the SLO, so that the SLO holds for that share of them, not on average.
   double slo_itl_ms = 0;
   bool slo_calibrate = true;  // false: the table's predictions as they are (tests that need exact chunks)
+  double slo_quantile = 0.99;  // the calibration's quantile (0.5: the median; 1: the worst of the window)
   std::shared_ptr<const LatencyTable> latency;
 };
 
@@ -141,7 +143,7 @@ class Engine {
   EngineStats stats_;
   uint64_t next_id_ = 1;
   bool closed_ = false;
-  double slo_scale_ = 1;  // engine thread; see EngineStats::slo_scale
+  SloCalibrator slo_cal_;  // engine thread; see EngineStats::slo_scale
 };
 
 }  // namespace spear

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <fstream>
 #include <functional>
 #include <random>
@@ -103,6 +104,28 @@ int LatencyTable::largest_chunk(const std::vector<SeqWork>& fixed, const std::ve
 
 int LatencyTable::largest_chunk(int fixed, int max_chunk, double budget_ms) const {
   return largest_fitting(max_chunk, [&](int c) { return predict_ms(fixed + c) <= budget_ms; });
+}
+
+void SloCalibrator::add(double predicted_ms, double measured_ms, double slo_ms) {
+  if (!(predicted_ms > 0) || !(measured_ms >= 0)) return;
+  const double r = std::clamp(measured_ms / predicted_ms, 0.25, 4.0);
+  mean_ = 0.9 * mean_ + 0.1 * r;
+  if (predicted_ms * scale_ >= 0.5 * slo_ms) {
+    if (window_.size() < kWindow) {
+      window_.push_back(r);
+    } else {
+      window_[next_] = r;
+      next_ = (next_ + 1) % kWindow;
+    }
+  }
+  if (window_.size() < kMinSamples) {
+    scale_ = mean_;
+    return;
+  }
+  std::vector<double> w = window_;
+  const size_t k = std::min(w.size() - 1, size_t(std::ceil(quantile_ * double(w.size()))) - 1);
+  std::nth_element(w.begin(), w.begin() + std::ptrdiff_t(k), w.end());
+  scale_ = w[k];
 }
 
 LatencyTable LatencyTable::measure(Model& model, const std::vector<int>& counts, int reps) {

@@ -45,4 +45,25 @@ struct LatencyTable {
   static LatencyTable load(const std::string& path);  // throws spear::Error on a bad file
 };
 
+// The factor an SLO scheduler multiplies the table's predictions by, learned online from the iterations it
+// filled (prompt tokens beside decodes). A mean of measured / predicted meets the SLO only on average, and an
+// iteration packed to the SLO then runs over about half the time; the tail is what an ITL percentile sees. So
+// the factor is the `quantile` of measured / predicted over the last kWindow iterations predicted at half the
+// SLO or more (the ones that can break it), once kMinSamples of them are in; before that, the running mean of
+// every sample. Ratios are clamped to [0.25, 4].
+class SloCalibrator {
+ public:
+  static constexpr size_t kWindow = 256, kMinSamples = 20;
+  explicit SloCalibrator(double quantile = 0.99) : quantile_(quantile) {}
+  // One filled iteration: its raw prediction (before the factor), the measured time and the SLO.
+  void add(double predicted_ms, double measured_ms, double slo_ms);
+  double scale() const { return scale_; }
+  size_t samples() const { return window_.size(); }
+
+ private:
+  double quantile_, scale_ = 1, mean_ = 1;
+  std::vector<double> window_;  // ring of the last kWindow ratios near the SLO
+  size_t next_ = 0;
+};
+
 }  // namespace spear

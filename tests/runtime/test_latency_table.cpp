@@ -83,6 +83,39 @@ TEST(LatencyTable, FileRoundTripAndBadFiles) {
   EXPECT_THROW(LatencyTable::load(dir + "/missing.json"), Error);
 }
 
+TEST(SloCalibrator, MeanFirstThenTheQuantileOfIterationsNearTheSlo) {
+  SloCalibrator c(0.99);
+  EXPECT_EQ(c.scale(), 1.0);
+  c.add(10, 20, 16);  // ratio 2: the mean moves 10% of the way
+  EXPECT_NEAR(c.scale(), 1.1, 1e-12);
+  EXPECT_EQ(c.samples(), 1u);
+  c.add(2, 8, 16);  // predicted far below the SLO: into the mean, not the window
+  EXPECT_EQ(c.samples(), 1u);
+  c.add(0, 5, 16);  // no prediction: ignored
+  EXPECT_EQ(c.samples(), 1u);
+
+  // 100 iterations near the SLO, 97 exactly as predicted and 3 at 1.5x: the 0.99 quantile is 1.5 (the mean
+  // would be about 1.0 and let a third of the packed iterations run over), the 0.9 quantile 1.0.
+  SloCalibrator p99(0.99), p90(0.9);
+  for (int i = 0; i < 100; ++i) {
+    const double measured = i % 33 == 5 ? 15 : 10;
+    p99.add(10, measured, 16);
+    p90.add(10, measured, 16);
+  }
+  EXPECT_EQ(p99.samples(), 100u);
+  EXPECT_DOUBLE_EQ(p99.scale(), 1.5);
+  EXPECT_DOUBLE_EQ(p90.scale(), 1.0);
+
+  // The window keeps the last kWindow: after that many exact iterations the slow ones are gone.
+  for (size_t i = 0; i < SloCalibrator::kWindow; ++i) p99.add(10, 10, 16);
+  EXPECT_EQ(p99.samples(), SloCalibrator::kWindow);
+  EXPECT_DOUBLE_EQ(p99.scale(), 1.0);
+  p99.add(10, 1000, 16);  // clamped at 4
+  p99.add(10, 1000, 16);
+  p99.add(10, 1000, 16);
+  EXPECT_DOUBLE_EQ(p99.scale(), 4.0);
+}
+
 TEST(LatencyTable, MeasuredOnTheModelAndUsedByTheEngine) {
   CpuBackend be;
   auto model = Model::load(test::ref_model_dir(), be);
@@ -155,6 +188,8 @@ TEST(LatencyTable, MeasuredOnTheModelAndUsedByTheEngine) {
   EngineOptions bad;
   bad.slo_itl_ms = 10;
   EXPECT_THROW(Engine(*model, bad), Error);  // an SLO without a table
+  o.slo_quantile = 0;
+  EXPECT_THROW(Engine(*model, o), Error);
 }
 
 }  // namespace spear

@@ -25,7 +25,8 @@
 #             linears: naive, overlapped and auto (built-in rule) paths against no ECs (reuses /tmp/LIKE-w4)
 #   serve:LIKE  issue 7's scheduler experiment on a LIKE-shaped random W4 model (the reference tokenizer
 #             lent, tools/experiments/serve_slo.sh): fixed chunks vs the ITL-SLO chunking at 16 req/s with
-#             random ECs on SERVE_DENSITIES (default 0.38) of the linears
+#             random ECs on SERVE_DENSITIES (default 0.38) of the linears; CHUNKS (default "512 256 128 64")
+#             or, per density, CHUNKS_0_15 etc. name the fixed chunks to run beside the SLO ones
 #   ecppl     GPU vs CPU perplexity of a SPEAR package (calibrated here, fast preset) under each EC path
 # Everything lands in $OUT/results.tgz (results-$TAG.tgz with TAG set, so that several calls of one device run,
 # e.g. under different SPEAR_* settings, keep their files apart) and the log on stdout.
@@ -121,8 +122,9 @@ for stage in "$@"; do
       rm -rf "/tmp/s-$like"
       for d in ${SERVE_DENSITIES:-0.38}; do
         t "serve experiment $like EC density $d"
+        chunks_var="CHUNKS_${d//./_}"  # e.g. CHUNKS_0_15="": this density without the fixed-chunk runs
         BIN="$BIN/spear" MODEL="/tmp/s-$like-w4" OUT="$R/serve-$like" DEVICE=cuda DENSITY=$d \
-          bash tools/experiments/serve_slo.sh
+          CHUNKS="${!chunks_var-${CHUNKS-512 256 128 64}}" bash tools/experiments/serve_slo.sh
       done
       grep -h "spear engine" "$R/serve-$like"/serve-*.log | sort | uniq -c | head -5
       rm -rf "/tmp/s-$like-w4" ;;

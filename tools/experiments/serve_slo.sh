@@ -12,7 +12,7 @@ set -u
 BIN=${BIN:-./build/spear}
 : "${MODEL:?MODEL=model directory}" "${OUT:?OUT=results directory}"
 DEVICE=${DEVICE:-cpu}; DENSITY=${DENSITY:-0}; RATE=${RATE:-16}; N=${N:-160}
-SLOS=${SLOS:-16 22}; CHUNKS=${CHUNKS:-512 256 128 64}
+SLOS=${SLOS-16 22}; CHUNKS=${CHUNKS-512 256 128 64}  # set empty to skip
 read -r PMIN PMAX <<< "${PROMPT:-128 768}"; read -r OMIN OMAX <<< "${OUTPUT:-32 96}"
 MAX_RUNNING=${MAX_RUNNING:-64}; MAX_CONTEXT=${MAX_CONTEXT:-1024}; EXTRA=${EXTRA:-}
 DATA=${DATA:-../shared/data/test.txt}
