@@ -92,11 +92,14 @@ std::string Metrics::render(const EngineStats& e) const {
     s += fmt::format("# HELP spear_slo_iterations_total Iterations with decode tokens under --slo-itl-ms.\n"
                      "# TYPE spear_slo_iterations_total counter\nspear_slo_iterations_total {}\n",
                      e.slo_iterations);
-    s += fmt::format("# HELP spear_slo_iteration_ms_total Their forward time, predicted by the latency table and "
-                     "measured.\n# TYPE spear_slo_iteration_ms_total counter\n"
-                     "spear_slo_iteration_ms_total{{kind=\"predicted\"}} {:.3f}\n"
-                     "spear_slo_iteration_ms_total{{kind=\"measured\"}} {:.3f}\n",
-                     e.slo_predicted_ms, e.slo_measured_ms);
+    // A counter pair: an iteration kind's forward time as the latency table predicted it and as measured.
+    auto ms_pair = [&s](const char* name, const char* help, double predicted, double measured) {
+      s += fmt::format("# HELP {0} {1}\n# TYPE {0} counter\n{0}{{kind=\"predicted\"}} {2:.3f}\n"
+                       "{0}{{kind=\"measured\"}} {3:.3f}\n",
+                       name, help, predicted, measured);
+    };
+    ms_pair("spear_slo_iteration_ms_total", "Their forward time, predicted by the latency table and measured.",
+            e.slo_predicted_ms, e.slo_measured_ms);
     s += fmt::format("# HELP spear_slo_prediction_scale Measured / predicted forward time, averaged: the factor the "
                      "chunk search applies to the latency table.\n# TYPE spear_slo_prediction_scale gauge\n"
                      "spear_slo_prediction_scale {:.4f}\n",
@@ -108,11 +111,8 @@ std::string Metrics::render(const EngineStats& e) const {
                      "(the chunk search's; the calibration learns from these only).\n"
                      "# TYPE spear_slo_mixed_iterations_total counter\nspear_slo_mixed_iterations_total {}\n",
                      e.slo_mixed_iterations);
-    s += fmt::format("# HELP spear_slo_mixed_iteration_ms_total Their forward time, predicted and measured.\n"
-                     "# TYPE spear_slo_mixed_iteration_ms_total counter\n"
-                     "spear_slo_mixed_iteration_ms_total{{kind=\"predicted\"}} {:.3f}\n"
-                     "spear_slo_mixed_iteration_ms_total{{kind=\"measured\"}} {:.3f}\n",
-                     e.slo_mixed_predicted_ms, e.slo_mixed_measured_ms);
+    ms_pair("spear_slo_mixed_iteration_ms_total", "Their forward time, predicted and measured.",
+            e.slo_mixed_predicted_ms, e.slo_mixed_measured_ms);
     s += fmt::format("# HELP spear_slo_mixed_iterations_over_total Mixed iterations over the SLO.\n"
                      "# TYPE spear_slo_mixed_iterations_over_total counter\nspear_slo_mixed_iterations_over_total {}\n",
                      e.slo_mixed_over);

@@ -15,32 +15,15 @@
 #include "backend/cuda/rms_norm.h"
 #include "backend/cuda/rope_kv_append.h"
 #include "core/dtype.h"
+#include "w4a16_test_util.h"
 
 namespace spear {
 
 namespace {
 
+// A device copy of a host vector (the W4 tests' buffer).
 template <typename T>
-class Dev {
- public:
-  explicit Dev(const std::vector<T>& h) : n_(h.size()) {
-    SPEAR_CUDA_CHECK(cudaMalloc(&p_, std::max<size_t>(n_, 1) * sizeof(T)));
-    SPEAR_CUDA_CHECK(cudaMemcpy(p_, h.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  ~Dev() { cudaFree(p_); }
-  Dev(const Dev&) = delete;
-  Dev& operator=(const Dev&) = delete;
-  T* get() const { return p_; }
-  std::vector<T> download() const {
-    std::vector<T> h(n_);
-    SPEAR_CUDA_CHECK(cudaMemcpy(h.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-  }
-
- private:
-  T* p_ = nullptr;
-  size_t n_ = 0;
-};
+using Dev = w4test::W4DevBuf<T>;
 
 __nv_bfloat16* bf(const Dev<uint16_t>& d) { return reinterpret_cast<__nv_bfloat16*>(d.get()); }
 

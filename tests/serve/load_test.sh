@@ -19,6 +19,9 @@ for i, r in enumerate(runs, 1):
     assert r["completed"] + r["disconnected"] == r["requests"], f"run {i}: requests lost"
     assert s["finished"] == 500 * i, f"run {i}: the server finished {s['finished']} requests"
     assert s["kv_blocks_used"] == 0 and s["idle"], f"run {i}: KV blocks left in use"
+    # Every completed request streamed text; a held-back token joins the next event, never more than that.
+    assert r["text_events"] >= r["completed"], f"run {i}: {r['text_events']} text events"
+    assert 1.0 <= r["tokens_per_text_event"] < 2.0, f"run {i}: {r['tokens_per_text_event']} tokens per event"
 growth = runs[-1]["server"]["rss_mb"] / runs[0]["server"]["rss_mb"] - 1
 print(f"RSS growth between runs: {100 * growth:.2f}%")
 assert growth < 0.05, "memory grows across runs"
