@@ -25,8 +25,6 @@ namespace {
 template <typename T>
 using Dev = w4test::W4DevBuf<T>;
 
-__nv_bfloat16* bf(const Dev<uint16_t>& d) { return reinterpret_cast<__nv_bfloat16*>(d.get()); }
-
 std::vector<uint16_t> random_bits(size_t n, std::mt19937& rng, float sd) {
   std::normal_distribution<float> nd(0.f, sd);
   std::vector<uint16_t> v(n);
@@ -44,9 +42,9 @@ TEST(CudaFused, AddRmsNormEqualsAddThenNorm) {
     const auto w = random_bits(size_t(d), rng, 0.5f);
     Dev<uint16_t> xa(x), ya(y), xb(x), yb(y), dw(w), outa(std::vector<uint16_t>(x.size(), 0xffff)),
         outb(std::vector<uint16_t>(x.size(), 0xffff));
-    cuda::add_bf16(bf(xa), bf(ya), int64_t(x.size()), nullptr);
-    cuda::rms_norm_bf16(bf(xa), bf(dw), bf(outa), rows, d, 1e-5f, nullptr);
-    cuda::add_rms_norm_bf16(bf(xb), bf(yb), bf(dw), bf(outb), rows, d, 1e-5f, nullptr);
+    cuda::add_bf16(bf_mut(xa), bf_mut(ya), int64_t(x.size()), nullptr);
+    cuda::rms_norm_bf16(bf_mut(xa), bf_mut(dw), bf_mut(outa), rows, d, 1e-5f, nullptr);
+    cuda::add_rms_norm_bf16(bf_mut(xb), bf_mut(yb), bf_mut(dw), bf_mut(outb), rows, d, 1e-5f, nullptr);
     SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
     EXPECT_TRUE(xa.download() == xb.download()) << rows << "x" << d << ": residual sums differ";
     EXPECT_TRUE(outa.download() == outb.download()) << rows << "x" << d << ": normed outputs differ";
@@ -98,17 +96,17 @@ TEST(CudaFused, RopeKvAppendEqualsRopeThenAppend) {
     Dev<uint16_t> qa(q), ka(k), va(v), qb(q), kb(k), vb(v), pka(pool), pva(pool), pkb(pool), pvb(pool);
     auto layer = [&](const Dev<uint16_t>& pk, const Dev<uint16_t>& pv) {
       cuda::PagedKvLayer l;
-      l.k = bf(pk);
-      l.v = bf(pv);
+      l.k = bf_mut(pk);
+      l.v = bf_mut(pv);
       l.block_table = dtab.get();
       l.max_blocks = max_blocks;
       l.kv_dim = kv_dim;
       return l;
     };
-    cuda::rope_bf16(bf(qa), T, c.n_heads, c.head_dim, dpos.get(), dfreq.get(), nullptr);
-    cuda::rope_bf16(bf(ka), T, c.n_kv_heads, c.head_dim, dpos.get(), dfreq.get(), nullptr);
-    cuda::kv_append_bf16(bf(ka), bf(va), T, dtok.get(), dseqs.get(), layer(pka, pva), nullptr);
-    cuda::rope_kv_append_bf16(bf(qb), bf(kb), bf(vb), T, c.n_heads, c.head_dim, dpos.get(), dfreq.get(), dtok.get(),
+    cuda::rope_bf16(bf_mut(qa), T, c.n_heads, c.head_dim, dpos.get(), dfreq.get(), nullptr);
+    cuda::rope_bf16(bf_mut(ka), T, c.n_kv_heads, c.head_dim, dpos.get(), dfreq.get(), nullptr);
+    cuda::kv_append_bf16(bf_mut(ka), bf_mut(va), T, dtok.get(), dseqs.get(), layer(pka, pva), nullptr);
+    cuda::rope_kv_append_bf16(bf_mut(qb), bf_mut(kb), bf_mut(vb), T, c.n_heads, c.head_dim, dpos.get(), dfreq.get(), dtok.get(),
                               dseqs.get(), layer(pkb, pvb), nullptr);
     SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
     const std::string what = "heads " + std::to_string(c.n_heads) + "/" + std::to_string(c.n_kv_heads) + " x " +
