@@ -62,9 +62,8 @@ void register_serve(CLI::App& app) {
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   cmd->add_option("--slo-quantile", so->engine.slo_quantile,
-                  "Share of the iterations with decode tokens that should meet --slo-itl-ms (0.99: a p99 ITL): "
-                  "predictions are scaled by the quantile of measured / predicted time that this share implies for "
-                  "the recent iterations the chunk search filled near the SLO")
+                  "Share of the chunk-filled iterations that should meet --slo-itl-ms: predictions are scaled by this "
+                  "quantile of measured / predicted time over the recent iterations filled near the SLO")
       ->check(CLI::Range(0.01, 1.0))
       ->capture_default_str();
   cmd->add_option("--latency-table", *table_path,

@@ -283,10 +283,10 @@ bool Engine::step() {
   if (predicted_ms >= 0) {
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_fwd).count();
     // Online calibration: the table is measured once, apart from serving (other threads, caches, eager vs graph
-    // passes), and its bias and spread show here (SloCalibrator): ratios from the mixed iterations only (see
-    // EngineStats::slo_mixed_iterations), their share from all.
+    // passes), and its bias and spread show here (SloCalibrator). Mixed iterations only (see
+    // EngineStats::slo_mixed_iterations).
     const bool mixed = prompt_tokens > 0;
-    if (opt_.slo_calibrate) slo_cal_.add(predicted_ms, ms, opt_.slo_itl_ms, mixed);
+    if (mixed && opt_.slo_calibrate) slo_cal_.add(predicted_ms, ms, opt_.slo_itl_ms);
     std::lock_guard<std::mutex> lock(mu_);
     stats_.slo_scale = slo_cal_.scale();
     ++stats_.slo_iterations;

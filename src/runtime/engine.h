@@ -63,7 +63,7 @@ struct EngineOptions {
   // iterations that were filled near the SLO, so that the SLO holds for that share of them, not on average.
   double slo_itl_ms = 0;
   bool slo_calibrate = true;  // false: the table's predictions as they are (tests that need exact chunks)
-  double slo_quantile = 0.99;  // share of decode iterations that should meet the SLO (SloCalibrator's target)
+  double slo_quantile = 0.99;  // the calibration's quantile (0.5: the median; 1: the worst of the window)
   std::shared_ptr<const LatencyTable> latency;
 };
 

@@ -106,34 +106,16 @@ int LatencyTable::largest_chunk(int fixed, int max_chunk, double budget_ms) cons
   return largest_fitting(max_chunk, [&](int c) { return predict_ms(fixed + c) <= budget_ms; });
 }
 
-double SloCalibrator::filled_share() const {
-  return kinds_.empty() ? 1.0 : double(kinds_filled_) / double(kinds_.size());
-}
-
-double SloCalibrator::quantile() const {
-  const double f = std::max(filled_share(), 1e-6);
-  return std::clamp(1.0 - (1.0 - target_) / f, std::min(0.9, target_), target_);
-}
-
-void SloCalibrator::add(double predicted_ms, double measured_ms, double slo_ms, bool filled) {
-  if (kinds_.size() < kWindow) {
-    kinds_.push_back(filled);
-  } else {
-    kinds_filled_ -= size_t(kinds_[kinds_next_]);
-    kinds_[kinds_next_] = filled;
-    kinds_next_ = (kinds_next_ + 1) % kWindow;
-  }
-  kinds_filled_ += size_t(filled);
-  if (filled && predicted_ms > 0 && measured_ms >= 0) {
-    const double r = std::clamp(measured_ms / predicted_ms, 0.25, 4.0);
-    mean_ = 0.9 * mean_ + 0.1 * r;
-    if (predicted_ms * scale_ >= 0.5 * slo_ms) {
-      if (window_.size() < kWindow) {
-        window_.push_back(r);
-      } else {
-        window_[next_] = r;
-        next_ = (next_ + 1) % kWindow;
-      }
+void SloCalibrator::add(double predicted_ms, double measured_ms, double slo_ms) {
+  if (!(predicted_ms > 0) || !(measured_ms >= 0)) return;
+  const double r = std::clamp(measured_ms / predicted_ms, 0.25, 4.0);
+  mean_ = 0.9 * mean_ + 0.1 * r;
+  if (predicted_ms * scale_ >= 0.5 * slo_ms) {
+    if (window_.size() < kWindow) {
+      window_.push_back(r);
+    } else {
+      window_[next_] = r;
+      next_ = (next_ + 1) % kWindow;
     }
   }
   if (window_.size() < kMinSamples) {
@@ -141,7 +123,7 @@ void SloCalibrator::add(double predicted_ms, double measured_ms, double slo_ms, 
     return;
   }
   std::vector<double> w = window_;
-  const size_t k = std::min(w.size() - 1, size_t(std::max(1.0, std::ceil(quantile() * double(w.size())))) - 1);
+  const size_t k = std::min(w.size() - 1, size_t(std::ceil(quantile_ * double(w.size()))) - 1);
   std::nth_element(w.begin(), w.begin() + std::ptrdiff_t(k), w.end());
   scale_ = w[k];
 }

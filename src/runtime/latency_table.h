@@ -47,31 +47,23 @@ struct LatencyTable {
 
 // The factor an SLO scheduler multiplies the table's predictions by, learned online from the iterations it
 // filled (prompt tokens beside decodes). A mean of measured / predicted meets the SLO only on average, and an
-// iteration packed to the SLO then runs over about half the time; the tail is what an ITL percentile sees.
-// `target` is the share of decode iterations that should meet the SLO (0.99 for a p99 ITL). Only filled
-// iterations can break it (a decode-only one is not sized by the search), so when they are a share f of the
-// recent decode iterations, they may run over 1 − target of the time divided by f: the factor is the quantile
-// q = 1 − (1 − target) / f (clamped to [0.9, target]) of measured / predicted over the last kWindow filled
-// iterations predicted at half the SLO or more (the ones that can break it), once kMinSamples of them are in;
-// before that, the running mean of every filled sample. Ratios are clamped to [0.25, 4].
+// iteration packed to the SLO then runs over about half the time; the tail is what an ITL percentile sees. So
+// the factor is the `quantile` of measured / predicted over the last kWindow iterations predicted at half the
+// SLO or more (the ones that can break it), once kMinSamples of them are in; before that, the running mean of
+// every sample. Ratios are clamped to [0.25, 4].
 class SloCalibrator {
  public:
   static constexpr size_t kWindow = 256, kMinSamples = 20;
-  explicit SloCalibrator(double target = 0.99) : target_(target) {}
-  // One decode iteration: its raw prediction (before the factor), the measured time, the SLO, and whether the
-  // search filled it with prompt tokens.
-  void add(double predicted_ms, double measured_ms, double slo_ms, bool filled = true);
+  explicit SloCalibrator(double quantile = 0.99) : quantile_(quantile) {}
+  // One filled iteration: its raw prediction (before the factor), the measured time and the SLO.
+  void add(double predicted_ms, double measured_ms, double slo_ms);
   double scale() const { return scale_; }
   size_t samples() const { return window_.size(); }
-  double filled_share() const;  // of the last kWindow decode iterations
-  double quantile() const;      // the one the factor is taken at now
 
  private:
-  double target_, scale_ = 1, mean_ = 1;
+  double quantile_, scale_ = 1, mean_ = 1;
   std::vector<double> window_;  // ring of the last kWindow ratios near the SLO
   size_t next_ = 0;
-  std::vector<char> kinds_;     // ring of the last kWindow decode iterations: filled or not
-  size_t kinds_next_ = 0, kinds_filled_ = 0;
 };
 
 }  // namespace spear
