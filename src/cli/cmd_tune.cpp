@@ -86,7 +86,9 @@ void register_tune(CLI::App& app) {
   add_runtime_options(cmd, *o);
   add_json_option(cmd, *o);
   cmd->add_option("--out", *out, "Latency table file (JSON)")->capture_default_str();
-  cmd->add_option("--tokens", *points, "Token counts to measure (default: 1, 2, 4, 8, 9, 16, 17, ... up to --max-tokens: both sides of each power of two)")
+  cmd->add_option("--tokens", *points,
+                  "Token counts to measure (default: 1, 2, 4, 8, 9, 16, 17, ... up to --max-tokens: both sides of "
+                  "each power of two)")
       ->delimiter(',');
   cmd->add_option("--max-tokens", *max_tokens, "Largest token count of the default points")
       ->check(CLI::Range(1, 1 << 16))

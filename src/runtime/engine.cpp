@@ -62,10 +62,10 @@ Engine::Engine(Model& model, const EngineOptions& options, TextStream::Decode de
       opt_(resolved(model, options)),
       decode_(std::move(decode)),
       cache_(model.make_kv_cache(opt_.max_running, opt_.max_context)),
-      blocks_(opt_.kv_blocks, opt_.max_running) {
+      blocks_(opt_.kv_blocks, opt_.max_running),
+      slo_cal_(opt_.slo_quantile) {
   for (int s = opt_.max_running - 1; s >= 0; --s) free_slots_.push_back(s);
   stats_.kv_blocks_total = opt_.kv_blocks;
-  slo_cal_ = SloCalibrator(opt_.slo_quantile);
 }
 
 Engine::~Engine() = default;

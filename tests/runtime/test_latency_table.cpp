@@ -173,7 +173,9 @@ TEST(LatencyTable, MeasuredOnTheModelAndUsedByTheEngine) {
     r.prompt = ps[i];
     r.max_tokens = i == 0 ? 12 : 6;
     tight.submit(r, [&, i](const RequestEvent& e) {
-      if (i == 1 && !e.tokens.empty()) EXPECT_EQ(finish_order.size(), 1u) << "request 1 decoded beside request 0";
+      if (i == 1 && !e.tokens.empty()) {
+        EXPECT_EQ(finish_order.size(), 1u) << "request 1 decoded beside request 0";
+      }
       got2[i].insert(got2[i].end(), e.tokens.begin(), e.tokens.end());
       if (e.finished) finish_order.push_back(i);
     });

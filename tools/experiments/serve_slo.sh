@@ -59,17 +59,14 @@ m = open(sys.argv[4]).read() if len(sys.argv) > 4 else ""
 def val(pat):
     x = re.search(pat + r" ([0-9.e+-]+)", m)
     return float(x.group(1)) if x else None
-n, pred, meas, over = (val(r"spear_slo_iterations_total"), val(r'spear_slo_iteration_ms_total\{kind="predicted"\}'),
-                       val(r'spear_slo_iteration_ms_total\{kind="measured"\}'), val(r"spear_slo_iterations_over_total"))
-if n:
-    line += f" | {n:.0f} SLO iterations: predicted {pred / n:.1f} ms, measured {meas / n:.1f} ms, {100 * over / n:.0f}% over"
-mn, mpred, mmeas, mover = (val(r"spear_slo_mixed_iterations_total"),
-                           val(r'spear_slo_mixed_iteration_ms_total\{kind="predicted"\}'),
-                           val(r'spear_slo_mixed_iteration_ms_total\{kind="measured"\}'),
-                           val(r"spear_slo_mixed_iterations_over_total"))
-if mn:
-    line += (f" | {mn:.0f} mixed: predicted {mpred / mn:.1f} ms, measured {mmeas / mn:.1f} ms,"
-             f" {100 * mover / mn:.0f}% over")
+for kind, label in (("", "SLO iterations"), ("mixed_", "mixed")):  # all decode iterations, then the filled ones
+    n, pred, meas, over = (val(rf"spear_slo_{kind}iterations_total"),
+                           val(rf'spear_slo_{kind}iteration_ms_total\{{kind="predicted"\}}'),
+                           val(rf'spear_slo_{kind}iteration_ms_total\{{kind="measured"\}}'),
+                           val(rf"spear_slo_{kind}iterations_over_total"))
+    if n:
+        line += (f" | {n:.0f} {label}: predicted {pred / n:.1f} ms, measured {meas / n:.1f} ms,"
+                 f" {100 * over / n:.0f}% over")
 if r.get("first_stream_error"):
     line += f" | first error: {r['first_stream_error']}"
 print(line)
