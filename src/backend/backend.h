@@ -12,6 +12,7 @@
 
 #include "backend/ec_dispatch.h"
 #include "core/tensor.h"
+#include "parallel/process_group.h"
 
 namespace spear {
 struct PackedQuantWeights;
@@ -124,6 +125,22 @@ class Backend {
   virtual std::pair<int, int> compensator_shape(const Linear& l) const = 0;
   virtual std::unique_ptr<KvCache> make_kv_cache(int n_layers, int n_slots, int max_tokens, int kv_dim) = 0;
 
+  // Tensor parallelism (DESIGN.md §5): the group whose rank this backend is, set before Model::load so that
+  // the model loads its shard. A GPU backend sets up its collectives here (collective: every rank calls it).
+  virtual void set_process_group(std::shared_ptr<ProcessGroup> pg) { pg_ = std::move(pg); }
+  ProcessGroup* process_group() const { return pg_.get(); }
+  int tp_size() const { return pg_ ? pg_->size() : 1; }
+  int tp_rank() const { return pg_ ? pg_->rank() : 0; }
+  // Sums each tensor over the group's ranks in place; every rank ends with the same values. One call may
+  // reduce tensors of different dtypes (a row-parallel output and its compensator's partial A·x).
+  virtual void all_reduce_sum(std::span<Tensor* const> ts) = 0;
+  // A row-parallel compensated linear in two halves around that all-reduce, since its gate needs the full
+  // A·x (DESIGN.md §2): linear_ec_partial computes out = x·Wᵀ (+ bias) without the compensator and
+  // z[T, rank] = A·x (fp32, from alloc_f32); after both are summed over the ranks, ec_expand adds
+  // B·(g(z) ⊙ z) to out.
+  virtual void linear_ec_partial(const Tensor& x, const Linear& l, Tensor& out, Tensor& z) = 0;
+  virtual void ec_expand(const Tensor& z, const Linear& l, Tensor& out) = 0;
+
   // How compensated linears run (backends with several EC implementations: CUDA; the CPU has one path and
   // ignores these). A forced path applies to every compensated linear (benchmarks); Auto consults the
   // dispatch table (null: the built-in rule). verbose: report each dispatch decision once on stderr.
@@ -185,6 +202,9 @@ class Backend {
   // ids[r] = argmax_c x[r, c] (first on ties); ids is [rows, 1] I32 from alloc_ids().
   virtual void argmax_rows(const Tensor& x, Tensor& ids) = 0;
   virtual Tensor alloc_ids(int64_t rows) = 0;
+
+ protected:
+  std::shared_ptr<ProcessGroup> pg_;
 };
 
 }  // namespace spear

@@ -17,7 +17,7 @@ namespace {
 
 struct DecodeRow {
   std::string model, ec_path = "-";
-  int batch = 0, prompt = 0, steps = 0, ec_modules = 0;
+  int batch = 0, prompt = 0, steps = 0, ec_modules = 0, tp = 1;
   double ec_density = 0, ec_bytes_pct = 0;
   double weight_gb = 0, prefill_ms = 0, step_ms_median = 0, step_ms_p10 = 0, step_ms_p90 = 0;
 };
@@ -117,6 +117,7 @@ void register_bench(CLI::App& app) {
       ->delimiter(',')
       ->check(CLI::IsMember({"auto", "naive", "fused", "overlapped"}));
   add_runtime_options(cmd, *o);
+  add_tp_options(cmd, *o);
   add_json_option(cmd, *o);
   cmd->callback([=] {
     auto backend = make_backend(*o);
@@ -147,7 +148,8 @@ void register_bench(CLI::App& app) {
             r.ec_modules = n_ec;
             r.ec_bytes_pct = 100.0 * double(ec_bytes) / double(std::max<size_t>(m->weight_bytes() - ec_bytes, 1));
             if (has_ec) r.ec_path = backend->device() == Device::CUDA ? path : "cpu";
-            if (!o->json)
+            r.tp = m->shard().size;
+            if (!o->json && m->shard().rank == 0)
               std::fprintf(stderr, "%s ec %.2f %s batch %d: %.3f ms/step\n", dir.c_str(), density, r.ec_path.c_str(),
                            B, r.step_ms_median);
           }
@@ -162,9 +164,9 @@ void register_bench(CLI::App& app) {
                    {"step_ms_p10", r.step_ms_p10}, {"step_ms_p90", r.step_ms_p90},
                    {"tokens_per_s", 1000.0 * r.batch / r.step_ms_median}, {"ec_density", r.ec_density},
                    {"ec_modules", r.ec_modules}, {"ec_bytes_pct", r.ec_bytes_pct}, {"ec_path", r.ec_path},
-                   {"prefill_tokens_per_s", 1000.0 * r.batch * r.prompt / r.prefill_ms}});
+                   {"prefill_tokens_per_s", 1000.0 * r.batch * r.prompt / r.prefill_ms}, {"tp", r.tp}});
     nlohmann::json doc = {{"device", o->device}, {"backend", backend->name()}, {"rows", j}};
-    if (!out->empty()) {
+    if (!out->empty() && tp_rank_of(*o) == 0) {  // every rank measures; rank 0 reports
       std::FILE* f = std::fopen(out->c_str(), "w");
       if (!f) fail("cannot write {}", *out);
       std::fprintf(f, "%s\n", doc.dump(2).c_str());
@@ -174,11 +176,11 @@ void register_bench(CLI::App& app) {
       std::printf("%s\n", doc.dump().c_str());
       return;
     }
-    std::printf("%-32s %9s %5s %6s %-10s %6s %11s %10s %13s %9s %9s %10s\n", "model", "weights", "EC %", "EC B%",
-                "EC path", "batch", "prefill ms", "prefill/s", "ms/step (p50)", "p10", "p90", "tokens/s");
+    std::printf("%-32s %3s %9s %5s %6s %-10s %6s %11s %10s %13s %9s %9s %10s\n", "model", "tp", "weights", "EC %",
+                "EC B%", "EC path", "batch", "prefill ms", "prefill/s", "ms/step (p50)", "p10", "p90", "tokens/s");
     for (const auto& r : rows)
-      std::printf("%-32s %7.2f GB %5.0f %6.2f %-10s %6d %11.1f %10.0f %13.3f %9.3f %9.3f %10.0f\n", r.model.c_str(),
-                  r.weight_gb, 100 * r.ec_density, r.ec_bytes_pct, r.ec_path.c_str(), r.batch, r.prefill_ms,
+      std::printf("%-32s %3d %7.2f GB %5.0f %6.2f %-10s %6d %11.1f %10.0f %13.3f %9.3f %9.3f %10.0f\n",
+                  r.model.c_str(), r.tp, r.weight_gb, 100 * r.ec_density, r.ec_bytes_pct, r.ec_path.c_str(), r.batch, r.prefill_ms,
                   1000.0 * r.batch * r.prompt / r.prefill_ms, r.step_ms_median, r.step_ms_p10, r.step_ms_p90,
                   1000.0 * r.batch / r.step_ms_median);
   });

@@ -24,9 +24,11 @@ void register_generate(CLI::App& app) {
       ->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--seed", sp->seed, "Random seed for sampling");
   add_runtime_options(cmd, *o);
+  add_tp_options(cmd, *o);
   add_json_option(cmd, *o);
   cmd->callback([=] {
     if (sp->top_p <= 0.f) throw CLI::ValidationError("--top-p", "must be > 0");
+    // Under --tp every rank generates the same tokens (identical logits, same seed); rank 0 reports.
     auto backend = make_backend(*o);
     Tokenizer tok = Tokenizer::from_dir(o->model_dir);
     auto model = Model::load(o->model_dir, *backend);
@@ -61,9 +63,10 @@ void register_generate(CLI::App& app) {
                           {"finish_reason", r.finish_reason},
                           {"prefill_seconds", r.prefill_seconds},
                           {"decode_seconds", r.decode_seconds},
-                          {"decode_tokens_per_second", decode_tps}};
+                          {"decode_tokens_per_second", decode_tps},
+                          {"tp", model->shard().size}};
       std::printf("%s\n", j.dump().c_str());
-    } else {
+    } else if (model->shard().rank == 0) {
       if (printed < text.size()) std::fwrite(text.data() + printed, 1, text.size() - printed, stdout);
       std::printf("\n");
       std::fflush(stdout);  // keep the summary on stderr after the text when both go to one terminal

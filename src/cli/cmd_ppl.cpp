@@ -25,6 +25,7 @@ void register_ppl(CLI::App& app) {
   cmd->add_option("--max-windows", *max_windows, "Evaluate only the first N windows (0 = all)")
       ->check(CLI::NonNegativeNumber);
   add_runtime_options(cmd, *o);
+  add_tp_options(cmd, *o);
   add_json_option(cmd, *o);
   cmd->callback([=] {
     auto backend = make_backend(*o);
@@ -38,7 +39,8 @@ void register_ppl(CLI::App& app) {
       nlohmann::json j = {{"model", o->model_dir}, {"data", *data},         {"ppl", r.ppl},
                           {"ppl_stderr", r.ppl_stderr}, {"mean_nll", r.mean_nll}, {"tokens_scored", r.tokens_scored},
                           {"windows", r.windows}, {"ctx", r.ctx},           {"text_tokens", r.text_tokens},
-                          {"seconds", r.seconds}, {"tokens_per_second", tps}, {"device", backend->name()}};
+                          {"seconds", r.seconds}, {"tokens_per_second", tps}, {"device", backend->name()},
+                          {"tp", model->shard().size}};
       std::printf("%s\n", j.dump().c_str());
     } else {
       std::printf("%s: %ld tokens, %d windows of %d, %ld scored, %.1f s (%.0f tokens/s)\n", data->c_str(),

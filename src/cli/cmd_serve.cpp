@@ -26,6 +26,7 @@ void register_serve(CLI::App& app) {
                "/health, /metrics; continuous batching over a KV cache accounted in 16-token blocks");
   add_model_option(cmd, *o);
   add_runtime_options(cmd, *o);
+  add_tp_options(cmd, *o);
   cmd->add_option("--host", so->host, "Address to listen on")->capture_default_str();
   cmd->add_option("--port", so->port, "Port to listen on (0: any free port, printed)")
       ->check(CLI::Range(0, 65535))
@@ -92,6 +93,16 @@ void register_serve(CLI::App& app) {
     serve::ServerOptions opts = *so;
     opts.max_body_bytes = size_t(*max_body_kb) * 1024;
     opts.warm_up = o->device == "cuda" && !*no_warm_up;
+    if (tp_rank_of(*o) > 0) {
+      // A tensor-parallel rank other than 0 runs no server: it replays rank 0's forward passes on its shard until
+      // rank 0 shuts down. Ctrl-C reaches every process of the terminal; rank 0 drains and then stops this one.
+      std::signal(SIGINT, SIG_IGN);
+      auto backend = make_backend(*o);
+      auto model = Model::load(o->model_dir, *backend);
+      if (*ec_density > 0) attach_random_compensators(*model, *ec_density, *ec_rank, *ec_gate, 1234);
+      model->follow();
+      return;
+    }
     if (opts.model_name.empty())
       opts.model_name = std::filesystem::path(o->model_dir).lexically_normal().filename().string();
     if (opts.model_name.empty()) opts.model_name = "spear";
@@ -123,6 +134,7 @@ void register_serve(CLI::App& app) {
         std::fprintf(stderr, "spear serve: %zu random compensators (rank %d, gate width %d) attached\n", n, *ec_rank,
                      *ec_gate);
       }
+      if (model->shard().size > 1) model->lead();
       if (opts.engine.slo_itl_ms > 0) {
         // The table must come before the engine, which reads it at construction: attach() builds the engine.
         LatencyTable t;

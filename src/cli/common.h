@@ -18,12 +18,25 @@ struct CommonOptions {
   std::string ec_path = "auto";  // --ec-path (CUDA): auto | naive | fused | overlapped
   std::string ec_dispatch;       // --ec-dispatch FILE (CUDA); empty: <model>/ec_dispatch.json when present
   bool verbose = false;
+  // Tensor parallelism (cli/tensor_parallel.cpp)
+  int tp = 1;
+  int tp_rank = -1;
+  std::string tp_master;
+  double tp_timeout = 300;
 };
 
 void add_model_option(CLI::App* app, CommonOptions& o);
 void add_json_option(CLI::App* app, CommonOptions& o);
 void add_runtime_options(CLI::App* app, CommonOptions& o);  // --threads, --device, --ec-path, --ec-dispatch, -v
+// The backend of the command; with --tp N > 1 also this process's rank of the tensor-parallel group (started
+// first, so that Model::load loads a shard).
 std::unique_ptr<Backend> make_backend(const CommonOptions& o);
+// --tp, --tp-rank, --tp-master, --tp-timeout (commands that run a model: generate, ppl, bench, serve).
+void add_tp_options(CLI::App* app, CommonOptions& o);
+std::shared_ptr<ProcessGroup> start_tensor_parallel(const CommonOptions& o);  // null without --tp
+int tp_rank_of(const CommonOptions& o);   // this process's rank (0 without tensor parallelism)
+void finish_tensor_parallel();            // waits for the ranks this process started
+extern std::vector<std::string> g_argv;   // main's arguments, to start local ranks with
 std::string read_text_file(const std::string& path);
 
 void register_ppl(CLI::App& app);

@@ -38,7 +38,7 @@ void add_runtime_options(CLI::App* app, CommonOptions& o) {
   app->add_flag("--verbose,-v", o.verbose, "Report decisions on stderr (which EC path each compensated linear takes)");
 }
 
-std::unique_ptr<Backend> make_backend(const CommonOptions& o);
+std::unique_ptr<Backend> make_device_backend(const CommonOptions& o, int rank);
 
 std::string read_text_file(const std::string& path) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
@@ -56,13 +56,22 @@ std::string read_text_file(const std::string& path) {
 #include "backend/cpu/cpu_backend.h"
 #ifdef SPEAR_HAVE_CUDA
 #include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/cuda_check.h"
 #endif
 
 std::unique_ptr<spear::Backend> spear::cli::make_backend(const CommonOptions& o) {
   if (o.threads > 0) omp_set_num_threads(o.threads);
+  std::shared_ptr<ProcessGroup> pg = start_tensor_parallel(o);
+  std::unique_ptr<Backend> be = make_device_backend(o, pg ? pg->rank() : 0);
+  if (pg) be->set_process_group(std::move(pg));
+  return be;
+}
+
+std::unique_ptr<spear::Backend> spear::cli::make_device_backend(const CommonOptions& o, int rank) {
   if (o.device == "cuda") {
 #ifdef SPEAR_HAVE_CUDA
-    auto b = std::make_unique<spear::cuda::CudaBackend>(0);
+    // A rank's GPU: ranks on one host take one GPU each.
+    auto b = std::make_unique<spear::cuda::CudaBackend>(rank % spear::cuda::device_count());
     b->set_verbose(o.verbose);
     b->set_ec_path(spear::parse_ec_path(o.ec_path));
     std::string table = o.ec_dispatch;
@@ -84,6 +93,11 @@ std::unique_ptr<spear::Backend> spear::cli::make_backend(const CommonOptions& o)
 }
 
 int main(int argc, char** argv) {
+  spear::cli::g_argv.assign(argv, argv + argc);
+  // Errors of ranks started by a local rank 0 say which rank they come from.
+  const char* tp_rank = std::getenv("SPEAR_TP_RANK");
+  const std::string who = tp_rank ? std::string("spear[rank ") + tp_rank + "]" : "spear";
+  int rc = 0;
   CLI::App app{"SPEAR: 4-bit LLM inference with token-gated error compensators"};
   app.set_version_flag("--version", std::string("spear ") + SPEAR_VERSION);
   app.require_subcommand(1);
@@ -104,14 +118,15 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   } catch (const spear::Error& e) {
-    std::fprintf(stderr, "spear: error: %s\n", e.what());
-    return 1;
+    std::fprintf(stderr, "%s: error: %s\n", who.c_str(), e.what());
+    rc = 1;
   } catch (const std::bad_alloc&) {
-    std::fprintf(stderr, "spear: error: out of memory\n");
-    return 1;
+    std::fprintf(stderr, "%s: error: out of memory\n", who.c_str());
+    rc = 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "spear: error: %s\n", e.what());
-    return 1;
+    std::fprintf(stderr, "%s: error: %s\n", who.c_str(), e.what());
+    rc = 1;
   }
-  return 0;
+  spear::cli::finish_tensor_parallel();
+  return rc;
 }

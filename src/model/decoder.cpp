@@ -5,6 +5,7 @@
 #include "core/progress.h"
 #include "io/safetensors.h"
 #include "model/model.h"
+#include "model/tensor_parallel.h"
 #include "quant/package.h"
 
 namespace spear {
@@ -61,6 +62,17 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& be, const Lo
   const bool package = is_package(dir);
   if (package) m->package_ = read_manifest(dir);
   const int H = cfg.hidden_size, I = cfg.intermediate_size, V = cfg.vocab_size;
+  Shard& sh = m->shard_;
+  sh.rank = be.tp_rank();
+  sh.size = be.tp_size();
+  for (auto [what, n] : {std::pair<const char*, int>{"attention heads", cfg.num_heads},
+                         {"key/value heads", cfg.num_kv_heads},
+                         {"MLP features (intermediate_size)", I}})
+    if (n % sh.size != 0)
+      fail("{}: {} {} do not split over {} tensor-parallel ranks", dir, n, what, sh.size);
+  sh.heads = cfg.num_heads / sh.size;
+  sh.kv_heads = cfg.num_kv_heads / sh.size;
+  sh.intermediate = I / sh.size;
 
   const TensorView& emb = ck.get("model.embed_tokens.weight");
   check_shape(emb, {V, H});
@@ -76,8 +88,10 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& be, const Lo
     DecoderLayer& L = m->layers_[size_t(i)];
     L.attn_norm = read_vector(be, ck, p + "input_layernorm.weight", H);
     L.mlp_norm = read_vector(be, ck, p + "post_attention_layernorm.weight", H);
+    // Reads the whole module, counts its parameters, keeps this rank's shard (model/tensor_parallel.h).
     auto lin = [&](const std::string& n, int out, int in, bool bias) -> std::unique_ptr<Linear> {
       const std::string name = p + n;
+      const ShardKind kind = shard_kind_of(name);
       if (package && ck.has(name + ".qweight")) {
         PackedQuantWeights q = read_quantized_linear(ck, *m->package_, name, out, in);
         std::vector<float> b;
@@ -87,13 +101,14 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& be, const Lo
           b = bt.to_f32();
         }
         m->n_params_ += size_t(out) * in + b.size();
-        return be.make_quant_linear(name, q, b);
+        return be.make_quant_linear(name, shard_quant(name, q, kind, sh.rank, sh.size),
+                                    shard_bias(b, kind, sh.rank, sh.size));
       }
       if (package && !ck.has(name + ".weight"))
         fail("{}: package has neither '{}.qweight' nor '{}.weight'", dir, name, name);
       LinearWeights w = read_linear(ck, name, out, in, bias);
       m->n_params_ += w.w.size() + w.bias.size();
-      return be.make_linear(w);
+      return be.make_linear(shard_linear(w, kind, sh.rank, sh.size));
     };
     L.q = lin("self_attn.q_proj", cfg.q_dim(), H, cfg.qkv_bias);
     L.k = lin("self_attn.k_proj", cfg.kv_dim(), H, cfg.qkv_bias);
@@ -126,7 +141,7 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& be, const Lo
   m->rope_ = make_rope_table(cfg.rope, cfg.head_dim, cfg.dtype);
   if (package && opts.compensators && !m->package_->compensators.empty()) {
     for (const Compensator& c : read_compensators(dir, *m->package_, m->linear_dims())) {
-      be.set_compensator(*m->linear_slot(c.module), &c);
+      m->attach_compensator(c);
       m->n_params_ += c.param_count();
       m->compensated_.push_back(c.module);
     }
@@ -168,17 +183,28 @@ std::vector<std::string> Model::linear_names() const {
   return names;
 }
 
+// From the config, not the linears: under tensor parallelism those hold one rank's shard.
 std::map<std::string, std::pair<int, int>> Model::linear_dims() const {
+  const int H = cfg_.hidden_size, I = cfg_.intermediate_size;
+  const std::pair<int, int> dims[] = {{cfg_.q_dim(), H}, {cfg_.kv_dim(), H}, {cfg_.kv_dim(), H}, {H, cfg_.q_dim()},
+                                      {I, H},            {I, H},            {H, I}};
   std::map<std::string, std::pair<int, int>> d;
-  for (const auto& n : linear_names()) {
-    const Linear& l = *const_cast<Model*>(this)->linear_slot(n);
-    d[n] = {l.out_features, l.in_features};
-  }
+  for (int li = 0; li < cfg_.num_layers; ++li)
+    for (int i = 0; i < 7; ++i) d["model.layers." + std::to_string(li) + "." + kLinearSuffixes[i]] = dims[i];
   return d;
 }
 
-std::unique_ptr<KvCache> Model::make_kv_cache(int n_slots, int max_tokens) {
-  return backend_.make_kv_cache(cfg_.num_layers, n_slots, max_tokens, cfg_.kv_dim());
+void Model::attach_compensator(const Compensator& c) {
+  Linear& l = *linear_slot(c.module);
+  const auto dims = linear_dims().at(c.module);
+  if (c.out != dims.first || c.in != dims.second)
+    fail("{}: compensator is [{} -> {}], the module [{} -> {}]", c.module, c.in, c.out, dims.second, dims.first);
+  const Compensator part = shard_compensator(c, shard_kind_of(c.module), shard_.rank, shard_.size);
+  backend_.set_compensator(l, &part);
+}
+
+std::unique_ptr<KvCache> Model::make_local_kv_cache(int n_slots, int max_tokens) {
+  return backend_.make_kv_cache(cfg_.num_layers, n_slots, max_tokens, shard_.kv_heads * cfg_.head_dim);
 }
 
 size_t Model::weight_bytes() const {
@@ -229,7 +255,29 @@ Tensor Model::embed_tokens(std::span<const int32_t> tokens) {
   return x;
 }
 
+void Model::require_single_rank(const char* what) const {
+  if (shard_.size > 1) fail("{} does not run under tensor parallelism (--tp 1)", what);
+}
+
+void Model::row_parallel_linear(const Linear& l, const Tensor& in, Tensor& out) {
+  Backend& be = backend_;
+  if (shard_.size == 1 || be.compensator_shape(l).first == 0) {
+    be.linear(in, l, out);
+    if (shard_.size > 1) {
+      Tensor* ts[] = {&out};
+      be.all_reduce_sum(ts);
+    }
+    return;
+  }
+  Tensor z = be.alloc_f32(in.rows, be.compensator_shape(l).first);
+  be.linear_ec_partial(in, l, out, z);
+  Tensor* ts[] = {&out, &z};
+  be.all_reduce_sum(ts);
+  be.ec_expand(z, l, out);
+}
+
 void Model::run_layer(int li, Tensor& x, const Batch& batch, KvCache& cache, const TapFn* taps) {
+  require_single_rank("layer-by-layer calibration");
   BatchDesc d = describe(batch);
   backend_.begin_batch(d, cache);
   run_layer_desc(li, x, d, cache, taps);
@@ -247,9 +295,12 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
     if (taps) (*taps)(l.name, TapPoint::Output, out);
   };
   Tensor h = be.alloc(T, c.hidden_size), tmp = be.alloc(T, c.hidden_size);
-  Tensor q = be.alloc(T, c.q_dim()), att = be.alloc(T, c.q_dim());
-  Tensor k = be.alloc(T, c.kv_dim()), v = be.alloc(T, c.kv_dim());
-  Tensor gate = be.alloc(T, c.intermediate_size), up = be.alloc(T, c.intermediate_size);
+  const Shard& sh = shard_;
+  if (taps) require_single_rank("observing activations (calibration, diagnostics)");
+  const int q_dim = sh.heads * c.head_dim, kv_dim = sh.kv_heads * c.head_dim;
+  Tensor q = be.alloc(T, q_dim), att = be.alloc(T, q_dim);
+  Tensor k = be.alloc(T, kv_dim), v = be.alloc(T, kv_dim);
+  Tensor gate = be.alloc(T, sh.intermediate), up = be.alloc(T, sh.intermediate);
 
   DecoderLayer& L = layers_[size_t(li)];
   const float eps = float(c.rms_norm_eps);
@@ -271,20 +322,26 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
   };
   run_group({L.q.get(), L.k.get(), L.v.get()}, {&q, &k, &v});
   AttentionParams ap;
-  ap.kv_appended = be.rope_qk(q, k, v, c.num_heads, c.num_kv_heads, c.head_dim, pos, rope_, cache, li);
+  ap.kv_appended = be.rope_qk(q, k, v, sh.heads, sh.kv_heads, c.head_dim, pos, rope_, cache, li);
   ap.layer = li;
-  ap.n_heads = c.num_heads;
-  ap.n_kv_heads = c.num_kv_heads;
+  ap.n_heads = sh.heads;
+  ap.n_kv_heads = sh.kv_heads;
   ap.head_dim = c.head_dim;
   ap.window = c.sliding_window[size_t(li)];
   ap.scale = 1.f / std::sqrt(float(c.head_dim));
   be.attention(q, k, v, d.seqs, cache, ap, att);
-  run_linear(*L.o, att, tmp);
+  if (sh.size > 1)
+    row_parallel_linear(*L.o, att, tmp);
+  else
+    run_linear(*L.o, att, tmp);
   be.add_rms_norm(x, tmp, L.mlp_norm, eps, h);
   run_group({L.gate.get(), L.up.get()}, {&gate, &up});
   be.swiglu(gate, up, gate);
   Tensor mlp_out = be.alloc(T, c.hidden_size);
-  run_linear(*L.down, gate, mlp_out);
+  if (sh.size > 1)
+    row_parallel_linear(*L.down, gate, mlp_out);
+  else
+    run_linear(*L.down, gate, mlp_out);
   if (residual && !taps)
     *residual = mlp_out;
   else
@@ -293,6 +350,7 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
 }
 
 std::vector<float> Model::logits(const Tensor& x, const Batch& batch, LogitsMode mode, const TapFn* taps) {
+  require_single_rank("layer-by-layer calibration");
   BatchDesc d = describe(batch);
   Tensor xv = x;  // a view (logits_desc takes the residual stream by reference for its fused add)
   Tensor out = logits_desc(xv, d, mode, taps);
@@ -323,7 +381,7 @@ Tensor Model::logits_desc(Tensor& x, const BatchDesc& d, LogitsMode mode, const 
   return out;
 }
 
-std::vector<float> Model::forward(const Batch& batch, KvCache& cache, LogitsMode mode, const TapFn* taps) {
+std::vector<float> Model::forward_local(const Batch& batch, KvCache& cache, LogitsMode mode, const TapFn* taps) {
   if (batch.tokens.empty()) return {};
   check_batch(batch, cache);
   const BatchDesc d = describe(batch);
@@ -338,7 +396,7 @@ std::vector<float> Model::forward(const Batch& batch, KvCache& cache, LogitsMode
   return host;
 }
 
-std::vector<int32_t> Model::forward_greedy(const Batch& batch, KvCache& cache) {
+std::vector<int32_t> Model::forward_greedy_local(const Batch& batch, KvCache& cache) {
   if (batch.tokens.empty()) return {};
   check_batch(batch, cache);
   const BatchDesc d = describe(batch);

@@ -58,6 +58,25 @@ class Model {
   std::map<std::string, std::pair<int, int>> linear_dims() const;
   // Compensators attached at load from the package (module names), for reports.
   const std::vector<std::string>& compensated_modules() const { return compensated_; }
+  // Attaches a compensator given for a whole decoder linear (c.module names it); under tensor parallelism this
+  // rank keeps its part (model/tensor_parallel.h). Throws for unknown modules or mismatched shapes.
+  void attach_compensator(const Compensator& c);
+
+  // Tensor parallelism (the backend's process group, set before load): this rank's share of the attention
+  // heads and of the MLP width; everything when size == 1.
+  struct Shard {
+    int rank = 0, size = 1;
+    int heads = 0, kv_heads = 0, intermediate = 0;
+  };
+  const Shard& shard() const { return shard_; }
+
+  // Serving under tensor parallelism: requests reach rank 0 only, so rank 0 leads (every KV cache it makes and
+  // every forward pass it runs is first sent to the other ranks) and the others follow: follow() replays them
+  // until the leader's model is destroyed. Commands whose every rank computes the same (generate, ppl, bench)
+  // need neither. model/tp_lead.cpp.
+  void lead();
+  void follow();
+  ~Model();
 
   std::unique_ptr<KvCache> make_kv_cache(int n_slots, int max_tokens);
 
@@ -91,6 +110,12 @@ class Model {
   size_t n_params_ = 0;
   std::optional<PackageManifest> package_;
   std::vector<std::string> compensated_;
+  Shard shard_;
+  std::shared_ptr<struct TpLead> lead_;  // set by lead()
+
+  std::unique_ptr<KvCache> make_local_kv_cache(int n_slots, int max_tokens);
+  std::vector<float> forward_local(const Batch& batch, KvCache& cache, LogitsMode mode, const TapFn* taps);
+  std::vector<int32_t> forward_greedy_local(const Batch& batch, KvCache& cache);
 
   void check_batch(const Batch& batch, const KvCache& cache) const;
   BatchDesc describe(const Batch& batch) const;
@@ -102,6 +127,10 @@ class Model {
   void run_layer_desc(int layer, Tensor& x, const BatchDesc& d, KvCache& cache, const TapFn* taps,
                       Tensor* residual = nullptr);
   Tensor logits_desc(Tensor& x, const BatchDesc& d, LogitsMode mode, const TapFn* taps, Tensor* residual = nullptr);
+  // A row-parallel linear (o, down): the partial products summed over the ranks, a compensator's z before its
+  // gate (DESIGN.md §2). Just the linear without tensor parallelism.
+  void row_parallel_linear(const Linear& l, const Tensor& in, Tensor& out);
+  void require_single_rank(const char* what) const;
 };
 
 // Per-architecture registry (model/architectures.cpp) and the model config loader that uses it.

@@ -96,12 +96,17 @@ void compensator_gate(const Compensator& c, const float* z, float* g) {
   }
 }
 
-void compensator_apply(const Compensator& c, const float* x, int T, float* y) {
+void compensator_project(const Compensator& c, const float* x, int T, float* z) {
+  if (T <= 0) return;
+  MapC X(x, T, c.in), A(c.A.data(), c.rank, c.in);
+  Eigen::Map<MatR> Z(z, T, c.rank);
+  Z.noalias() = X * A.transpose();
+}
+
+void compensator_expand(const Compensator& c, const float* z_in, int T, float* y) {
   if (T <= 0) return;
   const int r = c.rank;
-  MatR z(T, r);
-  MapC X(x, T, c.in), A(c.A.data(), r, c.in), B(c.B.data(), c.out, r);
-  z.noalias() = X * A.transpose();
+  MatR z = Eigen::Map<const MatR>(z_in, T, r);
   if (c.gated()) {
     std::vector<float> g(static_cast<size_t>(r));
 #pragma omp parallel for if (T > 64) firstprivate(g)
@@ -111,8 +116,16 @@ void compensator_apply(const Compensator& c, const float* x, int T, float* y) {
       for (int i = 0; i < r; ++i) zr[i] *= g[size_t(i)];
     }
   }
+  MapC B(c.B.data(), c.out, r);
   Eigen::Map<MatR> Y(y, T, c.out);
   Y.noalias() += z * B.transpose();
+}
+
+void compensator_apply(const Compensator& c, const float* x, int T, float* y) {
+  if (T <= 0) return;
+  std::vector<float> z(size_t(T) * size_t(c.rank));
+  compensator_project(c, x, T, z.data());
+  compensator_expand(c, z.data(), T, y);
 }
 
 void compensator_apply_reference(const Compensator& c, const float* x, int T, float* y) {

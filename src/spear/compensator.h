@@ -42,6 +42,10 @@ size_t compensator_bytes(int in, int out, int rank, int gate_width);
 // y[T, out] += B·(g ⊙ (A·x)) for x [T, in], row-major. Scratch is allocated internally; OpenMP over tokens
 // when T is large. The fast path used by the CPU backend.
 void compensator_apply(const Compensator& c, const float* x, int T, float* y);
+// Its two halves, split where a row-parallel module sums z over the ranks (tensor parallelism):
+// z[T, rank] = A·x, then y += B·(g(z) ⊙ z).
+void compensator_project(const Compensator& c, const float* x, int T, float* z);
+void compensator_expand(const Compensator& c, const float* z, int T, float* y);
 
 // The same in plain loops with double accumulation: the reference the fast paths are tested against.
 void compensator_apply_reference(const Compensator& c, const float* x, int T, float* y);

@@ -15,9 +15,10 @@ std::vector<Compensator> attach_random_compensators(Model& model, double density
   SPEAR_CHECK(density >= 0.0 && density <= 1.0, "EC density {} is outside [0, 1]", density);
   SPEAR_CHECK(rank >= 1 && gate_width >= 0, "EC rank {} / gate width {}: rank must be >= 1, gate width >= 0", rank,
               gate_width);
-  std::vector<Linear*> all;
-  for (auto& layer : model.layers())
-    for (Linear* l : layer.linears()) all.push_back(l);
+  // Whole-module shapes (under tensor parallelism the linears hold one rank's shard; every rank draws the same
+  // compensators and keeps its part).
+  const std::vector<std::string> all = model.linear_names();
+  const auto dims = model.linear_dims();
   const size_t n = size_t(std::lround(density * double(all.size())));
   std::vector<size_t> idx(all.size());
   std::iota(idx.begin(), idx.end(), 0);
@@ -29,11 +30,11 @@ std::vector<Compensator> attach_random_compensators(Model& model, double density
   ecs.reserve(n);
   std::normal_distribution<float> nd(0.f, 1.f);
   for (size_t i : idx) {
-    Linear& l = *all[i];
+    const auto [out, in] = dims.at(all[i]);
     Compensator c;
-    c.module = l.name;
-    c.resize(l.in_features, l.out_features, rank, 0);
-    const float sa = 1.f / std::sqrt(float(l.in_features)), sb = 0.02f / std::sqrt(float(rank));
+    c.module = all[i];
+    c.resize(in, out, rank, 0);
+    const float sa = 1.f / std::sqrt(float(in)), sb = 0.02f / std::sqrt(float(rank));
     for (float& v : c.A) v = sa * nd(rng);
     for (float& v : c.B) v = sb * nd(rng);
     if (gate_width > 0) {
@@ -41,7 +42,7 @@ std::vector<Compensator> attach_random_compensators(Model& model, double density
       for (float& v : c.W2) v = 0.1f * nd(rng) / std::sqrt(float(gate_width));  // a gate that is not exactly 1
     }
     c.round_to_bf16();
-    model.backend().set_compensator(l, &c);
+    model.attach_compensator(c);
     ecs.push_back(std::move(c));
   }
   return ecs;

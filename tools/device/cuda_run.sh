@@ -27,11 +27,22 @@
 #             lent, tools/experiments/serve_slo.sh): fixed chunks vs the ITL-SLO chunking at 16 req/s with
 #             random ECs on SERVE_DENSITIES (default 0.38) of the linears; CHUNKS (default "512 256 128 64")
 #             or, per density, CHUNKS_0_15 etc. name the fixed chunks to run beside the SLO ones
+#   allreduce bench_allreduce (issue 8): the P2P dual-write reduction vs NCCL all-reduce at 8 KB - 1 MB, same run
+#   tpcheck   issue 8 on the reference model, its RTN W4 package and the staged SPEAR package: perplexity and
+#             greedy text at --tp 1 and --tp 2 (needs 2 GPUs)
+#   tp:LIKE   issue 8 on a LIKE-shaped random W4 model: greedy ids at --tp 1 vs 2, then bench decode at batch 1
+#             and 8 with random ECs on 0 and TP_DENSITIES (default 0.15) of the linears at --tp 1 and --tp 2
 #   ecppl     GPU vs CPU perplexity of a SPEAR package (calibrated here, fast preset) under each EC path
 # Everything lands in $OUT/results.tgz (results-$TAG.tgz with TAG set, so that several calls of one device run,
 # e.g. under different SPEAR_* settings, keep their files apart) and the log on stdout.
 set -u
 export LD_LIBRARY_PATH=$PWD/.devrun/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+# NCCL is loaded at run time (nccl_loader.h): the image's pip package has it when the toolkit does not.
+if [[ -z "${SPEAR_NCCL_LIBRARY:-}" ]] && ! ldconfig -p | grep -q libnccl.so.2 && [[ ! -f /usr/local/cuda/lib64/libnccl.so.2 ]]; then
+  SPEAR_NCCL_LIBRARY=$(python3 -c "import nvidia.nccl, os; print(os.path.join(nvidia.nccl.__path__[0], 'lib', 'libnccl.so.2'))" 2>/dev/null)
+  export SPEAR_NCCL_LIBRARY
+fi
+export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off on these machines (KINDS.md)
 tar xJf .devrun/carry/bundle.tar.xz -C .devrun
 BIN=$PWD/.devrun/bin
 R=$(mktemp -d /tmp/spear-run.XXXX)
@@ -128,6 +139,42 @@ for stage in "$@"; do
       done
       grep -h "spear engine" "$R/serve-$like"/serve-*.log | sort | uniq -c | head -5
       rm -rf "/tmp/s-$like-w4" ;;
+    allreduce)
+      t "bench_allreduce (NCCL: ${SPEAR_NCCL_LIBRARY:-system})"
+      timeout 120 "$BIN/bench_allreduce" --out "$R/allreduce.json" 2>&1 | tee "$R/allreduce.log" | tail -24 ;;
+    tpcheck)
+      t "tensor parallel vs one GPU: reference model, RTN W4, SPEAR package"
+      "$BIN/spear" quantize --model models/ref-llama-23m --out "$R/ref-w4" > /dev/null 2>&1
+      models="models/ref-llama-23m $R/ref-w4"
+      if [[ -d .devrun/ref-spear ]]; then
+        cp -r .devrun/ref-spear "$R/ref-spear" && cp "$R/ref-w4/model.safetensors" "$R/ref-spear/"
+        models="$models $R/ref-spear"
+      fi
+      for m in $models; do
+        for tp in 1 2; do
+          timeout 120 "$BIN/spear" ppl --model "$m" --data ../shared/data/test.txt --max-windows 64 --device cuda --tp $tp \
+            --json | tee -a "$R/tp_ppl.jsonl"
+          timeout 120 "$BIN/spear" generate --model "$m" --device cuda --tp $tp --prompt "The meaning of life is" -n 48 \
+            --json | tee -a "$R/tp_gen.jsonl" | python3 -c "import json,sys; d=json.load(sys.stdin); print(d['tp'], d['output_ids'][:12], repr(d['text'][:60]))"
+        done
+      done ;;
+    tp:*)
+      like=${stage#tp:}
+      t "make-model $like (random W4, reference tokenizer)"
+      "$BIN/spear" make-model --like "$like" --random --tokenizer models/ref-llama-23m --out "/tmp/t-$like" \
+        --quantize-out "/tmp/t-$like-w4" 2>&1 | tail -1
+      rm -rf "/tmp/t-$like"
+      for tp in 1 2; do
+        timeout 180 "$BIN/spear" generate --model "/tmp/t-$like-w4" --device cuda --tp $tp --prompt "The meaning of life is" \
+          -n 32 --json | tee -a "$R/tp_gen-$like.jsonl" | python3 -c "import json,sys; d=json.load(sys.stdin); print(d['tp'], d['output_ids'][:16])"
+      done
+      for tp in 1 2; do
+        t "bench decode $like --tp $tp"
+        timeout 300 "$BIN/spear" bench decode --device cuda -m "/tmp/t-$like-w4" --tp $tp --batch 1,8 --steps 48 \
+          --ec-density "0,${TP_DENSITIES:-0.15}" --ec-paths auto --out "$R/tp_decode-$like-tp$tp.json" 2>&1 \
+          | tee "$R/tp_decode-$like-tp$tp.log" | grep -E "^(model|/tmp)"
+      done
+      rm -rf "/tmp/t-$like-w4" ;;
     ecppl)
       t "SPEAR package: the staged one (calibrate --preset fast) + its RTN weights rebuilt by spear quantize"
       if [[ -d .devrun/ref-spear ]]; then

@@ -4,7 +4,7 @@
 set -eu
 B=${1:-build-dev}
 mkdir -p .devrun/bin .devrun/lib
-for f in spear tests/backend/test_cuda_ops bench/bench_w4_gemm; do
+for f in spear tests/backend/test_cuda_ops bench/bench_w4_gemm bench/bench_allreduce; do
   [[ -f "$B/$f" ]] && strip -o ".devrun/bin/$(basename $f)" "$B/$f"
 done
 for lib in $(ldd .devrun/bin/* | awk '/=>/ {print $3}' | sort -u); do

@@ -121,7 +121,8 @@ void CpuBackend::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& o
   cpu_rms_norm_f32(x.ptr<float>(), w.ptr<float>(), int(x.rows), int(x.cols), eps, out.ptr<float>());
 }
 
-void CpuBackend::linear(const Tensor& x, const Linear& l, Tensor& out) {
+namespace {
+void linear_no_ec(const Tensor& x, const Linear& l, Tensor& out) {
   if (auto* q = dynamic_cast<const CpuQuantLinear*>(&l)) {
     quant_linear_f32(x.ptr<float>(), int(x.rows), q->w, q->bias.empty() ? nullptr : q->bias.data(), out.ptr<float>());
   } else {
@@ -129,8 +130,35 @@ void CpuBackend::linear(const Tensor& x, const Linear& l, Tensor& out) {
     cpu_linear_f32(x.ptr<float>(), int(x.rows), d.in_features, d.w.data(), d.bias.empty() ? nullptr : d.bias.data(),
                    d.out_features, out.ptr<float>());
   }
+}
+
+const Compensator& attached_ec(const Linear& l) {
+  const auto& base = static_cast<const CpuLinearBase&>(l);
+  if (!base.ec) fail("{}: no error compensator attached", l.name);
+  return *base.ec;
+}
+}  // namespace
+
+void CpuBackend::linear(const Tensor& x, const Linear& l, Tensor& out) {
+  linear_no_ec(x, l, out);
   const auto& base = static_cast<const CpuLinearBase&>(l);
   if (base.ec) compensator_apply(*base.ec, x.ptr<float>(), int(x.rows), out.ptr<float>());
+}
+
+void CpuBackend::linear_ec_partial(const Tensor& x, const Linear& l, Tensor& out, Tensor& z) {
+  const Compensator& c = attached_ec(l);
+  if (z.rows != x.rows || z.cols != c.rank) fail("{}: z is [{}, {}], expected [{}, {}]", l.name, z.rows, z.cols, x.rows, c.rank);
+  linear_no_ec(x, l, out);
+  compensator_project(c, x.ptr<float>(), int(x.rows), z.ptr<float>());
+}
+
+void CpuBackend::ec_expand(const Tensor& z, const Linear& l, Tensor& out) {
+  compensator_expand(attached_ec(l), z.ptr<float>(), int(z.rows), out.ptr<float>());
+}
+
+void CpuBackend::all_reduce_sum(std::span<Tensor* const> ts) {
+  if (tp_size() == 1) return;
+  for (Tensor* t : ts) pg_->all_reduce_sum(t->ptr<float>(), size_t(t->numel()));
 }
 
 void CpuBackend::set_compensator(Linear& l, const Compensator* c) {

@@ -52,7 +52,8 @@ class CpuBackend : public Backend {
   CpuBackend();
   std::string name() const override { return "cpu"; }
   Device device() const override { return Device::CPU; }
-  bool concurrent_forwards() const override { return true; }
+  // Not under tensor parallelism: every rank must run the same forward passes in the same order.
+  bool concurrent_forwards() const override { return tp_size() == 1; }
 
   Tensor alloc(int64_t rows, int64_t cols) override;
   Tensor upload(const float* host, int64_t rows, int64_t cols) override;
@@ -72,6 +73,9 @@ class CpuBackend : public Backend {
   void gather_rows(const Tensor& table, std::span<const int32_t> ids, Tensor& out) override;
   void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override;
   void linear(const Tensor& x, const Linear& w, Tensor& out) override;
+  void all_reduce_sum(std::span<Tensor* const> ts) override;
+  void linear_ec_partial(const Tensor& x, const Linear& l, Tensor& out, Tensor& z) override;
+  void ec_expand(const Tensor& z, const Linear& l, Tensor& out) override;
   void rope(Tensor& x, int n_heads, int head_dim, std::span<const int32_t> positions,
             const RopeTable& table) override;
   void attention(const Tensor& q, const Tensor& k, const Tensor& v, std::span<const SeqSlice> seqs,

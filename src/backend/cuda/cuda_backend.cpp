@@ -15,6 +15,7 @@
 #include "backend/cuda/dense_gemv.h"
 #include "backend/cuda/ec_naive.h"
 #include "backend/cuda/elementwise.h"
+#include "backend/cuda/nccl_loader.h"
 #include "backend/cuda/rms_norm.h"
 #include "backend/cuda/rope_kv_append.h"
 #include "core/dtype.h"
@@ -164,7 +165,8 @@ void CudaBackend::drop_graphs() {
 
 CudaBackend::~CudaBackend() {
   prof_.reset();  // prints its table when profiling
-  drop_graphs();
+  drop_graphs();  // before the communicator: captured graphs hold NCCL kernels
+  destroy_comm();
   if (batch_host_) cudaFreeHost(batch_host_);
   if (cublas_) cublasDestroy(cublas_);
   if (cublas_ec_) cublasDestroy(cublas_ec_);
@@ -418,10 +420,21 @@ void CudaBackend::sgemm_nt(const float* x, int T, int k, const float* w, int n, 
 }
 
 void CudaBackend::apply_ec_naive(const CudaEc& ec, const Tensor& x, Tensor& y) {
-  const int T = int(x.rows), r = ec.rank;
-  Tensor x32 = alloc_f32(T, ec.in), z = alloc_f32(T, r), d = alloc_f32(T, ec.out);
+  Tensor z = alloc_f32(x.rows, ec.rank);
+  ec_project(ec, x, z);
+  ec_expand_naive(ec, z, y);
+}
+
+void CudaBackend::ec_project(const CudaEc& ec, const Tensor& x, Tensor& z) {
+  const int T = int(x.rows);
+  Tensor x32 = alloc_f32(T, ec.in);
   bf16_to_f32(bf(x), x32.ptr<float>(), x.numel(), stream_);
-  sgemm_nt(x32.ptr<float>(), T, ec.in, ec.A.as<float>(), r, z.ptr<float>());
+  sgemm_nt(x32.ptr<float>(), T, ec.in, ec.A.as<float>(), ec.rank, z.ptr<float>());
+}
+
+void CudaBackend::ec_expand_naive(const CudaEc& ec, const Tensor& z, Tensor& y) {
+  const int T = int(z.rows), r = ec.rank;
+  Tensor d = alloc_f32(T, ec.out);
   const float* zg = z.ptr<float>();
   Tensor h, u;
   if (ec.gate_width > 0) {
@@ -482,25 +495,29 @@ void CudaBackend::linear(const Tensor& x, const Linear& lin, Tensor& out) {
     }
     return;
   }
-  const bool f32 = out.dtype == DType::F32;
-  SPEAR_CHECK(!(f32 && l.ec), "'{}': compensators on fp32 outputs are not supported", l.name);
+  SPEAR_CHECK(!(out.dtype == DType::F32 && l.ec), "'{}': compensators on fp32 outputs are not supported", l.name);
   const EcPath path = l.ec ? choose_ec_path(l, x) : EcPath::Auto;
   Tensor d;
   if (path == EcPath::Overlapped) d = ec_overlap_fork(*l.ec, x);
+  dense_gemm(l, x, out);
+  if (path == EcPath::Overlapped)
+    ec_overlap_join(d, out);
+  else if (l.ec)
+    apply_ec_naive(*l.ec, x, out);
+}
+
+void CudaBackend::dense_gemm(const CudaLinear& l, const Tensor& x, Tensor& out) {
+  const int T = int(x.rows);
+  const auto* bias = l.bias.bytes() ? l.bias.as<__nv_bfloat16>() : nullptr;
+  const bool f32 = out.dtype == DType::F32;
   if (f32 && T <= kDenseGemvMaxM) {  // the lm_head of a decode step (fp32 logits)
     auto prof = prof_->scope("linear.gemv_f32out");
     if (dense_gemv_bf16(bf(x), T, l.w.as<__nv_bfloat16>(), l.out_features, l.in_features, bias, out.data, true,
                         stream_))
       return;
   }
-  {
-    auto prof = prof_->scope(f32 ? "linear.cublas_bf16_f32out" : "linear.cublas_bf16");
-    cublas_linear(l.w.get(), l.out_features, l.in_features, x.data, T, bias, out.data, f32);
-  }
-  if (path == EcPath::Overlapped)
-    ec_overlap_join(d, out);
-  else if (l.ec)
-    apply_ec_naive(*l.ec, x, out);
+  auto prof = prof_->scope(f32 ? "linear.cublas_bf16_f32out" : "linear.cublas_bf16");
+  cublas_linear(l.w.get(), l.out_features, l.in_features, x.data, T, bias, out.data, f32);
 }
 
 void CudaBackend::cublas_linear(const void* w, int n, int k, const void* x, int m, const __nv_bfloat16* bias,
@@ -674,6 +691,64 @@ void CudaBackend::argmax_rows(const Tensor& x, Tensor& ids) {
   auto prof = prof_->scope("argmax");
   SPEAR_CHECK(x.dtype == DType::F32, "argmax_rows: fp32 logits expected");
   argmax_rows_f32(x.ptr<float>(), int(x.rows), int(x.cols), ids.ptr<int32_t>(), stream_);
+}
+
+// ---- tensor parallelism
+
+void CudaBackend::set_process_group(std::shared_ptr<ProcessGroup> pg) {
+  SPEAR_CHECK(!capturing_, "cuda backend: set_process_group inside a graph capture");
+  SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  drop_graphs();  // recorded with the previous group's collectives (or none)
+  destroy_comm();
+  pg_ = std::move(pg);
+  if (!pg_ || pg_->size() <= 1) return;
+  // Agree first that every rank has NCCL: a rank that failed alone would leave the others waiting in
+  // ncclCommInitRank for a peer that never comes.
+  std::string why;
+  float missing = nccl_available(&why) ? 0.f : 1.f;
+  pg_->all_reduce_sum(&missing, 1);
+  if (!why.empty()) fail("{}", why);
+  if (missing > 0)
+    fail("tensor parallelism on CUDA needs NCCL on every rank: {} of {} ranks could not load it (see their errors)",
+         int(missing), pg_->size());
+  const NcclApi& api = nccl();
+  ncclUniqueId id{};
+  if (pg_->rank() == 0) SPEAR_NCCL_CHECK(api.get_unique_id(&id));
+  pg_->broadcast(&id, sizeof id);
+  SPEAR_CUDA_CHECK(cudaSetDevice(device_));  // the communicator binds to the calling thread's current device
+  ncclComm_t comm = nullptr;
+  SPEAR_NCCL_CHECK(api.comm_init_rank(&comm, pg_->size(), id, pg_->rank()));
+  comm_ = comm;
+}
+
+void CudaBackend::destroy_comm() {
+  if (!comm_) return;
+  // The result is ignored: this also runs from the destructor, where there is nobody left to report it to.
+  nccl().comm_destroy(comm_);
+  comm_ = nullptr;
+}
+
+void CudaBackend::all_reduce_sum(std::span<Tensor* const> ts) {
+  if (tp_size() <= 1) return;
+  SPEAR_CHECK(comm_, "all_reduce_sum: the process group has {} ranks but no NCCL communicator", tp_size());
+  for (const Tensor* t : ts)
+    SPEAR_CHECK(t->device == Device::CUDA && (t->dtype == DType::BF16 || t->dtype == DType::F32),
+                "all_reduce_sum: a bf16 or fp32 GPU tensor expected, got {} [{}, {}]", dtype_name(t->dtype), t->rows,
+                t->cols);
+  auto prof = prof_->scope("all_reduce");
+  const NcclApi& api = nccl();
+  // One group: NCCL launches the reductions together, and a graph capture records them as one node.
+  SPEAR_NCCL_CHECK(api.group_start());
+  for (Tensor* t : ts) {
+    if (t->numel() == 0) continue;  // shapes match across ranks, so every rank skips the same ones
+    const ncclDataType_t type = t->dtype == DType::BF16 ? ncclBfloat16 : ncclFloat32;
+    const ncclResult_t r = api.all_reduce(t->data, t->data, size_t(t->numel()), type, ncclSum, comm_, stream_);
+    if (r != ncclSuccess) {
+      api.group_end();  // close the group before reporting
+      SPEAR_NCCL_CHECK(r);
+    }
+  }
+  SPEAR_NCCL_CHECK(api.group_end());
 }
 
 }  // namespace spear::cuda

@@ -19,6 +19,8 @@
 #include "backend/cuda/op_profiler.h"
 #include "backend/cuda/w4a16_gemm.h"
 
+struct ncclComm;  // nccl.h's communicator, declared here so that only the backend's sources need nccl.h
+
 namespace spear::cuda {
 
 #define SPEAR_CUBLAS_CHECK(expr)                                                             \
@@ -146,6 +148,14 @@ class CudaBackend : public Backend {
                std::span<const int32_t> positions, const RopeTable& table, KvCache& cache, int layer) override;
   void argmax_rows(const Tensor& x, Tensor& ids) override;
 
+  // Tensor parallelism over NCCL (loaded at run time, nccl_loader.h): a group of more than one rank creates
+  // the communicator here (collective: every rank calls it, each with its own device).
+  void set_process_group(std::shared_ptr<ProcessGroup> pg) override;
+  // One NCCL group of in-place sums on stream_; no synchronisation, so it may be captured into a graph.
+  void all_reduce_sum(std::span<Tensor* const> ts) override;
+  void linear_ec_partial(const Tensor& x, const Linear& l, Tensor& out, Tensor& z) override;
+  void ec_expand(const Tensor& z, const Linear& l, Tensor& out) override;
+
   int sm_count() const { return sm_count_; }
   size_t activation_bytes() const { return pool_->reserved_bytes(); }
 
@@ -162,8 +172,13 @@ class CudaBackend : public Backend {
   // Captures what body enqueues on stream_ (capturing_ set meanwhile) and instantiates it.
   cudaGraphExec_t capture_graph(const std::function<void()>& body);
   const float* rope_inv_freq(const RopeTable& table);  // the table's device copy (uploaded at first use)
-  // y += B·(g ⊙ A·x), as separate cuBLAS SGEMMs and element-wise kernels (ec_naive.h).
+  // y += B·(g ⊙ A·x), as separate cuBLAS SGEMMs and element-wise kernels (ec_naive.h): ec_project, then
+  // ec_expand_naive (the halves that tensor parallelism runs on either side of its all-reduce).
   void apply_ec_naive(const CudaEc& ec, const Tensor& x, Tensor& y);
+  // z[T, rank] (fp32) = A·x for bf16 x, by an fp32 SGEMM.
+  void ec_project(const CudaEc& ec, const Tensor& x, Tensor& z);
+  // y (bf16) += B·(g(z) ⊙ z), the gate computed from z.
+  void ec_expand_naive(const CudaEc& ec, const Tensor& z, Tensor& y);
   // The overlapped path: forks onto ec_stream_ and computes d = B·(g ⊙ A·x) there (returns d, fp32); the
   // caller enqueues the GEMM on stream_, then ec_overlap_join adds d into y after the join.
   Tensor ec_overlap_fork(const CudaEc& ec, const Tensor& x);
@@ -171,6 +186,9 @@ class CudaBackend : public Backend {
   // The path this linear's compensator takes for m tokens (never Auto); reported once when verbose.
   EcPath choose_ec_path(const CudaLinear& l, const Tensor& x);
   void w4_gemm(const CudaLinear& l, const Tensor& x, Tensor& out);  // the plain W4 GEMM (tuned at first use)
+  // The plain dense GEMM of a bf16 linear (+ bias): the GEMV kernel for fp32 outputs of a few tokens, else cuBLAS.
+  void dense_gemm(const CudaLinear& l, const Tensor& x, Tensor& out);
+  void destroy_comm();
   // y[m, n] = x[m, k] · Wᵀ (+ bias) with cuBLAS on stream_: W bf16 [n][k], x bf16, y bf16 or fp32 (f32_out).
   void cublas_linear(const void* w, int n, int k, const void* x, int m, const __nv_bfloat16* bias, void* y,
                      bool f32_out);
@@ -215,6 +233,7 @@ class CudaBackend : public Backend {
   int max_ctx_ = 0;
   DeviceBuffer scratch_ints_;
   bool capturing_ = false;
+  ncclComm* comm_ = nullptr;  // set when the process group has more than one rank
 
   std::unique_ptr<OpProfiler> prof_;
   std::map<const RopeTable*, DeviceBuffer> rope_tables_;

@@ -73,6 +73,45 @@ void CudaBackend::w4_gemm(const CudaLinear& l, const Tensor& x, Tensor& out) {
   w4a16_gemm(bf(x), int(x.rows), l.w4, bias, y, w4_ws_.get(), w4_ws_.bytes(), sm_count_, stream_);
 }
 
+// Tensor parallelism's row-parallel compensated linear: the gate needs the full A·x, so the EC runs naive in
+// two halves around the all-reduce (the fused and overlapped paths would apply the gate to a partial sum).
+void CudaBackend::linear_ec_partial(const Tensor& x, const Linear& lin, Tensor& out, Tensor& z) {
+  const auto& l = static_cast<const CudaLinear&>(lin);
+  SPEAR_CHECK(l.ec, "linear_ec_partial: '{}' has no compensator attached", l.name);
+  const int T = int(x.rows);
+  SPEAR_CHECK(x.device == Device::CUDA && x.dtype == DType::BF16 && x.cols == l.in_features,
+              "linear_ec_partial: '{}' takes a bf16 GPU input [T, {}], got {} [{}, {}]", l.name, l.in_features,
+              dtype_name(x.dtype), x.rows, x.cols);
+  SPEAR_CHECK(out.device == Device::CUDA && out.dtype == DType::BF16 && out.rows == T && out.cols == l.out_features,
+              "linear_ec_partial: '{}' writes a bf16 GPU output [{}, {}], got {} [{}, {}]", l.name, T, l.out_features,
+              dtype_name(out.dtype), out.rows, out.cols);
+  SPEAR_CHECK(z.device == Device::CUDA && z.dtype == DType::F32 && z.rows == T && z.cols == l.ec->rank,
+              "linear_ec_partial: '{}' needs an fp32 GPU z [{}, {}] (alloc_f32), got {} [{}, {}]", l.name, T,
+              l.ec->rank, dtype_name(z.dtype), z.rows, z.cols);
+  if (T == 0) return;
+  if (l.quantized)
+    w4_gemm(l, x, out);
+  else
+    dense_gemm(l, x, out);
+  auto prof = prof_->scope("linear.ec_project");
+  ec_project(*l.ec, x, z);
+}
+
+void CudaBackend::ec_expand(const Tensor& z, const Linear& lin, Tensor& out) {
+  const auto& l = static_cast<const CudaLinear&>(lin);
+  SPEAR_CHECK(l.ec, "ec_expand: '{}' has no compensator attached", l.name);
+  SPEAR_CHECK(z.device == Device::CUDA && z.dtype == DType::F32 && z.cols == l.ec->rank,
+              "ec_expand: '{}' needs an fp32 GPU z [T, {}], got {} [{}, {}]", l.name, l.ec->rank, dtype_name(z.dtype),
+              z.rows, z.cols);
+  SPEAR_CHECK(
+      out.device == Device::CUDA && out.dtype == DType::BF16 && out.rows == z.rows && out.cols == l.out_features,
+      "ec_expand: '{}' adds into a bf16 GPU output [{}, {}], got {} [{}, {}]", l.name, z.rows, l.out_features,
+      dtype_name(out.dtype), out.rows, out.cols);
+  if (z.rows == 0) return;
+  auto prof = prof_->scope("linear.ec_expand");
+  ec_expand_naive(*l.ec, z, out);
+}
+
 EcPath CudaBackend::choose_ec_path(const CudaLinear& l, const Tensor& x) {
   const int m = int(x.rows);
   const CudaEc& ec = *l.ec;

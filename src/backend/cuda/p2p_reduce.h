@@ -1,0 +1,82 @@
+#pragma once
+// One-shot all-reduce (sum) of bf16 vectors among R ranks (2..8) whose device memory is mutually accessible over
+// NVLink: the "dual-write" alternative to NCCL all-reduce for small messages (DESIGN.md §5, tensor parallelism).
+// Each rank pushes its input into every peer's staging area with remote stores, raises one flag per peer, waits
+// for the peers' flags and sums the R contributions locally: one flag round trip, no ring steps.
+//
+// The kernel sees only raw pointers (peer pointers valid on this device): buffers shared by peer access inside
+// one process now, or by CUDA IPC handles across processes later.
+#include <cstdint>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+namespace spear::cuda {
+
+constexpr int kP2pMaxRanks = 8;
+// Elements of the vector one CTA reduces. The slice of CTA b is [b, b + 1) · kP2pBlockElems whatever n is, so a
+// staging region always has the same reader and writer CTA (see p2p_reduce.cu for why that matters).
+constexpr int64_t kP2pBlockElems = 4096;
+
+// One rank's exchange buffers, in its own device memory, one allocation (one IPC handle later), zeroed:
+//   staging [2 parities][ranks sources][capacity] bf16   what the peers pushed to this rank;
+//   flags   [2 parities][ranks sources][max_blocks] u32  source q's slice b of epoch e has landed here;
+//   epoch   [max_blocks] u32                             calls completed by each CTA of this rank.
+struct P2pRankBuffers {
+  int device = -1;
+  int ranks = 0;
+  int64_t capacity = 0;  // elements per [parity][source] area: a multiple of kP2pBlockElems
+  int max_blocks = 0;    // capacity / kP2pBlockElems
+  void* base = nullptr;  // the allocation (staging, flags and epoch point into it)
+  size_t bytes = 0;
+  __nv_bfloat16* staging = nullptr;
+  uint32_t* flags = nullptr;
+  uint32_t* epoch = nullptr;
+};
+
+// Allocates and zeroes one rank's buffers on `device` for vectors of up to `capacity` elements (rounded up to a
+// multiple of kP2pBlockElems). The current device is restored. All ranks must use the same ranks and capacity.
+P2pRankBuffers p2p_alloc_rank_buffers(int device, int ranks, int64_t capacity);
+// Frees what p2p_alloc_rank_buffers allocated (no-op on an empty struct) and resets `b`.
+void p2p_free_rank_buffers(P2pRankBuffers& b);
+
+// What the kernel of one rank needs: every rank's staging and flags as seen from this rank's device, this rank's
+// epoch counters, and the common geometry.
+struct P2pPeers {
+  __nv_bfloat16* staging[kP2pMaxRanks] = {};
+  uint32_t* flags[kP2pMaxRanks] = {};
+  uint32_t* epoch = nullptr;  // this rank's [max_blocks]
+  int ranks = 0;
+  int64_t capacity = 0;
+  int max_blocks = 0;
+  // A CTA that waits longer than this for a peer's flag prints which peer it waits for and traps (the launch
+  // fails with an error instead of hanging the process forever); 0 waits forever, as NCCL does.
+  uint64_t timeout_ns = 0;
+};
+
+// The peers of `rank` when every rank's buffers live in this process and peer access is enabled between all the
+// devices (unified addressing: a pointer is valid on every device that has access).
+P2pPeers p2p_peers_in_process(const std::vector<P2pRankBuffers>& all, int rank);
+
+// Enables peer access between every pair of `devices` (both ways; "already enabled" is fine). Returns false,
+// changing nothing further, when some pair cannot access each other. The current device is restored.
+bool p2p_enable_peer_access(const std::vector<int>& devices);
+
+// CTAs of one call: ceil(n / kP2pBlockElems), at most peers.max_blocks; the same on every rank for the same n.
+int p2p_allreduce_blocks(int64_t n, const P2pPeers& peers);
+
+// out = Σ_q x_q over the ranks q, summed in rank order (q = 0..R-1) in fp32 and rounded once to bf16, so every
+// rank gets bit-identical results. x: [n] bf16 of this rank; out: [n] bf16 (may alias x); n <= peers.capacity.
+// Every rank must make the same sequence of calls (same n, in the same order) on one stream each: the per-CTA
+// epoch counters stay equal across ranks only then. Launch on the device that owns `stream` (current device).
+// Safe inside CUDA graph capture (no host-side state changes per call). x and out may have any alignment
+// (16-byte aligned ones use vector accesses).
+void p2p_allreduce_bf16(const __nv_bfloat16* x, __nv_bfloat16* out, int64_t n, const P2pPeers& peers, int rank,
+                        cudaStream_t stream);
+
+// CPU reference: out[i] = bf16(Σ_{q = 0..ranks-1} float(xs[q][i])), fp32 sum in rank order, round to nearest even.
+// xs: `ranks` host arrays of n bf16 bit patterns.
+void p2p_allreduce_reference_bf16(const uint16_t* const* xs, int ranks, int64_t n, uint16_t* out);
+
+}  // namespace spear::cuda
