@@ -113,9 +113,13 @@ double time_graph_us(const std::vector<Rank>& ranks, cudaEvent_t e0, cudaEvent_t
     for (int i = 0; i < kCallsPerGraph; ++i) enqueue();
     // The current device must be the stream's at capture end, instantiation and launch (NCCL switches devices
     // inside ncclGroupEnd; a graph instantiated on another device takes a slow fallback path).
+    // Every capture ends before any instantiation: a thread-local capture still open on another stream forbids it.
     for (size_t r = 0; r < nr; ++r) {
       set_device(ranks[r].device);
       SPEAR_CUDA_CHECK(cudaStreamEndCapture(ranks[r].stream, &graphs[r]));
+    }
+    for (size_t r = 0; r < nr; ++r) {
+      set_device(ranks[r].device);
       SPEAR_CUDA_CHECK(cudaGraphInstantiate(&execs[r], graphs[r], 0));
     }
     // Peers first, GPU 0 last: its events then time the all-reduces, not the host's launch skew between GPUs.

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "backend/ec_dispatch.h"
+#include "core/error.h"
 #include "core/tensor.h"
 #include "parallel/process_group.h"
 
@@ -85,6 +86,31 @@ class KvCache {
   virtual size_t bytes() const = 0;
 };
 
+// How a GPU backend sums tensors over its tensor-parallel ranks (Backend::set_tp_reduce).
+//   Auto: the P2P dual-write kernel (backend/cuda/p2p_reduce.h) for tensors that fit its staging buffers, when
+//         every pair of the group's GPUs has peer access; NCCL for larger tensors, and for all of them otherwise.
+//   P2p:  the same, but a group whose GPUs cannot all reach each other fails at setup instead of using NCCL only.
+//   Nccl: NCCL only.
+enum class TpReduce { Auto, Nccl, P2p };
+
+inline const char* tp_reduce_name(TpReduce r) {
+  switch (r) {
+    case TpReduce::Nccl:
+      return "nccl";
+    case TpReduce::P2p:
+      return "p2p";
+    default:
+      return "auto";
+  }
+}
+
+// "auto" | "nccl" | "p2p"; throws spear::Error naming `what` (an option or variable) otherwise.
+inline TpReduce parse_tp_reduce(const std::string& s, const std::string& what) {
+  for (TpReduce r : {TpReduce::Auto, TpReduce::Nccl, TpReduce::P2p})
+    if (s == tp_reduce_name(r)) return r;
+  fail("{}: unknown tensor-parallel reduction '{}' (auto, nccl or p2p)", what, s);
+}
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -128,6 +154,12 @@ class Backend {
   // Tensor parallelism (DESIGN.md §5): the group whose rank this backend is, set before Model::load so that
   // the model loads its shard. A GPU backend sets up its collectives here (collective: every rank calls it).
   virtual void set_process_group(std::shared_ptr<ProcessGroup> pg) { pg_ = std::move(pg); }
+  // How all_reduce_sum reduces (TpReduce above); backends with a single way (the CPU's TCP star) ignore it.
+  // Must come before set_process_group, which sets the chosen path up.
+  virtual void set_tp_reduce(TpReduce r) { (void)r; }
+  // What all_reduce_sum does under the current group, for reports: "none" on one rank; on the GPU "nccl" or
+  // "p2p (≤ N elements) + nccl".
+  virtual std::string tp_reduce_description() const { return tp_size() > 1 ? "tcp" : "none"; }
   ProcessGroup* process_group() const { return pg_.get(); }
   int tp_size() const { return pg_ ? pg_->size() : 1; }
   int tp_rank() const { return pg_ ? pg_->rank() : 0; }

@@ -16,7 +16,7 @@ namespace spear::cli {
 namespace {
 
 struct DecodeRow {
-  std::string model, ec_path = "-";
+  std::string model, ec_path = "-", tp_reduce = "none";
   int batch = 0, prompt = 0, steps = 0, ec_modules = 0, tp = 1;
   double ec_density = 0, ec_bytes_pct = 0;
   double weight_gb = 0, prefill_ms = 0, step_ms_median = 0, step_ms_p10 = 0, step_ms_p90 = 0;
@@ -149,6 +149,7 @@ void register_bench(CLI::App& app) {
             r.ec_bytes_pct = 100.0 * double(ec_bytes) / double(std::max<size_t>(m->weight_bytes() - ec_bytes, 1));
             if (has_ec) r.ec_path = backend->device() == Device::CUDA ? path : "cpu";
             r.tp = m->shard().size;
+            r.tp_reduce = backend->tp_reduce_description();
             if (!o->json && m->shard().rank == 0)
               std::fprintf(stderr, "%s ec %.2f %s batch %d: %.3f ms/step\n", dir.c_str(), density, r.ec_path.c_str(),
                            B, r.step_ms_median);
@@ -164,7 +165,8 @@ void register_bench(CLI::App& app) {
                    {"step_ms_p10", r.step_ms_p10}, {"step_ms_p90", r.step_ms_p90},
                    {"tokens_per_s", 1000.0 * r.batch / r.step_ms_median}, {"ec_density", r.ec_density},
                    {"ec_modules", r.ec_modules}, {"ec_bytes_pct", r.ec_bytes_pct}, {"ec_path", r.ec_path},
-                   {"prefill_tokens_per_s", 1000.0 * r.batch * r.prompt / r.prefill_ms}, {"tp", r.tp}});
+                   {"prefill_tokens_per_s", 1000.0 * r.batch * r.prompt / r.prefill_ms}, {"tp", r.tp},
+                   {"tp_reduce", r.tp_reduce}});
     nlohmann::json doc = {{"device", o->device}, {"backend", backend->name()}, {"rows", j}};
     if (!out->empty() && tp_rank_of(*o) == 0) {  // every rank measures; rank 0 reports
       std::FILE* f = std::fopen(out->c_str(), "w");

@@ -65,7 +65,8 @@ void register_generate(CLI::App& app) {
                           {"decode_seconds", r.decode_seconds},
                           {"decode_tokens_per_second", decode_tps},
                           {"tp", model->shard().size}};
-      std::printf("%s\n", j.dump().c_str());
+      // A model may stop inside a multi-byte character (or emit invalid byte tokens): U+FFFD, not an exception.
+      std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
     } else if (model->shard().rank == 0) {
       if (printed < text.size()) std::fwrite(text.data() + printed, 1, text.size() - printed, stdout);
       std::printf("\n");

@@ -23,6 +23,7 @@ struct CommonOptions {
   int tp_rank = -1;
   std::string tp_master;
   double tp_timeout = 300;
+  std::string tp_reduce = "auto";
 };
 
 void add_model_option(CLI::App* app, CommonOptions& o);

@@ -63,7 +63,11 @@ std::unique_ptr<spear::Backend> spear::cli::make_backend(const CommonOptions& o)
   if (o.threads > 0) omp_set_num_threads(o.threads);
   std::shared_ptr<ProcessGroup> pg = start_tensor_parallel(o);
   std::unique_ptr<Backend> be = make_device_backend(o, pg ? pg->rank() : 0);
-  if (pg) be->set_process_group(std::move(pg));
+  if (pg) {
+    // Only where the user chose: SPEAR_TP_REDUCE (read by the backend) stays in force under the default.
+    if (o.tp_reduce != "auto") be->set_tp_reduce(parse_tp_reduce(o.tp_reduce, "--tp-reduce"));
+    be->set_process_group(std::move(pg));
+  }
   return be;
 }
 

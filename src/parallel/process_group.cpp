@@ -410,6 +410,28 @@ void ProcessGroup::all_reduce_sum(float* x, size_t n) {
   for (int r = 1; r < size_; ++r) send_all(r, x, n * sizeof(float));
 }
 
+void ProcessGroup::all_gather(const void* mine, size_t n, void* all) {
+  auto* out = static_cast<char*>(all);
+  // memmove: `mine` may be this rank's own slot of `all`.
+  if (n > 0) std::memmove(out + size_t(rank_) * n, mine, n);
+  if (size_ == 1) return;
+  const uint64_t len = n;
+  const size_t total = size_t(size_) * n;
+  if (rank_ != 0) {
+    send_all(0, &len, sizeof len, /*more=*/n > 0);
+    if (n > 0) send_all(0, out + size_t(rank_) * n, n);
+    recv_all(0, out, total);
+    return;
+  }
+  for (int r = 1; r < size_; ++r) {
+    uint64_t theirs = 0;
+    recv_all(r, &theirs, sizeof theirs);
+    if (theirs != len) fail("tensor parallel: rank {} all-gathers {} bytes, but rank 0 {}", r, theirs, n);
+    recv_all(r, out + size_t(r) * n, n);
+  }
+  for (int r = 1; r < size_; ++r) send_all(r, out, total);
+}
+
 void ProcessGroup::barrier() {
   float token = 0.f;
   all_reduce_sum(&token, 1);

@@ -36,6 +36,10 @@ class ProcessGroup {
   void broadcast(void* data, size_t n);  // the same length on every rank
   // x[0..n) becomes the sum over ranks (x_0 + x_1 + ... in rank order), identical on every rank.
   void all_reduce_sum(float* x, size_t n);
+  // all[r·n .. (r + 1)·n) becomes rank r's `mine` (n bytes, the same n on every rank) on every rank: the peers
+  // send theirs to rank 0, which assembles them in rank order and sends the whole back. `mine` may point into
+  // `all` (at this rank's slot). For small records (the GPU backends' buffer handles), not bulk data.
+  void all_gather(const void* mine, size_t n, void* all);
   void barrier();
 
   // Every failure (a peer that closed its connection, a timeout, a mismatched handshake) throws spear::Error

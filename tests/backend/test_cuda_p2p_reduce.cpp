@@ -1,7 +1,7 @@
 // P2P dual-write all-reduce (p2p_allreduce_bf16) among the GPUs of this process, one host thread launching to each
 // device's own stream: bit-exact against the CPU reference (rank-order fp32 sum, one bf16 rounding) on every rank,
-// back-to-back calls of mixed sizes (the staging parities and per-CTA epochs are reused), and replays of a CUDA
-// graph. Skips without two GPUs that can access each other's memory.
+// back-to-back calls of mixed sizes (the staging parities and per-CTA epochs are reused), fp32 calls between bf16
+// ones, and replays of a CUDA graph. Skips without two GPUs that can access each other's memory.
 #include <algorithm>
 #include <cstring>
 #include <iterator>
@@ -220,6 +220,88 @@ TEST_F(CudaP2pReduce, BackToBackCallsReuseStaging) {
   }
 }
 
+// fp32 calls (the compensators' partial A·x under tensor parallelism) between bf16 ones: an fp32 call's CTA b
+// covers the same staging bytes, flags and epoch as a bf16 call's CTA b, so any interleaving stays in step. Sums
+// in rank order in fp32, bit-exact against the CPU.
+TEST_F(CudaP2pReduce, Fp32AndBf16CallsInterleave) {
+  struct Call {
+    bool f32;
+    int64_t n;
+  };
+  const int64_t f32_max = kCapacity / 2;
+  const Call calls[] = {{true, 1},          {false, 4096}, {true, 2048},     {true, 2048 + 3},
+                        {false, 65536 + 3}, {true, 5000},  {false, 1},       {true, f32_max},
+                        {false, kCapacity}, {true, 7},     {true, 4096 + 1}, {false, 20000}};
+  constexpr int kRounds = 3;
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<std::vector<std::vector<uint16_t>>> in16;         // [call][rank], for the bf16 calls
+  std::vector<std::vector<std::vector<float>>> in32;            // [call][rank], for the fp32 calls
+  std::vector<std::vector<std::unique_ptr<DeviceBuffer>>> buf;  // [call][rank]: x, then out (fp32: 2 bf16 each)
+  const int n_calls = int(std::size(calls)) * kRounds;
+  for (int c = 0; c < n_calls; ++c) {
+    const Call& call = calls[c % std::size(calls)];
+    in16.emplace_back();
+    in32.emplace_back();
+    buf.emplace_back();
+    for (int r = 0; r < ranks_; ++r) {
+      const int64_t elems16 = call.f32 ? 2 * call.n : call.n;
+      buf.back().push_back(std::make_unique<DeviceBuffer>(r, 2 * elems16));
+      bf16* x = buf.back().back()->p;
+      if (call.f32) {
+        std::vector<float> v(static_cast<size_t>(call.n));
+        for (float& f : v) f = nd(rng_);
+        SPEAR_CUDA_CHECK(cudaSetDevice(r));
+        SPEAR_CUDA_CHECK(cudaMemcpy(x, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
+        in32.back().push_back(std::move(v));
+      } else {
+        in16.back().push_back(random_bf16(call.n));
+        upload(r, x, in16.back().back());
+      }
+      SPEAR_CUDA_CHECK(cudaMemset(x + elems16, 0xff, size_t(elems16) * 2));  // poison the output
+    }
+  }
+  sync_devices();
+  // Rank by rank, as in BackToBackCallsReuseStaging: the ranks start far apart.
+  for (int r = 0; r < ranks_; ++r) {
+    SPEAR_CUDA_CHECK(cudaSetDevice(r));
+    for (int c = 0; c < n_calls; ++c) {
+      const Call& call = calls[c % std::size(calls)];
+      bf16* x = buf[size_t(c)][size_t(r)]->p;
+      if (call.f32) {
+        auto* xf = reinterpret_cast<float*>(x);
+        cuda::p2p_allreduce_f32(xf, xf + call.n, call.n, peers_[size_t(r)], r, streams_[size_t(r)]);
+      } else {
+        cuda::p2p_allreduce_bf16(x, x + call.n, call.n, peers_[size_t(r)], r, streams_[size_t(r)]);
+      }
+    }
+  }
+  sync_all();
+  for (int c = 0; c < n_calls; ++c) {
+    const Call& call = calls[c % std::size(calls)];
+    if (!call.f32) {
+      std::vector<const bf16*> outs;
+      for (auto& b : buf[size_t(c)]) outs.push_back(b->p + call.n);
+      expect_reduced(in16[size_t(c)], outs, call.n, "bf16 call between fp32 ones");
+      continue;
+    }
+    std::vector<const float*> xs;
+    for (const auto& v : in32[size_t(c)]) xs.push_back(v.data());
+    std::vector<float> ref(static_cast<size_t>(call.n));
+    cuda::p2p_allreduce_reference_f32(xs.data(), ranks_, call.n, ref.data());
+    for (int r = 0; r < ranks_; ++r) {
+      std::vector<float> got(static_cast<size_t>(call.n));
+      SPEAR_CUDA_CHECK(cudaSetDevice(r));
+      SPEAR_CUDA_CHECK(cudaMemcpy(got.data(), reinterpret_cast<const float*>(buf[size_t(c)][size_t(r)]->p) + call.n,
+                                  got.size() * 4, cudaMemcpyDeviceToHost));
+      EXPECT_EQ(std::memcmp(got.data(), ref.data(), got.size() * 4), 0)
+          << "fp32 call " << c << ", n = " << call.n << ", rank " << r << " differs from the reference";
+    }
+  }
+  // The fp32 capacity is half the bf16 one.
+  EXPECT_EQ(cuda::p2p_max_elems(peers_[0], 4), f32_max);
+  EXPECT_EQ(cuda::p2p_max_elems(peers_[0], 2), kCapacity);
+}
+
 TEST_F(CudaP2pReduce, CudaGraphReplays) {
   constexpr int kCalls = 50, kReplays = 3;
   std::vector<std::vector<std::unique_ptr<DeviceBuffer>>> x(kCalls), out(kCalls);
@@ -244,9 +326,13 @@ TEST_F(CudaP2pReduce, CudaGraphReplays) {
       cuda::p2p_allreduce_bf16(x[size_t(c)][size_t(r)]->p, out[size_t(c)][size_t(r)]->p,
                                kMixedSizes[c % std::size(kMixedSizes)], peers_[size_t(r)], r, streams_[size_t(r)]);
     }
+  // Every capture ends before any instantiation: a thread-local capture still open on another stream forbids it.
   for (int r = 0; r < ranks_; ++r) {
     SPEAR_CUDA_CHECK(cudaSetDevice(r));
     SPEAR_CUDA_CHECK(cudaStreamEndCapture(streams_[size_t(r)], &graphs[size_t(r)]));
+  }
+  for (int r = 0; r < ranks_; ++r) {
+    SPEAR_CUDA_CHECK(cudaSetDevice(r));
     SPEAR_CUDA_CHECK(cudaGraphInstantiate(&execs[size_t(r)], graphs[size_t(r)], 0));
   }
   for (int rep = 0; rep < kReplays; ++rep) {

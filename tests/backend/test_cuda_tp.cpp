@@ -1,13 +1,16 @@
-// Tensor parallelism on the CUDA backend: NCCL all-reduce of bf16 and fp32 tensors in one call, eager and
-// inside replayed CUDA graphs, on two GPUs (one thread and one backend per rank, bootstrapped over a TCP
-// ProcessGroup); the compensated linear split around the all-reduce (linear_ec_partial, then ec_expand)
-// bit-identical to linear() on one GPU; and a row-parallel compensated linear over two ranks against the whole
-// linear. The two-GPU tests skip without two devices or without NCCL.
+// Tensor parallelism on the CUDA backend: all-reduce of bf16 and fp32 tensors in one call, eager and inside
+// replayed CUDA graphs, on two GPUs (one thread and one backend per rank, bootstrapped over a TCP ProcessGroup),
+// by the P2P kernel (the default where the GPUs reach each other; the ranks share this process, so their buffers
+// are mapped by peer access), by NCCL beyond the P2P capacity, and by NCCL alone; the compensated linear split
+// around the all-reduce (linear_ec_partial, then ec_expand) bit-identical to linear() on one GPU; and a
+// row-parallel compensated linear over two ranks against the whole linear. The two-GPU tests skip without two
+// devices or without NCCL, the P2P ones also without peer access between GPUs 0 and 1.
 #include <cmath>
 #include <cstdlib>
 #include <functional>
 #include <future>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -40,12 +43,45 @@ namespace {
     if (!cuda::nccl_available(&why_)) GTEST_SKIP() << why_;                                               \
   } while (0)
 
-// Runs fn(rank, backend) on GPUs 0 and 1, one thread each, once both backends belong to one two-rank group.
-// Failures inside a rank (spear::Error, CUDA, NCCL) are reported as test failures naming the rank.
-void run_two_ranks(const std::function<void(int, cuda::CudaBackend&)>& fn) {
+#define SPEAR_REQUIRE_PEER_ACCESS()                                                           \
+  do {                                                                                        \
+    int can01_ = 0, can10_ = 0;                                                               \
+    SPEAR_CUDA_CHECK(cudaDeviceCanAccessPeer(&can01_, 0, 1));                                 \
+    SPEAR_CUDA_CHECK(cudaDeviceCanAccessPeer(&can10_, 1, 0));                                 \
+    if (!can01_ || !can10_) GTEST_SKIP() << "GPUs 0 and 1 cannot access each other's memory"; \
+  } while (0)
+
+// Sets an environment variable for the scope (the backends read theirs when constructed) and restores it.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
+    setenv(name, value, 1);
+  }
+  ~ScopedEnv() {
+    if (old_)
+      setenv(name_.c_str(), old_->c_str(), 1);
+    else
+      unsetenv(name_.c_str());
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::string name_;
+  std::optional<std::string> old_;
+};
+
+// Runs fn(rank, backend) on GPUs 0 and 1, one thread each, once both backends belong to one two-rank group
+// (reducing by `reduce` when given, else by the backend's default: SPEAR_TP_REDUCE or auto). Failures inside a
+// rank (spear::Error, CUDA, NCCL) are reported as test failures naming the rank.
+void run_two_ranks(const std::function<void(int, cuda::CudaBackend&)>& fn,
+                   std::optional<TpReduce> reduce = std::nullopt) {
   // NVLink SHARP (multicast) buys nothing for two ranks, and its setup can take a shared host's GPUs out of
   // service; the environment may still turn it on.
   setenv("NCCL_NVLS_ENABLE", "0", 0);
+  // A P2P kernel whose peer never comes (a bug) traps after a minute instead of hanging the test binary.
+  setenv("SPEAR_TP_P2P_TIMEOUT_MS", "60000", 0);
   std::promise<int> port;
   std::future<int> port_future = port.get_future();
   std::string errors[2];
@@ -62,6 +98,7 @@ void run_two_ranks(const std::function<void(int, cuda::CudaBackend&)>& fn) {
       } else {
         pg = ProcessGroup::connect(1, 2, "127.0.0.1", port_future.get(), 10);
       }
+      if (reduce) be.set_tp_reduce(*reduce);
       be.set_process_group(pg);
       EXPECT_EQ(be.tp_rank(), r);
       EXPECT_EQ(be.tp_size(), 2);
@@ -236,6 +273,112 @@ TEST(CudaTp, AllReduceInsideReplayedGraph) {
       expect_equal(read(be, b), pattern_sum(3 * 17, 2 * run + 1), "fp32" + what);
     }
   });
+}
+
+// A tensor to reduce: bf16 from alloc, or fp32 from alloc_f32.
+struct Spec {
+  int64_t rows, cols;
+  bool f32;
+};
+
+// The one-token batch on a tiny KV cache that run_graph needs (it keys graphs by the cache of begin_batch). Kept
+// on the heap: the backend remembers the batch description by address.
+struct TinyBatch {
+  std::unique_ptr<KvCache> cache;
+  BatchDesc d;
+  explicit TinyBatch(cuda::CudaBackend& be) : cache(be.make_kv_cache(1, 1, 16, 8)) {
+    d.tokens = {0};
+    d.positions = {0};
+    d.token_seq = {0};
+    d.last_rows = {0};
+    d.seqs = {SeqSlice{0, 1, 0, 0}};
+    be.begin_batch(d, *cache);
+  }
+};
+
+// Reduces tensors of these shapes in one all_reduce_sum call, `runs` times with new contents each time; through
+// run_graph when `graph` (run 0 eager, run 1 captures and launches, later runs replay), else eagerly. Every sum
+// must be exact (small integers). p2p[i]: whether tensor i must take the P2P kernel.
+void reduce_and_check(int r, cuda::CudaBackend& be, const std::vector<Spec>& specs, const std::vector<bool>& p2p,
+                      int runs, bool graph, const std::string& what) {
+  ASSERT_EQ(specs.size(), p2p.size());
+  std::unique_ptr<TinyBatch> batch = graph ? std::make_unique<TinyBatch>(be) : nullptr;
+  std::vector<Tensor> ts;
+  for (const Spec& s : specs) ts.push_back(s.f32 ? be.alloc_f32(s.rows, s.cols) : be.alloc(s.rows, s.cols));
+  for (size_t i = 0; i < ts.size(); ++i)
+    EXPECT_EQ(be.all_reduce_uses_p2p(ts[i]), p2p[i])
+        << what << ": tensor " << i << " [" << ts[i].rows << ", " << ts[i].cols << "] " << dtype_name(ts[i].dtype);
+  std::vector<Tensor*> ptrs;
+  for (Tensor& t : ts) ptrs.push_back(&t);
+  for (int run = 0; run < runs; ++run) {
+    const int round0 = run * int(ts.size());
+    for (size_t i = 0; i < ts.size(); ++i) write(be, ts[i], pattern(size_t(ts[i].numel()), r, round0 + int(i)));
+    auto body = [&] {
+      be.all_reduce_sum(ptrs);
+      return ts[0];
+    };
+    if (graph) {
+      Tensor out = be.run_graph(11, body);
+      EXPECT_EQ(out.data, ts[0].data);
+    } else {
+      body();
+    }
+    for (size_t i = 0; i < ts.size(); ++i)
+      expect_equal(
+          read(be, ts[i]), pattern_sum(size_t(ts[i].numel()), round0 + int(i)),
+          what + ": tensor " + std::to_string(i) + ", rank " + std::to_string(r) + ", run " + std::to_string(run));
+  }
+}
+
+// The P2P kernel, required: bf16 tensors of one and of several CTAs' slices, fp32 ones (the compensators' partial
+// A·x) of one and of several, alone and in one call, eagerly and in a replayed graph, with new contents each time.
+TEST(CudaTp, P2pAllReduceIsExactEagerAndInGraphs) {
+  SPEAR_REQUIRE_TWO_GPUS_AND_NCCL();
+  SPEAR_REQUIRE_PEER_ACCESS();
+  run_two_ranks(
+      [](int r, cuda::CudaBackend& be) {
+        EXPECT_EQ(be.tp_reduce_description(), "p2p (≤ 1048576 elements) + nccl");
+        reduce_and_check(r, be, {{3, 1000, false}}, {true}, 3, false, "bf16 [3, 1000]");
+        reduce_and_check(r, be, {{1, 4096, false}}, {true}, 3, false, "bf16 [1, 4096]");
+        reduce_and_check(r, be, {{5, 3000, true}}, {true}, 2, false, "fp32 [5, 3000]");
+        const std::vector<Spec> mixed = {{3, 1000, false}, {3, 17, true}, {1, 4096, false}, {5, 3000, true}};
+        reduce_and_check(r, be, mixed, {true, true, true, true}, 3, false, "mixed, eager");
+        reduce_and_check(r, be, mixed, {true, true, true, true}, 4, true, "mixed, graph");
+        // Eager calls after the graph's replays: the epochs the graph advanced are the ones eager calls read.
+        reduce_and_check(r, be, {{2, 9000, false}, {3, 17, true}}, {true, true}, 2, false, "after the graph");
+      },
+      TpReduce::P2p);
+}
+
+// Beyond the staging capacity (8192 bf16 elements here, 4096 fp32 ones) a tensor goes to NCCL, in the same call
+// as those that fit, eagerly and in a replayed graph.
+TEST(CudaTp, AllReduceBeyondP2pCapacityUsesNccl) {
+  SPEAR_REQUIRE_TWO_GPUS_AND_NCCL();
+  SPEAR_REQUIRE_PEER_ACCESS();
+  ScopedEnv capacity("SPEAR_TP_P2P_CAPACITY", "8192");
+  run_two_ranks(
+      [](int r, cuda::CudaBackend& be) {
+        EXPECT_EQ(be.tp_reduce_description(), "p2p (≤ 8192 elements) + nccl");
+        const std::vector<Spec> specs = {
+            {4, 4096, false}, {2, 4096, false}, {2, 4096, true}, {1, 4096, true}, {3, 17, true}};
+        const std::vector<bool> p2p = {false, true, false, true, true};
+        reduce_and_check(r, be, specs, p2p, 2, false, "capacity 8192, eager");
+        reduce_and_check(r, be, specs, p2p, 4, true, "capacity 8192, graph");
+        reduce_and_check(r, be, {{4, 4096, false}}, {false}, 2, false, "capacity 8192, NCCL alone");
+      },
+      TpReduce::P2p);
+}
+
+TEST(CudaTp, NcclOnlyReduction) {
+  SPEAR_REQUIRE_TWO_GPUS_AND_NCCL();
+  run_two_ranks(
+      [](int r, cuda::CudaBackend& be) {
+        EXPECT_EQ(be.tp_reduce_description(), "nccl");
+        const std::vector<Spec> specs = {{3, 1000, false}, {3, 17, true}, {1, 4096, false}};
+        reduce_and_check(r, be, specs, {false, false, false}, 2, false, "nccl, eager");
+        reduce_and_check(r, be, specs, {false, false, false}, 4, true, "nccl, graph");
+      },
+      TpReduce::Nccl);
 }
 
 // The two halves with nothing between them are the naive path itself, bit for bit: dense and W4 linears,

@@ -126,3 +126,32 @@ TEST(Cli, TuneDefaultPointsStraddlePowersOfTwo) {
 }
 
 }  // namespace spear
+
+// --tp 2 starts a second process of this binary (one rank each, over TCP): the same greedy tokens and the same
+// perplexity as one process, rank 0 alone on stdout; bad splits and rank options are clear errors from every
+// rank.
+TEST(Cli, TensorParallelRanksMatchOneProcess) {
+  const std::string gen = "generate " + kModel + " --prompt 'The meaning of' --max-tokens 32 --json --threads 1";
+  CmdResult one = run(gen), two = run(gen + " --tp 2");
+  ASSERT_EQ(one.code, 0) << one.out;
+  ASSERT_EQ(two.code, 0) << two.out;
+  auto a = nlohmann::json::parse(one.out), b = nlohmann::json::parse(two.out);  // one JSON line: rank 0 only
+  EXPECT_EQ(b["tp"], 2);
+  EXPECT_EQ(a["output_ids"], b["output_ids"]);
+
+  std::string data = test::scratch_dir("cli_tp") + "/t.txt";
+  std::ofstream(data) << golden()["prompt"].get<std::string>() << golden()["prompt"].get<std::string>();
+  const std::string ppl = "ppl " + kModel + " --data " + data + " --ctx 64 --max-windows 2 --json --threads 1";
+  one = run(ppl), two = run(ppl + " --tp 2");
+  ASSERT_EQ(two.code, 0) << two.out;
+  const double p1 = nlohmann::json::parse(one.out)["ppl"], p2 = nlohmann::json::parse(two.out)["ppl"];
+  EXPECT_NEAR(p2 / p1, 1.0, 1e-5);  // fp32 on both; only the order of the sums differs
+
+  CmdResult bad = run(gen + " --tp 3");  // 8 attention heads
+  EXPECT_EQ(bad.code, 1);
+  EXPECT_NE(bad.out.find("8 attention heads do not split over 3"), std::string::npos) << bad.out;
+  EXPECT_NE(bad.out.find("spear[rank 2]: error"), std::string::npos) << bad.out;
+  bad = run(gen + " --tp 2 --tp-rank 1");
+  EXPECT_EQ(bad.code, 1);
+  EXPECT_NE(bad.out.find("--tp-master"), std::string::npos) << bad.out;
+}

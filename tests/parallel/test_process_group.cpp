@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -12,6 +13,9 @@
 #include <cstring>
 #include <functional>
 #include <future>
+#include <iterator>
+#include <string>
+#include <vector>
 
 #include "core/error.h"
 #include "parallel/process_group.h"
@@ -126,6 +130,40 @@ TEST_P(ProcessGroupSizes, AllReduceSumsInRankOrderWithIdenticalBits) {
   for (int r = 0; r < size; ++r) {
     ASSERT_EQ(got[size_t(r)].size(), n);
     EXPECT_EQ(std::memcmp(got[size_t(r)].data(), expected.data(), n * sizeof(float)), 0) << "rank " << r;
+  }
+}
+
+TEST_P(ProcessGroupSizes, AllGatherAssemblesEveryRanksBytesInRankOrder) {
+  const int size = GetParam();
+  // A rank's record: n bytes that name the rank, the round and the position, so a slot swap or shift shows.
+  auto byte = [](int rank, int round, size_t i) { return char(i * 31 + size_t(rank) * 101 + size_t(round) * 7 + 1); };
+  const size_t lengths[] = {37, 0, 1 << 20, 1};
+  std::vector<std::vector<std::string>> got(static_cast<size_t>(size));
+  run_group(size, [&](ProcessGroup& pg) {
+    for (size_t round = 0; round < std::size(lengths); ++round) {
+      const size_t n = lengths[round];
+      std::string mine(n, '\0');
+      for (size_t i = 0; i < n; ++i) mine[i] = byte(pg.rank(), int(round), i);
+      std::string all(size_t(size) * n, '?');
+      if (round == 3) {
+        // In place: this rank's record already sits in its own slot of the output.
+        std::copy(mine.begin(), mine.end(), all.begin() + std::ptrdiff_t(size_t(pg.rank()) * n));
+        pg.all_gather(all.data() + size_t(pg.rank()) * n, n, all.data());
+      } else {
+        pg.all_gather(mine.data(), n, all.data());
+      }
+      got[size_t(pg.rank())].push_back(all);
+    }
+  });
+  for (int r = 0; r < size; ++r) {
+    ASSERT_EQ(got[size_t(r)].size(), std::size(lengths));
+    for (size_t round = 0; round < std::size(lengths); ++round) {
+      const size_t n = lengths[round];
+      std::string want;
+      for (int q = 0; q < size; ++q)
+        for (size_t i = 0; i < n; ++i) want.push_back(byte(q, int(round), i));
+      EXPECT_TRUE(got[size_t(r)][round] == want) << "rank " << r << ", round " << round << " (" << n << " bytes)";
+    }
   }
 }
 

@@ -152,6 +152,7 @@ for stage in "$@"; do
       fi
       for m in $models; do
         for tp in 1 2; do
+          export SPEAR_TP_P2P_TIMEOUT_MS=60000  # a P2P bug traps with a message instead of hanging the call
           timeout 120 "$BIN/spear" ppl --model "$m" --data ../shared/data/test.txt --max-windows 64 --device cuda --tp $tp \
             --json | tee -a "$R/tp_ppl.jsonl"
           timeout 120 "$BIN/spear" generate --model "$m" --device cuda --tp $tp --prompt "The meaning of life is" -n 48 \
@@ -168,11 +169,12 @@ for stage in "$@"; do
         timeout 180 "$BIN/spear" generate --model "/tmp/t-$like-w4" --device cuda --tp $tp --prompt "The meaning of life is" \
           -n 32 --json | tee -a "$R/tp_gen-$like.jsonl" | python3 -c "import json,sys; d=json.load(sys.stdin); print(d['tp'], d['output_ids'][:16])"
       done
-      for tp in 1 2; do
-        t "bench decode $like --tp $tp"
-        timeout 300 "$BIN/spear" bench decode --device cuda -m "/tmp/t-$like-w4" --tp $tp --batch 1,8 --steps 48 \
-          --ec-density "0,${TP_DENSITIES:-0.15}" --ec-paths auto --out "$R/tp_decode-$like-tp$tp.json" 2>&1 \
-          | tee "$R/tp_decode-$like-tp$tp.log" | grep -E "^(model|/tmp)"
+      for run in 1:auto 2:nccl 2:p2p; do
+        tp=${run%%:*} red=${run#*:}
+        t "bench decode $like --tp $tp --tp-reduce $red"
+        timeout 300 "$BIN/spear" bench decode --device cuda -m "/tmp/t-$like-w4" --tp $tp --tp-reduce $red --batch 1,8 \
+          --steps 48 --ec-density "0,${TP_DENSITIES:-0.15}" --ec-paths auto --out "$R/tp_decode-$like-tp$tp-$red.json" \
+          2>&1 | tee "$R/tp_decode-$like-tp$tp-$red.log" | grep -E "^(model|/tmp)"
       done
       rm -rf "/tmp/t-$like-w4" ;;
     ecppl)

@@ -17,6 +17,7 @@
 #include "backend/cuda/attention.h"
 #include "backend/cuda/device_pool.h"
 #include "backend/cuda/op_profiler.h"
+#include "backend/cuda/p2p_reduce.h"
 #include "backend/cuda/w4a16_gemm.h"
 
 struct ncclComm;  // nccl.h's communicator, declared here so that only the backend's sources need nccl.h
@@ -148,11 +149,23 @@ class CudaBackend : public Backend {
                std::span<const int32_t> positions, const RopeTable& table, KvCache& cache, int layer) override;
   void argmax_rows(const Tensor& x, Tensor& ids) override;
 
-  // Tensor parallelism over NCCL (loaded at run time, nccl_loader.h): a group of more than one rank creates
-  // the communicator here (collective: every rank calls it, each with its own device).
+  // Tensor parallelism: a group of more than one rank creates the NCCL communicator here (NCCL is loaded at run
+  // time, nccl_loader.h), then, unless TpReduce::Nccl, the P2P dual-write buffers (p2p_reduce.h) of every rank,
+  // mapped into every other rank: by peer access for ranks of this process (threads), by CUDA IPC handles for
+  // ranks in other processes of this host. Collective: every rank calls it, each with its own device, and all
+  // ranks agree on whether P2P is used. SPEAR_TP_REDUCE (auto | nccl | p2p) sets the initial mode,
+  // SPEAR_TP_P2P_CAPACITY the staging capacity in bf16 elements (default 2^20; at most 4 · kP2pBlockElems per SM,
+  // so that a call's CTAs are all resident), SPEAR_TP_P2P_TIMEOUT_MS how long a P2P kernel waits for a peer
+  // before it traps (default 0: forever, as NCCL).
+  void set_tp_reduce(TpReduce r) override;
+  std::string tp_reduce_description() const override;
   void set_process_group(std::shared_ptr<ProcessGroup> pg) override;
-  // One NCCL group of in-place sums on stream_; no synchronisation, so it may be captured into a graph.
+  // In-place sums on stream_: the P2P kernel, one launch per tensor, for bf16 tensors of up to the capacity and
+  // fp32 ones of up to half of it (same staging bytes); one NCCL group for the others. No synchronisation, so it
+  // may be captured into a graph.
   void all_reduce_sum(std::span<Tensor* const> ts) override;
+  // Whether all_reduce_sum reduces t with the P2P kernel (tests, reports).
+  bool all_reduce_uses_p2p(const Tensor& t) const;
   void linear_ec_partial(const Tensor& x, const Linear& l, Tensor& out, Tensor& z) override;
   void ec_expand(const Tensor& z, const Linear& l, Tensor& out) override;
 
@@ -189,6 +202,14 @@ class CudaBackend : public Backend {
   // The plain dense GEMM of a bf16 linear (+ bias): the GEMV kernel for fp32 outputs of a few tokens, else cuBLAS.
   void dense_gemm(const CudaLinear& l, const Tensor& x, Tensor& out);
   void destroy_comm();
+  // Part of set_process_group: allocates, exchanges and maps the P2P buffers; sets p2p_ when every rank could.
+  void setup_p2p();
+  // Unmaps the peers' buffers, waits for every rank (a barrier of the group, while P2P is in use and no exception
+  // is unwinding) and frees this rank's; never throws. The stream must have drained.
+  void release_p2p();
+  // Everything tensor parallelism set up, in a safe order (never throws): graphs (they hold P2P and NCCL
+  // kernels), the streams' work, the P2P buffers, the communicator.
+  void teardown_tp();
   // y[m, n] = x[m, k] · Wᵀ (+ bias) with cuBLAS on stream_: W bf16 [n][k], x bf16, y bf16 or fp32 (f32_out).
   void cublas_linear(const void* w, int n, int k, const void* x, int m, const __nv_bfloat16* bias, void* y,
                      bool f32_out);
@@ -234,6 +255,13 @@ class CudaBackend : public Backend {
   DeviceBuffer scratch_ints_;
   bool capturing_ = false;
   ncclComm* comm_ = nullptr;  // set when the process group has more than one rank
+  TpReduce tp_reduce_ = TpReduce::Auto;
+  int64_t p2p_capacity_ = int64_t(1) << 20;  // bf16 elements per staging area (2 MB messages)
+  uint64_t p2p_timeout_ns_ = 0;
+  bool p2p_ = false;            // every rank's buffers are mapped: all_reduce_sum uses the P2P kernel
+  P2pRankBuffers p2p_bufs_;     // this rank's
+  P2pPeers p2p_peers_;          // every rank's, as seen from this device
+  std::vector<void*> p2p_ipc_;  // peers' buffers opened with cudaIpcOpenMemHandle (closed in release_p2p)
 
   std::unique_ptr<OpProfiler> prof_;
   std::map<const RopeTable*, DeviceBuffer> rope_tables_;

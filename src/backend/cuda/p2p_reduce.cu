@@ -7,7 +7,7 @@
 //      over the barrier: every thread's stores of step 1 are visible to q before the flag is);
 //   3. the same thread spins with ld.acquire.sys until its own flags[p][q][b] == e, then __syncthreads;
 //   4. every thread sums, for its elements, q = 0..R-1 in rank order in fp32 (its own registers for q == r,
-//      its own staging[p][q] otherwise) and writes bf16 to out; thread 0 stores epoch[b] = e.
+//      its own staging[p][q] otherwise) and writes out (bf16: rounded once); thread 0 stores epoch[b] = e.
 // The epoch lives in device memory, per CTA, so a captured CUDA graph replays correctly (no host argument).
 //
 // Why two parities make reuse safe. CTA b of rank r at epoch e + 2 rewrites q's staging[p][r] slice b and
@@ -21,7 +21,9 @@
 // above is per CTA, and epoch[b] counts only the calls in which CTA b ran. If the slicing followed n, a CTA of
 // one call could write a region that a different CTA, with another epoch parity, of a call of another size still
 // reads. With fixed slices a region has one reader and one writer CTA on every rank, and all ranks' epoch[b]
-// stay equal as long as all ranks make the same sequence of calls.
+// stay equal as long as all ranks make the same sequence of calls. The slices are fixed in bytes: an fp32 call's
+// CTA b owns kP2pBlockElems / 2 elements, the same bytes [b, b + 1) · 2 · kP2pBlockElems of every staging area
+// as a bf16 call's CTA b, so the argument holds across calls of both types.
 //
 // Deadlock freedom: a CTA waits only for the same CTA index on the other ranks, never for another CTA of its
 // own grid; at most capacity / kP2pBlockElems CTAs of 256 threads run, which all fit on the GPU at once.
@@ -34,6 +36,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <type_traits>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/pdl.cuh"
@@ -47,9 +50,18 @@ namespace {
 using bf16 = __nv_bfloat16;
 using bf162 = __nv_bfloat162;
 constexpr int kThreads = 256;
-constexpr int kVecPerThread = int(kP2pBlockElems / (kThreads * 8));  // 16-byte vectors (8 bf16) per thread
-static_assert(kVecPerThread * kThreads * 8 == kP2pBlockElems, "a CTA's slice is whole vectors of every thread");
+constexpr int kVecBytes = 16;
+// A CTA's slice in bytes, whatever the element type: 2 bytes · kP2pBlockElems.
+constexpr int64_t kSliceBytes = kP2pBlockElems * int64_t(sizeof(bf16));
+constexpr int kVecPerThread = int(kSliceBytes / (kThreads * kVecBytes));  // 16-byte vectors per thread
+static_assert(kVecPerThread * kThreads * kVecBytes == kSliceBytes, "a CTA's slice is whole vectors of every thread");
 static_assert(kP2pMaxRanks <= 32, "one thread of the first warp per peer");
+
+// Elements of T in one 16-byte vector and in one CTA's slice (the same bytes for bf16 and fp32).
+template <typename T>
+constexpr int kPerVec = int(kVecBytes / sizeof(T));
+template <typename T>
+constexpr int64_t kSliceElems = kSliceBytes / int64_t(sizeof(T));
 
 __device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
   asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
@@ -73,50 +85,73 @@ __device__ __forceinline__ uint64_t globaltimer_ns() {
   return t;
 }
 
-// 8 elements at p, of which `valid` (>= 1) are in range; zeros past the end. 16-byte load when allowed.
-__device__ __forceinline__ uint4 load8(const bf16* p, int64_t valid, bool aligned) {
-  if (aligned && valid >= 8) return *reinterpret_cast<const uint4*>(p);
+// The bits of one element, for the element-wise (unaligned or partial) accesses.
+template <typename T>
+using Bits = std::conditional_t<sizeof(T) == 2, unsigned short, unsigned int>;
+
+// One vector of elements at p, of which `valid` (>= 1) are in range; zeros past the end. 16-byte load when allowed.
+template <typename T>
+__device__ __forceinline__ uint4 load_vec(const T* p, int64_t valid, bool aligned) {
+  constexpr int kN = kPerVec<T>;
+  if (aligned && valid >= kN) return *reinterpret_cast<const uint4*>(p);
   uint4 v = make_uint4(0, 0, 0, 0);
-  unsigned short* h = reinterpret_cast<unsigned short*>(&v);
-  const unsigned short* s = reinterpret_cast<const unsigned short*>(p);
+  Bits<T>* h = reinterpret_cast<Bits<T>*>(&v);
+  const Bits<T>* s = reinterpret_cast<const Bits<T>*>(p);
 #pragma unroll
-  for (int k = 0; k < 8; ++k)
+  for (int k = 0; k < kN; ++k)
     if (k < valid) h[k] = s[k];
   return v;
 }
 
-// Rounds the 8 sums to bf16 (nearest even) and stores the `valid` first ones.
-__device__ __forceinline__ void store8(bf16* p, const float (&acc)[8], int64_t valid, bool aligned) {
+// Rounds the sums to T (bf16: nearest even; fp32: as they are) and stores the `valid` first ones.
+template <typename T>
+__device__ __forceinline__ void store_vec(T* p, const float (&acc)[kPerVec<T>], int64_t valid, bool aligned) {
+  constexpr int kN = kPerVec<T>;
   uint4 o;
-  bf162* oh = reinterpret_cast<bf162*>(&o);
+  if constexpr (sizeof(T) == 2) {
+    bf162* oh = reinterpret_cast<bf162*>(&o);
 #pragma unroll
-  for (int j = 0; j < 4; ++j) oh[j] = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
-  if (aligned && valid >= 8) {
+    for (int j = 0; j < kN / 2; ++j) oh[j] = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
+  } else {
+    o = make_uint4(__float_as_uint(acc[0]), __float_as_uint(acc[1]), __float_as_uint(acc[2]), __float_as_uint(acc[3]));
+  }
+  if (aligned && valid >= kN) {
     st_v4(p, o);
     return;
   }
-  const unsigned short* h = reinterpret_cast<const unsigned short*>(&o);
-  unsigned short* d = reinterpret_cast<unsigned short*>(p);
+  const Bits<T>* h = reinterpret_cast<const Bits<T>*>(&o);
+  Bits<T>* d = reinterpret_cast<Bits<T>*>(p);
 #pragma unroll
-  for (int k = 0; k < 8; ++k)
+  for (int k = 0; k < kN; ++k)
     if (k < valid) d[k] = h[k];
 }
 
-__device__ __forceinline__ void add8(float (&acc)[8], const uint4& v) {
-  const bf162* h = reinterpret_cast<const bf162*>(&v);
+template <typename T>
+__device__ __forceinline__ void add_vec(float (&acc)[kPerVec<T>], const uint4& v) {
+  if constexpr (sizeof(T) == 2) {
+    const bf162* h = reinterpret_cast<const bf162*>(&v);
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float2 f = __bfloat1622float2(h[j]);
-    acc[2 * j] += f.x;
-    acc[2 * j + 1] += f.y;
+    for (int j = 0; j < kPerVec<T> / 2; ++j) {
+      const float2 f = __bfloat1622float2(h[j]);
+      acc[2 * j] += f.x;
+      acc[2 * j + 1] += f.y;
+    }
+  } else {
+    acc[0] += __uint_as_float(v.x);
+    acc[1] += __uint_as_float(v.y);
+    acc[2] += __uint_as_float(v.z);
+    acc[3] += __uint_as_float(v.w);
   }
 }
 
-// Grid: one CTA per kP2pBlockElems slice of [0, n). No __restrict__: out may alias x (each thread reads its x
-// elements into registers before it writes the same elements of out).
+// Grid: one CTA per kSliceElems<T> slice of [0, n), i.e. per kSliceBytes of the vector whatever T is, so bf16 and
+// fp32 calls pair the same staging bytes, flags and epoch with the same CTA index. No __restrict__: out may alias
+// x (each thread reads its x elements into registers before it writes the same elements of out).
+template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    p2p_allreduce_kernel(const bf16* x, bf16* out, int64_t n, P2pPeers p, int rank, bool x_aligned, bool out_aligned) {
+    p2p_allreduce_kernel(const T* x, T* out, int64_t n, P2pPeers p, int rank, bool x_aligned, bool out_aligned) {
   pdl_enter();
+  constexpr int kN = kPerVec<T>;
   const int b = blockIdx.x;
   const int ranks = p.ranks;
   __shared__ uint32_t s_epoch;
@@ -124,22 +159,24 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const uint32_t e = s_epoch;
   const int parity = int(e & 1u);
-  const int64_t slice = int64_t(b) * kP2pBlockElems;
-  // Where source `src` of this parity lands in a rank's staging (same layout on every rank).
-  const int64_t area = p.capacity;
+  const int64_t slice = int64_t(b) * kSliceElems<T>;
+  // Where source `src` of this parity lands in a rank's staging (same layout on every rank), in elements of T:
+  // an area is `capacity` bf16 elements, i.e. capacity · 2 / sizeof(T) elements of T.
+  const int64_t area = p.capacity * int64_t(sizeof(bf16)) / int64_t(sizeof(T));
   auto staging_off = [&](int src) { return (int64_t(parity) * ranks + src) * area; };
 
   // 1. Push this rank's slice to every peer; keep it in registers for the sum.
   uint4 mine[kVecPerThread];
 #pragma unroll
   for (int j = 0; j < kVecPerThread; ++j) {
-    const int64_t i = slice + (int64_t(j) * kThreads + threadIdx.x) * 8;
+    const int64_t i = slice + (int64_t(j) * kThreads + threadIdx.x) * kN;
     mine[j] = make_uint4(0, 0, 0, 0);
     if (i < n) {
-      mine[j] = load8(x + i, n - i, x_aligned);
+      mine[j] = load_vec(x + i, n - i, x_aligned);
       for (int q = 0; q < ranks; ++q) {
         if (q == rank) continue;
-        st_v4(p.staging[q] + staging_off(rank) + i, mine[j]);  // staging slices are 16-byte aligned
+        T* dst = reinterpret_cast<T*>(p.staging[q]) + staging_off(rank) + i;
+        st_v4(dst, mine[j]);  // staging slices are 16-byte aligned
       }
     }
   }
@@ -155,7 +192,7 @@ __global__ void __launch_bounds__(kThreads)
     uint32_t spins = 0;
     while (ld_acquire_sys(mine_flag) != e) {
       if (p.timeout_ns && (++spins & 1023u) == 0 && globaltimer_ns() - t0 > p.timeout_ns) {
-        printf("p2p_allreduce_bf16: rank %d CTA %d timed out waiting for rank %d (epoch %u, flag %u)\n", rank, b, q, e,
+        printf("p2p all-reduce: rank %d CTA %d timed out waiting for rank %d (epoch %u, flag %u)\n", rank, b, q, e,
                ld_acquire_sys(mine_flag));
         __trap();
       }
@@ -164,17 +201,19 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();  // extends the acquire to every thread of the CTA
 
   // 4. Sum in rank order. The peers' slices are read through L2 (.cg): they were written by other GPUs.
-  const bf16* local = p.staging[rank];
+  const T* local = reinterpret_cast<const T*>(p.staging[rank]);
 #pragma unroll
   for (int j = 0; j < kVecPerThread; ++j) {
-    const int64_t i = slice + (int64_t(j) * kThreads + threadIdx.x) * 8;
+    const int64_t i = slice + (int64_t(j) * kThreads + threadIdx.x) * kN;
     if (i < n) {
-      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      float acc[kN];
+#pragma unroll
+      for (int k = 0; k < kN; ++k) acc[k] = 0.f;
       for (int src = 0; src < ranks; ++src) {
         const uint4 v = src == rank ? mine[j] : __ldcg(reinterpret_cast<const uint4*>(local + staging_off(src) + i));
-        add8(acc, v);
+        add_vec<T>(acc, v);
       }
-      store8(out + i, acc, n - i, out_aligned);
+      store_vec(out + i, acc, n - i, out_aligned);
     }
   }
   if (threadIdx.x == 0) p.epoch[b] = e;
@@ -252,7 +291,7 @@ P2pPeers p2p_peers_in_process(const std::vector<P2pRankBuffers>& all, int rank) 
   return p;
 }
 
-bool p2p_enable_peer_access(const std::vector<int>& devices) {
+bool p2p_can_access_peers(const std::vector<int>& devices) {
   for (int a : devices)
     for (int b : devices) {
       if (a == b) continue;
@@ -260,23 +299,31 @@ bool p2p_enable_peer_access(const std::vector<int>& devices) {
       SPEAR_CUDA_CHECK(cudaDeviceCanAccessPeer(&ok, a, b));
       if (!ok) return false;
     }
-  int prev = 0;
-  SPEAR_CUDA_CHECK(cudaGetDevice(&prev));
-  for (int a : devices) {
-    SPEAR_CUDA_CHECK(cudaSetDevice(a));
-    for (int b : devices) {
-      if (a == b) continue;
-      const cudaError_t err = cudaDeviceEnablePeerAccess(b, 0);
-      if (err == cudaErrorPeerAccessAlreadyEnabled) {
-        cudaGetLastError();  // not sticky, but it would be reported by the next launch check
-      } else if (err != cudaSuccess) {
-        cudaSetDevice(prev);
-        fail("CUDA error enabling peer access from device {} to device {}: {}", a, b, cudaGetErrorString(err));
-      }
-    }
-  }
-  SPEAR_CUDA_CHECK(cudaSetDevice(prev));
   return true;
+}
+
+void p2p_enable_peer_access_from(int device, int peer) {
+  if (device == peer) return;
+  DeviceScope scope(device);
+  const cudaError_t err = cudaDeviceEnablePeerAccess(peer, 0);
+  if (err == cudaSuccess) return;
+  // The failed call also left its error as the thread's last error; clear it, or the next launch check
+  // (cudaGetLastError after a kernel) would report it as the kernel's.
+  (void)cudaGetLastError();
+  // Enabled before: by an earlier call, another backend of this process, or another thread on this device.
+  if (err == cudaErrorPeerAccessAlreadyEnabled) return;
+  fail("CUDA error enabling peer access from device {} to device {}: {}", device, peer, cudaGetErrorString(err));
+}
+
+bool p2p_enable_peer_access(const std::vector<int>& devices) {
+  if (!p2p_can_access_peers(devices)) return false;
+  for (int a : devices)
+    for (int b : devices) p2p_enable_peer_access_from(a, b);
+  return true;
+}
+
+int64_t p2p_max_elems(const P2pPeers& peers, size_t elem_bytes) {
+  return peers.capacity * int64_t(sizeof(bf16)) / int64_t(elem_bytes);
 }
 
 int p2p_allreduce_blocks(int64_t n, const P2pPeers& peers) {
@@ -284,13 +331,16 @@ int p2p_allreduce_blocks(int64_t n, const P2pPeers& peers) {
   return int(std::min<int64_t>(peers.max_blocks, (n + kP2pBlockElems - 1) / kP2pBlockElems));
 }
 
-void p2p_allreduce_bf16(const __nv_bfloat16* x, __nv_bfloat16* out, int64_t n, const P2pPeers& peers, int rank,
-                        cudaStream_t stream) {
+namespace {
+
+template <typename T>
+void p2p_allreduce(const T* x, T* out, int64_t n, const P2pPeers& peers, int rank, cudaStream_t stream) {
   SPEAR_CHECK(peers.ranks >= 2 && peers.ranks <= kP2pMaxRanks, "p2p all-reduce: {} ranks (supported: 2..{})",
               peers.ranks, kP2pMaxRanks);
   SPEAR_CHECK(rank >= 0 && rank < peers.ranks, "p2p all-reduce: rank {} out of [0, {})", rank, peers.ranks);
-  SPEAR_CHECK(n >= 0 && n <= peers.capacity, "p2p all-reduce: {} elements exceed the staging capacity of {}", n,
-              peers.capacity);
+  const int64_t max_n = p2p_max_elems(peers, sizeof(T));
+  SPEAR_CHECK(n >= 0 && n <= max_n, "p2p all-reduce: {} elements of {} bytes exceed the staging capacity of {}", n,
+              sizeof(T), max_n);
   // The fixed slicing needs a whole slice per CTA in every staging area (p2p_alloc_rank_buffers ensures it).
   SPEAR_CHECK(peers.capacity % kP2pBlockElems == 0 && peers.max_blocks * kP2pBlockElems >= peers.capacity,
               "p2p all-reduce: capacity {} / max_blocks {} do not match slices of {} elements", peers.capacity,
@@ -300,10 +350,21 @@ void p2p_allreduce_bf16(const __nv_bfloat16* x, __nv_bfloat16* out, int64_t n, c
     SPEAR_CHECK(peers.staging[q] && peers.flags[q], "p2p all-reduce: rank {}'s staging or flags missing", q);
   if (n == 0) return;  // every rank skips alike: the epochs stay in step
   SPEAR_CHECK(x && out, "p2p all-reduce: null input or output");
-  const int blocks = p2p_allreduce_blocks(n, peers);
+  const int blocks = int(std::min<int64_t>(peers.max_blocks, (n + kSliceElems<T> - 1) / kSliceElems<T>));
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  launch_kernel(p2p_allreduce_kernel, blocks, kThreads, 0, stream, x, out, n, peers, rank, aligned(x), aligned(out));
+  launch_kernel(p2p_allreduce_kernel<T>, blocks, kThreads, 0, stream, x, out, n, peers, rank, aligned(x), aligned(out));
   SPEAR_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+void p2p_allreduce_bf16(const __nv_bfloat16* x, __nv_bfloat16* out, int64_t n, const P2pPeers& peers, int rank,
+                        cudaStream_t stream) {
+  p2p_allreduce(x, out, n, peers, rank, stream);
+}
+
+void p2p_allreduce_f32(const float* x, float* out, int64_t n, const P2pPeers& peers, int rank, cudaStream_t stream) {
+  p2p_allreduce(x, out, n, peers, rank, stream);
 }
 
 void p2p_allreduce_reference_bf16(const uint16_t* const* xs, int ranks, int64_t n, uint16_t* out) {
@@ -311,6 +372,14 @@ void p2p_allreduce_reference_bf16(const uint16_t* const* xs, int ranks, int64_t 
     float acc = 0.f;
     for (int q = 0; q < ranks; ++q) acc += bf16_to_f32(xs[q][i]);
     out[i] = f32_to_bf16(acc);
+  }
+}
+
+void p2p_allreduce_reference_f32(const float* const* xs, int ranks, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    float acc = 0.f;
+    for (int q = 0; q < ranks; ++q) acc += xs[q][i];
+    out[i] = acc;
   }
 }
 

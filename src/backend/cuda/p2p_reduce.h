@@ -1,11 +1,11 @@
 #pragma once
-// One-shot all-reduce (sum) of bf16 vectors among R ranks (2..8) whose device memory is mutually accessible over
-// NVLink: the "dual-write" alternative to NCCL all-reduce for small messages (DESIGN.md §5, tensor parallelism).
-// Each rank pushes its input into every peer's staging area with remote stores, raises one flag per peer, waits
-// for the peers' flags and sums the R contributions locally: one flag round trip, no ring steps.
+// One-shot all-reduce (sum) of bf16 (or fp32) vectors among R ranks (2..8) whose device memory is mutually
+// accessible over NVLink: the "dual-write" alternative to NCCL all-reduce for small messages (DESIGN.md §5, tensor
+// parallelism). Each rank pushes its input into every peer's staging area with remote stores, raises one flag per
+// peer, waits for the peers' flags and sums the R contributions locally: one flag round trip, no ring steps.
 //
 // The kernel sees only raw pointers (peer pointers valid on this device): buffers shared by peer access inside
-// one process now, or by CUDA IPC handles across processes later.
+// one process, or by CUDA IPC handles across processes (CudaBackend::set_process_group sets up both).
 #include <cstdint>
 #include <vector>
 
@@ -15,11 +15,12 @@
 namespace spear::cuda {
 
 constexpr int kP2pMaxRanks = 8;
-// Elements of the vector one CTA reduces. The slice of CTA b is [b, b + 1) · kP2pBlockElems whatever n is, so a
-// staging region always has the same reader and writer CTA (see p2p_reduce.cu for why that matters).
+// bf16 elements of the vector one CTA reduces. The slice of CTA b is [b, b + 1) · kP2pBlockElems whatever n is, so
+// a staging region always has the same reader and writer CTA (see p2p_reduce.cu for why that matters). An fp32
+// call's CTA b takes kP2pBlockElems / 2 elements: the same bytes of the staging.
 constexpr int64_t kP2pBlockElems = 4096;
 
-// One rank's exchange buffers, in its own device memory, one allocation (one IPC handle later), zeroed:
+// One rank's exchange buffers, in its own device memory, one allocation (one IPC handle), zeroed:
 //   staging [2 parities][ranks sources][capacity] bf16   what the peers pushed to this rank;
 //   flags   [2 parities][ranks sources][max_blocks] u32  source q's slice b of epoch e has landed here;
 //   epoch   [max_blocks] u32                             calls completed by each CTA of this rank.
@@ -59,11 +60,22 @@ struct P2pPeers {
 // devices (unified addressing: a pointer is valid on every device that has access).
 P2pPeers p2p_peers_in_process(const std::vector<P2pRankBuffers>& all, int rank);
 
-// Enables peer access between every pair of `devices` (both ways; "already enabled" is fine). Returns false,
-// changing nothing further, when some pair cannot access each other. The current device is restored.
+// Whether every device of `devices` can access every other one's memory (cudaDeviceCanAccessPeer).
+bool p2p_can_access_peers(const std::vector<int>& devices);
+// Enables access from `device` to the memory of `peer` (one direction; a no-op when device == peer). Safe to
+// repeat: access enabled before, by an earlier call or another thread or backend of the process, is fine, and
+// the error CUDA reports for it is cleared so that no later error check sees it. Throws on other errors. The
+// current device is restored.
+void p2p_enable_peer_access_from(int device, int peer);
+// Enables peer access between every pair of `devices` (both ways, p2p_enable_peer_access_from). Returns false,
+// changing nothing, when some pair cannot access each other.
 bool p2p_enable_peer_access(const std::vector<int>& devices);
 
-// CTAs of one call: ceil(n / kP2pBlockElems), at most peers.max_blocks; the same on every rank for the same n.
+// The longest vector of elem_bytes-sized elements one call takes: peers.capacity for bf16, half of it for fp32
+// (the capacity counts bf16 elements; an fp32 call uses the same staging bytes).
+int64_t p2p_max_elems(const P2pPeers& peers, size_t elem_bytes);
+
+// CTAs of one bf16 call: ceil(n / kP2pBlockElems), at most peers.max_blocks; the same on every rank for the same n.
 int p2p_allreduce_blocks(int64_t n, const P2pPeers& peers);
 
 // out = Σ_q x_q over the ranks q, summed in rank order (q = 0..R-1) in fp32 and rounded once to bf16, so every
@@ -74,9 +86,15 @@ int p2p_allreduce_blocks(int64_t n, const P2pPeers& peers);
 // (16-byte aligned ones use vector accesses).
 void p2p_allreduce_bf16(const __nv_bfloat16* x, __nv_bfloat16* out, int64_t n, const P2pPeers& peers, int rank,
                         cudaStream_t stream);
+// The same for fp32 vectors of n <= p2p_max_elems(peers, 4) elements: fp32 sums in rank order, not rounded. CTA b
+// of an fp32 call covers the same staging bytes, flags and epoch as CTA b of a bf16 call, so bf16 and fp32 calls
+// may follow each other in any order (as long as every rank makes the same sequence of calls).
+void p2p_allreduce_f32(const float* x, float* out, int64_t n, const P2pPeers& peers, int rank, cudaStream_t stream);
 
 // CPU reference: out[i] = bf16(Σ_{q = 0..ranks-1} float(xs[q][i])), fp32 sum in rank order, round to nearest even.
 // xs: `ranks` host arrays of n bf16 bit patterns.
 void p2p_allreduce_reference_bf16(const uint16_t* const* xs, int ranks, int64_t n, uint16_t* out);
+// CPU reference of p2p_allreduce_f32: out[i] = Σ_{q = 0..ranks-1} xs[q][i] in fp32, in rank order.
+void p2p_allreduce_reference_f32(const float* const* xs, int ranks, int64_t n, float* out);
 
 }  // namespace spear::cuda
