@@ -166,6 +166,9 @@ class Backend {
   // Sums each tensor over the group's ranks in place; every rank ends with the same values. One call may
   // reduce tensors of different dtypes (a row-parallel output and its compensator's partial A·x).
   virtual void all_reduce_sum(std::span<Tensor* const> ts) = 0;
+  // full[rows, size · part.cols] = the ranks' parts side by side, rank r's at columns [r · cols, (r + 1) · cols):
+  // the vocab-parallel lm_head's logits (fp32). Every rank gets the whole.
+  virtual void all_gather_cols(const Tensor& part, Tensor& full) = 0;
   // A row-parallel compensated linear in two halves around that all-reduce, since its gate needs the full
   // A·x (DESIGN.md §2): linear_ec_partial computes out = x·Wᵀ (+ bias) without the compensator and
   // z[T, rank] = A·x (fp32, from alloc_f32); after both are summed over the ranks, ec_expand adds

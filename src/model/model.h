@@ -67,6 +67,7 @@ class Model {
   struct Shard {
     int rank = 0, size = 1;
     int heads = 0, kv_heads = 0, intermediate = 0;
+    bool vocab_split = false;  // the lm_head holds rows [rank · V/size, ...) and the logits are gathered
   };
   const Shard& shard() const { return shard_; }
 

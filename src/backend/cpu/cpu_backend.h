@@ -74,6 +74,7 @@ class CpuBackend : public Backend {
   void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override;
   void linear(const Tensor& x, const Linear& w, Tensor& out) override;
   void all_reduce_sum(std::span<Tensor* const> ts) override;
+  void all_gather_cols(const Tensor& part, Tensor& full) override;
   void linear_ec_partial(const Tensor& x, const Linear& l, Tensor& out, Tensor& z) override;
   void ec_expand(const Tensor& z, const Linear& l, Tensor& out) override;
   void rope(Tensor& x, int n_heads, int head_dim, std::span<const int32_t> positions,

@@ -164,6 +164,7 @@ class CudaBackend : public Backend {
   // fp32 ones of up to half of it (same staging bytes); one NCCL group for the others. No synchronisation, so it
   // may be captured into a graph.
   void all_reduce_sum(std::span<Tensor* const> ts) override;
+  void all_gather_cols(const Tensor& part, Tensor& full) override;
   // Whether all_reduce_sum reduces t with the P2P kernel (tests, reports).
   bool all_reduce_uses_p2p(const Tensor& t) const;
   void linear_ec_partial(const Tensor& x, const Linear& l, Tensor& out, Tensor& z) override;

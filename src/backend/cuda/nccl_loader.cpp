@@ -63,6 +63,7 @@ Loaded load() {
                   resolve(lib, "ncclCommInitRank", a.comm_init_rank, missing) &&
                   resolve(lib, "ncclCommDestroy", a.comm_destroy, missing) &&
                   resolve(lib, "ncclAllReduce", a.all_reduce, missing) &&
+                  resolve(lib, "ncclAllGather", a.all_gather, missing) &&
                   resolve(lib, "ncclGroupStart", a.group_start, missing) &&
                   resolve(lib, "ncclGroupEnd", a.group_end, missing) &&
                   resolve(lib, "ncclGetErrorString", a.get_error_string, missing) &&
