@@ -175,6 +175,16 @@ class Backend {
   // B·(g(z) ⊙ z) to out.
   virtual void linear_ec_partial(const Tensor& x, const Linear& l, Tensor& out, Tensor& z) = 0;
   virtual void ec_expand(const Tensor& z, const Linear& l, Tensor& out) = 0;
+  // The fused tail of a row-parallel linear, where the backend has one (DESIGN.md §5): the GEMM of this rank's
+  // shard without its compensator, then one step that sums the partial outputs over the ranks (with the
+  // compensator's partial z, its gate and B when one is attached), adds the sum into the residual stream x and
+  // writes h = rms_norm(x)·norm_w. Returns false, having done nothing, where it cannot (too many tokens, no
+  // peer-to-peer path); the caller then reduces and normalises op by op.
+  virtual bool row_parallel_tail(const Tensor& in, const Linear& l, Tensor& x, const Tensor& norm_w, float eps,
+                                 Tensor& h) {
+    (void)in, (void)l, (void)x, (void)norm_w, (void)eps, (void)h;
+    return false;
+  }
 
   // How compensated linears run (backends with several EC implementations: CUDA; the CPU has one path and
   // ignores these). A forced path applies to every compensated linear (benchmarks); Auto consults the

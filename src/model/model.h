@@ -125,9 +125,13 @@ class Model {
   // residual: when given (and no taps), the layer's last residual add is left to the caller as *residual
   // (x + *residual is the layer's output), and a non-empty *residual on entry is added first: each add then
   // runs fused with the norm that follows it (Backend::add_rms_norm), the next layer's or the final one.
+  // normed: under tensor parallelism, a layer whose down_proj ran the backend's fused tail (row_parallel_tail)
+  // has already added its output into x and normalised x for the next layer (or the final norm): *normed is that
+  // normalised input, which the next step takes instead of computing its norm.
   void run_layer_desc(int layer, Tensor& x, const BatchDesc& d, KvCache& cache, const TapFn* taps,
-                      Tensor* residual = nullptr);
-  Tensor logits_desc(Tensor& x, const BatchDesc& d, LogitsMode mode, const TapFn* taps, Tensor* residual = nullptr);
+                      Tensor* residual = nullptr, Tensor* normed = nullptr);
+  Tensor logits_desc(Tensor& x, const BatchDesc& d, LogitsMode mode, const TapFn* taps, Tensor* residual = nullptr,
+                     Tensor* normed = nullptr);
   // A row-parallel linear (o, down): the partial products summed over the ranks, a compensator's z before its
   // gate (DESIGN.md §2). Just the linear without tensor parallelism.
   void row_parallel_linear(const Linear& l, const Tensor& in, Tensor& out);

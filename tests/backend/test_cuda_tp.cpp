@@ -1,13 +1,10 @@
-// Tensor parallelism on the CUDA backend: all-reduce of bf16 and fp32 tensors
-// in one call, eager and inside replayed CUDA graphs, on two GPUs (one thread
-// and one backend per rank, bootstrapped over a TCP ProcessGroup), by the P2P
-// kernel (the default where the GPUs reach each other; the ranks share this
-// process, so their buffers are mapped by peer access), by NCCL beyond the P2P
-// capacity, and by NCCL alone; the compensated linear split around the
-// all-reduce (linear_ec_partial, then ec_expand) bit-identical to linear() on
-// one GPU; and a row-parallel compensated linear over two ranks against the
-// whole linear. The two-GPU tests skip without two devices or without NCCL, the
-// P2P ones also without peer access between GPUs 0 and 1.
+// Tensor parallelism on the CUDA backend: all-reduce of bf16 and fp32 tensors in one call, eager and inside
+// replayed CUDA graphs, on two GPUs (one thread and one backend per rank, bootstrapped over a TCP ProcessGroup),
+// by the P2P kernel (the default where the GPUs reach each other; the ranks share this process, so their buffers
+// are mapped by peer access), by NCCL beyond the P2P capacity, and by NCCL alone; the compensated linear split
+// around the all-reduce (linear_ec_partial, then ec_expand) bit-identical to linear() on one GPU; and a
+// row-parallel compensated linear over two ranks against the whole linear. The two-GPU tests skip without two
+// devices or without NCCL, the P2P ones also without peer access between GPUs 0 and 1.
 #include <cmath>
 #include <cstdlib>
 #include <functional>
@@ -36,35 +33,29 @@ namespace spear {
 
 namespace {
 
-#define SPEAR_REQUIRE_GPU()                                                    \
-  if (cuda::device_count() == 0)                                               \
-  GTEST_SKIP() << "no CUDA device"
+#define SPEAR_REQUIRE_GPU() \
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device"
 
-#define SPEAR_REQUIRE_TWO_GPUS_AND_NCCL()                                      \
-  do {                                                                         \
-    if (cuda::device_count() < 2)                                              \
-      GTEST_SKIP() << "needs 2 CUDA devices, found " << cuda::device_count();  \
-    std::string why_;                                                          \
-    if (!cuda::nccl_available(&why_))                                          \
-      GTEST_SKIP() << why_;                                                    \
+#define SPEAR_REQUIRE_TWO_GPUS_AND_NCCL()                                                                 \
+  do {                                                                                                    \
+    if (cuda::device_count() < 2) GTEST_SKIP() << "needs 2 CUDA devices, found " << cuda::device_count(); \
+    std::string why_;                                                                                     \
+    if (!cuda::nccl_available(&why_)) GTEST_SKIP() << why_;                                               \
   } while (0)
 
-#define SPEAR_REQUIRE_PEER_ACCESS()                                            \
-  do {                                                                         \
-    int can01_ = 0, can10_ = 0;                                                \
-    SPEAR_CUDA_CHECK(cudaDeviceCanAccessPeer(&can01_, 0, 1));                  \
-    SPEAR_CUDA_CHECK(cudaDeviceCanAccessPeer(&can10_, 1, 0));                  \
-    if (!can01_ || !can10_)                                                    \
-      GTEST_SKIP() << "GPUs 0 and 1 cannot access each other's memory";        \
+#define SPEAR_REQUIRE_PEER_ACCESS()                                                           \
+  do {                                                                                        \
+    int can01_ = 0, can10_ = 0;                                                               \
+    SPEAR_CUDA_CHECK(cudaDeviceCanAccessPeer(&can01_, 0, 1));                                 \
+    SPEAR_CUDA_CHECK(cudaDeviceCanAccessPeer(&can10_, 1, 0));                                 \
+    if (!can01_ || !can10_) GTEST_SKIP() << "GPUs 0 and 1 cannot access each other's memory"; \
   } while (0)
 
-// Sets an environment variable for the scope (the backends read theirs when
-// constructed) and restores it.
+// Sets an environment variable for the scope (the backends read theirs when constructed) and restores it.
 class ScopedEnv {
-public:
-  ScopedEnv(const char *name, const char *value) : name_(name) {
-    if (const char *old = std::getenv(name))
-      old_ = old;
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
     setenv(name, value, 1);
   }
   ~ScopedEnv() {
@@ -73,25 +64,23 @@ public:
     else
       unsetenv(name_.c_str());
   }
-  ScopedEnv(const ScopedEnv &) = delete;
-  ScopedEnv &operator=(const ScopedEnv &) = delete;
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
 
-private:
+ private:
   std::string name_;
   std::optional<std::string> old_;
 };
 
-// Runs fn(rank, backend) on GPUs 0 and 1, one thread each, once both backends
-// belong to one two-rank group (reducing by `reduce` when given, else by the
-// backend's default: SPEAR_TP_REDUCE or auto). Failures inside a rank
-// (spear::Error, CUDA, NCCL) are reported as test failures naming the rank.
-void run_two_ranks(const std::function<void(int, cuda::CudaBackend &)> &fn,
+// Runs fn(rank, backend) on GPUs 0 and 1, one thread each, once both backends belong to one two-rank group
+// (reducing by `reduce` when given, else by the backend's default: SPEAR_TP_REDUCE or auto). Failures inside a
+// rank (spear::Error, CUDA, NCCL) are reported as test failures naming the rank.
+void run_two_ranks(const std::function<void(int, cuda::CudaBackend&)>& fn,
                    std::optional<TpReduce> reduce = std::nullopt) {
-  // NVLink SHARP (multicast) buys nothing for two ranks, and its setup can take
-  // a shared host's GPUs out of service; the environment may still turn it on.
+  // NVLink SHARP (multicast) buys nothing for two ranks, and its setup can take a shared host's GPUs out of
+  // service; the environment may still turn it on.
   setenv("NCCL_NVLS_ENABLE", "0", 0);
-  // A P2P kernel whose peer never comes (a bug) traps after a minute instead of
-  // hanging the test binary.
+  // A P2P kernel whose peer never comes (a bug) traps after a minute instead of hanging the test binary.
   setenv("SPEAR_TP_P2P_TIMEOUT_MS", "60000", 0);
   std::promise<int> port;
   std::future<int> port_future = port.get_future();
@@ -109,76 +98,62 @@ void run_two_ranks(const std::function<void(int, cuda::CudaBackend &)> &fn,
       } else {
         pg = ProcessGroup::connect(1, 2, "127.0.0.1", port_future.get(), 10);
       }
-      if (reduce)
-        be.set_tp_reduce(*reduce);
+      if (reduce) be.set_tp_reduce(*reduce);
       be.set_process_group(pg);
       EXPECT_EQ(be.tp_rank(), r);
       EXPECT_EQ(be.tp_size(), 2);
       fn(r, be);
-    } catch (const std::exception &e) {
-      if (r == 0 && !port_sent)
-        port.set_exception(std::current_exception()); // rank 1 stops waiting
+    } catch (const std::exception& e) {
+      if (r == 0 && !port_sent) port.set_exception(std::current_exception());  // rank 1 stops waiting
       errors[r] = e.what();
     }
   };
   std::thread t0(rank_main, 0), t1(rank_main, 1);
   t0.join();
   t1.join();
-  for (int r = 0; r < 2; ++r)
-    EXPECT_EQ(errors[r], "") << "rank " << r;
+  for (int r = 0; r < 2; ++r) EXPECT_EQ(errors[r], "") << "rank " << r;
 }
 
-// Small integers, different per rank and per round: bf16 holds them and their
-// sums exactly.
+// Small integers, different per rank and per round: bf16 holds them and their sums exactly.
 std::vector<float> pattern(size_t n, int rank, int round) {
   std::vector<float> v(n);
-  for (size_t i = 0; i < n; ++i)
-    v[i] =
-        float(int((i * 7 + size_t(round) * 13) % 23) - 11 + rank * (round + 2));
+  for (size_t i = 0; i < n; ++i) v[i] = float(int((i * 7 + size_t(round) * 13) % 23) - 11 + rank * (round + 2));
   return v;
 }
 
 std::vector<float> pattern_sum(size_t n, int round) {
   std::vector<float> a = pattern(n, 0, round), b = pattern(n, 1, round);
-  for (size_t i = 0; i < n; ++i)
-    a[i] += b[i];
+  for (size_t i = 0; i < n; ++i) a[i] += b[i];
   return a;
 }
 
-// Overwrites t (bf16 or fp32) in stream order, so that a graph replayed
-// afterwards on the stream reads it.
-void write(cuda::CudaBackend &be, const Tensor &t,
-           const std::vector<float> &host) {
+// Overwrites t (bf16 or fp32) in stream order, so that a graph replayed afterwards on the stream reads it.
+void write(cuda::CudaBackend& be, const Tensor& t, const std::vector<float>& host) {
   ASSERT_EQ(size_t(t.numel()), host.size());
   if (t.dtype == DType::BF16) {
     std::vector<uint16_t> h(host.size());
-    for (size_t i = 0; i < h.size(); ++i)
-      h[i] = f32_to_bf16(host[i]);
-    SPEAR_CUDA_CHECK(cudaMemcpyAsync(t.data, h.data(), h.size() * 2,
-                                     cudaMemcpyHostToDevice, be.stream()));
-    SPEAR_CUDA_CHECK(cudaStreamSynchronize(be.stream())); // h goes out of scope
+    for (size_t i = 0; i < h.size(); ++i) h[i] = f32_to_bf16(host[i]);
+    SPEAR_CUDA_CHECK(cudaMemcpyAsync(t.data, h.data(), h.size() * 2, cudaMemcpyHostToDevice, be.stream()));
+    SPEAR_CUDA_CHECK(cudaStreamSynchronize(be.stream()));  // h goes out of scope
   } else {
     ASSERT_EQ(t.dtype, DType::F32);
-    SPEAR_CUDA_CHECK(cudaMemcpyAsync(t.data, host.data(), host.size() * 4,
-                                     cudaMemcpyHostToDevice, be.stream()));
+    SPEAR_CUDA_CHECK(cudaMemcpyAsync(t.data, host.data(), host.size() * 4, cudaMemcpyHostToDevice, be.stream()));
     SPEAR_CUDA_CHECK(cudaStreamSynchronize(be.stream()));
   }
 }
 
-std::vector<float> read(cuda::CudaBackend &be, const Tensor &t) {
+std::vector<float> read(cuda::CudaBackend& be, const Tensor& t) {
   std::vector<float> h(size_t(t.numel()));
   be.download(t, h.data());
   return h;
 }
 
 // Exact comparison, reporting the first mismatch only.
-void expect_equal(const std::vector<float> &got, const std::vector<float> &want,
-                  const std::string &what) {
+void expect_equal(const std::vector<float>& got, const std::vector<float>& want, const std::string& what) {
   ASSERT_EQ(got.size(), want.size()) << what;
   for (size_t i = 0; i < got.size(); ++i)
     if (got[i] != want[i]) {
-      ADD_FAILURE() << what << ": element " << i << " is " << got[i]
-                    << ", expected " << want[i];
+      ADD_FAILURE() << what << ": element " << i << " is " << got[i] << ", expected " << want[i];
       return;
     }
 }
@@ -191,12 +166,10 @@ LinearWeights random_dense(int out, int in, bool bias, uint32_t seed) {
   w.out_features = out;
   w.in_features = in;
   w.w.resize(size_t(out) * in);
-  for (float &v : w.w)
-    v = 0.02f * nd(rng);
+  for (float& v : w.w) v = 0.02f * nd(rng);
   if (bias) {
     w.bias.resize(size_t(out));
-    for (float &v : w.bias)
-      v = 0.1f * nd(rng);
+    for (float& v : w.bias) v = 0.1f * nd(rng);
   }
   return w;
 }
@@ -205,36 +178,28 @@ PackedQuantWeights random_w4(int out, int in, int group, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.f, 0.02f);
   std::vector<float> w(size_t(out) * in);
-  for (float &v : w)
-    v = nd(rng);
+  for (float& v : w) v = nd(rng);
   QuantParams qp;
   qp.bits = 4;
   qp.group_size = group;
   return pack_quantized(rtn_quantize(w.data(), out, in, qp));
 }
 
-// The EC term is about a third of the output (as in test_cuda_ec.cpp), so that
-// a wrong split cannot pass.
+// The EC term is about a third of the output (as in test_cuda_ec.cpp), so that a wrong split cannot pass.
 Compensator random_ec(int in, int out, int rank, int gate, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.f, 1.f);
   Compensator c;
   c.module = "test";
   c.resize(in, out, rank, 0);
-  const float sa = 1.f / std::sqrt(float(in)),
-              sb = 0.3f * 0.02f * std::sqrt(float(in) / float(rank));
-  for (float &v : c.A)
-    v = sa * nd(rng);
-  for (float &v : c.B)
-    v = sb * nd(rng);
+  const float sa = 1.f / std::sqrt(float(in)), sb = 0.3f * 0.02f * std::sqrt(float(in) / float(rank));
+  for (float& v : c.A) v = sa * nd(rng);
+  for (float& v : c.B) v = sb * nd(rng);
   if (gate > 0) {
     c.init_gate(gate, 1.f / std::sqrt(float(rank)), seed + 1);
-    for (float &v : c.b1)
-      v = 0.1f * nd(rng);
-    for (float &v : c.W2)
-      v = 0.5f * nd(rng) / std::sqrt(float(gate));
-    for (float &v : c.b2)
-      v = 0.1f * nd(rng);
+    for (float& v : c.b1) v = 0.1f * nd(rng);
+    for (float& v : c.W2) v = 0.5f * nd(rng) / std::sqrt(float(gate));
+    for (float& v : c.b2) v = 0.1f * nd(rng);
   }
   c.round_to_bf16();
   return c;
@@ -244,22 +209,19 @@ std::vector<float> random_x(int m, int k, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.f, 1.f);
   std::vector<float> x(size_t(m) * k);
-  for (float &v : x)
-    v = nd(rng);
+  for (float& v : x) v = nd(rng);
   return x;
 }
 
 // Columns [c0, c0 + n) of a row-major [rows, cols] matrix.
-std::vector<float> columns(const std::vector<float> &a, int rows, int cols,
-                           int c0, int n) {
+std::vector<float> columns(const std::vector<float>& a, int rows, int cols, int c0, int n) {
   std::vector<float> out(size_t(rows) * n);
   for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < n; ++c)
-      out[size_t(r) * n + c] = a[size_t(r) * cols + c0 + c];
+    for (int c = 0; c < n; ++c) out[size_t(r) * n + c] = a[size_t(r) * cols + c0 + c];
   return out;
 }
 
-double rel_err(const std::vector<float> &got, const std::vector<float> &ref) {
+double rel_err(const std::vector<float>& got, const std::vector<float>& ref) {
   double num = 0, den = 0;
   for (size_t i = 0; i < ref.size(); ++i) {
     num += (double(got[i]) - ref[i]) * (double(got[i]) - ref[i]);
@@ -268,31 +230,27 @@ double rel_err(const std::vector<float> &got, const std::vector<float> &ref) {
   return std::sqrt(num / std::max(den, 1e-30));
 }
 
-} // namespace
+}  // namespace
 
 TEST(CudaTp, AllReduceSumsBf16AndFp32) {
   SPEAR_REQUIRE_TWO_GPUS_AND_NCCL();
-  run_two_ranks([](int r, cuda::CudaBackend &be) {
+  run_two_ranks([](int r, cuda::CudaBackend& be) {
     Tensor a = be.alloc(3, 1000), b = be.alloc_f32(3, 17);
     write(be, a, pattern(3 * 1000, r, 0));
     write(be, b, pattern(3 * 17, r, 1));
-    Tensor *ts[] = {&a, &b};
+    Tensor* ts[] = {&a, &b};
     be.all_reduce_sum(ts);
-    expect_equal(read(be, a), pattern_sum(3 * 1000, 0),
-                 "bf16 [3, 1000] rank " + std::to_string(r));
-    expect_equal(read(be, b), pattern_sum(3 * 17, 1),
-                 "fp32 [3, 17] rank " + std::to_string(r));
+    expect_equal(read(be, a), pattern_sum(3 * 1000, 0), "bf16 [3, 1000] rank " + std::to_string(r));
+    expect_equal(read(be, b), pattern_sum(3 * 17, 1), "fp32 [3, 17] rank " + std::to_string(r));
   });
 }
 
-// The vocab-parallel lm_head's logits: each rank's columns side by side, for
-// one row (NCCL straight into place) and several (gathered, then copied into
-// columns), eagerly and inside a replayed graph.
+// The vocab-parallel lm_head's logits: each rank's columns side by side, for one row (NCCL straight into place)
+// and several (gathered, then copied into columns), eagerly and inside a replayed graph.
 TEST(CudaTp, AllGatherColumnsPlacesEachRanksPart) {
   SPEAR_REQUIRE_TWO_GPUS_AND_NCCL();
-  run_two_ranks([](int r, cuda::CudaBackend &be) {
-    auto cache = be.make_kv_cache(
-        1, 1, 16, 8); // run_graph keys graphs by the last begin_batch's cache
+  run_two_ranks([](int r, cuda::CudaBackend& be) {
+    auto cache = be.make_kv_cache(1, 1, 16, 8);  // run_graph keys graphs by the last begin_batch's cache
     BatchDesc d;
     d.tokens = {0};
     d.positions = {0};
@@ -302,30 +260,25 @@ TEST(CudaTp, AllGatherColumnsPlacesEachRanksPart) {
     be.begin_batch(d, *cache);
     for (int rows : {1, 3}) {
       const int cols = 1001;
-      Tensor part = be.alloc_f32(rows, cols),
-             full = be.alloc_f32(rows, 2 * cols);
-      std::vector<float> mine(size_t(rows) * cols),
-          want(size_t(rows) * 2 * cols);
+      Tensor part = be.alloc_f32(rows, cols), full = be.alloc_f32(rows, 2 * cols);
+      std::vector<float> mine(size_t(rows) * cols), want(size_t(rows) * 2 * cols);
       for (int q = 0; q < 2; ++q)
         for (int i = 0; i < rows; ++i)
           for (int c = 0; c < cols; ++c) {
             const float v = float(q * 100000 + i * 2000 + c);
             want[size_t(i) * 2 * cols + size_t(q) * cols + c] = v;
-            if (q == r)
-              mine[size_t(i) * cols + c] = v;
+            if (q == r) mine[size_t(i) * cols + c] = v;
           }
       write(be, part, mine);
       be.all_gather_cols(part, full);
       expect_equal(read(be, full), want, "eager, rows " + std::to_string(rows));
-      for (int run = 0; run < 3; ++run) { // eager first run, capture, replay
+      for (int run = 0; run < 3; ++run) {  // eager first run, capture, replay
         Tensor out = be.run_graph(900 + uint64_t(rows), [&] {
           Tensor f = be.alloc_f32(rows, 2 * cols);
           be.all_gather_cols(part, f);
           return f;
         });
-        expect_equal(read(be, out), want,
-                     "graph run " + std::to_string(run) + ", rows " +
-                         std::to_string(rows));
+        expect_equal(read(be, out), want, "graph run " + std::to_string(run) + ", rows " + std::to_string(rows));
       }
     }
   });
@@ -333,9 +286,8 @@ TEST(CudaTp, AllGatherColumnsPlacesEachRanksPart) {
 
 TEST(CudaTp, AllReduceInsideReplayedGraph) {
   SPEAR_REQUIRE_TWO_GPUS_AND_NCCL();
-  run_two_ranks([](int r, cuda::CudaBackend &be) {
-    // run_graph keys graphs by the KV cache of the last begin_batch: a
-    // one-token batch on a tiny cache.
+  run_two_ranks([](int r, cuda::CudaBackend& be) {
+    // run_graph keys graphs by the KV cache of the last begin_batch: a one-token batch on a tiny cache.
     auto cache = be.make_kv_cache(1, 1, 16, 8);
     BatchDesc d;
     d.tokens = {0};
@@ -345,22 +297,19 @@ TEST(CudaTp, AllReduceInsideReplayedGraph) {
     d.seqs = {SeqSlice{0, 1, 0, 0}};
     be.begin_batch(d, *cache);
     Tensor a = be.alloc(3, 1000), b = be.alloc_f32(3, 17);
-    // Run 0 is eager, run 1 captures and launches the graph, run 2 replays it:
-    // new contents each time.
+    // Run 0 is eager, run 1 captures and launches the graph, run 2 replays it: new contents each time.
     for (int run = 0; run < 3; ++run) {
       write(be, a, pattern(3 * 1000, r, 2 * run));
       write(be, b, pattern(3 * 17, r, 2 * run + 1));
       Tensor out = be.run_graph(7, [&] {
-        Tensor *ts[] = {&a, &b};
+        Tensor* ts[] = {&a, &b};
         be.all_reduce_sum(ts);
         return a;
       });
       EXPECT_EQ(out.data, a.data);
-      const std::string what =
-          " rank " + std::to_string(r) + " run " + std::to_string(run);
+      const std::string what = " rank " + std::to_string(r) + " run " + std::to_string(run);
       expect_equal(read(be, a), pattern_sum(3 * 1000, 2 * run), "bf16" + what);
-      expect_equal(read(be, b), pattern_sum(3 * 17, 2 * run + 1),
-                   "fp32" + what);
+      expect_equal(read(be, b), pattern_sum(3 * 17, 2 * run + 1), "fp32" + what);
     }
   });
 }
@@ -371,14 +320,12 @@ struct Spec {
   bool f32;
 };
 
-// The one-token batch on a tiny KV cache that run_graph needs (it keys graphs
-// by the cache of begin_batch). Kept on the heap: the backend remembers the
-// batch description by address.
+// The one-token batch on a tiny KV cache that run_graph needs (it keys graphs by the cache of begin_batch). Kept
+// on the heap: the backend remembers the batch description by address.
 struct TinyBatch {
   std::unique_ptr<KvCache> cache;
   BatchDesc d;
-  explicit TinyBatch(cuda::CudaBackend &be)
-      : cache(be.make_kv_cache(1, 1, 16, 8)) {
+  explicit TinyBatch(cuda::CudaBackend& be) : cache(be.make_kv_cache(1, 1, 16, 8)) {
     d.tokens = {0};
     d.positions = {0};
     d.token_seq = {0};
@@ -388,32 +335,23 @@ struct TinyBatch {
   }
 };
 
-// Reduces tensors of these shapes in one all_reduce_sum call, `runs` times with
-// new contents each time; through run_graph when `graph` (run 0 eager, run 1
-// captures and launches, later runs replay), else eagerly. Every sum must be
-// exact (small integers). p2p[i]: whether tensor i must take the P2P kernel.
-void reduce_and_check(int r, cuda::CudaBackend &be,
-                      const std::vector<Spec> &specs,
-                      const std::vector<bool> &p2p, int runs, bool graph,
-                      const std::string &what) {
+// Reduces tensors of these shapes in one all_reduce_sum call, `runs` times with new contents each time; through
+// run_graph when `graph` (run 0 eager, run 1 captures and launches, later runs replay), else eagerly. Every sum
+// must be exact (small integers). p2p[i]: whether tensor i must take the P2P kernel.
+void reduce_and_check(int r, cuda::CudaBackend& be, const std::vector<Spec>& specs, const std::vector<bool>& p2p,
+                      int runs, bool graph, const std::string& what) {
   ASSERT_EQ(specs.size(), p2p.size());
-  std::unique_ptr<TinyBatch> batch =
-      graph ? std::make_unique<TinyBatch>(be) : nullptr;
+  std::unique_ptr<TinyBatch> batch = graph ? std::make_unique<TinyBatch>(be) : nullptr;
   std::vector<Tensor> ts;
-  for (const Spec &s : specs)
-    ts.push_back(s.f32 ? be.alloc_f32(s.rows, s.cols)
-                       : be.alloc(s.rows, s.cols));
+  for (const Spec& s : specs) ts.push_back(s.f32 ? be.alloc_f32(s.rows, s.cols) : be.alloc(s.rows, s.cols));
   for (size_t i = 0; i < ts.size(); ++i)
     EXPECT_EQ(be.all_reduce_uses_p2p(ts[i]), p2p[i])
-        << what << ": tensor " << i << " [" << ts[i].rows << ", " << ts[i].cols
-        << "] " << dtype_name(ts[i].dtype);
-  std::vector<Tensor *> ptrs;
-  for (Tensor &t : ts)
-    ptrs.push_back(&t);
+        << what << ": tensor " << i << " [" << ts[i].rows << ", " << ts[i].cols << "] " << dtype_name(ts[i].dtype);
+  std::vector<Tensor*> ptrs;
+  for (Tensor& t : ts) ptrs.push_back(&t);
   for (int run = 0; run < runs; ++run) {
     const int round0 = run * int(ts.size());
-    for (size_t i = 0; i < ts.size(); ++i)
-      write(be, ts[i], pattern(size_t(ts[i].numel()), r, round0 + int(i)));
+    for (size_t i = 0; i < ts.size(); ++i) write(be, ts[i], pattern(size_t(ts[i].numel()), r, round0 + int(i)));
     auto body = [&] {
       be.all_reduce_sum(ptrs);
       return ts[0];
@@ -425,63 +363,47 @@ void reduce_and_check(int r, cuda::CudaBackend &be,
       body();
     }
     for (size_t i = 0; i < ts.size(); ++i)
-      expect_equal(read(be, ts[i]),
-                   pattern_sum(size_t(ts[i].numel()), round0 + int(i)),
-                   what + ": tensor " + std::to_string(i) + ", rank " +
-                       std::to_string(r) + ", run " + std::to_string(run));
+      expect_equal(
+          read(be, ts[i]), pattern_sum(size_t(ts[i].numel()), round0 + int(i)),
+          what + ": tensor " + std::to_string(i) + ", rank " + std::to_string(r) + ", run " + std::to_string(run));
   }
 }
 
-// The P2P kernel, required: bf16 tensors of one and of several CTAs' slices,
-// fp32 ones (the compensators' partial A·x) of one and of several, alone and in
-// one call, eagerly and in a replayed graph, with new contents each time.
+// The P2P kernel, required: bf16 tensors of one and of several CTAs' slices, fp32 ones (the compensators' partial
+// A·x) of one and of several, alone and in one call, eagerly and in a replayed graph, with new contents each time.
 TEST(CudaTp, P2pAllReduceIsExactEagerAndInGraphs) {
   SPEAR_REQUIRE_TWO_GPUS_AND_NCCL();
   SPEAR_REQUIRE_PEER_ACCESS();
   run_two_ranks(
-      [](int r, cuda::CudaBackend &be) {
-        EXPECT_EQ(be.tp_reduce_description(),
-                  "p2p (≤ 1048576 elements) + nccl");
-        reduce_and_check(r, be, {{3, 1000, false}}, {true}, 3, false,
-                         "bf16 [3, 1000]");
-        reduce_and_check(r, be, {{1, 4096, false}}, {true}, 3, false,
-                         "bf16 [1, 4096]");
-        reduce_and_check(r, be, {{5, 3000, true}}, {true}, 2, false,
-                         "fp32 [5, 3000]");
-        const std::vector<Spec> mixed = {
-            {3, 1000, false}, {3, 17, true}, {1, 4096, false}, {5, 3000, true}};
-        reduce_and_check(r, be, mixed, {true, true, true, true}, 3, false,
-                         "mixed, eager");
-        reduce_and_check(r, be, mixed, {true, true, true, true}, 4, true,
-                         "mixed, graph");
-        // Eager calls after the graph's replays: the epochs the graph advanced
-        // are the ones eager calls read.
-        reduce_and_check(r, be, {{2, 9000, false}, {3, 17, true}}, {true, true},
-                         2, false, "after the graph");
+      [](int r, cuda::CudaBackend& be) {
+        EXPECT_EQ(be.tp_reduce_description(), "p2p (≤ 1048576 elements) + nccl");
+        reduce_and_check(r, be, {{3, 1000, false}}, {true}, 3, false, "bf16 [3, 1000]");
+        reduce_and_check(r, be, {{1, 4096, false}}, {true}, 3, false, "bf16 [1, 4096]");
+        reduce_and_check(r, be, {{5, 3000, true}}, {true}, 2, false, "fp32 [5, 3000]");
+        const std::vector<Spec> mixed = {{3, 1000, false}, {3, 17, true}, {1, 4096, false}, {5, 3000, true}};
+        reduce_and_check(r, be, mixed, {true, true, true, true}, 3, false, "mixed, eager");
+        reduce_and_check(r, be, mixed, {true, true, true, true}, 4, true, "mixed, graph");
+        // Eager calls after the graph's replays: the epochs the graph advanced are the ones eager calls read.
+        reduce_and_check(r, be, {{2, 9000, false}, {3, 17, true}}, {true, true}, 2, false, "after the graph");
       },
       TpReduce::P2p);
 }
 
-// Beyond the staging capacity (8192 bf16 elements here, 4096 fp32 ones) a
-// tensor goes to NCCL, in the same call as those that fit, eagerly and in a
-// replayed graph.
+// Beyond the staging capacity (8192 bf16 elements here, 4096 fp32 ones) a tensor goes to NCCL, in the same call
+// as those that fit, eagerly and in a replayed graph.
 TEST(CudaTp, AllReduceBeyondP2pCapacityUsesNccl) {
   SPEAR_REQUIRE_TWO_GPUS_AND_NCCL();
   SPEAR_REQUIRE_PEER_ACCESS();
   ScopedEnv capacity("SPEAR_TP_P2P_CAPACITY", "8192");
   run_two_ranks(
-      [](int r, cuda::CudaBackend &be) {
+      [](int r, cuda::CudaBackend& be) {
         EXPECT_EQ(be.tp_reduce_description(), "p2p (≤ 8192 elements) + nccl");
-        const std::vector<Spec> specs = {{4, 4096, false},
-                                         {2, 4096, false},
-                                         {2, 4096, true},
-                                         {1, 4096, true},
-                                         {3, 17, true}};
+        const std::vector<Spec> specs = {
+            {4, 4096, false}, {2, 4096, false}, {2, 4096, true}, {1, 4096, true}, {3, 17, true}};
         const std::vector<bool> p2p = {false, true, false, true, true};
         reduce_and_check(r, be, specs, p2p, 2, false, "capacity 8192, eager");
         reduce_and_check(r, be, specs, p2p, 4, true, "capacity 8192, graph");
-        reduce_and_check(r, be, {{4, 4096, false}}, {false}, 2, false,
-                         "capacity 8192, NCCL alone");
+        reduce_and_check(r, be, {{4, 4096, false}}, {false}, 2, false, "capacity 8192, NCCL alone");
       },
       TpReduce::P2p);
 }
@@ -489,38 +411,30 @@ TEST(CudaTp, AllReduceBeyondP2pCapacityUsesNccl) {
 TEST(CudaTp, NcclOnlyReduction) {
   SPEAR_REQUIRE_TWO_GPUS_AND_NCCL();
   run_two_ranks(
-      [](int r, cuda::CudaBackend &be) {
+      [](int r, cuda::CudaBackend& be) {
         EXPECT_EQ(be.tp_reduce_description(), "nccl");
-        const std::vector<Spec> specs = {
-            {3, 1000, false}, {3, 17, true}, {1, 4096, false}};
-        reduce_and_check(r, be, specs, {false, false, false}, 2, false,
-                         "nccl, eager");
-        reduce_and_check(r, be, specs, {false, false, false}, 4, true,
-                         "nccl, graph");
+        const std::vector<Spec> specs = {{3, 1000, false}, {3, 17, true}, {1, 4096, false}};
+        reduce_and_check(r, be, specs, {false, false, false}, 2, false, "nccl, eager");
+        reduce_and_check(r, be, specs, {false, false, false}, 4, true, "nccl, graph");
       },
       TpReduce::Nccl);
 }
 
-// The two halves with nothing between them are the naive path itself, bit for
-// bit: dense and W4 linears, static and gated compensators, with and without a
-// bias, decode and prefill token counts.
+// The two halves with nothing between them are the naive path itself, bit for bit: dense and W4 linears,
+// static and gated compensators, with and without a bias, decode and prefill token counts.
 TEST(CudaTp, EcPartialThenExpandEqualsLinear) {
   SPEAR_REQUIRE_GPU();
   cuda::CudaBackend be;
-  be.set_ec_path(EcPath::Naive); // the other paths compute A·x in bf16 and
-                                 // round differently
+  be.set_ec_path(EcPath::Naive);  // the other paths compute A·x in bf16 and round differently
   uint32_t seed = 11;
   for (const bool quantized : {false, true}) {
     for (const int gate : {0, 8}) {
       const int n = 200, k = 136, rank = 16;
       const LinearWeights dense = random_dense(n, k, gate > 0, seed++);
       std::unique_ptr<Linear> lin =
-          quantized ? be.make_quant_linear("test", random_w4(n, k, -1, seed++),
-                                           dense.bias)
-                    : be.make_linear(dense);
+          quantized ? be.make_quant_linear("test", random_w4(n, k, -1, seed++), dense.bias) : be.make_linear(dense);
       auto partial_without_ec = [&] {
-        Tensor x = be.alloc(1, k), y = be.alloc(1, n),
-               z = be.alloc_f32(1, rank);
+        Tensor x = be.alloc(1, k), y = be.alloc(1, n), z = be.alloc_f32(1, rank);
         be.linear_ec_partial(x, *lin, y, z);
       };
       EXPECT_SPEAR_ERROR(partial_without_ec(), "no compensator");
@@ -528,24 +442,22 @@ TEST(CudaTp, EcPartialThenExpandEqualsLinear) {
       be.set_compensator(*lin, &c);
       for (const int m : {1, 5, 40}) {
         Tensor x = be.upload(random_x(m, k, seed++).data(), m, k);
-        Tensor want = be.alloc(m, n), got = be.alloc(m, n),
-               z = be.alloc_f32(m, rank);
+        Tensor want = be.alloc(m, n), got = be.alloc(m, n), z = be.alloc_f32(m, rank);
         be.linear(x, *lin, want);
         be.linear_ec_partial(x, *lin, got, z);
         be.ec_expand(z, *lin, got);
-        expect_equal(read(be, got), read(be, want),
-                     std::string(quantized ? "W4" : "dense") + " gate " +
-                         std::to_string(gate) + " m " + std::to_string(m));
+        expect_equal(
+            read(be, got), read(be, want),
+            std::string(quantized ? "W4" : "dense") + " gate " + std::to_string(gate) + " m " + std::to_string(m));
       }
     }
   }
 }
 
-// A row-parallel compensated linear as tensor parallelism runs it: each rank
-// holds half of the input features (of W and of A; B, the gate and the bias
-// once, on rank 0), sums its partial output and partial A·x with the other
-// rank, then applies the gate to the full A·x. Equal to the whole linear up to
-// the bf16 rounding of the partial outputs, and identical on both ranks.
+// A row-parallel compensated linear as tensor parallelism runs it: each rank holds half of the input features
+// (of W and of A; B, the gate and the bias once, on rank 0), sums its partial output and partial A·x with the
+// other rank, then applies the gate to the full A·x. Equal to the whole linear up to the bf16 rounding of the
+// partial outputs, and identical on both ranks.
 TEST(CudaTp, RowParallelCompensatedLinearMatchesWhole) {
   SPEAR_REQUIRE_TWO_GPUS_AND_NCCL();
   const int n = 192, k = 256, half = k / 2, rank = 16, gate = 8, m = 5;
@@ -564,25 +476,22 @@ TEST(CudaTp, RowParallelCompensatedLinearMatchesWhole) {
     be.linear(xt, *lin, y);
     whole = read(be, y);
   }
-  ASSERT_GT(rel_err(plain, whole), 0.1)
-      << "the EC term is too small to test anything";
+  ASSERT_GT(rel_err(plain, whole), 0.1) << "the EC term is too small to test anything";
   std::vector<float> got[2];
-  run_two_ranks([&](int r, cuda::CudaBackend &be) {
+  run_two_ranks([&](int r, cuda::CudaBackend& be) {
     LinearWeights wr = w;
     wr.in_features = half;
     wr.w = columns(w.w, n, k, r * half, half);
-    if (r != 0)
-      wr.bias.clear();
+    if (r != 0) wr.bias.clear();
     Compensator cr = c;
     cr.in = half;
     cr.A = columns(c.A, rank, k, r * half, half);
     auto lin = be.make_linear(wr);
     be.set_compensator(*lin, &cr);
     const std::vector<float> xr = columns(x, m, k, r * half, half);
-    Tensor xt = be.upload(xr.data(), m, half), y = be.alloc(m, n),
-           z = be.alloc_f32(m, rank);
+    Tensor xt = be.upload(xr.data(), m, half), y = be.alloc(m, n), z = be.alloc_f32(m, rank);
     be.linear_ec_partial(xt, *lin, y, z);
-    Tensor *ts[] = {&y, &z};
+    Tensor* ts[] = {&y, &z};
     be.all_reduce_sum(ts);
     be.ec_expand(z, *lin, y);
     got[r] = read(be, y);
@@ -592,4 +501,4 @@ TEST(CudaTp, RowParallelCompensatedLinearMatchesWhole) {
   expect_equal(got[1], got[0], "rank 1 against rank 0");
 }
 
-} // namespace spear
+}  // namespace spear
