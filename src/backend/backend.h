@@ -91,7 +91,9 @@ class KvCache {
 //         every pair of the group's GPUs has peer access; NCCL for larger tensors, and for all of them otherwise.
 //   P2p:  the same, but a group whose GPUs cannot all reach each other fails at setup instead of using NCCL only.
 //   Nccl: NCCL only.
-enum class TpReduce { Auto, Nccl, P2p };
+//   Fused: P2p, plus the fused tail (Backend::row_parallel_tail) for row-parallel outputs of up to 64 tokens: the
+//         reduction, compensator, residual add and next RMSNorm in one launch. Opt-in while untested on 2 GPUs.
+enum class TpReduce { Auto, Nccl, P2p, Fused };
 
 inline const char* tp_reduce_name(TpReduce r) {
   switch (r) {
@@ -99,16 +101,18 @@ inline const char* tp_reduce_name(TpReduce r) {
       return "nccl";
     case TpReduce::P2p:
       return "p2p";
+    case TpReduce::Fused:
+      return "fused";
     default:
       return "auto";
   }
 }
 
-// "auto" | "nccl" | "p2p"; throws spear::Error naming `what` (an option or variable) otherwise.
+// "auto" | "nccl" | "p2p" | "fused"; throws spear::Error naming `what` (an option or variable) otherwise.
 inline TpReduce parse_tp_reduce(const std::string& s, const std::string& what) {
-  for (TpReduce r : {TpReduce::Auto, TpReduce::Nccl, TpReduce::P2p})
+  for (TpReduce r : {TpReduce::Auto, TpReduce::Nccl, TpReduce::P2p, TpReduce::Fused})
     if (s == tp_reduce_name(r)) return r;
-  fail("{}: unknown tensor-parallel reduction '{}' (auto, nccl or p2p)", what, s);
+  fail("{}: unknown tensor-parallel reduction '{}' (auto, nccl, p2p or fused)", what, s);
 }
 
 class Backend {
@@ -157,8 +161,8 @@ class Backend {
   // How all_reduce_sum reduces (TpReduce above); backends with a single way (the CPU's TCP star) ignore it.
   // Must come before set_process_group, which sets the chosen path up.
   virtual void set_tp_reduce(TpReduce r) { (void)r; }
-  // What all_reduce_sum does under the current group, for reports: "none" on one rank; on the GPU "nccl" or
-  // "p2p (≤ N elements) + nccl".
+  // What all_reduce_sum does under the current group, for reports: "none" on one rank; on the GPU "nccl",
+  // "p2p (≤ N elements) + nccl" or "p2p (≤ N elements) + fused tail (≤ 64 rows) + nccl".
   virtual std::string tp_reduce_description() const { return tp_size() > 1 ? "tcp" : "none"; }
   ProcessGroup* process_group() const { return pg_.get(); }
   int tp_size() const { return pg_ ? pg_->size() : 1; }

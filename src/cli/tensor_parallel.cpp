@@ -41,6 +41,13 @@ void add_tp_options(CLI::App* app, CommonOptions& o) {
   app->add_option("--tp-timeout", o.tp_timeout, "Seconds to wait for every rank to connect")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  app->add_option("--tp-reduce", o.tp_reduce,
+                  "How the ranks sum their outputs on cuda: auto (p2p where every GPU pair has peer access, else "
+                  "nccl), nccl, p2p (the dual-write kernel for tensors that fit its staging, nccl beyond; fails "
+                  "without peer access), fused (p2p, plus the fused tail kernel for row-parallel outputs of up to 64 "
+                  "tokens: reduce, compensator, residual add and RMSNorm in one launch)")
+      ->check(CLI::IsMember({"auto", "nccl", "p2p", "fused"}))
+      ->capture_default_str();
 }
 
 int tp_rank_of(const CommonOptions& o) { return env_int("SPEAR_TP_RANK", o.tp_rank < 0 ? 0 : o.tp_rank); }

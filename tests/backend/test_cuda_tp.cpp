@@ -501,4 +501,115 @@ TEST(CudaTp, RowParallelCompensatedLinearMatchesWhole) {
   expect_equal(got[1], got[0], "rank 1 against rank 0");
 }
 
+// The fused tail (TpReduce::Fused): a row-parallel linear split by input columns (W and A; the bias, B and the gate
+// as tensor parallelism shards them), then the reduction, EC, residual add and next RMSNorm in one kernel, against
+// the unfused sequence (linear_ec_partial or linear, all_reduce_sum, ec_expand, add_rms_norm): without an EC, with
+// a gated one projected in the kernel, and with one whose shard is wide enough that z comes from ec_project; T = 1
+// and 5 eagerly, T = 1 also in a replayed graph; nothing done for 65 tokens.
+TEST(CudaTp, FusedRowParallelTailMatchesUnfused) {
+  SPEAR_REQUIRE_TWO_GPUS_AND_NCCL();
+  SPEAR_REQUIRE_PEER_ACCESS();
+  struct Case {
+    int half, rank, gate;  // per-rank input columns; EC rank 0: no EC
+  };
+  const std::vector<Case> cases = {{192, 0, 0}, {192, 16, 8}, {4160, 16, 8}};
+  const int n = 256;
+  const float eps = 1e-5f;
+  std::vector<float> norm_w = random_x(1, n, 31);
+  for (float& v : norm_w) v = 1.f + 0.1f * v;
+  // [case][T index][rank]: h and x after the fused tail, compared across ranks once both are done.
+  std::vector<float> got_h[3][2][2], got_x[3][2][2];
+  run_two_ranks(
+      [&](int r, cuda::CudaBackend& be) {
+        EXPECT_EQ(be.tp_reduce_description(), "p2p (≤ 1048576 elements) + fused tail (≤ 64 rows) + nccl");
+        Tensor w_norm = be.upload(norm_w.data(), 1, n);
+        for (size_t ci = 0; ci < cases.size(); ++ci) {
+          const Case& cs = cases[ci];
+          const int k = 2 * cs.half;
+          const uint32_t seed = 40 + 10 * uint32_t(ci);
+          const LinearWeights w = random_dense(n, k, true, seed);
+          LinearWeights wr = w;
+          wr.in_features = cs.half;
+          wr.w = columns(w.w, n, k, r * cs.half, cs.half);
+          if (r != 0) wr.bias.clear();
+          auto lin = be.make_linear(wr);
+          if (cs.rank > 0) {
+            const Compensator c = random_ec(k, n, cs.rank, cs.gate, seed + 1);
+            Compensator cr = c;
+            cr.in = cs.half;
+            cr.A = columns(c.A, cs.rank, k, r * cs.half, cs.half);
+            be.set_compensator(*lin, &cr);
+          }
+          for (int ti = 0; ti < 2; ++ti) {
+            const int T = ti == 0 ? 1 : 5;
+            const std::string what =
+                "case " + std::to_string(ci) + " T " + std::to_string(T) + " rank " + std::to_string(r);
+            const std::vector<float> x = random_x(T, k, seed + 2 + uint32_t(T));
+            const std::vector<float> resid = random_x(T, n, seed + 3 + uint32_t(T));
+            const std::vector<float> xr = columns(x, T, k, r * cs.half, cs.half);
+            Tensor in = be.upload(xr.data(), T, cs.half);
+            // Unfused.
+            Tensor y = be.alloc(T, n), xu = be.upload(resid.data(), T, n), hu = be.alloc(T, n);
+            if (cs.rank > 0) {
+              Tensor z = be.alloc_f32(T, cs.rank);
+              be.linear_ec_partial(in, *lin, y, z);
+              Tensor* ts[] = {&y, &z};
+              be.all_reduce_sum(ts);
+              be.ec_expand(z, *lin, y);
+            } else {
+              be.linear(in, *lin, y);
+              Tensor* ts[] = {&y};
+              be.all_reduce_sum(ts);
+            }
+            be.add_rms_norm(xu, y, w_norm, eps, hu);
+            const std::vector<float> want_h = read(be, hu), want_x = read(be, xu);
+            // Fused.
+            Tensor xf = be.upload(resid.data(), T, n), hf = be.alloc(T, n);
+            ASSERT_TRUE(be.row_parallel_tail(in, *lin, xf, w_norm, eps, hf)) << what;
+            got_h[ci][ti][r] = read(be, hf);
+            got_x[ci][ti][r] = read(be, xf);
+            EXPECT_LT(rel_err(got_h[ci][ti][r], want_h), 1e-2) << what << ": h";
+            EXPECT_LT(rel_err(got_x[ci][ti][r], want_x), 1e-2) << what << ": x";
+            if (T != 1) continue;
+            // In a graph (run 0 eager, run 1 captures, run 2 replays), x reset before each run.
+            TinyBatch batch(be);
+            for (int run = 0; run < 3; ++run) {
+              write(be, xf, resid);
+              Tensor out = be.run_graph(1000 + ci, [&] {
+                Tensor hg = be.alloc(T, n);
+                EXPECT_TRUE(be.row_parallel_tail(in, *lin, xf, w_norm, eps, hg));
+                return hg;
+              });
+              expect_equal(read(be, out), got_h[ci][ti][r], what + ": graph run " + std::to_string(run) + ", h");
+              expect_equal(read(be, xf), got_x[ci][ti][r], what + ": graph run " + std::to_string(run) + ", x");
+            }
+          }
+          // Beyond the staging's 64 rows: nothing done, the caller reduces op by op.
+          Tensor in65 = be.alloc(65, cs.half), x65 = be.alloc(65, n), h65 = be.alloc(65, n);
+          EXPECT_FALSE(be.row_parallel_tail(in65, *lin, x65, w_norm, eps, h65)) << "case " << ci;
+        }
+      },
+      TpReduce::Fused);
+  for (int ci = 0; ci < 3; ++ci)
+    for (int ti = 0; ti < 2; ++ti) {
+      const std::string what = "case " + std::to_string(ci) + " T index " + std::to_string(ti) + ", rank 1 vs 0";
+      expect_equal(got_h[ci][ti][1], got_h[ci][ti][0], what + ": h");
+      expect_equal(got_x[ci][ti][1], got_x[ci][ti][0], what + ": x");
+    }
+}
+
+// Without a process group (or without TpReduce::Fused) there is no tail: the decoder's op-by-op path runs.
+TEST(CudaTp, RowParallelTailDeclinesWithoutGroup) {
+  SPEAR_REQUIRE_GPU();
+  const int n = 64, k = 32, T = 1;
+  for (const bool fused : {false, true}) {
+    cuda::CudaBackend be;
+    if (fused) be.set_tp_reduce(TpReduce::Fused);
+    auto lin = be.make_linear(random_dense(n, k, false, 51));
+    Tensor in = be.alloc(T, k), x = be.alloc(T, n), h = be.alloc(T, n), w = be.alloc(1, n);
+    EXPECT_FALSE(be.row_parallel_tail(in, *lin, x, w, 1e-5f, h)) << "fused " << fused;
+    EXPECT_EQ(be.tp_reduce_description(), "none");
+  }
+}
+
 }  // namespace spear

@@ -152,6 +152,9 @@ TEST(Cli, TensorParallelRanksMatchOneProcess) {
   bad = run(gen + " --tp 2 --tp-rank 1");
   EXPECT_EQ(bad.code, 1);
   EXPECT_NE(bad.out.find("--tp-master"), std::string::npos) << bad.out;
+  bad = run(gen + " --tp 2 --tp-reduce bogus");
+  EXPECT_NE(bad.code, 0);
+  EXPECT_NE(bad.out.find("--tp-reduce"), std::string::npos) << bad.out;
 }
 
 }  // namespace spear

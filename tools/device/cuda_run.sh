@@ -31,7 +31,8 @@
 #   tpcheck   issue 8 on the reference model, its RTN W4 package and the staged SPEAR package: perplexity and
 #             greedy text at --tp 1 and --tp 2 (needs 2 GPUs)
 #   tp:LIKE   issue 8 on a LIKE-shaped random W4 model: greedy ids at --tp 1 vs 2, then bench decode at batch 1
-#             and 8 with random ECs on 0 and TP_DENSITIES (default 0.15) of the linears at --tp 1 and --tp 2
+#             and 8 with random ECs on 0 and TP_DENSITIES (default 0.15) of the linears at --tp 1 and at --tp 2
+#             under each --tp-reduce (nccl, p2p, fused)
 #   ecppl     GPU vs CPU perplexity of a SPEAR package (calibrated here, fast preset) under each EC path
 # Everything lands in $OUT/results.tgz (results-$TAG.tgz with TAG set, so that several calls of one device run,
 # e.g. under different SPEAR_* settings, keep their files apart) and the log on stdout.
@@ -169,7 +170,7 @@ for stage in "$@"; do
         timeout 180 "$BIN/spear" generate --model "/tmp/t-$like-w4" --device cuda --tp $tp --prompt "The meaning of life is" \
           -n 32 --json | tee -a "$R/tp_gen-$like.jsonl" | python3 -c "import json,sys; d=json.load(sys.stdin); print(d['tp'], d['output_ids'][:16])"
       done
-      for run in 1:auto 2:nccl 2:p2p; do
+      for run in 1:auto 2:nccl 2:p2p 2:fused; do
         tp=${run%%:*} red=${run#*:}
         t "bench decode $like --tp $tp --tp-reduce $red"
         timeout 300 "$BIN/spear" bench decode --device cuda -m "/tmp/t-$like-w4" --tp $tp --tp-reduce $red --batch 1,8 \

@@ -18,6 +18,7 @@
 #include "backend/cuda/device_pool.h"
 #include "backend/cuda/op_profiler.h"
 #include "backend/cuda/p2p_reduce.h"
+#include "backend/cuda/tp_tail.h"
 #include "backend/cuda/w4a16_gemm.h"
 
 struct ncclComm;  // nccl.h's communicator, declared here so that only the backend's sources need nccl.h
@@ -153,10 +154,10 @@ class CudaBackend : public Backend {
   // time, nccl_loader.h), then, unless TpReduce::Nccl, the P2P dual-write buffers (p2p_reduce.h) of every rank,
   // mapped into every other rank: by peer access for ranks of this process (threads), by CUDA IPC handles for
   // ranks in other processes of this host. Collective: every rank calls it, each with its own device, and all
-  // ranks agree on whether P2P is used. SPEAR_TP_REDUCE (auto | nccl | p2p) sets the initial mode,
+  // ranks agree on whether P2P is used. SPEAR_TP_REDUCE (auto | nccl | p2p | fused) sets the initial mode,
   // SPEAR_TP_P2P_CAPACITY the staging capacity in bf16 elements (default 2^20; at most 4 · kP2pBlockElems per SM,
   // so that a call's CTAs are all resident), SPEAR_TP_P2P_TIMEOUT_MS how long a P2P kernel waits for a peer
-  // before it traps (default 0: forever, as NCCL).
+  // before it traps (default 0: forever, as NCCL; the fused tail's kernel too).
   void set_tp_reduce(TpReduce r) override;
   std::string tp_reduce_description() const override;
   void set_process_group(std::shared_ptr<ProcessGroup> pg) override;
@@ -169,6 +170,12 @@ class CudaBackend : public Backend {
   bool all_reduce_uses_p2p(const Tensor& t) const;
   void linear_ec_partial(const Tensor& x, const Linear& l, Tensor& out, Tensor& z) override;
   void ec_expand(const Tensor& z, const Linear& l, Tensor& out) override;
+  // Under TpReduce::Fused: this rank's GEMM without its compensator, then tp_tail_bf16 (tp_tail.h) on stream_:
+  // the sum over the ranks, the EC, x += y and h = rms_norm(x)·norm_w in one launch. False (nothing done) for other
+  // modes, more than kTpTailMaxRows tokens, hidden sizes beyond SPEAR_TP_TAIL_MAX_H (default 16384), EC ranks or
+  // gates beyond 64, or non-bf16 tensors. No synchronisation: capturable into a graph.
+  bool row_parallel_tail(const Tensor& in, const Linear& l, Tensor& x, const Tensor& norm_w, float eps,
+                         Tensor& h) override;
 
   int sm_count() const { return sm_count_; }
   size_t activation_bytes() const { return pool_->reserved_bytes(); }
@@ -202,8 +209,11 @@ class CudaBackend : public Backend {
   void w4_gemm(const CudaLinear& l, const Tensor& x, Tensor& out);  // the plain W4 GEMM (tuned at first use)
   // The plain dense GEMM of a bf16 linear (+ bias): the GEMV kernel for fp32 outputs of a few tokens, else cuBLAS.
   void dense_gemm(const CudaLinear& l, const Tensor& x, Tensor& out);
+  // out = x·Wᵀ (+ bias) without the compensator: w4_gemm or dense_gemm (linear_ec_partial's GEMM).
+  void linear_no_ec(const CudaLinear& l, const Tensor& x, Tensor& out);
   void destroy_comm();
-  // Part of set_process_group: allocates, exchanges and maps the P2P buffers; sets p2p_ when every rank could.
+  // Part of set_process_group: allocates, exchanges and maps the P2P buffers (and under TpReduce::Fused the fused
+  // tail's, in the same records); sets p2p_ (and tail_) when every rank could.
   void setup_p2p();
   // Unmaps the peers' buffers, waits for every rank (a barrier of the group, while P2P is in use and no exception
   // is unwinding) and frees this rank's; never throws. The stream must have drained.
@@ -263,6 +273,11 @@ class CudaBackend : public Backend {
   P2pRankBuffers p2p_bufs_;     // this rank's
   P2pPeers p2p_peers_;          // every rank's, as seen from this device
   std::vector<void*> p2p_ipc_;  // peers' buffers opened with cudaIpcOpenMemHandle (closed in release_p2p)
+  // The fused tail (TpReduce::Fused only): set up, released and mapped with the P2P buffers.
+  int tail_max_h_ = kTpTailMaxH;  // SPEAR_TP_TAIL_MAX_H: the largest hidden size the staging takes
+  bool tail_ = false;             // every rank's tail buffers are mapped: row_parallel_tail may run
+  TpTailRankBuffers tail_bufs_;   // this rank's
+  TpTailPeers tail_peers_;        // every rank's, as seen from this device
 
   std::unique_ptr<OpProfiler> prof_;
   std::map<const RopeTable*, DeviceBuffer> rope_tables_;

@@ -73,6 +73,13 @@ void CudaBackend::w4_gemm(const CudaLinear& l, const Tensor& x, Tensor& out) {
   w4a16_gemm(bf(x), int(x.rows), l.w4, bias, y, w4_ws_.get(), w4_ws_.bytes(), sm_count_, stream_);
 }
 
+void CudaBackend::linear_no_ec(const CudaLinear& l, const Tensor& x, Tensor& out) {
+  if (l.quantized)
+    w4_gemm(l, x, out);
+  else
+    dense_gemm(l, x, out);
+}
+
 // Tensor parallelism's row-parallel compensated linear: the gate needs the full A·x, so the EC runs naive in
 // two halves around the all-reduce (the fused and overlapped paths would apply the gate to a partial sum).
 void CudaBackend::linear_ec_partial(const Tensor& x, const Linear& lin, Tensor& out, Tensor& z) {
@@ -89,10 +96,7 @@ void CudaBackend::linear_ec_partial(const Tensor& x, const Linear& lin, Tensor& 
               "linear_ec_partial: '{}' needs an fp32 GPU z [{}, {}] (alloc_f32), got {} [{}, {}]", l.name, T,
               l.ec->rank, dtype_name(z.dtype), z.rows, z.cols);
   if (T == 0) return;
-  if (l.quantized)
-    w4_gemm(l, x, out);
-  else
-    dense_gemm(l, x, out);
+  linear_no_ec(l, x, out);
   auto prof = prof_->scope("linear.ec_project");
   ec_project(*l.ec, x, z);
 }

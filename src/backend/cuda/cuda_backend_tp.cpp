@@ -1,6 +1,6 @@
 // Tensor parallelism on the CUDA backend (backend.h, DESIGN.md §5): the NCCL communicator, the P2P dual-write
-// reduction's buffers shared with the other ranks (CUDA IPC across processes, plain pointers between threads)
-// and all_reduce_sum, which picks between the two per tensor.
+// reduction's buffers shared with the other ranks (CUDA IPC across processes, plain pointers between threads),
+// all_reduce_sum, which picks between the two per tensor, and the fused row-parallel tail (TpReduce::Fused).
 #include <unistd.h>
 
 #include <chrono>
@@ -50,6 +50,14 @@ struct P2pRecord {
   char bus_id[32] = {};  // PCI bus id of the GPU: the same physical GPU whatever the ordinals
   cudaIpcMemHandle_t handle = {};
   char why[192] = {};  // why ok (then prefixed with the rank) or ipc_ok is 0
+  // The fused tail's buffers (TpReduce::Fused; tail_bytes == 0 otherwise): one more allocation, covered by ok and
+  // ipc_ok like the one above, with the geometry TpTailPeers needs.
+  uint64_t tail_bytes = 0;
+  uint64_t tail_base = 0;
+  uint64_t tail_staging_off = 0, tail_flags_off = 0;
+  int64_t tail_slot_bytes = 0, tail_z_offset = 0;
+  int32_t tail_max_rows = 0, tail_max_h = 0, tail_max_rank = 0;
+  cudaIpcMemHandle_t tail_handle = {};
 };
 static_assert(std::is_trivially_copyable_v<P2pRecord>);
 
@@ -74,6 +82,9 @@ void CudaBackend::set_tp_reduce(TpReduce r) {
 
 std::string CudaBackend::tp_reduce_description() const {
   if (tp_size() <= 1) return "none";
+  if (p2p_ && tail_)
+    return fmt::format("p2p (≤ {} elements) + fused tail (≤ {} rows) + nccl", p2p_peers_.capacity,
+                       tail_peers_.max_rows);
   if (p2p_) return fmt::format("p2p (≤ {} elements) + nccl", p2p_peers_.capacity);
   return "nccl";
 }
@@ -116,6 +127,9 @@ void CudaBackend::setup_p2p() {
   // the others would wait for it forever.
   std::string why;
   if (ranks > kP2pMaxRanks) why = fmt::format("{} ranks; the P2P kernel takes at most {}", ranks, kP2pMaxRanks);
+  const bool tail = tp_reduce_ == TpReduce::Fused;
+  if (tail && ranks > kTpTailMaxRanks && why.empty())
+    why = fmt::format("{} ranks; the fused tail kernel takes at most {}", ranks, kTpTailMaxRanks);
   // Every CTA of a call must be resident at once (a CTA spins until the same CTA of each peer has pushed its
   // slice): 4 CTAs of 256 threads per SM always fit the kernel's 40 registers a thread.
   const int64_t resident_cap = int64_t(sm_count_) * 4 * kP2pBlockElems;
@@ -132,12 +146,28 @@ void CudaBackend::setup_p2p() {
       mine.staging_off = uint64_t(reinterpret_cast<char*>(p2p_bufs_.staging) - base);
       mine.flags_off = uint64_t(reinterpret_cast<char*>(p2p_bufs_.flags) - base);
       mine.epoch_off = uint64_t(reinterpret_cast<char*>(p2p_bufs_.epoch) - base);
+      if (tail) {
+        tail_bufs_ = tp_tail_alloc_rank_buffers(device_, ranks, tail_max_h_, kTpTailMaxRank, kTpTailMaxRows);
+        auto* tb = static_cast<unsigned char*>(tail_bufs_.base);
+        mine.tail_bytes = tail_bufs_.bytes;
+        mine.tail_base = reinterpret_cast<uintptr_t>(tb);
+        mine.tail_staging_off = uint64_t(tail_bufs_.staging - tb);
+        mine.tail_flags_off = uint64_t(reinterpret_cast<unsigned char*>(tail_bufs_.flags) - tb);
+        mine.tail_slot_bytes = tail_bufs_.slot_bytes;
+        mine.tail_z_offset = tail_bufs_.z_offset;
+        mine.tail_max_rows = tail_bufs_.max_rows;
+        mine.tail_max_h = tail_bufs_.max_h;
+        mine.tail_max_rank = tail_bufs_.max_rank;
+      }
       mine.ok = 1;
       err = cudaIpcGetMemHandle(&mine.handle, p2p_bufs_.base);
-      if (err == cudaSuccess)
-        mine.ipc_ok = 1;
-      else
+      if (err == cudaSuccess && tail) {
+        err = cudaIpcGetMemHandle(&mine.tail_handle, tail_bufs_.base);
+        if (err != cudaSuccess) copy_reason(mine.why, cuda_reason("cudaIpcGetMemHandle (fused tail)", err));
+      } else if (err != cudaSuccess) {
         copy_reason(mine.why, cuda_reason("cudaIpcGetMemHandle", err));
+      }
+      mine.ipc_ok = err == cudaSuccess ? 1 : 0;
     } catch (const std::exception& e) {
       why = e.what();
     }
@@ -151,20 +181,32 @@ void CudaBackend::setup_p2p() {
   for (int q = 0; q < ranks && why.empty(); ++q)
     if (!records[size_t(q)].ok) why = records[size_t(q)].why;
   P2pPeers peers;
+  TpTailPeers tail_peers;
   for (int q = 0; q < ranks && why.empty(); ++q) {
     const P2pRecord& r = records[size_t(q)];
     try {
       if (q == rank) {
         peers.staging[q] = p2p_bufs_.staging;
         peers.flags[q] = p2p_bufs_.flags;
+        tail_peers.staging[q] = tail_bufs_.staging;
+        tail_peers.flags[q] = tail_bufs_.flags;
         continue;
       }
       if (r.capacity != mine.capacity || r.bytes != mine.bytes || r.staging_off != mine.staging_off ||
           r.flags_off != mine.flags_off || r.epoch_off != mine.epoch_off)
         fail("rank {}'s buffers (capacity {}, {} bytes) differ from rank {}'s (capacity {}, {} bytes)", q, r.capacity,
              r.bytes, rank, mine.capacity, mine.bytes);
+      // The fused tail's stores land at the offsets this rank computes: the geometry must agree (SPEAR_TP_TAIL_MAX_H
+      // alike on every rank, and the tail set up on all or none).
+      if (r.tail_bytes != mine.tail_bytes || r.tail_staging_off != mine.tail_staging_off ||
+          r.tail_flags_off != mine.tail_flags_off || r.tail_slot_bytes != mine.tail_slot_bytes ||
+          r.tail_z_offset != mine.tail_z_offset || r.tail_max_rows != mine.tail_max_rows ||
+          r.tail_max_h != mine.tail_max_h || r.tail_max_rank != mine.tail_max_rank)
+        fail("rank {}'s fused tail buffers ({} bytes, H {}) differ from rank {}'s ({} bytes, H {})", q, r.tail_bytes,
+             r.tail_max_h, rank, mine.tail_bytes, mine.tail_max_h);
       if (std::strcmp(r.bus_id, mine.bus_id) == 0) fail("ranks {} and {} share the GPU {}", q, rank, mine.bus_id);
       char* base = nullptr;
+      unsigned char* tail_base = nullptr;
       int can = 0;
       if (r.process == mine.process) {
         // A rank of this process (a thread): its pointer is valid here once peer access is enabled.
@@ -172,6 +214,7 @@ void CudaBackend::setup_p2p() {
         if (!can) fail("GPU {} (rank {}) cannot access GPU {} (rank {})", device_, rank, r.device, q);
         p2p_enable_peer_access_from(device_, r.device);
         base = reinterpret_cast<char*>(uintptr_t(r.base));
+        tail_base = reinterpret_cast<unsigned char*>(uintptr_t(r.tail_base));
       } else {
         if (std::strncmp(r.host, mine.host, sizeof mine.host) != 0)
           fail("rank {} runs on another host ({}, this is {})", q, r.host, mine.host);
@@ -189,9 +232,22 @@ void CudaBackend::setup_p2p() {
           fail("{}", cuda_reason(fmt::format("cudaIpcOpenMemHandle of rank {}'s buffers", q).c_str(), err));
         p2p_ipc_.push_back(p);
         base = static_cast<char*>(p);
+        if (r.tail_bytes) {
+          p = nullptr;
+          err = cudaIpcOpenMemHandle(&p, r.tail_handle, cudaIpcMemLazyEnablePeerAccess);
+          if (err != cudaSuccess)
+            fail("{}",
+                 cuda_reason(fmt::format("cudaIpcOpenMemHandle of rank {}'s fused tail buffers", q).c_str(), err));
+          p2p_ipc_.push_back(p);  // closed with the P2P mappings
+          tail_base = static_cast<unsigned char*>(p);
+        }
       }
       peers.staging[q] = reinterpret_cast<__nv_bfloat16*>(base + r.staging_off);
       peers.flags[q] = reinterpret_cast<uint32_t*>(base + r.flags_off);
+      if (r.tail_bytes) {
+        tail_peers.staging[q] = tail_base + r.tail_staging_off;
+        tail_peers.flags[q] = reinterpret_cast<uint32_t*>(tail_base + r.tail_flags_off);
+      }
     } catch (const std::exception& e) {
       why = fmt::format("rank {}: {}", rank, e.what());
     }
@@ -211,8 +267,8 @@ void CudaBackend::setup_p2p() {
     p2p_ipc_.clear();
     pg.barrier();
     release_p2p();
-    if (tp_reduce_ == TpReduce::P2p)
-      fail("tensor parallel: P2P reduction was required (p2p) but is unavailable: {}", why);
+    if (tp_reduce_ == TpReduce::P2p || tp_reduce_ == TpReduce::Fused)
+      fail("tensor parallel: P2P reduction was required ({}) but is unavailable: {}", tp_reduce_name(tp_reduce_), why);
     if (rank == 0) fmt::print(stderr, "tensor parallel: P2P reduction unavailable ({}), using NCCL\n", why);
     return;
   }
@@ -223,13 +279,25 @@ void CudaBackend::setup_p2p() {
   peers.timeout_ns = p2p_timeout_ns_;
   p2p_peers_ = peers;
   p2p_ = true;
+  if (tail) {
+    tail_peers.epoch = tail_bufs_.epoch;
+    tail_peers.ranks = ranks;
+    tail_peers.max_rows = tail_bufs_.max_rows;
+    tail_peers.max_h = tail_bufs_.max_h;
+    tail_peers.max_rank = tail_bufs_.max_rank;
+    tail_peers.slot_bytes = tail_bufs_.slot_bytes;
+    tail_peers.z_offset = tail_bufs_.z_offset;
+    tail_peers.timeout_ns = p2p_timeout_ns_;
+    tail_peers_ = tail_peers;
+    tail_ = true;
+  }
   // No rank launches the kernel before every rank's buffers are zeroed (p2p_alloc_rank_buffers) and mapped.
   SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
   pg.barrier();
 }
 
 void CudaBackend::release_p2p() {
-  if (!p2p_bufs_.base && p2p_ipc_.empty()) return;
+  if (!p2p_bufs_.base && !tail_bufs_.base && p2p_ipc_.empty()) return;
   int prev = -1;
   if (cudaGetDevice(&prev) != cudaSuccess) prev = -1;
   cudaSetDevice(device_);  // IPC mappings belong to this device's context
@@ -247,10 +315,14 @@ void CudaBackend::release_p2p() {
     }
   }
   if (p2p_bufs_.base) cudaFree(p2p_bufs_.base);
+  if (tail_bufs_.base) cudaFree(tail_bufs_.base);  // not tp_tail_free_rank_buffers: it throws on errors
   (void)cudaGetLastError();
   p2p_bufs_ = P2pRankBuffers{};
   p2p_peers_ = P2pPeers{};
   p2p_ = false;
+  tail_bufs_ = TpTailRankBuffers{};
+  tail_peers_ = TpTailPeers{};
+  tail_ = false;
   if (prev >= 0) cudaSetDevice(prev);
 }
 
@@ -313,6 +385,54 @@ void CudaBackend::all_reduce_sum(std::span<Tensor* const> ts) {
     }
   }
   SPEAR_NCCL_CHECK(api.group_end());
+}
+
+bool CudaBackend::row_parallel_tail(const Tensor& in, const Linear& lin, Tensor& x, const Tensor& norm_w, float eps,
+                                    Tensor& h) {
+  const auto& l = static_cast<const CudaLinear&>(lin);
+  auto bf16_gpu = [](const Tensor& t) { return t.device == Device::CUDA && t.dtype == DType::BF16; };
+  // Every rank decides alike (same mode, shapes and compensator shapes), so either all launch the kernel or none.
+  if (tp_reduce_ != TpReduce::Fused || !tail_ || tp_size() <= 1) return false;
+  if (!bf16_gpu(in) || !bf16_gpu(x) || !bf16_gpu(h) || !bf16_gpu(norm_w)) return false;
+  if (x.rows > tail_peers_.max_rows || x.cols > tail_peers_.max_h) return false;
+  if (l.ec && (l.ec->rank > tail_peers_.max_rank || l.ec->gate_width > kTpTailMaxGate)) return false;
+  const int T = int(x.rows), H = int(x.cols);
+  SPEAR_CHECK(in.rows == T && in.cols == l.in_features && H == l.out_features && norm_w.numel() == H && h.rows == T &&
+                  h.cols == H,
+              "row_parallel_tail: '{}' [{} -> {}] with input [{}, {}], x [{}, {}], norm weight {}, h [{}, {}]", l.name,
+              l.in_features, l.out_features, in.rows, in.cols, x.rows, x.cols, norm_w.numel(), h.rows, h.cols);
+  SPEAR_CHECK(h.data != x.data && h.data != in.data, "row_parallel_tail: h must not alias x or the input");
+  if (T == 0) return true;
+  Tensor y_part = alloc(T, H);
+  linear_no_ec(l, in, y_part);
+  TpTailEc ec;
+  Tensor z;
+  if (l.ec) {
+    const CudaEc& c = *l.ec;
+    ec.rank = c.rank;
+    ec.gate_width = c.gate_width;
+    ec.in = c.in;
+    ec.A = c.A16.as<__nv_bfloat16>();
+    ec.B = c.B.as<float>();
+    if (c.gate_width > 0) {
+      ec.W1 = c.W1.as<float>();
+      ec.b1 = c.b1.as<float>();
+      ec.W2 = c.W2.as<float>();
+      ec.b2 = c.b2.as<float>();
+    }
+    // Each row's CTA reads all of A (rank · in bf16) when the kernel projects: cheap for narrow shards, while a wide
+    // one (down_proj's intermediate columns) is cheaper as one SGEMM for all rows.
+    if (c.in > 4096) {
+      z = alloc_f32(T, c.rank);
+      auto prof = prof_->scope("linear.ec_project");
+      ec_project(c, in, z);
+      ec.z = z.ptr<float>();
+    }
+  }
+  auto prof = prof_->scope("row_parallel_tail");
+  tp_tail_bf16(bf(y_part), bf(in), l.ec ? &ec : nullptr, bf(x), bf(norm_w), bf(h), T, H, eps, tail_peers_, tp_rank(),
+               stream_);
+  return true;
 }
 
 void CudaBackend::all_gather_cols(const Tensor& part, Tensor& full) {
