@@ -3,11 +3,11 @@
 // double-precision CPU reference (dequantized weights, compensator_apply_reference), on odd shapes, both
 // grouping kinds, static and gated ECs, and token counts across the decode and prefill kernels. The EC term
 // is made large (about a third of the output) so that a wrong or missing EC cannot pass.
+#include <gtest/gtest.h>
+
 #include <cmath>
 #include <random>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "backend/cpu/int4_linear.h"
 #include "backend/cuda/cuda_backend.h"
@@ -15,6 +15,7 @@
 #include "core/dtype.h"
 #include "quant/quantizer.h"
 #include "spear/compensator.h"
+#include "w4a16_test_util.h"
 
 namespace spear {
 
@@ -22,36 +23,6 @@ namespace {
 
 #define SPEAR_REQUIRE_GPU() \
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device"
-
-PackedQuantWeights random_w4(int out, int in, int group, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> nd(0.f, 0.02f);
-  std::vector<float> w(size_t(out) * in);
-  for (float& v : w) v = nd(rng);
-  QuantParams qp;
-  qp.bits = 4;
-  qp.group_size = group;
-  return pack_quantized(rtn_quantize(w.data(), out, in, qp));
-}
-
-Compensator random_ec(int in, int out, int rank, int gate, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> nd(0.f, 1.f);
-  Compensator c;
-  c.module = "test";
-  c.resize(in, out, rank, 0);
-  const float sa = 1.f / std::sqrt(float(in)), sb = 0.3f * 0.02f * std::sqrt(float(in) / float(rank));
-  for (float& v : c.A) v = sa * nd(rng);
-  for (float& v : c.B) v = sb * nd(rng);
-  if (gate > 0) {
-    c.init_gate(gate, 1.f / std::sqrt(float(rank)), seed + 1);
-    for (float& v : c.b1) v = 0.1f * nd(rng);
-    for (float& v : c.W2) v = 0.5f * nd(rng) / std::sqrt(float(gate));
-    for (float& v : c.b2) v = 0.1f * nd(rng);
-  }
-  c.round_to_bf16();
-  return c;
-}
 
 // x rounded to bf16 (what the GPU sees), row-major [m, k].
 std::vector<float> random_x(int m, int k, uint32_t seed) {
@@ -104,13 +75,13 @@ TEST(CudaEc, FusedAndOverlappedMatchNaiveAndReference) {
   // Odd n (partial row tiles), k a multiple of 8 but not of 64, large k (many A·x slices), grouped weights,
   // rank 64 with gate 64 (the fused kernel's limits), static ECs, and rank 12 (not fusable: the fused path
   // falls back to naive).
-  const Case cases[] = {{200, 136, -1, 8, 8},       {1000, 2048, -1, 16, 8}, {512, 8192, 128, 32, 0},
-                        {2048, 2048, 64, 64, 64},   {77, 512, 32, 16, 0},    {384, 1024, -1, 12, 8}};
+  const Case cases[] = {{200, 136, -1, 8, 8},     {1000, 2048, -1, 16, 8}, {512, 8192, 128, 32, 0},
+                        {2048, 2048, 64, 64, 64}, {77, 512, 32, 16, 0},    {384, 1024, -1, 12, 8}};
   uint32_t seed = 1;
   for (const Case& cs : cases) {
     cuda::CudaBackend gpu;
-    const PackedQuantWeights p = random_w4(cs.n, cs.k, cs.group, seed++);
-    const Compensator c = random_ec(cs.k, cs.n, cs.rank, cs.gate, seed++);
+    const PackedQuantWeights p = w4test::random_quantized(cs.n, cs.k, 4, cs.group, seed++);
+    const Compensator c = w4test::random_compensator(cs.k, cs.n, cs.rank, cs.gate, seed++);
     auto lin = gpu.make_quant_linear("test", p, {});
     gpu.set_compensator(*lin, &c);
     for (int m : {1, 3, 8, 17, 32, 100}) {
@@ -144,10 +115,11 @@ TEST(CudaEc, GroupedFusedLaunchMatchesNaive) {
     std::vector<PackedQuantWeights> ps;
     std::vector<std::unique_ptr<Linear>> ls;
     for (int i = 0; i < 3; ++i) {
-      ps.push_back(random_w4(ns[i], k, group, 50 + i));
+      ps.push_back(w4test::random_quantized(ns[i], k, 4, group, 50 + i));
       ls.push_back(gpu.make_quant_linear("m" + std::to_string(i), ps.back(), {}));
     }
-    const Compensator c0 = random_ec(k, ns[0], 16, 8, 60), c2 = random_ec(k, ns[2], 8, 0, 61);
+    const Compensator c0 = w4test::random_compensator(k, ns[0], 16, 8, 60),
+                      c2 = w4test::random_compensator(k, ns[2], 8, 0, 61);
     gpu.set_compensator(*ls[0], &c0);
     gpu.set_compensator(*ls[2], &c2);
     for (int m : {1, 5, 32}) {
@@ -175,8 +147,8 @@ TEST(CudaEc, GroupedFusedLaunchMatchesNaive) {
 TEST(CudaEc, TimeEcPathsReportsEachRunnablePath) {
   SPEAR_REQUIRE_GPU();
   cuda::CudaBackend gpu;
-  const PackedQuantWeights p = random_w4(1024, 1024, -1, 5);
-  const Compensator c = random_ec(1024, 1024, 16, 8, 6);
+  const PackedQuantWeights p = w4test::random_quantized(1024, 1024, 4, -1, 5);
+  const Compensator c = w4test::random_compensator(1024, 1024, 16, 8, 6);
   auto lin = gpu.make_quant_linear("test", p, {});
   gpu.set_compensator(*lin, &c);
   const int tokens[] = {1, 16, 64};

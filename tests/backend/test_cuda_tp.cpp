@@ -5,6 +5,9 @@
 // around the all-reduce (linear_ec_partial, then ec_expand) bit-identical to linear() on one GPU; and a
 // row-parallel compensated linear over two ranks against the whole linear. The two-GPU tests skip without two
 // devices or without NCCL, the P2P ones also without peer access between GPUs 0 and 1.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
 #include <cmath>
 #include <cstdlib>
 #include <functional>
@@ -16,9 +19,6 @@
 #include <thread>
 #include <vector>
 
-#include <cuda_runtime.h>
-#include <gtest/gtest.h>
-
 #include "backend/cpu/int4_linear.h"
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_check.h"
@@ -28,6 +28,7 @@
 #include "quant/quantizer.h"
 #include "spear/compensator.h"
 #include "test_util.h"
+#include "w4a16_test_util.h"
 
 namespace spear {
 
@@ -172,37 +173,6 @@ LinearWeights random_dense(int out, int in, bool bias, uint32_t seed) {
     for (float& v : w.bias) v = 0.1f * nd(rng);
   }
   return w;
-}
-
-PackedQuantWeights random_w4(int out, int in, int group, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> nd(0.f, 0.02f);
-  std::vector<float> w(size_t(out) * in);
-  for (float& v : w) v = nd(rng);
-  QuantParams qp;
-  qp.bits = 4;
-  qp.group_size = group;
-  return pack_quantized(rtn_quantize(w.data(), out, in, qp));
-}
-
-// The EC term is about a third of the output (as in test_cuda_ec.cpp), so that a wrong split cannot pass.
-Compensator random_ec(int in, int out, int rank, int gate, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> nd(0.f, 1.f);
-  Compensator c;
-  c.module = "test";
-  c.resize(in, out, rank, 0);
-  const float sa = 1.f / std::sqrt(float(in)), sb = 0.3f * 0.02f * std::sqrt(float(in) / float(rank));
-  for (float& v : c.A) v = sa * nd(rng);
-  for (float& v : c.B) v = sb * nd(rng);
-  if (gate > 0) {
-    c.init_gate(gate, 1.f / std::sqrt(float(rank)), seed + 1);
-    for (float& v : c.b1) v = 0.1f * nd(rng);
-    for (float& v : c.W2) v = 0.5f * nd(rng) / std::sqrt(float(gate));
-    for (float& v : c.b2) v = 0.1f * nd(rng);
-  }
-  c.round_to_bf16();
-  return c;
 }
 
 std::vector<float> random_x(int m, int k, uint32_t seed) {
@@ -432,13 +402,14 @@ TEST(CudaTp, EcPartialThenExpandEqualsLinear) {
       const int n = 200, k = 136, rank = 16;
       const LinearWeights dense = random_dense(n, k, gate > 0, seed++);
       std::unique_ptr<Linear> lin =
-          quantized ? be.make_quant_linear("test", random_w4(n, k, -1, seed++), dense.bias) : be.make_linear(dense);
+          quantized ? be.make_quant_linear("test", w4test::random_quantized(n, k, 4, -1, seed++), dense.bias)
+                    : be.make_linear(dense);
       auto partial_without_ec = [&] {
         Tensor x = be.alloc(1, k), y = be.alloc(1, n), z = be.alloc_f32(1, rank);
         be.linear_ec_partial(x, *lin, y, z);
       };
       EXPECT_SPEAR_ERROR(partial_without_ec(), "no compensator");
-      const Compensator c = random_ec(k, n, rank, gate, seed++);
+      const Compensator c = w4test::random_compensator(k, n, rank, gate, seed++);
       be.set_compensator(*lin, &c);
       for (const int m : {1, 5, 40}) {
         Tensor x = be.upload(random_x(m, k, seed++).data(), m, k);
@@ -462,7 +433,7 @@ TEST(CudaTp, RowParallelCompensatedLinearMatchesWhole) {
   SPEAR_REQUIRE_TWO_GPUS_AND_NCCL();
   const int n = 192, k = 256, half = k / 2, rank = 16, gate = 8, m = 5;
   const LinearWeights w = random_dense(n, k, true, 21);
-  const Compensator c = random_ec(k, n, rank, gate, 22);
+  const Compensator c = w4test::random_compensator(k, n, rank, gate, 22);
   const std::vector<float> x = random_x(m, k, 23);
   std::vector<float> whole, plain;
   {
@@ -534,7 +505,7 @@ TEST(CudaTp, FusedRowParallelTailMatchesUnfused) {
           if (r != 0) wr.bias.clear();
           auto lin = be.make_linear(wr);
           if (cs.rank > 0) {
-            const Compensator c = random_ec(k, n, cs.rank, cs.gate, seed + 1);
+            const Compensator c = w4test::random_compensator(k, n, cs.rank, cs.gate, seed + 1);
             Compensator cr = c;
             cr.in = cs.half;
             cr.A = columns(c.A, cs.rank, k, r * cs.half, cs.half);

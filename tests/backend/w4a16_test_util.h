@@ -19,6 +19,7 @@
 #include "backend/cuda/w4a16_gemm.h"
 #include "core/dtype.h"
 #include "quant/quantizer.h"
+#include "spear/compensator.h"
 
 namespace spear::w4test {
 
@@ -35,6 +36,27 @@ inline PackedQuantWeights random_quantized(int out, int in, int bits, int group,
   qp.bits = bits;
   qp.group_size = group;
   return pack_quantized(rtn_quantize(w.data(), out, in, qp));
+}
+
+// A random compensator whose term is about a third of a W4 output of N(0, 0.02²) weights on unit inputs, so that a
+// wrong split or a dropped term cannot pass (the EC and tensor-parallel tests); gated when gate > 0.
+inline Compensator random_compensator(int in, int out, int rank, int gate, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  Compensator c;
+  c.module = "test";
+  c.resize(in, out, rank, 0);
+  const float sa = 1.f / std::sqrt(float(in)), sb = 0.3f * 0.02f * std::sqrt(float(in) / float(rank));
+  for (float& v : c.A) v = sa * nd(rng);
+  for (float& v : c.B) v = sb * nd(rng);
+  if (gate > 0) {
+    c.init_gate(gate, 1.f / std::sqrt(float(rank)), seed + 1);
+    for (float& v : c.b1) v = 0.1f * nd(rng);
+    for (float& v : c.W2) v = 0.5f * nd(rng) / std::sqrt(float(gate));
+    for (float& v : c.b2) v = 0.1f * nd(rng);
+  }
+  c.round_to_bf16();
+  return c;
 }
 
 inline std::vector<uint16_t> random_bf16(size_t n, uint32_t seed, float sd = 1.f) {
