@@ -215,19 +215,27 @@ TEST(CudaTp, AllReduceSumsBf16AndFp32) {
   });
 }
 
-// The vocab-parallel lm_head's logits: each rank's columns side by side, for one row (NCCL straight into place)
-// and several (gathered, then copied into columns), eagerly and inside a replayed graph.
-TEST(CudaTp, AllGatherColumnsPlacesEachRanksPart) {
-  SPEAR_REQUIRE_TWO_GPUS_AND_NCCL();
-  run_two_ranks([](int r, cuda::CudaBackend& be) {
-    auto cache = be.make_kv_cache(1, 1, 16, 8);  // run_graph keys graphs by the last begin_batch's cache
-    BatchDesc d;
+// The one-token batch on a tiny KV cache that run_graph needs (it keys graphs by the cache of begin_batch). Kept
+// on the heap: the backend remembers the batch description by address.
+struct TinyBatch {
+  std::unique_ptr<KvCache> cache;
+  BatchDesc d;
+  explicit TinyBatch(cuda::CudaBackend& be) : cache(be.make_kv_cache(1, 1, 16, 8)) {
     d.tokens = {0};
     d.positions = {0};
     d.token_seq = {0};
     d.last_rows = {0};
     d.seqs = {SeqSlice{0, 1, 0, 0}};
     be.begin_batch(d, *cache);
+  }
+};
+
+// The vocab-parallel lm_head's logits: each rank's columns side by side, for one row (NCCL straight into place)
+// and several (gathered, then copied into columns), eagerly and inside a replayed graph.
+TEST(CudaTp, AllGatherColumnsPlacesEachRanksPart) {
+  SPEAR_REQUIRE_TWO_GPUS_AND_NCCL();
+  run_two_ranks([](int r, cuda::CudaBackend& be) {
+    auto batch = std::make_unique<TinyBatch>(be);
     for (int rows : {1, 3}) {
       const int cols = 1001;
       Tensor part = be.alloc_f32(rows, cols), full = be.alloc_f32(rows, 2 * cols);
@@ -257,15 +265,7 @@ TEST(CudaTp, AllGatherColumnsPlacesEachRanksPart) {
 TEST(CudaTp, AllReduceInsideReplayedGraph) {
   SPEAR_REQUIRE_TWO_GPUS_AND_NCCL();
   run_two_ranks([](int r, cuda::CudaBackend& be) {
-    // run_graph keys graphs by the KV cache of the last begin_batch: a one-token batch on a tiny cache.
-    auto cache = be.make_kv_cache(1, 1, 16, 8);
-    BatchDesc d;
-    d.tokens = {0};
-    d.positions = {0};
-    d.token_seq = {0};
-    d.last_rows = {0};
-    d.seqs = {SeqSlice{0, 1, 0, 0}};
-    be.begin_batch(d, *cache);
+    auto batch = std::make_unique<TinyBatch>(be);
     Tensor a = be.alloc(3, 1000), b = be.alloc_f32(3, 17);
     // Run 0 is eager, run 1 captures and launches the graph, run 2 replays it: new contents each time.
     for (int run = 0; run < 3; ++run) {
@@ -288,21 +288,6 @@ TEST(CudaTp, AllReduceInsideReplayedGraph) {
 struct Spec {
   int64_t rows, cols;
   bool f32;
-};
-
-// The one-token batch on a tiny KV cache that run_graph needs (it keys graphs by the cache of begin_batch). Kept
-// on the heap: the backend remembers the batch description by address.
-struct TinyBatch {
-  std::unique_ptr<KvCache> cache;
-  BatchDesc d;
-  explicit TinyBatch(cuda::CudaBackend& be) : cache(be.make_kv_cache(1, 1, 16, 8)) {
-    d.tokens = {0};
-    d.positions = {0};
-    d.token_seq = {0};
-    d.last_rows = {0};
-    d.seqs = {SeqSlice{0, 1, 0, 0}};
-    be.begin_batch(d, *cache);
-  }
 };
 
 // Reduces tensors of these shapes in one all_reduce_sum call, `runs` times with new contents each time; through

@@ -40,6 +40,7 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/pdl.cuh"
+#include "backend/cuda/peer_sync.cuh"
 #include "core/dtype.h"
 #include "core/error.h"
 
@@ -63,27 +64,10 @@ constexpr int kPerVec = int(kVecBytes / sizeof(T));
 template <typename T>
 constexpr int64_t kSliceElems = kSliceBytes / int64_t(sizeof(T));
 
-__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-// One 16-byte store (p 16-byte aligned). Spelled out because nvcc splits a plain uint4 assignment of these values
-// into four 4-byte stores, which quadruples the NVLink write transactions.
-__device__ __forceinline__ void st_v4(void* p, const uint4& v) {
-  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
-}
-
-__device__ __forceinline__ uint64_t globaltimer_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
+using peer::globaltimer_ns;
+using peer::ld_acquire_sys;
+using peer::st_release_sys;
+using peer::st_v4;
 
 // The bits of one element, for the element-wise (unaligned or partial) accesses.
 template <typename T>

@@ -7,6 +7,7 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/rms_norm.h"
 #include "backend/cuda/pdl.cuh"
+#include "backend/cuda/row_norm.cuh"
 
 namespace spear::cuda {
 
@@ -16,45 +17,8 @@ using bf16 = __nv_bfloat16;
 using bf162 = __nv_bfloat162;
 constexpr int kThreads = 256;
 
-// Block-wide sum of every thread's `v`.
-__device__ __forceinline__ float block_sum(float v) {
-  __shared__ float warp_sums[kThreads / 32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float t = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : 0.f;
-    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-    if (threadIdx.x == 0) warp_sums[0] = t;
-  }
-  __syncthreads();
-  return warp_sums[0];
-}
-
-// out[i] = w[i] · (x[i] · inv) for the row (x already final).
-template <bool kVec>
-__device__ __forceinline__ void scale_row(const bf16* xr, const bf16* __restrict__ w, bf16* orow, int d,
-                                          float inv) {  // (orow may alias xr: no __restrict__ on them)
-  if constexpr (kVec) {
-    for (int g = threadIdx.x; g < d / 8; g += kThreads) {
-      uint4 xv = reinterpret_cast<const uint4*>(xr)[g];
-      const uint4 wv = reinterpret_cast<const uint4*>(w)[g];
-      const bf162* xh = reinterpret_cast<const bf162*>(&xv);
-      const bf162* wh = reinterpret_cast<const bf162*>(&wv);
-      uint4 o;
-      bf162* oh = reinterpret_cast<bf162*>(&o);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 a = __bfloat1622float2(xh[j]), b = __bfloat1622float2(wh[j]);
-        oh[j] = __floats2bfloat162_rn(b.x * (a.x * inv), b.y * (a.y * inv));
-      }
-      reinterpret_cast<uint4*>(orow)[g] = o;
-    }
-  } else {
-    for (int i = threadIdx.x; i < d; i += kThreads)
-      orow[i] = __float2bfloat16(__bfloat162float(w[i]) * (__bfloat162float(xr[i]) * inv));
-  }
-}
+using row_norm::block_sum;
+using row_norm::scale_row;
 
 template <bool kVec>
 __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const bf16* x, const bf16* __restrict__ w, bf16* out,
@@ -80,8 +44,8 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const bf16* x, const
       ss += v * v;
     }
   }
-  const float inv = rsqrtf(block_sum(ss) / float(d) + eps);
-  scale_row<kVec>(xr, w, out + row * d, d, inv);  // out may alias x: each thread rewrites only what it read
+  const float inv = rsqrtf(block_sum<kThreads>(ss) / float(d) + eps);
+  scale_row<kVec, kThreads>(xr, w, out + row * d, d, inv);  // out may alias x: each thread rewrites only what it read
 }
 
 // x += y (fp32 add, one bf16 rounding, as add_bf16), then out = RMSNorm(x) of the rounded sum.
@@ -118,8 +82,8 @@ __global__ void __launch_bounds__(kThreads) add_rms_norm_kernel(bf16* __restrict
       ss += v * v;
     }
   }
-  const float inv = rsqrtf(block_sum(ss) / float(d) + eps);
-  scale_row<kVec>(xr, w, out + row * d, d, inv);  // each thread reads back only the elements it wrote
+  const float inv = rsqrtf(block_sum<kThreads>(ss) / float(d) + eps);
+  scale_row<kVec, kThreads>(xr, w, out + row * d, d, inv);  // each thread reads back only the elements it wrote
 }
 
 bool vec_ok(int d, const void* a, const void* b, const void* c, const void* e) {

@@ -35,6 +35,8 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/pdl.cuh"
+#include "backend/cuda/peer_sync.cuh"
+#include "backend/cuda/row_norm.cuh"
 #include "backend/cuda/tp_tail.h"
 #include "core/dtype.h"
 #include "core/error.h"
@@ -56,20 +58,10 @@ static_assert(kTpTailMaxRank % kWarps == 0, "A · xs: the same number of coordin
 constexpr int kChunk = 2048;
 static_assert(kChunk % (8 * kThreads) == 0, "whole rounds of 8-element groups per pass");
 
-__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-// One 16-byte store (p 16-byte aligned): spelled out so that nvcc does not split it into four NVLink writes.
-__device__ __forceinline__ void st_v4(void* p, const uint4& v) {
-  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
-}
+using peer::globaltimer_ns;
+using peer::ld_acquire_sys;
+using peer::st_release_sys;
+using peer::st_v4;
 
 // 4-byte asynchronous copy global -> shared (cp.async): the gate's weights travel while the row is exchanged.
 __device__ __forceinline__ void cp_async4(float* dst, const float* src) {
@@ -79,26 +71,7 @@ __device__ __forceinline__ void cp_async4(float* dst, const float* src) {
 
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
-__device__ __forceinline__ uint64_t globaltimer_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-// Block-wide sum of every thread's `v`: rms_norm.cu's block_sum, operation for operation (bit-exactness).
-__device__ __forceinline__ float block_sum(float v) {
-  __shared__ float warp_sums[kWarps];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float t = threadIdx.x < kWarps ? warp_sums[threadIdx.x] : 0.f;
-    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-    if (threadIdx.x == 0) warp_sums[0] = t;
-  }
-  __syncthreads();
-  return warp_sums[0];
-}
+using row_norm::block_sum;
 
 // Butterfly step at xor offset O over a half-warp (then O / 2, ..., 1): a lane keeps the half of its values whose
 // index has bit O equal to its own lane bit, sends the other half to its partner and adds what the partner sent for
@@ -418,29 +391,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     }
   }
-  const float inv = rsqrtf(block_sum(ss) / float(H) + geo.eps);
+  const float inv = rsqrtf(block_sum<kThreads>(ss) / float(H) + geo.eps);
 
-  // 4c. h = w · (x · inv), rms_norm.cu's scale_row (each thread reads back only the elements it wrote).
-  bf16* orow = hout + size_t(t) * H;
-  if constexpr (kVec) {
-    for (int g = threadIdx.x; g < H / 8; g += kThreads) {
-      uint4 xv = reinterpret_cast<const uint4*>(xr)[g];
-      const uint4 wv = reinterpret_cast<const uint4*>(nw)[g];
-      const bf162* xh = reinterpret_cast<const bf162*>(&xv);
-      const bf162* wh = reinterpret_cast<const bf162*>(&wv);
-      uint4 o;
-      bf162* oh = reinterpret_cast<bf162*>(&o);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 a = __bfloat1622float2(xh[j]), b = __bfloat1622float2(wh[j]);
-        oh[j] = __floats2bfloat162_rn(b.x * (a.x * inv), b.y * (a.y * inv));
-      }
-      reinterpret_cast<uint4*>(orow)[g] = o;
-    }
-  } else {
-    for (int i = threadIdx.x; i < H; i += kThreads)
-      orow[i] = __float2bfloat16(__bfloat162float(nw[i]) * (__bfloat162float(xr[i]) * inv));
-  }
+  // 4c. h = w · (x · inv), as rms_norm.cu does it.
+  row_norm::scale_row<kVec, kThreads>(xr, nw, hout + size_t(t) * H, H, inv);
   if (R > 1 && threadIdx.x == 0) p.epoch[t] = e;
 }
 

@@ -1,0 +1,32 @@
+// Device primitives of the peer-to-peer exchanges (p2p_reduce.cu, tp_tail.cu): flags released and acquired at
+// system scope, so that another GPU's stores over NVLink are visible once its flag is; whole 16-byte remote stores;
+// the global timer that bounds a spin-wait. Internal to the CUDA backend.
+#pragma once
+
+#include <cstdint>
+
+namespace spear::cuda::peer {
+
+__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// One 16-byte store (p 16-byte aligned). Spelled out because nvcc splits a plain uint4 assignment of these values
+// into four 4-byte stores, which quadruples the NVLink write transactions.
+__device__ __forceinline__ void st_v4(void* p, const uint4& v) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
+
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+}  // namespace spear::cuda::peer
