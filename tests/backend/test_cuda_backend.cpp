@@ -224,7 +224,25 @@ TEST(CudaBackend, DecodeGraphsEqualEagerStepsAndBatchEqualsSingle) {
       }
       if (step + 1 < n) next = m->forward_greedy(b, *cache);
     }
-    for (int s = 0; s < 3; ++s) EXPECT_EQ(together[s], alone[s]) << dir << " sequence " << s;
+    // Batched launches (m = 12 prefill, m = 3 steps) may run other W4 plans than a sequence alone (m = 2..6, then
+    // 1), which sum k in another order; on a random-weight W4 model that can flip a near-tie (seen once on an
+    // H200 host whose plan tuning chose differently). So a difference is accepted only at a near-tie: at the first
+    // step where the tokens part, the eager logits of both tokens lie within bf16 noise of each other.
+    const int V = m->config().vocab_size;
+    for (int s = 0; s < 3; ++s) {
+      if (together[s] == alone[s]) continue;
+      size_t k = 0;
+      while (together[s][k] == alone[s][k]) ++k;
+      auto c = m->make_kv_cache(1, 64);
+      std::vector<int32_t> feed = prompts[s];
+      feed.insert(feed.end(), alone[s].begin(), alone[s].begin() + std::ptrdiff_t(k));
+      const std::vector<float> logits = m->forward(Batch::single(feed, 0), *c, LogitsMode::LastPerSeq);
+      ASSERT_EQ(logits.size(), size_t(V));
+      const float gap = logits[size_t(alone[s][k])] - logits[size_t(together[s][k])];
+      std::printf("%s sequence %d: tokens part at step %zu (%d alone, %d batched), logit gap %.4f\n", dir.c_str(), s,
+                  k, alone[s][k], together[s][k], gap);
+      EXPECT_LT(std::fabs(gap), 0.125f) << dir << " sequence " << s << ": not a near-tie";
+    }
     auto* kv = dynamic_cast<cuda::CudaKvCache*>(cache.get());
     ASSERT_NE(kv, nullptr);
     EXPECT_EQ(kv->blocks_in_use(), 3 * 2);  // up to 30 positions each: two 16-token pages per sequence
