@@ -16,6 +16,8 @@
 //    launch skew between GPUs is not timed); µs per all-reduce = median replay time / 100: the exposed latency of
 //    reductions that run back to back, as in a decode step's graph; the P2P kernel uses programmatic dependent
 //    launch like the backend's other kernels (SPEAR_PDL=0 turns it off for an A/B run);
+//  * P2P is timed twice: as the backend calls it (the LL protocol up to kP2pLlMaxBlocks · kP2pLlSliceBytes =
+//    256 KB, the flag protocol above) and with LL off (the flag protocol at every size), for the A/B;
 //  * algorithm bandwidth = message bytes / time;
 //  * correctness, once per size before timing: random inputs; the P2P output of every rank must equal the CPU
 //    reference (rank-order fp32 sum, one bf16 rounding) bit for bit; NCCL's output must equal it bit for bit when
@@ -28,12 +30,11 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <random>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/nccl_loader.h"
@@ -65,6 +66,7 @@ struct Rank {
   bf16* nbuf = nullptr;  // NCCL's in-place buffer [kCapacity]
   ncclComm_t comm = nullptr;
   cuda::P2pPeers peers;
+  cuda::P2pPeers flag_peers;  // the same buffers with the LL protocol off
 };
 
 void set_device(int d) { SPEAR_CUDA_CHECK(cudaSetDevice(d)); }
@@ -183,14 +185,17 @@ std::vector<uint16_t> download(int device, const bf16* src, int64_t n) {
 
 struct Row {
   int64_t bytes = 0, elements = 0;
-  double p2p_us = 0;
+  double p2p_us = 0;        // as dispatched (LL where it fits)
+  double p2p_flags_us = 0;  // flag protocol only
+  bool ll = false;          // the dispatched call took the LL protocol
+  bool p2p_flags_exact = false;
   std::optional<double> nccl_us;
   std::string nccl_mode;  // "graph", "eager" or "" (not timed)
   bool p2p_exact = false;
   std::optional<bool> nccl_ok;
   int64_t nccl_mismatches = 0;  // elements where NCCL differs from the reference
   double nccl_max_abs_diff = 0;
-  bool pass() const { return p2p_exact && nccl_ok.value_or(true); }
+  bool pass() const { return p2p_exact && p2p_flags_exact && nccl_ok.value_or(true); }
 };
 
 void usage() {
@@ -252,6 +257,8 @@ int main(int argc, char** argv) try {
     SPEAR_CUDA_CHECK(cudaMalloc(&k.nbuf, size_t(kCapacity) * 2));
     k.peers = cuda::p2p_peers_in_process(bufs, r);
     k.peers.timeout_ns = kTimeoutNs;
+    k.flag_peers = k.peers;
+    k.flag_peers.ll_max_blocks = 0;
   }
   set_device(0);
   cudaEvent_t e0, e1;
@@ -293,15 +300,15 @@ int main(int argc, char** argv) try {
       SPEAR_NCCL_CHECK(api->all_reduce(k.nbuf, k.nbuf, size_t(n), ncclBfloat16, ncclSum, k.comm, k.stream));
     SPEAR_NCCL_CHECK(api->group_end());
   };
-  auto p2p_enqueue = [&](int64_t n) {
+  auto p2p_enqueue = [&](int64_t n, bool flags_only) {
     for (Rank& k : ranks) {
       set_device(k.device);
-      cuda::p2p_allreduce_bf16(k.x, k.out, n, k.peers, k.device, k.stream);
+      cuda::p2p_allreduce_bf16(k.x, k.out, n, flags_only ? k.flag_peers : k.peers, k.device, k.stream);
     }
   };
 
-  std::printf("\n%8s %9s %9s %9s %9s %10s  %s\n", "size", "P2P us", "NCCL us", "NCCL/P2P", "P2P GB/s", "NCCL GB/s",
-              "check");
+  std::printf("\n%8s %9s %6s %9s %9s %9s %9s %10s  %s\n", "size", "P2P us", "proto", "flags us", "NCCL us", "NCCL/P2P",
+              "P2P GB/s", "NCCL GB/s", "check");
   std::vector<Row> rows;
   std::mt19937 rng(7);
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -322,15 +329,23 @@ int main(int argc, char** argv) try {
       SPEAR_CUDA_CHECK(cudaMemcpy(k.x, v.data(), size_t(n) * 2, cudaMemcpyHostToDevice));
       SPEAR_CUDA_CHECK(cudaMemset(k.out, 0xff, size_t(n) * 2));
     }
-    sync_all(ranks);
-    p2p_enqueue(n);
-    sync_all(ranks);
     std::vector<const uint16_t*> xs;
     for (const auto& v : in) xs.push_back(v.data());
     std::vector<uint16_t> ref(static_cast<size_t>(n));
     cuda::p2p_allreduce_reference_bf16(xs.data(), nranks, n, ref.data());
-    row.p2p_exact = true;
-    for (const Rank& k : ranks) row.p2p_exact = row.p2p_exact && download(k.device, k.out, n) == ref;
+    row.ll = cuda::p2p_allreduce_uses_ll(n, 2, ranks[0].peers);
+    for (bool flags_only : {false, true}) {
+      for (Rank& k : ranks) {
+        set_device(k.device);
+        SPEAR_CUDA_CHECK(cudaMemset(k.out, 0xff, size_t(n) * 2));
+      }
+      sync_all(ranks);
+      p2p_enqueue(n, flags_only);
+      sync_all(ranks);
+      bool exact = true;
+      for (const Rank& k : ranks) exact = exact && download(k.device, k.out, n) == ref;
+      (flags_only ? row.p2p_flags_exact : row.p2p_exact) = exact;
+    }
     if (have_nccl) {
       for (Rank& k : ranks) {
         set_device(k.device);
@@ -364,7 +379,8 @@ int main(int argc, char** argv) try {
     }
 
     // Timing.
-    row.p2p_us = time_graph_us(ranks, e0, e1, [&] { p2p_enqueue(n); });
+    row.p2p_us = time_graph_us(ranks, e0, e1, [&] { p2p_enqueue(n, false); });
+    row.p2p_flags_us = time_graph_us(ranks, e0, e1, [&] { p2p_enqueue(n, true); });
     if (have_nccl) {
       for (Rank& k : ranks) {  // zeros stay zeros through repeated in-place sums (the time does not depend on them)
         set_device(k.device);
@@ -401,8 +417,9 @@ int main(int argc, char** argv) try {
       std::snprintf(speed_s, sizeof speed_s, "%.2fx", *row.nccl_us / row.p2p_us);
       std::snprintf(nbw_s, sizeof nbw_s, "%.1f", double(row.bytes) / *row.nccl_us / 1e3);
     }
-    std::printf("%8s %9.2f %9s %9s %9.1f %10s  %s (P2P %s reference%s)\n", size_s, row.p2p_us, nccl_s, speed_s,
-                double(row.bytes) / row.p2p_us / 1e3, nbw_s, row.pass() ? "PASS" : "FAIL", row.p2p_exact ? "==" : "!=",
+    std::printf("%8s %9.2f %6s %9.2f %9s %9s %9.1f %10s  %s (P2P %s reference, flags %s%s)\n", size_s, row.p2p_us,
+                row.ll ? "LL" : "flags", row.p2p_flags_us, nccl_s, speed_s, double(row.bytes) / row.p2p_us / 1e3, nbw_s,
+                row.pass() ? "PASS" : "FAIL", row.p2p_exact ? "==" : "!=", row.p2p_flags_exact ? "==" : "!=",
                 !row.nccl_ok               ? ""
                 : row.nccl_mismatches == 0 ? ", NCCL == reference"
                                            : (", NCCL differs in " + std::to_string(row.nccl_mismatches) +
@@ -441,6 +458,7 @@ int main(int argc, char** argv) try {
   J["calls_per_graph"] = kCallsPerGraph;
   J["replays"] = kReplays;
   J["p2p_block_elems"] = cuda::kP2pBlockElems;
+  J["p2p_ll_max_bytes"] = cuda::kP2pLlMaxBlocks * cuda::kP2pLlSliceBytes;
   J["p2p_pdl"] = pdl;
   J["nccl"] = {{"available", api != nullptr && nccl_error.empty()},
                {"library", api ? api->path : ""},
@@ -454,6 +472,9 @@ int main(int argc, char** argv) try {
                         {"p2p_us", r.p2p_us},
                         {"p2p_algbw_gbps", double(r.bytes) / r.p2p_us / 1e3},
                         {"p2p_exact", r.p2p_exact},
+                        {"p2p_protocol", r.ll ? "ll" : "flags"},
+                        {"p2p_flags_us", r.p2p_flags_us},
+                        {"p2p_flags_exact", r.p2p_flags_exact},
                         {"nccl_us", nullptr},
                         {"nccl_algbw_gbps", nullptr},
                         {"speedup_nccl_over_p2p", nullptr},

@@ -2,14 +2,14 @@
 // device's own stream: bit-exact against the CPU reference (rank-order fp32 sum, one bf16 rounding) on every rank,
 // back-to-back calls of mixed sizes (the staging parities and per-CTA epochs are reused), fp32 calls between bf16
 // ones, and replays of a CUDA graph. Skips without two GPUs that can access each other's memory.
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <cstring>
 #include <iterator>
 #include <memory>
 #include <random>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/p2p_reduce.h"
@@ -129,6 +129,13 @@ class CudaP2pReduce : public ::testing::Test {
     }
   }
 
+  // Rank r's peers with the LL protocol on (as allocated) or off (every call takes the flag protocol).
+  cuda::P2pPeers peers_of(int r, bool ll) const {
+    cuda::P2pPeers p = peers_[size_t(r)];
+    if (!ll) p.ll_max_blocks = 0;
+    return p;
+  }
+
   static constexpr int64_t kCapacity = 524288;
   int ranks_ = 0;
   std::vector<cuda::P2pRankBuffers> bufs_;
@@ -137,56 +144,65 @@ class CudaP2pReduce : public ::testing::Test {
   std::mt19937 rng_{17};
 };
 
+// Both protocols on the same sizes. The LL protocol takes every call of up to 256 KB by default.
 TEST_F(CudaP2pReduce, MatchesReferenceBitExact) {
-  for (int64_t n : {int64_t(1), int64_t(7), int64_t(4096), int64_t(65536 + 3), kCapacity}) {
-    std::vector<std::vector<uint16_t>> in;
-    std::vector<std::unique_ptr<DeviceBuffer>> x, out;
-    for (int r = 0; r < ranks_; ++r) {
-      in.push_back(random_bf16(n));
-      x.push_back(std::make_unique<DeviceBuffer>(r, n));
-      out.push_back(std::make_unique<DeviceBuffer>(r, n));
-      upload(r, x.back()->p, in.back());
-      SPEAR_CUDA_CHECK(cudaMemset(out.back()->p, 0xff, size_t(n) * 2));  // poison: every element must be written
+  EXPECT_TRUE(cuda::p2p_allreduce_uses_ll(4096, 2, peers_[0]));
+  EXPECT_TRUE(cuda::p2p_allreduce_uses_ll(131072, 2, peers_[0]));
+  EXPECT_FALSE(cuda::p2p_allreduce_uses_ll(131073, 2, peers_[0]));
+  EXPECT_FALSE(cuda::p2p_allreduce_uses_ll(4096, 2, peers_of(0, false)));
+  for (bool ll : {true, false})
+    for (int64_t n : {int64_t(1), int64_t(7), int64_t(4096), int64_t(65536 + 3), int64_t(131072), kCapacity}) {
+      std::vector<std::vector<uint16_t>> in;
+      std::vector<std::unique_ptr<DeviceBuffer>> x, out;
+      for (int r = 0; r < ranks_; ++r) {
+        in.push_back(random_bf16(n));
+        x.push_back(std::make_unique<DeviceBuffer>(r, n));
+        out.push_back(std::make_unique<DeviceBuffer>(r, n));
+        upload(r, x.back()->p, in.back());
+        SPEAR_CUDA_CHECK(cudaMemset(out.back()->p, 0xff, size_t(n) * 2));  // poison: every element must be written
+      }
+      sync_devices();
+      for (int r = 0; r < ranks_; ++r) {
+        SPEAR_CUDA_CHECK(cudaSetDevice(r));
+        cuda::p2p_allreduce_bf16(x[size_t(r)]->p, out[size_t(r)]->p, n, peers_of(r, ll), r, streams_[size_t(r)]);
+      }
+      sync_all();
+      std::vector<const bf16*> outs;
+      for (auto& o : out) outs.push_back(o->p);
+      expect_reduced(in, outs, n, ll ? "single call (LL where it fits)" : "single call (flag protocol)");
     }
-    sync_devices();
-    for (int r = 0; r < ranks_; ++r) {
-      SPEAR_CUDA_CHECK(cudaSetDevice(r));
-      cuda::p2p_allreduce_bf16(x[size_t(r)]->p, out[size_t(r)]->p, n, peers_[size_t(r)], r, streams_[size_t(r)]);
-    }
-    sync_all();
-    std::vector<const bf16*> outs;
-    for (auto& o : out) outs.push_back(o->p);
-    expect_reduced(in, outs, n, "single call");
-  }
 }
 
 TEST_F(CudaP2pReduce, UnalignedAndInPlace) {
   // Misaligned input and output (element-wise path), then in place (out == x), on a size with a partial vector.
   const int64_t n = 4096 + 4101;
-  for (int mode = 0; mode < 2; ++mode) {
+  for (int mode = 0; mode < 4; ++mode) {  // 0, 1: LL; 2, 3: the flag protocol
+    const bool ll = mode < 2, misaligned = mode % 2 == 0;
     std::vector<std::vector<uint16_t>> in;
     std::vector<std::unique_ptr<DeviceBuffer>> buf;
     std::vector<const bf16*> outs;
     for (int r = 0; r < ranks_; ++r) {
       in.push_back(random_bf16(n));
       buf.push_back(std::make_unique<DeviceBuffer>(r, 2 * n + 16));
-      upload(r, buf.back()->p + (mode == 0 ? 1 : 0), in.back());
+      upload(r, buf.back()->p + (misaligned ? 1 : 0), in.back());
     }
     sync_devices();
     for (int r = 0; r < ranks_; ++r) {
       SPEAR_CUDA_CHECK(cudaSetDevice(r));
-      bf16* x = buf[size_t(r)]->p + (mode == 0 ? 1 : 0);
-      bf16* out = mode == 0 ? buf[size_t(r)]->p + n + 11 : x;
-      cuda::p2p_allreduce_bf16(x, out, n, peers_[size_t(r)], r, streams_[size_t(r)]);
+      bf16* x = buf[size_t(r)]->p + (misaligned ? 1 : 0);
+      bf16* out = misaligned ? buf[size_t(r)]->p + n + 11 : x;
+      cuda::p2p_allreduce_bf16(x, out, n, peers_of(r, ll), r, streams_[size_t(r)]);
       outs.push_back(out);
     }
     sync_all();
-    expect_reduced(in, outs, n, mode == 0 ? "misaligned" : "in place");
+    expect_reduced(
+        in, outs, n,
+        misaligned ? (ll ? "misaligned, LL" : "misaligned, flags") : (ll ? "in place, LL" : "in place, flags"));
   }
 }
 
 // Sizes of the back-to-back calls: varying n changes the number of CTAs (so the per-CTA epochs diverge from the
-// call count) and the partial last vector.
+// call count) and the partial last vector; 524288 takes the flag protocol, the others LL, so the two interleave.
 constexpr int64_t kMixedSizes[] = {65536 + 3, 4096, 524288, 1, 20000, 65536 + 3, 8192 + 5};
 
 TEST_F(CudaP2pReduce, BackToBackCallsReuseStaging) {

@@ -28,6 +28,7 @@
 #             random ECs on SERVE_DENSITIES (default 0.38) of the linears; CHUNKS (default "512 256 128 64")
 #             or, per density, CHUNKS_0_15 etc. name the fixed chunks to run beside the SLO ones
 #   allreduce bench_allreduce (issue 8): the P2P dual-write reduction vs NCCL all-reduce at 8 KB - 1 MB, same run
+#   racecheck compute-sanitizer racecheck and memcheck on the P2P and fused-tail tests (RACECHECK_FILTER)
 #   tpcheck   issue 8 on the reference model, its RTN W4 package and the staged SPEAR package: perplexity and
 #             greedy text at --tp 1 and --tp 2 (needs 2 GPUs)
 #   tp:LIKE   issue 8 on a LIKE-shaped random W4 model: greedy ids at --tp 1 vs 2, then bench decode at batch 1
@@ -65,6 +66,13 @@ for stage in "$@"; do
       timeout ${MEMCHECK_S:-150} compute-sanitizer --tool memcheck --leak-check no "$BIN/test_cuda_ops" \
         --gtest_filter="${MEMCHECK_FILTER:--*Perplexity*:*Large*:*Rotating*:*DecodeMatchesCpu*}" > "$R/memcheck.log" 2>&1
       echo "memcheck exit $?"; grep -E "ERROR SUMMARY|PASSED|FAILED" "$R/memcheck.log" | tail -5 ;;
+    racecheck)
+      t "compute-sanitizer racecheck and memcheck: the P2P reduction and the fused tail (staging reuse across calls)"
+      for tool in racecheck memcheck; do
+        timeout ${RACECHECK_S:-150} compute-sanitizer --tool $tool "$BIN/test_cuda_ops" \
+          --gtest_filter="${RACECHECK_FILTER:-CudaP2pReduce.*:CudaTpTail.*:CudaTp.*}" > "$R/$tool-tp.log" 2>&1
+        echo "$tool exit $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" "$R/$tool-tp.log" | tail -5
+      done ;;
     gemm)
       t "bench_w4_gemm"
       "$BIN/bench_w4_gemm" --out "$R/w4_gemm.json" 2>&1 | tee "$R/w4_gemm.log" | tail -80 ;;
@@ -166,6 +174,11 @@ for stage in "$@"; do
       "$BIN/spear" make-model --like "$like" --random --tokenizer models/ref-llama-23m --out "/tmp/t-$like" \
         --quantize-out "/tmp/t-$like-w4" 2>&1 | tail -1
       rm -rf "/tmp/t-$like"
+      for tp in 1 2; do  # logits: a sharding bug moves a random model's NLL by ~1e-2, bf16 noise by ~1e-4
+        timeout 180 "$BIN/spear" ppl --model "/tmp/t-$like-w4" --data ../shared/data/test.txt --max-windows 8 \
+          --device cuda --tp $tp --json | tee -a "$R/tp_ppl-$like.jsonl" | python3 -c \
+          "import json,sys; d=json.load(sys.stdin); print('tp', d['tp'], 'mean_nll %.6f' % d['mean_nll'])"
+      done
       for tp in 1 2; do
         timeout 180 "$BIN/spear" generate --model "/tmp/t-$like-w4" --device cuda --tp $tp --prompt "The meaning of life is" \
           -n 32 --json | tee -a "$R/tp_gen-$like.jsonl" | python3 -c "import json,sys; d=json.load(sys.stdin); print(d['tp'], d['output_ids'][:16])"

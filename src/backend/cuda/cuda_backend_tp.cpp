@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <random>
@@ -45,7 +46,7 @@ struct P2pRecord {
   int64_t capacity = 0;
   uint64_t bytes = 0;
   uint64_t base = 0;  // the allocation's address in its own process
-  uint64_t staging_off = 0, flags_off = 0, epoch_off = 0;
+  uint64_t staging_off = 0, flags_off = 0, epoch_off = 0, ll_staging_off = 0;
   char host[64] = {};
   char bus_id[32] = {};  // PCI bus id of the GPU: the same physical GPU whatever the ordinals
   cudaIpcMemHandle_t handle = {};
@@ -146,6 +147,7 @@ void CudaBackend::setup_p2p() {
       mine.staging_off = uint64_t(reinterpret_cast<char*>(p2p_bufs_.staging) - base);
       mine.flags_off = uint64_t(reinterpret_cast<char*>(p2p_bufs_.flags) - base);
       mine.epoch_off = uint64_t(reinterpret_cast<char*>(p2p_bufs_.epoch) - base);
+      mine.ll_staging_off = uint64_t(reinterpret_cast<char*>(p2p_bufs_.ll_staging) - base);
       if (tail) {
         tail_bufs_ = tp_tail_alloc_rank_buffers(device_, ranks, tail_max_h_, kTpTailMaxRank, kTpTailMaxRows);
         auto* tb = static_cast<unsigned char*>(tail_bufs_.base);
@@ -188,12 +190,13 @@ void CudaBackend::setup_p2p() {
       if (q == rank) {
         peers.staging[q] = p2p_bufs_.staging;
         peers.flags[q] = p2p_bufs_.flags;
+        peers.ll_staging[q] = p2p_bufs_.ll_staging;
         tail_peers.staging[q] = tail_bufs_.staging;
         tail_peers.flags[q] = tail_bufs_.flags;
         continue;
       }
       if (r.capacity != mine.capacity || r.bytes != mine.bytes || r.staging_off != mine.staging_off ||
-          r.flags_off != mine.flags_off || r.epoch_off != mine.epoch_off)
+          r.flags_off != mine.flags_off || r.epoch_off != mine.epoch_off || r.ll_staging_off != mine.ll_staging_off)
         fail("rank {}'s buffers (capacity {}, {} bytes) differ from rank {}'s (capacity {}, {} bytes)", q, r.capacity,
              r.bytes, rank, mine.capacity, mine.bytes);
       // The fused tail's stores land at the offsets this rank computes: the geometry must agree (SPEAR_TP_TAIL_MAX_H
@@ -244,6 +247,7 @@ void CudaBackend::setup_p2p() {
       }
       peers.staging[q] = reinterpret_cast<__nv_bfloat16*>(base + r.staging_off);
       peers.flags[q] = reinterpret_cast<uint32_t*>(base + r.flags_off);
+      peers.ll_staging[q] = reinterpret_cast<unsigned char*>(base + r.ll_staging_off);
       if (r.tail_bytes) {
         tail_peers.staging[q] = tail_base + r.tail_staging_off;
         tail_peers.flags[q] = reinterpret_cast<uint32_t*>(tail_base + r.tail_flags_off);
@@ -276,6 +280,10 @@ void CudaBackend::setup_p2p() {
   peers.ranks = ranks;
   peers.capacity = p2p_bufs_.capacity;
   peers.max_blocks = p2p_bufs_.max_blocks;
+  peers.ll_epoch = p2p_bufs_.ll_epoch;
+  // SPEAR_P2P_LL=0 (alike on every rank) sends every call through the flag protocol, for A/B runs.
+  const char* ll_env = std::getenv("SPEAR_P2P_LL");
+  peers.ll_max_blocks = ll_env && ll_env[0] == '0' ? 0 : kP2pLlMaxBlocks;
   peers.timeout_ns = p2p_timeout_ns_;
   p2p_peers_ = peers;
   p2p_ = true;
@@ -460,8 +468,8 @@ void CudaBackend::all_gather_cols(const Tensor& part, Tensor& full) {
   const size_t es = dtype_size(part.dtype), w = size_t(part.cols) * es;
   for (int r = 0; r < R; ++r)
     SPEAR_CUDA_CHECK(cudaMemcpy2DAsync(static_cast<char*>(full.data) + size_t(r) * w, size_t(full.cols) * es,
-                                       static_cast<const char*>(tmp.data) + size_t(r) * size_t(part.numel()) * es, w,
-                                       w, size_t(part.rows), cudaMemcpyDeviceToDevice, stream_));
+                                       static_cast<const char*>(tmp.data) + size_t(r) * size_t(part.numel()) * es, w, w,
+                                       size_t(part.rows), cudaMemcpyDeviceToDevice, stream_));
 }
 
 }  // namespace spear::cuda

@@ -32,13 +32,25 @@
 // launch latency hides behind the previous kernel of the stream. pdl_enter() is its first statement: no memory is
 // touched before the previous kernel (e.g. the previous all-reduce) has completed, so "kernel i + 1 runs after
 // kernel i" above still holds.
-#include "backend/cuda/p2p_reduce.h"
-
+//
+// The LL protocol (p2p_ll_kernel, below) keeps the fixed slices, the per-CTA epochs in device memory and the two
+// parities, in its own staging and epoch counters; what replaces the flags is the epoch inside every line. CTA b of
+// rank r at epoch e writes line l of its slice to every peer q as {d0, e, d1, e} (d0, d1: 8 payload bytes) and polls
+// line l of its own staging area of each source q until both epoch words read e, then sums in rank order:
+//   * no fence and no flag round trip: a line is usable the moment it lands (NVLink delivers each aligned 8-byte
+//     half whole, so a half whose epoch word reads e carries this call's data word);
+//   * a CTA writes every line of its slice on every call, zeros past n: so a line of area (p, q, b) holds either
+//     this call's epoch or that of the call two before (e - 2, never equal to e, even across 2^32 wrap-around), and
+//     never a value from a call that wrote fewer lines;
+//   * reuse is safe by the argument above: before r's CTA b at e + 2 rewrites q's area (p, r, b), r's CTA b at e + 1
+//     read at least one line q's CTA b wrote at e + 1, in a kernel q started after its kernel of epoch e (which
+//     read that area) had finished.
 #include <algorithm>
 #include <cstdio>
 #include <type_traits>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/p2p_reduce.h"
 #include "backend/cuda/pdl.cuh"
 #include "backend/cuda/peer_sync.cuh"
 #include "core/dtype.h"
@@ -66,8 +78,16 @@ constexpr int64_t kSliceElems = kSliceBytes / int64_t(sizeof(T));
 
 using peer::globaltimer_ns;
 using peer::ld_acquire_sys;
+using peer::ld_volatile_v4;
 using peer::st_release_sys;
 using peer::st_v4;
+using peer::st_volatile_v4;
+
+// LL geometry: a line is 16 bytes (8 payload), a CTA's slice 2 · kP2pLlSliceBytes bytes of lines.
+constexpr int kLlLineBytes = 16;
+constexpr int64_t kLlCtaBytes = 2 * kP2pLlSliceBytes;
+constexpr int kLlLinesPerThread = int(kP2pLlSliceBytes / 8 / kThreads);
+static_assert(kLlLinesPerThread * kThreads * 8 == kP2pLlSliceBytes, "whole lines of every thread per LL slice");
 
 // The bits of one element, for the element-wise (unaligned or partial) accesses.
 template <typename T>
@@ -203,6 +223,114 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) p.epoch[b] = e;
 }
 
+// The 8 payload bytes of line i0 (elements [i0, i0 + 8 / sizeof(T)) of v, zeros past n) as two words.
+template <typename T>
+__device__ __forceinline__ uint2 load_payload(const T* v, int64_t i0, int64_t n, bool aligned8) {
+  constexpr int kN = int(8 / sizeof(T));
+  if (aligned8 && i0 + kN <= n) return *reinterpret_cast<const uint2*>(v + i0);
+  uint2 w = make_uint2(0, 0);
+  Bits<T>* h = reinterpret_cast<Bits<T>*>(&w);
+  const Bits<T>* src = reinterpret_cast<const Bits<T>*>(v);
+#pragma unroll
+  for (int k = 0; k < kN; ++k)
+    if (i0 + k < n) h[k] = src[i0 + k];
+  return w;
+}
+
+template <typename T>
+__device__ __forceinline__ void add_payload(float (&acc)[8 / sizeof(T)], uint2 w) {
+  if constexpr (sizeof(T) == 2) {
+    const bf162* h = reinterpret_cast<const bf162*>(&w);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const float2 f = __bfloat1622float2(h[j]);
+      acc[2 * j] += f.x;
+      acc[2 * j + 1] += f.y;
+    }
+  } else {
+    acc[0] += __uint_as_float(w.x);
+    acc[1] += __uint_as_float(w.y);
+  }
+}
+
+// The LL protocol (see the top of the file): thread t of CTA b handles lines t, t + kThreads, ... of slice b.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    p2p_ll_kernel(const T* x, T* out, int64_t n, P2pPeers p, int rank, bool x_aligned8, bool out_aligned8) {
+  pdl_enter();
+  constexpr int kN = int(8 / sizeof(T));  // elements per line
+  const int b = blockIdx.x;
+  const int ranks = p.ranks;
+  __shared__ uint32_t s_epoch;
+  if (threadIdx.x == 0) s_epoch = p.ll_epoch[b] + 1;
+  __syncthreads();  // every thread reads the epoch before thread 0 may store the new one
+  const uint32_t e = s_epoch;
+  const int parity = int(e & 1u);
+  const int64_t slice = int64_t(b) * (kP2pLlSliceBytes / int64_t(sizeof(T)));
+  auto area = [&](int dst, int src) {
+    return p.ll_staging[dst] + ((int64_t(parity) * ranks + src) * p.ll_max_blocks + b) * kLlCtaBytes;
+  };
+
+  // 1. Every line of the slice to every peer, zeros past n (see the top of the file for why all of them).
+  uint2 mine[kLlLinesPerThread];
+#pragma unroll
+  for (int j = 0; j < kLlLinesPerThread; ++j) {
+    const int line = j * kThreads + threadIdx.x;
+    mine[j] = load_payload(x, slice + int64_t(line) * kN, n, x_aligned8);
+    const uint4 v = make_uint4(mine[j].x, e, mine[j].y, e);
+    for (int q = 0; q < ranks; ++q)
+      if (q != rank) st_volatile_v4(area(q, rank) + int64_t(line) * kLlLineBytes, v);
+  }
+
+  // 2. Each source's lines (those in range) once both epoch words read e, summed in rank order.
+  const uint64_t t0 = p.timeout_ns ? globaltimer_ns() : 0;
+#pragma unroll
+  for (int j = 0; j < kLlLinesPerThread; ++j) {
+    const int line = j * kThreads + threadIdx.x;
+    const int64_t i0 = slice + int64_t(line) * kN;
+    if (i0 >= n) continue;
+    float acc[kN];
+#pragma unroll
+    for (int k = 0; k < kN; ++k) acc[k] = 0.f;
+    for (int src = 0; src < ranks; ++src) {
+      uint2 w = mine[j];
+      if (src != rank) {
+        const unsigned char* at = area(rank, src) + int64_t(line) * kLlLineBytes;
+        uint4 v = ld_volatile_v4(at);
+        uint32_t spins = 0;
+        while (v.y != e || v.w != e) {
+          if (p.timeout_ns && (++spins & 1023u) == 0 && globaltimer_ns() - t0 > p.timeout_ns) {
+            printf("p2p all-reduce (LL): rank %d CTA %d line %d timed out waiting for rank %d (epoch %u, read %u %u)\n",
+                   rank, b, line, src, e, v.y, v.w);
+            __trap();
+          }
+          v = ld_volatile_v4(at);
+        }
+        w = make_uint2(v.x, v.z);
+      }
+      add_payload<T>(acc, w);
+    }
+    if constexpr (sizeof(T) == 2) {
+      const bf162 o0 = __floats2bfloat162_rn(acc[0], acc[1]), o1 = __floats2bfloat162_rn(acc[2], acc[3]);
+      uint2 o;
+      o.x = *reinterpret_cast<const uint32_t*>(&o0);
+      o.y = *reinterpret_cast<const uint32_t*>(&o1);
+      if (out_aligned8 && i0 + kN <= n) {
+        *reinterpret_cast<uint2*>(out + i0) = o;
+      } else {
+        const Bits<T>* h = reinterpret_cast<const Bits<T>*>(&o);
+#pragma unroll
+        for (int k = 0; k < kN; ++k)
+          if (i0 + k < n) reinterpret_cast<Bits<T>*>(out)[i0 + k] = h[k];
+      }
+    } else {
+      out[i0] = acc[0];
+      if (i0 + 1 < n) out[i0 + 1] = acc[1];
+    }
+  }
+  if (threadIdx.x == 0) p.ll_epoch[b] = e;
+}
+
 size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
 // Sets the current device for the scope and restores the previous one.
@@ -233,7 +361,9 @@ P2pRankBuffers p2p_alloc_rank_buffers(int device, int ranks, int64_t capacity) {
   const size_t staging_bytes = align_up(size_t(2) * ranks * size_t(b.capacity) * sizeof(bf16), 256);
   const size_t flags_bytes = align_up(size_t(2) * ranks * size_t(b.max_blocks) * sizeof(uint32_t), 256);
   const size_t epoch_bytes = align_up(size_t(b.max_blocks) * sizeof(uint32_t), 256);
-  b.bytes = staging_bytes + flags_bytes + epoch_bytes;
+  const size_t ll_staging_bytes = size_t(2) * ranks * kP2pLlMaxBlocks * size_t(kLlCtaBytes);
+  const size_t ll_epoch_bytes = align_up(size_t(kP2pLlMaxBlocks) * sizeof(uint32_t), 256);
+  b.bytes = staging_bytes + flags_bytes + epoch_bytes + ll_staging_bytes + ll_epoch_bytes;
   DeviceScope scope(device);
   SPEAR_CUDA_CHECK(cudaMalloc(&b.base, b.bytes));
   // Synchronous, and complete before any stream (blocking or not) can launch the kernel on these buffers.
@@ -243,6 +373,8 @@ P2pRankBuffers p2p_alloc_rank_buffers(int device, int ranks, int64_t capacity) {
   b.staging = reinterpret_cast<bf16*>(base);
   b.flags = reinterpret_cast<uint32_t*>(base + staging_bytes);
   b.epoch = reinterpret_cast<uint32_t*>(base + staging_bytes + flags_bytes);
+  b.ll_staging = reinterpret_cast<unsigned char*>(base + staging_bytes + flags_bytes + epoch_bytes);
+  b.ll_epoch = reinterpret_cast<uint32_t*>(b.ll_staging + ll_staging_bytes);
   return b;
 }
 
@@ -270,8 +402,11 @@ P2pPeers p2p_peers_in_process(const std::vector<P2pRankBuffers>& all, int rank) 
                 q, b.ranks, b.capacity, all[0].ranks, p.capacity);
     p.staging[q] = b.staging;
     p.flags[q] = b.flags;
+    p.ll_staging[q] = b.ll_staging;
   }
   p.epoch = all[size_t(rank)].epoch;
+  p.ll_epoch = all[size_t(rank)].ll_epoch;
+  p.ll_max_blocks = kP2pLlMaxBlocks;
   return p;
 }
 
@@ -310,6 +445,11 @@ int64_t p2p_max_elems(const P2pPeers& peers, size_t elem_bytes) {
   return peers.capacity * int64_t(sizeof(bf16)) / int64_t(elem_bytes);
 }
 
+bool p2p_allreduce_uses_ll(int64_t n, size_t elem_bytes, const P2pPeers& peers) {
+  return peers.ll_max_blocks > 0 && peers.ll_epoch && n > 0 &&
+         n * int64_t(elem_bytes) <= int64_t(peers.ll_max_blocks) * kP2pLlSliceBytes;
+}
+
 int p2p_allreduce_blocks(int64_t n, const P2pPeers& peers) {
   if (n <= 0) return 0;
   return int(std::min<int64_t>(peers.max_blocks, (n + kP2pBlockElems - 1) / kP2pBlockElems));
@@ -335,6 +475,18 @@ void p2p_allreduce(const T* x, T* out, int64_t n, const P2pPeers& peers, int ran
   if (n == 0) return;  // every rank skips alike: the epochs stay in step
   SPEAR_CHECK(x && out, "p2p all-reduce: null input or output");
   const int blocks = int(std::min<int64_t>(peers.max_blocks, (n + kSliceElems<T> - 1) / kSliceElems<T>));
+  if (p2p_allreduce_uses_ll(n, sizeof(T), peers)) {
+    SPEAR_CHECK(peers.ll_max_blocks <= kP2pLlMaxBlocks, "p2p all-reduce: {} LL CTAs (at most {})", peers.ll_max_blocks,
+                kP2pLlMaxBlocks);
+    for (int q = 0; q < peers.ranks; ++q)
+      SPEAR_CHECK(peers.ll_staging[q], "p2p all-reduce: rank {}'s LL staging missing", q);
+    const int64_t per_cta = kP2pLlSliceBytes / int64_t(sizeof(T));
+    const int blocks = int((n + per_cta - 1) / per_cta);
+    auto aligned8 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 8 == 0; };
+    launch_kernel(p2p_ll_kernel<T>, blocks, kThreads, 0, stream, x, out, n, peers, rank, aligned8(x), aligned8(out));
+    SPEAR_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   launch_kernel(p2p_allreduce_kernel<T>, blocks, kThreads, 0, stream, x, out, n, peers, rank, aligned(x), aligned(out));
   SPEAR_CUDA_CHECK(cudaGetLastError());

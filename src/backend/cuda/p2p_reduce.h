@@ -4,13 +4,21 @@
 // parallelism). Each rank pushes its input into every peer's staging area with remote stores, raises one flag per
 // peer, waits for the peers' flags and sums the R contributions locally: one flag round trip, no ring steps.
 //
+// Two protocols, chosen per call by size (p2p_allreduce_uses_ll):
+//   - low-latency (LL), for vectors of up to kP2pLlMaxBlocks · kP2pLlSliceBytes bytes: every 16-byte store carries
+//     8 payload bytes and the call's epoch twice ({data, epoch, data, epoch}); the receiver polls the lines
+//     themselves, so no flag is written after the data and no system-scope release fence waits for the data to
+//     land. Twice the bytes on NVLink, one NVLink latency less (the idea of NCCL's LL protocol);
+//   - flags, for larger vectors: plain 16-byte stores of the data, then one released flag per CTA and peer.
+// Each protocol has its own staging and epoch counters, so calls of both may follow each other in any order.
+//
 // The kernel sees only raw pointers (peer pointers valid on this device): buffers shared by peer access inside
 // one process, or by CUDA IPC handles across processes (CudaBackend::set_process_group sets up both).
-#include <cstdint>
-#include <vector>
-
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
 
 namespace spear::cuda {
 
@@ -19,11 +27,16 @@ constexpr int kP2pMaxRanks = 8;
 // a staging region always has the same reader and writer CTA (see p2p_reduce.cu for why that matters). An fp32
 // call's CTA b takes kP2pBlockElems / 2 elements: the same bytes of the staging.
 constexpr int64_t kP2pBlockElems = 4096;
+// LL protocol: payload bytes of one CTA's slice (in 2 · kP2pLlSliceBytes of staging lines), and CTAs at most.
+constexpr int64_t kP2pLlSliceBytes = 4096;
+constexpr int kP2pLlMaxBlocks = 64;
 
 // One rank's exchange buffers, in its own device memory, one allocation (one IPC handle), zeroed:
 //   staging [2 parities][ranks sources][capacity] bf16   what the peers pushed to this rank;
 //   flags   [2 parities][ranks sources][max_blocks] u32  source q's slice b of epoch e has landed here;
-//   epoch   [max_blocks] u32                             calls completed by each CTA of this rank.
+//   epoch   [max_blocks] u32                             calls completed by each CTA of this rank;
+//   ll_staging [2 parities][ranks sources][kP2pLlMaxBlocks][2 · kP2pLlSliceBytes]  the LL protocol's lines;
+//   ll_epoch   [kP2pLlMaxBlocks] u32                                                its calls per CTA.
 struct P2pRankBuffers {
   int device = -1;
   int ranks = 0;
@@ -34,6 +47,8 @@ struct P2pRankBuffers {
   __nv_bfloat16* staging = nullptr;
   uint32_t* flags = nullptr;
   uint32_t* epoch = nullptr;
+  unsigned char* ll_staging = nullptr;
+  uint32_t* ll_epoch = nullptr;
 };
 
 // Allocates and zeroes one rank's buffers on `device` for vectors of up to `capacity` elements (rounded up to a
@@ -51,6 +66,11 @@ struct P2pPeers {
   int ranks = 0;
   int64_t capacity = 0;
   int max_blocks = 0;
+  // The LL protocol's lines of every rank, this rank's LL epochs, and its CTAs at most: 0 turns LL off (every call
+  // takes the flag protocol; all ranks must agree), e.g. for A/B runs.
+  unsigned char* ll_staging[kP2pMaxRanks] = {};
+  uint32_t* ll_epoch = nullptr;
+  int ll_max_blocks = 0;
   // A CTA that waits longer than this for a peer's flag prints which peer it waits for and traps (the launch
   // fails with an error instead of hanging the process forever); 0 waits forever, as NCCL does.
   uint64_t timeout_ns = 0;
@@ -74,6 +94,9 @@ bool p2p_enable_peer_access(const std::vector<int>& devices);
 // The longest vector of elem_bytes-sized elements one call takes: peers.capacity for bf16, half of it for fp32
 // (the capacity counts bf16 elements; an fp32 call uses the same staging bytes).
 int64_t p2p_max_elems(const P2pPeers& peers, size_t elem_bytes);
+
+// Whether a call of n elements of elem_bytes takes the LL protocol (it fits peers.ll_max_blocks LL slices).
+bool p2p_allreduce_uses_ll(int64_t n, size_t elem_bytes, const P2pPeers& peers);
 
 // CTAs of one bf16 call: ceil(n / kP2pBlockElems), at most peers.max_blocks; the same on every rank for the same n.
 int p2p_allreduce_blocks(int64_t n, const P2pPeers& peers);
