@@ -55,7 +55,7 @@ struct P2pRecord {
   // ipc_ok like the one above, with the geometry TpTailPeers needs.
   uint64_t tail_bytes = 0;
   uint64_t tail_base = 0;
-  uint64_t tail_staging_off = 0, tail_flags_off = 0;
+  uint64_t tail_staging_off = 0;
   int64_t tail_slot_bytes = 0, tail_z_offset = 0;
   int32_t tail_max_rows = 0, tail_max_h = 0, tail_max_rank = 0;
   cudaIpcMemHandle_t tail_handle = {};
@@ -154,7 +154,6 @@ void CudaBackend::setup_p2p() {
         mine.tail_bytes = tail_bufs_.bytes;
         mine.tail_base = reinterpret_cast<uintptr_t>(tb);
         mine.tail_staging_off = uint64_t(tail_bufs_.staging - tb);
-        mine.tail_flags_off = uint64_t(reinterpret_cast<unsigned char*>(tail_bufs_.flags) - tb);
         mine.tail_slot_bytes = tail_bufs_.slot_bytes;
         mine.tail_z_offset = tail_bufs_.z_offset;
         mine.tail_max_rows = tail_bufs_.max_rows;
@@ -192,7 +191,6 @@ void CudaBackend::setup_p2p() {
         peers.flags[q] = p2p_bufs_.flags;
         peers.ll_staging[q] = p2p_bufs_.ll_staging;
         tail_peers.staging[q] = tail_bufs_.staging;
-        tail_peers.flags[q] = tail_bufs_.flags;
         continue;
       }
       if (r.capacity != mine.capacity || r.bytes != mine.bytes || r.staging_off != mine.staging_off ||
@@ -202,9 +200,9 @@ void CudaBackend::setup_p2p() {
       // The fused tail's stores land at the offsets this rank computes: the geometry must agree (SPEAR_TP_TAIL_MAX_H
       // alike on every rank, and the tail set up on all or none).
       if (r.tail_bytes != mine.tail_bytes || r.tail_staging_off != mine.tail_staging_off ||
-          r.tail_flags_off != mine.tail_flags_off || r.tail_slot_bytes != mine.tail_slot_bytes ||
-          r.tail_z_offset != mine.tail_z_offset || r.tail_max_rows != mine.tail_max_rows ||
-          r.tail_max_h != mine.tail_max_h || r.tail_max_rank != mine.tail_max_rank)
+          r.tail_slot_bytes != mine.tail_slot_bytes || r.tail_z_offset != mine.tail_z_offset ||
+          r.tail_max_rows != mine.tail_max_rows || r.tail_max_h != mine.tail_max_h ||
+          r.tail_max_rank != mine.tail_max_rank)
         fail("rank {}'s fused tail buffers ({} bytes, H {}) differ from rank {}'s ({} bytes, H {})", q, r.tail_bytes,
              r.tail_max_h, rank, mine.tail_bytes, mine.tail_max_h);
       if (std::strcmp(r.bus_id, mine.bus_id) == 0) fail("ranks {} and {} share the GPU {}", q, rank, mine.bus_id);
@@ -250,7 +248,6 @@ void CudaBackend::setup_p2p() {
       peers.ll_staging[q] = reinterpret_cast<unsigned char*>(base + r.ll_staging_off);
       if (r.tail_bytes) {
         tail_peers.staging[q] = tail_base + r.tail_staging_off;
-        tail_peers.flags[q] = reinterpret_cast<uint32_t*>(tail_base + r.tail_flags_off);
       }
     } catch (const std::exception& e) {
       why = fmt::format("rank {}: {}", rank, e.what());

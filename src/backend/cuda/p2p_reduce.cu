@@ -365,6 +365,14 @@ P2pRankBuffers p2p_alloc_rank_buffers(int device, int ranks, int64_t capacity) {
   const size_t ll_epoch_bytes = align_up(size_t(kP2pLlMaxBlocks) * sizeof(uint32_t), 256);
   b.bytes = staging_bytes + flags_bytes + epoch_bytes + ll_staging_bytes + ll_epoch_bytes;
   DeviceScope scope(device);
+  // Load the kernels on this device now. With lazy loading (CUDA's default) a kernel's first launch loads it, which
+  // may synchronize the context: a first launch that waits for a kernel spinning until that very launch runs would
+  // deadlock (CUDA's lazy-loading guide names this case; seen under compute-sanitizer with two GPUs).
+  cudaFuncAttributes attr;
+  SPEAR_CUDA_CHECK(cudaFuncGetAttributes(&attr, p2p_allreduce_kernel<bf16>));
+  SPEAR_CUDA_CHECK(cudaFuncGetAttributes(&attr, p2p_allreduce_kernel<float>));
+  SPEAR_CUDA_CHECK(cudaFuncGetAttributes(&attr, p2p_ll_kernel<bf16>));
+  SPEAR_CUDA_CHECK(cudaFuncGetAttributes(&attr, p2p_ll_kernel<float>));
   SPEAR_CUDA_CHECK(cudaMalloc(&b.base, b.bytes));
   // Synchronous, and complete before any stream (blocking or not) can launch the kernel on these buffers.
   SPEAR_CUDA_CHECK(cudaMemset(b.base, 0, b.bytes));

@@ -3,23 +3,24 @@
 //
 // CTA t of rank r at its e-th call (e = epoch[t] + 1, parity p = e & 1):
 //   1. with an EC, computes z_r[t] = A_r · xs[t] (warp w: coordinates w, w + 8, ...; fp32) or takes it precomputed,
-//      into shared memory and stores it into slot (p, r, t) of every peer; stores y_r[t] (bf16, 16-byte stores) into
-//      the same slots. Its own contribution is not copied: it sums straight from y_part and shared memory;
-//   2. __syncthreads, then one thread per peer q sets q's flags[p][r][t] = e with st.release.sys (cumulative over
-//      the barrier: every thread's stores of step 1 are visible to q before the flag is);
-//   3. the same thread spins with ld.acquire.sys until its own flags[p][q][t] == e, then __syncthreads;
-//   4. sums z and y over q = 0..R-1 in rank order in fp32 (peers' slots read through L2), applies the gate and
-//      B, rounds y once to bf16, adds it into x and normalizes the row (the order of add_rms_norm_kernel);
-//      thread 0 stores epoch[t] = e.
+//      into shared memory; after a barrier stores all of slot (p, r, t)'s z lines (zeros past the EC's rank) into
+//      every peer, and y_r[t]'s lines up to H. A line is p2p_reduce.cu's LL line: {4 payload bytes, e, 4 payload
+//      bytes, e}, 16 bytes in one store. Its own contribution is not copied: it sums straight from y_part and
+//      shared memory;
+//   2. (no flags) reads each peer's lines from its own slot (p, q, t) where it needs them, polling each until both
+//      epoch words read e: z's lines by the threads that sum z, y's lines in the element loop;
+//   3. sums z and y over q = 0..R-1 in rank order in fp32, applies the gate and B, rounds y once to bf16, adds it
+//      into x and normalizes the row (the order of add_rms_norm_kernel); thread 0 stores epoch[t] = e.
 // The epoch lives in device memory, per row CTA, so a captured CUDA graph replays correctly.
 //
-// Why this is p2p_reduce.cu's argument unchanged: a slot (p, q, t) of a rank has exactly one writer (CTA t of
+// Why this is p2p_reduce.cu's LL argument unchanged: a slot (p, q, t) of a rank has exactly one writer (CTA t of
 // rank q) and one reader (CTA t of this rank), because CTA t always owns row t whatever T is, and epoch[t] counts
 // exactly the calls in which CTA t ran, on every rank alike (every rank makes the same calls with the same T). CTA t
 // of rank r at epoch e + 2 rewrites q's slot (p, r, t), which q's CTA t read at epoch e; before it starts, r's CTA t
-// finished epoch e + 1, which waited for q's flag of epoch e + 1, raised by q's CTA t in a kernel that started (in
-// q's stream order) after q's kernel of epoch e finished all its reads. Two parities are needed for the same reason
-// as there: with one, a flag e + 1 could overwrite a flag e that q has not seen yet. Flags compare for equality.
+// finished epoch e + 1, which read lines q's CTA t wrote at epoch e + 1 in a kernel that started (in q's stream
+// order) after q's kernel of epoch e finished all its reads. Every line a CTA reads was written in every call of
+// the writer (all z lines; y's lines up to H, the same H in every call), so a line holds e or e - 2, never a match
+// from an older call; two parities keep a line of e + 1 from overwriting one of e that has not been read yet.
 //
 // Deadlock freedom: a CTA waits only for the same row CTA of the other ranks, never for a CTA of its own grid;
 // at most 64 CTAs of 256 threads per rank, all resident at once (2 per SM by the launch bounds: 264 on an H200),
@@ -59,9 +60,10 @@ constexpr int kChunk = 2048;
 static_assert(kChunk % (8 * kThreads) == 0, "whole rounds of 8-element groups per pass");
 
 using peer::globaltimer_ns;
-using peer::ld_acquire_sys;
-using peer::st_release_sys;
-using peer::st_v4;
+using peer::ld_volatile_v4;
+using peer::st_volatile_v4;
+
+constexpr int kLineBytes = 16;  // an LL line: 8 payload bytes, the epoch twice
 
 // 4-byte asynchronous copy global -> shared (cp.async): the gate's weights travel while the row is exchanged.
 __device__ __forceinline__ void cp_async4(float* dst, const float* src) {
@@ -131,6 +133,23 @@ __device__ __forceinline__ void ec_chunk(const float* __restrict__ B, int r, int
   }
 }
 
+// Polls the LL line at `at` (written by rank `src` for row t) until both epoch words read e; traps after
+// p.timeout_ns (counted from t0) with a message.
+__device__ __forceinline__ uint2 poll_line(const unsigned char* at, uint32_t e, const TpTailPeers& p, int rank, int t,
+                                           int src, uint64_t t0) {
+  uint4 v = ld_volatile_v4(at);
+  uint32_t spins = 0;
+  while (v.y != e || v.w != e) {
+    if (p.timeout_ns && (++spins & 1023u) == 0 && globaltimer_ns() - t0 > p.timeout_ns) {
+      printf("tp tail: rank %d row %d timed out waiting for rank %d (epoch %u, line reads %u %u)\n", rank, t, src, e,
+             v.y, v.w);
+      __trap();
+    }
+    v = ld_volatile_v4(at);
+  }
+  return make_uint2(v.x, v.z);
+}
+
 // Slot (parity, src, row) of a rank's staging.
 __device__ __forceinline__ unsigned char* slot_of(unsigned char* staging, const TpTailPeers& p, int parity, int src,
                                                   int row) {
@@ -191,15 +210,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     asm volatile("cp.async.commit_group;" ::: "memory");
   }
 
-  // 1a. z_rank[t] into shared memory and every peer's slot: given (ec.z), or A_rank · xs[t] (lanes split k, a
-  // fixed shuffle tree sums them: deterministic).
-  auto publish_z = [&](int j, float v) {
-    s_z[j] = v;
-    for (int q = 0; q < R; ++q) {
-      if (q == rank) continue;
-      reinterpret_cast<float*>(slot_of(p.staging[q], p, parity, rank, t) + p.z_offset)[j] = v;
-    }
-  };
+  // 1a. z_rank[t] into shared memory: given (ec.z), or A_rank · xs[t] (lanes split k, a fixed shuffle tree sums
+  // them: deterministic).
+  auto publish_z = [&](int j, float v) { s_z[j] = v; };
   if (r > 0 && ec.z) {
     if (threadIdx.x < r) publish_z(threadIdx.x, ec.z[size_t(t) * r + threadIdx.x]);
   } else if (r > 0) {
@@ -251,56 +264,45 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
+  __syncthreads();  // s_z complete
+  const uint64_t t0 = (R > 1 && p.timeout_ns) ? globaltimer_ns() : 0;
   if (R > 1) {
-    // 1b. Push y_rank[t] to every peer's slot (rank's area for source `rank`).
-    if constexpr (kVec) {
-      for (int g = threadIdx.x; g < H / 8; g += kThreads) {
-        const uint4 v = reinterpret_cast<const uint4*>(yr)[g];
-        for (int q = 0; q < R; ++q) {
-          if (q == rank) continue;
-          st_v4(reinterpret_cast<uint4*>(slot_of(p.staging[q], p, parity, rank, t)) + g, v);
-        }
-      }
-    } else {
-      for (int i = threadIdx.x; i < H; i += kThreads) {
-        const bf16 v = yr[i];
-        for (int q = 0; q < R; ++q) {
-          if (q == rank) continue;
-          reinterpret_cast<bf16*>(slot_of(p.staging[q], p, parity, rank, t))[i] = v;
-        }
-      }
+    // 1b. Every z line (zeros past r) and y's lines up to H, to every peer: 2 coordinates or 4 elements per line.
+    const int z_lines = (p.max_rank + 1) / 2, y_lines = (H + 3) / 4;
+    for (int i = threadIdx.x; i < z_lines; i += kThreads) {
+      const float z0 = 2 * i < r ? s_z[2 * i] : 0.f, z1 = 2 * i + 1 < r ? s_z[2 * i + 1] : 0.f;
+      const uint4 v = make_uint4(__float_as_uint(z0), e, __float_as_uint(z1), e);
+      for (int q = 0; q < R; ++q)
+        if (q != rank) st_volatile_v4(slot_of(p.staging[q], p, parity, rank, t) + p.z_offset + i * kLineBytes, v);
     }
-    __syncthreads();
-
-    // 2-3. Thread q (q != rank) tells peer q that our row has landed, then waits for peer q's row here.
-    const int q = threadIdx.x;
-    if (q < R && q != rank) {
-      const int64_t flag_off = (int64_t(parity) * R + rank) * p.max_rows + t;
-      st_release_sys(p.flags[q] + flag_off, e);
-      const uint32_t* mine_flag = p.flags[rank] + (int64_t(parity) * R + q) * p.max_rows + t;
-      const uint64_t t0 = p.timeout_ns ? globaltimer_ns() : 0;
-      uint32_t spins = 0;
-      while (ld_acquire_sys(mine_flag) != e) {
-        if (p.timeout_ns && (++spins & 1023u) == 0 && globaltimer_ns() - t0 > p.timeout_ns) {
-          printf("tp tail: rank %d row %d timed out waiting for rank %d (epoch %u, flag %u)\n", rank, t, q, e,
-                 ld_acquire_sys(mine_flag));
-          __trap();
-        }
+    for (int l = threadIdx.x; l < y_lines; l += kThreads) {
+      uint2 w;
+      if constexpr (kVec) {  // H % 8 == 0 and y 16-byte aligned: whole, aligned 8-byte groups
+        w = reinterpret_cast<const uint2*>(yr)[l];
+      } else {
+        unsigned short h[4];
+        for (int k = 0; k < 4; ++k) h[k] = 4 * l + k < H ? reinterpret_cast<const unsigned short*>(yr)[4 * l + k] : 0;
+        w = make_uint2(h[0] | (uint32_t(h[1]) << 16), h[2] | (uint32_t(h[3]) << 16));
       }
+      const uint4 v = make_uint4(w.x, e, w.y, e);
+      for (int q = 0; q < R; ++q)
+        if (q != rank) st_volatile_v4(slot_of(p.staging[q], p, parity, rank, t) + l * kLineBytes, v);
     }
   }
-  __syncthreads();  // extends the acquire to every thread of the CTA (and publishes s_z with one rank)
 
   // 4a. z = Σ_q z_q in rank order (the same operands on every rank, hence the same z, gate and correction).
   if (r > 0) {
+    if (R > 1) __syncthreads();  // 1b's readers of s_z are done before the sums overwrite it
     if (R > 1 && threadIdx.x < r) {
       const int j = threadIdx.x;
       float z = 0.f;
       for (int src = 0; src < R; ++src) {
-        const float v =
-            src == rank
-                ? s_z[j]
-                : __ldcg(reinterpret_cast<const float*>(slot_of(p.staging[rank], p, parity, src, t) + p.z_offset) + j);
+        float v = s_z[j];
+        if (src != rank) {
+          const uint2 w = poll_line(slot_of(p.staging[rank], p, parity, src, t) + p.z_offset + (j / 2) * kLineBytes, e,
+                                    p, rank, t, src, t0);
+          v = __uint_as_float(j % 2 == 0 ? w.x : w.y);
+        }
         z = src == 0 ? v : z + v;
       }
       s_z[j] = z;  // this thread alone reads and writes s_z[j]
@@ -328,8 +330,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   // 4b. y = Σ_q y_q (rank order) + B·(g ⊙ z), rounded once to bf16; x += y; sum of squares of the new x. In
   // passes of kChunk elements: B·(g ⊙ z) of the pass first (coalesced, into s_d), then the element loop.
-  const bf16* local = R > 1 ? reinterpret_cast<const bf16*>(slot_of(p.staging[rank], p, parity, 0, t)) : nullptr;
-  const int64_t src_stride = int64_t(p.max_rows) * p.slot_bytes / int64_t(sizeof(bf16));  // between sources
+  // Source q's y lines of this row in this rank's staging: line l holds elements 4l .. 4l + 3.
+  auto y_line = [&](int src, int l) {
+    return poll_line(slot_of(p.staging[rank], p, parity, src, t) + int64_t(l) * kLineBytes, e, p, rank, t, src, t0);
+  };
   bf16* xr = x + size_t(t) * H;
   float zg[4] = {0.f, 0.f, 0.f, 0.f};  // this lane's 4 columns of g ⊙ z for ec_chunk
   if (r > 0) {
@@ -349,8 +353,13 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int g = n0 / 8 + threadIdx.x; g < (n0 + count) / 8; g += kThreads) {
         float acc[8] = {};  // (overwritten by source 0: see the note at the top of the file)
         for (int src = 0; src < R; ++src) {
-          const uint4 v = src == rank ? reinterpret_cast<const uint4*>(yr)[g]
-                                      : __ldcg(reinterpret_cast<const uint4*>(local + src * src_stride) + g);
+          uint4 v;
+          if (src == rank) {
+            v = reinterpret_cast<const uint4*>(yr)[g];
+          } else {
+            const uint2 lo = y_line(src, 2 * g), hi = y_line(src, 2 * g + 1);
+            v = make_uint4(lo.x, lo.y, hi.x, hi.y);
+          }
           const bf162* vh = reinterpret_cast<const bf162*>(&v);
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
@@ -380,7 +389,14 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int i = n0 + threadIdx.x; i < n0 + count; i += kThreads) {
         float acc = 0.f;
         for (int src = 0; src < R; ++src) {
-          const float v = __bfloat162float(src == rank ? yr[i] : __ldcg(local + src * src_stride + i));
+          bf16 b = yr[i];
+          if (src != rank) {
+            const uint2 w = y_line(src, i / 4);
+            const uint32_t word = (i % 4) < 2 ? w.x : w.y;
+            const unsigned short bits = (i % 2) == 0 ? (unsigned short)(word & 0xffffu) : (unsigned short)(word >> 16);
+            b = __ushort_as_bfloat16(bits);
+          }
+          const float v = __bfloat162float(b);
           acc = src == 0 ? v : acc + v;
         }
         if (r > 0) acc += s_d[i - n0];
@@ -432,22 +448,26 @@ TpTailRankBuffers tp_tail_alloc_rank_buffers(int device, int ranks, int max_h, i
   b.max_rows = max_rows;
   b.max_h = max_h;
   b.max_rank = max_rank;
-  // 16-byte y area (vector stores of whole 8-element groups), 16-byte slots.
-  b.z_offset = int64_t(align_up(size_t(max_h) * sizeof(bf16), 16));
-  b.slot_bytes = b.z_offset + int64_t(align_up(size_t(max_rank) * sizeof(float), 16));
+  // LL lines: 4 bf16 of y or 2 fp32 of z per 16 bytes.
+  b.z_offset = int64_t((max_h + 3) / 4) * kLineBytes;
+  b.slot_bytes = b.z_offset + int64_t((max_rank + 1) / 2) * kLineBytes;
   const size_t staging_bytes = align_up(size_t(2) * ranks * max_rows * size_t(b.slot_bytes), 256);
-  const size_t flags_bytes = align_up(size_t(2) * ranks * max_rows * sizeof(uint32_t), 256);
   const size_t epoch_bytes = align_up(size_t(max_rows) * sizeof(uint32_t), 256);
-  b.bytes = staging_bytes + flags_bytes + epoch_bytes;
+  b.bytes = staging_bytes + epoch_bytes;
   DeviceScope scope(device);
+  // Loaded now, not at the first launch (see p2p_alloc_rank_buffers: lazy loading and spinning kernels).
+  cudaFuncAttributes attr;
+  SPEAR_CUDA_CHECK(cudaFuncGetAttributes(&attr, tp_tail_kernel<true, true>));
+  SPEAR_CUDA_CHECK(cudaFuncGetAttributes(&attr, tp_tail_kernel<true, false>));
+  SPEAR_CUDA_CHECK(cudaFuncGetAttributes(&attr, tp_tail_kernel<false, true>));
+  SPEAR_CUDA_CHECK(cudaFuncGetAttributes(&attr, tp_tail_kernel<false, false>));
   SPEAR_CUDA_CHECK(cudaMalloc(&b.base, b.bytes));
   // Synchronous, and complete before any stream (blocking or not) can launch the kernel on these buffers.
   SPEAR_CUDA_CHECK(cudaMemset(b.base, 0, b.bytes));
   SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
   auto* base = static_cast<unsigned char*>(b.base);
   b.staging = base;
-  b.flags = reinterpret_cast<uint32_t*>(base + staging_bytes);
-  b.epoch = reinterpret_cast<uint32_t*>(base + staging_bytes + flags_bytes);
+  b.epoch = reinterpret_cast<uint32_t*>(base + staging_bytes);
   return b;
 }
 
@@ -479,7 +499,6 @@ TpTailPeers tp_tail_peers_in_process(const std::vector<TpTailRankBuffers>& all, 
         "or were not allocated",
         q, b.ranks, b.max_rows, b.max_h, b.max_rank, ranks, b0.max_rows, b0.max_h, b0.max_rank);
     p.staging[q] = b.staging;
-    p.flags[q] = b.flags;
   }
   p.epoch = all[size_t(rank)].epoch;
   return p;
@@ -501,11 +520,10 @@ void tp_tail_bf16(const __nv_bfloat16* y_part, const __nv_bfloat16* xs, const Tp
                 "tp tail: [{}, {}] with EC rank {} exceeds the staging ({} rows, H {}, rank {})", T, H, r,
                 peers.max_rows, peers.max_h, peers.max_rank);
     SPEAR_CHECK(peers.epoch && peers.slot_bytes % 16 == 0 && peers.z_offset % 16 == 0 &&
-                    peers.z_offset >= int64_t(peers.max_h) * 2 &&
-                    peers.slot_bytes >= peers.z_offset + int64_t(peers.max_rank) * 4,
+                    peers.z_offset >= int64_t((peers.max_h + 3) / 4) * kLineBytes &&
+                    peers.slot_bytes >= peers.z_offset + int64_t((peers.max_rank + 1) / 2) * kLineBytes,
                 "tp tail: inconsistent staging geometry (slot {} bytes, z at {})", peers.slot_bytes, peers.z_offset);
-    for (int q = 0; q < R; ++q)
-      SPEAR_CHECK(peers.staging[q] && peers.flags[q], "tp tail: rank {}'s staging or flags missing", q);
+    for (int q = 0; q < R; ++q) SPEAR_CHECK(peers.staging[q], "tp tail: rank {}'s staging missing", q);
   } else {
     SPEAR_CHECK(T <= kTpTailMaxRows, "tp tail: {} rows (at most {})", T, kTpTailMaxRows);
   }

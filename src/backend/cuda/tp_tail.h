@@ -2,16 +2,17 @@
 // The fused post-EC tail of a row-parallel linear under tensor parallelism (DESIGN.md §5): after every rank's
 // row-parallel GEMM produced its partial output y_q [T, H], one kernel per rank
 //   1. computes the partial EC projection z_q = A_q · xs (A_q: this rank's columns of A, xs: its GEMM input);
-//   2. pushes y_q and z_q into every peer's staging (remote stores over NVLink), raises per-(source, row) flags;
-//   3. waits for every rank's flags of its row;
+//   2. pushes y_q and z_q into every peer's staging (remote stores over NVLink) as LL lines (below);
+//   3. reads every rank's lines of its row as they land;
 //   4. y = Σ_q y_q, z = Σ_q z_q, summed in rank order in fp32 (bit-identical results on every rank);
 //   5. g = 1 + tanh(W2·silu(W1·z + b1) + b2) (g = 1 for a static EC), y += B·(g ⊙ z);
 //   6. x += bf16(y) (the residual, as add_rms_norm_bf16) and h = RMSNorm(x) · w.
 // It replaces linear_ec_partial's ec_project + all_reduce_sum (y, z) + ec_expand + add_rms_norm: one launch and
-// one flag round trip instead of a projection GEMM, two reductions and three element-wise kernels.
+// one exchange instead of a projection GEMM, two reductions and three element-wise kernels.
 //
-// The exchange follows p2p_reduce.cu's protocol (per-CTA epochs in device memory, two staging parities, flags
-// written with st.release.sys and polled with ld.acquire.sys); see tp_tail.cu for the argument as it applies here.
+// The exchange is p2p_reduce.cu's LL protocol (per-CTA epochs in device memory, two staging parities, 16-byte lines
+// of 8 payload bytes and the epoch twice, polled by the reader: no flag, no fence); see tp_tail.cu for the argument
+// as it applies here.
 // One CTA per token row t, and CTA t always owns row t's staging slots on every rank, whatever T is.
 //
 // Numerics. y is staged as bf16: the partials arrive as bf16, so an fp32 copy would carry the same values at twice
@@ -39,43 +40,40 @@ constexpr int kTpTailMaxGate = 64;  // EC gate width
 constexpr int kTpTailMaxH = 16384;  // hidden size (one CTA of 256 threads normalizes a row)
 
 // One rank's exchange buffers, in its own device memory, one allocation (one IPC handle), zeroed:
-//   staging [2 parities][ranks sources][max_rows][slot_bytes]  slot: y bf16 [max_h] (padded to 16 bytes), then
-//                                                               z fp32 [max_rank];
-//   flags   [2 parities][ranks sources][max_rows] u32           source q's row t of epoch e has landed here;
+//   staging [2 parities][ranks sources][max_rows][slot_bytes]  slot: ceil(max_h / 4) lines of y (4 bf16 each),
+//                                                               then ceil(max_rank / 2) lines of z (2 fp32 each);
 //   epoch   [max_rows] u32                                      calls completed by each row CTA of this rank.
 struct TpTailRankBuffers {
   int device = -1;
   int ranks = 0;
   int max_rows = 0, max_h = 0, max_rank = 0;
   int64_t slot_bytes = 0;  // bytes of one [parity][source][row] slot, a multiple of 16
-  int64_t z_offset = 0;    // byte offset of z inside a slot
-  void* base = nullptr;    // the allocation (staging, flags and epoch point into it)
+  int64_t z_offset = 0;    // byte offset of z's lines inside a slot
+  void* base = nullptr;    // the allocation (staging and epoch point into it)
   size_t bytes = 0;
   unsigned char* staging = nullptr;
-  uint32_t* flags = nullptr;
   uint32_t* epoch = nullptr;
 };
 
 // Allocates and zeroes one rank's buffers on `device` for calls of up to max_rows rows of max_h elements and EC
 // ranks up to max_rank (0: no EC). ranks: 2..kTpTailMaxRanks. The current device is restored. All ranks must use
-// the same ranks, max_rows, max_h and max_rank. Bytes: 2 · ranks · max_rows · (2 · max_h + 4 · max_rank), e.g.
-// 33.8 MB for 8 ranks, 64 rows, H = 16384, r = 64.
+// the same ranks, max_rows, max_h and max_rank. Bytes: 2 · ranks · max_rows · (4 · max_h + 8 · max_rank), e.g.
+// 67.6 MB for 8 ranks, 64 rows, H = 16384, r = 64 (16.9 MB for 2 ranks).
 TpTailRankBuffers tp_tail_alloc_rank_buffers(int device, int ranks, int max_h, int max_rank,
                                              int max_rows = kTpTailMaxRows);
 // Frees what tp_tail_alloc_rank_buffers allocated (no-op on an empty struct) and resets `b`.
 void tp_tail_free_rank_buffers(TpTailRankBuffers& b);
 
-// What the kernel of one rank needs: every rank's staging and flags as seen from this rank's device (in-process
+// What the kernel of one rank needs: every rank's staging as seen from this rank's device (in-process
 // peer pointers or IPC mappings of each rank's `base`, plus the same offsets), this rank's epoch counters and the
 // common geometry. ranks == 1 is the single-GPU case: no exchange, the pointers may be null.
 struct TpTailPeers {
   unsigned char* staging[kTpTailMaxRanks] = {};
-  uint32_t* flags[kTpTailMaxRanks] = {};
   uint32_t* epoch = nullptr;  // this rank's [max_rows]
   int ranks = 1;
   int max_rows = kTpTailMaxRows, max_h = kTpTailMaxH, max_rank = kTpTailMaxRank;
   int64_t slot_bytes = 0, z_offset = 0;
-  // A CTA that waits longer than this for a peer's flag prints which peer it waits for and traps (the launch fails
+  // A CTA that waits longer than this for a peer's line prints which peer it waits for and traps (the launch fails
   // instead of hanging the process); 0 waits forever.
   uint64_t timeout_ns = 0;
 };
@@ -107,7 +105,9 @@ struct TpTailEc {
 //   x      [T, H] bf16: the residual stream, updated in place (the same values on every rank before and after);
 //   norm_w [H] bf16, h [T, H] bf16 out: the next RMSNorm (h must not alias x, y_part or xs).
 // T <= peers.max_rows, H <= peers.max_h, ec->rank <= peers.max_rank. Every rank must make the same sequence of
-// calls (same T, in the same order) on one stream each: the per-row epochs stay equal across ranks only then.
+// calls (same T, in the same order) on one stream each: the per-row epochs stay equal across ranks only then; and
+// every call on one set of buffers must have the same H (a model's hidden size): a row's lines of y are written
+// only up to H, so lines beyond an earlier call's H could be stale (z's lines are all written on every call).
 // Launch on the device that owns `stream` (current device). Safe inside CUDA graph capture. h is bit-identical on
 // every rank when every rank takes the same path: H % 8 == 0 and x, y_part, norm_w, h 16-byte aligned on all
 // ranks or on none (the two paths sum the squares in different orders); x is bit-identical regardless.
