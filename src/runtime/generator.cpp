@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <limits>
 
 #include "core/error.h"
 
@@ -9,7 +10,7 @@ namespace spear {
 
 GenerateResult generate(Model& model, const std::vector<int32_t>& prompt_ids, int max_new_tokens,
                         const SamplingParams& sampling, const std::vector<int32_t>& eos_ids,
-                        const std::function<bool(int32_t)>& on_token) {
+                        const std::function<bool(int32_t)>& on_token, bool record_margins) {
   const int ctx = model.config().max_position_embeddings;
   if (prompt_ids.empty()) fail("the prompt is empty (no tokens to condition on)");
   if (max_new_tokens < 0) fail("max tokens must be >= 0");
@@ -26,13 +27,25 @@ GenerateResult generate(Model& model, const std::vector<int32_t>& prompt_ids, in
   // Greedy decoding picks the token on the device (and replays a CUDA graph per step on the GPU): only the
   // token id crosses to the host, not the logits.
   const bool greedy = sampling.temperature <= 0.f;
+  if (record_margins && !greedy) fail("logit margins are recorded for greedy decoding only (temperature 0)");
   std::vector<float> logits;
   std::vector<int32_t> next;
   auto step = [&](const Batch& b) {
-    if (greedy)
+    if (greedy && !record_margins) {
       next = model.forward_greedy(b, *cache);
-    else
-      logits = model.forward(b, *cache, LogitsMode::LastPerSeq);
+      return;
+    }
+    logits = model.forward(b, *cache, LogitsMode::LastPerSeq);
+    if (!record_margins) return;
+    // The first largest logit wins (as the device's argmax), the margin is to the best of the others.
+    int32_t best = 0;
+    for (size_t i = 1; i < logits.size(); ++i)
+      if (logits[i] > logits[size_t(best)]) best = int32_t(i);
+    float second = -std::numeric_limits<float>::infinity();
+    for (size_t i = 0; i < logits.size(); ++i)
+      if (int32_t(i) != best) second = std::max(second, logits[i]);
+    next = {best};
+    r.margins.push_back(logits[size_t(best)] - second);
   };
   auto t0 = clock::now();
   step(Batch::single(prompt_ids, 0));

@@ -1,11 +1,11 @@
 // The spear command line as a user runs it: JSON outputs, exit codes, and error messages for bad input.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
 #include <array>
 #include <cstdio>
 #include <fstream>
-
-#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
-#include <sys/wait.h>
 
 #include "test_util.h"
 
@@ -64,8 +64,22 @@ TEST(Cli, GenerateGreedyJson) {
   EXPECT_EQ(j["text"].get<std::string>(), golden()["greedy"]["text"].get<std::string>().substr(14));
 }
 
+TEST(Cli, GenerateMarginsJson) {
+  CmdResult r = run("generate " + kModel + " --prompt 'The meaning of' --max-tokens 8 --margins --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out);
+  auto all = golden()["greedy"]["ids"].get<std::vector<int>>();
+  EXPECT_EQ(j["output_ids"], std::vector<int>(all.begin() + 4, all.begin() + 12));
+  ASSERT_EQ(j["margins"].size(), 8u);
+  for (const auto& m : j["margins"]) EXPECT_GT(m.get<double>(), 0.0);
+  CmdResult bad = run("generate " + kModel + " --prompt 'x' --margins --temperature 0.5");
+  EXPECT_NE(bad.code, 0);
+  EXPECT_NE(bad.out.find("greedy"), std::string::npos) << bad.out;
+}
+
 TEST(Cli, GenerateSampledIsSeeded) {
-  std::string args = "generate " + kModel + " --prompt 'Once' --max-tokens 12 --temperature 0.9 --top-k 40 --top-p 0.95 --json";
+  std::string args =
+      "generate " + kModel + " --prompt 'Once' --max-tokens 12 --temperature 0.9 --top-k 40 --top-p 0.95 --json";
   CmdResult a = run(args + " --seed 7"), b = run(args + " --seed 7");
   ASSERT_EQ(a.code, 0) << a.out;
   EXPECT_EQ(nlohmann::json::parse(a.out)["output_ids"], nlohmann::json::parse(b.out)["output_ids"]);

@@ -161,14 +161,15 @@ for stage in "$@"; do
         models="$models $R/ref-spear"
       fi
       for m in $models; do
-        for tp in 1 2; do
+        for tp in 1 2; do  # the pairs of tp_gen.jsonl: tools/device/tp_compare.py
           export SPEAR_TP_P2P_TIMEOUT_MS=60000  # a P2P bug traps with a message instead of hanging the call
           timeout 120 "$BIN/spear" ppl --model "$m" --data ../shared/data/test.txt --max-windows 64 --device cuda --tp $tp \
             --json | tee -a "$R/tp_ppl.jsonl"
           timeout 120 "$BIN/spear" generate --model "$m" --device cuda --tp $tp --prompt "The meaning of life is" -n 48 \
-            --json | tee -a "$R/tp_gen.jsonl" | python3 -c "import json,sys; d=json.load(sys.stdin); print(d['tp'], d['output_ids'][:12], repr(d['text'][:60]))"
+            --margins --json | tee -a "$R/tp_gen.jsonl" | python3 -c "import json,sys; d=json.load(sys.stdin); print(d['tp'], d['output_ids'][:12], repr(d['text'][:60]))"
         done
-      done ;;
+      done
+      python3 tools/device/tp_compare.py "$R/tp_gen.jsonl" ;;
     tp:*)
       like=${stage#tp:}
       t "make-model $like (random W4, reference tokenizer)"
@@ -182,8 +183,9 @@ for stage in "$@"; do
       done
       [[ ${TP_CHECK:-1} == 1 ]] && for tp in 1 2; do
         timeout 180 "$BIN/spear" generate --model "/tmp/t-$like-w4" --device cuda --tp $tp --prompt "The meaning of life is" \
-          -n 32 --json | tee -a "$R/tp_gen-$like.jsonl" | python3 -c "import json,sys; d=json.load(sys.stdin); print(d['tp'], d['output_ids'][:16])"
+          -n 32 --margins --json | tee -a "$R/tp_gen-$like.jsonl" > /dev/null
       done
+      [[ ${TP_CHECK:-1} == 1 ]] && python3 tools/device/tp_compare.py "$R/tp_gen-$like.jsonl"
       for run in ${TP_RUNS:-1:auto 2:nccl 2:p2p 2:fused}; do
         tp=${run%%:*} red=${run#*:}
         t "bench decode $like --tp $tp --tp-reduce $red"
