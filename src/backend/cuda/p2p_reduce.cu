@@ -130,22 +130,24 @@ __device__ __forceinline__ void store_vec(T* p, const float (&acc)[kPerVec<T>], 
     if (k < valid) d[k] = h[k];
 }
 
+// Adds the elements packed in kWords 32-bit words (bf16 pairs or fp32s) into acc, in order.
+template <typename T, int kWords>
+__device__ __forceinline__ void add_words(float (&acc)[kWords * 4 / sizeof(T)], const uint32_t* w) {
+#pragma unroll
+  for (int k = 0; k < kWords; ++k) {
+    if constexpr (sizeof(T) == 2) {
+      const float2 f = __bfloat1622float2(*reinterpret_cast<const bf162*>(&w[k]));
+      acc[2 * k] += f.x;
+      acc[2 * k + 1] += f.y;
+    } else {
+      acc[k] += __uint_as_float(w[k]);
+    }
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ void add_vec(float (&acc)[kPerVec<T>], const uint4& v) {
-  if constexpr (sizeof(T) == 2) {
-    const bf162* h = reinterpret_cast<const bf162*>(&v);
-#pragma unroll
-    for (int j = 0; j < kPerVec<T> / 2; ++j) {
-      const float2 f = __bfloat1622float2(h[j]);
-      acc[2 * j] += f.x;
-      acc[2 * j + 1] += f.y;
-    }
-  } else {
-    acc[0] += __uint_as_float(v.x);
-    acc[1] += __uint_as_float(v.y);
-    acc[2] += __uint_as_float(v.z);
-    acc[3] += __uint_as_float(v.w);
-  }
+  add_words<T, 4>(acc, reinterpret_cast<const uint32_t*>(&v));
 }
 
 // Grid: one CTA per kSliceElems<T> slice of [0, n), i.e. per kSliceBytes of the vector whatever T is, so bf16 and
@@ -238,19 +240,8 @@ __device__ __forceinline__ uint2 load_payload(const T* v, int64_t i0, int64_t n,
 }
 
 template <typename T>
-__device__ __forceinline__ void add_payload(float (&acc)[8 / sizeof(T)], uint2 w) {
-  if constexpr (sizeof(T) == 2) {
-    const bf162* h = reinterpret_cast<const bf162*>(&w);
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const float2 f = __bfloat1622float2(h[j]);
-      acc[2 * j] += f.x;
-      acc[2 * j + 1] += f.y;
-    }
-  } else {
-    acc[0] += __uint_as_float(w.x);
-    acc[1] += __uint_as_float(w.y);
-  }
+__device__ __forceinline__ void add_payload(float (&acc)[8 / sizeof(T)], const uint2& w) {
+  add_words<T, 2>(acc, reinterpret_cast<const uint32_t*>(&w));
 }
 
 // The LL protocol (see the top of the file): thread t of CTA b handles lines t, t + kThreads, ... of slice b.
