@@ -460,21 +460,25 @@ TEST(CudaTp, RowParallelCompensatedLinearMatchesWhole) {
 // The fused tail (TpReduce::Fused): a row-parallel linear split by input columns (W and A; the bias, B and the gate
 // as tensor parallelism shards them), then the reduction, EC, residual add and next RMSNorm in one kernel, against
 // the unfused sequence (linear_ec_partial or linear, all_reduce_sum, ec_expand, add_rms_norm): without an EC, with
-// a gated one projected in the kernel, and with one whose shard is wide enough that z comes from ec_project; T = 1
-// and 5 eagerly, T = 1 also in a replayed graph; nothing done for 65 tokens.
+// a gated one projected in the kernel, and with one whose shard is wide enough that z comes from ec_project; W4
+// shards, whose decode GEMM stores its rows into the peer's staging from its epilogue (the P2P dual-write), without
+// and with an EC; T = 1 and 5 eagerly, T = 1 also in a replayed graph; nothing done for 65 tokens.
 TEST(CudaTp, FusedRowParallelTailMatchesUnfused) {
   SPEAR_REQUIRE_TWO_GPUS_AND_NCCL();
   SPEAR_REQUIRE_PEER_ACCESS();
   struct Case {
     int half, rank, gate;  // per-rank input columns; EC rank 0: no EC
+    bool w4;               // the shard as RTN W4 codes of its columns
   };
-  const std::vector<Case> cases = {{192, 0, 0}, {192, 16, 8}, {4160, 16, 8}};
+  const std::vector<Case> cases = {
+      {192, 0, 0, false}, {192, 16, 8, false}, {4160, 16, 8, false}, {512, 0, 0, true}, {512, 16, 8, true}};
+  constexpr int kCases = 5;
   const int n = 256;
   const float eps = 1e-5f;
   std::vector<float> norm_w = random_x(1, n, 31);
   for (float& v : norm_w) v = 1.f + 0.1f * v;
   // [case][T index][rank]: h and x after the fused tail, compared across ranks once both are done.
-  std::vector<float> got_h[3][2][2], got_x[3][2][2];
+  std::vector<float> got_h[kCases][2][2], got_x[kCases][2][2];
   run_two_ranks(
       [&](int r, cuda::CudaBackend& be) {
         EXPECT_EQ(be.tp_reduce_description(), "p2p (≤ 1048576 elements) + fused tail (≤ 64 rows) + nccl");
@@ -488,7 +492,9 @@ TEST(CudaTp, FusedRowParallelTailMatchesUnfused) {
           wr.in_features = cs.half;
           wr.w = columns(w.w, n, k, r * cs.half, cs.half);
           if (r != 0) wr.bias.clear();
-          auto lin = be.make_linear(wr);
+          auto lin = cs.w4 ? be.make_quant_linear(
+                                 "test", w4test::random_quantized(n, cs.half, 4, -1, seed + 7 * uint32_t(r)), wr.bias)
+                           : be.make_linear(wr);
           if (cs.rank > 0) {
             const Compensator c = w4test::random_compensator(k, n, cs.rank, cs.gate, seed + 1);
             Compensator cr = c;
@@ -546,7 +552,7 @@ TEST(CudaTp, FusedRowParallelTailMatchesUnfused) {
         }
       },
       TpReduce::Fused);
-  for (int ci = 0; ci < 3; ++ci)
+  for (int ci = 0; ci < kCases; ++ci)
     for (int ti = 0; ti < 2; ++ti) {
       const std::string what = "case " + std::to_string(ci) + " T index " + std::to_string(ti) + ", rank 1 vs 0";
       expect_equal(got_h[ci][ti][1], got_h[ci][ti][0], what + ": h");

@@ -2,8 +2,9 @@
 // device 0, each rank's kernel on its own stream, running concurrently), against the CPU reference within bf16
 // tolerance, bit-identical across ranks; no EC, static and gated ECs; T = 1, 5, 64; H = 4096, 1000 and 1003 (the
 // element-wise path); 20 back-to-back calls of varying T (per-row epochs and parities reused, the residual
-// chained through the calls); a CUDA graph of 3 calls per rank replayed twice. With one rank and no EC the kernel
-// is bit-identical to add_rms_norm_bf16. Skips without a GPU.
+// chained through the calls); a CUDA graph of 3 calls per rank replayed twice; the W4 GEMM's dual-write of its
+// rows into the staging. With one rank and no EC the kernel is bit-identical to add_rms_norm_bf16. Skips without a
+// GPU.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -16,7 +17,9 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/rms_norm.h"
 #include "backend/cuda/tp_tail.h"
+#include "backend/cuda/w4a16_gemm.h"
 #include "core/dtype.h"
+#include "w4a16_test_util.h"
 
 namespace spear {
 namespace {
@@ -196,6 +199,7 @@ class CudaTpTail : public ::testing::Test {
   // values on every rank, chained through the calls), outputs h per [call][rank].
   struct Calls {
     int H = 0;
+    int in = 0;  // width of xs without an EC (the W4 GEMM's input in the dual-write test); 0: no xs
     const Ec* ec = nullptr;
     std::vector<int> Ts;
     std::vector<std::vector<std::vector<uint16_t>>> y, xs;  // host [call][rank]
@@ -205,9 +209,10 @@ class CudaTpTail : public ::testing::Test {
     std::unique_ptr<Dev> dw;
   };
 
-  std::unique_ptr<Calls> make_calls(int H, const Ec* ec, const std::vector<int>& Ts) {
+  std::unique_ptr<Calls> make_calls(int H, const Ec* ec, const std::vector<int>& Ts, int in = 0) {
     auto c = std::make_unique<Calls>();
     c->H = H;
+    c->in = in;
     c->ec = ec;
     c->Ts = Ts;
     c->w = random_bf16(size_t(H), 0.1f, 1.f);
@@ -221,7 +226,7 @@ class CudaTpTail : public ::testing::Test {
       for (int q = 0; q < ranks_; ++q) {
         c->dy.back().push_back(std::make_unique<Dev>(size_t(Ts[i]) * H * 2));
         c->dh.back().push_back(std::make_unique<Dev>(size_t(Ts[i]) * H * 2));
-        const int k = ec ? ec->host.in[size_t(q)] : 0;
+        const int k = ec ? ec->host.in[size_t(q)] : in;
         c->dxs.back().push_back(std::make_unique<Dev>(size_t(Ts[i]) * k * 2));
       }
     }
@@ -239,8 +244,8 @@ class CudaTpTail : public ::testing::Test {
         c.y[i][size_t(q)] = random_bf16(T * c.H, 1.f);
         SPEAR_CUDA_CHECK(
             cudaMemcpy(c.dy[i][size_t(q)]->p, c.y[i][size_t(q)].data(), T * c.H * 2, cudaMemcpyHostToDevice));
-        if (c.ec) {
-          const size_t k = size_t(c.ec->host.in[size_t(q)]);
+        if (c.ec || c.in) {
+          const size_t k = size_t(c.ec ? c.ec->host.in[size_t(q)] : c.in);
           c.xs[i][size_t(q)] = random_bf16(T * k, 1.f);
           SPEAR_CUDA_CHECK(
               cudaMemcpy(c.dxs[i][size_t(q)]->p, c.xs[i][size_t(q)].data(), T * k * 2, cudaMemcpyHostToDevice));
@@ -254,11 +259,11 @@ class CudaTpTail : public ::testing::Test {
     SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
   }
 
-  void launch(const Calls& c, size_t i, int q) {
+  void launch(const Calls& c, size_t i, int q, bool y_mirrored = false) {
     const cuda::TpTailEc* ec = c.ec ? &c.ec->dev[size_t(q)] : nullptr;
     const bf16* xs = c.ec && c.dxs[i].size() > size_t(q) ? c.dxs[i][size_t(q)]->b() : nullptr;
     cuda::tp_tail_bf16(c.dy[i][size_t(q)]->b(), xs, ec, c.dx[size_t(q)]->b(), c.dw->b(), c.dh[i][size_t(q)]->b(),
-                       c.Ts[i], c.H, kEps, peers_[size_t(q)], q, streams_[size_t(q)]);
+                       c.Ts[i], c.H, kEps, peers_[size_t(q)], q, streams_[size_t(q)], y_mirrored);
   }
 
   // Rank by rank: rank 0 queues all its calls before rank 1 queues any, so the ranks start far apart.
@@ -422,6 +427,83 @@ TEST_F(CudaTpTail, PrecomputedPartialZ) {
       check(*calls, "precomputed z, T = " + std::to_string(T) + ", R = " + std::to_string(ranks));
     }
   }
+}
+
+// The P2P dual-write: each simulated rank's W4 decode GEMM also stores its output into the peers' staging from its
+// epilogue (w4a16_gemm_mirrored), and the tail does not push it. Against the same calls with a plain w4a16_gemm
+// and the tail pushing: h and x bit for bit (same plans, same sums), and those against the CPU reference on the
+// GEMM's outputs. One to four token tiles back to back (parities and epochs reused), per channel and group 128,
+// without and with a gated EC (its z still pushed by the tail), R = 2 and 3.
+TEST_F(CudaTpTail, GemmEpilogueDualWriteEqualsTailPush) {
+  constexpr int H = 4096, K = 1024;
+  const std::vector<int> Ts = {1, 3, 8, 17, 32, 1, 9};
+  const int sm_count = cuda::device_info(0).sm_count;
+  w4test::W4DevBuf<unsigned char> ws(cuda::w4a16_workspace_bytes(32, H, K, sm_count));
+  SPEAR_CUDA_CHECK(cudaMemset(ws.get(), 0, ws.size()));
+  for (int ranks : {2, 3})
+    for (int group : {0, 128})
+      for (bool with_ec : {false, true}) {
+        setup_ranks(ranks);
+        const std::string what =
+            "R = " + std::to_string(ranks) + ", group " + std::to_string(group) + (with_ec ? ", gated EC" : ", no EC");
+        std::vector<std::unique_ptr<w4test::UploadedW4>> w;
+        for (int q = 0; q < ranks; ++q)
+          w.push_back(std::make_unique<w4test::UploadedW4>(
+              cuda::w4_prepare(w4test::random_quantized(H, K, 4, group, 100u + uint32_t(q)))));
+        std::unique_ptr<Ec> ec = with_ec ? make_ec(ranks, 16, 8, std::vector<int>(size_t(ranks), K), H, rng_) : nullptr;
+        auto calls = make_calls(H, ec.get(), Ts, K);  // xs: the GEMM's input [T, K] per call and rank
+        auto run = [&](bool mirrored) {
+          for (int q = 0; q < ranks; ++q) {  // rank by rank, so the ranks start far apart
+            cuda::W4PeerMirror mirror;
+            for (int r = 0; r < ranks; ++r) mirror.staging[r] = peers_[size_t(q)].staging[r];
+            mirror.epoch = peers_[size_t(q)].epoch;
+            mirror.ranks = ranks;
+            mirror.rank = q;
+            mirror.max_rows = peers_[size_t(q)].max_rows;
+            mirror.slot_bytes = peers_[size_t(q)].slot_bytes;
+            for (size_t i = 0; i < Ts.size(); ++i) {
+              const bf16* x = calls->dxs[i][size_t(q)]->b();
+              bf16* y = calls->dy[i][size_t(q)]->b();
+              if (mirrored)
+                ASSERT_TRUE(cuda::w4a16_gemm_mirrored(x, Ts[i], w[size_t(q)]->dev, nullptr, y, mirror, sm_count,
+                                                      streams_[size_t(q)]))
+                    << what << ": the decode kernel did not take T = " << Ts[i];
+              else
+                cuda::w4a16_gemm(x, Ts[i], w[size_t(q)]->dev, nullptr, y, ws.get(), ws.size(), sm_count,
+                                 streams_[size_t(q)]);
+              launch(*calls, i, q, mirrored);
+            }
+          }
+          sync_streams();
+        };
+        // Without the dual-write first: the GEMM outputs become the reference's inputs.
+        run(false);
+        std::vector<std::vector<std::vector<uint16_t>>> h_push(Ts.size());
+        for (size_t i = 0; i < Ts.size(); ++i)
+          for (int q = 0; q < ranks; ++q) {
+            const size_t n = size_t(Ts[i]) * H;
+            calls->y[i][size_t(q)] = download(calls->dy[i][size_t(q)]->p, n);
+            h_push[i].push_back(download(calls->dh[i][size_t(q)]->p, n));
+          }
+        const std::vector<uint16_t> x_push = download(calls->dx[0]->p, size_t(kMaxRows) * H);
+        check(*calls, what + ", the tail pushing");
+        // Again with the dual-write, from the same residual and poisoned outputs.
+        for (int q = 0; q < ranks; ++q) {
+          SPEAR_CUDA_CHECK(
+              cudaMemcpy(calls->dx[size_t(q)]->p, calls->x0.data(), calls->x0.size() * 2, cudaMemcpyHostToDevice));
+          for (size_t i = 0; i < Ts.size(); ++i)
+            SPEAR_CUDA_CHECK(cudaMemset(calls->dh[i][size_t(q)]->p, 0xff, size_t(Ts[i]) * H * 2));
+        }
+        SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
+        run(true);
+        for (size_t i = 0; i < Ts.size(); ++i)
+          for (int q = 0; q < ranks; ++q)
+            EXPECT_TRUE(download(calls->dh[i][size_t(q)]->p, size_t(Ts[i]) * H) == h_push[i][size_t(q)])
+                << what << ", call " << i << " (T = " << Ts[i] << "), rank " << q << ": h differs with the dual-write";
+        for (int q = 0; q < ranks; ++q)
+          EXPECT_TRUE(download(calls->dx[size_t(q)]->p, size_t(kMaxRows) * H) == x_push)
+              << what << ", rank " << q << ": final x differs with the dual-write";
+      }
 }
 
 // One rank, no EC: bit-identical to add_rms_norm_bf16 (the unfused x += y; h = RMSNorm(x)), signed zeros included.

@@ -33,7 +33,8 @@
 #             greedy text at --tp 1 and --tp 2 (needs 2 GPUs)
 #   tp:LIKE   issue 8 on a LIKE-shaped random W4 model: greedy ids at --tp 1 vs 2, then bench decode at batch 1
 #             and 8 with random ECs on 0 and TP_DENSITIES (default 0.15) of the linears at --tp 1 and at --tp 2
-#             under each --tp-reduce (nccl, p2p, fused); TP_RUNS picks the runs (e.g. "1:auto 2:p2p"), TP_CHECK=0
+#             under each --tp-reduce (nccl, p2p, fused, and fused-nopush: fused with SPEAR_TP_GEMM_PUSH=0);
+#             TP_RUNS picks the runs (e.g. "1:auto 2:p2p"), TP_CHECK=0
 #             skips the perplexity and greedy comparisons
 #   ecppl     GPU vs CPU perplexity of a SPEAR package (calibrated here, fast preset) under each EC path
 # Everything lands in $OUT/results.tgz (results-$TAG.tgz with TAG set, so that several calls of one device run,
@@ -186,12 +187,14 @@ for stage in "$@"; do
           -n 32 --margins --json | tee -a "$R/tp_gen-$like.jsonl" > /dev/null
       done
       [[ ${TP_CHECK:-1} == 1 ]] && python3 tools/device/tp_compare.py "$R/tp_gen-$like.jsonl"
-      for run in ${TP_RUNS:-1:auto 2:nccl 2:p2p 2:fused}; do
-        tp=${run%%:*} red=${run#*:}
-        t "bench decode $like --tp $tp --tp-reduce $red"
-        timeout 300 "$BIN/spear" bench decode --device cuda -m "/tmp/t-$like-w4" --tp $tp --tp-reduce $red --batch 1,8 \
-          --steps 48 --ec-density "0,${TP_DENSITIES:-0.15}" --ec-paths auto --out "$R/tp_decode-$like-tp$tp-$red.json" \
-          2>&1 | tee "$R/tp_decode-$like-tp$tp-$red.log" | grep -E "^(model|/tmp)"
+      for run in ${TP_RUNS:-1:auto 2:nccl 2:p2p 2:fused 2:fused-nopush}; do
+        tp=${run%%:*} red=${run#*:} push=1
+        [[ $red == fused-nopush ]] && red=fused push=0  # the tail pushes the GEMM's rows (no dual-write epilogue)
+        t "bench decode $like --tp $tp --tp-reduce $red (SPEAR_TP_GEMM_PUSH=$push)"
+        SPEAR_TP_GEMM_PUSH=$push timeout 300 "$BIN/spear" bench decode --device cuda -m "/tmp/t-$like-w4" --tp $tp \
+          --tp-reduce $red --batch 1,8 \
+          --steps 48 --ec-density "0,${TP_DENSITIES:-0.15}" --ec-paths auto --out "$R/tp_decode-$like-tp$tp-${run#*:}.json" \
+          2>&1 | tee "$R/tp_decode-$like-tp$tp-${run#*:}.log" | grep -E "^(model|/tmp)"
       done
       rm -rf "/tmp/t-$like-w4" ;;
     ecppl)

@@ -163,6 +163,7 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   p2p_capacity_ = env_int64("SPEAR_TP_P2P_CAPACITY", p2p_capacity_, 1, int64_t(1) << 30);
   p2p_timeout_ns_ = uint64_t(env_int64("SPEAR_TP_P2P_TIMEOUT_MS", 0, 0, int64_t(1) << 40)) * 1'000'000ull;
   tail_max_h_ = int(env_int64("SPEAR_TP_TAIL_MAX_H", tail_max_h_, 1, int64_t(1) << 20));
+  if (const char* e = std::getenv("SPEAR_TP_GEMM_PUSH")) gemm_push_ = std::string(e) != "0";
   SPEAR_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   SPEAR_CUBLAS_CHECK(cublasCreate(&cublas_));
   SPEAR_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));

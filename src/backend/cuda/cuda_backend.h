@@ -276,6 +276,7 @@ class CudaBackend : public Backend {
   // The fused tail (TpReduce::Fused only): set up, released and mapped with the P2P buffers.
   int tail_max_h_ = kTpTailMaxH;  // SPEAR_TP_TAIL_MAX_H: the largest hidden size the staging takes
   bool tail_ = false;             // every rank's tail buffers are mapped: row_parallel_tail may run
+  bool gemm_push_ = true;         // SPEAR_TP_GEMM_PUSH=0: the tail pushes the GEMM's rows (no dual-write epilogue)
   TpTailRankBuffers tail_bufs_;   // this rank's
   TpTailPeers tail_peers_;        // every rank's, as seen from this device
 

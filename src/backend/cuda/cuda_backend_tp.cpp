@@ -409,7 +409,25 @@ bool CudaBackend::row_parallel_tail(const Tensor& in, const Linear& lin, Tensor&
   SPEAR_CHECK(h.data != x.data && h.data != in.data, "row_parallel_tail: h must not alias x or the input");
   if (T == 0) return true;
   Tensor y_part = alloc(T, H);
-  linear_no_ec(l, in, y_part);
+  // The P2P dual-write: the W4 decode GEMM also stores its rows into the peers' tail staging from its epilogue
+  // (SPEAR_TP_GEMM_PUSH=0 leaves the push to the tail kernel); where it cannot, the tail pushes them.
+  bool mirrored = false;
+  if (gemm_push_ && l.quantized && !w4_dequant_ready(T)) {
+    __nv_bfloat16* y = bf(y_part);
+    tune_w4_once(bf(in), T, &l.w4, 1, &y);
+    W4PeerMirror mirror;
+    static_assert(kW4MirrorMaxRanks >= kTpTailMaxRanks);
+    for (int q = 0; q < tail_peers_.ranks; ++q) mirror.staging[q] = tail_peers_.staging[q];
+    mirror.epoch = tail_peers_.epoch;
+    mirror.ranks = tail_peers_.ranks;
+    mirror.rank = tp_rank();
+    mirror.max_rows = tail_peers_.max_rows;
+    mirror.slot_bytes = tail_peers_.slot_bytes;
+    auto prof = prof_->scope("linear.w4a16_dual_write");
+    mirrored = w4a16_gemm_mirrored(bf(in), T, l.w4, l.bias.bytes() ? l.bias.as<__nv_bfloat16>() : nullptr, y, mirror,
+                                   sm_count_, stream_);
+  }
+  if (!mirrored) linear_no_ec(l, in, y_part);
   TpTailEc ec;
   Tensor z;
   if (l.ec) {
@@ -436,7 +454,7 @@ bool CudaBackend::row_parallel_tail(const Tensor& in, const Linear& lin, Tensor&
   }
   auto prof = prof_->scope("row_parallel_tail");
   tp_tail_bf16(bf(y_part), bf(in), l.ec ? &ec : nullptr, bf(x), bf(norm_w), bf(h), T, H, eps, tail_peers_, tp_rank(),
-               stream_);
+               stream_, mirrored);
   return true;
 }
 

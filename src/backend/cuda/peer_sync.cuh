@@ -30,6 +30,11 @@ __device__ __forceinline__ void st_volatile_v4(void* p, const uint4& v) {
                : "memory");
 }
 
+// One 8-byte LL half {payload word, epoch} (p 8-byte aligned): what the W4 GEMM's dual-write stores.
+__device__ __forceinline__ void st_volatile_v2(void* p, uint32_t word, uint32_t epoch) {
+  asm volatile("st.volatile.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(word), "r"(epoch) : "memory");
+}
+
 __device__ __forceinline__ uint4 ld_volatile_v4(const void* p) {
   uint4 v;
   asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"

@@ -7,6 +7,8 @@
 //      every peer, and y_r[t]'s lines up to H. A line is p2p_reduce.cu's LL line: {4 payload bytes, e, 4 payload
 //      bytes, e}, 16 bytes in one store. Its own contribution is not copied: it sums straight from y_part and
 //      shared memory;
+//      With y_mirrored the rank's W4 GEMM has already stored y's lines from its epilogue (w4a16_gemm_mirrored, in
+//      8-byte halves of the same lines, with the same epoch: epoch[t] + 1), and only z's are pushed here;
 //   2. (no flags) reads each peer's lines from its own slot (p, q, t) where it needs them, polling each until both
 //      epoch words read e: z's lines by the threads that sum z, y's lines in the element loop;
 //   3. sums z and y over q = 0..R-1 in rank order in fp32, applies the gate and B, rounds y once to bf16, adds it
@@ -160,8 +162,9 @@ __device__ __forceinline__ unsigned char* slot_of(unsigned char* staging, const 
 struct Geometry {
   int H;
   float eps;
-  bool a_vec;  // A rows and xs rows: 16-byte aligned, ec.in % 8 == 0
-  bool b_vec;  // B rows: 16-byte aligned float4s (rank % 4 == 0); selects the kernel's kBVec
+  bool a_vec;       // A rows and xs rows: 16-byte aligned, ec.in % 8 == 0
+  bool b_vec;       // B rows: 16-byte aligned float4s (rank % 4 == 0); selects the kernel's kBVec
+  bool y_mirrored;  // the GEMM stored this rank's y lines into the peers (tp_tail.h)
 };
 
 // minBlocks 2: at most 128 registers (all used, no spills), so that 2 CTAs fit per SM and the tests' 2-3 simulated
@@ -275,7 +278,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int q = 0; q < R; ++q)
         if (q != rank) st_volatile_v4(slot_of(p.staging[q], p, parity, rank, t) + p.z_offset + i * kLineBytes, v);
     }
-    for (int l = threadIdx.x; l < y_lines; l += kThreads) {
+    for (int l = geo.y_mirrored ? y_lines : int(threadIdx.x); l < y_lines; l += kThreads) {
       uint2 w;
       if constexpr (kVec) {  // H % 8 == 0 and y 16-byte aligned: whole, aligned 8-byte groups
         w = reinterpret_cast<const uint2*>(yr)[l];
@@ -506,7 +509,7 @@ TpTailPeers tp_tail_peers_in_process(const std::vector<TpTailRankBuffers>& all, 
 
 void tp_tail_bf16(const __nv_bfloat16* y_part, const __nv_bfloat16* xs, const TpTailEc* ec, __nv_bfloat16* x,
                   const __nv_bfloat16* norm_w, __nv_bfloat16* h, int T, int H, float eps, const TpTailPeers& peers,
-                  int rank, cudaStream_t stream) {
+                  int rank, cudaStream_t stream, bool y_mirrored) {
   const int R = peers.ranks;
   SPEAR_CHECK(R >= 1 && R <= kTpTailMaxRanks, "tp tail: {} ranks (supported: 1..{})", R, kTpTailMaxRanks);
   SPEAR_CHECK(rank >= 0 && rank < R, "tp tail: rank {} out of [0, {})", rank, R);
@@ -542,6 +545,7 @@ void tp_tail_bf16(const __nv_bfloat16* y_part, const __nv_bfloat16* xs, const Tp
   Geometry geo;
   geo.H = H;
   geo.eps = eps;
+  geo.y_mirrored = y_mirrored && R > 1;
   geo.a_vec = r > 0 && !e.z && e.in % 8 == 0 && aligned16(e.A) && aligned16(xs);
   geo.b_vec = r > 0 && r % 4 == 0 && aligned16(e.B);
   // The same test as add_rms_norm_bf16 (vec_ok), so that one rank without EC takes the same path as it.

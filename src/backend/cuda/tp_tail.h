@@ -111,9 +111,12 @@ struct TpTailEc {
 // Launch on the device that owns `stream` (current device). Safe inside CUDA graph capture. h is bit-identical on
 // every rank when every rank takes the same path: H % 8 == 0 and x, y_part, norm_w, h 16-byte aligned on all
 // ranks or on none (the two paths sum the squares in different orders); x is bit-identical regardless.
+// y_mirrored: this rank's GEMM already stored y_part's rows into every peer's staging (w4a16_gemm_mirrored, the
+// P2P dual-write from its epilogue) in this call's epoch, so the kernel does not push them (it still pushes z).
+// Ranks may differ in it from call to call.
 void tp_tail_bf16(const __nv_bfloat16* y_part, const __nv_bfloat16* xs, const TpTailEc* ec, __nv_bfloat16* x,
                   const __nv_bfloat16* norm_w, __nv_bfloat16* h, int T, int H, float eps, const TpTailPeers& peers,
-                  int rank, cudaStream_t stream);
+                  int rank, cudaStream_t stream, bool y_mirrored = false);
 
 // The EC for the CPU reference: every source rank's A columns, the shared B and gate.
 struct TpTailEcHost {

@@ -25,6 +25,7 @@
 
 #include <cooperative_groups.h>
 
+#include "backend/cuda/peer_sync.cuh"
 #include "backend/cuda/w4a16_ec.cuh"
 #include "backend/cuda/w4a16_internal.h"
 
@@ -69,6 +70,7 @@ struct W4DecodeParams {
   // finished CTAs (in the first EC's scratch). ec_rmax / ec_gmax: the largest rank / gate width (shared memory).
   unsigned* done;
   int ec_cols, ec_rmax, ec_gmax;
+  W4PeerMirror mirror;  // P2P dual-write of the output (count 1; ranks <= 1: none)
 };
 
 // Dynamic shared memory of the decode kernel: red [8 warps][T][32] float4, cred [R·T][32] float4,
@@ -97,7 +99,9 @@ __device__ __forceinline__ void ec_launch_done(const W4DecodeParams& p) {
   }
 }
 
-template <int T, bool kGrouped>
+// kMirror: the instance with the P2P dual-write in its epilogue (its own instance, so that the others' registers
+// and spills stay as they were).
+template <int T, bool kGrouped, bool kMirror>
 __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_decode_kernel(const __grid_constant__ W4DecodeParams p) {
   constexpr int P = dec_pipe(T, kGrouped);
   constexpr int NP = T == 1 ? 1 : T / 2;  // ldmatrix calls per k-step (x2 for T = 1, else x4 per 2 tiles)
@@ -352,6 +356,24 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
   const __nv_bfloat16* ecb_lo = ecb + (rsub * 16 + g) * ecr;
   const __nv_bfloat16* ecb_hi = ecb_lo + 8 * ecr;
 
+  // The dual-write of token tok's rows r_lo, r_hi (all 32 lanes call it: the shuffles): the lanes of even g pair
+  // their rows with the next ones (lane + 4 holds row + 1) into one 8-byte LL store per peer (w4a16_gemm.h).
+  auto mirror_store = [&](int tok, __nv_bfloat16 lo, __nv_bfloat16 hi) {
+    const W4PeerMirror& mr = p.mirror;
+    const uint32_t lo_bits = __bfloat16_as_ushort(lo), hi_bits = __bfloat16_as_ushort(hi);
+    const uint32_t lo_next = __shfl_down_sync(0xffffffffu, lo_bits, 4);
+    const uint32_t hi_next = __shfl_down_sync(0xffffffffu, hi_bits, 4);
+    if ((g & 1) || tok >= p.m) return;
+    const uint32_t e = mr.epoch[tok] + 1;
+    for (int q = 0; q < mr.ranks; ++q) {
+      if (q == mr.rank) continue;
+      unsigned char* slot =
+          mr.staging[q] + ((int64_t(e & 1u) * mr.ranks + mr.rank) * mr.max_rows + tok) * mr.slot_bytes;
+      if (r_lo < mt.n) peer::st_volatile_v2(slot + 4 * r_lo, lo_bits | (lo_next << 16), e);
+      if (r_hi < mt.n) peer::st_volatile_v2(slot + 4 * r_hi, hi_bits | (hi_next << 16), e);
+    }
+  };
+
   auto store = [&](int tt, const float4& s) {
     const int tok = tt * 8 + 2 * t;
     float e0 = 0.f, e1 = 0.f, e2 = 0.f, e3 = 0.f;  // B·(g ⊙ z) of (r_lo, tok), (r_lo, tok + 1), (r_hi, ...)
@@ -360,15 +382,21 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
       if (tok + 1 < p.m)
         e1 = ec_term(ecb_lo, eczs + (tok + 1) * ecr, ecr), e3 = ec_term(ecb_hi, eczs + (tok + 1) * ecr, ecr);
     }
+    const __nv_bfloat16 y00 = __float2bfloat16_rn(s.x + b_lo + e0), y01 = __float2bfloat16_rn(s.z + b_hi + e2);
+    const __nv_bfloat16 y10 = __float2bfloat16_rn(s.y + b_lo + e1), y11 = __float2bfloat16_rn(s.w + b_hi + e3);
     if (tok < p.m) {
       __nv_bfloat16* yr = mt.y + size_t(tok) * mt.n;
-      if (r_lo < mt.n) yr[r_lo] = __float2bfloat16_rn(s.x + b_lo + e0);
-      if (r_hi < mt.n) yr[r_hi] = __float2bfloat16_rn(s.z + b_hi + e2);
+      if (r_lo < mt.n) yr[r_lo] = y00;
+      if (r_hi < mt.n) yr[r_hi] = y01;
     }
     if (tok + 1 < p.m) {
       __nv_bfloat16* yr = mt.y + size_t(tok + 1) * mt.n;
-      if (r_lo < mt.n) yr[r_lo] = __float2bfloat16_rn(s.y + b_lo + e1);
-      if (r_hi < mt.n) yr[r_hi] = __float2bfloat16_rn(s.w + b_hi + e3);
+      if (r_lo < mt.n) yr[r_lo] = y10;
+      if (r_hi < mt.n) yr[r_hi] = y11;
+    }
+    if constexpr (kMirror) {
+      mirror_store(tok, y00, y01);
+      mirror_store(tok + 1, y10, y11);
     }
   };
 
@@ -419,12 +447,17 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
 
 using DecodeFn = void (*)(W4DecodeParams);
 
-DecodeFn decode_kernel_for(int T, bool grouped) {
+template <bool kMirror>
+DecodeFn decode_kernel_of(int T, bool grouped) {
   switch (T) {
-    case 1: return grouped ? w4a16_decode_kernel<1, true> : w4a16_decode_kernel<1, false>;
-    case 2: return grouped ? w4a16_decode_kernel<2, true> : w4a16_decode_kernel<2, false>;
-    default: return grouped ? w4a16_decode_kernel<4, true> : w4a16_decode_kernel<4, false>;
+    case 1: return grouped ? w4a16_decode_kernel<1, true, kMirror> : w4a16_decode_kernel<1, false, kMirror>;
+    case 2: return grouped ? w4a16_decode_kernel<2, true, kMirror> : w4a16_decode_kernel<2, false, kMirror>;
+    default: return grouped ? w4a16_decode_kernel<4, true, kMirror> : w4a16_decode_kernel<4, false, kMirror>;
   }
+}
+
+DecodeFn decode_kernel_for(int T, bool grouped, bool mirror = false) {
+  return mirror ? decode_kernel_of<true>(T, grouped) : decode_kernel_of<false>(T, grouped);
 }
 
 // ---- decode plan: tiles per CTA R and cluster size S from a small time model (µs) of one launch:
@@ -522,12 +555,14 @@ DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count,
 }
 
 void set_decode_max_smem_impl(int T, bool grouped, int bytes) {
-  cudaFuncAttributes a{};
-  SPEAR_CUDA_CHECK(cudaFuncGetAttributes(&a, decode_kernel_for(T, grouped)));
-  SPEAR_CHECK(a.sharedSizeBytes <= size_t(kDecStaticSmemMargin), "internal: decode kernel static shared memory {} B",
-              a.sharedSizeBytes);
-  SPEAR_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel_for(T, grouped), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        bytes - kDecStaticSmemMargin));
+  for (bool mirror : {false, true}) {
+    cudaFuncAttributes a{};
+    SPEAR_CUDA_CHECK(cudaFuncGetAttributes(&a, decode_kernel_for(T, grouped, mirror)));
+    SPEAR_CHECK(a.sharedSizeBytes <= size_t(kDecStaticSmemMargin),
+                "internal: decode kernel static shared memory {} B", a.sharedSizeBytes);
+    SPEAR_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel_for(T, grouped, mirror),
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, bytes - kDecStaticSmemMargin));
+  }
 }
 
 // Tuned plans, process-wide: launch shape → (R, S).
@@ -599,7 +634,8 @@ void set_ec_params(W4DecodeParams& p, const W4EcDevice* const* ec, const EcPlanI
 
 void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4Device* w, int count,
                  const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, const W4GemmOptions& o,
-                 cudaStream_t stream, const W4EcDevice* const* ec = nullptr, const EcPlanInfo* ec_info = nullptr) {
+                 cudaStream_t stream, const W4EcDevice* const* ec = nullptr, const EcPlanInfo* ec_info = nullptr,
+                 const W4PeerMirror* mirror = nullptr) {
   const int T = token_tiles(m);
   const bool grouped = w[0].groups > 1;
   W4DecodeParams p{};
@@ -632,8 +668,9 @@ void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4
   p.xs_stride = plan.xs_stride;
   p.gmax = plan.gmax;
   p.x_vec = (reinterpret_cast<uintptr_t>(x) & 15) == 0 && w[0].k % 8 == 0;
+  if (mirror) p.mirror = *mirror;
   const bool pdl = o.pdl && device_facts().major >= 9;
-  launch(decode_kernel_for(T, grouped), dim3(rg, plan.S), plan.smem, plan.S, pdl, stream, p);
+  launch(decode_kernel_for(T, grouped, mirror != nullptr), dim3(rg, plan.S), plan.smem, plan.S, pdl, stream, p);
 }
 
 
@@ -668,6 +705,16 @@ bool launch_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, 
   const DecodePlan plan = choose_plan(m, w, count, sm_count, o);
   if (plan.R == 0) return false;
   launch_plan(plan, x, m, w, count, bias, y, o, stream);
+  return true;
+}
+
+bool launch_decode_mirrored(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfloat16* bias,
+                            __nv_bfloat16* y, const W4PeerMirror& mirror, int sm_count, const W4GemmOptions& o,
+                            cudaStream_t stream) {
+  if (!decode_takes(m, &w, 1) || w.n % 8 != 0 || m > mirror.max_rows) return false;
+  const DecodePlan plan = choose_plan(m, &w, 1, sm_count, o);
+  if (plan.R == 0) return false;
+  launch_plan(plan, x, m, &w, 1, &bias, &y, o, stream, nullptr, nullptr, &mirror);
   return true;
 }
 

@@ -618,6 +618,23 @@ void w4a16_gemm(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfl
   }
 }
 
+bool w4a16_gemm_mirrored(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfloat16* bias,
+                         __nv_bfloat16* y, const W4PeerMirror& mirror, int sm_count, cudaStream_t stream) {
+  if (m <= 0) return false;
+  check_device_weights(w);
+  SPEAR_CHECK(x && y, "w4a16_gemm_mirrored: null x or y");
+  SPEAR_CHECK(mirror.ranks >= 2 && mirror.ranks <= kW4MirrorMaxRanks && mirror.rank >= 0 &&
+                  mirror.rank < mirror.ranks && mirror.epoch && mirror.max_rows >= 1 &&
+                  mirror.slot_bytes >= int64_t(w.n) * 4 && mirror.slot_bytes % 16 == 0,
+              "w4a16_gemm_mirrored: bad mirror ({} ranks, rank {}, {} rows, slot {} bytes for n {})", mirror.ranks,
+              mirror.rank, mirror.max_rows, mirror.slot_bytes, w.n);
+  for (int q = 0; q < mirror.ranks; ++q)
+    SPEAR_CHECK(mirror.staging[q], "w4a16_gemm_mirrored: rank {}'s staging missing", q);
+  const W4GemmOptions o = options_now();
+  if (o.path == 2 || m > kDecMaxTokens) return false;
+  return launch_decode_mirrored(x, m, w, bias, y, mirror, sm_count, o, stream);
+}
+
 void w4a16_gemm_grouped(const __nv_bfloat16* x, int m, const W4Device* w, int count,
                         const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, void* workspace,
                         size_t workspace_bytes, int sm_count, cudaStream_t stream) {

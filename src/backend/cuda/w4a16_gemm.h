@@ -83,6 +83,25 @@ void w4a16_gemm_grouped(const __nv_bfloat16* x, int m, const W4Device* w, int co
                         const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, void* workspace,
                         size_t workspace_bytes, int sm_count, cudaStream_t stream);
 
+// ---- P2P dual-write (tensor parallelism, DESIGN.md §5): a row-parallel GEMM also stores its partial output into
+// every peer's staging of the fused tail (tp_tail.h), from the decode kernel's epilogue, so the tail kernel finds
+// this rank's rows there without pushing them itself. Each pair of output columns (n, n + 1) of token t becomes
+// one 8-byte store {bf16 y[t][n], bf16 y[t][n + 1], epoch} at byte 4n of the peer's slot (parity, rank, t): half
+// of one of the tail's LL lines, whose epoch the tail checks per half. The epoch is epoch[t] + 1, read from this
+// rank's tail epochs (the tail that follows the GEMM stores it).
+constexpr int kW4MirrorMaxRanks = 8;
+struct W4PeerMirror {
+  unsigned char* staging[kW4MirrorMaxRanks] = {};  // every rank's tail staging as seen from this device
+  const uint32_t* epoch = nullptr;                 // this rank's tail epochs [max_rows]
+  int ranks = 0, rank = 0, max_rows = 0;           // ranks <= 1: no mirror
+  int64_t slot_bytes = 0;                          // bytes of one [parity][source][row] slot
+};
+// w4a16_gemm (count 1), with the output also stored as above. Runs only when the decode kernel takes the launch
+// (m <= 32 and a plan fits), n is a multiple of 8 and m <= mirror.max_rows: returns true. Otherwise launches
+// nothing and returns false (the caller runs w4a16_gemm and the tail pushes the rows).
+bool w4a16_gemm_mirrored(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfloat16* bias,
+                         __nv_bfloat16* y, const W4PeerMirror& mirror, int sm_count, cudaStream_t stream);
+
 // ---- Error compensators fused into the decode kernel (m <= 32; DESIGN.md §5, spear/compensator.h):
 //   y += B·(g ⊙ z),  z = A·x,  g = 1 + tanh(W2·silu(W1·z + b1) + b2)
 // in the same launch as y = x·Wᵀ. The first CTAs to start (an atomic ticket: only CTAs that are running take

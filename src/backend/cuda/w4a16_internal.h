@@ -36,6 +36,11 @@ void set_decode_max_smem(int T, bool grouped, int bytes);
 bool launch_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
                    __nv_bfloat16* const* y, int sm_count, const W4GemmOptions& o, cudaStream_t stream);
 
+// The decode kernel with the P2P dual-write of its output (w4a16_decode.cu); false when it cannot take it.
+bool launch_decode_mirrored(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfloat16* bias,
+                            __nv_bfloat16* y, const W4PeerMirror& mirror, int sm_count, const W4GemmOptions& o,
+                            cudaStream_t stream);
+
 // The decode launch with fused error compensators (w4a16_decode.cu); false when it cannot take it.
 bool ec_fusable(int m, const W4Device* w, int count, const W4EcDevice* const* ec);
 bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4EcDevice* const* ec,
