@@ -123,9 +123,14 @@ TEST(LatencyTable, MeasuredOnTheModelAndUsedByTheEngine) {
   ASSERT_EQ(m.tokens, (std::vector<int>{1, 8, 32, 64}));
   // The batches (up to 4 decodes beside a 32-token chunk) stay within the table's 64 tokens: residuals then come
   // from the cached context, not from extrapolating the table (which made the fit land at zero now and then).
-  m.measure_batches(*model, 3, 4, 64);
-  EXPECT_GE(m.ms_per_kpair, 0);
-  EXPECT_GE(m.ms_per_seq, 0);
+  // The fit is over a few millisecond timings: on a loaded machine (CI's two cores shared with a build) one
+  // measurement can still come out flat, so up to three are taken; a fit that never sees the cost fails.
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    m.measure_batches(*model, 3, 4, 64);
+    EXPECT_GE(m.ms_per_kpair, 0);
+    EXPECT_GE(m.ms_per_seq, 0);
+    if (m.ms_per_kpair + m.ms_per_seq > 0) break;
+  }
   EXPECT_GT(m.ms_per_kpair + m.ms_per_seq, 0) << "decodes over cached context cost nothing extra?";
   for (size_t i = 0; i < m.ms.size(); ++i) {
     EXPECT_GT(m.ms[i], 0);
