@@ -32,6 +32,35 @@ std::optional<ApiError> number(const json& j, const char* key, T lo, T hi, T& ou
   return std::nullopt;
 }
 
+// Options this server cannot honour, asked for: a 400 naming the option, not a reply that silently lacks what was
+// asked (null, false, 0, an empty string or array, or {"type": "text"} ask for nothing and pass).
+std::optional<ApiError> refuse_unsupported(const json& j, bool chat) {
+  auto asked = [&](const char* key) {
+    if (!j.contains(key)) return false;
+    const json& v = j[key];
+    if (v.is_null()) return false;
+    if (v.is_boolean()) return v.get<bool>();
+    if (v.is_number()) return v.get<double>() != 0;
+    if (v.is_string() || v.is_array() || v.is_object()) return !v.empty();
+    return true;
+  };
+  if (asked("logprobs") || asked("top_logprobs"))
+    return bad("log probabilities are not supported by this server", asked("logprobs") ? "logprobs" : "top_logprobs");
+  if (!chat && j.contains("best_of") && !j["best_of"].is_null() &&
+      !(j["best_of"].is_number_integer() && j["best_of"].get<int64_t>() == 1))
+    return bad("only best_of = 1 is supported", "best_of");
+  if (!chat && asked("suffix")) return bad("'suffix' (insertion) is not supported", "suffix");
+  if (chat) {
+    for (const char* key : {"tools", "functions", "tool_choice", "function_call"})
+      if (asked(key) && !(j[key].is_string() && j[key].get<std::string>() == "none"))
+        return bad("tool and function calling are not supported", key);
+    if (asked("response_format") &&
+        !(j["response_format"].is_object() && j["response_format"].value("type", "") == "text"))
+      return bad("only the text response format is supported", "response_format");
+  }
+  return std::nullopt;
+}
+
 }  // namespace
 
 std::variant<GenerationRequest, ApiError> parse_request(const std::string& body, bool chat,
@@ -53,6 +82,7 @@ std::variant<GenerationRequest, ApiError> parse_request(const std::string& body,
                       "invalid_request_error", "model"};
   }
   r.model = served_model;
+  if (auto e = refuse_unsupported(j, chat)) return *e;
   if (chat) {
     if (!j.contains("messages") || !j["messages"].is_array() || j["messages"].empty())
       return bad("'messages' must be a non-empty array", "messages");

@@ -85,6 +85,7 @@ def main():
             (dict(model="nope", prompt="x"), openai.NotFoundError, "unknown model is a 404"),
             (dict(model="ref", prompt="word " * 2000), openai.BadRequestError, "prompt longer than the context is a 400"),
             (dict(model="ref", prompt="x", temperature=5), openai.BadRequestError, "temperature out of range is a 400"),
+            (dict(model="ref", prompt="x", logprobs=2), openai.BadRequestError, "unsupported logprobs is a 400"),
         ]:
             try:
                 client.completions.create(**kwargs)

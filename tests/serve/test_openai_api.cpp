@@ -57,6 +57,23 @@ TEST(OpenAiApi, RejectsBadRequestsWithStatusAndParam) {
   EXPECT_EQ(error_of(R"({"messages":[]})", true).param, "messages");
   EXPECT_EQ(error_of(R"({"messages":[{"role":"tool","content":"x"}]})", true).param, "messages");
   EXPECT_EQ(error_of(R"({"messages":[{"role":"user"}]})", true).param, "messages");
+  // Options the server cannot honour are refused by name, not answered without them; asking for nothing passes.
+  EXPECT_EQ(error_of(R"({"prompt":"x","logprobs":5})").param, "logprobs");
+  EXPECT_EQ(error_of(R"({"prompt":"x","best_of":3})").param, "best_of");
+  EXPECT_EQ(error_of(R"({"prompt":"x","suffix":"end"})").param, "suffix");
+  EXPECT_EQ(error_of(R"({"messages":[{"role":"user","content":"x"}],"logprobs":true})", true).param, "logprobs");
+  EXPECT_EQ(error_of(R"({"messages":[{"role":"user","content":"x"}],"top_logprobs":2})", true).param, "top_logprobs");
+  EXPECT_EQ(error_of(R"({"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]})", true).param,
+            "tools");
+  EXPECT_EQ(
+      error_of(R"({"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}})", true).param,
+      "response_format");
+  for (const char* ok : {R"({"prompt":"x","logprobs":null,"best_of":1,"suffix":null,"echo":false})",
+                         R"({"prompt":"x","logprobs":0})"})
+    EXPECT_TRUE(std::holds_alternative<GenerationRequest>(parse_request(ok, false, "m"))) << ok;
+  for (const char* ok : {R"({"messages":[{"role":"user","content":"x"}],"logprobs":false,"tools":[],)"
+                         R"("tool_choice":"none","response_format":{"type":"text"}})"})
+    EXPECT_TRUE(std::holds_alternative<GenerationRequest>(parse_request(ok, true, "m"))) << ok;
   const auto body = error_of("{bad").body();
   EXPECT_TRUE(body["error"]["message"].is_string());
   EXPECT_EQ(body["error"]["type"], "invalid_request_error");
