@@ -16,8 +16,16 @@ done
 du -sh .devrun/bin .devrun/lib
 # The working tree already takes most of the 64 MiB a device call carries: send one xz bundle.
 mkdir -p .devrun/carry
-# A SPEAR package of the reference model without its quantized weights (made here by `spear calibrate
-# --preset fast`; they are the deterministic RTN weights that `spear quantize` rebuilds on the device).
+# The evaluation text the device stages read (the device machine has no ../shared).
+mkdir -p .devrun/data
+[[ -f .devrun/data/test.txt ]] || cp ../shared/data/test.txt .devrun/data/
+# A SPEAR package of the reference model without its quantized weights (made here once by `spear calibrate
+# --preset fast`, about 2 minutes on 2 cores; its weights are the deterministic RTN ones that `spear quantize`
+# rebuilds on the device).
+if [[ ! -d .devrun/ref-spear && -x "$B/spear" ]]; then
+  "$B/spear" calibrate --model models/ref-llama-23m --out .devrun/ref-spear --method rtn --bits 4 --budget 0.01 \
+    --preset fast > .devrun/calibrate.log 2>&1 && rm -f .devrun/ref-spear/model.safetensors
+fi
 extra=$([[ -d .devrun/ref-spear ]] && echo ref-spear)
 tar cJf .devrun/carry/bundle.tar.xz -C .devrun bin lib data/test.txt $extra
 du -sh .devrun/carry
