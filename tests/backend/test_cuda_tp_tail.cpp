@@ -454,13 +454,7 @@ TEST_F(CudaTpTail, GemmEpilogueDualWriteEqualsTailPush) {
         auto calls = make_calls(H, ec.get(), Ts, K);  // xs: the GEMM's input [T, K] per call and rank
         auto run = [&](bool mirrored) {
           for (int q = 0; q < ranks; ++q) {  // rank by rank, so the ranks start far apart
-            cuda::W4PeerMirror mirror;
-            for (int r = 0; r < ranks; ++r) mirror.staging[r] = peers_[size_t(q)].staging[r];
-            mirror.epoch = peers_[size_t(q)].epoch;
-            mirror.ranks = ranks;
-            mirror.rank = q;
-            mirror.max_rows = peers_[size_t(q)].max_rows;
-            mirror.slot_bytes = peers_[size_t(q)].slot_bytes;
+            const cuda::W4PeerMirror mirror = cuda::tp_tail_mirror(peers_[size_t(q)], q);
             for (size_t i = 0; i < Ts.size(); ++i) {
               const bf16* x = calls->dxs[i][size_t(q)]->b();
               bf16* y = calls->dy[i][size_t(q)]->b();

@@ -285,15 +285,9 @@ void CudaBackend::setup_p2p() {
   p2p_peers_ = peers;
   p2p_ = true;
   if (tail) {
-    tail_peers.epoch = tail_bufs_.epoch;
-    tail_peers.ranks = ranks;
-    tail_peers.max_rows = tail_bufs_.max_rows;
-    tail_peers.max_h = tail_bufs_.max_h;
-    tail_peers.max_rank = tail_bufs_.max_rank;
-    tail_peers.slot_bytes = tail_bufs_.slot_bytes;
-    tail_peers.z_offset = tail_bufs_.z_offset;
-    tail_peers.timeout_ns = p2p_timeout_ns_;
-    tail_peers_ = tail_peers;
+    tail_peers_ = tp_tail_peers_of(tail_bufs_);
+    for (int q = 0; q < ranks; ++q) tail_peers_.staging[q] = tail_peers.staging[q];
+    tail_peers_.timeout_ns = p2p_timeout_ns_;
     tail_ = true;
   }
   // No rank launches the kernel before every rank's buffers are zeroed (p2p_alloc_rank_buffers) and mapped.
@@ -415,14 +409,7 @@ bool CudaBackend::row_parallel_tail(const Tensor& in, const Linear& lin, Tensor&
   if (gemm_push_ && l.quantized && !w4_dequant_ready(T)) {
     __nv_bfloat16* y = bf(y_part);
     tune_w4_once(bf(in), T, &l.w4, 1, &y);
-    W4PeerMirror mirror;
-    static_assert(kW4MirrorMaxRanks >= kTpTailMaxRanks);
-    for (int q = 0; q < tail_peers_.ranks; ++q) mirror.staging[q] = tail_peers_.staging[q];
-    mirror.epoch = tail_peers_.epoch;
-    mirror.ranks = tail_peers_.ranks;
-    mirror.rank = tp_rank();
-    mirror.max_rows = tail_peers_.max_rows;
-    mirror.slot_bytes = tail_peers_.slot_bytes;
+    const W4PeerMirror mirror = tp_tail_mirror(tail_peers_, tp_rank());
     auto prof = prof_->scope("linear.w4a16_dual_write");
     mirrored = w4a16_gemm_mirrored(bf(in), T, l.w4, l.bias.bytes() ? l.bias.as<__nv_bfloat16>() : nullptr, y, mirror,
                                    sm_count_, stream_);

@@ -29,4 +29,23 @@ struct DeviceInfo {
 int device_count();
 DeviceInfo device_info(int index);
 
+// Sets the current device for the scope and restores the previous one (the P2P and tensor-parallel buffers are
+// allocated on each rank's device from one thread).
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    SPEAR_CUDA_CHECK(cudaGetDevice(&prev_));
+    if (device != prev_) SPEAR_CUDA_CHECK(cudaSetDevice(device));
+  }
+  ~DeviceScope() { cudaSetDevice(prev_); }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int prev_ = 0;
+};
+
+// v rounded up to a multiple of a (buffer layouts).
+constexpr size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
 }  // namespace spear::cuda

@@ -322,23 +322,6 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) p.ll_epoch[b] = e;
 }
 
-size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
-
-// Sets the current device for the scope and restores the previous one.
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    SPEAR_CUDA_CHECK(cudaGetDevice(&prev_));
-    if (device != prev_) SPEAR_CUDA_CHECK(cudaSetDevice(device));
-  }
-  ~DeviceScope() { cudaSetDevice(prev_); }
-  DeviceScope(const DeviceScope&) = delete;
-  DeviceScope& operator=(const DeviceScope&) = delete;
-
- private:
-  int prev_ = 0;
-};
-
 }  // namespace
 
 P2pRankBuffers p2p_alloc_rank_buffers(int device, int ranks, int64_t capacity) {

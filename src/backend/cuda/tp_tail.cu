@@ -417,23 +417,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (R > 1 && threadIdx.x == 0) p.epoch[t] = e;
 }
 
-size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
-
-// Sets the current device for the scope and restores the previous one.
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    SPEAR_CUDA_CHECK(cudaGetDevice(&prev_));
-    if (device != prev_) SPEAR_CUDA_CHECK(cudaSetDevice(device));
-  }
-  ~DeviceScope() { cudaSetDevice(prev_); }
-  DeviceScope(const DeviceScope&) = delete;
-  DeviceScope& operator=(const DeviceScope&) = delete;
-
- private:
-  int prev_ = 0;
-};
-
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace
@@ -482,18 +465,36 @@ void tp_tail_free_rank_buffers(TpTailRankBuffers& b) {
   b = TpTailRankBuffers{};
 }
 
+TpTailPeers tp_tail_peers_of(const TpTailRankBuffers& mine) {
+  TpTailPeers p;
+  p.ranks = mine.ranks;
+  p.max_rows = mine.max_rows;
+  p.max_h = mine.max_h;
+  p.max_rank = mine.max_rank;
+  p.slot_bytes = mine.slot_bytes;
+  p.z_offset = mine.z_offset;
+  p.epoch = mine.epoch;
+  return p;
+}
+
+W4PeerMirror tp_tail_mirror(const TpTailPeers& peers, int rank) {
+  static_assert(kW4MirrorMaxRanks >= kTpTailMaxRanks, "a mirror holds every rank's staging");
+  W4PeerMirror m;
+  for (int q = 0; q < peers.ranks; ++q) m.staging[q] = peers.staging[q];
+  m.epoch = peers.epoch;
+  m.ranks = peers.ranks;
+  m.rank = rank;
+  m.max_rows = peers.max_rows;
+  m.slot_bytes = peers.slot_bytes;
+  return m;
+}
+
 TpTailPeers tp_tail_peers_in_process(const std::vector<TpTailRankBuffers>& all, int rank) {
   const int ranks = int(all.size());
   SPEAR_CHECK(ranks >= 2 && ranks <= kTpTailMaxRanks, "tp tail: {} ranks (supported: 2..{})", ranks, kTpTailMaxRanks);
   SPEAR_CHECK(rank >= 0 && rank < ranks, "tp tail: rank {} out of [0, {})", rank, ranks);
   const TpTailRankBuffers& b0 = all[0];
-  TpTailPeers p;
-  p.ranks = ranks;
-  p.max_rows = b0.max_rows;
-  p.max_h = b0.max_h;
-  p.max_rank = b0.max_rank;
-  p.slot_bytes = b0.slot_bytes;
-  p.z_offset = b0.z_offset;
+  TpTailPeers p = tp_tail_peers_of(all[size_t(rank)]);
   for (int q = 0; q < ranks; ++q) {
     const TpTailRankBuffers& b = all[size_t(q)];
     SPEAR_CHECK(
@@ -503,7 +504,6 @@ TpTailPeers tp_tail_peers_in_process(const std::vector<TpTailRankBuffers>& all, 
         q, b.ranks, b.max_rows, b.max_h, b.max_rank, ranks, b0.max_rows, b0.max_h, b0.max_rank);
     p.staging[q] = b.staging;
   }
-  p.epoch = all[size_t(rank)].epoch;
   return p;
 }
 

@@ -31,6 +31,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "backend/cuda/w4a16_gemm.h"
+
 namespace spear::cuda {
 
 constexpr int kTpTailMaxRanks = 8;
@@ -78,9 +80,17 @@ struct TpTailPeers {
   uint64_t timeout_ns = 0;
 };
 
+// This rank's geometry and epochs from its own buffers (what every rank's TpTailPeers shares); the staging
+// pointers of the ranks are left for the caller to map.
+TpTailPeers tp_tail_peers_of(const TpTailRankBuffers& mine);
+
 // The peers of `rank` when every rank's buffers live in this process, on devices with peer access enabled between
 // them (or all on one device: tests simulate R ranks on one GPU that way).
 TpTailPeers tp_tail_peers_in_process(const std::vector<TpTailRankBuffers>& all, int rank);
+
+// Where `rank`'s row-parallel W4 GEMM stores its rows for the dual-write (w4a16_gemm_mirrored): the peers'
+// staging and this rank's epochs.
+W4PeerMirror tp_tail_mirror(const TpTailPeers& peers, int rank);
 
 // One module's compensator as this rank holds it (CudaEc of the rank's shard). rank == 0: no EC.
 struct TpTailEc {
