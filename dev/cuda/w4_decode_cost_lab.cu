@@ -199,12 +199,115 @@ __global__ void __launch_bounds__(256, 3) stream_kernel(const __grid_constant__ 
   a.ws[slot * 32 + lane] = make_float4(c[0][0] + c[1][0], c[0][1] + c[1][1], c[0][2] + c[1][2], c[0][3] + c[1][3]);
 }
 
+
+// Bulk (TMA) stream: CTA = R consecutive tiles over all of k (one contiguous region of the tile-major matrix), read
+// by one producer thread as cp.async.bulk chunks of CH k-blocks into an NS-stage shared-memory ring (mbarrier
+// full / empty pairs); all of the CTA's first NS chunks are requested before anything else. 8 consumer warps
+// take the chunk's k-blocks round-robin; the CTA's sum in shared memory, no cross-CTA reduction.
+__device__ __forceinline__ void mbar_init(uint64_t* b, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* b, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned parity) {
+  asm volatile(
+      "{\n .reg .pred p;\n W: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra W;\n}" ::"r"(smem_u32(b)),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes, uint64_t* bar, uint64_t pol) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
+          smem_u32(dst)),
+      "l"(src), "r"(bytes), "r"(smem_u32(bar)), "l"(pol)
+      : "memory");
+}
+
+template <int NS, int CH, int R>
+__global__ void __launch_bounds__(288, 2) bulk_kernel(const __grid_constant__ Args a, int k) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ uint64_t full[NS], empty[NS];
+  __shared__ float4 red[8][R][32];
+  uint4* ring = reinterpret_cast<uint4*>(smem);  // [NS][CH · 32]
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(ring + NS * CH * 32);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int tile0 = blockIdx.x * R, nt = min(R, a.n_tiles - tile0);
+  const int chunks_per_tile = (a.kblocks + CH - 1) / CH, nchunks = nt * chunks_per_tile;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < NS; ++i) mbar_init(&full[i], 1), mbar_init(&empty[i], 8);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  const uint4* src = a.q + size_t(tile0) * a.kblocks * 32;
+  auto chunk_kb = [&](int c) { const int j = c % chunks_per_tile; return min(CH, a.kblocks - j * CH); };
+  auto chunk_src = [&](int c) { return src + (size_t(c / chunks_per_tile) * a.kblocks + (c % chunks_per_tile) * CH) * 32; };
+  if (warp == 8) {  // producer
+    if (lane == 0) {
+      const uint64_t pol = evict_first_policy();
+      for (int c = 0; c < nchunks; ++c) {
+        const int s = c % NS;
+        if (c >= NS) mbar_wait(&empty[s], ((c / NS) - 1) & 1);
+        const unsigned bytes = unsigned(chunk_kb(c)) * 512;
+        mbar_expect_tx(&full[s], bytes);
+        bulk_load(ring + s * CH * 32, chunk_src(c), bytes, &full[s], pol);
+      }
+    }
+    return;
+  }
+  // Consumers: x (one row, all of k), then the chunks.
+  for (int i = threadIdx.x; i < k / 8; i += 256) cp_async16(smem_u32(xs + i * 8), a.x + i * 8, true);
+  cp_async_commit();
+  cp_async_wait<0>();
+  asm volatile("bar.sync 1, 256;" ::: "memory");
+  const uint32_t xa = smem_u32(xs) + ((lane >> 3) & 1) * 16;
+  float c2[R][2][4] = {};
+  for (int c = 0; c < nchunks; ++c) {
+    const int s = c % NS, r = c / chunks_per_tile, kb0 = (c % chunks_per_tile) * CH, n = chunk_kb(c);
+    mbar_wait(&full[s], (c / NS) & 1);
+    for (int j = warp; j < n; j += 8) {
+      const uint4 w = ring[(s * CH + j) * 32 + lane];
+      const uint32_t ws4[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int st = 0; st < 4; ++st) {
+        uint32_t f[4], b0, b1;
+        dequant_fragment(ws4[st], 0xC300C300u, 0xC300C300u, f);
+        ldmatrix_x2(xa + (kb0 + j) * 128 + st * 32, b0, b1);
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr)
+          if (rr == r) mma_bf16(c2[rr][st & 1], f, b0, b1);
+      }
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[s]);
+  }
+#pragma unroll
+  for (int rr = 0; rr < R; ++rr)
+    red[warp][rr][lane] = make_float4(c2[rr][0][0] + c2[rr][1][0], c2[rr][0][1] + c2[rr][1][1], c2[rr][0][2] + c2[rr][1][2],
+                                      c2[rr][0][3] + c2[rr][1][3]);
+  asm volatile("bar.sync 1, 256;" ::: "memory");
+  if (warp < nt) {
+    float4 t = red[0][warp][lane];
+    for (int q = 1; q < 8; ++q) {
+      const float4 u = red[q][warp][lane];
+      t.x += u.x, t.y += u.y, t.z += u.z, t.w += u.w;
+    }
+    const int g = lane >> 2, tile = tile0 + warp;
+    a.y[size_t(tile) * 16 + g] = __float2bfloat16(t.x);
+    a.y[size_t(tile) * 16 + g + 8] = __float2bfloat16(t.z);
+  }
+}
+
 struct Shape {
   const char* name;
   int n, k;
 };
 
-int main() {
+int main(int argc, char** argv) {
+  const bool only_bulk = argc > 1;
   int sms = 0, l2 = 0;
   CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   CK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
@@ -262,6 +365,7 @@ int main() {
                 {"+x+clu", part_kernel<true, 3>, true}};
     for (int R : {1, 2})
       for (int S : {1, 2, 4, 8}) {
+        if (only_bulk && !(R == 1 && (S == 1 || S == 4))) continue;
         const int KS = 8 / R, kbw = (kblocks + KS * S - 1) / (KS * S);
         if (S > 1 && (S - 1) * KS * kbw >= kblocks) continue;
         for (const auto& var : vars) {
@@ -296,6 +400,25 @@ int main() {
                stream_kernel<<<blocks, 256, size_t(s.k) * 2, st>>>(a, s.k);
              }));
     }
+
+    auto bulk = [&](const char* name, auto fn, int NS, int CH, int R) {
+      const size_t smem = size_t(NS) * CH * 512 + size_t(s.k) * 2;
+      CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      char v[64];
+      std::snprintf(v, sizeof v, "%s NS%d CH%d R%d", name, NS, CH, R);
+      const int blocks = (n_tiles + R - 1) / R;
+      report(v, timeit([&](const uint4* p) {
+               Args a{p, x, ws, counters, y, n_tiles, kblocks, R, 0, 1};
+               fn<<<blocks, 288, smem, st>>>(a, s.k);
+             }));
+    };
+    bulk("bulk", bulk_kernel<4, 16, 1>, 4, 16, 1);
+    bulk("bulk", bulk_kernel<8, 16, 1>, 8, 16, 1);
+    bulk("bulk", bulk_kernel<4, 32, 1>, 4, 32, 1);
+    bulk("bulk", bulk_kernel<8, 8, 1>, 8, 8, 1);
+    bulk("bulk", bulk_kernel<4, 16, 2>, 4, 16, 2);
+    bulk("bulk", bulk_kernel<6, 16, 2>, 6, 16, 2);
+    bulk("bulk", bulk_kernel<8, 16, 4>, 8, 16, 4);
     CK(cudaFree(buf));
   }
   return 0;
