@@ -276,6 +276,7 @@ void compare_outputs(const __nv_bfloat16* y, const float* yref, size_t count, do
 }
 
 std::string plan_name(std::pair<int, int> rs) {
+  if (rs.first < 0) return "bulk";
   return rs.first ? "R" + std::to_string(rs.first) + "S" + std::to_string(rs.second) : "general";
 }
 

@@ -347,6 +347,32 @@ TEST(W4A16Decode, ForcedPlansMatchReference) {
     }
 }
 
+// The bulk-copy kernel (decode_rows = -1) against the reference: per channel and grouped (groups of 16 change
+// inside a k-block), k not a multiple of 64, a last stage shorter than the others, more chunks than stages (the
+// ring wraps), grouped launches of 3 matrices with bias, m = 1..8 (and m > 8, where the planner's kernel runs).
+TEST(W4A16Decode, BulkKernelMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  if (cuda::device_info(0).major < 9) GTEST_SKIP() << "the bulk-copy kernel needs sm_90";
+  const int sms = cuda::device_info(0).sm_count;
+  cuda::W4GemmOptions o;
+  o.decode_rows = -1;
+  ScopedW4Options scoped(o);
+  struct Case {
+    int n, k, group;
+  };
+  const Case cases[] = {{100, 1000, -1}, {513, 1000, 32}, {1024, 4096, 128}, {48, 9000, 16},
+                        {64, 14336, 128}, {40, 64, 16},    {272, 8256, -1}};
+  uint32_t seed = 20700;
+  for (const Case& c : cases) {
+    SCOPED_TRACE("n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) + " group=" + std::to_string(c.group));
+    UploadedW4 w(cuda::w4_prepare(random_quantized(c.n, c.k, 4, c.group, seed)));
+    EXPECT_EQ(cuda::w4a16_decode_plan(1, &w.dev, 1, sms).first, -1);
+    check_fast_against_reference(c.n, c.k, c.group, 4, {1, 2, 5, 8, 9}, {sms}, seed);
+    seed += 100;
+    if (HasFailure()) return;
+  }
+}
+
 // Tuning picks a plan per launch shape (token tiles, matrices) and later launches of that shape use it: still
 // right, whichever plan won; forgetting the plans works.
 TEST(W4A16Decode, TunedPlansMatchReference) {
@@ -553,6 +579,19 @@ TEST(W4A16Grouped, QkvAndGateUpMatchSeparateCalls) {
   check_grouped({100, 17, 513, 64}, 256, {-1, -1, -1, -1}, 60300);
   check_grouped({256, 300}, 512, {-1, 32}, 60400);  // mixed kinds: separate launches
   check_grouped({300}, 512, {32}, 60500);           // count 1
+}
+
+// The same through the bulk-copy kernel (m <= 8; the planner's kernel above): one CTA per tile of any member.
+TEST(W4A16Grouped, BulkKernelMatchesSeparateCalls) {
+  SKIP_WITHOUT_GPU();
+  if (cuda::device_info(0).major < 9) GTEST_SKIP() << "the bulk-copy kernel needs sm_90";
+  cuda::W4GemmOptions o;
+  o.decode_rows = -1;
+  ScopedW4Options scoped(o);
+  check_grouped({512, 128, 128}, 1024, {-1, -1, -1}, 61000);
+  check_grouped({512, 128, 128}, 2048, {128, 128, 128}, 61100);
+  check_grouped({1000, 1000}, 777, {64, 64}, 61200);
+  check_grouped({100, 17, 513, 64}, 256, {-1, -1, -1, -1}, 61300);
 }
 
 TEST(W4A16Grouped, RejectsBadArguments) {

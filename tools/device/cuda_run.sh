@@ -7,6 +7,8 @@
 #   gemm    bench_w4_gemm: W4A16 vs cuBLAS BF16 on the 1B and 8B linear shapes
 #   sweep   bench_w4_gemm --quick under each forced decode plan (SPEAR_W4_DECODE_ROWS / _SPLITS)
 #   ppl     GPU perplexity of the reference model and its RTN W4 package on all of test.txt
+#   bulkab:LIKE  bench decode of a LIKE-shaped W4 model at batch 1 and 8, decode plans tuned with and without the
+#             bulk-copy kernel (SPEAR_W4_BULK=1 / 0, twice each, alternating)
 #   e2e:LIKE  make-model --like LIKE (bf16 + W4 package) and bench decode at batch 1, 8, 32
 #   ec:LIKE   issue 6 on a LIKE-shaped W4 model: spear tune (EC dispatch table, random ECs on every linear),
 #             then bench decode at batch 1, 8, 32 with random ECs on 15/38/60% of the linears under the naive,
@@ -265,6 +267,14 @@ for stage in "$@"; do
         --print-units base --print-kernel-base function "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" \
         --batch 1 --steps 3 --warmup 2 > "$R/kprof-$like.csv" 2> "$R/kprof-$like.err"
       python3 tools/device/kernel_breakdown.py "$R/kprof-$like.csv" $ms | tee "$R/kprof-$like.txt" ;;
+    bulkab:*)
+      like=${stage#bulkab:}
+      t "bench decode $like W4: tuning with and without the bulk-copy kernel (SPEAR_W4_BULK)"
+      [[ -d "/tmp/$like-w4" ]] || "$BIN/spear" make-model --like "$like" --random --out "/tmp/$like" --quantize-out "/tmp/$like-w4" 2>&1 | tail -1
+      for b in 1 0 1 0; do
+        SPEAR_W4_BULK=$b "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch 1,8 --steps 64 \
+          --out "$R/bulkab-$like-$b.json" 2>&1 | tee -a "$R/bulkab-$like.log" | grep -E "ms/step|^/tmp" | sed "s/^/bulk=$b /"
+      done ;;
     e2e:*)
       like=${stage#e2e:}
       t "make-model $like"

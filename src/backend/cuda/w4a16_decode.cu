@@ -691,6 +691,15 @@ DecodePlan choose_plan(int m, const W4Device* w, int count, int sm_count, const 
     const auto it = g_tuned.find(tune_key(T, w, count, ec));
     if (it != g_tuned.end()) std::tie(fr, fs) = it->second;
   }
+  if (fr == kBulkPlan) {
+    if (!ec && bulk_takes(m, w, count)) {
+      DecodePlan bulk;
+      bulk.R = kBulkPlan;
+      bulk.S = 1;
+      return bulk;
+    }
+    fr = fs = 0;
+  }
   DecodePlan plan = plan_decode(T, m, w, count, sm_count, fr, fs, ec);
   if (plan.R == 0 && (fr || fs)) plan = plan_decode(T, m, w, count, sm_count, 0, 0, ec);
   return plan;
@@ -704,7 +713,10 @@ bool launch_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, 
   if (!decode_takes(m, w, count)) return false;
   const DecodePlan plan = choose_plan(m, w, count, sm_count, o);
   if (plan.R == 0) return false;
-  launch_plan(plan, x, m, w, count, bias, y, o, stream);
+  if (plan.R == kBulkPlan)
+    launch_bulk(x, m, w, count, bias, y, o, stream);
+  else
+    launch_plan(plan, x, m, w, count, bias, y, o, stream);
   return true;
 }
 
@@ -712,7 +724,8 @@ bool launch_decode_mirrored(const __nv_bfloat16* x, int m, const W4Device& w, co
                             __nv_bfloat16* y, const W4PeerMirror& mirror, int sm_count, const W4GemmOptions& o,
                             cudaStream_t stream) {
   if (!decode_takes(m, &w, 1) || w.n % 8 != 0 || m > mirror.max_rows) return false;
-  const DecodePlan plan = choose_plan(m, &w, 1, sm_count, o);
+  DecodePlan plan = choose_plan(m, &w, 1, sm_count, o);
+  if (plan.R == kBulkPlan) plan = plan_decode(token_tiles(m), m, &w, 1, sm_count, 0, 0);  // no dual-write there
   if (plan.R == 0) return false;
   launch_plan(plan, x, m, &w, 1, &bias, &y, o, stream, nullptr, nullptr, &mirror);
   return true;
@@ -738,7 +751,10 @@ bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int coun
   const EcPlanInfo info = ec_plan_info(w[0].k, count, ec);
   const DecodePlan plan = choose_plan(m, w, count, sm_count, o, info.n ? &info : nullptr);
   if (plan.R == 0) return false;
-  launch_plan(plan, x, m, w, count, bias, y, o, stream, ec, info.n ? &info : nullptr);
+  if (plan.R == kBulkPlan)  // only chosen when no matrix has a compensator
+    launch_bulk(x, m, w, count, bias, y, o, stream);
+  else
+    launch_plan(plan, x, m, w, count, bias, y, o, stream, ec, info.n ? &info : nullptr);
   return true;
 }
 
@@ -784,6 +800,23 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
       const double us = 1e3 * ts[ts.size() / 2];
       if (us < best_us) best_us = us, best = {R, S};
     }
+  if (!ei && o.bulk && bulk_takes(m, w, count)) {
+    std::vector<float> ts;
+    launch_bulk(x, m, w, count, nullptr, y, o, stream);  // warm-up
+    for (int r = 0; r < reps; ++r) {
+      if (flush) SPEAR_CUDA_CHECK(cudaMemsetAsync(flush, r & 0xff, flush_bytes, stream));
+      SPEAR_CUDA_CHECK(cudaEventRecord(ev[0], stream));
+      launch_bulk(x, m, w, count, nullptr, y, o, stream);
+      SPEAR_CUDA_CHECK(cudaEventRecord(ev[1], stream));
+      SPEAR_CUDA_CHECK(cudaEventSynchronize(ev[1]));
+      float ms = 0.f;
+      SPEAR_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[1]));
+      ts.push_back(ms);
+    }
+    std::nth_element(ts.begin(), ts.begin() + ts.size() / 2, ts.end());
+    const double us = 1e3 * ts[ts.size() / 2];
+    if (us < best_us) best_us = us, best = {kBulkPlan, 1};
+  }
   cudaEventDestroy(ev[0]);
   cudaEventDestroy(ev[1]);
   if (best.first == 0) return false;

@@ -421,6 +421,7 @@ const DeviceFacts& device_facts() {
       SPEAR_CUDA_CHECK(cudaFuncSetAttribute(kernel_for(t, g), cudaFuncAttributeMaxDynamicSharedMemorySize, int(most)));
       if (t <= 4) set_decode_max_smem(t, g, int(f.smem_optin));
     }
+  if (f.major >= 9) set_bulk_max_smem(int(f.smem_optin));
   facts.push_back(f);
   return facts.back();
 }
@@ -471,6 +472,7 @@ W4GemmOptions options_now() {
     g_options.path = std::clamp(env_int("SPEAR_W4_PATH", 0), 0, 2);
     g_options.decode_rows = env_int("SPEAR_W4_DECODE_ROWS", 0);
     g_options.decode_splits = env_int("SPEAR_W4_DECODE_SPLITS", 0);
+    g_options.bulk = env_int("SPEAR_W4_BULK", 1) != 0;
     g_options_init = true;
   }
   return g_options;
@@ -578,9 +580,9 @@ void check_gemm_args(const __nv_bfloat16* x, const void* workspace) {
 
 void w4a16_set_options(const W4GemmOptions& o) {
   SPEAR_CHECK(o.path >= 0 && o.path <= 2, "w4a16_set_options: path must be 0, 1 or 2, got {}", o.path);
-  SPEAR_CHECK(o.decode_rows == 0 || o.decode_rows == 1 || o.decode_rows == 2 || o.decode_rows == 4 ||
-                  o.decode_rows == 8,
-              "w4a16_set_options: decode_rows must be 0, 1, 2, 4 or 8, got {}", o.decode_rows);
+  SPEAR_CHECK(o.decode_rows == -1 || o.decode_rows == 0 || o.decode_rows == 1 || o.decode_rows == 2 ||
+                  o.decode_rows == 4 || o.decode_rows == 8,
+              "w4a16_set_options: decode_rows must be -1 (bulk-copy kernel), 0, 1, 2, 4 or 8, got {}", o.decode_rows);
   SPEAR_CHECK(o.decode_splits >= 0 && o.decode_splits <= kDecMaxCluster,
               "w4a16_set_options: decode_splits must be 0..{}, got {}", kDecMaxCluster, o.decode_splits);
   options_now();  // the environment is read first, so a later first use cannot overwrite o

@@ -148,18 +148,20 @@ bool w4a16_tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int cou
 // True when this launch has a tuned plan or the decode kernel does not take it (nothing to tune).
 bool w4a16_decode_tuned(int m, const W4Device* w, int count, const W4EcDevice* const* ec = nullptr);
 void w4a16_clear_tuning();  // forget every tuned plan (tests, benchmarks)
-// The decode plan a launch of this shape runs now: {16-row tiles per CTA, CTAs per cluster}; {0, 0} when the
-// decode kernel does not take it (benchmark reports).
+// The decode plan a launch of this shape runs now: {16-row tiles per CTA, CTAs per cluster}, {-1, 1} for the
+// bulk-copy kernel; {0, 0} when the decode kernel does not take it (benchmark reports).
 std::pair<int, int> w4a16_decode_plan(int m, const W4Device* w, int count, int sm_count);
 
 // Process-wide knobs, for tests, benchmarks and tuning (defaults from the environment when set, read at first
-// use: SPEAR_W4_PDL=0|1, SPEAR_W4_PATH=0|1|2, SPEAR_W4_DECODE_ROWS, SPEAR_W4_DECODE_SPLITS). Not thread-safe
+// use: SPEAR_W4_PDL=0|1, SPEAR_W4_PATH=0|1|2, SPEAR_W4_DECODE_ROWS, SPEAR_W4_DECODE_SPLITS, SPEAR_W4_BULK=0|1). Not thread-safe
 // against GEMMs being enqueued concurrently with a change; results never depend on pdl.
 struct W4GemmOptions {
   bool pdl = true;        // programmatic dependent launch on sm_90+ (off: plain stream order)
   int path = 0;           // 0: auto (decode kernel for m <= 32), 1: same as auto, 2: always the general kernel
-  int decode_rows = 0;    // force the decode kernel's 16-row tiles per CTA (1, 2, 4 or 8); 0: planner
+  int decode_rows = 0;    // force the decode kernel's 16-row tiles per CTA (1, 2, 4 or 8), or -1: the bulk-copy
+                          // kernel where it takes the launch (m <= 8, sm_90+, no compensators); 0: planner
   int decode_splits = 0;  // force the decode kernel's CTAs per cluster along k (1..8); 0: planner
+  bool bulk = true;       // tuning may pick the bulk-copy kernel (off: A/B runs, SPEAR_W4_BULK=0)
 };
 void w4a16_set_options(const W4GemmOptions& options);
 W4GemmOptions w4a16_get_options();

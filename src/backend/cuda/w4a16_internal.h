@@ -53,14 +53,21 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
 bool decode_tuned(int m, const W4Device* w, int count, const W4EcDevice* const* ec);
 std::pair<int, int> decode_plan(int m, const W4Device* w, int count, int sm_count);
 void clear_tuning();
+// The bulk-copy decode kernel (w4a16_decode_bulk.cu): m <= 8 on sm_90+, no compensators; a decode plan with
+// R == kBulkPlan (forced by W4GemmOptions::decode_rows = -1, or picked by tune_decode) runs it.
+constexpr int kBulkPlan = -1;
+bool bulk_takes(int m, const W4Device* w, int count);
+void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
+                 __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream);
+void set_bulk_max_smem(int bytes);  // raises its dynamic shared-memory limit (device_facts())
 
 // One launch with the optional cluster shape (1, cluster_y, 1) and programmatic stream serialization (PDL).
 template <typename Params>
 void launch(void (*kernel)(Params), dim3 grid, size_t smem, int cluster_y, bool pdl, cudaStream_t stream,
-            const Params& params) {
+            const Params& params, int threads = kThreads) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
-  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.blockDim = dim3(unsigned(threads), 1, 1);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attrs[2];

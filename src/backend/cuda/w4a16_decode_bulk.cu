@@ -1,0 +1,266 @@
+// W4A16 decode, bulk-copy variant (sm_90+, m <= 8, no compensators): one CTA per 16-row tile over all of k. The
+// tile's codes are one contiguous region of the tile-major layout, so a producer thread requests them as
+// cp.async.bulk (TMA) copies of kBulkChunk k-blocks into a ring of up to kBulkStages shared-memory stages, the first
+// stages before griddepcontrol.wait; 8 consumer warps take each stage's k-blocks round-robin (mbarrier full / empty
+// pairs). The CTA's partial sums meet in shared memory in warp order: no cluster, no workspace, deterministic.
+//
+// Why it exists (dev/cuda/w4_decode_cost_lab.cu, H200): where a matrix has few tiles and a long k (the down
+// projection), the register-ring kernel must either keep few bytes in flight per warp or split k over CTAs, and
+// the cross-CTA sum costs 2–4 µs; the bulk stream keeps 64 KB per CTA in flight with no split (8B down at m = 1:
+// 13.1 µs vs 17.6 for the register ring with the same work per CTA). Plans are chosen by timing
+// (w4a16_decode.cu: tune_decode), so it only runs where it wins.
+#include <algorithm>
+
+#include "backend/cuda/w4a16_internal.h"
+
+namespace spear::cuda::w4_detail {
+
+namespace {
+
+constexpr int kBulkChunk = 16;   // k-blocks per stage (8 KB of codes)
+constexpr int kBulkStages = 8;   // most stages in flight per CTA
+constexpr int kBulkThreads = kThreads + 32;  // 8 consumer warps + the producer warp
+constexpr int kBulkMaxGroups = 256;          // staged scale groups per tile (96 bytes each)
+
+struct W4BulkMat {
+  const uint4* q;
+  const float* scales;
+  const uint16_t* zeros;
+  const __nv_bfloat16* bias;
+  __nv_bfloat16* y;
+  int n, n_pad, groups, group_steps;  // group_steps: k-steps of 16 per group (0: per channel)
+  int tile_begin;                     // first blockIdx.x of this matrix
+};
+
+struct W4BulkParams {
+  W4BulkMat mat[4];
+  const __nv_bfloat16* x;
+  int count, m, k, kblocks, stages, xs_stride, x_vec;
+};
+
+// Dynamic shared memory: the ring, x [m][xs_stride] bf16, scales [groups][16] fp32, zeros [groups][16] u16,
+// the warps' partial tiles [8][32] float4.
+size_t bulk_smem_bytes(int m, int kblocks, int stages, int gmax) {
+  const size_t xs_stride = size_t(kblocks) * kKBlock + 8;
+  return size_t(stages) * kBulkChunk * 512 + align_up(size_t(m) * xs_stride * 2, 16) + size_t(gmax) * 16 * 6 +
+         size_t(kWarps) * 32 * 16;
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* b, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* b, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned parity) {
+  asm volatile(
+      "{\n .reg .pred p;\n WAIT: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT;\n}" ::"r"(
+          smem_u32(b)),
+      "r"(parity)
+      : "memory");
+}
+// Global → shared bulk copy completing on mbarrier b (bytes and addresses multiples of 16), evict-first in L2.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, uint64_t* b, uint64_t pol) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
+          smem_u32(dst)),
+      "l"(src), "r"(bytes), "r"(smem_u32(b)), "l"(pol)
+      : "memory");
+#endif
+}
+
+__global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __grid_constant__ W4BulkParams p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ uint64_t full[kBulkStages], empty[kBulkStages];
+  const int NS = p.stages;
+  uint4* ring = reinterpret_cast<uint4*>(smem);  // [NS][kBulkChunk][32]
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(ring + NS * kBulkChunk * 32);
+  float* ss = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(xs) +
+                                       ((size_t(p.m) * p.xs_stride * 2 + 15) & ~size_t(15)));
+  int mi = 0;
+#pragma unroll
+  for (int i = 1; i < 4; ++i)
+    if (i < p.count && int(blockIdx.x) >= p.mat[i].tile_begin) mi = i;
+  const W4BulkMat& mt = p.mat[mi];
+  const int gmax = mt.group_steps ? mt.groups : 0;
+  uint16_t* zs = reinterpret_cast<uint16_t*>(ss + gmax * 16);
+  float4* red = reinterpret_cast<float4*>(zs + gmax * 16);  // 16-byte aligned: gmax · 96 bytes before it
+  const int tile = int(blockIdx.x) - mt.tile_begin;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int nchunks = (p.kblocks + kBulkChunk - 1) / kBulkChunk;
+  const uint4* src = mt.q + size_t(tile) * p.kblocks * 32;
+
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < NS; ++i) mbar_init(&full[i], 1), mbar_init(&empty[i], kWarps);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == kWarps) {  // the producer: the first stages now, the rest as the consumers free them
+    if (lane == 0) {
+      const uint64_t pol = evict_first_policy();
+      for (int c = 0; c < nchunks; ++c) {
+        const int s = c % NS;
+        if (c == NS) pdl_launch_dependents();
+        if (c >= NS) mbar_wait(&empty[s], unsigned((c / NS) - 1) & 1u);
+        const unsigned bytes = unsigned(min(kBulkChunk, p.kblocks - c * kBulkChunk)) * 512u;
+        mbar_expect_tx(&full[s], bytes);
+        bulk_copy(ring + s * kBulkChunk * 32, src + size_t(c) * kBulkChunk * 32, bytes, &full[s], pol);
+      }
+      if (nchunks <= NS) pdl_launch_dependents();
+    }
+    return;
+  }
+
+  // Consumers. Scales and zero points are load-time constants: fetched before the wait, like the codes.
+  const int g = lane >> 2, t = lane & 3;
+  const int r_lo = tile * 16 + g, r_hi = r_lo + 8;
+  uint32_t nz_lo = 0, nz_hi = 0;
+  float sc_lo = 0.f, sc_hi = 0.f;
+  if (gmax) {
+    for (int i = threadIdx.x; i < gmax * 4; i += kThreads)  // [groups][16] fp32: 4 segments per group
+      cp_async16(smem_u32(ss + i * 4), mt.scales + size_t(i / 4) * mt.n_pad + tile * 16 + (i % 4) * 4, true);
+    for (int i = threadIdx.x; i < gmax * 2; i += kThreads)  // [groups][16] u16: 2 segments per group
+      cp_async16(smem_u32(zs + i * 8), mt.zeros + size_t(i / 2) * mt.n_pad + tile * 16 + (i % 2) * 8, true);
+  } else {
+    load_channel_params(mt.scales, mt.zeros, r_lo, r_hi, nz_lo, nz_hi, sc_lo, sc_hi);
+  }
+  pdl_launch_dependents();
+  pdl_wait();
+  {  // x rows [0, m), all of k_pad (zero beyond k)
+    const int segs = p.kblocks * (kKBlock / 8);
+    for (int i = threadIdx.x; i < p.m * segs; i += kThreads) {
+      const int r = i / segs, cs = i - r * segs;
+      stage_x_segment(xs + r * p.xs_stride + cs * 8, p.x, p.k, r, cs * 8, p.k, true, p.x_vec);
+    }
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory");
+
+  // ldmatrix rows: token rows >= m alias row 0 (computed, never stored).
+  const int lrow = ldmatrix_row<1>(lane);
+  const uint32_t xrow = smem_u32(xs) + uint32_t((lrow < p.m ? lrow : 0) * p.xs_stride * 2) + ((lane >> 3) & 1) * 16;
+  float acc[1][4], part[1][4];
+  zero_accumulators<1>(acc, part);
+  int grp = -1;  // the group whose parameters are loaded (grouped)
+  for (int c = 0; c < nchunks; ++c) {
+    const int s = c % NS, kb0 = c * kBulkChunk, nkb = min(kBulkChunk, p.kblocks - kb0);
+    mbar_wait(&full[s], unsigned(c / NS) & 1u);
+    for (int j = warp; j < nkb; j += kWarps) {
+      const uint4 w = ring[(s * kBulkChunk + j) * 32 + lane];
+      const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+      const int kb = kb0 + j;
+#pragma unroll
+      for (int st = 0; st < 4; ++st) {
+        if (gmax) {
+          const int gi = min((kb * 4 + st) / mt.group_steps, mt.groups - 1);
+          if (gi != grp) {
+            if (grp >= 0) fold_group<1>(acc, part, sc_lo, sc_hi);
+            grp = gi;
+            load_group_params(ss, zs, gi * 16 + g, sc_lo, sc_hi, nz_lo, nz_hi);
+          }
+        }
+        uint32_t a[4], b0, b1;
+        dequant_fragment(ws[st], nz_lo, nz_hi, a);
+        ldmatrix_x2(xrow + uint32_t(kb) * (kKBlock * 2) + st * 32, b0, b1);
+        mma_bf16(part[0], a, b0, b1);
+      }
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[s]);
+  }
+  if (gmax) {
+    if (grp >= 0) fold_group<1>(acc, part, sc_lo, sc_hi);
+  } else {
+    fold_group<1>(acc, part, sc_lo, sc_hi);
+  }
+  red[warp * 32 + lane] = make_float4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]);
+  asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory");
+  if (warp != 0) return;
+  float4 sum = red[lane];
+  for (int q = 1; q < kWarps; ++q) {
+    const float4 v = red[q * 32 + lane];
+    sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+  }
+  float b_lo = 0.f, b_hi = 0.f;
+  if (mt.bias) {
+    if (r_lo < mt.n) b_lo = __bfloat162float(mt.bias[r_lo]);
+    if (r_hi < mt.n) b_hi = __bfloat162float(mt.bias[r_hi]);
+  }
+  const int tok = 2 * t;
+  if (tok < p.m) {
+    __nv_bfloat16* yr = mt.y + size_t(tok) * mt.n;
+    if (r_lo < mt.n) yr[r_lo] = __float2bfloat16_rn(sum.x + b_lo);
+    if (r_hi < mt.n) yr[r_hi] = __float2bfloat16_rn(sum.z + b_hi);
+  }
+  if (tok + 1 < p.m) {
+    __nv_bfloat16* yr = mt.y + size_t(tok + 1) * mt.n;
+    if (r_lo < mt.n) yr[r_lo] = __float2bfloat16_rn(sum.y + b_lo);
+    if (r_hi < mt.n) yr[r_hi] = __float2bfloat16_rn(sum.w + b_hi);
+  }
+}
+
+int bulk_stages(int kblocks) { return std::min(kBulkStages, (kblocks + kBulkChunk - 1) / kBulkChunk); }
+
+int bulk_gmax(const W4Device* w, int count) {
+  int gmax = 0;
+  for (int i = 0; i < count; ++i)
+    if (w[i].groups > 1) gmax = std::max(gmax, w[i].groups);
+  return gmax;
+}
+
+}  // namespace
+
+bool bulk_takes(int m, const W4Device* w, int count) {
+  const DeviceFacts& dev = device_facts();
+  if (dev.major < 9 || m < 1 || m > 8 || count < 1 || count > 4) return false;
+  for (int i = 0; i < count; ++i) {
+    if (w[i].k_pad != w[0].k_pad || w[i].k != w[0].k || w[i].n_pad % 16) return false;
+    if (w[i].groups > 1 && (w[i].group_size % 16 || w[i].groups > kBulkMaxGroups)) return false;
+  }
+  const int kblocks = w[0].k_pad / kKBlock;
+  const size_t smem = bulk_smem_bytes(m, kblocks, bulk_stages(kblocks), bulk_gmax(w, count));
+  return smem + 1024 <= dev.smem_optin;  // 1 KB: the static mbarriers
+}
+
+void set_bulk_max_smem(int bytes) {
+  SPEAR_CUDA_CHECK(cudaFuncSetAttribute(w4a16_bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes - 1024));
+}
+
+void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
+                 __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream) {
+  W4BulkParams p{};
+  p.count = count;
+  p.x = x;
+  p.m = m;
+  p.k = w[0].k;
+  p.kblocks = w[0].k_pad / kKBlock;
+  p.stages = bulk_stages(p.kblocks);
+  p.xs_stride = p.kblocks * kKBlock + 8;
+  p.x_vec = (reinterpret_cast<uintptr_t>(x) & 15) == 0 && w[0].k % 8 == 0;
+  int tiles = 0;
+  for (int i = 0; i < count; ++i) {
+    W4BulkMat& d = p.mat[i];
+    d.q = reinterpret_cast<const uint4*>(w[i].q);
+    d.scales = w[i].scales;
+    d.zeros = w[i].zeros;
+    d.bias = bias ? bias[i] : nullptr;
+    d.y = y[i];
+    d.n = w[i].n;
+    d.n_pad = w[i].n_pad;
+    d.groups = w[i].groups;
+    d.group_steps = w[i].groups > 1 ? w[i].group_size / 16 : 0;
+    d.tile_begin = tiles;
+    tiles += w[i].n_pad / 16;
+  }
+  const size_t smem = bulk_smem_bytes(m, p.kblocks, p.stages, bulk_gmax(w, count));
+  const bool pdl = o.pdl && device_facts().major >= 9;
+  launch(w4a16_bulk_kernel, dim3(tiles, 1), smem, 1, pdl, stream, p, kBulkThreads);
+}
+
+}  // namespace spear::cuda::w4_detail
