@@ -21,6 +21,7 @@ constexpr int kBulkChunk = 16;   // k-blocks per stage (8 KB of codes)
 constexpr int kBulkStages = 8;   // most stages in flight per CTA
 constexpr int kBulkThreads = kThreads + 32;  // 8 consumer warps + the producer warp
 constexpr int kBulkMaxGroups = 256;          // staged scale groups per tile (96 bytes each)
+constexpr int kRun = kBulkChunk / kWarps;    // consecutive k-blocks per warp and stage (kRun · kWarps = kBulkChunk)
 
 struct W4BulkMat {
   const uint4* q;
@@ -148,23 +149,28 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   float acc[1][4], part[1][4];
   zero_accumulators<1>(acc, part);
   int grp = -1;  // the group whose parameters are loaded (grouped)
+  auto new_group = [&](int gi) {
+    if (gi == grp) return;
+    if (grp >= 0) fold_group<1>(acc, part, sc_lo, sc_hi);
+    grp = gi;
+    load_group_params(ss, zs, gi * 16 + g, sc_lo, sc_hi, nz_lo, nz_hi);
+  };
   for (int c = 0; c < nchunks; ++c) {
     const int s = c % NS, kb0 = c * kBulkChunk, nkb = min(kBulkChunk, p.kblocks - kb0);
     mbar_wait(&full[s], unsigned(c / NS) & 1u);
-    for (int j = warp; j < nkb; j += kWarps) {
+    // Each warp takes a run of kRun consecutive k-blocks of the stage: a group of 128 changes once per run.
+    for (int jj = 0; jj < kRun; ++jj) {
+      const int j = warp * kRun + jj;
+      if (j >= nkb) break;
       const uint4 w = ring[(s * kBulkChunk + j) * 32 + lane];
       const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
       const int kb = kb0 + j;
+      // Groups of >= 64 columns: one group per k-block (one division per k-block, not per k-step).
+      const bool whole = gmax && mt.group_steps % 4 == 0;
+      if (whole) new_group(min(kb * 4 / mt.group_steps, mt.groups - 1));
 #pragma unroll
       for (int st = 0; st < 4; ++st) {
-        if (gmax) {
-          const int gi = min((kb * 4 + st) / mt.group_steps, mt.groups - 1);
-          if (gi != grp) {
-            if (grp >= 0) fold_group<1>(acc, part, sc_lo, sc_hi);
-            grp = gi;
-            load_group_params(ss, zs, gi * 16 + g, sc_lo, sc_hi, nz_lo, nz_hi);
-          }
-        }
+        if (gmax && !whole) new_group(min((kb * 4 + st) / mt.group_steps, mt.groups - 1));
         uint32_t a[4], b0, b1;
         dequant_fragment(ws[st], nz_lo, nz_hi, a);
         ldmatrix_x2(xrow + uint32_t(kb) * (kKBlock * 2) + st * 32, b0, b1);
