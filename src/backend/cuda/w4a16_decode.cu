@@ -569,7 +569,13 @@ void set_decode_max_smem_impl(int T, bool grouped, int bytes) {
 // device, T, grouped · 65536 + count, k_pad, n_pad of each, fused ECs (rank of each, in 8 bits; gate width)
 using TuneKey = std::array<int, 6 + kDecMaxMats>;
 std::mutex g_tune_mu;
-std::map<TuneKey, std::pair<int, int>> g_tuned;
+// The bulk-copy kernel stages all of x per CTA, so its time grows with m much faster than the register ring's:
+// it runs only at the m it won at; other m of the same token tiles take the best register-ring plan.
+struct TunedPlan {
+  std::pair<int, int> best, ring;  // (R, S) of the fastest plan, and of the fastest register-ring plan
+  int m = 0;                       // tokens of the timed launch
+};
+std::map<TuneKey, TunedPlan> g_tuned;
 
 TuneKey tune_key(int T, const W4Device* w, int count, const EcPlanInfo* ec = nullptr) {
   TuneKey key{};
@@ -689,7 +695,10 @@ DecodePlan choose_plan(int m, const W4Device* w, int count, int sm_count, const 
   if (!fr && !fs) {
     std::lock_guard<std::mutex> lock(g_tune_mu);
     const auto it = g_tuned.find(tune_key(T, w, count, ec));
-    if (it != g_tuned.end()) std::tie(fr, fs) = it->second;
+    if (it != g_tuned.end()) {
+      const TunedPlan& t = it->second;
+      std::tie(fr, fs) = t.best.first == kBulkPlan && m != t.m ? t.ring : t.best;
+    }
   }
   if (fr == kBulkPlan) {
     if (!ec && bulk_takes(m, w, count)) {
@@ -800,6 +809,7 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
       const double us = 1e3 * ts[ts.size() / 2];
       if (us < best_us) best_us = us, best = {R, S};
     }
+  bool bulk_wins = false;
   if (!ei && o.bulk && bulk_takes(m, w, count)) {
     std::vector<float> ts;
     launch_bulk(x, m, w, count, nullptr, y, o, stream);  // warm-up
@@ -815,13 +825,16 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
     }
     std::nth_element(ts.begin(), ts.begin() + ts.size() / 2, ts.end());
     const double us = 1e3 * ts[ts.size() / 2];
-    if (us < best_us) best_us = us, best = {kBulkPlan, 1};
+    if (us < best_us) bulk_wins = true;
   }
   cudaEventDestroy(ev[0]);
   cudaEventDestroy(ev[1]);
   if (best.first == 0) return false;
   std::lock_guard<std::mutex> lock(g_tune_mu);
-  g_tuned[tune_key(T, w, count, ei)] = best;
+  TunedPlan& t = g_tuned[tune_key(T, w, count, ei)];
+  t.ring = best;
+  t.best = bulk_wins ? std::pair<int, int>{kBulkPlan, 1} : best;
+  t.m = m;
   return true;
 }
 
