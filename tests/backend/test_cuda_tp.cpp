@@ -461,18 +461,21 @@ TEST(CudaTp, RowParallelCompensatedLinearMatchesWhole) {
 // as tensor parallelism shards them), then the reduction, EC, residual add and next RMSNorm in one kernel, against
 // the unfused sequence (linear_ec_partial or linear, all_reduce_sum, ec_expand, add_rms_norm): without an EC, with
 // a gated one projected in the kernel, and with one whose shard is wide enough that z comes from ec_project; W4
-// shards, whose decode GEMM stores its rows into the peer's staging from its epilogue (the P2P dual-write), without
-// and with an EC; T = 1 and 5 eagerly, T = 1 also in a replayed graph; nothing done for 65 tokens.
+// shards without and with an EC, the tail pushing their rows (default) and their decode GEMM storing them into the
+// peer's staging from its epilogue (the P2P dual-write, set_tp_gemm_push); T = 1 and 5 eagerly, T = 1 also in a
+// replayed graph; nothing done for 65 tokens.
 TEST(CudaTp, FusedRowParallelTailMatchesUnfused) {
   SPEAR_REQUIRE_TWO_GPUS_AND_NCCL();
   SPEAR_REQUIRE_PEER_ACCESS();
   struct Case {
     int half, rank, gate;  // per-rank input columns; EC rank 0: no EC
     bool w4;               // the shard as RTN W4 codes of its columns
+    bool push;             // W4: the GEMM's epilogue dual-writes its rows
   };
-  const std::vector<Case> cases = {
-      {192, 0, 0, false}, {192, 16, 8, false}, {4160, 16, 8, false}, {512, 0, 0, true}, {512, 16, 8, true}};
-  constexpr int kCases = 5;
+  const std::vector<Case> cases = {{192, 0, 0, false, false}, {192, 16, 8, false, false}, {4160, 16, 8, false, false},
+                                   {512, 0, 0, true, false},   {512, 16, 8, true, false},  {512, 0, 0, true, true},
+                                   {512, 16, 8, true, true}};
+  constexpr int kCases = 7;
   const int n = 256;
   const float eps = 1e-5f;
   std::vector<float> norm_w = random_x(1, n, 31);
@@ -485,6 +488,7 @@ TEST(CudaTp, FusedRowParallelTailMatchesUnfused) {
         Tensor w_norm = be.upload(norm_w.data(), 1, n);
         for (size_t ci = 0; ci < cases.size(); ++ci) {
           const Case& cs = cases[ci];
+          be.set_tp_gemm_push(cs.push);
           const int k = 2 * cs.half;
           const uint32_t seed = 40 + 10 * uint32_t(ci);
           const LinearWeights w = random_dense(n, k, true, seed);

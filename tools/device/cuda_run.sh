@@ -35,7 +35,7 @@
 #             greedy text at --tp 1 and --tp 2 (needs 2 GPUs)
 #   tp:LIKE   issue 8 on a LIKE-shaped random W4 model: greedy ids at --tp 1 vs 2, then bench decode at batch 1
 #             and 8 with random ECs on 0 and TP_DENSITIES (default 0.15) of the linears at --tp 1 and at --tp 2
-#             under each --tp-reduce (nccl, p2p, fused, and fused-nopush: fused with SPEAR_TP_GEMM_PUSH=0);
+#             under each --tp-reduce (nccl, p2p, fused, and fused-push: fused with SPEAR_TP_GEMM_PUSH=1);
 #             TP_RUNS picks the runs (e.g. "1:auto 2:p2p"), TP_CHECK=0
 #             skips the perplexity and greedy comparisons
 #   ecppl     GPU vs CPU perplexity of a SPEAR package (calibrated here, fast preset) under each EC path
@@ -189,9 +189,9 @@ for stage in "$@"; do
           -n 32 --margins --json | tee -a "$R/tp_gen-$like.jsonl" > /dev/null
       done
       [[ ${TP_CHECK:-1} == 1 ]] && python3 tools/device/tp_compare.py "$R/tp_gen-$like.jsonl"
-      for run in ${TP_RUNS:-1:auto 2:nccl 2:p2p 2:fused 2:fused-nopush}; do
-        tp=${run%%:*} red=${run#*:} push=1
-        [[ $red == fused-nopush ]] && red=fused push=0  # the tail pushes the GEMM's rows (no dual-write epilogue)
+      for run in ${TP_RUNS:-1:auto 2:nccl 2:p2p 2:fused 2:fused-push}; do
+        tp=${run%%:*} red=${run#*:} push=0
+        [[ $red == fused-push ]] && red=fused push=1  # the W4 GEMM's epilogue dual-writes its rows
         t "bench decode $like --tp $tp --tp-reduce $red (SPEAR_TP_GEMM_PUSH=$push)"
         SPEAR_TP_GEMM_PUSH=$push timeout 300 "$BIN/spear" bench decode --device cuda -m "/tmp/t-$like-w4" --tp $tp \
           --tp-reduce $red --batch 1,8 \

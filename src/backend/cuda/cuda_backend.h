@@ -160,6 +160,8 @@ class CudaBackend : public Backend {
   // before it traps (default 0: forever, as NCCL; the fused tail's kernel too).
   void set_tp_reduce(TpReduce r) override;
   std::string tp_reduce_description() const override;
+  // The P2P dual-write from the row-parallel W4 GEMM's epilogue under the fused tail (SPEAR_TP_GEMM_PUSH; tests).
+  void set_tp_gemm_push(bool on) { gemm_push_ = on; }
   void set_process_group(std::shared_ptr<ProcessGroup> pg) override;
   // In-place sums on stream_: the P2P kernel, one launch per tensor, for bf16 tensors of up to the capacity and
   // fp32 ones of up to half of it (same staging bytes); one NCCL group for the others. No synchronisation, so it
@@ -276,7 +278,9 @@ class CudaBackend : public Backend {
   // The fused tail (TpReduce::Fused only): set up, released and mapped with the P2P buffers.
   int tail_max_h_ = kTpTailMaxH;  // SPEAR_TP_TAIL_MAX_H: the largest hidden size the staging takes
   bool tail_ = false;             // every rank's tail buffers are mapped: row_parallel_tail may run
-  bool gemm_push_ = true;         // SPEAR_TP_GEMM_PUSH=0: the tail pushes the GEMM's rows (no dual-write epilogue)
+  // SPEAR_TP_GEMM_PUSH=1: the row-parallel W4 GEMM's epilogue dual-writes its rows into the peers' tail staging
+  // (fused tail only). Off by default: on 2 H200s it was 2-4% slower than the tail pushing them (8B decode).
+  bool gemm_push_ = false;
   TpTailRankBuffers tail_bufs_;   // this rank's
   TpTailPeers tail_peers_;        // every rank's, as seen from this device
 

@@ -404,7 +404,7 @@ bool CudaBackend::row_parallel_tail(const Tensor& in, const Linear& lin, Tensor&
   if (T == 0) return true;
   Tensor y_part = alloc(T, H);
   // The P2P dual-write: the W4 decode GEMM also stores its rows into the peers' tail staging from its epilogue
-  // (SPEAR_TP_GEMM_PUSH=0 leaves the push to the tail kernel); where it cannot, the tail pushes them.
+  // (opt-in, SPEAR_TP_GEMM_PUSH=1: measured slower than the tail's push); where it cannot, the tail pushes them.
   bool mirrored = false;
   if (gemm_push_ && l.quantized && !w4_dequant_ready(T)) {
     __nv_bfloat16* y = bf(y_part);
