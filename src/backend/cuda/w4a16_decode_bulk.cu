@@ -17,8 +17,8 @@ namespace spear::cuda::w4_detail {
 
 namespace {
 
-constexpr int kBulkChunk = 16;   // k-blocks per stage (8 KB of codes)
-constexpr int kBulkStages = 8;   // most stages in flight per CTA
+constexpr int kBulkChunk = 16;               // k-blocks per stage (8 KB of codes)
+constexpr int kBulkStages = 8;               // most stages in flight per CTA
 constexpr int kBulkThreads = kThreads + 32;  // 8 consumer warps + the producer warp
 constexpr int kBulkMaxGroups = 256;          // staged scale groups per tile (96 bytes each)
 constexpr int kRun = kBulkChunk / kWarps;    // consecutive k-blocks per warp and stage (kRun · kWarps = kBulkChunk)
@@ -67,8 +67,8 @@ __device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned parity) {
 __device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, uint64_t* b, uint64_t pol) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
-          smem_u32(dst)),
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::
+          "r"(smem_u32(dst)),
       "l"(src), "r"(bytes), "r"(smem_u32(b)), "l"(pol)
       : "memory");
 #endif

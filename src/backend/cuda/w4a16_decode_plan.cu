@@ -1,0 +1,309 @@
+// The decode kernel's planner (a small time model of one launch), its tuner (each candidate plan timed at the
+// first use of a launch shape, the winner kept for the process) and the entry points that pick a plan and launch
+// the register-ring kernel (w4a16_decode.cu) or the bulk-copy kernel (w4a16_decode_bulk.cu).
+#include <algorithm>
+#include <array>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "backend/cuda/w4a16_decode_plan.h"
+#include "backend/cuda/w4a16_internal.h"
+
+namespace spear::cuda::w4_detail {
+
+int ec_cpr(int rank, int k) {
+  const int chunks = (k + 255) / 256;
+  const int cpr = (chunks + 63) / 64;
+  return (rank / 8) * cpr <= kEcRing ? cpr : 0;
+}
+
+// ---- decode plan: tiles per CTA R and cluster size S from a small time model (µs) of one launch:
+//   waves × (latency + max(bytes / bandwidth, issue time, serial latency of a slice longer than the ring))
+//   + x staging + the reductions (shared memory; cluster barriers and DSMEM when S > 1).
+// The constants are rough H100/H200 figures; the choice only needs to be near the best, not exact.
+DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count, int force_r, int force_s,
+                       const EcPlanInfo* ec) {
+  const int ec_rmax = ec ? ec->rmax : 0, ec_gmax = ec ? ec->gmax : 0;
+  const DeviceFacts& dev = device_facts();
+  sm_count = std::max(sm_count, 1);
+  const int kblocks = w[0].k_pad / kKBlock;
+  const int max_s = dev.major >= 9 ? kDecMaxCluster : 1;
+  long units = 0;  // 16 × 64 weight tiles of 512 bytes
+  for (int i = 0; i < count; ++i) units += long(w[i].n_pad / 16) * kblocks;
+  const double bytes = double(units) * 512.0;
+  constexpr double kLatency = 0.8;       // DRAM round trip under load
+  constexpr double kBandwidth = 3.2e6;   // bytes / µs, whole device
+  constexpr double kSmBandwidth = 45e3;  // bytes / µs one SM can pull with a few CTAs of loads in flight
+  constexpr double kSmL2 = 60e3;         // bytes / µs of x staging per SM (L2 → shared memory)
+  constexpr double kIssue = 7000.0;      // warp instructions / µs / SM
+  const int P = dec_pipe(T, count > 0 && w[0].groups > 1);
+
+  DecodePlan best;
+  for (int R : {8, 4, 2, 1}) {
+    if (force_r && R != force_r) continue;
+    const int KS = kWarps / R;
+    long ctas_w4 = 0;
+    for (int i = 0; i < count; ++i) ctas_w4 += (w[i].n_pad / 16 + R - 1) / R;
+    for (int S = 1; S <= max_s; ++S) {
+      const long ctas_x = ctas_w4 + (ec ? ec->cols(S) : 0);
+      if (force_s && S != std::min(force_s, max_s)) continue;
+      const int KT = KS * S;
+      const int kbw = (kblocks + KT - 1) / KT;
+      const bool forced = force_r || force_s;
+      if (!forced && S > 1 && (S - 1) * KS * kbw >= kblocks) continue;  // a CTA without k-blocks
+      const int cta_cols = KS * kbw * kKBlock;
+      int gmax = 0;
+      for (int i = 0; i < count; ++i)
+        if (w[i].groups > 1) gmax = std::max(gmax, std::min(w[i].groups, (cta_cols - 1) / w[i].group_size + 2));
+      const int xs_stride = cta_cols + 8;
+      const size_t smem = std::max(dec_smem_bytes(T, R, gmax, m, xs_stride, ec_rmax, ec_gmax),
+                                   ec ? ec_cta_smem_bytes(m, ec->cpr_max, ec_rmax) : size_t(0));
+      if (smem + kDecStaticSmemMargin > dev.smem_optin) continue;
+      const int resident = std::min<int>(dec_min_blocks(T, count > 0 && w[0].groups > 1),
+                                         int(dev.smem_per_sm / std::max<size_t>(smem + dev.smem_reserved, 1)));
+      if (resident < 1) continue;
+      const long ctas = ctas_x * S;
+      const long slots = long(sm_count) * resident;
+      const long waves = (ctas + slots - 1) / slots;
+      if (ec && waves > 1) continue;
+      const long in_wave = std::min(ctas, slots);
+      const long sms_used = std::min<long>(in_wave, sm_count);
+      const long ctas_per_sm = (in_wave + sm_count - 1) / sm_count;
+      const double bw = std::min(kBandwidth, double(sms_used) * kSmBandwidth);
+      const double stream = bytes / double(waves) / bw;
+      const double issue = double(ctas_per_sm) * kWarps * kbw * 4.0 * (12.0 + 1.5 * T) / kIssue;
+      const double serial = double((kbw + P - 1) / P - 1) * kLatency;
+      double cost = double(waves) * (kLatency + std::max({stream, issue, serial}));
+      cost += 0.7 * double(ctas_per_sm) * double(m) * cta_cols * 2.0 / kSmL2;  // partly under the weight loads
+      if (KS > 1) cost += 0.05 + 0.01 * KS;
+      if (S > 1) cost += 0.3 + 0.03 * S;
+      if (cost < best.cost) best = {R, S, kbw, xs_stride, gmax, smem, cost};
+    }
+  }
+  return best;
+}
+
+bool decode_takes(int m, const W4Device* w, int count) {
+  const int T = token_tiles(m);
+  if (m > kDecMaxTokens || T > 4 || count < 1 || count > kDecMaxMats) return false;
+  const bool grouped = w[0].groups > 1;
+  for (int i = 1; i < count; ++i)
+    if ((w[i].groups > 1) != grouped || w[i].k_pad != w[0].k_pad || w[i].k != w[0].k) return false;
+  return true;
+}
+
+EcPlanInfo ec_plan_info(int k, int count, const W4EcDevice* const* ec) {
+  EcPlanInfo info;
+  for (int i = 0; i < count; ++i) {
+    if (!ec || !ec[i]) continue;
+    const int cpr = ec_cpr(ec[i]->rank, k);
+    info.base_slices[i] = (k + 256 * cpr - 1) / (256 * cpr);
+    info.rmax = std::max(info.rmax, ec[i]->rank);
+    info.cpr_max = std::max(info.cpr_max, cpr);
+    info.gmax = std::max(info.gmax, ec[i]->W1 ? (ec[i]->gate_width + 3) / 4 * 4 : 0);
+    ++info.n;
+  }
+  return info;
+}
+
+namespace {
+
+// Tuned plans, process-wide: launch shape → (R, S).
+// device, T, grouped · 65536 + count, k_pad, n_pad of each, fused ECs (rank of each, in 8 bits; gate width)
+using TuneKey = std::array<int, 6 + kDecMaxMats>;
+std::mutex g_tune_mu;
+// The bulk-copy kernel stages all of x per CTA, so its time grows with m much faster than the register ring's:
+// it runs only at the m it won at; other m of the same token tiles take the best register-ring plan.
+struct TunedPlan {
+  std::pair<int, int> best, ring;  // (R, S) of the fastest plan, and of the fastest register-ring plan
+  int m = 0;                       // tokens of the timed launch
+};
+std::map<TuneKey, TunedPlan> g_tuned;
+
+TuneKey tune_key(int T, const W4Device* w, int count, const EcPlanInfo* ec = nullptr) {
+  TuneKey key{};
+  if (ec)
+    for (int i = 0; i < kDecMaxMats; ++i) key[4 + kDecMaxMats] |= (ec->base_slices[i] ? 1 : 0) << i;
+  if (ec) key[5 + kDecMaxMats] = ec->rmax * 4096 + ec->gmax;
+  key[0] = device_facts().device;
+  key[1] = T;
+  key[2] = (w[0].groups > 1 ? w[0].group_size : 0) * 65536 + count;
+  key[3] = w[0].k_pad;
+  for (int i = 0; i < count; ++i) key[4 + i] = w[i].n_pad;
+  return key;
+}
+
+// The plan a launch runs: forced by the options, else the tuned one for this shape, else the time model's (also
+// when a forced or tuned plan does not fit). R == 0: none fits.
+DecodePlan choose_plan(int m, const W4Device* w, int count, int sm_count, const W4GemmOptions& o,
+                       const EcPlanInfo* ec = nullptr) {
+  const int T = token_tiles(m);
+  int fr = o.decode_rows, fs = o.decode_splits;
+  if (!fr && !fs) {
+    std::lock_guard<std::mutex> lock(g_tune_mu);
+    const auto it = g_tuned.find(tune_key(T, w, count, ec));
+    if (it != g_tuned.end()) {
+      const TunedPlan& t = it->second;
+      std::tie(fr, fs) = t.best.first == kBulkPlan && m != t.m ? t.ring : t.best;
+    }
+  }
+  if (fr == kBulkPlan) {
+    if (!ec && bulk_takes(m, w, count)) {
+      DecodePlan bulk;
+      bulk.R = kBulkPlan;
+      bulk.S = 1;
+      return bulk;
+    }
+    fr = fs = 0;
+  }
+  DecodePlan plan = plan_decode(T, m, w, count, sm_count, fr, fs, ec);
+  if (plan.R == 0 && (fr || fs)) plan = plan_decode(T, m, w, count, sm_count, 0, 0, ec);
+  return plan;
+}
+
+}  // namespace
+
+// The decode kernel over count matrices sharing x; false when no plan fits (the caller takes the general path).
+bool launch_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
+                   __nv_bfloat16* const* y, int sm_count, const W4GemmOptions& o, cudaStream_t stream) {
+  if (!decode_takes(m, w, count)) return false;
+  const DecodePlan plan = choose_plan(m, w, count, sm_count, o);
+  if (plan.R == 0) return false;
+  if (plan.R == kBulkPlan)
+    launch_bulk(x, m, w, count, bias, y, o, stream);
+  else
+    launch_plan(plan, x, m, w, count, bias, y, o, stream);
+  return true;
+}
+
+bool launch_decode_mirrored(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfloat16* bias,
+                            __nv_bfloat16* y, const W4PeerMirror& mirror, int sm_count, const W4GemmOptions& o,
+                            cudaStream_t stream) {
+  if (!decode_takes(m, &w, 1) || w.n % 8 != 0 || m > mirror.max_rows) return false;
+  DecodePlan plan = choose_plan(m, &w, 1, sm_count, o);
+  if (plan.R == kBulkPlan) plan = plan_decode(token_tiles(m), m, &w, 1, sm_count, 0, 0);  // no dual-write there
+  if (plan.R == 0) return false;
+  launch_plan(plan, x, m, &w, 1, &bias, &y, o, stream, nullptr, nullptr, &mirror);
+  return true;
+}
+
+bool ec_fusable(int m, const W4Device* w, int count, const W4EcDevice* const* ec) {
+  if (!decode_takes(m, w, count) || w[0].k % 8 != 0) return false;
+  for (int i = 0; i < count; ++i) {
+    if (!ec || !ec[i]) continue;
+    const W4EcDevice& e = *ec[i];
+    if (e.rank < 8 || e.rank % 8 || e.rank > kW4EcMaxRank || e.gate_width < 0 || e.gate_width > kW4EcMaxGate ||
+        ec_cpr(e.rank, w[0].k) == 0 || !e.A || !e.B || !e.scratch ||
+        (e.gate_width > 0 && e.W1 && (!e.b1 || !e.W2 || !e.b2)))
+      return false;
+  }
+  return true;
+}
+
+bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4EcDevice* const* ec,
+                      const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count, const W4GemmOptions& o,
+                      cudaStream_t stream) {
+  if (!ec_fusable(m, w, count, ec) || (reinterpret_cast<uintptr_t>(x) & 15) != 0) return false;
+  const EcPlanInfo info = ec_plan_info(w[0].k, count, ec);
+  const DecodePlan plan = choose_plan(m, w, count, sm_count, o, info.n ? &info : nullptr);
+  if (plan.R == 0) return false;
+  if (plan.R == kBulkPlan)  // only chosen when no matrix has a compensator
+    launch_bulk(x, m, w, count, bias, y, o, stream);
+  else
+    launch_plan(plan, x, m, w, count, bias, y, o, stream, ec, info.n ? &info : nullptr);
+  return true;
+}
+
+bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y, void* flush,
+                 size_t flush_bytes, int sm_count, cudaStream_t stream, int reps, const W4EcDevice* const* ec) {
+  if (!decode_takes(m, w, count)) return false;
+  if (ec && !ec_fusable(m, w, count, ec)) return false;
+  const EcPlanInfo info = ec_plan_info(w[0].k, count, ec);
+  const EcPlanInfo* ei = info.n ? &info : nullptr;
+  const int T = token_tiles(m);
+  const DeviceFacts& dev = device_facts();
+  const W4GemmOptions o = w4a16_get_options();
+  cudaEvent_t ev[2];
+  SPEAR_CUDA_CHECK(cudaEventCreate(&ev[0]));
+  SPEAR_CUDA_CHECK(cudaEventCreate(&ev[1]));
+  double best_us = 1e300;
+  std::pair<int, int> best{0, 0};
+  for (int R : {1, 2, 4, 8})
+    for (int S = 1; S <= (dev.major >= 9 ? kDecMaxCluster : 1); ++S) {
+      const DecodePlan plan = plan_decode(T, m, w, count, sm_count, R, S, ei);
+      if (plan.R != R || plan.S != S) continue;
+      const int kblocks = w[0].k_pad / kKBlock, KS = kWarps / R;
+      if (S > 1 && (S - 1) * KS * plan.kbw >= kblocks) continue;  // a CTA without k-blocks
+      std::vector<float> ts;
+      try {
+        launch_plan(plan, x, m, w, count, nullptr, y, o, stream, ec, ei);  // warm-up (first use of the instance)
+        for (int r = 0; r < reps; ++r) {
+          if (flush) SPEAR_CUDA_CHECK(cudaMemsetAsync(flush, r & 0xff, flush_bytes, stream));
+          SPEAR_CUDA_CHECK(cudaEventRecord(ev[0], stream));
+          launch_plan(plan, x, m, w, count, nullptr, y, o, stream, ec, ei);
+          SPEAR_CUDA_CHECK(cudaEventRecord(ev[1], stream));
+          SPEAR_CUDA_CHECK(cudaEventSynchronize(ev[1]));
+          float ms = 0.f;
+          SPEAR_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[1]));
+          ts.push_back(ms);
+        }
+      } catch (const Error&) {  // a plan the device cannot launch after all (cluster resources): skip it
+        (void)cudaGetLastError();
+        SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));
+        continue;
+      }
+      std::nth_element(ts.begin(), ts.begin() + ts.size() / 2, ts.end());
+      const double us = 1e3 * ts[ts.size() / 2];
+      if (us < best_us) best_us = us, best = {R, S};
+    }
+  bool bulk_wins = false;
+  if (!ei && o.bulk && bulk_takes(m, w, count)) {
+    std::vector<float> ts;
+    launch_bulk(x, m, w, count, nullptr, y, o, stream);  // warm-up
+    for (int r = 0; r < reps; ++r) {
+      if (flush) SPEAR_CUDA_CHECK(cudaMemsetAsync(flush, r & 0xff, flush_bytes, stream));
+      SPEAR_CUDA_CHECK(cudaEventRecord(ev[0], stream));
+      launch_bulk(x, m, w, count, nullptr, y, o, stream);
+      SPEAR_CUDA_CHECK(cudaEventRecord(ev[1], stream));
+      SPEAR_CUDA_CHECK(cudaEventSynchronize(ev[1]));
+      float ms = 0.f;
+      SPEAR_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[1]));
+      ts.push_back(ms);
+    }
+    std::nth_element(ts.begin(), ts.begin() + ts.size() / 2, ts.end());
+    const double us = 1e3 * ts[ts.size() / 2];
+    if (us < best_us) bulk_wins = true;
+  }
+  cudaEventDestroy(ev[0]);
+  cudaEventDestroy(ev[1]);
+  if (best.first == 0) return false;
+  std::lock_guard<std::mutex> lock(g_tune_mu);
+  TunedPlan& t = g_tuned[tune_key(T, w, count, ei)];
+  t.ring = best;
+  t.best = bulk_wins ? std::pair<int, int>{kBulkPlan, 1} : best;
+  t.m = m;
+  return true;
+}
+
+std::pair<int, int> decode_plan(int m, const W4Device* w, int count, int sm_count) {
+  if (!decode_takes(m, w, count)) return {0, 0};
+  const DecodePlan plan = choose_plan(m, w, count, sm_count, w4a16_get_options());
+  return {plan.R, plan.S};
+}
+
+bool decode_tuned(int m, const W4Device* w, int count, const W4EcDevice* const* ec) {
+  if (!decode_takes(m, w, count) || (ec && !ec_fusable(m, w, count, ec))) return true;  // nothing to tune
+  const EcPlanInfo info = ec_plan_info(w[0].k, count, ec);
+  std::lock_guard<std::mutex> lock(g_tune_mu);
+  return g_tuned.count(tune_key(token_tiles(m), w, count, info.n ? &info : nullptr)) > 0;
+}
+
+void clear_tuning() {
+  std::lock_guard<std::mutex> lock(g_tune_mu);
+  g_tuned.clear();
+}
+
+}  // namespace spear::cuda::w4_detail
