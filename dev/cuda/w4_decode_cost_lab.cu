@@ -204,29 +204,6 @@ __global__ void __launch_bounds__(256, 3) stream_kernel(const __grid_constant__ 
 // by one producer thread as cp.async.bulk chunks of CH k-blocks into an NS-stage shared-memory ring (mbarrier
 // full / empty pairs); all of the CTA's first NS chunks are requested before anything else. 8 consumer warps
 // take the chunk's k-blocks round-robin; the CTA's sum in shared memory, no cross-CTA reduction.
-__device__ __forceinline__ void mbar_init(uint64_t* b, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* b, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(b)) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned parity) {
-  asm volatile(
-      "{\n .reg .pred p;\n W: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra W;\n}" ::"r"(smem_u32(b)),
-      "r"(parity)
-      : "memory");
-}
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes, uint64_t* bar, uint64_t pol) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
-          smem_u32(dst)),
-      "l"(src), "r"(bytes), "r"(smem_u32(bar)), "l"(pol)
-      : "memory");
-}
-
 template <int NS, int CH, int R>
 __global__ void __launch_bounds__(288, 2) bulk_kernel(const __grid_constant__ Args a, int k) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -253,7 +230,7 @@ __global__ void __launch_bounds__(288, 2) bulk_kernel(const __grid_constant__ Ar
         if (c >= NS) mbar_wait(&empty[s], ((c / NS) - 1) & 1);
         const unsigned bytes = unsigned(chunk_kb(c)) * 512;
         mbar_expect_tx(&full[s], bytes);
-        bulk_load(ring + s * CH * 32, chunk_src(c), bytes, &full[s], pol);
+        bulk_copy_to_shared(ring + s * CH * 32, chunk_src(c), bytes, &full[s], pol);
       }
     }
     return;

@@ -59,6 +59,40 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
+// ---- mbarriers and bulk (TMA) copies, sm_90 (the bulk-copy decode kernel; no-ops when compiled for older GPUs)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define SPEAR_SM90_ASM(...) asm volatile(__VA_ARGS__)
+#else
+#define SPEAR_SM90_ASM(...) ((void)0)
+#endif
+__device__ __forceinline__ void mbar_init(uint64_t* b, unsigned count) {
+  SPEAR_SM90_ASM("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(count) : "memory");
+}
+// One arrival that also expects `bytes` more of asynchronous copies to complete on b.
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* b, unsigned bytes) {
+  SPEAR_SM90_ASM("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
+  SPEAR_SM90_ASM("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(b)) : "memory");
+}
+// Spins until the phase of the given parity has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned parity) {
+  SPEAR_SM90_ASM("{\n .reg .pred p;\n WAIT: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT;\n}" ::"r"(
+                     smem_u32(b)),
+                 "r"(parity)
+                 : "memory");
+}
+// Global → shared bulk copy completing on mbarrier b (bytes and both addresses multiples of 16), evict-first in L2.
+__device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, unsigned bytes, uint64_t* b,
+                                                    uint64_t pol) {
+  SPEAR_SM90_ASM(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
+          smem_u32(dst)),
+      "l"(src), "r"(bytes), "r"(smem_u32(b)), "l"(pol)
+      : "memory");
+}
+#undef SPEAR_SM90_ASM
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)

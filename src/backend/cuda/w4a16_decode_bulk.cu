@@ -47,33 +47,6 @@ size_t bulk_smem_bytes(int m, int kblocks, int stages, int gmax) {
          size_t(kWarps) * 32 * 16;
 }
 
-__device__ __forceinline__ void mbar_init(uint64_t* b, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* b, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(b)) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned parity) {
-  asm volatile(
-      "{\n .reg .pred p;\n WAIT: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT;\n}" ::"r"(
-          smem_u32(b)),
-      "r"(parity)
-      : "memory");
-}
-// Global → shared bulk copy completing on mbarrier b (bytes and addresses multiples of 16), evict-first in L2.
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, uint64_t* b, uint64_t pol) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::
-          "r"(smem_u32(dst)),
-      "l"(src), "r"(bytes), "r"(smem_u32(b)), "l"(pol)
-      : "memory");
-#endif
-}
-
 __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __grid_constant__ W4BulkParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ uint64_t full[kBulkStages], empty[kBulkStages];
@@ -110,7 +83,7 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
         if (c >= NS) mbar_wait(&empty[s], unsigned((c / NS) - 1) & 1u);
         const unsigned bytes = unsigned(min(kBulkChunk, p.kblocks - c * kBulkChunk)) * 512u;
         mbar_expect_tx(&full[s], bytes);
-        bulk_copy(ring + s * kBulkChunk * 32, src + size_t(c) * kBulkChunk * 32, bytes, &full[s], pol);
+        bulk_copy_to_shared(ring + s * kBulkChunk * 32, src + size_t(c) * kBulkChunk * 32, bytes, &full[s], pol);
       }
       if (nchunks <= NS) pdl_launch_dependents();
     }
