@@ -1,14 +1,14 @@
 // W4A16 decode, bulk-copy variant (sm_90+, m <= 8, no compensators): one CTA per 16-row tile over all of k. The
 // tile's codes are one contiguous region of the tile-major layout, so a producer thread requests them as
 // cp.async.bulk (TMA) copies of kBulkChunk k-blocks into a ring of up to kBulkStages shared-memory stages, the first
-// stages before griddepcontrol.wait; 8 consumer warps take each stage's k-blocks round-robin (mbarrier full / empty
-// pairs). The CTA's partial sums meet in shared memory in warp order: no cluster, no workspace, deterministic.
+// stages before griddepcontrol.wait; each of 8 consumer warps takes a run of consecutive k-blocks of every stage
+// (mbarrier full / empty pairs). The CTA's partial sums meet in shared memory in warp order: no cluster, no workspace, deterministic.
 //
 // Why it exists (dev/cuda/w4_decode_cost_lab.cu, H200): where a matrix has few tiles and a long k (the down
 // projection), the register-ring kernel must either keep few bytes in flight per warp or split k over CTAs, and
 // the cross-CTA sum costs 2–4 µs; the bulk stream keeps 64 KB per CTA in flight with no split (8B down at m = 1:
 // 13.1 µs vs 17.6 for the register ring with the same work per CTA). Plans are chosen by timing
-// (w4a16_decode.cu: tune_decode), so it only runs where it wins.
+// (w4a16_decode_plan.cu: tune_decode), so it only runs where it wins, and only at the m it was timed at.
 #include <algorithm>
 
 #include "backend/cuda/w4a16_internal.h"
