@@ -2,7 +2,8 @@
 // tile's codes are one contiguous region of the tile-major layout, so a producer thread requests them as
 // cp.async.bulk (TMA) copies of kBulkChunk k-blocks into a ring of up to kBulkStages shared-memory stages, the first
 // stages before griddepcontrol.wait; each of 8 consumer warps takes a run of consecutive k-blocks of every stage
-// (mbarrier full / empty pairs). The CTA's partial sums meet in shared memory in warp order: no cluster, no workspace, deterministic.
+// (mbarrier full / empty pairs). The CTA's partial sums meet in shared memory in warp order: no cluster, no workspace,
+// deterministic.
 //
 // Why it exists (dev/cuda/w4_decode_cost_lab.cu, H200): where a matrix has few tiles and a long k (the down
 // projection), the register-ring kernel must either keep few bytes in flight per warp or split k over CTAs, and
