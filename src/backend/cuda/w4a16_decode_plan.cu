@@ -229,6 +229,23 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
   cudaEvent_t ev[2];
   SPEAR_CUDA_CHECK(cudaEventCreate(&ev[0]));
   SPEAR_CUDA_CHECK(cudaEventCreate(&ev[1]));
+  // Median µs of reps calls of launch after one warm-up call (the first use of an instance), L2 flushed before each.
+  auto median_us = [&](auto&& launch) {
+    launch();
+    std::vector<float> ts;
+    for (int r = 0; r < reps; ++r) {
+      if (flush) SPEAR_CUDA_CHECK(cudaMemsetAsync(flush, r & 0xff, flush_bytes, stream));
+      SPEAR_CUDA_CHECK(cudaEventRecord(ev[0], stream));
+      launch();
+      SPEAR_CUDA_CHECK(cudaEventRecord(ev[1], stream));
+      SPEAR_CUDA_CHECK(cudaEventSynchronize(ev[1]));
+      float ms = 0.f;
+      SPEAR_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[1]));
+      ts.push_back(ms);
+    }
+    std::nth_element(ts.begin(), ts.begin() + ts.size() / 2, ts.end());
+    return 1e3 * double(ts[ts.size() / 2]);
+  };
   double best_us = 1e300;
   std::pair<int, int> best{0, 0};
   for (int R : {1, 2, 4, 8})
@@ -237,46 +254,19 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
       if (plan.R != R || plan.S != S) continue;
       const int kblocks = w[0].k_pad / kKBlock, KS = kWarps / R;
       if (S > 1 && (S - 1) * KS * plan.kbw >= kblocks) continue;  // a CTA without k-blocks
-      std::vector<float> ts;
+      double us = 0.0;
       try {
-        launch_plan(plan, x, m, w, count, nullptr, y, o, stream, ec, ei);  // warm-up (first use of the instance)
-        for (int r = 0; r < reps; ++r) {
-          if (flush) SPEAR_CUDA_CHECK(cudaMemsetAsync(flush, r & 0xff, flush_bytes, stream));
-          SPEAR_CUDA_CHECK(cudaEventRecord(ev[0], stream));
-          launch_plan(plan, x, m, w, count, nullptr, y, o, stream, ec, ei);
-          SPEAR_CUDA_CHECK(cudaEventRecord(ev[1], stream));
-          SPEAR_CUDA_CHECK(cudaEventSynchronize(ev[1]));
-          float ms = 0.f;
-          SPEAR_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[1]));
-          ts.push_back(ms);
-        }
+        us = median_us([&] { launch_plan(plan, x, m, w, count, nullptr, y, o, stream, ec, ei); });
       } catch (const Error&) {  // a plan the device cannot launch after all (cluster resources): skip it
         (void)cudaGetLastError();
         SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));
         continue;
       }
-      std::nth_element(ts.begin(), ts.begin() + ts.size() / 2, ts.end());
-      const double us = 1e3 * ts[ts.size() / 2];
       if (us < best_us) best_us = us, best = {R, S};
     }
   bool bulk_wins = false;
-  if (!ei && o.bulk && bulk_takes(m, w, count)) {
-    std::vector<float> ts;
-    launch_bulk(x, m, w, count, nullptr, y, o, stream);  // warm-up
-    for (int r = 0; r < reps; ++r) {
-      if (flush) SPEAR_CUDA_CHECK(cudaMemsetAsync(flush, r & 0xff, flush_bytes, stream));
-      SPEAR_CUDA_CHECK(cudaEventRecord(ev[0], stream));
-      launch_bulk(x, m, w, count, nullptr, y, o, stream);
-      SPEAR_CUDA_CHECK(cudaEventRecord(ev[1], stream));
-      SPEAR_CUDA_CHECK(cudaEventSynchronize(ev[1]));
-      float ms = 0.f;
-      SPEAR_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[1]));
-      ts.push_back(ms);
-    }
-    std::nth_element(ts.begin(), ts.begin() + ts.size() / 2, ts.end());
-    const double us = 1e3 * ts[ts.size() / 2];
-    if (us < best_us) bulk_wins = true;
-  }
+  if (!ei && o.bulk && bulk_takes(m, w, count))
+    bulk_wins = median_us([&] { launch_bulk(x, m, w, count, nullptr, y, o, stream); }) < best_us;
   cudaEventDestroy(ev[0]);
   cudaEventDestroy(ev[1]);
   if (best.first == 0) return false;
