@@ -271,9 +271,10 @@ for stage in "$@"; do
       like=${stage#bulkab:}
       t "bench decode $like W4: tuning with and without the bulk-copy kernel (SPEAR_W4_BULK)"
       [[ -d "/tmp/$like-w4" ]] || "$BIN/spear" make-model --like "$like" --random --out "/tmp/$like" --quantize-out "/tmp/$like-w4" 2>&1 | tail -1
-      for b in 1 0 1 0; do
+      for run in 1:1 2:0 3:1 4:0; do
+        b=${run#*:}
         SPEAR_W4_BULK=$b "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch 1,8 --steps 64 \
-          --out "$R/bulkab-$like-$b.json" 2>&1 | tee -a "$R/bulkab-$like.log" | grep -E "ms/step|^/tmp" | sed "s/^/bulk=$b /"
+          --out "$R/bulkab-$like-run${run%%:*}-bulk$b.json" 2>&1 | tee -a "$R/bulkab-$like.log" | grep -E "ms/step|^/tmp" | sed "s/^/bulk=$b /"
       done ;;
     e2e:*)
       like=${stage#e2e:}
