@@ -22,8 +22,9 @@ for r in rows[head + 1:]:
     except ValueError:
         continue  # the units row
 ends = [i for i, (n, _) in enumerate(kernels) if "argmax" in n]
-if len(ends) < 2:
-    sys.exit(f"fewer than two decode steps among {len(kernels)} kernels")
+if len(ends) < 2:  # on stdout: the caller keeps stdout only
+    print(f"fewer than two decode steps among {len(kernels)} kernels")
+    sys.exit(1)
 step = kernels[ends[-2] + 1: ends[-1] + 1]
 
 

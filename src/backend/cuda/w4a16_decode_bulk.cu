@@ -38,6 +38,7 @@ struct W4BulkParams {
   W4BulkMat mat[4];
   const __nv_bfloat16* x;
   int count, m, k, kblocks, stages, xs_stride, x_vec;
+  W4Prefetch pf;  // weights of the next launches, into L2 (lanes 1..31 of the producer warp)
 };
 
 // Dynamic shared memory: the ring, x [m][xs_stride] bf16, scales [groups][16] fp32, zeros [groups][16] u16,
@@ -76,6 +77,7 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   __syncthreads();
 
   if (warp == kWarps) {  // the producer: the first stages now, the rest as the consumers free them
+    if (lane != 0 && p.pf.count) issue_l2_prefetch(p.pf, int(blockIdx.x), int(gridDim.x), lane - 1, 31);
     if (lane == 0) {
       const uint64_t pol = evict_first_policy();
       for (int c = 0; c < nchunks; ++c) {
@@ -238,6 +240,7 @@ void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, co
     d.tile_begin = tiles;
     tiles += w[i].n_pad / 16;
   }
+  p.pf = launch_prefetch(w);
   const size_t smem = bulk_smem_bytes(m, p.kblocks, p.stages, bulk_gmax(w, count));
   const bool pdl = o.pdl && device_facts().major >= 9;
   launch(w4a16_bulk_kernel, dim3(tiles, 1), smem, 1, pdl, stream, p, kBulkThreads);

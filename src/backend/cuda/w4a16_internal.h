@@ -17,6 +17,25 @@ namespace spear::cuda::w4_detail {
 
 int token_tiles(int m);  // T for a launch of m <= 128 tokens
 
+// The L2 prefetch of a decode launch (W4Prefetch): thread `lane` of `lanes` in CTA `cta` (of `ctas`) issues the
+// 32 KB pieces cta · lanes + lane, stepping by ctas · lanes, over the regions in order (the nearest launch first).
+constexpr unsigned kL2PrefetchPiece = 32u << 10;
+__device__ __forceinline__ void issue_l2_prefetch(const W4Prefetch& pf, int cta, int ctas, int lane, int lanes) {
+  int idx = cta * lanes + lane, base = 0;
+  const int step = ctas * lanes;
+  for (int r = 0; r < pf.count; ++r) {
+    const unsigned bytes = pf.bytes[r];
+    const int pieces = int((bytes + kL2PrefetchPiece - 1) / kL2PrefetchPiece);
+    for (; idx < base + pieces; idx += step) {
+      const unsigned off = unsigned(idx - base) * kL2PrefetchPiece;
+      l2_prefetch_bulk(static_cast<const unsigned char*>(pf.ptr[r]) + off, min(kL2PrefetchPiece, bytes - off));
+    }
+    base += pieces;
+  }
+}
+// The launch's copy of w[0].l2_prefetch (empty when null or when the options turn prefetching off).
+W4Prefetch launch_prefetch(const W4Device* w);
+
 // Per-device facts, read once (host queries only: no sync, no stream work, so the first call may happen
 // inside a graph capture). The first call on a device also raises every instance's dynamic shared-memory
 // limit (both kernels) to the most it can ask for, so captures never meet a first use. (w4a16_gemm.cu)
