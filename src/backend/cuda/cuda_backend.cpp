@@ -162,7 +162,8 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   {
     size_t budget = l2_bytes_ / 2;
     if (const char* e = std::getenv("SPEAR_W4_L2_PREFETCH_MB")) budget = size_t(std::max(0, std::atoi(e))) << 20;
-    w4_chain_ = W4PrefetchChain(budget);
+    const char* hops = std::getenv("SPEAR_W4_L2_PREFETCH_HOPS");
+    w4_chain_ = W4PrefetchChain(budget, hops ? std::max(1, std::atoi(hops)) : 2);
   }
   if (const char* e = std::getenv("SPEAR_TP_REDUCE"); e && *e) tp_reduce_ = parse_tp_reduce(e, "SPEAR_TP_REDUCE");
   p2p_capacity_ = env_int64("SPEAR_TP_P2P_CAPACITY", p2p_capacity_, 1, int64_t(1) << 30);

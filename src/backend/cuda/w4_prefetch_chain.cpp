@@ -22,7 +22,7 @@ const W4Prefetch* W4PrefetchChain::prefetch(const W4Device* w, int count) {
   node.pf = W4Prefetch{};
   size_t left = budget_;
   const void* n = node.next;
-  for (int hop = 0; hop < 2 && n && n != key && left > 0; ++hop) {
+  for (int hop = 0; hop < hops_ && n && n != key && left > 0; ++hop) {
     const auto it = nodes_.find(n);
     if (it == nodes_.end()) break;
     for (const auto& [ptr, bytes] : it->second.regions) {

@@ -17,7 +17,8 @@ namespace spear::cuda {
 class W4PrefetchChain {
  public:
   // budget_bytes 0: off (prefetch() returns null).
-  explicit W4PrefetchChain(size_t budget_bytes = 0) : budget_(budget_bytes) {}
+  // hops: how many launches ahead (1 or 2).
+  explicit W4PrefetchChain(size_t budget_bytes = 0, int hops = 2) : budget_(budget_bytes), hops_(hops) {}
   size_t budget() const { return budget_; }
 
   // Records that this launch runs now (after the previous recorded one) and returns what it should prefetch,
@@ -31,6 +32,7 @@ class W4PrefetchChain {
     W4Prefetch pf;
   };
   size_t budget_;
+  int hops_;
   std::unordered_map<const void*, Node> nodes_;
   const void* last_ = nullptr;
 };

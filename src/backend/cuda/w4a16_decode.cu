@@ -91,9 +91,9 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
   float* echb = eczt + p.m * p.ec_rmax;                              // gate hidden [m][gate width]
   float* ecgs = echb + p.m * p.ec_gmax;                              // gate parameters
 
-  if (p.pf.count && threadIdx.x >= kThreads - 32)  // the last warp: its own loads come after the others'
-    issue_l2_prefetch(p.pf, int(blockIdx.y * gridDim.x + blockIdx.x), int(gridDim.x * gridDim.y), threadIdx.x & 31,
-                      32);
+  if (p.pf.count)
+    issue_l2_prefetch(p.pf, int(blockIdx.y * gridDim.x + blockIdx.x), int(gridDim.x * gridDim.y), threadIdx.x,
+                      kThreads);
 
   // EC CTAs (leading columns): one k-slice of A·x each, then they leave (w4a16_ec.cuh).
   if (int(blockIdx.x) < p.ec_cols) {

@@ -70,6 +70,7 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   const int nchunks = (p.kblocks + kBulkChunk - 1) / kBulkChunk;
   const uint4* src = mt.q + size_t(tile) * p.kblocks * 32;
 
+  if (p.pf.count) issue_l2_prefetch(p.pf, int(blockIdx.x), int(gridDim.x), threadIdx.x, kBulkThreads);
   if (threadIdx.x == 0) {
     for (int i = 0; i < NS; ++i) mbar_init(&full[i], 1), mbar_init(&empty[i], kWarps);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -77,7 +78,6 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   __syncthreads();
 
   if (warp == kWarps) {  // the producer: the first stages now, the rest as the consumers free them
-    if (lane != 0 && p.pf.count) issue_l2_prefetch(p.pf, int(blockIdx.x), int(gridDim.x), lane - 1, 31);
     if (lane == 0) {
       const uint64_t pol = evict_first_policy();
       for (int c = 0; c < nchunks; ++c) {

@@ -401,6 +401,11 @@ W4Prefetch launch_prefetch(const W4Device* w) {
     pf.ptr[pf.count] = ptr;
     pf.bytes[pf.count++] = bytes;
   }
+  static const int how = [] {
+    const char* e = std::getenv("SPEAR_W4_L2_PREFETCH_HOW");
+    return e ? std::atoi(e) : 1;
+  }();
+  pf.how = how;
   return pf;
 }
 

@@ -55,6 +55,9 @@ struct W4Prefetch {
   const void* ptr[kW4MaxPrefetch] = {};
   uint32_t bytes[kW4MaxPrefetch] = {};
   int count = 0;
+  // How (A/B runs, SPEAR_W4_L2_PREFETCH_HOW): 0 one bulk prefetch per CTA (TMA), 1 prefetch.global.L2 per 128-byte
+  // line spread over every thread, 2 the same with the evict_last hint.
+  int how = 1;
 };
 
 // Device pointers of an uploaded W4Layout (owned by the caller).
