@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
   float* echb = eczt + p.m * p.ec_rmax;                              // gate hidden [m][gate width]
   float* ecgs = echb + p.m * p.ec_gmax;                              // gate parameters
 
-  if (p.pf.count)
+  if (p.pf.count && p.pf.how != 3)
     issue_l2_prefetch(p.pf, int(blockIdx.y * gridDim.x + blockIdx.x), int(gridDim.x * gridDim.y), threadIdx.x,
                       kThreads);
 
@@ -302,6 +302,8 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
     if constexpr (kGrouped) fold();
   }
+  if (p.pf.count && p.pf.how == 3)  // late: the CTA's own loads have landed, DRAM idles from here on
+    issue_l2_prefetch(p.pf, int(blockIdx.y * gridDim.x + blockIdx.x), int(gridDim.x * gridDim.y), tid, kThreads);
 
   // 5. Reduction: each warp's scaled partial tile (grouped: scaled per group in fold).
   {

@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   const int nchunks = (p.kblocks + kBulkChunk - 1) / kBulkChunk;
   const uint4* src = mt.q + size_t(tile) * p.kblocks * 32;
 
-  if (p.pf.count) issue_l2_prefetch(p.pf, int(blockIdx.x), int(gridDim.x), threadIdx.x, kBulkThreads);
+  if (p.pf.count && p.pf.how != 3) issue_l2_prefetch(p.pf, int(blockIdx.x), int(gridDim.x), threadIdx.x, kBulkThreads);
   if (threadIdx.x == 0) {
     for (int i = 0; i < NS; ++i) mbar_init(&full[i], 1), mbar_init(&empty[i], kWarps);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -161,6 +161,8 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   } else {
     fold_group<1>(acc, part, sc_lo, sc_hi);
   }
+  if (p.pf.count && p.pf.how == 3)  // late: the CTA's own loads have landed
+    issue_l2_prefetch(p.pf, int(blockIdx.x), int(gridDim.x), threadIdx.x, kThreads);
   red[warp * 32 + lane] = make_float4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]);
   asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory");
   if (warp != 0) return;

@@ -56,7 +56,8 @@ struct W4Prefetch {
   uint32_t bytes[kW4MaxPrefetch] = {};
   int count = 0;
   // How (A/B runs, SPEAR_W4_L2_PREFETCH_HOW): 0 one bulk prefetch per CTA (TMA), 1 prefetch.global.L2 per 128-byte
-  // line spread over every thread, 2 the same with the evict_last hint.
+  // line spread over every thread, 2 the same with the evict_last hint, 3 as 1 but issued late (after the CTA's
+  // own weights have arrived, before its reduction).
   int how = 1;
 };
 
