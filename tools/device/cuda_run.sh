@@ -9,8 +9,6 @@
 #   ppl     GPU perplexity of the reference model and its RTN W4 package on all of test.txt
 #   bulkab:LIKE  bench decode of a LIKE-shaped W4 model at batch 1 and 8, decode plans tuned with and without the
 #             bulk-copy kernel (SPEAR_W4_BULK=1 / 0, twice each, alternating)
-#   l2pf:LIKE  bench decode of a LIKE-shaped W4 model at batch L2PF_BATCH (default 1,8) under each run of
-#             L2PF_RUNS, MB[/HOW[/HOPS]] (SPEAR_W4_L2_PREFETCH_MB / _HOW / _HOPS; MB def: the built-in half of L2)
 #   e2e:LIKE  make-model --like LIKE (bf16 + W4 package) and bench decode at batch 1, 8, 32
 #   ec:LIKE   issue 6 on a LIKE-shaped W4 model: spear tune (EC dispatch table, random ECs on every linear),
 #             then bench decode at batch 1, 8, 32 with random ECs on 15/38/60% of the linears under the naive,
@@ -278,22 +276,6 @@ for stage in "$@"; do
         SPEAR_W4_BULK=$b "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch 1,8 --steps 64 \
           --out "$R/bulkab-$like-run${run%%:*}-bulk$b.json" 2>&1 | tee -a "$R/bulkab-$like.log" | grep -E "ms/step|^/tmp" | sed "s/^/bulk=$b /"
       done ;;
-    l2pf:*)
-      like=${stage#l2pf:}
-      t "bench decode $like W4: L2 prefetch of the next launches' weights (SPEAR_W4_L2_PREFETCH_MB: ${L2PF_RUNS:-0 def 0 def 12 40})"
-      [[ -d "/tmp/$like-w4" ]] || "$BIN/spear" make-model --like "$like" --random --out "/tmp/$like" --quantize-out "/tmp/$like-w4" 2>&1 | tail -1
-      rm -rf "/tmp/$like"
-      i=0
-      for run in ${L2PF_RUNS:-0 def 0 def 12 40}; do  # MB[/HOW[/HOPS]]
-        i=$((i + 1))
-        IFS=/ read -r mb how hops <<< "$run"
-        if [[ $mb == def ]]; then unset SPEAR_W4_L2_PREFETCH_MB; else export SPEAR_W4_L2_PREFETCH_MB=$mb; fi
-        if [[ -n $how ]]; then export SPEAR_W4_L2_PREFETCH_HOW=$how; else unset SPEAR_W4_L2_PREFETCH_HOW; fi
-        if [[ -n $hops ]]; then export SPEAR_W4_L2_PREFETCH_HOPS=$hops; else unset SPEAR_W4_L2_PREFETCH_HOPS; fi
-        "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch ${L2PF_BATCH:-1,8} --steps 64 \
-          --out "$R/l2pf-$like-run$i-${run//\//_}.json" 2>&1 | tee -a "$R/l2pf-$like.log" | grep -E "ms/step" | sed "s|^|l2pf=$run |"
-      done
-      unset SPEAR_W4_L2_PREFETCH_MB SPEAR_W4_L2_PREFETCH_HOW SPEAR_W4_L2_PREFETCH_HOPS ;;
     e2e:*)
       like=${stage#e2e:}
       t "make-model $like"

@@ -159,12 +159,6 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   l2_bytes_ = device_info(device).l2_bytes;
   if (const char* e = std::getenv("SPEAR_W4_TUNE")) tune_w4_ = std::string(e) != "0";
   if (const char* e = std::getenv("SPEAR_W4_DEQUANT_MIN_M")) w4_dequant_min_m_ = std::atoi(e);
-  {
-    size_t budget = l2_bytes_ / 2;
-    if (const char* e = std::getenv("SPEAR_W4_L2_PREFETCH_MB")) budget = size_t(std::max(0, std::atoi(e))) << 20;
-    const char* hops = std::getenv("SPEAR_W4_L2_PREFETCH_HOPS");
-    w4_chain_ = W4PrefetchChain(budget, hops ? std::max(1, std::atoi(hops)) : 2);
-  }
   if (const char* e = std::getenv("SPEAR_TP_REDUCE"); e && *e) tp_reduce_ = parse_tp_reduce(e, "SPEAR_TP_REDUCE");
   p2p_capacity_ = env_int64("SPEAR_TP_P2P_CAPACITY", p2p_capacity_, 1, int64_t(1) << 30);
   p2p_timeout_ns_ = uint64_t(env_int64("SPEAR_TP_P2P_TIMEOUT_MS", 0, 0, int64_t(1) << 40)) * 1'000'000ull;
@@ -509,10 +503,8 @@ void CudaBackend::linear(const Tensor& x, const Linear& lin, Tensor& out) {
       __nv_bfloat16* y = bf(out);
       const W4EcDevice* ec = &l.ec->dev;
       tune_w4_once(bf(x), T, &l.w4, 1, &y, &ec);
-      W4Device wp;
-      w4_with_prefetch(&l.w4, 1, T, &wp);
       auto prof = prof_->scope("linear.w4a16_ec_fused");
-      if (w4a16_gemm_ec(bf(x), T, &wp, 1, &ec, &bias, &y, sm_count_, stream_)) return;
+      if (w4a16_gemm_ec(bf(x), T, &l.w4, 1, &ec, &bias, &y, sm_count_, stream_)) return;
     }  // no decode plan fits with the EC's shared memory: the naive path below
     const EcPath path_run = path == EcPath::Fused ? EcPath::Naive : path;
     Tensor d;
@@ -587,11 +579,6 @@ void CudaBackend::tune_w4_once(const __nv_bfloat16* x, int m, const W4Device* w,
   if (flush) SPEAR_CUDA_CHECK(cudaFree(flush));
 }
 
-void CudaBackend::w4_with_prefetch(const W4Device* w, int count, int m, W4Device* out) {
-  std::copy(w, w + count, out);
-  if (m <= 32) out[0].l2_prefetch = w4_chain_.prefetch(w, count);  // the decode kernel's m
-}
-
 void CudaBackend::linear_group(const Tensor& x, std::span<const Linear* const> ls, std::span<Tensor* const> outs) {
   // One launch when every member is a W4 linear (q/k/v, gate/up of a quantized model) and each compensator
   // among them runs fused; otherwise one linear() per member (each with its own EC path).
@@ -621,19 +608,17 @@ void CudaBackend::linear_group(const Tensor& x, std::span<const Linear* const> l
     if (c->ec) ec[i] = &c->ec->dev;
   }
   tune_w4_once(bf(x), int(x.rows), w, int(ls.size()), y, any_ec ? ec : nullptr);
-  W4Device wp[kW4MaxGrouped];
-  w4_with_prefetch(w, int(ls.size()), int(x.rows), wp);
   if (any_ec) {
     bool done = false;
     {
       auto prof = prof_->scope("linear.w4a16_grouped_ec_fused");
-      done = w4a16_gemm_ec(bf(x), int(x.rows), wp, int(ls.size()), ec, bias, y, sm_count_, stream_);
+      done = w4a16_gemm_ec(bf(x), int(x.rows), w, int(ls.size()), ec, bias, y, sm_count_, stream_);
     }
     if (!done) Backend::linear_group(x, ls, outs);  // no plan fits the group as a whole: one by one
     return;
   }
   auto prof = prof_->scope("linear.w4a16_grouped");
-  w4a16_gemm_grouped(bf(x), int(x.rows), wp, int(ls.size()), bias, y, w4_ws_.get(), w4_ws_.bytes(), sm_count_,
+  w4a16_gemm_grouped(bf(x), int(x.rows), w, int(ls.size()), bias, y, w4_ws_.get(), w4_ws_.bytes(), sm_count_,
                      stream_);
 }
 

@@ -19,7 +19,6 @@
 #include "backend/cuda/op_profiler.h"
 #include "backend/cuda/p2p_reduce.h"
 #include "backend/cuda/tp_tail.h"
-#include "backend/cuda/w4_prefetch_chain.h"
 #include "backend/cuda/w4a16_gemm.h"
 
 struct ncclComm;  // nccl.h's communicator, declared here so that only the backend's sources need nccl.h
@@ -256,11 +255,6 @@ class CudaBackend : public Backend {
   int w4_dequant_min_m_ = 129;
   size_t w4_max_weights_ = 0;
   DeviceBuffer w4_deq_;
-  // Decode W4 launches prefetch the next launches' weights into L2 (w4_prefetch_chain.h); the budget is half
-  // of L2, SPEAR_W4_L2_PREFETCH_MB overrides it (0: off).
-  W4PrefetchChain w4_chain_;
-  // w with w[0].l2_prefetch set from the chain (decode-sized m only), copied into out.
-  void w4_with_prefetch(const W4Device* w, int count, int m, W4Device* out);
 
   // The current batch (begin_batch): host arrays by address, their device copies.
   const BatchDesc* batch_ = nullptr;

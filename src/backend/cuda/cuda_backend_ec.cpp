@@ -69,10 +69,8 @@ void CudaBackend::w4_gemm(const CudaLinear& l, const Tensor& x, Tensor& out) {
     return;
   }
   tune_w4_once(bf(x), int(x.rows), &l.w4, 1, &y);
-  W4Device wp;
-  w4_with_prefetch(&l.w4, 1, m, &wp);
   auto prof = prof_->scope("linear.w4a16");
-  w4a16_gemm(bf(x), int(x.rows), wp, bias, y, w4_ws_.get(), w4_ws_.bytes(), sm_count_, stream_);
+  w4a16_gemm(bf(x), int(x.rows), l.w4, bias, y, w4_ws_.get(), w4_ws_.bytes(), sm_count_, stream_);
 }
 
 void CudaBackend::linear_no_ec(const CudaLinear& l, const Tensor& x, Tensor& out) {

@@ -91,16 +91,6 @@ __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, 
       "l"(src), "r"(bytes), "r"(smem_u32(b)), "l"(pol)
       : "memory");
 }
-// Asks the L2 to fetch [p, p + bytes) from DRAM (16-byte aligned, bytes % 16 == 0); nothing waits for it.
-__device__ __forceinline__ void l2_prefetch_bulk(const void* p, unsigned bytes) {
-  SPEAR_SM90_ASM("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void l2_prefetch_line(const void* p, bool evict_last) {
-  if (evict_last)
-    asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p));
-  else
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
 #undef SPEAR_SM90_ASM
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {

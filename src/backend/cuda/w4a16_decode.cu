@@ -53,7 +53,6 @@ struct W4DecodeParams {
   unsigned* done;
   int ec_cols, ec_rmax, ec_gmax;
   W4PeerMirror mirror;  // P2P dual-write of the output (count 1; ranks <= 1: none)
-  W4Prefetch pf;        // weights of the next launches, into L2
 };
 
 
@@ -90,10 +89,6 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
   float* eczt = eczs + p.m * p.ec_rmax;                              // z [m][rank]
   float* echb = eczt + p.m * p.ec_rmax;                              // gate hidden [m][gate width]
   float* ecgs = echb + p.m * p.ec_gmax;                              // gate parameters
-
-  if (p.pf.count && p.pf.how != 3)
-    issue_l2_prefetch(p.pf, int(blockIdx.y * gridDim.x + blockIdx.x), int(gridDim.x * gridDim.y), threadIdx.x,
-                      kThreads);
 
   // EC CTAs (leading columns): one k-slice of A·x each, then they leave (w4a16_ec.cuh).
   if (int(blockIdx.x) < p.ec_cols) {
@@ -302,8 +297,6 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
     if constexpr (kGrouped) fold();
   }
-  if (p.pf.count && p.pf.how == 3)  // late: the CTA's own loads have landed, DRAM idles from here on
-    issue_l2_prefetch(p.pf, int(blockIdx.y * gridDim.x + blockIdx.x), int(gridDim.x * gridDim.y), tid, kThreads);
 
   // 5. Reduction: each warp's scaled partial tile (grouped: scaled per group in fold).
   {
@@ -514,7 +507,6 @@ void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4
   p.gmax = plan.gmax;
   p.x_vec = (reinterpret_cast<uintptr_t>(x) & 15) == 0 && w[0].k % 8 == 0;
   if (mirror) p.mirror = *mirror;
-  p.pf = launch_prefetch(w);
   const bool pdl = o.pdl && device_facts().major >= 9;
   launch(decode_kernel_for(T, grouped, mirror != nullptr), dim3(rg, plan.S), plan.smem, plan.S, pdl, stream, p);
 }

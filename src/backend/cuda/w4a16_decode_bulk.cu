@@ -38,7 +38,6 @@ struct W4BulkParams {
   W4BulkMat mat[4];
   const __nv_bfloat16* x;
   int count, m, k, kblocks, stages, xs_stride, x_vec;
-  W4Prefetch pf;  // weights of the next launches, into L2 (lanes 1..31 of the producer warp)
 };
 
 // Dynamic shared memory: the ring, x [m][xs_stride] bf16, scales [groups][16] fp32, zeros [groups][16] u16,
@@ -70,7 +69,6 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   const int nchunks = (p.kblocks + kBulkChunk - 1) / kBulkChunk;
   const uint4* src = mt.q + size_t(tile) * p.kblocks * 32;
 
-  if (p.pf.count && p.pf.how != 3) issue_l2_prefetch(p.pf, int(blockIdx.x), int(gridDim.x), threadIdx.x, kBulkThreads);
   if (threadIdx.x == 0) {
     for (int i = 0; i < NS; ++i) mbar_init(&full[i], 1), mbar_init(&empty[i], kWarps);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -161,8 +159,6 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   } else {
     fold_group<1>(acc, part, sc_lo, sc_hi);
   }
-  if (p.pf.count && p.pf.how == 3)  // late: the CTA's own loads have landed
-    issue_l2_prefetch(p.pf, int(blockIdx.x), int(gridDim.x), threadIdx.x, kThreads);
   red[warp * 32 + lane] = make_float4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]);
   asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory");
   if (warp != 0) return;
@@ -242,7 +238,6 @@ void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, co
     d.tile_begin = tiles;
     tiles += w[i].n_pad / 16;
   }
-  p.pf = launch_prefetch(w);
   const size_t smem = bulk_smem_bytes(m, p.kblocks, p.stages, bulk_gmax(w, count));
   const bool pdl = o.pdl && device_facts().major >= 9;
   launch(w4a16_bulk_kernel, dim3(tiles, 1), smem, 1, pdl, stream, p, kBulkThreads);

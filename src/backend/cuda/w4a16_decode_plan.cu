@@ -217,11 +217,8 @@ bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int coun
   return true;
 }
 
-bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w_in, int count, __nv_bfloat16* const* y,
-                 void* flush, size_t flush_bytes, int sm_count, cudaStream_t stream, int reps,
-                 const W4EcDevice* const* ec) {
-  W4Device w[kDecMaxMats];  // the plans are timed alone: no L2 prefetch for other launches
-  for (int i = 0; i < count && i < kDecMaxMats; ++i) w[i] = w_in[i], w[i].l2_prefetch = nullptr;
+bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y, void* flush,
+                 size_t flush_bytes, int sm_count, cudaStream_t stream, int reps, const W4EcDevice* const* ec) {
   if (!decode_takes(m, w, count)) return false;
   if (ec && !ec_fusable(m, w, count, ec)) return false;
   const EcPlanInfo info = ec_plan_info(w[0].k, count, ec);

@@ -391,24 +391,6 @@ KernelFn kernel_for(int T, bool grouped) {
 
 namespace w4_detail {
 
-W4Prefetch launch_prefetch(const W4Device* w) {
-  W4Prefetch pf;
-  if (!w[0].l2_prefetch || device_facts().major < 9) return pf;
-  for (int r = 0; r < w[0].l2_prefetch->count && r < kW4MaxPrefetch; ++r) {
-    const void* ptr = w[0].l2_prefetch->ptr[r];
-    const uint32_t bytes = w[0].l2_prefetch->bytes[r] & ~15u;
-    if (!ptr || !bytes || (reinterpret_cast<uintptr_t>(ptr) & 15)) continue;
-    pf.ptr[pf.count] = ptr;
-    pf.bytes[pf.count++] = bytes;
-  }
-  static const int how = [] {
-    const char* e = std::getenv("SPEAR_W4_L2_PREFETCH_HOW");
-    return e ? std::atoi(e) : 1;
-  }();
-  pf.how = how;
-  return pf;
-}
-
 int token_tiles(int m) {  // T for a launch of m <= 128 tokens
   const int tiles = (m + 7) / 8;
   return tiles <= 1 ? 1 : tiles <= 2 ? 2 : tiles <= 4 ? 4 : tiles <= 8 ? 8 : 16;

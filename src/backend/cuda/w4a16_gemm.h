@@ -44,32 +44,12 @@ W4Layout w4_prepare(const PackedQuantWeights& p);  // throws spear::Error when !
 // The exact inverse of w4_prepare's shuffle (codes, scales, zeros back to the canonical layout): for tests.
 PackedQuantWeights w4_unprepare(const W4Layout& l, int bits);
 
-// Weights of later launches to pull into L2 while a decode launch runs (cp.async.bulk.prefetch.L2, sm_90+).
-// Decode steps are chains of short dependent kernels, and a W4 GEMM's own loads can only start once it is
-// scheduled: its first microseconds are DRAM latency and the small kernels between GEMMs (RoPE, attention,
-// norms) leave DRAM idle. Prefetching the next GEMMs' weights keeps DRAM streaming through those gaps, and the
-// next GEMM reads from L2. The CTAs of the launch split the regions into 32 KB pieces before their own wait
-// (the regions are load-time constants). Regions: 16-byte aligned, sizes multiples of 16 (the caller rounds).
-constexpr int kW4MaxPrefetch = 16;
-struct W4Prefetch {
-  const void* ptr[kW4MaxPrefetch] = {};
-  uint32_t bytes[kW4MaxPrefetch] = {};
-  int count = 0;
-  // How (A/B runs, SPEAR_W4_L2_PREFETCH_HOW): 0 one bulk prefetch per CTA (TMA), 1 prefetch.global.L2 per 128-byte
-  // line spread over every thread, 2 the same with the evict_last hint, 3 as 1 but issued late (after the CTA's
-  // own weights have arrived, before its reduction).
-  int how = 1;
-};
-
 // Device pointers of an uploaded W4Layout (owned by the caller).
 struct W4Device {
   int n = 0, k = 0, n_pad = 0, k_pad = 0, group_size = -1, groups = 1;
   const uint32_t* q = nullptr;
   const float* scales = nullptr;
   const uint16_t* zeros = nullptr;
-  // Optional: what the decode launch of which this matrix is the first (w[0]) prefetches into L2 for the
-  // launches after it (null: nothing). Host memory, copied into the launch. Decode plans never time it.
-  const W4Prefetch* l2_prefetch = nullptr;
 };
 
 // Split-K scratch of the general kernel (m > 32): arrival counters at fixed offsets, then fp32 partial sums.

@@ -17,33 +17,6 @@ namespace spear::cuda::w4_detail {
 
 int token_tiles(int m);  // T for a launch of m <= 128 tokens
 
-// The L2 prefetch of a decode launch (W4Prefetch): the regions, end to end, are cut into one equal run per CTA
-// (128-byte multiples); thread tid of nthreads of CTA cta (of ctas) issues its share of that run: the whole run as
-// bulk prefetches (how 0, thread 0 only) or every nthreads-th 128-byte line (how 1, 2). Spreading keeps each SM's
-// share small: a CTA that queued megabytes of prefetch would finish late and hold up its launch.
-__device__ __forceinline__ void issue_l2_prefetch(const W4Prefetch& pf, int cta, int ctas, int tid, int nthreads) {
-  unsigned total = 0;
-  for (int r = 0; r < pf.count; ++r) total += pf.bytes[r];
-  const unsigned per = ((total + unsigned(ctas) - 1) / unsigned(ctas) + 127u) & ~127u;
-  const unsigned lo = unsigned(cta) * per, hi = min(total, lo + per);
-  if (lo >= hi || (pf.how == 0 && tid != 0)) return;
-  unsigned base = 0;
-  for (int r = 0; r < pf.count && base < hi; ++r) {
-    const unsigned r0 = max(lo, base), r1 = min(hi, base + pf.bytes[r]);
-    const unsigned char* p = static_cast<const unsigned char*>(pf.ptr[r]) - base;
-    if (r0 < r1) {
-      if (pf.how == 0)
-        l2_prefetch_bulk(p + r0, r1 - r0);
-      else
-        for (unsigned off = r0 + unsigned(tid) * 128u; off < r1; off += unsigned(nthreads) * 128u)
-          l2_prefetch_line(p + off, pf.how == 2);
-    }
-    base += pf.bytes[r];
-  }
-}
-// The launch's copy of w[0].l2_prefetch (empty when null or when the options turn prefetching off).
-W4Prefetch launch_prefetch(const W4Device* w);
-
 // Per-device facts, read once (host queries only: no sync, no stream work, so the first call may happen
 // inside a graph capture). The first call on a device also raises every instance's dynamic shared-memory
 // limit (both kernels) to the most it can ask for, so captures never meet a first use. (w4a16_gemm.cu)
