@@ -190,6 +190,16 @@ class Backend {
     return false;
   }
 
+  // The MLP block of a decode step in one go, where the backend has a fused kernel for it:
+  //   x += add;  h = rms_norm(x)·norm_w;  x += down(silu(gate(h)) ⊙ up(h))
+  // with the roundings of the op-by-op path. Returns false, having done nothing, where it cannot (no kernel for
+  // these linears or this many tokens); the caller then runs the ops.
+  virtual bool fused_mlp(Tensor& x, const Tensor& add, const Tensor& norm_w, float eps, const Linear& gate,
+                         const Linear& up, const Linear& down) {
+    (void)x, (void)add, (void)norm_w, (void)eps, (void)gate, (void)up, (void)down;
+    return false;
+  }
+
   // How compensated linears run (backends with several EC implementations: CUDA; the CPU has one path and
   // ignores these). A forced path applies to every compensated linear (benchmarks); Auto consults the
   // dispatch table (null: the built-in rule). verbose: report each dispatch decision once on stderr.

@@ -342,6 +342,8 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
       row_parallel_linear(*L.o, att, tmp);
     else
       run_linear(*L.o, att, tmp);
+    // One device: the whole MLP block where the backend fuses it (x is then final; no pending residual).
+    if (sh.size == 1 && !taps && be.fused_mlp(x, tmp, L.mlp_norm, eps, *L.gate, *L.up, *L.down)) return;
     be.add_rms_norm(x, tmp, L.mlp_norm, eps, h);
   }
   run_group({L.gate.get(), L.up.get()}, {&gate, &up});

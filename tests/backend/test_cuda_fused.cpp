@@ -1,6 +1,7 @@
 // The fused decoder kernels against the kernels they replace, bit for bit: add_rms_norm_bf16 = add_bf16 then
 // rms_norm_bf16; rope_kv_append_bf16 = rope_bf16 on q and on k then kv_append_bf16 (odd sizes, several
-// sequences on scattered pages, positions past 2^16).
+// sequences on scattered pages, positions past 2^16); and the fused decode MLP block against its ops (up to the
+// GEMMs' summation order).
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -12,6 +13,8 @@
 #include "backend/cuda/attention.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/elementwise.h"
+#include "backend/cuda/mlp_fused.h"
+#include "backend/cuda/w4a16_gemm.h"
 #include "backend/cuda/rms_norm.h"
 #include "backend/cuda/rope_kv_append.h"
 #include "core/dtype.h"
@@ -116,6 +119,88 @@ TEST(CudaFused, RopeKvAppendEqualsRopeThenAppend) {
     EXPECT_TRUE(pka.download() == pkb.download()) << what << ": cached k differs";
     EXPECT_TRUE(pva.download() == pvb.download()) << what << ": cached v differs";
     EXPECT_FALSE(pka.download() == pool) << what << ": nothing appended";
+  }
+}
+
+}  // namespace spear
+
+namespace spear {
+
+// The fused decode MLP block (mlp_fused.h) against the ops it replaces: add_rms_norm, the W4 gate and up GEMMs,
+// SwiGLU, the W4 down GEMM and the residual add. Only the GEMMs' fp32 summation order differs, so a few bf16
+// roundings may land one ulp apart; the block runs three times from the same inputs (its counters must be back
+// at zero after each launch).
+TEST(CudaFused, MlpBlockEqualsOpByOp) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  struct Case {
+    int hidden, inter, group, m;
+  };
+  const Case cases[] = {{64, 128, -1, 1}, {96, 208, 16, 5}, {256, 704, 64, 3}, {2048, 8192, 128, 1},
+                        {2048, 8192, 128, 8}, {4096, 14336, 128, 2}, {2048, 8192, -1, 4}};
+  uint32_t seed = 900;
+  int sms = 0;
+  SPEAR_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  for (const Case& c : cases) {
+    const cuda::W4Layout lg = cuda::w4_prepare(w4test::random_quantized(c.inter, c.hidden, 4, c.group, seed++));
+    const cuda::W4Layout lu = cuda::w4_prepare(w4test::random_quantized(c.inter, c.hidden, 4, c.group, seed++));
+    const cuda::W4Layout ld = cuda::w4_prepare(w4test::random_quantized(c.hidden, c.inter, 4, c.group, seed++));
+    w4test::UploadedW4 g(lg), u(lu), d(ld);
+    const std::string what = "hidden " + std::to_string(c.hidden) + " inter " + std::to_string(c.inter) + " group " +
+                             std::to_string(c.group) + " m " + std::to_string(c.m);
+    if (!cuda::fused_mlp_supported(c.m, g.dev, u.dev, d.dev)) {
+      ADD_FAILURE() << what << ": not supported";
+      continue;
+    }
+    const size_t nx = size_t(c.m) * c.hidden, na = size_t(c.m) * c.inter;
+    const auto x0 = w4test::random_bf16(nx, seed++, 1.f), add = w4test::random_bf16(nx, seed++, 1.f);
+    const auto nw = w4test::random_bf16(size_t(c.hidden), seed++, 0.3f);
+    Dev<uint16_t> dadd(add), dnw(nw);
+    // Op by op.
+    Dev<uint16_t> xr(x0), h(nx), gate(na), up(na), act(na), mlp(nx);
+    cuda::add_rms_norm_bf16(bf_mut(xr), bf_mut(dadd), bf_mut(dnw), bf_mut(h), c.m, c.hidden, 1e-5f, nullptr);
+    cuda::w4a16_gemm(bf_mut(h), c.m, g.dev, nullptr, bf_mut(gate), nullptr, 0, sms, nullptr);
+    cuda::w4a16_gemm(bf_mut(h), c.m, u.dev, nullptr, bf_mut(up), nullptr, 0, sms, nullptr);
+    cuda::swiglu_bf16(bf_mut(gate), bf_mut(up), bf_mut(act), int64_t(na), nullptr);
+    cuda::w4a16_gemm(bf_mut(act), c.m, d.dev, nullptr, bf_mut(mlp), nullptr, 0, sms, nullptr);
+    cuda::add_bf16(bf_mut(xr), bf_mut(mlp), int64_t(nx), nullptr);
+    SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
+    const std::vector<uint16_t> ref_bits = xr.download();
+    const std::vector<float> ref = w4test::to_f32(ref_bits);
+    // Fused, three times.
+    Dev<unsigned> counters(std::vector<unsigned>(cuda::kFusedMlpCounterBytes / 4, 0u));
+    Dev<uint16_t> scratch(std::vector<uint16_t>(na, 0xffff));
+    std::vector<uint16_t> first;
+    for (int rep = 0; rep < 3; ++rep) {
+      Dev<uint16_t> xf(x0);
+      cuda::FusedMlpArgs a;
+      a.x = bf_mut(xf);
+      a.add = bf_mut(dadd);
+      a.norm_w = bf_mut(dnw);
+      a.eps = 1e-5f;
+      a.gate = g.dev;
+      a.up = u.dev;
+      a.down = d.dev;
+      a.act = bf_mut(scratch);
+      a.counters = counters.get();
+      a.m = c.m;
+      cuda::fused_mlp_decode(a, nullptr);
+      SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
+      const std::vector<uint16_t> got = xf.download();
+      if (rep == 0) {
+        first = got;
+        const std::vector<float> gf = w4test::to_f32(got);
+        size_t same = 0;
+        for (size_t i = 0; i < nx; ++i) same += got[i] == ref_bits[i];
+        const double err = w4test::rel_err(gf, ref);
+        std::printf("%s: rel err %.2e, %zu / %zu bit-identical\n", what.c_str(), err, same, nx);
+        EXPECT_LT(err, 3e-3) << what;
+        EXPECT_GT(double(same), 0.8 * double(nx)) << what;
+      } else {
+        EXPECT_TRUE(got == first) << what << ": launch " << rep << " differs from the first";
+      }
+      const std::vector<unsigned> cnt = counters.download();
+      EXPECT_EQ(cnt[0] + cnt[1] + cnt[2], 0u) << what << ": counters not back at zero";
+    }
   }
 }
 

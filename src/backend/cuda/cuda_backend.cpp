@@ -1,4 +1,5 @@
 #include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/mlp_fused.h"
 
 #include <unistd.h>
 
@@ -159,6 +160,7 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   l2_bytes_ = device_info(device).l2_bytes;
   if (const char* e = std::getenv("SPEAR_W4_TUNE")) tune_w4_ = std::string(e) != "0";
   if (const char* e = std::getenv("SPEAR_W4_DEQUANT_MIN_M")) w4_dequant_min_m_ = std::atoi(e);
+  if (const char* e = std::getenv("SPEAR_FUSED_MLP")) fused_mlp_on_ = std::string(e) != "0";
   if (const char* e = std::getenv("SPEAR_TP_REDUCE"); e && *e) tp_reduce_ = parse_tp_reduce(e, "SPEAR_TP_REDUCE");
   p2p_capacity_ = env_int64("SPEAR_TP_P2P_CAPACITY", p2p_capacity_, 1, int64_t(1) << 30);
   p2p_timeout_ns_ = uint64_t(env_int64("SPEAR_TP_P2P_TIMEOUT_MS", 0, 0, int64_t(1) << 40)) * 1'000'000ull;
@@ -687,6 +689,38 @@ void CudaBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, s
   auto prof = prof_->scope(decode ? "attention.decode" : "attention.prefill");
   attention_bf16(bf(q), T, d_token_seq_, d_seqs_, int(seqs.size()), layer, s, max_ctx_, decode, bf(out),
                  decode ? attn_ws_.get() : nullptr, decode ? attn_ws_.bytes() : 0, stream_);
+}
+
+bool CudaBackend::fused_mlp(Tensor& x, const Tensor& add, const Tensor& norm_w, float eps, const Linear& gate,
+                            const Linear& up, const Linear& down) {
+  const auto& g = static_cast<const CudaLinear&>(gate);
+  const auto& u = static_cast<const CudaLinear&>(up);
+  const auto& d = static_cast<const CudaLinear&>(down);
+  const int m = int(x.rows);
+  if (!fused_mlp_on_ || x.dtype != DType::BF16 || (add.data && add.dtype != DType::BF16)) return false;
+  for (const CudaLinear* l : {&g, &u, &d})
+    if (!l->quantized || l->ec || l->bias.bytes()) return false;
+  if (!fused_mlp_supported(m, g.w4, u.w4, d.w4)) return false;
+  if (!mlp_counters_.get()) {
+    SPEAR_CHECK(!capturing_, "cuda backend: fused MLP counters first needed inside a graph capture");
+    mlp_counters_ = DeviceBuffer(kFusedMlpCounterBytes);
+    SPEAR_CUDA_CHECK(cudaMemset(mlp_counters_.get(), 0, kFusedMlpCounterBytes));
+  }
+  Tensor act = alloc(m, g.out_features);
+  auto prof = prof_->scope("mlp.fused");
+  FusedMlpArgs a;
+  a.x = bf(x);
+  a.add = add.data ? bf(add) : nullptr;
+  a.norm_w = bf(norm_w);
+  a.eps = eps;
+  a.gate = g.w4;
+  a.up = u.w4;
+  a.down = d.w4;
+  a.act = bf(act);
+  a.counters = mlp_counters_.as<unsigned>();
+  a.m = m;
+  fused_mlp_decode(a, stream_);
+  return true;
 }
 
 void CudaBackend::swiglu(const Tensor& gate, const Tensor& up, Tensor& out) {
