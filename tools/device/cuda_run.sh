@@ -9,6 +9,8 @@
 #   ppl     GPU perplexity of the reference model and its RTN W4 package on all of test.txt
 #   bulkab:LIKE  bench decode of a LIKE-shaped W4 model at batch 1 and 8, decode plans tuned with and without the
 #             bulk-copy kernel (SPEAR_W4_BULK=1 / 0, twice each, alternating)
+#   ab:LIKE   bench decode of a LIKE-shaped W4 model at batch AB_BATCH (default 1,8), one process per entry of
+#             AB_RUNS (each NAME=VALUE[,NAME=VALUE...], e.g. "SPEAR_FUSED_MLP=0 SPEAR_FUSED_MLP=1"), one JSON each
 #   e2e:LIKE  make-model --like LIKE (bf16 + W4 package) and bench decode at batch 1, 8, 32
 #   ec:LIKE   issue 6 on a LIKE-shaped W4 model: spear tune (EC dispatch table, random ECs on every linear),
 #             then bench decode at batch 1, 8, 32 with random ECs on 15/38/60% of the linears under the naive,
@@ -275,6 +277,18 @@ for stage in "$@"; do
         b=${run#*:}
         SPEAR_W4_BULK=$b "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch 1,8 --steps 64 \
           --out "$R/bulkab-$like-run${run%%:*}-bulk$b.json" 2>&1 | tee -a "$R/bulkab-$like.log" | grep -E "ms/step|^/tmp" | sed "s/^/bulk=$b /"
+      done ;;
+    ab:*)
+      like=${stage#ab:}
+      t "bench decode $like W4 at batch ${AB_BATCH:-1,8}, one process per setting of AB_RUNS: ${AB_RUNS:-}"
+      [[ -d "/tmp/$like-w4" ]] || "$BIN/spear" make-model --like "$like" --random --out "/tmp/$like" --quantize-out "/tmp/$like-w4" 2>&1 | tail -1
+      rm -rf "/tmp/$like"
+      i=0
+      for run in ${AB_RUNS:-}; do  # NAME=VALUE[,NAME=VALUE...]
+        i=$((i + 1))
+        env ${run//,/ } "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch ${AB_BATCH:-1,8} --steps 64 \
+          --out "$R/ab-$like-run$i.json" 2>&1 | tee -a "$R/ab-$like.log" | grep -E "ms/step" | sed "s|^|$run |"
+        echo "run$i: $run" >> "$R/ab-$like.runs"
       done ;;
     e2e:*)
       like=${stage#e2e:}
