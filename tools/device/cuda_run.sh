@@ -66,7 +66,7 @@ for stage in "$@"; do
   case $stage in
     tests)
       t "gpu tests"
-      timeout ${TESTS_S:-240} "$BIN/test_cuda_ops" --gtest_color=no 2>&1 | tee "$R/tests.log" | grep -E "^\[  (FAILED|PASSED|  OK|SKIPPED) |cuda vs|ppl cuda|Failure|Expected|Which is|actual" | head -80 ;;
+      timeout ${TESTS_S:-240} "$BIN/test_cuda_ops" --gtest_color=no ${TESTS_FILTER:+--gtest_filter="$TESTS_FILTER"} 2>&1 | tee "$R/tests.log" | grep -E "^\[  (FAILED|PASSED|  OK|SKIPPED) |cuda vs|ppl cuda|Failure|Expected|Which is|actual|rel err|rel l2" | head -80 ;;
     memcheck)
       t "compute-sanitizer memcheck"
       timeout ${MEMCHECK_S:-150} compute-sanitizer --tool memcheck --leak-check no "$BIN/test_cuda_ops" \

@@ -1,13 +1,13 @@
 // The fused decode MLP block (mlp_fused.h). Layout of the work: CTA c of G (one per SM) owns gate/up tiles
 // c, c + G, ... (a "B task": gate tile t then up tile t, 16 rows each) and down tiles c, c + G, ... (C tasks),
 // processed in that order as a list of jobs (one matrix tile over all of k each). The producer warp streams the
-// codes of every job of the list, in order, through an 8-stage ring of 8 KB chunks (mbarrier full / empty pairs,
+// codes of every job of the list, in order, through a ring of 8 KB chunks as deep as the shared memory allows (mbarrier full / empty pairs,
 // as w4a16_decode_bulk.cu); it never waits for activations, so the down tiles' codes arrive while the CTA still
 // works on gate/up or waits for the other CTAs. The 8 consumer warps take 2 consecutive k-blocks of each chunk.
 //
 // Synchronisation (global counters, left at zero by the last CTA to finish):
 //   [0] CTAs that have read x for the norm (C tasks overwrite x: they wait for all G),
-//   [1] B tasks whose SiLU(g) ⊙ u columns are written (C tasks stage all of a: they wait for all),
+//   [1] CTAs whose SiLU(g) ⊙ u columns are all written (C tasks stage all of a: they wait for all),
 //   [2] CTAs done (the last one zeroes the counters for the next launch).
 // A CTA waits only after it has run: all G CTAs must be resident at once, so the grid is one CTA per SM with
 // shared memory that allows no second one, and the next kernel is let in (PDL) only after this CTA's waits.
@@ -27,7 +27,7 @@ using namespace w4_detail;
 using bf16 = __nv_bfloat16;
 
 constexpr int kChunk = 16;                  // k-blocks per ring stage (8 KB of codes)
-constexpr int kStages = 8;                  // ring stages
+constexpr int kMaxStages = 32;              // ring stages: as many as the shared memory left holds
 constexpr int kRun = kChunk / kWarps;       // consecutive k-blocks per consumer warp and stage
 constexpr int kMlpThreads = kThreads + 32;  // 8 consumer warps + the producer warp
 constexpr int kMaxTokens = 8;
@@ -51,11 +51,19 @@ struct MlpParams {
   int m, hidden, inter;  // hidden = gate.k = down.n, inter = gate.n = down.k
   int nb, nc;            // gate/up tiles, down tiles
   int xs_stride, gslots;  // bf16 per staged row; scale slots per parameter buffer (>= 1)
+  int stages;             // ring stages (<= kMaxStages)
+  int b_ctas;             // CTAs with gate/up tiles: min(G, nb)
 };
 
-size_t smem_bytes(int m, int xs_stride, int gslots) {
-  return size_t(kStages) * kChunk * 512 + align_up(size_t(m) * xs_stride * 2, 16) + 2 * size_t(gslots) * 16 * 6 +
-         2 * size_t(kWarps) * 32 * 16 + 32 * 16;
+// Shared memory besides the ring: x / a rows, two parameter buffers, two reduction buffers, the saved gate tile.
+size_t fixed_smem_bytes(int m, int xs_stride, int gslots) {
+  return align_up(size_t(m) * xs_stride * 2, 16) + 2 * size_t(gslots) * 16 * 6 + 2 * size_t(kWarps) * 32 * 16 + 32 * 16;
+}
+constexpr size_t kStageBytes = size_t(kChunk) * 512;
+// One CTA streams for a whole SM: the ring gets the shared memory the rest leaves (8 stages at least: 64 KB in
+// flight per SM streams at about half the HBM rate on the H200, the bulk-copy kernel's measurements).
+int ring_stages(size_t fixed, size_t budget) {
+  return budget > fixed ? int(std::min<size_t>(kMaxStages, (budget - fixed) / kStageBytes)) : 0;
 }
 
 __device__ __forceinline__ void consumer_bar() { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); }
@@ -93,10 +101,11 @@ __device__ __forceinline__ Job job_at(int j, int nbj) {
 
 __global__ void __launch_bounds__(kMlpThreads, 1) mlp_fused_kernel(const __grid_constant__ MlpParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
-  __shared__ uint64_t full[kStages], empty[kStages];
+  __shared__ uint64_t full[kMaxStages], empty[kMaxStages];
   __shared__ float sums[kWarps + 1];
-  uint4* ring = reinterpret_cast<uint4*>(smem);  // [kStages][kChunk][32]
-  bf16* xs = reinterpret_cast<bf16*>(ring + kStages * kChunk * 32);
+  const int NS = p.stages;
+  uint4* ring = reinterpret_cast<uint4*>(smem);  // [NS][kChunk][32]
+  bf16* xs = reinterpret_cast<bf16*>(ring + NS * kChunk * 32);
   float* ss = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(xs) +
                                        ((size_t(p.m) * p.xs_stride * 2 + 15) & ~size_t(15)));  // [2][gslots][16]
   uint16_t* zs = reinterpret_cast<uint16_t*>(ss + 2 * p.gslots * 16);                        // [2][gslots][16]
@@ -109,7 +118,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) mlp_fused_kernel(const __grid_
   const int jobs = 2 * nbj + ncj;
 
   if (tid == 0) {
-    for (int i = 0; i < kStages; ++i) mbar_init(&full[i], 1), mbar_init(&empty[i], kWarps);
+    for (int i = 0; i < NS; ++i) mbar_init(&full[i], 1), mbar_init(&empty[i], kWarps);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
@@ -123,8 +132,8 @@ __global__ void __launch_bounds__(kMlpThreads, 1) mlp_fused_kernel(const __grid_
         const MlpMat& mt = p.mat[jb.mat];
         const uint4* src = mt.q + size_t(jb.tile) * mt.kblocks * 32;
         for (int kb0 = 0; kb0 < mt.kblocks; kb0 += kChunk, ++cg) {
-          const int s = cg % kStages;
-          if (cg >= kStages) mbar_wait(&empty[s], unsigned(cg / kStages - 1) & 1u);
+          const int s = cg % NS;
+          if (cg >= NS) mbar_wait(&empty[s], unsigned(cg / NS - 1) & 1u);
           const unsigned bytes = unsigned(min(kChunk, mt.kblocks - kb0)) * 512u;
           mbar_expect_tx(&full[s], bytes);
           bulk_copy_to_shared(ring + s * kChunk * 32, src + size_t(kb0) * 32, bytes, &full[s], pol);
@@ -221,7 +230,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) mlp_fused_kernel(const __grid_
     if (j == 2 * nbj) {  // the first C task: all of a written, every CTA past its read of x
       pdl_launch_dependents();
       if (tid == 0) {
-        while (ld_acquire(p.counters + 1) < unsigned(p.nb) || ld_acquire(p.counters) < unsigned(G)) {
+        while (ld_acquire(p.counters + 1) < unsigned(p.b_ctas) || ld_acquire(p.counters) < unsigned(G)) {
         }
       }
       consumer_bar();
@@ -252,8 +261,8 @@ __global__ void __launch_bounds__(kMlpThreads, 1) mlp_fused_kernel(const __grid_
     };
     const bool whole = gsteps && gsteps % 4 == 0;  // one group per k-block
     for (int kb0 = 0; kb0 < mt.kblocks; kb0 += kChunk, ++cg) {
-      const int s = cg % kStages, nkb = min(kChunk, mt.kblocks - kb0);
-      mbar_wait(&full[s], unsigned(cg / kStages) & 1u);
+      const int s = cg % NS, nkb = min(kChunk, mt.kblocks - kb0);
+      mbar_wait(&full[s], unsigned(cg / NS) & 1u);
       for (int jj = 0; jj < kRun; ++jj) {
         const int jl = warp * kRun + jj;
         if (jl >= nkb) break;
@@ -301,9 +310,11 @@ __global__ void __launch_bounds__(kMlpThreads, 1) mlp_fused_kernel(const __grid_
         const float uf = __bfloat162float(__float2bfloat16_rn(vals[e]));
         p.act[size_t(tok) * p.inter + row] = __float2bfloat16_rn(gf / (1.f + expf(-gf)) * uf);
       }
-      __threadfence();
-      __syncwarp();
-      if (lane == 0) atomicAdd(p.counters + 1, 1u);
+      if (j == 2 * nbj - 1) {  // the CTA's last gate/up tile: its columns of a are out (one release per CTA)
+        __threadfence();
+        __syncwarp();
+        if (lane == 0) atomicAdd(p.counters + 1, 1u);
+      }
       continue;
     }
     // Down: x ← (x + add) + down, each rounded to bf16 as add_bf16 / the GEMM output do.
@@ -366,7 +377,7 @@ bool fused_mlp_supported(int m, const W4Device& gate, const W4Device& up, const 
     if (!w->q || (w->groups > 1 && (w->group_size % 16 || w->groups > kMaxGroups))) return false;
   const int xs_stride = std::max(gate.k_pad, down.k_pad) + 8;
   const int gslots = std::max({gate.groups, up.groups, down.groups, 1});
-  return smem_bytes(m, xs_stride, gslots) + 1024 <= facts().smem_optin;
+  return ring_stages(fixed_smem_bytes(m, xs_stride, gslots), facts().smem_optin - 1024) >= 8;
 }
 
 void fused_mlp_decode(const FusedMlpArgs& a, cudaStream_t stream) {
@@ -397,9 +408,12 @@ void fused_mlp_decode(const FusedMlpArgs& a, cudaStream_t stream) {
   p.xs_stride = std::max(a.gate.k_pad, a.down.k_pad) + 8;
   p.gslots = std::max({a.gate.groups, a.up.groups, a.down.groups, 1});
   const Facts& f = facts();
-  // More than half an SM's shared memory: never two CTAs on one SM, whatever else is resident when they start.
-  const size_t smem = std::min(std::max(smem_bytes(a.m, p.xs_stride, p.gslots), device_facts().smem_per_sm / 2 + 1024),
-                               f.smem_optin - 1024);
+  p.b_ctas = std::min(f.sms, p.nb);
+  // The ring takes what the rest leaves of the opt-in shared memory: also more than half an SM's, so never two
+  // CTAs share an SM, whatever else is resident when they start.
+  const size_t fixed = fixed_smem_bytes(a.m, p.xs_stride, p.gslots);
+  p.stages = ring_stages(fixed, f.smem_optin - 1024);
+  const size_t smem = fixed + size_t(p.stages) * kStageBytes;
   const bool pdl = w4a16_get_options().pdl;
   launch(mlp_fused_kernel, dim3(unsigned(f.sms)), smem, 1, pdl, stream, p, kMlpThreads);
 }
