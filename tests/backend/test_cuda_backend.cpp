@@ -315,43 +315,58 @@ TEST(CudaBackend, ClearErrors) {
 namespace spear {
 
 // Decode steps of the reference model's W4 package with the fused MLP block (mlp_fused.h) against the op-by-op
-// path: greedy tokens equal and logits within bf16 noise, eager and in replayed graphs, at 1 and 3 sequences.
+// path, at 1 and 3 sequences (eager first step, then replayed graphs): the fused run is fed the op-by-op run's
+// greedy tokens, and every step's logits must agree within bf16 noise, with the same argmax except at near-ties.
 TEST(CudaBackend, FusedMlpDecodeMatchesOpByOp) {
   SPEAR_REQUIRE_GPU();
-  auto run = [](bool fused, int seqs, std::vector<float>& last_logits) {
+  constexpr int kSteps = 12;
+  // Returns every step's logits; ids: the tokens fed at steps 1.. (filled by the run when empty: its greedy ids).
+  auto run = [](bool fused, int seqs, std::vector<int32_t>& ids) {
     cuda::CudaBackend gpu;
     gpu.set_fused_mlp(fused);
     auto m = Model::load(w4_package(), gpu);
     auto cache = m->make_kv_cache(seqs, 64);
+    const int V = m->config().vocab_size;
+    const bool record = ids.empty();
     Batch pre;
     for (int s = 0; s < seqs; ++s) {
       pre.seqs.push_back({int(pre.tokens.size()), 3, 0, s});
       for (int t : {1, 450 + 7 * s, 6593}) pre.tokens.push_back(t);
     }
-    std::vector<int32_t> next = m->forward_greedy(pre, *cache), ids;
-    for (int step = 0; step < 12; ++step) {
+    std::vector<float> all = m->forward(pre, *cache, LogitsMode::LastPerSeq);
+    for (int step = 0; step < kSteps; ++step) {
       Batch b;
       for (int s = 0; s < seqs; ++s) {
-        ids.push_back(next[size_t(s)]);
+        const size_t last = all.size() - size_t(seqs - s) * size_t(V);
+        if (record) ids.push_back(argmax(std::span<const float>(all.data() + last, size_t(V))));
         b.seqs.push_back({s, 1, 3 + step, s});
-        b.tokens.push_back(next[size_t(s)]);
+        b.tokens.push_back(ids[size_t(step * seqs + s)]);
       }
-      if (step + 1 < 12) next = m->forward_greedy(b, *cache);
-      else last_logits = m->forward(b, *cache, LogitsMode::LastPerSeq);
+      const std::vector<float> l = m->forward(b, *cache, LogitsMode::LastPerSeq);
+      all.insert(all.end(), l.begin(), l.end());
     }
-    return ids;
+    return all;
   };
   for (int seqs : {1, 3}) {
-    std::vector<float> lf, lr;
-    const std::vector<int32_t> fused = run(true, seqs, lf), ref = run(false, seqs, lr);
-    EXPECT_EQ(fused, ref) << seqs << " sequences";
-    ASSERT_EQ(lf.size(), lr.size());
-    double num = 0, den = 0;
-    for (size_t i = 0; i < lf.size(); ++i) num += (lf[i] - lr[i]) * (lf[i] - lr[i]), den += lr[i] * lr[i];
-    const double rel = std::sqrt(num / den);
-    std::printf("fused MLP vs op by op, %d sequences: logits rel l2 %.2e\n", seqs, rel);
-    EXPECT_LT(rel, 5e-3) << seqs << " sequences";
-    EXPECT_GT(rel, 0.0) << "the fused path did not run (identical logits)";
+    std::vector<int32_t> ids;
+    const std::vector<float> ref = run(false, seqs, ids), got = run(true, seqs, ids);
+    ASSERT_EQ(got.size(), ref.size());
+    const size_t V = ref.size() / size_t((kSteps + 1) * seqs);
+    double worst = 0, any = 0;
+    for (size_t r = 0; r * V < ref.size(); ++r) {
+      const float* a = got.data() + r * V;
+      const float* b = ref.data() + r * V;
+      double num = 0, den = 0;
+      for (size_t i = 0; i < V; ++i) num += double(a[i] - b[i]) * (a[i] - b[i]), den += double(b[i]) * b[i];
+      worst = std::max(worst, std::sqrt(num / den));
+      any += num;
+      const size_t ia = size_t(std::max_element(a, a + V) - a), ib = size_t(std::max_element(b, b + V) - b);
+      if (ia != ib)  // only at a near-tie of the op-by-op logits
+        EXPECT_LT(std::fabs(b[ib] - b[ia]), 0.125f) << seqs << " sequences, row " << r << ": argmax " << ia << " vs " << ib;
+    }
+    std::printf("fused MLP vs op by op, %d sequences: worst step logits rel l2 %.2e\n", seqs, worst);
+    EXPECT_LT(worst, 2e-2) << seqs << " sequences";
+    EXPECT_GT(any, 0.0) << "the fused path did not run (identical logits)";
   }
 }
 

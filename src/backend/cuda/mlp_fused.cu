@@ -3,7 +3,7 @@
 // processed in that order as a list of jobs (one matrix tile over all of k each). The producer warp streams the
 // codes of every job of the list, in order, through a ring of 8 KB chunks as deep as the shared memory allows (mbarrier full / empty pairs,
 // as w4a16_decode_bulk.cu); it never waits for activations, so the down tiles' codes arrive while the CTA still
-// works on gate/up or waits for the other CTAs. The 8 consumer warps take 2 consecutive k-blocks of each chunk.
+// works on gate/up or waits for the other CTAs. The 16 consumer warps take one k-block of each chunk apiece.
 //
 // Synchronisation (global counters, left at zero by the last CTA to finish):
 //   [0] CTAs that have read x for the norm (C tasks overwrite x: they wait for all G),
@@ -28,8 +28,13 @@ using bf16 = __nv_bfloat16;
 
 constexpr int kChunk = 16;                  // k-blocks per ring stage (8 KB of codes)
 constexpr int kMaxStages = 32;              // ring stages: as many as the shared memory left holds
-constexpr int kRun = kChunk / kWarps;       // consecutive k-blocks per consumer warp and stage
-constexpr int kMlpThreads = kThreads + 32;  // 8 consumer warps + the producer warp
+// 16 consumer warps, one k-block of each chunk apiece: with 8 (the bulk-copy kernel's count, one CTA per SM) the
+// SM issued 0.28 instructions per cycle and scheduler, stalled on the MMA chains (ncu: 41 us for the 1B block).
+constexpr int kCWarps = 16;
+constexpr int kCThreads = kCWarps * 32;
+constexpr int kNormThreads = 256;             // phase A in rms_norm.cu's order (its block of 256 threads)
+constexpr int kMlpThreads = kCThreads + 32;  // the consumers + the producer warp
+static_assert(kChunk == kCWarps, "one k-block per consumer warp and stage");
 constexpr int kMaxTokens = 8;
 constexpr int kMaxGroups = 256;
 
@@ -52,12 +57,15 @@ struct MlpParams {
   int nb, nc;            // gate/up tiles, down tiles
   int xs_stride, gslots;  // bf16 per staged row; scale slots per parameter buffer (>= 1)
   int stages;             // ring stages (<= kMaxStages)
+  // Group index of k-step ks of matrix i: (ks · gmul[i]) >> 20, gmul = ceil(2^20 / group_steps) (exact for
+  // ks < 2^20 / 15 with up to 16 k-steps per group, far beyond any k here).
+  unsigned gmul[3];
   int b_ctas;             // CTAs with gate/up tiles: min(G, nb)
 };
 
 // Shared memory besides the ring: x / a rows, two parameter buffers, two reduction buffers, the saved gate tile.
 size_t fixed_smem_bytes(int m, int xs_stride, int gslots) {
-  return align_up(size_t(m) * xs_stride * 2, 16) + 2 * size_t(gslots) * 16 * 6 + 2 * size_t(kWarps) * 32 * 16 + 32 * 16;
+  return align_up(size_t(m) * xs_stride * 2, 16) + 2 * size_t(gslots) * 16 * 6 + 2 * size_t(kCWarps) * 32 * 16 + 32 * 16;
 }
 constexpr size_t kStageBytes = size_t(kChunk) * 512;
 // One CTA streams for a whole SM: the ring gets the shared memory the rest leaves (8 stages at least: 64 KB in
@@ -66,7 +74,7 @@ int ring_stages(size_t fixed, size_t budget) {
   return budget > fixed ? int(std::min<size_t>(kMaxStages, (budget - fixed) / kStageBytes)) : 0;
 }
 
-__device__ __forceinline__ void consumer_bar() { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); }
+__device__ __forceinline__ void consumer_bar() { asm volatile("bar.sync 1, %0;" ::"n"(kCThreads) : "memory"); }
 
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
   unsigned v;
@@ -81,12 +89,13 @@ __device__ __forceinline__ float consumer_sum(float v, float* sums) {
   if (lane == 0) sums[warp] = v;
   consumer_bar();
   if (warp == 0) {
-    float t = lane < kWarps ? sums[lane] : 0.f;
+    // Warps 8..15 add zeros (they take no part in the norm): the same sums as 8 warps.
+    float t = lane < kCWarps ? sums[lane] : 0.f;
     for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-    if (lane == 0) sums[kWarps] = t;
+    if (lane == 0) sums[kCWarps] = t;
   }
   consumer_bar();
-  return sums[kWarps];
+  return sums[kCWarps];
 }
 
 // Job j of this CTA: {matrix, tile}. Jobs [0, 2·nbj) alternate gate / up of the CTA's B tasks, then its C tasks.
@@ -102,7 +111,7 @@ __device__ __forceinline__ Job job_at(int j, int nbj) {
 __global__ void __launch_bounds__(kMlpThreads, 1) mlp_fused_kernel(const __grid_constant__ MlpParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ uint64_t full[kMaxStages], empty[kMaxStages];
-  __shared__ float sums[kWarps + 1];
+  __shared__ float sums[kCWarps + 1];
   const int NS = p.stages;
   uint4* ring = reinterpret_cast<uint4*>(smem);  // [NS][kChunk][32]
   bf16* xs = reinterpret_cast<bf16*>(ring + NS * kChunk * 32);
@@ -110,7 +119,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) mlp_fused_kernel(const __grid_
                                        ((size_t(p.m) * p.xs_stride * 2 + 15) & ~size_t(15)));  // [2][gslots][16]
   uint16_t* zs = reinterpret_cast<uint16_t*>(ss + 2 * p.gslots * 16);                        // [2][gslots][16]
   float4* red = reinterpret_cast<float4*>(zs + 2 * p.gslots * 16);                           // [2][8][32]
-  float4* gsave = red + 2 * kWarps * 32;                                                     // [32]
+  float4* gsave = red + 2 * kCWarps * 32;                                                    // [32]
   const int G = gridDim.x, c = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tid = threadIdx.x;
   const int nbj = c < p.nb ? (p.nb - 1 - c) / G + 1 : 0;
@@ -118,12 +127,12 @@ __global__ void __launch_bounds__(kMlpThreads, 1) mlp_fused_kernel(const __grid_
   const int jobs = 2 * nbj + ncj;
 
   if (tid == 0) {
-    for (int i = 0; i < NS; ++i) mbar_init(&full[i], 1), mbar_init(&empty[i], kWarps);
+    for (int i = 0; i < NS; ++i) mbar_init(&full[i], 1), mbar_init(&empty[i], kCWarps);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
 
-  if (warp == kWarps) {  // the producer: every job's codes, in order, as the ring frees up
+  if (warp == kCWarps) {  // the producer: every job's codes, in order, as the ring frees up
     if (lane == 0) {
       const uint64_t pol = evict_first_policy();
       int cg = 0;
@@ -153,9 +162,9 @@ __global__ void __launch_bounds__(kMlpThreads, 1) mlp_fused_kernel(const __grid_
       const int gs = mt.group_steps ? mt.groups : 1, buf = j & 1;
       float* sd = ss + buf * p.gslots * 16;
       uint16_t* zd = zs + buf * p.gslots * 16;
-      for (int i = tid; i < gs * 4; i += kThreads)
+      for (int i = tid; i < gs * 4; i += kCThreads)
         cp_async16(smem_u32(sd + i * 4), mt.scales + size_t(i / 4) * mt.n_pad + jb.tile * 16 + (i % 4) * 4, true);
-      for (int i = tid; i < gs * 2; i += kThreads)
+      for (int i = tid; i < gs * 2; i += kCThreads)
         cp_async16(smem_u32(zd + i * 8), mt.zeros + size_t(i / 2) * mt.n_pad + jb.tile * 16 + (i % 2) * 8, true);
     }
     cp_async_commit();
@@ -188,14 +197,14 @@ __global__ void __launch_bounds__(kMlpThreads, 1) mlp_fused_kernel(const __grid_
       }
     };
     float sq = 0.f;
-    for (int gi = tid; gi < hv; gi += kThreads) {
+    for (int gi = tid; tid < kNormThreads && gi < hv; gi += kNormThreads) {
       float f[8];
       sum_row(gi, f);
 #pragma unroll
       for (int e = 0; e < 8; ++e) sq += f[e] * f[e];
     }
     const float inv = rsqrtf(consumer_sum(sq, sums) / float(hidden) + p.eps);
-    for (int gi = tid; gi < hv; gi += kThreads) {
+    for (int gi = tid; gi < hv; gi += kCThreads) {
       float f[8];
       sum_row(gi, f);
       const uint4 wv = reinterpret_cast<const uint4*>(p.norm_w)[gi];
@@ -209,7 +218,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) mlp_fused_kernel(const __grid_
       }
       *reinterpret_cast<uint4*>(xs + r * p.xs_stride + gi * 8) = o;
     }
-    for (int k = hidden + tid; k < p.mat[0].kblocks * kKBlock; k += kThreads) xs[r * p.xs_stride + k] = bf16(0.f);
+    for (int k = hidden + tid; k < p.mat[0].kblocks * kKBlock; k += kCThreads) xs[r * p.xs_stride + k] = bf16(0.f);
   }
   consumer_bar();
   if (tid == 0) {
@@ -235,7 +244,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) mlp_fused_kernel(const __grid_
       }
       consumer_bar();
       const int segs = p.mat[2].kblocks * (kKBlock / 8), inter = p.inter;
-      for (int i = tid; i < p.m * segs; i += kThreads) {
+      for (int i = tid; i < p.m * segs; i += kCThreads) {
         const int r = i / segs, col = (i - r * segs) * 8;
         const bool ok = col < inter;  // inter % 8 == 0: a segment is wholly inside or outside
         cp_async16(smem_u32(xs + r * p.xs_stride + col), ok ? p.act + size_t(r) * inter + col : p.act, ok);
@@ -246,49 +255,54 @@ __global__ void __launch_bounds__(kMlpThreads, 1) mlp_fused_kernel(const __grid_
     }
     const float* sb = ss + buf * p.gslots * 16;
     const uint16_t* zb = zs + buf * p.gslots * 16;
-    float acc[1][4], part[1][4];
-    zero_accumulators<1>(acc, part);
+    // Two MMA chains (even / odd k-steps) halve the dependent latency; a group's sums fold into acc at its end.
+    float acc[1][4], part[2][1][4];
+    zero_accumulators<1>(acc, part[0]);
+    zero_accumulators<1>(acc, part[1]);
     float sc_lo = 0.f, sc_hi = 0.f;
     uint32_t nz_lo = 0, nz_hi = 0;
     int grp = -1;
     const int gsteps = mt.group_steps;
+    const unsigned gmul = p.gmul[jb.mat];
     if (!gsteps) load_group_params(sb, zb, g, sc_lo, sc_hi, nz_lo, nz_hi);
-    auto new_group = [&](int gi) {
+    auto fold = [&] {
+      fold_group<1>(acc, part[0], sc_lo, sc_hi);
+      fold_group<1>(acc, part[1], sc_lo, sc_hi);
+    };
+    auto new_group = [&](unsigned ks) {
+      const int gi = min(int((ks * gmul) >> 20), mt.groups - 1);
       if (gi == grp) return;
-      if (grp >= 0) fold_group<1>(acc, part, sc_lo, sc_hi);
+      if (grp >= 0) fold();
       grp = gi;
       load_group_params(sb, zb, gi * 16 + g, sc_lo, sc_hi, nz_lo, nz_hi);
     };
     const bool whole = gsteps && gsteps % 4 == 0;  // one group per k-block
     for (int kb0 = 0; kb0 < mt.kblocks; kb0 += kChunk, ++cg) {
-      const int s = cg % NS, nkb = min(kChunk, mt.kblocks - kb0);
+      const int s = cg % NS, kb = kb0 + warp;
       mbar_wait(&full[s], unsigned(cg / NS) & 1u);
-      for (int jj = 0; jj < kRun; ++jj) {
-        const int jl = warp * kRun + jj;
-        if (jl >= nkb) break;
-        const uint4 w = ring[(s * kChunk + jl) * 32 + lane];
+      if (kb < mt.kblocks) {
+        const uint4 w = ring[(s * kChunk + warp) * 32 + lane];
         const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
-        const int kb = kb0 + jl;
-        if (whole) new_group(min(kb * 4 / gsteps, mt.groups - 1));
+        if (whole) new_group(unsigned(kb) * 4u);
 #pragma unroll
         for (int st = 0; st < 4; ++st) {
-          if (gsteps && !whole) new_group(min((kb * 4 + st) / gsteps, mt.groups - 1));
+          if (gsteps && !whole) new_group(unsigned(kb) * 4u + unsigned(st));
           uint32_t a[4], b0, b1;
           dequant_fragment(ws[st], nz_lo, nz_hi, a);
           ldmatrix_x2(xrow + uint32_t(kb) * (kKBlock * 2) + st * 32, b0, b1);
-          mma_bf16(part[0], a, b0, b1);
+          mma_bf16(part[st & 1][0], a, b0, b1);
         }
       }
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty[s]);
     }
-    if (!gsteps || grp >= 0) fold_group<1>(acc, part, sc_lo, sc_hi);
-    float4* rb = red + buf * kWarps * 32;
+    if (!gsteps || grp >= 0) fold();
+    float4* rb = red + buf * kCWarps * 32;
     rb[warp * 32 + lane] = make_float4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]);
     consumer_bar();
     if (warp != 0) continue;
     float4 sum = rb[lane];
-    for (int q = 1; q < kWarps; ++q) {
+    for (int q = 1; q < kCWarps; ++q) {
       const float4 v = rb[q * 32 + lane];
       sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
     }
@@ -374,7 +388,10 @@ bool fused_mlp_supported(int m, const W4Device& gate, const W4Device& up, const 
       down.n != hidden || down.k != inter || down.n_pad % 16 || gate.n_pad % 16)
     return false;
   for (const W4Device* w : {&gate, &up, &down})
-    if (!w->q || (w->groups > 1 && (w->group_size % 16 || w->groups > kMaxGroups))) return false;
+    if (!w->q || (w->groups > 1 && (w->group_size % 16 || w->groups > kMaxGroups ||
+                                    // the group index by multiplication (MlpParams::gmul) stays exact
+                                    int64_t(w->k_pad / 16) * (w->group_size / 16 - 1) >= (int64_t(1) << 20))))
+      return false;
   const int xs_stride = std::max(gate.k_pad, down.k_pad) + 8;
   const int gslots = std::max({gate.groups, up.groups, down.groups, 1});
   return ring_stages(fixed_smem_bytes(m, xs_stride, gslots), facts().smem_optin - 1024) >= 8;
@@ -407,6 +424,8 @@ void fused_mlp_decode(const FusedMlpArgs& a, cudaStream_t stream) {
   p.nc = a.down.n_pad / 16;
   p.xs_stride = std::max(a.gate.k_pad, a.down.k_pad) + 8;
   p.gslots = std::max({a.gate.groups, a.up.groups, a.down.groups, 1});
+  for (int i = 0; i < 3; ++i)
+    p.gmul[i] = p.mat[i].group_steps ? ((1u << 20) + unsigned(p.mat[i].group_steps) - 1) / unsigned(p.mat[i].group_steps) : 0;
   const Facts& f = facts();
   p.b_ctas = std::min(f.sms, p.nb);
   // The ring takes what the rest leaves of the opt-in shared memory: also more than half an SM's, so never two
