@@ -178,7 +178,7 @@ class CudaBackend : public Backend {
   // gates beyond 64, or non-bf16 tensors. No synchronisation: capturable into a graph.
   bool fused_mlp(Tensor& x, const Tensor& add, const Tensor& norm_w, float eps, const Linear& gate, const Linear& up,
                  const Linear& down) override;
-  void set_fused_mlp(bool on) { fused_mlp_on_ = on; }  // tests, A/B runs (SPEAR_FUSED_MLP=0 turns it off)
+  void set_fused_mlp(bool on) { fused_mlp_on_ = on; }  // tests, A/B runs (SPEAR_FUSED_MLP=1 turns it on)
   bool row_parallel_tail(const Tensor& in, const Linear& l, Tensor& x, const Tensor& norm_w, float eps,
                          Tensor& h) override;
 
@@ -258,8 +258,9 @@ class CudaBackend : public Backend {
   int w4_dequant_min_m_ = 129;
   size_t w4_max_weights_ = 0;
   DeviceBuffer w4_deq_;
-  // The fused decode MLP block (mlp_fused.h): on unless SPEAR_FUSED_MLP=0; its arrival counters (zeroed once).
-  bool fused_mlp_on_ = true;
+  // The fused decode MLP block (mlp_fused.h): off unless SPEAR_FUSED_MLP=1 (measured slower than the op-by-op
+  // path on the H200 so far: bench/results/cuda-h200-fusedmlp); its arrival counters (zeroed once).
+  bool fused_mlp_on_ = false;
   DeviceBuffer mlp_counters_;
 
   // The current batch (begin_batch): host arrays by address, their device copies.
