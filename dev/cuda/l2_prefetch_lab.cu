@@ -16,14 +16,7 @@
 
 #include <cuda_runtime.h>
 
-#define CK(x)                                                                 \
-  do {                                                                        \
-    cudaError_t e_ = (x);                                                     \
-    if (e_ != cudaSuccess) {                                                  \
-      std::printf("CUDA error %s at %d\n", cudaGetErrorString(e_), __LINE__); \
-      std::exit(1);                                                           \
-    }                                                                         \
-  } while (0)
+#include "common.h"
 
 __global__ void read_kernel(const uint4* p, size_t n, unsigned* out) {
   uint64_t pol;

@@ -14,14 +14,7 @@
 
 #include <cuda_runtime.h>
 
-#define CK(x)                                                                 \
-  do {                                                                        \
-    cudaError_t e_ = (x);                                                     \
-    if (e_ != cudaSuccess) {                                                  \
-      std::printf("CUDA error %s at %d\n", cudaGetErrorString(e_), __LINE__); \
-      std::exit(1);                                                           \
-    }                                                                         \
-  } while (0)
+#include "common.h"
 
 __global__ void chain_kernel(unsigned* buf, int i, int pdl) {
   if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");

@@ -21,17 +21,10 @@
 
 #include "backend/cuda/w4a16_common.cuh"
 
+#include "common.h"
+
 using namespace spear::cuda::w4_detail;
 namespace cg = cooperative_groups;
-
-#define CK(x)                                                                 \
-  do {                                                                        \
-    cudaError_t e_ = (x);                                                     \
-    if (e_ != cudaSuccess) {                                                  \
-      std::printf("CUDA error %s at %d\n", cudaGetErrorString(e_), __LINE__); \
-      std::exit(1);                                                           \
-    }                                                                         \
-  } while (0)
 
 constexpr int P = 8;
 struct Args {
@@ -198,7 +191,6 @@ __global__ void __launch_bounds__(256, 3) stream_kernel(const __grid_constant__ 
   }
   a.ws[slot * 32 + lane] = make_float4(c[0][0] + c[1][0], c[0][1] + c[1][1], c[0][2] + c[1][2], c[0][3] + c[1][3]);
 }
-
 
 // Bulk (TMA) stream: CTA = R consecutive tiles over all of k (one contiguous region of the tile-major matrix), read
 // by one producer thread as cp.async.bulk chunks of CH k-blocks into an NS-stage shared-memory ring (mbarrier

@@ -13,16 +13,9 @@
 
 #include "backend/cuda/w4a16_common.cuh"
 
-using namespace spear::cuda::w4_detail;
+#include "common.h"
 
-#define CK(x)                                                                        \
-  do {                                                                               \
-    cudaError_t e_ = (x);                                                            \
-    if (e_ != cudaSuccess) {                                                         \
-      std::printf("CUDA error %s at %d\n", cudaGetErrorString(e_), __LINE__);        \
-      std::exit(1);                                                                  \
-    }                                                                                \
-  } while (0)
+using namespace spear::cuda::w4_detail;
 
 __global__ void read_all(const uint4* p, size_t n16, unsigned* out) {
   uint32_t acc = 0;
