@@ -362,7 +362,8 @@ TEST(CudaBackend, FusedMlpDecodeMatchesOpByOp) {
       any += num;
       const size_t ia = size_t(std::max_element(a, a + V) - a), ib = size_t(std::max_element(b, b + V) - b);
       if (ia != ib)  // only at a near-tie of the op-by-op logits
-        EXPECT_LT(std::fabs(b[ib] - b[ia]), 0.125f) << seqs << " sequences, row " << r << ": argmax " << ia << " vs " << ib;
+        EXPECT_LT(std::fabs(b[ib] - b[ia]), 0.125f)
+            << seqs << " sequences, row " << r << ": argmax " << ia << " vs " << ib;
     }
     std::printf("fused MLP vs op by op, %d sequences: worst step logits rel l2 %.2e\n", seqs, worst);
     EXPECT_LT(worst, 2e-2) << seqs << " sequences";

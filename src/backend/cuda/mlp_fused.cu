@@ -1,9 +1,14 @@
 // The fused decode MLP block (mlp_fused.h). Layout of the work: CTA c of G (one per SM) owns gate/up tiles
 // c, c + G, ... (a "B task": gate tile t then up tile t, 16 rows each) and down tiles c, c + G, ... (C tasks),
 // processed in that order as a list of jobs (one matrix tile over all of k each). The producer warp streams the
-// codes of every job of the list, in order, through a ring of 8 KB chunks as deep as the shared memory allows (mbarrier full / empty pairs,
-// as w4a16_decode_bulk.cu); it never waits for activations, so the down tiles' codes arrive while the CTA still
-// works on gate/up or waits for the other CTAs. The 16 consumer warps take one k-block of each chunk apiece.
+// codes of every job of the list, in order, through a ring of 8 KB chunks as deep as the shared memory allows
+// (mbarrier full / empty pairs, as w4a16_decode_bulk.cu); it never waits for activations, so the down tiles' codes
+// arrive while the CTA still works on gate/up or waits for the other CTAs. The 16 consumer warps take one k-block
+// of each chunk apiece; after each tile they sum their partials in shared memory and warp 0 writes the result.
+//
+// Status (H200, bench/results/cuda-h200-fusedmlp): exact, but 13-16% slower end to end than the op-by-op kernels
+// at batch 1, bound by the consumers' instruction issue (the per-tile CTA-wide sum and warp 0's serial epilogue,
+// ~50 instructions per MMA k-step), not by memory; so the backend runs it only on request (SPEAR_FUSED_MLP=1).
 //
 // Synchronisation (global counters, left at zero by the last CTA to finish):
 //   [0] CTAs that have read x for the norm (C tasks overwrite x: they wait for all G),
@@ -11,11 +16,10 @@
 //   [2] CTAs done (the last one zeroes the counters for the next launch).
 // A CTA waits only after it has run: all G CTAs must be resident at once, so the grid is one CTA per SM with
 // shared memory that allows no second one, and the next kernel is let in (PDL) only after this CTA's waits.
-#include "backend/cuda/mlp_fused.h"
-
 #include <algorithm>
 #include <mutex>
 
+#include "backend/cuda/mlp_fused.h"
 #include "backend/cuda/w4a16_internal.h"
 #include "core/error.h"
 
@@ -26,13 +30,13 @@ namespace {
 using namespace w4_detail;
 using bf16 = __nv_bfloat16;
 
-constexpr int kChunk = 16;                  // k-blocks per ring stage (8 KB of codes)
-constexpr int kMaxStages = 32;              // ring stages: as many as the shared memory left holds
+constexpr int kChunk = 16;      // k-blocks per ring stage (8 KB of codes)
+constexpr int kMaxStages = 32;  // ring stages: as many as the shared memory left holds
 // 16 consumer warps, one k-block of each chunk apiece: with 8 (the bulk-copy kernel's count, one CTA per SM) the
 // SM issued 0.28 instructions per cycle and scheduler, stalled on the MMA chains (ncu: 41 us for the 1B block).
 constexpr int kCWarps = 16;
 constexpr int kCThreads = kCWarps * 32;
-constexpr int kNormThreads = 256;             // phase A in rms_norm.cu's order (its block of 256 threads)
+constexpr int kNormThreads = 256;            // phase A in rms_norm.cu's order (its block of 256 threads)
 constexpr int kMlpThreads = kCThreads + 32;  // the consumers + the producer warp
 static_assert(kChunk == kCWarps, "one k-block per consumer warp and stage");
 constexpr int kMaxTokens = 8;
@@ -53,19 +57,20 @@ struct MlpParams {
   bf16* act;
   unsigned* counters;
   float eps;
-  int m, hidden, inter;  // hidden = gate.k = down.n, inter = gate.n = down.k
-  int nb, nc;            // gate/up tiles, down tiles
+  int m, hidden, inter;   // hidden = gate.k = down.n, inter = gate.n = down.k
+  int nb, nc;             // gate/up tiles, down tiles
   int xs_stride, gslots;  // bf16 per staged row; scale slots per parameter buffer (>= 1)
   int stages;             // ring stages (<= kMaxStages)
   // Group index of k-step ks of matrix i: (ks · gmul[i]) >> 20, gmul = ceil(2^20 / group_steps) (exact for
   // ks < 2^20 / 15 with up to 16 k-steps per group, far beyond any k here).
   unsigned gmul[3];
-  int b_ctas;             // CTAs with gate/up tiles: min(G, nb)
+  int b_ctas;  // CTAs with gate/up tiles: min(G, nb)
 };
 
 // Shared memory besides the ring: x / a rows, two parameter buffers, two reduction buffers, the saved gate tile.
 size_t fixed_smem_bytes(int m, int xs_stride, int gslots) {
-  return align_up(size_t(m) * xs_stride * 2, 16) + 2 * size_t(gslots) * 16 * 6 + 2 * size_t(kCWarps) * 32 * 16 + 32 * 16;
+  return align_up(size_t(m) * xs_stride * 2, 16) + 2 * size_t(gslots) * 16 * 6 + 2 * size_t(kCWarps) * 32 * 16 +
+         32 * 16;
 }
 constexpr size_t kStageBytes = size_t(kChunk) * 512;
 // One CTA streams for a whole SM: the ring gets the shared memory the rest leaves (8 stages at least: 64 KB in
@@ -117,9 +122,9 @@ __global__ void __launch_bounds__(kMlpThreads, 1) mlp_fused_kernel(const __grid_
   bf16* xs = reinterpret_cast<bf16*>(ring + NS * kChunk * 32);
   float* ss = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(xs) +
                                        ((size_t(p.m) * p.xs_stride * 2 + 15) & ~size_t(15)));  // [2][gslots][16]
-  uint16_t* zs = reinterpret_cast<uint16_t*>(ss + 2 * p.gslots * 16);                        // [2][gslots][16]
-  float4* red = reinterpret_cast<float4*>(zs + 2 * p.gslots * 16);                           // [2][8][32]
-  float4* gsave = red + 2 * kCWarps * 32;                                                    // [32]
+  uint16_t* zs = reinterpret_cast<uint16_t*>(ss + 2 * p.gslots * 16);                          // [2][gslots][16]
+  float4* red = reinterpret_cast<float4*>(zs + 2 * p.gslots * 16);                             // [2][16][32]
+  float4* gsave = red + 2 * kCWarps * 32;                                                      // [32]
   const int G = gridDim.x, c = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tid = threadIdx.x;
   const int nbj = c < p.nb ? (p.nb - 1 - c) / G + 1 : 0;
@@ -370,8 +375,8 @@ const Facts& facts() {
     SPEAR_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     d.smem_optin = size_t(optin);
     if (device_facts().major >= 9)
-      SPEAR_CUDA_CHECK(cudaFuncSetAttribute(mlp_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            optin - 1024));
+      SPEAR_CUDA_CHECK(
+          cudaFuncSetAttribute(mlp_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - 1024));
     d.sms = sms;
   }
   return d;
@@ -398,8 +403,8 @@ bool fused_mlp_supported(int m, const W4Device& gate, const W4Device& up, const 
 }
 
 void fused_mlp_decode(const FusedMlpArgs& a, cudaStream_t stream) {
-  SPEAR_CHECK(fused_mlp_supported(a.m, a.gate, a.up, a.down), "fused_mlp_decode: unsupported shapes (m {}, {}x{})",
-              a.m, a.gate.n, a.gate.k);
+  SPEAR_CHECK(fused_mlp_supported(a.m, a.gate, a.up, a.down), "fused_mlp_decode: unsupported shapes (m {}, {}x{})", a.m,
+              a.gate.n, a.gate.k);
   SPEAR_CHECK(a.x && a.norm_w && a.act && a.counters, "fused_mlp_decode: null x, norm weights, act or counters");
   auto aligned = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15) == 0; };
   SPEAR_CHECK(aligned(a.x) && aligned(a.norm_w) && aligned(a.act) && (!a.add || aligned(a.add)),
@@ -408,8 +413,14 @@ void fused_mlp_decode(const FusedMlpArgs& a, cudaStream_t stream) {
   const W4Device* ws[3] = {&a.gate, &a.up, &a.down};
   for (int i = 0; i < 3; ++i) {
     const W4Device& w = *ws[i];
-    p.mat[i] = {reinterpret_cast<const uint4*>(w.q), w.scales, w.zeros, w.n, w.n_pad, w.k_pad / kKBlock,
-                w.groups, group_steps(w)};
+    p.mat[i] = {reinterpret_cast<const uint4*>(w.q),
+                w.scales,
+                w.zeros,
+                w.n,
+                w.n_pad,
+                w.k_pad / kKBlock,
+                w.groups,
+                group_steps(w)};
   }
   p.x = a.x;
   p.add = a.add;
@@ -425,7 +436,8 @@ void fused_mlp_decode(const FusedMlpArgs& a, cudaStream_t stream) {
   p.xs_stride = std::max(a.gate.k_pad, a.down.k_pad) + 8;
   p.gslots = std::max({a.gate.groups, a.up.groups, a.down.groups, 1});
   for (int i = 0; i < 3; ++i)
-    p.gmul[i] = p.mat[i].group_steps ? ((1u << 20) + unsigned(p.mat[i].group_steps) - 1) / unsigned(p.mat[i].group_steps) : 0;
+    p.gmul[i] =
+        p.mat[i].group_steps ? ((1u << 20) + unsigned(p.mat[i].group_steps) - 1) / unsigned(p.mat[i].group_steps) : 0;
   const Facts& f = facts();
   p.b_ctas = std::min(f.sms, p.nb);
   // The ring takes what the rest leaves of the opt-in shared memory: also more than half an SM's, so never two

@@ -15,23 +15,23 @@
 // Results equal the op-by-op path with the same roundings (x + add, g, u, SiLU(g)·u and the down output are each
 // rounded to bf16 as there; the norm sums in the same order as rms_norm.cu); only the GEMMs' fp32 summation order
 // differs. Raw pointers and a stream, nothing of the engine.
-#include <cstddef>
-
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+
+#include <cstddef>
 
 #include "backend/cuda/w4a16_gemm.h"
 
 namespace spear::cuda {
 
 struct FusedMlpArgs {
-  __nv_bfloat16* x = nullptr;            // [m][hidden], the residual stream, updated in place
-  const __nv_bfloat16* add = nullptr;    // [m][hidden] added to x first (the attention block's output), or null
+  __nv_bfloat16* x = nullptr;             // [m][hidden], the residual stream, updated in place
+  const __nv_bfloat16* add = nullptr;     // [m][hidden] added to x first (the attention block's output), or null
   const __nv_bfloat16* norm_w = nullptr;  // [hidden]
   float eps = 1e-5f;
-  W4Device gate, up, down;               // gate / up [inter][hidden], down [hidden][inter]
-  __nv_bfloat16* act = nullptr;          // [m][inter] scratch
-  unsigned* counters = nullptr;          // kFusedMlpCounterBytes, zeroed once; every launch leaves them at zero
+  W4Device gate, up, down;       // gate / up [inter][hidden], down [hidden][inter]
+  __nv_bfloat16* act = nullptr;  // [m][inter] scratch
+  unsigned* counters = nullptr;  // kFusedMlpCounterBytes, zeroed once; every launch leaves them at zero
   int m = 0;
 };
 constexpr size_t kFusedMlpCounterBytes = 64;
