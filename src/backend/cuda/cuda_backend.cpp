@@ -701,6 +701,10 @@ bool CudaBackend::fused_mlp(Tensor& x, const Tensor& add, const Tensor& norm_w, 
   for (const CudaLinear* l : {&g, &u, &d})
     if (!l->quantized || l->ec || l->bias.bytes()) return false;
   if (!fused_mlp_supported(m, g.w4, u.w4, d.w4)) return false;
+  SPEAR_CHECK(x.cols == g.in_features && d.out_features == g.in_features && norm_w.numel() == x.cols &&
+                  (!add.data || (add.rows == x.rows && add.cols == x.cols)),
+              "fused_mlp: x [{}, {}], add [{}, {}], norm {} do not fit '{}' ({} -> {})", x.rows, x.cols, add.rows,
+              add.cols, norm_w.numel(), g.name, g.in_features, g.out_features);
   if (!mlp_counters_.get()) {
     SPEAR_CHECK(!capturing_, "cuda backend: fused MLP counters first needed inside a graph capture");
     mlp_counters_ = DeviceBuffer(kFusedMlpCounterBytes);
