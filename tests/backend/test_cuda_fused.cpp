@@ -183,6 +183,7 @@ TEST(CudaFused, MlpBlockEqualsOpByOp) {
       a.act = bf_mut(scratch);
       a.counters = counters.get();
       a.m = c.m;
+      a.sm_count = sms;
       cuda::fused_mlp_decode(a, nullptr);
       SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
       const std::vector<uint16_t> got = xf.download();

@@ -723,6 +723,7 @@ bool CudaBackend::fused_mlp(Tensor& x, const Tensor& add, const Tensor& norm_w, 
   a.act = bf(act);
   a.counters = mlp_counters_.as<unsigned>();
   a.m = m;
+  a.sm_count = sm_count_;
   fused_mlp_decode(a, stream_);
   return true;
 }

@@ -17,7 +17,6 @@
 // A CTA waits only after it has run: all G CTAs must be resident at once, so the grid is one CTA per SM with
 // shared memory that allows no second one, and the next kernel is let in (PDL) only after this CTA's waits.
 #include <algorithm>
-#include <mutex>
 
 #include "backend/cuda/mlp_fused.h"
 #include "backend/cuda/w4a16_internal.h"
@@ -358,28 +357,19 @@ __global__ void __launch_bounds__(kMlpThreads, 1) mlp_fused_kernel(const __grid_
   }
 }
 
-struct Facts {
-  int sms = 0;
-  size_t smem_optin = 0;
+// The CTA's shared memory for m tokens: staged rows, parameter slots, and the ring in what is left.
+struct SmemPlan {
+  int xs_stride, gslots, stages;
+  size_t bytes;
 };
-const Facts& facts() {
-  static std::mutex mu;
-  static Facts f[16];
-  int dev = 0;
-  SPEAR_CUDA_CHECK(cudaGetDevice(&dev));
-  std::lock_guard<std::mutex> lock(mu);
-  Facts& d = f[dev & 15];
-  if (d.sms == 0) {
-    int sms = 0, optin = 0;
-    SPEAR_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    SPEAR_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    d.smem_optin = size_t(optin);
-    if (device_facts().major >= 9)
-      SPEAR_CUDA_CHECK(
-          cudaFuncSetAttribute(mlp_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - 1024));
-    d.sms = sms;
-  }
-  return d;
+SmemPlan smem_plan(int m, const W4Device& gate, const W4Device& up, const W4Device& down) {
+  SmemPlan s;
+  s.xs_stride = std::max(gate.k_pad, down.k_pad) + 8;
+  s.gslots = std::max({gate.groups, up.groups, down.groups, 1});
+  const size_t fixed = fixed_smem_bytes(m, s.xs_stride, s.gslots);
+  s.stages = ring_stages(fixed, device_facts().smem_optin - 1024);
+  s.bytes = fixed + size_t(s.stages) * kStageBytes;
+  return s;
 }
 
 int group_steps(const W4Device& w) { return w.groups > 1 ? w.group_size / 16 : 0; }
@@ -397,15 +387,20 @@ bool fused_mlp_supported(int m, const W4Device& gate, const W4Device& up, const 
                                     // the group index by multiplication (MlpParams::gmul) stays exact
                                     int64_t(w->k_pad / 16) * (w->group_size / 16 - 1) >= (int64_t(1) << 20))))
       return false;
-  const int xs_stride = std::max(gate.k_pad, down.k_pad) + 8;
-  const int gslots = std::max({gate.groups, up.groups, down.groups, 1});
-  return ring_stages(fixed_smem_bytes(m, xs_stride, gslots), facts().smem_optin - 1024) >= 8;
+  return smem_plan(m, gate, up, down).stages >= 8;
 }
+
+namespace w4_detail {
+void set_mlp_fused_max_smem(int bytes) {
+  SPEAR_CUDA_CHECK(cudaFuncSetAttribute(mlp_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes - 1024));
+}
+}  // namespace w4_detail
 
 void fused_mlp_decode(const FusedMlpArgs& a, cudaStream_t stream) {
   SPEAR_CHECK(fused_mlp_supported(a.m, a.gate, a.up, a.down), "fused_mlp_decode: unsupported shapes (m {}, {}x{})", a.m,
               a.gate.n, a.gate.k);
-  SPEAR_CHECK(a.x && a.norm_w && a.act && a.counters, "fused_mlp_decode: null x, norm weights, act or counters");
+  SPEAR_CHECK(a.x && a.norm_w && a.act && a.counters && a.sm_count >= 1,
+              "fused_mlp_decode: null x, norm weights, act or counters, or no SM count");
   auto aligned = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15) == 0; };
   SPEAR_CHECK(aligned(a.x) && aligned(a.norm_w) && aligned(a.act) && (!a.add || aligned(a.add)),
               "fused_mlp_decode: x, add, norm weights and act must be 16-byte aligned");
@@ -433,20 +428,18 @@ void fused_mlp_decode(const FusedMlpArgs& a, cudaStream_t stream) {
   p.inter = a.gate.n;
   p.nb = a.gate.n_pad / 16;
   p.nc = a.down.n_pad / 16;
-  p.xs_stride = std::max(a.gate.k_pad, a.down.k_pad) + 8;
-  p.gslots = std::max({a.gate.groups, a.up.groups, a.down.groups, 1});
+  // The ring takes what the rest leaves of the opt-in shared memory: also more than half an SM's, so never two
+  // CTAs share an SM, whatever else is resident when they start.
+  const SmemPlan sp = smem_plan(a.m, a.gate, a.up, a.down);
+  p.xs_stride = sp.xs_stride;
+  p.gslots = sp.gslots;
+  p.stages = sp.stages;
   for (int i = 0; i < 3; ++i)
     p.gmul[i] =
         p.mat[i].group_steps ? ((1u << 20) + unsigned(p.mat[i].group_steps) - 1) / unsigned(p.mat[i].group_steps) : 0;
-  const Facts& f = facts();
-  p.b_ctas = std::min(f.sms, p.nb);
-  // The ring takes what the rest leaves of the opt-in shared memory: also more than half an SM's, so never two
-  // CTAs share an SM, whatever else is resident when they start.
-  const size_t fixed = fixed_smem_bytes(a.m, p.xs_stride, p.gslots);
-  p.stages = ring_stages(fixed, f.smem_optin - 1024);
-  const size_t smem = fixed + size_t(p.stages) * kStageBytes;
+  p.b_ctas = std::min(a.sm_count, p.nb);
   const bool pdl = w4a16_get_options().pdl;
-  launch(mlp_fused_kernel, dim3(unsigned(f.sms)), smem, 1, pdl, stream, p, kMlpThreads);
+  launch(mlp_fused_kernel, dim3(unsigned(a.sm_count)), sp.bytes, 1, pdl, stream, p, kMlpThreads);
 }
 
 }  // namespace spear::cuda

@@ -33,6 +33,7 @@ struct FusedMlpArgs {
   __nv_bfloat16* act = nullptr;  // [m][inter] scratch
   unsigned* counters = nullptr;  // kFusedMlpCounterBytes, zeroed once; every launch leaves them at zero
   int m = 0;
+  int sm_count = 0;  // the device's SMs: one CTA each (all must be resident at once)
 };
 constexpr size_t kFusedMlpCounterBytes = 64;
 

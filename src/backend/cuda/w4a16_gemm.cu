@@ -421,7 +421,10 @@ const DeviceFacts& device_facts() {
       SPEAR_CUDA_CHECK(cudaFuncSetAttribute(kernel_for(t, g), cudaFuncAttributeMaxDynamicSharedMemorySize, int(most)));
       if (t <= 4) set_decode_max_smem(t, g, int(f.smem_optin));
     }
-  if (f.major >= 9) set_bulk_max_smem(int(f.smem_optin));
+  if (f.major >= 9) {
+    set_bulk_max_smem(int(f.smem_optin));
+    set_mlp_fused_max_smem(int(f.smem_optin));
+  }
   facts.push_back(f);
   return facts.back();
 }

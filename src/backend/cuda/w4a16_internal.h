@@ -60,6 +60,7 @@ bool bulk_takes(int m, const W4Device* w, int count);
 void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
                  __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream);
 void set_bulk_max_smem(int bytes);  // raises its dynamic shared-memory limit (device_facts())
+void set_mlp_fused_max_smem(int bytes);  // the same for the fused MLP block (mlp_fused.cu)
 
 // One launch with the optional cluster shape (1, cluster_y, 1) and programmatic stream serialization (PDL).
 template <typename Params>
