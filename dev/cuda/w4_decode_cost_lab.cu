@@ -282,9 +282,6 @@ int main(int argc, char** argv) {
   CK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
   cudaStream_t st;
   CK(cudaStreamCreate(&st));
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
   const Shape shapes[] = {{"8b-down", 4096, 14336}, {"8b-gate", 14336, 4096}, {"8b-q/o", 4096, 4096}, {"1b-gate", 8192, 2048}};
   __nv_bfloat16 *x, *y;
   float4* ws;
@@ -306,23 +303,9 @@ int main(int argc, char** argv) {
   std::printf("%-9s %-22s %9s %9s\n", "shape", "variant", "us", "GB/s");
   for (const Shape& s : shapes) {
     const size_t bytes = size_t(s.n) * s.k / 2;
-    const int copies = int((4 * size_t(l2) + bytes - 1) / bytes) + 1;
-    char* buf;
-    CK(cudaMalloc(&buf, bytes * copies));
-    CK(cudaMemset(buf, 0x5a, bytes * copies));
+    const RotatingCopies weights(bytes, l2);
     const int n_tiles = s.n / 16, kblocks = s.k / 64;
-    auto timeit = [&](auto&& launch) {
-      for (int i = 0; i < 2 * copies; ++i) launch(reinterpret_cast<const uint4*>(buf + size_t(i % copies) * bytes));
-      const int reps = 100;
-      CK(cudaEventRecord(e0, st));
-      for (int i = 0; i < reps; ++i) launch(reinterpret_cast<const uint4*>(buf + size_t(i % copies) * bytes));
-      CK(cudaEventRecord(e1, st));
-      CK(cudaEventSynchronize(e1));
-      float ms = 0;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      CK(cudaGetLastError());
-      return 1e3 * ms / reps;
-    };
+    auto timeit = [&](auto&& launch) { return weights.time(st, launch); };
     auto report = [&](const char* v, double us) { std::printf("%-9s %-22s %9.2f %9.0f\n", s.name, v, us, bytes / us / 1e3); };
     using Fn = void (*)(Args);
     const struct {
@@ -388,7 +371,6 @@ int main(int argc, char** argv) {
     bulk("bulk", bulk_kernel<4, 16, 2>, 4, 16, 2);
     bulk("bulk", bulk_kernel<6, 16, 2>, 6, 16, 2);
     bulk("bulk", bulk_kernel<8, 16, 4>, 8, 16, 4);
-    CK(cudaFree(buf));
   }
   return 0;
 }

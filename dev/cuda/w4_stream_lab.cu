@@ -103,9 +103,6 @@ int main(int argc, char** argv) {
   CK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
   cudaStream_t st;
   CK(cudaStreamCreate(&st));
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
   unsigned* out;
   CK(cudaMalloc(&out, 16));
   const Shape shapes[] = {{"8b-down", 4096, 14336}, {"8b-gate", 14336, 4096}, {"8b-gate+up", 28672, 4096},
@@ -116,23 +113,9 @@ int main(int argc, char** argv) {
     const Shape& s = shapes[si];
     if (one && si != o_shape) continue;
     const size_t bytes = size_t(s.n) * s.k / 2;
-    const int copies = int((4 * size_t(l2) + bytes - 1) / bytes) + 1;
-    char* buf;
-    CK(cudaMalloc(&buf, bytes * copies));
-    CK(cudaMemset(buf, 0x5a, bytes * copies));
+    const RotatingCopies weights(bytes, l2);
     const int n_tiles = s.n / 16, kblocks = s.k / 64;
-    auto timeit = [&](auto&& launch) {
-      for (int i = 0; i < 2 * copies; ++i) launch(reinterpret_cast<const uint4*>(buf + size_t(i % copies) * bytes));
-      const int reps = 100;
-      CK(cudaEventRecord(e0, st));
-      for (int i = 0; i < reps; ++i) launch(reinterpret_cast<const uint4*>(buf + size_t(i % copies) * bytes));
-      CK(cudaEventRecord(e1, st));
-      CK(cudaEventSynchronize(e1));
-      float ms = 0;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      CK(cudaGetLastError());
-      return 1e3 * ms / reps;
-    };
+    auto timeit = [&](auto&& launch) { return weights.time(st, launch); };
     auto report = [&](const char* v, double us) { std::printf("%-11s %-26s %9.2f %9.0f\n", s.name, v, us, bytes / us / 1e3); };
     for (int blocks : {sms, 2 * sms, 4 * sms, 8 * sms}) {
       if (one) break;
@@ -164,7 +147,6 @@ int main(int argc, char** argv) {
           std::snprintf(v, sizeof v, "%s/%d R%d S%d P%d (%d)", var.name, var.mb, R, S, var.P, grid.x * grid.y);
           report(v, timeit([&](const uint4* p) { var.fn<<<grid, 256, 0, st>>>(p, n_tiles, kblocks, R, kbw, out); }));
         }
-    CK(cudaFree(buf));
   }
   return 0;
 }
