@@ -200,6 +200,25 @@ class Backend {
     return false;
   }
 
+  // Decode-step fusions of a linear (or of linears that share their input) with the element-wise step before it
+  // and the residual add after it, where the backend has them (the CUDA W4 decode kernels, a few tokens):
+  //   norm_w set:    outs[i] = (rms_norm(in)·norm_w)·Wᵢᵀ   (in: the residual stream, left as it is)
+  //   swiglu_up set: outs[i] = (silu(in) ⊙ swiglu_up)·Wᵢᵀ  (in: the gate projection)
+  //   residual:      outs[i] += the product               (outs[i]: the residual stream)
+  // with the roundings of the op-by-op path (rms_norm / swiglu, linear, add). Returns false, having done nothing,
+  // where it cannot (no such kernel for these linears, compensators, too many tokens); the caller then runs the ops.
+  struct LinearFusion {
+    const Tensor* norm_w = nullptr;
+    float eps = 0.f;
+    const Tensor* swiglu_up = nullptr;
+    bool residual = false;
+  };
+  virtual bool linear_fused(const Tensor& in, std::span<const Linear* const> ls, std::span<Tensor* const> outs,
+                            const LinearFusion& f) {
+    (void)in, (void)ls, (void)outs, (void)f;
+    return false;
+  }
+
   // How compensated linears run (backends with several EC implementations: CUDA; the CPU has one path and
   // ignores these). A forced path applies to every compensated linear (benchmarks); Auto consults the
   // dispatch table (null: the built-in rule). verbose: report each dispatch decision once on stderr.

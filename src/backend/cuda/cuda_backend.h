@@ -179,6 +179,13 @@ class CudaBackend : public Backend {
   bool fused_mlp(Tensor& x, const Tensor& add, const Tensor& norm_w, float eps, const Linear& gate, const Linear& up,
                  const Linear& down) override;
   void set_fused_mlp(bool on) { fused_mlp_on_ = on; }  // tests, A/B runs (SPEAR_FUSED_MLP=1 turns it on)
+  // The W4 decode kernels with the norm or SwiGLU in their x staging and the residual add in their epilogue
+  // (w4a16_gemm_fused; cuda_backend_fusion.cpp): W4 linears without compensators, up to 8 tokens. The residual
+  // form stands aside while the fused MLP block is on (that block takes the o projection's output).
+  bool linear_fused(const Tensor& in, std::span<const Linear* const> ls, std::span<Tensor* const> outs,
+                    const LinearFusion& f) override;
+  void set_decode_fusion(bool on) { decode_fusion_on_ = on; }  // tests, A/B runs (SPEAR_DECODE_FUSION=0 turns it off)
+  size_t fused_linear_launches() const { return fused_linear_launches_; }  // enqueued so far (tests)
   bool row_parallel_tail(const Tensor& in, const Linear& l, Tensor& x, const Tensor& norm_w, float eps,
                          Tensor& h) override;
 
@@ -262,6 +269,8 @@ class CudaBackend : public Backend {
   // path on the H200 so far: bench/results/cuda-h200-fusedmlp); its arrival counters (zeroed once).
   bool fused_mlp_on_ = false;
   DeviceBuffer mlp_counters_;
+  bool decode_fusion_on_ = true;
+  size_t fused_linear_launches_ = 0;
 
   // The current batch (begin_batch): host arrays by address, their device copies.
   const BatchDesc* batch_ = nullptr;

@@ -7,6 +7,7 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/elementwise.h"
 #include "backend/cuda/pdl.cuh"
+#include "backend/cuda/w4a16_fusion.cuh"  // swiglu_f, shared with the W4 decode kernels' fused x staging
 
 namespace spear::cuda {
 
@@ -78,9 +79,6 @@ __global__ void add_kernel(bf16* x, const bf16* y, int64_t n, int64_t n_vec) {
   for (int64_t i = n_vec * 8 + i0; i < n; i += stride)
     x[i] = __float2bfloat16_rn(__bfloat162float(x[i]) + __bfloat162float(y[i]));
 }
-
-// silu(g) * u in fp32 (g / (1 + e^-g): -inf-safe, as the CPU reference).
-__device__ __forceinline__ float swiglu_f(float g, float u) { return g / (1.f + expf(-g)) * u; }
 
 // out may alias gate: each element is read before it is written by the same thread (no __restrict__ here).
 __global__ void swiglu_kernel(const bf16* gate, const bf16* up, bf16* out, int64_t n, int64_t n_vec) {

@@ -53,6 +53,7 @@ struct W4DecodeParams {
   unsigned* done;
   int ec_cols, ec_rmax, ec_gmax;
   W4PeerMirror mirror;  // P2P dual-write of the output (count 1; ranks <= 1: none)
+  W4XformDev fx;        // decode-step fusions (w4a16_fusion.cuh; m <= 8, without ECs and mirror)
 };
 
 
@@ -178,8 +179,16 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     if (r_hi < mt.n) b_hi = __bfloat162float(mt.bias[r_hi]);
   }
 
-  // 3. Stage x rows [0, m), columns [cta_kb0 · 64, cta_kb1 · 64) (zero beyond k).
-  if (cta_kb0 < cta_kb1) {
+  // 3. Stage x rows [0, m), columns [cta_kb0 · 64, cta_kb1 · 64) (zero beyond k); with a fused norm or SwiGLU
+  // through it (the norm's statistics over all of k: every CTA of a cluster computes them for itself).
+  if (p.fx.transforms_x()) {
+    float* scratch = reinterpret_cast<float*>(red);  // free until step 5
+    float* inv = scratch + kFusedMaxTokens * kWarps;
+    if (p.fx.norm_w) row_inv_rms(p.x, p.m, p.k, p.fx.eps, scratch, inv, tid, [] { __syncthreads(); });
+    if (cta_kb0 < cta_kb1)
+      stage_x_transformed(xs, p.xs_stride, p.x, p.m, p.k, cta_kb0 * kKBlock, (cta_kb1 - cta_kb0) * (kKBlock / 8),
+                          p.fx, inv, tid, kThreads);
+  } else if (cta_kb0 < cta_kb1) {
     const int col0 = cta_kb0 * kKBlock;
     const int segs = (cta_kb1 - cta_kb0) * (kKBlock / 8);
     const int xlim = min(cta_kb1 * kKBlock, p.k);
@@ -358,13 +367,13 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     const __nv_bfloat16 y10 = __float2bfloat16_rn(s.y + b_lo + e1), y11 = __float2bfloat16_rn(s.w + b_hi + e3);
     if (tok < p.m) {
       __nv_bfloat16* yr = mt.y + size_t(tok) * mt.n;
-      if (r_lo < mt.n) yr[r_lo] = y00;
-      if (r_hi < mt.n) yr[r_hi] = y01;
+      if (r_lo < mt.n) store_output(yr + r_lo, y00, p.fx.residual);
+      if (r_hi < mt.n) store_output(yr + r_hi, y01, p.fx.residual);
     }
     if (tok + 1 < p.m) {
       __nv_bfloat16* yr = mt.y + size_t(tok + 1) * mt.n;
-      if (r_lo < mt.n) yr[r_lo] = y10;
-      if (r_hi < mt.n) yr[r_hi] = y11;
+      if (r_lo < mt.n) store_output(yr + r_lo, y10, p.fx.residual);
+      if (r_hi < mt.n) store_output(yr + r_hi, y11, p.fx.residual);
     }
     if constexpr (kMirror) {
       mirror_store(tok, y00, y01);
@@ -473,7 +482,7 @@ void set_ec_params(W4DecodeParams& p, const W4EcDevice* const* ec, const EcPlanI
 void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4Device* w, int count,
                  const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, const W4GemmOptions& o,
                  cudaStream_t stream, const W4EcDevice* const* ec, const EcPlanInfo* ec_info,
-                 const W4PeerMirror* mirror) {
+                 const W4PeerMirror* mirror, const W4Fusion* fusion) {
   const int T = token_tiles(m);
   const bool grouped = w[0].groups > 1;
   W4DecodeParams p{};
@@ -507,6 +516,7 @@ void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4
   p.gmax = plan.gmax;
   p.x_vec = (reinterpret_cast<uintptr_t>(x) & 15) == 0 && w[0].k % 8 == 0;
   if (mirror) p.mirror = *mirror;
+  p.fx = xform_of(fusion);
   const bool pdl = o.pdl && device_facts().major >= 9;
   launch(decode_kernel_for(T, grouped, mirror != nullptr), dim3(rg, plan.S), plan.smem, plan.S, pdl, stream, p);
 }

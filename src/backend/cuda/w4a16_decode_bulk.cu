@@ -12,6 +12,7 @@
 // (w4a16_decode_plan.cu: tune_decode), so it only runs where it wins, and only at the m it was timed at.
 #include <algorithm>
 
+#include "backend/cuda/w4a16_decode_plan.h"  // kFusedMaxTokens, xform_of
 #include "backend/cuda/w4a16_internal.h"
 
 namespace spear::cuda::w4_detail {
@@ -38,6 +39,7 @@ struct W4BulkParams {
   W4BulkMat mat[4];
   const __nv_bfloat16* x;
   int count, m, k, kblocks, stages, xs_stride, x_vec;
+  W4XformDev fx;  // decode-step fusions (w4a16_fusion.cuh)
 };
 
 // Dynamic shared memory: the ring, x [m][xs_stride] bf16, scales [groups][16] fp32, zeros [groups][16] u16,
@@ -106,7 +108,15 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   }
   pdl_launch_dependents();
   pdl_wait();
-  {  // x rows [0, m), all of k_pad (zero beyond k)
+  if (p.fx.transforms_x()) {  // x rows [0, m) through the fused norm or SwiGLU
+    float* scratch = reinterpret_cast<float*>(red);  // free until the partial tiles
+    float* inv = scratch + kFusedMaxTokens * kWarps;
+    if (p.fx.norm_w)
+      row_inv_rms(p.x, p.m, p.k, p.fx.eps, scratch, inv, threadIdx.x,
+                  [] { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); });
+    stage_x_transformed(xs, p.xs_stride, p.x, p.m, p.k, 0, p.kblocks * (kKBlock / 8), p.fx, inv, threadIdx.x,
+                        kThreads);
+  } else {  // x rows [0, m), all of k_pad (zero beyond k)
     const int segs = p.kblocks * (kKBlock / 8);
     for (int i = threadIdx.x; i < p.m * segs; i += kThreads) {
       const int r = i / segs, cs = i - r * segs;
@@ -175,13 +185,13 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   const int tok = 2 * t;
   if (tok < p.m) {
     __nv_bfloat16* yr = mt.y + size_t(tok) * mt.n;
-    if (r_lo < mt.n) yr[r_lo] = __float2bfloat16_rn(sum.x + b_lo);
-    if (r_hi < mt.n) yr[r_hi] = __float2bfloat16_rn(sum.z + b_hi);
+    if (r_lo < mt.n) store_output(yr + r_lo, __float2bfloat16_rn(sum.x + b_lo), p.fx.residual);
+    if (r_hi < mt.n) store_output(yr + r_hi, __float2bfloat16_rn(sum.z + b_hi), p.fx.residual);
   }
   if (tok + 1 < p.m) {
     __nv_bfloat16* yr = mt.y + size_t(tok + 1) * mt.n;
-    if (r_lo < mt.n) yr[r_lo] = __float2bfloat16_rn(sum.y + b_lo);
-    if (r_hi < mt.n) yr[r_hi] = __float2bfloat16_rn(sum.w + b_hi);
+    if (r_lo < mt.n) store_output(yr + r_lo, __float2bfloat16_rn(sum.y + b_lo), p.fx.residual);
+    if (r_hi < mt.n) store_output(yr + r_hi, __float2bfloat16_rn(sum.w + b_hi), p.fx.residual);
   }
 }
 
@@ -213,7 +223,7 @@ void set_bulk_max_smem(int bytes) {
 }
 
 void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
-                 __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream) {
+                 __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream, const W4Fusion* fusion) {
   W4BulkParams p{};
   p.count = count;
   p.x = x;
@@ -223,6 +233,7 @@ void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, co
   p.stages = bulk_stages(p.kblocks);
   p.xs_stride = p.kblocks * kKBlock + 8;
   p.x_vec = (reinterpret_cast<uintptr_t>(x) & 15) == 0 && w[0].k % 8 == 0;
+  p.fx = xform_of(fusion);
   int tiles = 0;
   for (int i = 0; i < count; ++i) {
     W4BulkMat& d = p.mat[i];

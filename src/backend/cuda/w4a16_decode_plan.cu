@@ -2,6 +2,7 @@
 // first use of a launch shape, the winner kept for the process) and the entry points that pick a plan and launch
 // the register-ring kernel (w4a16_decode.cu) or the bulk-copy kernel (w4a16_decode_bulk.cu).
 #include <algorithm>
+#include <cstdint>
 #include <array>
 #include <map>
 #include <mutex>
@@ -214,6 +215,33 @@ bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int coun
     launch_bulk(x, m, w, count, bias, y, o, stream);
   else
     launch_plan(plan, x, m, w, count, bias, y, o, stream, ec, info.n ? &info : nullptr);
+  return true;
+}
+
+W4XformDev xform_of(const W4Fusion* f) {
+  W4XformDev d{};
+  if (f) d.norm_w = f->norm_w, d.up = f->up, d.eps = f->eps, d.residual = f->residual ? 1 : 0;
+  return d;
+}
+
+bool decode_fusable(int m, const W4Device* w, int count, const W4Fusion& f, const __nv_bfloat16* x) {
+  auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
+  if (m < 1 || m > kFusedMaxTokens || !decode_takes(m, w, count) || w[0].k % 8 != 0) return false;
+  if (f.norm_w && f.up) return false;
+  return aligned(x) && aligned(f.norm_w) && aligned(f.up);
+}
+
+// The plan of the launch without the fusions (tuned on the plain launch), so that the GEMM sums in the same order.
+bool launch_decode_fused(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4Fusion& f,
+                         const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count,
+                         const W4GemmOptions& o, cudaStream_t stream) {
+  if (!decode_fusable(m, w, count, f, x)) return false;
+  const DecodePlan plan = choose_plan(m, w, count, sm_count, o);
+  if (plan.R == 0) return false;
+  if (plan.R == kBulkPlan)
+    launch_bulk(x, m, w, count, bias, y, o, stream, &f);
+  else
+    launch_plan(plan, x, m, w, count, bias, y, o, stream, nullptr, nullptr, nullptr, &f);
   return true;
 }
 

@@ -5,11 +5,13 @@
 #include <cstddef>
 
 #include "backend/cuda/w4a16_ec.cuh"
+#include "backend/cuda/w4a16_fusion.cuh"
 #include "backend/cuda/w4a16_internal.h"
 
 namespace spear::cuda::w4_detail {
 
 constexpr int kDecMaxMats = 4;
+constexpr int kFusedMaxTokens = 8;  // decode-step fusions: one token tile (row_inv_rms: a warp per row)
 // Static shared memory of the decode kernel (the fused EC's flags) comes off the opt-in limit: plans
 // keep this margin below it (plan_decode), the instances' dynamic limit is the rest.
 constexpr int kDecStaticSmemMargin = 2048;
@@ -64,10 +66,13 @@ bool decode_takes(int m, const W4Device* w, int count);
 EcPlanInfo ec_plan_info(int k, int count, const W4EcDevice* const* ec);
 
 // One launch of the decode kernel with the plan (w4a16_decode.cu); ec / ec_info: fused compensators, mirror: the P2P
-// dual-write of the output.
+// dual-write of the output, fusion: the decode-step fusions (none of the three with another).
 void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4Device* w, int count,
                  const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream,
                  const W4EcDevice* const* ec = nullptr, const EcPlanInfo* ec_info = nullptr,
-                 const W4PeerMirror* mirror = nullptr);
+                 const W4PeerMirror* mirror = nullptr, const W4Fusion* fusion = nullptr);
+
+// The kernels' form of a W4Fusion (null: none).
+W4XformDev xform_of(const W4Fusion* f);
 
 }  // namespace spear::cuda::w4_detail

@@ -683,6 +683,23 @@ bool w4a16_gemm_ec(const __nv_bfloat16* x, int m, const W4Device* w, int count, 
   return launch_decode_ec(x, m, w, count, ec, bias, y, sm_count, o, stream);
 }
 
+bool w4a16_fusable(int m, const W4Device* w, int count, const W4Fusion& f, const __nv_bfloat16* x) {
+  return m >= 1 && count >= 1 && count <= kW4MaxGrouped && w && x && decode_fusable(m, w, count, f, x);
+}
+
+bool w4a16_gemm_fused(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4Fusion& f,
+                      const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count, cudaStream_t stream) {
+  SPEAR_CHECK(count >= 1 && count <= kW4MaxGrouped, "w4a16_gemm_fused: count {} (1..{})", count, kW4MaxGrouped);
+  SPEAR_CHECK(w && y && x, "w4a16_gemm_fused: null x, matrix or output array");
+  for (int i = 0; i < count; ++i) {
+    check_device_weights(w[i]);
+    SPEAR_CHECK(y[i], "w4a16_gemm_fused: null y[{}]", i);
+  }
+  const W4GemmOptions o = options_now();
+  if (o.path == 2 || !w4a16_fusable(m, w, count, f, x)) return false;
+  return launch_decode_fused(x, m, w, count, f, bias, y, sm_count, o, stream);
+}
+
 bool w4a16_tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y,
                        void* flush, size_t flush_bytes, int sm_count, cudaStream_t stream, int reps,
                        const W4EcDevice* const* ec) {

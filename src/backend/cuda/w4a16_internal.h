@@ -47,6 +47,12 @@ bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int coun
                       const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count,
                       const W4GemmOptions& o, cudaStream_t stream);
 
+// The decode launch with the decode-step fusions (w4a16_decode_plan.cu); false when it cannot take it.
+bool decode_fusable(int m, const W4Device* w, int count, const W4Fusion& f, const __nv_bfloat16* x);
+bool launch_decode_fused(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4Fusion& f,
+                         const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count,
+                         const W4GemmOptions& o, cudaStream_t stream);
+
 // Decode-plan tuning (w4a16_decode.cu; the public entry points in w4a16_gemm.cu check the arguments first).
 bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y, void* flush,
                  size_t flush_bytes, int sm_count, cudaStream_t stream, int reps, const W4EcDevice* const* ec);
@@ -58,7 +64,8 @@ void clear_tuning();
 constexpr int kBulkPlan = -1;
 bool bulk_takes(int m, const W4Device* w, int count);
 void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
-                 __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream);
+                 __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream,
+                 const W4Fusion* fusion = nullptr);
 void set_bulk_max_smem(int bytes);  // raises its dynamic shared-memory limit (device_facts())
 void set_mlp_fused_max_smem(int bytes);  // the same for the fused MLP block (mlp_fused.cu)
 
