@@ -200,18 +200,19 @@ class Backend {
     return false;
   }
 
-  // Decode-step fusions of a linear (or of linears that share their input) with the element-wise step before it
-  // and the residual add after it, where the backend has them (the CUDA W4 decode kernels, a few tokens):
-  //   norm_w set:    outs[i] = (rms_norm(in)·norm_w)·Wᵢᵀ   (in: the residual stream, left as it is)
-  //   swiglu_up set: outs[i] = (silu(in) ⊙ swiglu_up)·Wᵢᵀ  (in: the gate projection)
-  //   residual:      outs[i] += the product               (outs[i]: the residual stream)
-  // with the roundings of the op-by-op path (rms_norm / swiglu, linear, add). Returns false, having done nothing,
+  // Decode-step fusions of a linear (or of linears that share their input) with the residual add after it and the
+  // element-wise step that follows, where the backend has them (the CUDA W4 decode kernels, a few tokens):
+  //   residual:   outs[i] += the product                            (outs[i]: the residual stream)
+  //   norm_out:   then norm_out = rms_norm(outs[0])·norm_w           (one linear: the next linear's input)
+  //   swiglu_out: outs = gate, up projections; swiglu_out = silu(outs[0]) ⊙ outs[1] (may be outs[0])
+  // with the roundings of the op-by-op path (linear, add, rms_norm / swiglu). Returns false, having done nothing,
   // where it cannot (no such kernel for these linears, compensators, too many tokens); the caller then runs the ops.
   struct LinearFusion {
+    bool residual = false;
     const Tensor* norm_w = nullptr;
     float eps = 0.f;
-    const Tensor* swiglu_up = nullptr;
-    bool residual = false;
+    Tensor* norm_out = nullptr;
+    Tensor* swiglu_out = nullptr;
   };
   virtual bool linear_fused(const Tensor& in, std::span<const Linear* const> ls, std::span<Tensor* const> outs,
                             const LinearFusion& f) {

@@ -308,20 +308,15 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
 
   DecoderLayer& L = layers_[size_t(li)];
   const float eps = float(c.rms_norm_eps);
-  // Decode-step fusions (Backend::linear_fused): one device, no taps. Each is tried where the op-by-op path has
-  // the same ops in the same order, and falls back to them.
-  const bool fuse = sh.size == 1 && !taps;
-  auto try_fused = [&](const Tensor& in, std::initializer_list<const Linear*> ls, std::initializer_list<Tensor*> outs,
-                       const Backend::LinearFusion& f) {
-    return fuse && be.linear_fused(in, std::span<const Linear* const>(ls.begin(), ls.size()),
-                                   std::span<Tensor* const>(outs.begin(), outs.size()), f);
-  };
-  auto norm_fusion = [&](const Tensor& w) {
-    Backend::LinearFusion f;
-    f.norm_w = &w;
-    f.eps = eps;
-    return f;
-  };
+  if (normed && normed->data) {
+    h = *normed;
+    *normed = Tensor();
+  } else if (residual && residual->data) {
+    be.add_rms_norm(x, *residual, L.attn_norm, eps, h);
+    *residual = Tensor();
+  } else {
+    be.rms_norm(x, L.attn_norm, eps, h);
+  }
   // Without taps, modules that share an input run as one group (one launch on the GPU).
   auto run_group = [&](std::initializer_list<const Linear*> ls, std::initializer_list<Tensor*> outs) {
     if (taps) {
@@ -332,18 +327,7 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
                       std::span<Tensor* const>(outs.begin(), outs.size()));
     }
   };
-  if (normed && normed->data) {
-    h = *normed;
-    *normed = Tensor();
-    run_group({L.q.get(), L.k.get(), L.v.get()}, {&q, &k, &v});
-  } else if (residual && residual->data) {
-    be.add_rms_norm(x, *residual, L.attn_norm, eps, h);
-    *residual = Tensor();
-    run_group({L.q.get(), L.k.get(), L.v.get()}, {&q, &k, &v});
-  } else if (!try_fused(x, {L.q.get(), L.k.get(), L.v.get()}, {&q, &k, &v}, norm_fusion(L.attn_norm))) {
-    be.rms_norm(x, L.attn_norm, eps, h);
-    run_group({L.q.get(), L.k.get(), L.v.get()}, {&q, &k, &v});
-  }
+  run_group({L.q.get(), L.k.get(), L.v.get()}, {&q, &k, &v});
   AttentionParams ap;
   ap.kv_appended = be.rope_qk(q, k, v, sh.heads, sh.kv_heads, c.head_dim, pos, rope_, cache, li);
   ap.layer = li;
@@ -353,32 +337,51 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
   ap.window = c.sliding_window[size_t(li)];
   ap.scale = 1.f / std::sqrt(float(c.head_dim));
   be.attention(q, k, v, d.seqs, cache, ap, att);
-  bool mlp_in_x = false;  // x += o(att) done in the o launch: the MLP's input is rms_norm(x), not yet in h
+  // Decode-step fusions (Backend::linear_fused; one device, no taps): the residual add and the next element-wise
+  // step inside the W4 launches. Each falls back to the ops it replaces.
+  const bool fuse = sh.size == 1 && !taps;
+  auto fused = [&](const Tensor& in, std::initializer_list<const Linear*> ls, std::initializer_list<Tensor*> outs,
+                   const Backend::LinearFusion& f) {
+    return fuse && be.linear_fused(in, std::span<const Linear* const>(ls.begin(), ls.size()),
+                                   std::span<Tensor* const>(outs.begin(), outs.size()), f);
+  };
   if (sh.size == 1 || taps || !be.row_parallel_tail(att, *L.o, x, L.mlp_norm, eps, h)) {
-    Backend::LinearFusion add_to_x;
-    add_to_x.residual = true;
-    if (sh.size > 1) {
-      row_parallel_linear(*L.o, att, tmp);
-    } else if (try_fused(att, {L.o.get()}, {&x}, add_to_x)) {
-      mlp_in_x = true;
-    } else {
-      run_linear(*L.o, att, tmp);
+    Backend::LinearFusion o_fusion;  // x += o(att); h = rms_norm(x)·mlp_norm
+    o_fusion.residual = true;
+    o_fusion.norm_w = &L.mlp_norm;
+    o_fusion.eps = eps;
+    o_fusion.norm_out = &h;
+    if (!fused(att, {L.o.get()}, {&x}, o_fusion)) {
+      if (sh.size > 1)
+        row_parallel_linear(*L.o, att, tmp);
+      else
+        run_linear(*L.o, att, tmp);
       // One device: the whole MLP block where the backend fuses it (x is then final; no pending residual).
       if (sh.size == 1 && !taps && be.fused_mlp(x, tmp, L.mlp_norm, eps, *L.gate, *L.up, *L.down)) return;
+      be.add_rms_norm(x, tmp, L.mlp_norm, eps, h);
     }
-    if (!mlp_in_x) be.add_rms_norm(x, tmp, L.mlp_norm, eps, h);
   }
-  if (!mlp_in_x || !try_fused(x, {L.gate.get(), L.up.get()}, {&gate, &up}, norm_fusion(L.mlp_norm))) {
-    if (mlp_in_x) be.rms_norm(x, L.mlp_norm, eps, h);
+  Backend::LinearFusion gate_up_fusion;  // gate = silu(gate) ⊙ up
+  gate_up_fusion.swiglu_out = &gate;
+  if (!fused(h, {L.gate.get(), L.up.get()}, {&gate, &up}, gate_up_fusion)) {
     run_group({L.gate.get(), L.up.get()}, {&gate, &up});
+    be.swiglu(gate, up, gate);
   }
-  {  // x += down(silu(gate) ⊙ up) in one launch where the backend fuses it (x is then final; no pending residual)
-    Backend::LinearFusion f;
-    f.swiglu_up = &up;
-    f.residual = true;
-    if (try_fused(gate, {L.down.get()}, {&x}, f)) return;
+  if (fuse) {  // x += down(gate), and the next layer's input norm (the final norm after the last layer) for the caller
+    Backend::LinearFusion down_fusion;
+    down_fusion.residual = true;
+    Tensor next_h;
+    if (normed) {
+      next_h = be.alloc(T, c.hidden_size);
+      down_fusion.norm_w = li + 1 < c.num_layers ? &layers_[size_t(li + 1)].attn_norm : &final_norm_;
+      down_fusion.eps = eps;
+      down_fusion.norm_out = &next_h;
+    }
+    if (fused(gate, {L.down.get()}, {&x}, down_fusion)) {
+      if (normed) *normed = next_h;
+      return;
+    }
   }
-  be.swiglu(gate, up, gate);
   if (sh.size > 1 && normed && !taps) {
     const Tensor& next_norm = li + 1 < c.num_layers ? layers_[size_t(li + 1)].attn_norm : final_norm_;
     Tensor next_h = be.alloc(T, c.hidden_size);

@@ -423,7 +423,7 @@ TEST(CudaBackend, DecodeFusionMatchesOpByOp) {
     const std::vector<float> got = run(true, seqs, ids, &on, &greedy_on);
     EXPECT_EQ(greedy_on, greedy_off) << seqs << " sequences: greedy tokens from decode graphs differ";
     EXPECT_EQ(off, 0u);
-    EXPECT_GE(on, size_t(kSteps) * 4) << "the fused launches did not run";  // 4 per layer and step at least
+    EXPECT_GE(on, size_t(kSteps) * 3) << "the fused launches did not run";  // 3 per layer and eager step
     ASSERT_EQ(got.size(), ref.size());
     size_t differ = 0;
     for (size_t i = 0; i < ref.size(); ++i) differ += got[i] != ref[i];

@@ -179,8 +179,8 @@ class CudaBackend : public Backend {
   bool fused_mlp(Tensor& x, const Tensor& add, const Tensor& norm_w, float eps, const Linear& gate, const Linear& up,
                  const Linear& down) override;
   void set_fused_mlp(bool on) { fused_mlp_on_ = on; }  // tests, A/B runs (SPEAR_FUSED_MLP=1 turns it on)
-  // The W4 decode kernels with the norm or SwiGLU in their x staging and the residual add in their epilogue
-  // (w4a16_gemm_fused; cuda_backend_fusion.cpp): W4 linears without compensators, up to 8 tokens. The residual
+  // The W4 decode kernels with the residual add in their epilogue and the RMSNorm or SwiGLU after them inside the
+  // launch (w4a16_gemm_fused; cuda_backend_fusion.cpp): W4 linears without compensators, up to 8 tokens. The residual
   // form stands aside while the fused MLP block is on (that block takes the o projection's output).
   bool linear_fused(const Tensor& in, std::span<const Linear* const> ls, std::span<Tensor* const> outs,
                     const LinearFusion& f) override;
@@ -270,6 +270,7 @@ class CudaBackend : public Backend {
   bool fused_mlp_on_ = false;
   DeviceBuffer mlp_counters_;
   bool decode_fusion_on_ = true;
+  DeviceBuffer fusion_counters_;  // the fused launches' arrival counters (w4a16_fusion_counter_bytes, zeroed once)
   size_t fused_linear_launches_ = 0;
 
   // The current batch (begin_batch): host arrays by address, their device copies.

@@ -1,11 +1,12 @@
-// The CUDA backend's decode-step fusions (Backend::linear_fused): the W4 decode kernels with the RMSNorm or
-// SwiGLU before a linear in their x staging and the residual add after it in their epilogue (w4a16_gemm.h:
-// W4Fusion). A decode layer then runs as q/k/v (norm fused), RoPE, attention, o (residual fused), gate/up (norm
-// fused), down (SwiGLU and residual fused): six launches instead of nine, every W4 launch but q/k/v right after
-// another W4 launch, whose early PDL trigger lets its weights stream meanwhile.
+// The CUDA backend's decode-step fusions (Backend::linear_fused): the W4 decode kernels with the residual add in
+// their epilogue and the next element-wise step inside the launch (w4a16_gemm.h: W4Fusion). A decode layer then
+// runs as q/k/v, RoPE, attention, o (+ residual, + the MLP's RMSNorm), gate/up (+ SwiGLU), down (+ residual, + the
+// next layer's RMSNorm): six launches instead of nine, and gate/up, down and the next q/k/v each start streaming
+// their weights while the W4 launch before them runs (its early PDL trigger).
 #include <cuda_bf16.h>
 
 #include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/cuda_check.h"
 #include "core/dtype.h"
 #include "core/error.h"
 
@@ -16,8 +17,8 @@ namespace {
 __nv_bfloat16* bf(const Tensor& t) { return static_cast<__nv_bfloat16*>(t.data); }
 
 const char* fusion_scope(const Backend::LinearFusion& f) {
-  if (f.norm_w) return f.residual ? "linear.w4a16_fused_norm_residual" : "linear.w4a16_fused_norm";
-  if (f.swiglu_up) return f.residual ? "linear.w4a16_fused_swiglu_residual" : "linear.w4a16_fused_swiglu";
+  if (f.swiglu_out) return "linear.w4a16_fused_swiglu";
+  if (f.norm_out) return f.residual ? "linear.w4a16_fused_residual_norm" : "linear.w4a16_fused_norm";
   return "linear.w4a16_fused_residual";
 }
 
@@ -28,8 +29,8 @@ bool CudaBackend::linear_fused(const Tensor& in, std::span<const Linear* const> 
   const int count = int(ls.size()), m = int(in.rows);
   if (!decode_fusion_on_ || count < 1 || count > kW4MaxGrouped || outs.size() != ls.size() || m < 1) return false;
   if (f.residual && fused_mlp_on_) return false;  // the fused MLP block takes the o projection's output instead
-  if (in.dtype != DType::BF16 || (f.norm_w && f.norm_w->dtype != DType::BF16) ||
-      (f.swiglu_up && f.swiglu_up->dtype != DType::BF16))
+  if (in.dtype != DType::BF16 || (f.norm_out && (f.norm_out->dtype != DType::BF16 || !f.norm_w)) ||
+      (f.swiglu_out && f.swiglu_out->dtype != DType::BF16))
     return false;
   W4Device w[kW4MaxGrouped];
   const __nv_bfloat16* bias[kW4MaxGrouped];
@@ -45,17 +46,28 @@ bool CudaBackend::linear_fused(const Tensor& in, std::span<const Linear* const> 
     bias[i] = c->bias.bytes() ? c->bias.as<__nv_bfloat16>() : nullptr;
     y[i] = bf(o);
   }
-  SPEAR_CHECK(!f.norm_w || f.norm_w->numel() == in.cols, "linear_fused: norm weights of {} for width {}",
-              f.norm_w ? f.norm_w->numel() : 0, in.cols);
-  SPEAR_CHECK(!f.swiglu_up || (f.swiglu_up->rows == in.rows && f.swiglu_up->cols == in.cols),
-              "linear_fused: up projection [{}, {}] for gate [{}, {}]", f.swiglu_up ? f.swiglu_up->rows : 0,
-              f.swiglu_up ? f.swiglu_up->cols : 0, in.rows, in.cols);
+  SPEAR_CHECK(!f.norm_out || (f.norm_w->numel() == outs[0]->cols && f.norm_out->rows == in.rows &&
+                               f.norm_out->cols == outs[0]->cols),
+              "linear_fused: norm weights of {} and norm output [{}, {}] for output [{}, {}]",
+              f.norm_w ? f.norm_w->numel() : 0, f.norm_out ? f.norm_out->rows : 0, f.norm_out ? f.norm_out->cols : 0,
+              outs[0]->rows, outs[0]->cols);
+  SPEAR_CHECK(!f.swiglu_out || (count == 2 && f.swiglu_out->rows == in.rows && f.swiglu_out->cols == outs[0]->cols &&
+                                outs[1]->cols == outs[0]->cols),
+              "linear_fused: SwiGLU output for {} linears of widths {} / {}", count, outs[0]->cols,
+              count > 1 ? outs[1]->cols : 0);
+  if ((f.norm_out || f.swiglu_out) && !fusion_counters_.get()) {
+    SPEAR_CHECK(!capturing_, "cuda backend: fused-launch counters first needed inside a graph capture");
+    fusion_counters_ = DeviceBuffer(w4a16_fusion_counter_bytes());
+    SPEAR_CUDA_CHECK(cudaMemset(fusion_counters_.get(), 0, w4a16_fusion_counter_bytes()));
+  }
   W4Fusion wf;
+  wf.residual = f.residual;
   wf.norm_w = f.norm_w ? bf(*f.norm_w) : nullptr;
   wf.eps = f.eps;
-  wf.up = f.swiglu_up ? bf(*f.swiglu_up) : nullptr;
-  wf.residual = f.residual;
-  if (!w4a16_fusable(m, w, count, wf, bf(in))) return false;
+  wf.norm_out = f.norm_out ? bf(*f.norm_out) : nullptr;
+  wf.swiglu_out = f.swiglu_out ? bf(*f.swiglu_out) : nullptr;
+  wf.counters = fusion_counters_.get() ? fusion_counters_.as<unsigned>() : nullptr;
+  if (!w4a16_fusable(m, w, count, wf, y)) return false;
   // The plan is the plain launch's: tuned at its first eager use, the results into scratch where y holds the
   // residual stream (the tuner writes them).
   if (tune_w4_ && !capturing_ && !w4a16_decode_tuned(m, w, count)) {

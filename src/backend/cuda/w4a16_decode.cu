@@ -53,7 +53,7 @@ struct W4DecodeParams {
   unsigned* done;
   int ec_cols, ec_rmax, ec_gmax;
   W4PeerMirror mirror;  // P2P dual-write of the output (count 1; ranks <= 1: none)
-  W4XformDev fx;        // decode-step fusions (w4a16_fusion.cuh; m <= 8, without ECs and mirror)
+  W4FuseDev fx;         // decode-step fusions (w4a16_fusion.cuh; m <= 8, without ECs and mirror)
 };
 
 
@@ -179,16 +179,8 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     if (r_hi < mt.n) b_hi = __bfloat162float(mt.bias[r_hi]);
   }
 
-  // 3. Stage x rows [0, m), columns [cta_kb0 · 64, cta_kb1 · 64) (zero beyond k); with a fused norm or SwiGLU
-  // through it (the norm's statistics over all of k: every CTA of a cluster computes them for itself).
-  if (p.fx.transforms_x()) {
-    float* scratch = reinterpret_cast<float*>(red);  // free until step 5
-    float* inv = scratch + kFusedMaxTokens * kWarps;
-    if (p.fx.norm_w) row_inv_rms(p.x, p.m, p.k, p.fx.eps, scratch, inv, tid, [] { __syncthreads(); });
-    if (cta_kb0 < cta_kb1)
-      stage_x_transformed(xs, p.xs_stride, p.x, p.m, p.k, cta_kb0 * kKBlock, (cta_kb1 - cta_kb0) * (kKBlock / 8),
-                          p.fx, inv, tid, kThreads);
-  } else if (cta_kb0 < cta_kb1) {
+  // 3. Stage x rows [0, m), columns [cta_kb0 · 64, cta_kb1 · 64) (zero beyond k).
+  if (cta_kb0 < cta_kb1) {
     const int col0 = cta_kb0 * kKBlock;
     const int segs = (cta_kb1 - cta_kb0) * (kKBlock / 8);
     const int xlim = min(cta_kb1 * kKBlock, p.k);
@@ -393,7 +385,10 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
       s.w += v.w;
     }
     if (S == 1) {
-      if (tile_ok) store(tt, s);
+      if (tile_ok) {
+        store(tt, s);
+        if (p.fx.swiglu_out) swiglu_pair_tail(p.fx, p.mat[0].y, p.mat[1].y, mt.n, p.m, tile, lane);
+      }
     } else {
       cred[(rsub * T + tt) * 32 + lane] = s;
     }
@@ -418,12 +413,20 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
           s.z += v[r].z;
           s.w += v[r].w;
         }
-      if (tile_ok) store(tt, s);
+      if (tile_ok) {
+        store(tt, s);
+        if (p.fx.swiglu_out) swiglu_pair_tail(p.fx, p.mat[0].y, p.mat[1].y, mt.n, p.m, tile, lane);
+      }
     }
     cluster.sync();  // no CTA leaves while another still reads its shared memory
   }
 #endif
   ec_launch_done(p);
+  if (p.fx.norm_out) {
+    __shared__ int last;
+    norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, gridDim.x * gridDim.y, reinterpret_cast<float*>(red), &last, tid,
+              [] { __syncthreads(); });
+  }
 }
 
 using DecodeFn = void (*)(W4DecodeParams);
@@ -516,7 +519,7 @@ void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4
   p.gmax = plan.gmax;
   p.x_vec = (reinterpret_cast<uintptr_t>(x) & 15) == 0 && w[0].k % 8 == 0;
   if (mirror) p.mirror = *mirror;
-  p.fx = xform_of(fusion);
+  p.fx = fuse_of(fusion);
   const bool pdl = o.pdl && device_facts().major >= 9;
   launch(decode_kernel_for(T, grouped, mirror != nullptr), dim3(rg, plan.S), plan.smem, plan.S, pdl, stream, p);
 }

@@ -12,7 +12,7 @@
 // (w4a16_decode_plan.cu: tune_decode), so it only runs where it wins, and only at the m it was timed at.
 #include <algorithm>
 
-#include "backend/cuda/w4a16_decode_plan.h"  // kFusedMaxTokens, xform_of
+#include "backend/cuda/w4a16_decode_plan.h"  // fuse_of
 #include "backend/cuda/w4a16_internal.h"
 
 namespace spear::cuda::w4_detail {
@@ -39,7 +39,7 @@ struct W4BulkParams {
   W4BulkMat mat[4];
   const __nv_bfloat16* x;
   int count, m, k, kblocks, stages, xs_stride, x_vec;
-  W4XformDev fx;  // decode-step fusions (w4a16_fusion.cuh)
+  W4FuseDev fx;  // decode-step fusions (w4a16_fusion.cuh)
 };
 
 // Dynamic shared memory: the ring, x [m][xs_stride] bf16, scales [groups][16] fp32, zeros [groups][16] u16,
@@ -108,15 +108,7 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   }
   pdl_launch_dependents();
   pdl_wait();
-  if (p.fx.transforms_x()) {  // x rows [0, m) through the fused norm or SwiGLU
-    float* scratch = reinterpret_cast<float*>(red);  // free until the partial tiles
-    float* inv = scratch + kFusedMaxTokens * kWarps;
-    if (p.fx.norm_w)
-      row_inv_rms(p.x, p.m, p.k, p.fx.eps, scratch, inv, threadIdx.x,
-                  [] { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); });
-    stage_x_transformed(xs, p.xs_stride, p.x, p.m, p.k, 0, p.kblocks * (kKBlock / 8), p.fx, inv, threadIdx.x,
-                        kThreads);
-  } else {  // x rows [0, m), all of k_pad (zero beyond k)
+  {  // x rows [0, m), all of k_pad (zero beyond k)
     const int segs = p.kblocks * (kKBlock / 8);
     for (int i = threadIdx.x; i < p.m * segs; i += kThreads) {
       const int r = i / segs, cs = i - r * segs;
@@ -171,27 +163,34 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   }
   red[warp * 32 + lane] = make_float4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]);
   asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory");
-  if (warp != 0) return;
-  float4 sum = red[lane];
-  for (int q = 1; q < kWarps; ++q) {
-    const float4 v = red[q * 32 + lane];
-    sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+  if (warp == 0) {  // the CTA's sum in warp order, the epilogue
+    float4 sum = red[lane];
+    for (int q = 1; q < kWarps; ++q) {
+      const float4 v = red[q * 32 + lane];
+      sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+    }
+    float b_lo = 0.f, b_hi = 0.f;
+    if (mt.bias) {
+      if (r_lo < mt.n) b_lo = __bfloat162float(mt.bias[r_lo]);
+      if (r_hi < mt.n) b_hi = __bfloat162float(mt.bias[r_hi]);
+    }
+    const int tok = 2 * t;
+    if (tok < p.m) {
+      __nv_bfloat16* yr = mt.y + size_t(tok) * mt.n;
+      if (r_lo < mt.n) store_output(yr + r_lo, __float2bfloat16_rn(sum.x + b_lo), p.fx.residual);
+      if (r_hi < mt.n) store_output(yr + r_hi, __float2bfloat16_rn(sum.z + b_hi), p.fx.residual);
+    }
+    if (tok + 1 < p.m) {
+      __nv_bfloat16* yr = mt.y + size_t(tok + 1) * mt.n;
+      if (r_lo < mt.n) store_output(yr + r_lo, __float2bfloat16_rn(sum.y + b_lo), p.fx.residual);
+      if (r_hi < mt.n) store_output(yr + r_hi, __float2bfloat16_rn(sum.w + b_hi), p.fx.residual);
+    }
+    if (p.fx.swiglu_out) swiglu_pair_tail(p.fx, p.mat[0].y, p.mat[1].y, mt.n, p.m, tile, lane);
   }
-  float b_lo = 0.f, b_hi = 0.f;
-  if (mt.bias) {
-    if (r_lo < mt.n) b_lo = __bfloat162float(mt.bias[r_lo]);
-    if (r_hi < mt.n) b_hi = __bfloat162float(mt.bias[r_hi]);
-  }
-  const int tok = 2 * t;
-  if (tok < p.m) {
-    __nv_bfloat16* yr = mt.y + size_t(tok) * mt.n;
-    if (r_lo < mt.n) store_output(yr + r_lo, __float2bfloat16_rn(sum.x + b_lo), p.fx.residual);
-    if (r_hi < mt.n) store_output(yr + r_hi, __float2bfloat16_rn(sum.z + b_hi), p.fx.residual);
-  }
-  if (tok + 1 < p.m) {
-    __nv_bfloat16* yr = mt.y + size_t(tok + 1) * mt.n;
-    if (r_lo < mt.n) store_output(yr + r_lo, __float2bfloat16_rn(sum.y + b_lo), p.fx.residual);
-    if (r_hi < mt.n) store_output(yr + r_hi, __float2bfloat16_rn(sum.w + b_hi), p.fx.residual);
+  if (p.fx.norm_out) {
+    __shared__ int last;
+    norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, gridDim.x, reinterpret_cast<float*>(red), &last, threadIdx.x,
+              [] { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); });
   }
 }
 
@@ -233,7 +232,7 @@ void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, co
   p.stages = bulk_stages(p.kblocks);
   p.xs_stride = p.kblocks * kKBlock + 8;
   p.x_vec = (reinterpret_cast<uintptr_t>(x) & 15) == 0 && w[0].k % 8 == 0;
-  p.fx = xform_of(fusion);
+  p.fx = fuse_of(fusion);
   int tiles = 0;
   for (int i = 0; i < count; ++i) {
     W4BulkMat& d = p.mat[i];

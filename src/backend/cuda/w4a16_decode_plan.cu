@@ -218,24 +218,36 @@ bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int coun
   return true;
 }
 
-W4XformDev xform_of(const W4Fusion* f) {
-  W4XformDev d{};
-  if (f) d.norm_w = f->norm_w, d.up = f->up, d.eps = f->eps, d.residual = f->residual ? 1 : 0;
+W4FuseDev fuse_of(const W4Fusion* f) {
+  W4FuseDev d{};
+  if (!f) return d;
+  d.residual = f->residual ? 1 : 0;
+  d.norm_w = f->norm_out ? f->norm_w : nullptr;
+  d.norm_out = f->norm_out;
+  d.eps = f->eps;
+  d.swiglu_out = f->swiglu_out;
+  d.counters = f->counters;
   return d;
 }
 
-bool decode_fusable(int m, const W4Device* w, int count, const W4Fusion& f, const __nv_bfloat16* x) {
+bool decode_fusable(int m, const W4Device* w, int count, const W4Fusion& f, __nv_bfloat16* const* y) {
   auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
-  if (m < 1 || m > kFusedMaxTokens || !decode_takes(m, w, count) || w[0].k % 8 != 0) return false;
-  if (f.norm_w && f.up) return false;
-  return aligned(x) && aligned(f.norm_w) && aligned(f.up);
+  if (m < 1 || m > kFusedMaxTokens || !decode_takes(m, w, count)) return false;
+  if ((f.norm_out || f.swiglu_out) && !f.counters) return false;
+  if (f.norm_out && (count != 1 || w[0].n % 8 || !f.norm_w || !aligned(f.norm_w) || !aligned(f.norm_out) ||
+                     !aligned(y[0]) || f.norm_out == y[0]))
+    return false;
+  if (f.swiglu_out && (count != 2 || f.residual || f.norm_out || w[0].n != w[1].n ||
+                       w[0].n_pad / 16 > kFusedMaxPairTiles || f.swiglu_out == y[1]))
+    return false;
+  return true;
 }
 
 // The plan of the launch without the fusions (tuned on the plain launch), so that the GEMM sums in the same order.
 bool launch_decode_fused(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4Fusion& f,
                          const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count,
                          const W4GemmOptions& o, cudaStream_t stream) {
-  if (!decode_fusable(m, w, count, f, x)) return false;
+  if (!decode_fusable(m, w, count, f, y)) return false;
   const DecodePlan plan = choose_plan(m, w, count, sm_count, o);
   if (plan.R == 0) return false;
   if (plan.R == kBulkPlan)

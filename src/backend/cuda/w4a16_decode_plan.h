@@ -11,7 +11,6 @@
 namespace spear::cuda::w4_detail {
 
 constexpr int kDecMaxMats = 4;
-constexpr int kFusedMaxTokens = 8;  // decode-step fusions: one token tile (row_inv_rms: a warp per row)
 // Static shared memory of the decode kernel (the fused EC's flags) comes off the opt-in limit: plans
 // keep this margin below it (plan_decode), the instances' dynamic limit is the rest.
 constexpr int kDecStaticSmemMargin = 2048;
@@ -73,6 +72,6 @@ void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4
                  const W4PeerMirror* mirror = nullptr, const W4Fusion* fusion = nullptr);
 
 // The kernels' form of a W4Fusion (null: none).
-W4XformDev xform_of(const W4Fusion* f);
+W4FuseDev fuse_of(const W4Fusion* f);
 
 }  // namespace spear::cuda::w4_detail

@@ -68,6 +68,7 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/w4a16_ec.cuh"
+#include "backend/cuda/w4a16_fusion.cuh"
 #include "backend/cuda/w4a16_internal.h"
 
 namespace spear::cuda {
@@ -683,8 +684,10 @@ bool w4a16_gemm_ec(const __nv_bfloat16* x, int m, const W4Device* w, int count, 
   return launch_decode_ec(x, m, w, count, ec, bias, y, sm_count, o, stream);
 }
 
-bool w4a16_fusable(int m, const W4Device* w, int count, const W4Fusion& f, const __nv_bfloat16* x) {
-  return m >= 1 && count >= 1 && count <= kW4MaxGrouped && w && x && decode_fusable(m, w, count, f, x);
+size_t w4a16_fusion_counter_bytes() { return kFusedCounterBytes; }
+
+bool w4a16_fusable(int m, const W4Device* w, int count, const W4Fusion& f, __nv_bfloat16* const* y) {
+  return m >= 1 && count >= 1 && count <= kW4MaxGrouped && w && y && decode_fusable(m, w, count, f, y);
 }
 
 bool w4a16_gemm_fused(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4Fusion& f,
@@ -696,7 +699,7 @@ bool w4a16_gemm_fused(const __nv_bfloat16* x, int m, const W4Device* w, int coun
     SPEAR_CHECK(y[i], "w4a16_gemm_fused: null y[{}]", i);
   }
   const W4GemmOptions o = options_now();
-  if (o.path == 2 || !w4a16_fusable(m, w, count, f, x)) return false;
+  if (o.path == 2 || !w4a16_fusable(m, w, count, f, y)) return false;
   return launch_decode_fused(x, m, w, count, f, bias, y, sm_count, o, stream);
 }
 

@@ -133,25 +133,32 @@ bool w4a16_ec_fusable(int m, const W4Device* w, int count, const W4EcDevice* con
 bool w4a16_gemm_ec(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4EcDevice* const* ec,
                    const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count, cudaStream_t stream);
 
-// ---- Decode-step fusions (m <= 8): the element-wise step before a linear runs in the decode kernel's x staging
-// and the residual add after it in its epilogue, so a decode layer needs no separate RMSNorm, SwiGLU or add
-// launches, and each W4 launch follows another W4 launch (whose early PDL trigger lets its weights stream while
-// the previous GEMM runs). Every piece repeats the arithmetic of the kernel it replaces (w4a16_fusion.cuh): the
-// results are bit-identical to rms_norm_bf16 / swiglu_bf16, the GEMM, then add_bf16, with the same decode plan.
-//   norm_w:   the GEMM's input is rms_norm(x) · norm_w (x [m][k] is the residual stream, read only)
-//   up:       the GEMM's input is silu(x) ⊙ up (x: the gate projection, up [m][k] the up projection)
-//   residual: y[i] := y[i] + the GEMM's result (y[i] holds the residual stream and is updated in place)
+// ---- Decode-step fusions (m <= 8): the residual add after a linear in the decode kernel's epilogue, and the
+// element-wise step that follows the GEMM done inside its launch (the RMSNorm of the next linear's input by the CTA
+// that finishes last; SwiGLU of a gate / up tile pair by the second of its two CTAs), so a decode layer needs no
+// separate RMSNorm, SwiGLU or add launches and most W4 launches follow another W4 launch (whose early PDL trigger
+// lets their weights stream meanwhile). Every piece repeats the arithmetic of the kernel it replaces
+// (w4a16_fusion.cuh): results are bit-identical to the GEMM, add_bf16, rms_norm_bf16 / swiglu_bf16, under the same
+// decode plan.
+//   residual:   y[i] := y[i] + the product (y[i] holds the residual stream and is updated in place)
+//   norm_out:   then norm_out = rms_norm(y[0]) · norm_w (count 1; n % 8 == 0; norm_out must not alias y[0])
+//   swiglu_out: count 2 (gate, up of equal n, no residual): swiglu_out = silu(y[0]) ⊙ y[1]; may alias y[0]
+// counters: w4a16_fusion_counter_bytes() of device memory, zeroed once by the owner; every fused launch leaves it
+// at zero, so launches on one stream (and graph replays) share it; two launches must not run concurrently on it.
 struct W4Fusion {
-  const __nv_bfloat16* norm_w = nullptr;  // [k]
-  float eps = 0.f;
-  const __nv_bfloat16* up = nullptr;  // [m][k]
   bool residual = false;
+  const __nv_bfloat16* norm_w = nullptr;  // [n]
+  float eps = 0.f;
+  __nv_bfloat16* norm_out = nullptr;    // [m][n]
+  __nv_bfloat16* swiglu_out = nullptr;  // [m][n]
+  unsigned* counters = nullptr;
 };
+size_t w4a16_fusion_counter_bytes();
 // True when w4a16_gemm_fused takes this launch: the decode kernel takes it (one kind of matrix, one k), 1 <= m <= 8,
-// k % 8 == 0, at most one of norm_w and up, and x, norm_w and up 16-byte aligned.
-bool w4a16_fusable(int m, const W4Device* w, int count, const W4Fusion& f, const __nv_bfloat16* x);
-// y[i] = transform(x) · dequant(W_i)ᵀ + bias[i] (+ y[i] with residual), one decode launch under the launch shape's
-// tuned plan (w4a16_tune_decode on the plain launch tunes it). Returns false, having enqueued nothing, where
+// the conditions above, the pointers of the norm 16-byte aligned, and counters set where a tail needs them.
+bool w4a16_fusable(int m, const W4Device* w, int count, const W4Fusion& f, __nv_bfloat16* const* y);
+// y[i] = x · dequant(W_i)ᵀ + bias[i] (+ y[i] with residual), then the tails, one decode launch under the launch
+// shape's tuned plan (w4a16_tune_decode on the plain launch tunes it). Returns false, having enqueued nothing, where
 // w4a16_fusable is false or forced options send the launch elsewhere (SPEAR_W4_PATH=2).
 bool w4a16_gemm_fused(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4Fusion& f,
                       const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count, cudaStream_t stream);

@@ -48,7 +48,7 @@ bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int coun
                       const W4GemmOptions& o, cudaStream_t stream);
 
 // The decode launch with the decode-step fusions (w4a16_decode_plan.cu); false when it cannot take it.
-bool decode_fusable(int m, const W4Device* w, int count, const W4Fusion& f, const __nv_bfloat16* x);
+bool decode_fusable(int m, const W4Device* w, int count, const W4Fusion& f, __nv_bfloat16* const* y);
 bool launch_decode_fused(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4Fusion& f,
                          const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count,
                          const W4GemmOptions& o, cudaStream_t stream);
