@@ -184,7 +184,9 @@ class CudaBackend : public Backend {
   // form stands aside while the fused MLP block is on (that block takes the o projection's output).
   bool linear_fused(const Tensor& in, std::span<const Linear* const> ls, std::span<Tensor* const> outs,
                     const LinearFusion& f) override;
-  void set_decode_fusion(bool on) { decode_fusion_on_ = on; }  // tests, A/B runs (SPEAR_DECODE_FUSION=0 turns it off)
+  // Which fusions run (tests, A/B runs; SPEAR_DECODE_FUSION, default 7 = all, 0 = none): bit 0 the o projection's
+  // (residual + norm), bit 1 gate/up's SwiGLU, bit 2 the down projection's (residual + norm), told apart by name.
+  void set_decode_fusion(int mask) { decode_fusion_mask_ = mask; }
   size_t fused_linear_launches() const { return fused_linear_launches_; }  // enqueued so far (tests)
   bool row_parallel_tail(const Tensor& in, const Linear& l, Tensor& x, const Tensor& norm_w, float eps,
                          Tensor& h) override;
@@ -269,7 +271,7 @@ class CudaBackend : public Backend {
   // path on the H200 so far: bench/results/cuda-h200-fusedmlp); its arrival counters (zeroed once).
   bool fused_mlp_on_ = false;
   DeviceBuffer mlp_counters_;
-  bool decode_fusion_on_ = true;
+  int decode_fusion_mask_ = 7;
   DeviceBuffer fusion_counters_;  // the fused launches' arrival counters (w4a16_fusion_counter_bytes, zeroed once)
   size_t fused_linear_launches_ = 0;
 

@@ -3,6 +3,8 @@
 // runs as q/k/v, RoPE, attention, o (+ residual, + the MLP's RMSNorm), gate/up (+ SwiGLU), down (+ residual, + the
 // next layer's RMSNorm): six launches instead of nine, and gate/up, down and the next q/k/v each start streaming
 // their weights while the W4 launch before them runs (its early PDL trigger).
+#include <string>
+
 #include <cuda_bf16.h>
 
 #include "backend/cuda/cuda_backend.h"
@@ -27,7 +29,10 @@ const char* fusion_scope(const Backend::LinearFusion& f) {
 bool CudaBackend::linear_fused(const Tensor& in, std::span<const Linear* const> ls, std::span<Tensor* const> outs,
                                const LinearFusion& f) {
   const int count = int(ls.size()), m = int(in.rows);
-  if (!decode_fusion_on_ || count < 1 || count > kW4MaxGrouped || outs.size() != ls.size() || m < 1) return false;
+  if (count < 1 || count > kW4MaxGrouped || outs.size() != ls.size() || m < 1) return false;
+  const std::string& name = static_cast<const CudaLinear*>(ls[0])->name;
+  const int bit = f.swiglu_out ? 2 : name.ends_with("down_proj") ? 4 : 1;
+  if (!(decode_fusion_mask_ & bit)) return false;
   if (f.residual && fused_mlp_on_) return false;  // the fused MLP block takes the o projection's output instead
   if (in.dtype != DType::BF16 || (f.norm_out && (f.norm_out->dtype != DType::BF16 || !f.norm_w)) ||
       (f.swiglu_out && f.swiglu_out->dtype != DType::BF16))

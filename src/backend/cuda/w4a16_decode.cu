@@ -387,7 +387,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     if (S == 1) {
       if (tile_ok) {
         store(tt, s);
-        if (p.fx.swiglu_out) swiglu_pair_tail(p.fx, p.mat[0].y, p.mat[1].y, mt.n, p.m, tile, lane);
+        if (T == 1 && p.fx.swiglu_out) swiglu_pair_tail(p.fx, p.mat[0].y, p.mat[1].y, mt.n, p.m, tile, lane);
       }
     } else {
       cred[(rsub * T + tt) * 32 + lane] = s;
@@ -415,14 +415,14 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
         }
       if (tile_ok) {
         store(tt, s);
-        if (p.fx.swiglu_out) swiglu_pair_tail(p.fx, p.mat[0].y, p.mat[1].y, mt.n, p.m, tile, lane);
+        if (T == 1 && p.fx.swiglu_out) swiglu_pair_tail(p.fx, p.mat[0].y, p.mat[1].y, mt.n, p.m, tile, lane);
       }
     }
     cluster.sync();  // no CTA leaves while another still reads its shared memory
   }
 #endif
   ec_launch_done(p);
-  if (p.fx.norm_out) {
+  if (T == 1 && p.fx.norm_out) {  // fusions run at m <= 8 only: the other instances need no tail code
     __shared__ int last;
     norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, gridDim.x * gridDim.y, reinterpret_cast<float*>(red), &last, tid,
               [] { __syncthreads(); });

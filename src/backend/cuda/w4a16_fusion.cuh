@@ -51,51 +51,33 @@ __device__ __forceinline__ void swiglu_pair_tail(const W4FuseDev& f, const __nv_
   prev = __shfl_sync(0xffffffffu, prev, 0);
   if (prev == 0) return;  // the partner tile is not stored yet: its warp finishes the pair
   __threadfence();
-  for (int e = lane; e < 16 * m; e += 32) {
-    const int tok = e >> 4, row = tile * 16 + (e & 15);
-    if (row >= n) continue;
-    const size_t i = size_t(tok) * n + row;
-    const float g = __bfloat162float(__ldcg(gate + i)), u = __bfloat162float(__ldcg(up + i));
-    f.swiglu_out[i] = __float2bfloat16_rn(swiglu_f(g, u));
+  // All loads first (16 · m <= 128 elements: at most 4 per lane), so the 8 reads of a lane are in flight together.
+  constexpr int kPer = 16 * kFusedMaxTokens / 32;
+  float g[kPer], u[kPer];
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int e = lane + 32 * j, tok = e >> 4, row = tile * 16 + (e & 15);
+    const bool ok = tok < m && row < n;
+    const size_t i = size_t(ok ? tok : 0) * n + (ok ? row : 0);
+    g[j] = ok ? __bfloat162float(__ldcg(gate + i)) : 0.f;
+    u[j] = ok ? __bfloat162float(__ldcg(up + i)) : 0.f;
+  }
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int e = lane + 32 * j, tok = e >> 4, row = tile * 16 + (e & 15);
+    if (tok < m && row < n) f.swiglu_out[size_t(tok) * n + row] = __float2bfloat16_rn(swiglu_f(g[j], u[j]));
   }
   if (lane == 0) f.counters[1 + tile] = 0;  // both halves have arrived: ready for the next launch
 }
 
-// 1 / rms(x row r) for r < m <= 8, over all n (n % 8 == 0, rows 16-byte aligned), in rms_norm.cu's order: thread t
-// of the 256 sums the squares of the 8-element groups t, t + 256, ...; each warp's sums are added by a butterfly;
-// the 8 warp sums (and 24 zeros) by another. scratch: 72 floats of shared memory (inv[r] = scratch[64 + r]).
-template <class Sync>
-__device__ __forceinline__ void row_inv_rms(const __nv_bfloat16* x, int m, int n, float eps, float* scratch, int tid,
-                                            Sync sync) {
-  const int warp = tid >> 5, lane = tid & 31;
-  for (int r = 0; r < m; ++r) {
-    const uint4* xr = reinterpret_cast<const uint4*>(x + size_t(r) * n);
-    float ss = 0.f;
-    for (int g = tid; g < n / 8; g += 256) {
-      const uint4 v = __ldcg(xr + g);
-      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 fv = __bfloat1622float2(h[j]);
-        ss += fv.x * fv.x;
-        ss += fv.y * fv.y;
-      }
-    }
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    if (lane == 0) scratch[r * 8 + warp] = ss;
-  }
-  sync();
-  if (warp < m) {
-    float t = lane < 8 ? scratch[warp * 8 + lane] : 0.f;
-    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-    if (lane == 0) scratch[64 + warp] = rsqrtf(t / float(n) + eps);
-  }
-  sync();
-}
-
 // Norm tail, called by all 256 threads of every CTA at the very end of the launch (after its stores; sync() is a
 // barrier over exactly them): the CTA that arrives last writes norm_out = rms_norm(y) · norm_w for the m rows of y
-// [m][n] (rms_norm.cu's arithmetic) and puts the counter back to zero. flag: one int of shared memory.
+// [m][n] (n % 8 == 0, rows 16-byte aligned) in rms_norm.cu's order: thread t of the 256 sums the squares of the
+// 8-element groups t, t + 256, ... of a row; each warp's sums are added by a butterfly, the 8 warp sums (and 24
+// zeros) by another; then out = w · (x · inv) (row_norm::scale_row). Rows go kTailRows at a time with all their loads
+// in flight together and kept in registers for the scaling (one L2 round trip per chunk, not two per row); widths
+// beyond kTailGroups · 2048 take a slower loop. Puts the counter back to zero. scratch: 40 floats, flag: one int.
+constexpr int kTailRows = 4, kTailGroups = 3;
 template <class Sync>
 __device__ __forceinline__ void norm_tail(const W4FuseDev& f, const __nv_bfloat16* y, int m, int n, unsigned ctas,
                                           float* scratch, int* flag, int tid, Sync sync) {
@@ -105,24 +87,94 @@ __device__ __forceinline__ void norm_tail(const W4FuseDev& f, const __nv_bfloat1
   sync();
   if (!*flag) return;
   __threadfence();
-  row_inv_rms(y, m, n, f.eps, scratch, tid, sync);
-  for (int r = 0; r < m; ++r) {
-    const float inv = scratch[64 + r];
-    const uint4* xr = reinterpret_cast<const uint4*>(y + size_t(r) * n);
-    uint4* orow = reinterpret_cast<uint4*>(f.norm_out + size_t(r) * n);
-    for (int g = tid; g < n / 8; g += 256) {  // row_norm::scale_row
-      const uint4 xv = __ldcg(xr + g), wv = reinterpret_cast<const uint4*>(f.norm_w)[g];
-      const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&xv);
-      const __nv_bfloat162* wh = reinterpret_cast<const __nv_bfloat162*>(&wv);
-      uint4 o;
-      __nv_bfloat162* oh = reinterpret_cast<__nv_bfloat162*>(&o);
+  const int warp = tid >> 5, lane = tid & 31, groups = n / 8;
+  const uint4* w = reinterpret_cast<const uint4*>(f.norm_w);
+  auto scale8 = [](const uint4& xv, const uint4& wv, float inv) {
+    const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&xv);
+    const __nv_bfloat162* wh = reinterpret_cast<const __nv_bfloat162*>(&wv);
+    uint4 o;
+    __nv_bfloat162* oh = reinterpret_cast<__nv_bfloat162*>(&o);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 a = __bfloat1622float2(xh[j]), b = __bfloat1622float2(wh[j]);
-        oh[j] = __floats2bfloat162_rn(b.x * (a.x * inv), b.y * (a.y * inv));
-      }
-      orow[g] = o;
+    for (int j = 0; j < 4; ++j) {
+      const float2 a = __bfloat1622float2(xh[j]), b = __bfloat1622float2(wh[j]);
+      oh[j] = __floats2bfloat162_rn(b.x * (a.x * inv), b.y * (a.y * inv));
     }
+    return o;
+  };
+  auto square_sum = [](const uint4& v, float ss) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 fv = __bfloat1622float2(h[j]);
+      ss += fv.x * fv.x;
+      ss += fv.y * fv.y;
+    }
+    return ss;
+  };
+  // The warp sums of rows r0.. (scratch[rr * 8 + warp]), then 1 / rms by warp rr (scratch[32 + rr]).
+  auto finish_rows = [&](const float (&ss)[kTailRows], int r0) {
+#pragma unroll
+    for (int rr = 0; rr < kTailRows; ++rr) {
+      float v = ss[rr];
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0) scratch[rr * 8 + warp] = v;
+    }
+    sync();
+    if (warp < kTailRows && r0 + warp < m) {
+      float t = lane < 8 ? scratch[warp * 8 + lane] : 0.f;
+      for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+      if (lane == 0) scratch[32 + warp] = rsqrtf(t / float(n) + f.eps);
+    }
+    sync();
+  };
+  for (int r0 = 0; r0 < m; r0 += kTailRows) {
+    float ss[kTailRows];
+    if (groups <= 256 * kTailGroups) {
+      uint4 v[kTailRows][kTailGroups];
+#pragma unroll
+      for (int rr = 0; rr < kTailRows; ++rr)
+#pragma unroll
+        for (int j = 0; j < kTailGroups; ++j) {
+          const int g = tid + 256 * j;
+          v[rr][j] = r0 + rr < m && g < groups ? __ldcg(reinterpret_cast<const uint4*>(y + size_t(r0 + rr) * n) + g)
+                                               : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+      for (int rr = 0; rr < kTailRows; ++rr) {
+        ss[rr] = 0.f;
+#pragma unroll
+        for (int j = 0; j < kTailGroups; ++j)
+          if (tid + 256 * j < groups) ss[rr] = square_sum(v[rr][j], ss[rr]);
+      }
+      finish_rows(ss, r0);
+#pragma unroll
+      for (int rr = 0; rr < kTailRows; ++rr) {
+        if (r0 + rr >= m) break;
+        const float inv = scratch[32 + rr];
+        uint4* orow = reinterpret_cast<uint4*>(f.norm_out + size_t(r0 + rr) * n);
+#pragma unroll
+        for (int j = 0; j < kTailGroups; ++j) {
+          const int g = tid + 256 * j;
+          if (g < groups) orow[g] = scale8(v[rr][j], w[g], inv);
+        }
+      }
+    } else {  // wide rows: the same order, loaded twice
+#pragma unroll
+      for (int rr = 0; rr < kTailRows; ++rr) {
+        ss[rr] = 0.f;
+        if (r0 + rr < m)
+          for (int g = tid; g < groups; g += 256)
+            ss[rr] = square_sum(__ldcg(reinterpret_cast<const uint4*>(y + size_t(r0 + rr) * n) + g), ss[rr]);
+      }
+      finish_rows(ss, r0);
+      for (int rr = 0; rr < kTailRows && r0 + rr < m; ++rr) {
+        const float inv = scratch[32 + rr];
+        const uint4* xr = reinterpret_cast<const uint4*>(y + size_t(r0 + rr) * n);
+        uint4* orow = reinterpret_cast<uint4*>(f.norm_out + size_t(r0 + rr) * n);
+        for (int g = tid; g < groups; g += 256) orow[g] = scale8(__ldcg(xr + g), w[g], inv);
+      }
+    }
+    sync();  // scratch is reused by the next chunk
   }
   if (tid == 0) *f.counters = 0;
 }
