@@ -1,8 +1,8 @@
 // The CUDA backend's decode-step fusions (Backend::linear_fused): the W4 decode kernels with the residual add in
-// their epilogue and the next element-wise step inside the launch (w4a16_gemm.h: W4Fusion). A decode layer then
-// runs as q/k/v, RoPE, attention, o (+ residual, + the MLP's RMSNorm), gate/up (+ SwiGLU), down (+ residual, + the
-// next layer's RMSNorm): six launches instead of nine, and gate/up, down and the next q/k/v each start streaming
-// their weights while the W4 launch before them runs (its early PDL trigger).
+// their epilogue and the next element-wise step inside the launch (w4a16_gemm.h: W4Fusion). With all of them on
+// (SPEAR_DECODE_FUSION=7) a decode layer runs as q/k/v, RoPE, attention, o (+ residual, + the MLP's RMSNorm),
+// gate/up (+ SwiGLU), down (+ residual, + the next layer's RMSNorm): six launches instead of nine. By default only
+// the SwiGLU fusion runs, the one that measured faster (CudaBackend::set_decode_fusion).
 #include <string>
 
 #include <cuda_bf16.h>
