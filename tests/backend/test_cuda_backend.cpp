@@ -379,7 +379,7 @@ TEST(CudaBackend, DecodeFusionMatchesOpByOp) {
   constexpr int kSteps = 8;
   auto run = [](bool fused, int seqs, std::vector<int32_t>& ids, size_t* launches, std::vector<int32_t>* greedy) {
     cuda::CudaBackend gpu;
-    gpu.set_decode_fusion(fused ? 7 : 0);
+    gpu.set_decode_fusion(fused ? 7 : 0, 8);
     auto m = Model::load(w4_package(), gpu);
     auto cache = m->make_kv_cache(seqs, 64);
     const int V = m->config().vocab_size;

@@ -3,11 +3,11 @@
 // bulk-copy kernel, the planner's): the GEMM, add_bf16, then rms_norm_bf16 (residual and norm tail); the grouped
 // gate / up GEMM then swiglu_bf16 (SwiGLU tail, in place and not). Odd n, k not a multiple of 64, per channel and
 // groups, 1..8 tokens; the launches must leave their counters at zero.
+#include <gtest/gtest.h>
+
 #include <cstdio>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/elementwise.h"
@@ -49,8 +49,8 @@ void expect_counters_zero(const Dev<unsigned>& c, const std::string& what) {
 
 TEST(CudaW4Fusion, ResidualAndNormTailEqualOpByOp) {
   SKIP_WITHOUT_GPU();
-  const Case cases[] = {{{72}, 264, 16, 1},     {{2048}, 2048, 128, 1}, {{2048}, 8192, 128, 8},
-                        {{200}, 1032, -1, 3},   {{4096}, 14336, 128, 2}, {{4096}, 4096, -1, 5}};
+  const Case cases[] = {{{72}, 264, 16, 1},   {{2048}, 2048, 128, 1},  {{2048}, 8192, 128, 8},
+                        {{200}, 1032, -1, 3}, {{4096}, 14336, 128, 2}, {{4096}, 4096, -1, 5}};
   uint32_t seed = 1300;
   const int sms = sm_count();
   Dev<unsigned> counters(std::vector<unsigned>(cuda::w4a16_fusion_counter_bytes() / 4, 0u));
@@ -91,7 +91,7 @@ TEST(CudaW4Fusion, ResidualAndNormTailEqualOpByOp) {
 TEST(CudaW4Fusion, SwigluTailEqualsOpByOp) {
   SKIP_WITHOUT_GPU();
   const Case cases[] = {{{200, 200}, 264, 16, 1},    {{8192, 8192}, 2048, 128, 1}, {{8192, 8192}, 2048, 128, 8},
-                        {{1000, 1000}, 4096, -1, 5}, {{96, 96}, 136, 32, 3},      {{14336, 14336}, 4096, 128, 2}};
+                        {{1000, 1000}, 4096, -1, 5}, {{96, 96}, 136, 32, 3},       {{14336, 14336}, 4096, 128, 2}};
   uint32_t seed = 1400;
   const int sms = sm_count();
   Dev<unsigned> counters(std::vector<unsigned>(cuda::w4a16_fusion_counter_bytes() / 4, 0u));

@@ -162,6 +162,7 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   if (const char* e = std::getenv("SPEAR_W4_DEQUANT_MIN_M")) w4_dequant_min_m_ = std::atoi(e);
   if (const char* e = std::getenv("SPEAR_FUSED_MLP")) fused_mlp_on_ = std::string(e) == "1";
   decode_fusion_mask_ = int(env_int64("SPEAR_DECODE_FUSION", decode_fusion_mask_, 0, 7));
+  decode_fusion_max_m_ = int(env_int64("SPEAR_DECODE_FUSION_MAX_M", decode_fusion_max_m_, 1, 8));
   if (const char* e = std::getenv("SPEAR_TP_REDUCE"); e && *e) tp_reduce_ = parse_tp_reduce(e, "SPEAR_TP_REDUCE");
   p2p_capacity_ = env_int64("SPEAR_TP_P2P_CAPACITY", p2p_capacity_, 1, int64_t(1) << 30);
   p2p_timeout_ns_ = uint64_t(env_int64("SPEAR_TP_P2P_TIMEOUT_MS", 0, 0, int64_t(1) << 40)) * 1'000'000ull;

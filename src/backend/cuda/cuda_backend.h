@@ -186,10 +186,12 @@ class CudaBackend : public Backend {
                     const LinearFusion& f) override;
   // Which fusions run (SPEAR_DECODE_FUSION, a bit mask; 0 = none, 7 = all): bit 0 the o projection's residual add
   // and MLP norm, bit 1 gate/up's SwiGLU, bit 2 the down projection's residual add and next norm (told apart by the
-  // linear's name). Default 2: on the H200 the SwiGLU tail wins (1B batch 1: −2.5%), the norm tails lose (a CTA
-  // that waits for every other one and then normalises alone is slower than the norm kernel PDL has already
-  // started: +2–3% at batch 1, up to +16% on the 8B shape at batch 8; bench/results/cuda-h200-decodefusion).
-  void set_decode_fusion(int mask) { decode_fusion_mask_ = mask; }
+  // linear's name), at up to max_m tokens (SPEAR_DECODE_FUSION_MAX_M, 1..8). Default: SwiGLU at one token. On the
+  // H200 the SwiGLU tail wins at batch 1 (1B −4.4%, 8B −3.3%) and loses at batch 8 on the 8B shape (+9%: every
+  // gate/up CTA's tail waits on its pair); the norm tails lose (a CTA that waits for every other one, then normalises
+  // alone, is slower than the norm kernel PDL has already started: +2–3% at batch 1, up to +16% at 8B batch 8).
+  // bench/results/cuda-h200-decodefusion.
+  void set_decode_fusion(int mask, int max_m = 8) { decode_fusion_mask_ = mask, decode_fusion_max_m_ = max_m; }
   size_t fused_linear_launches() const { return fused_linear_launches_; }  // enqueued so far (tests)
   bool row_parallel_tail(const Tensor& in, const Linear& l, Tensor& x, const Tensor& norm_w, float eps,
                          Tensor& h) override;
@@ -274,7 +276,7 @@ class CudaBackend : public Backend {
   // path on the H200 so far: bench/results/cuda-h200-fusedmlp); its arrival counters (zeroed once).
   bool fused_mlp_on_ = false;
   DeviceBuffer mlp_counters_;
-  int decode_fusion_mask_ = 2;
+  int decode_fusion_mask_ = 2, decode_fusion_max_m_ = 1;
   DeviceBuffer fusion_counters_;  // the fused launches' arrival counters (w4a16_fusion_counter_bytes, zeroed once)
   size_t fused_linear_launches_ = 0;
 

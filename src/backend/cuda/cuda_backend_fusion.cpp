@@ -2,10 +2,10 @@
 // their epilogue and the next element-wise step inside the launch (w4a16_gemm.h: W4Fusion). With all of them on
 // (SPEAR_DECODE_FUSION=7) a decode layer runs as q/k/v, RoPE, attention, o (+ residual, + the MLP's RMSNorm),
 // gate/up (+ SwiGLU), down (+ residual, + the next layer's RMSNorm): six launches instead of nine. By default only
-// the SwiGLU fusion runs, the one that measured faster (CudaBackend::set_decode_fusion).
-#include <string>
-
+// the SwiGLU fusion runs, at one token, where it measured faster (CudaBackend::set_decode_fusion).
 #include <cuda_bf16.h>
+
+#include <string>
 
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_check.h"
@@ -29,7 +29,7 @@ const char* fusion_scope(const Backend::LinearFusion& f) {
 bool CudaBackend::linear_fused(const Tensor& in, std::span<const Linear* const> ls, std::span<Tensor* const> outs,
                                const LinearFusion& f) {
   const int count = int(ls.size()), m = int(in.rows);
-  if (count < 1 || count > kW4MaxGrouped || outs.size() != ls.size() || m < 1) return false;
+  if (count < 1 || count > kW4MaxGrouped || outs.size() != ls.size() || m < 1 || m > decode_fusion_max_m_) return false;
   const std::string& name = static_cast<const CudaLinear*>(ls[0])->name;
   const int bit = f.swiglu_out ? 2 : name.ends_with("down_proj") ? 4 : 1;
   if (!(decode_fusion_mask_ & bit)) return false;
@@ -45,17 +45,17 @@ bool CudaBackend::linear_fused(const Tensor& in, std::span<const Linear* const> 
     const Tensor& o = *outs[size_t(i)];
     if (!c->quantized || c->ec) return false;
     SPEAR_CHECK(c->in_features == in.cols && o.dtype == DType::BF16 && o.rows == in.rows && o.cols == c->out_features,
-                "linear_fused: input [{}, {}] and output [{}, {}] do not fit '{}' ({} -> {})", in.rows, in.cols,
-                o.rows, o.cols, c->name, c->in_features, c->out_features);
+                "linear_fused: input [{}, {}] and output [{}, {}] do not fit '{}' ({} -> {})", in.rows, in.cols, o.rows,
+                o.cols, c->name, c->in_features, c->out_features);
     w[i] = c->w4;
     bias[i] = c->bias.bytes() ? c->bias.as<__nv_bfloat16>() : nullptr;
     y[i] = bf(o);
   }
-  SPEAR_CHECK(!f.norm_out || (f.norm_w->numel() == outs[0]->cols && f.norm_out->rows == in.rows &&
-                               f.norm_out->cols == outs[0]->cols),
-              "linear_fused: norm weights of {} and norm output [{}, {}] for output [{}, {}]",
-              f.norm_w ? f.norm_w->numel() : 0, f.norm_out ? f.norm_out->rows : 0, f.norm_out ? f.norm_out->cols : 0,
-              outs[0]->rows, outs[0]->cols);
+  SPEAR_CHECK(
+      !f.norm_out ||
+          (f.norm_w->numel() == outs[0]->cols && f.norm_out->rows == in.rows && f.norm_out->cols == outs[0]->cols),
+      "linear_fused: norm weights of {} and norm output [{}, {}] for output [{}, {}]", f.norm_w ? f.norm_w->numel() : 0,
+      f.norm_out ? f.norm_out->rows : 0, f.norm_out ? f.norm_out->cols : 0, outs[0]->rows, outs[0]->cols);
   SPEAR_CHECK(!f.swiglu_out || (count == 2 && f.swiglu_out->rows == in.rows && f.swiglu_out->cols == outs[0]->cols &&
                                 outs[1]->cols == outs[0]->cols),
               "linear_fused: SwiGLU output for {} linears of widths {} / {}", count, outs[0]->cols,

@@ -6,9 +6,9 @@
 // Internal to the CUDA backend.
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_bf16.h>
+
+#include <cstdint>
 
 namespace spear::cuda {
 
@@ -25,12 +25,12 @@ constexpr size_t kFusedCounterBytes = size_t(1 + kFusedMaxPairTiles) * sizeof(un
 
 // The fusions of one launch as the kernels see them (zero: none).
 struct W4FuseDev {
-  int residual;                  // y[i] := y[i] + the product
-  const __nv_bfloat16* norm_w;   // then norm_out = rms_norm(y[0]) · norm_w (count 1, by the last CTA)
+  int residual;                 // y[i] := y[i] + the product
+  const __nv_bfloat16* norm_w;  // then norm_out = rms_norm(y[0]) · norm_w (count 1, by the last CTA)
   __nv_bfloat16* norm_out;
   float eps;
-  __nv_bfloat16* swiglu_out;     // count 2: swiglu_out = silu(y[0]) ⊙ y[1] (may alias y[0])
-  unsigned* counters;            // kFusedCounterBytes, zero between launches
+  __nv_bfloat16* swiglu_out;  // count 2: swiglu_out = silu(y[0]) ⊙ y[1] (may alias y[0])
+  unsigned* counters;         // kFusedCounterBytes, zero between launches
   __device__ __forceinline__ bool tails() const { return norm_out || swiglu_out; }
 };
 
@@ -42,8 +42,8 @@ __device__ __forceinline__ void store_output(__nv_bfloat16* y, __nv_bfloat16 v, 
 
 // SwiGLU tail, called by the whole warp that stored tile `tile` of matrix mi (0: gate, 1: up) for every token, right
 // after its stores: the second of the pair's two warps to arrive computes swiglu_out for the tile's 16 rows.
-__device__ __forceinline__ void swiglu_pair_tail(const W4FuseDev& f, const __nv_bfloat16* gate,
-                                                 const __nv_bfloat16* up, int n, int m, int tile, int lane) {
+__device__ __forceinline__ void swiglu_pair_tail(const W4FuseDev& f, const __nv_bfloat16* gate, const __nv_bfloat16* up,
+                                                 int n, int m, int tile, int lane) {
   __threadfence();  // this lane's stores, before the arrival
   __syncwarp();
   unsigned prev = 0;
@@ -112,7 +112,7 @@ __device__ __forceinline__ void norm_tail(const W4FuseDev& f, const __nv_bfloat1
     return ss;
   };
   // The warp sums of rows r0.. (scratch[rr * 8 + warp]), then 1 / rms by warp rr (scratch[32 + rr]).
-  auto finish_rows = [&](const float (&ss)[kTailRows], int r0) {
+  auto finish_rows = [&](const float(&ss)[kTailRows], int r0) {
 #pragma unroll
     for (int rr = 0; rr < kTailRows; ++rr) {
       float v = ss[rr];
