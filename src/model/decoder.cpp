@@ -368,17 +368,15 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
     be.swiglu(gate, up, gate);
   }
   if (fuse) {  // x += down(gate), and the next layer's input norm (the final norm after the last layer) for the caller
-    Backend::LinearFusion down_fusion;
+    Backend::LinearFusion down_fusion;  // into h: gate/up have read it, and down does not
     down_fusion.residual = true;
-    Tensor next_h;
     if (normed) {
-      next_h = be.alloc(T, c.hidden_size);
       down_fusion.norm_w = li + 1 < c.num_layers ? &layers_[size_t(li + 1)].attn_norm : &final_norm_;
       down_fusion.eps = eps;
-      down_fusion.norm_out = &next_h;
+      down_fusion.norm_out = &h;
     }
     if (fused(gate, {L.down.get()}, {&x}, down_fusion)) {
-      if (normed) *normed = next_h;
+      if (normed) *normed = h;
       return;
     }
   }
