@@ -314,6 +314,41 @@ TEST(CudaBackend, ClearErrors) {
 
 namespace spear {
 
+namespace {
+
+// Three prompt tokens per sequence, sequence s in cache slot s.
+Batch three_token_prompts(int seqs) {
+  Batch pre;
+  for (int s = 0; s < seqs; ++s) {
+    pre.seqs.push_back({int(pre.tokens.size()), 3, 0, s});
+    for (int t : {1, 450 + 7 * s, 6593}) pre.tokens.push_back(t);
+  }
+  return pre;
+}
+
+// The prompts' last logits, then `steps` eager decode steps (forward(): no graphs) of every sequence, each fed
+// ids[step · seqs + s]; returns all those logits. ids empty: the run feeds (and records) its own greedy tokens.
+std::vector<float> teacher_forced_logits(Model& m, int seqs, int steps, std::vector<int32_t>& ids) {
+  auto cache = m.make_kv_cache(seqs, 64);
+  const int V = m.config().vocab_size;
+  const bool record = ids.empty();
+  std::vector<float> all = m.forward(three_token_prompts(seqs), *cache, LogitsMode::LastPerSeq);
+  for (int step = 0; step < steps; ++step) {
+    Batch b;
+    for (int s = 0; s < seqs; ++s) {
+      const size_t last = all.size() - size_t(seqs - s) * size_t(V);
+      if (record) ids.push_back(argmax(std::span<const float>(all.data() + last, size_t(V))));
+      b.seqs.push_back({s, 1, 3 + step, s});
+      b.tokens.push_back(ids[size_t(step * seqs + s)]);
+    }
+    const std::vector<float> l = m.forward(b, *cache, LogitsMode::LastPerSeq);
+    all.insert(all.end(), l.begin(), l.end());
+  }
+  return all;
+}
+
+}  // namespace
+
 // Decode steps of the reference model's W4 package with the fused MLP block (mlp_fused.h) against the op-by-op
 // path, at 1 and 3 sequences (eager first step, then replayed graphs): the fused run is fed the op-by-op run's
 // greedy tokens, and every step's logits must agree within bf16 noise, with the same argmax except at near-ties.
@@ -325,27 +360,7 @@ TEST(CudaBackend, FusedMlpDecodeMatchesOpByOp) {
     cuda::CudaBackend gpu;
     gpu.set_fused_mlp(fused);
     auto m = Model::load(w4_package(), gpu);
-    auto cache = m->make_kv_cache(seqs, 64);
-    const int V = m->config().vocab_size;
-    const bool record = ids.empty();
-    Batch pre;
-    for (int s = 0; s < seqs; ++s) {
-      pre.seqs.push_back({int(pre.tokens.size()), 3, 0, s});
-      for (int t : {1, 450 + 7 * s, 6593}) pre.tokens.push_back(t);
-    }
-    std::vector<float> all = m->forward(pre, *cache, LogitsMode::LastPerSeq);
-    for (int step = 0; step < kSteps; ++step) {
-      Batch b;
-      for (int s = 0; s < seqs; ++s) {
-        const size_t last = all.size() - size_t(seqs - s) * size_t(V);
-        if (record) ids.push_back(argmax(std::span<const float>(all.data() + last, size_t(V))));
-        b.seqs.push_back({s, 1, 3 + step, s});
-        b.tokens.push_back(ids[size_t(step * seqs + s)]);
-      }
-      const std::vector<float> l = m->forward(b, *cache, LogitsMode::LastPerSeq);
-      all.insert(all.end(), l.begin(), l.end());
-    }
-    return all;
+    return teacher_forced_logits(*m, seqs, kSteps, ids);
   };
   for (int seqs : {1, 3}) {
     std::vector<int32_t> ids;
@@ -371,9 +386,9 @@ TEST(CudaBackend, FusedMlpDecodeMatchesOpByOp) {
   }
 }
 
-// The decode-step fusions (norm and SwiGLU in the W4 kernels' x staging, the residual add in their epilogue) give
-// the op-by-op logits bit for bit: the same plans, the same roundings (teacher-forced eager steps), and the same
-// greedy tokens from replayed decode graphs.
+// The decode-step fusions (the residual add in the W4 kernels' epilogue, the norm and SwiGLU tails inside their
+// launches), all on, give the op-by-op logits bit for bit: the same plans, the same roundings (teacher-forced eager
+// steps), and the same greedy tokens from replayed decode graphs.
 TEST(CudaBackend, DecodeFusionMatchesOpByOp) {
   SPEAR_REQUIRE_GPU();
   constexpr int kSteps = 8;
@@ -381,28 +396,9 @@ TEST(CudaBackend, DecodeFusionMatchesOpByOp) {
     cuda::CudaBackend gpu;
     gpu.set_decode_fusion(fused ? 7 : 0, 8);
     auto m = Model::load(w4_package(), gpu);
-    auto cache = m->make_kv_cache(seqs, 64);
-    const int V = m->config().vocab_size;
-    const bool record = ids.empty();
-    Batch pre;
-    for (int s = 0; s < seqs; ++s) {
-      pre.seqs.push_back({int(pre.tokens.size()), 3, 0, s});
-      for (int t : {1, 450 + 7 * s, 6593}) pre.tokens.push_back(t);
-    }
-    std::vector<float> all = m->forward(pre, *cache, LogitsMode::LastPerSeq);
-    for (int step = 0; step < kSteps; ++step) {
-      Batch b;
-      for (int s = 0; s < seqs; ++s) {
-        const size_t last = all.size() - size_t(seqs - s) * size_t(V);
-        if (record) ids.push_back(argmax(std::span<const float>(all.data() + last, size_t(V))));
-        b.seqs.push_back({s, 1, 3 + step, s});
-        b.tokens.push_back(ids[size_t(step * seqs + s)]);
-      }
-      const std::vector<float> l = m->forward(b, *cache, LogitsMode::LastPerSeq);
-      all.insert(all.end(), l.begin(), l.end());
-    }
+    std::vector<float> all = teacher_forced_logits(*m, seqs, kSteps, ids);
     auto gcache = m->make_kv_cache(seqs, 64);  // greedy steps through forward_greedy: captured, then replayed
-    std::vector<int32_t> next = m->forward_greedy(pre, *gcache);
+    std::vector<int32_t> next = m->forward_greedy(three_token_prompts(seqs), *gcache);
     for (int step = 0; step < kSteps; ++step) {
       Batch b;
       for (int s = 0; s < seqs; ++s) {

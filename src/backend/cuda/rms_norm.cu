@@ -17,6 +17,7 @@ using bf16 = __nv_bfloat16;
 using bf162 = __nv_bfloat162;
 constexpr int kThreads = 256;
 
+using row_norm::add_squares8;
 using row_norm::block_sum;
 using row_norm::scale_row;
 
@@ -28,16 +29,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const bf16* x, const
   const bf16* xr = x + row * d;
   float ss = 0.f;
   if constexpr (kVec) {
-    for (int g = threadIdx.x; g < d / 8; g += kThreads) {
-      const uint4 v = reinterpret_cast<const uint4*>(xr)[g];
-      const bf162* h = reinterpret_cast<const bf162*>(&v);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = __bfloat1622float2(h[j]);
-        ss += f.x * f.x;
-        ss += f.y * f.y;
-      }
-    }
+    for (int g = threadIdx.x; g < d / 8; g += kThreads) ss = add_squares8(reinterpret_cast<const uint4*>(xr)[g], ss);
   } else {
     for (int i = threadIdx.x; i < d; i += kThreads) {
       const float v = __bfloat162float(xr[i]);

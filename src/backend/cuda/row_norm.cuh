@@ -23,26 +23,42 @@ __device__ __forceinline__ float block_sum(float v) {
   return warp_sums[0];
 }
 
+// ss + the squares of the 8 bf16 of v, in element order: every RMSNorm's per-thread sum (rms_norm.cu, the fused
+// W4 norm tail) goes through this one definition, so they stay bit-identical.
+__device__ __forceinline__ float add_squares8(const uint4& v, float ss) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __bfloat1622float2(h[j]);
+    ss += f.x * f.x;
+    ss += f.y * f.y;
+  }
+  return ss;
+}
+
+// w · (x · inv) of 8 bf16, each rounded once.
+__device__ __forceinline__ uint4 scale8(const uint4& xv, const uint4& wv, float inv) {
+  const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&xv);
+  const __nv_bfloat162* wh = reinterpret_cast<const __nv_bfloat162*>(&wv);
+  uint4 o;
+  __nv_bfloat162* oh = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 a = __bfloat1622float2(xh[j]), b = __bfloat1622float2(wh[j]);
+    oh[j] = __floats2bfloat162_rn(b.x * (a.x * inv), b.y * (a.y * inv));
+  }
+  return o;
+}
+
 // out[i] = w[i] · (x[i] · inv) for the row (x already final). kVec: 8 bf16 per access (d % 8 == 0, rows 16-byte
 // aligned); each thread reads back only the elements it wrote, so orow may alias xr (no __restrict__ on them).
 template <bool kVec, int kThreads>
 __device__ __forceinline__ void scale_row(const __nv_bfloat16* xr, const __nv_bfloat16* __restrict__ w,
                                           __nv_bfloat16* orow, int d, float inv) {
   if constexpr (kVec) {
-    for (int g = threadIdx.x; g < d / 8; g += kThreads) {
-      uint4 xv = reinterpret_cast<const uint4*>(xr)[g];
-      const uint4 wv = reinterpret_cast<const uint4*>(w)[g];
-      const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&xv);
-      const __nv_bfloat162* wh = reinterpret_cast<const __nv_bfloat162*>(&wv);
-      uint4 o;
-      __nv_bfloat162* oh = reinterpret_cast<__nv_bfloat162*>(&o);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 a = __bfloat1622float2(xh[j]), b = __bfloat1622float2(wh[j]);
-        oh[j] = __floats2bfloat162_rn(b.x * (a.x * inv), b.y * (a.y * inv));
-      }
-      reinterpret_cast<uint4*>(orow)[g] = o;
-    }
+    for (int g = threadIdx.x; g < d / 8; g += kThreads)
+      reinterpret_cast<uint4*>(orow)[g] =
+          scale8(reinterpret_cast<const uint4*>(xr)[g], reinterpret_cast<const uint4*>(w)[g], inv);
   } else {
     for (int i = threadIdx.x; i < d; i += kThreads)
       orow[i] = __float2bfloat16(__bfloat162float(w[i]) * (__bfloat162float(xr[i]) * inv));

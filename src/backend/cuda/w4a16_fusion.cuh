@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "backend/cuda/row_norm.cuh"
+
 namespace spear::cuda {
 
 // silu(g) · u in fp32 (g / (1 + e^-g): -inf-safe, as the CPU reference). The SwiGLU kernel and the fused tail both
@@ -74,9 +76,10 @@ __device__ __forceinline__ void swiglu_pair_tail(const W4FuseDev& f, const __nv_
 // barrier over exactly them): the CTA that arrives last writes norm_out = rms_norm(y) · norm_w for the m rows of y
 // [m][n] (n % 8 == 0, rows 16-byte aligned) in rms_norm.cu's order: thread t of the 256 sums the squares of the
 // 8-element groups t, t + 256, ... of a row; each warp's sums are added by a butterfly, the 8 warp sums (and 24
-// zeros) by another; then out = w · (x · inv) (row_norm::scale_row). Rows go kTailRows at a time with all their loads
-// in flight together and kept in registers for the scaling (one L2 round trip per chunk, not two per row); widths
-// beyond kTailGroups · 2048 take a slower loop. Puts the counter back to zero. scratch: 40 floats, flag: one int.
+// zeros) by another; then out = w · (x · inv) (row_norm::add_squares8, scale8: rms_norm.cu's own pieces). Rows go
+// kTailRows at a time with all their loads in flight together and kept in registers for the scaling (one L2 round trip
+// per chunk, not two per row); widths beyond kTailGroups · 2048 take a slower loop. Puts the counter back to zero.
+// scratch: 40 floats, flag: one int.
 constexpr int kTailRows = 4, kTailGroups = 3;
 template <class Sync>
 __device__ __forceinline__ void norm_tail(const W4FuseDev& f, const __nv_bfloat16* y, int m, int n, unsigned ctas,
@@ -89,28 +92,6 @@ __device__ __forceinline__ void norm_tail(const W4FuseDev& f, const __nv_bfloat1
   __threadfence();
   const int warp = tid >> 5, lane = tid & 31, groups = n / 8;
   const uint4* w = reinterpret_cast<const uint4*>(f.norm_w);
-  auto scale8 = [](const uint4& xv, const uint4& wv, float inv) {
-    const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&xv);
-    const __nv_bfloat162* wh = reinterpret_cast<const __nv_bfloat162*>(&wv);
-    uint4 o;
-    __nv_bfloat162* oh = reinterpret_cast<__nv_bfloat162*>(&o);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 a = __bfloat1622float2(xh[j]), b = __bfloat1622float2(wh[j]);
-      oh[j] = __floats2bfloat162_rn(b.x * (a.x * inv), b.y * (a.y * inv));
-    }
-    return o;
-  };
-  auto square_sum = [](const uint4& v, float ss) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 fv = __bfloat1622float2(h[j]);
-      ss += fv.x * fv.x;
-      ss += fv.y * fv.y;
-    }
-    return ss;
-  };
   // The warp sums of rows r0.. (scratch[rr * 8 + warp]), then 1 / rms by warp rr (scratch[32 + rr]).
   auto finish_rows = [&](const float(&ss)[kTailRows], int r0) {
 #pragma unroll
@@ -144,7 +125,7 @@ __device__ __forceinline__ void norm_tail(const W4FuseDev& f, const __nv_bfloat1
         ss[rr] = 0.f;
 #pragma unroll
         for (int j = 0; j < kTailGroups; ++j)
-          if (tid + 256 * j < groups) ss[rr] = square_sum(v[rr][j], ss[rr]);
+          if (tid + 256 * j < groups) ss[rr] = row_norm::add_squares8(v[rr][j], ss[rr]);
       }
       finish_rows(ss, r0);
 #pragma unroll
@@ -155,7 +136,7 @@ __device__ __forceinline__ void norm_tail(const W4FuseDev& f, const __nv_bfloat1
 #pragma unroll
         for (int j = 0; j < kTailGroups; ++j) {
           const int g = tid + 256 * j;
-          if (g < groups) orow[g] = scale8(v[rr][j], w[g], inv);
+          if (g < groups) orow[g] = row_norm::scale8(v[rr][j], w[g], inv);
         }
       }
     } else {  // wide rows: the same order, loaded twice
@@ -164,14 +145,15 @@ __device__ __forceinline__ void norm_tail(const W4FuseDev& f, const __nv_bfloat1
         ss[rr] = 0.f;
         if (r0 + rr < m)
           for (int g = tid; g < groups; g += 256)
-            ss[rr] = square_sum(__ldcg(reinterpret_cast<const uint4*>(y + size_t(r0 + rr) * n) + g), ss[rr]);
+            ss[rr] =
+                row_norm::add_squares8(__ldcg(reinterpret_cast<const uint4*>(y + size_t(r0 + rr) * n) + g), ss[rr]);
       }
       finish_rows(ss, r0);
       for (int rr = 0; rr < kTailRows && r0 + rr < m; ++rr) {
         const float inv = scratch[32 + rr];
         const uint4* xr = reinterpret_cast<const uint4*>(y + size_t(r0 + rr) * n);
         uint4* orow = reinterpret_cast<uint4*>(f.norm_out + size_t(r0 + rr) * n);
-        for (int g = tid; g < groups; g += 256) orow[g] = scale8(__ldcg(xr + g), w[g], inv);
+        for (int g = tid; g < groups; g += 256) orow[g] = row_norm::scale8(__ldcg(xr + g), w[g], inv);
       }
     }
     sync();  // scratch is reused by the next chunk
