@@ -15,6 +15,7 @@
 #   ec:LIKE   issue 6 on a LIKE-shaped W4 model: spear tune (EC dispatch table, random ECs on every linear),
 #             then bench decode at batch 1, 8, 32 with random ECs on 15/38/60% of the linears under the naive,
 #             fused, overlapped and dispatched (auto + table) paths, and prefill at 512 and 2048 tokens
+#             (EC_TOKENS, EC_BATCH, EC_DENS, EC_PATHS and EC_PREFILL narrow the grid; EC_PREFILL= skips prefill)
 #   pdl:LIKE  bench decode of a LIKE-shaped bf16 + W4 pair at batch 1, 8, 32 with PDL on every kernel (default)
 #             and with SPEAR_PDL=0 (only the W4 kernels use it), same run
 #   kprof:LIKE  ncu times every kernel of a W4 decode step at batch 1 alone (tools/device/kernel_breakdown.py;
@@ -118,12 +119,12 @@ for stage in "$@"; do
       rm -rf "/tmp/$like"
       t "spear tune: EC dispatch table $like"
       timeout 200 "$BIN/spear" tune --device cuda -m "/tmp/$like-w4" --no-latency-table --ec-density 1 --ec-rank 16 --ec-gate 8 \
-        --ec-tokens 1,8,32,512,2048 --ec-dispatch-out "$R/ec_dispatch-$like.json" 2>&1 | tee "$R/ec_tune-$like.txt" | tail -40
+        --ec-tokens ${EC_TOKENS:-1,8,32,512,2048} --ec-dispatch-out "$R/ec_dispatch-$like.json" 2>&1 | tee "$R/ec_tune-$like.txt" | tail -40
       t "bench decode with ECs $like"
-      timeout 300 "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch 1,8,32 --steps 48 --ec-density 0,0.15,0.38,0.6 \
-        --ec-paths naive,fused,overlapped,auto --ec-dispatch "$R/ec_dispatch-$like.json" \
+      timeout 300 "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch ${EC_BATCH:-1,8,32} --steps 48 \
+        --ec-density ${EC_DENS:-0,0.15,0.38,0.6} --ec-paths ${EC_PATHS:-naive,fused,overlapped,auto} --ec-dispatch "$R/ec_dispatch-$like.json" \
         --out "$R/ec_decode-$like.json" 2>&1 | tee "$R/ec_decode-$like.txt" | grep -v "ms/step$" | tail -45
-      for P in 512 2048; do
+      for P in ${EC_PREFILL-512 2048}; do
         t "prefill $P tokens with ECs $like"
         "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch 1 --prompt $P --steps 2 --prefill-reps 5 \
           --ec-density 0,0.38 --ec-paths naive,overlapped,auto --ec-dispatch "$R/ec_dispatch-$like.json" \

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Copies the device binaries of BUILD_DIR (default build-dev: portable, CUDA on, plots off) stripped into
 # .devrun/bin, with the shared libraries they need that a bare CUDA image lacks, into .devrun/lib.
+# STAGE_BINS (default all four) names the binaries to send when the tree plus the bundle would pass 64 MiB.
 set -eu
 B=${1:-build-dev}
+rm -rf .devrun/bin
 mkdir -p .devrun/bin .devrun/lib
 for f in spear tests/backend/test_cuda_ops bench/bench_w4_gemm bench/bench_allreduce; do
+  [[ " ${STAGE_BINS:-spear test_cuda_ops bench_w4_gemm bench_allreduce} " == *" $(basename $f) "* ]] || continue
   [[ -f "$B/$f" ]] && strip -o ".devrun/bin/$(basename $f)" "$B/$f"
 done
 for lib in $(ldd .devrun/bin/* | awk '/=>/ {print $3}' | sort -u); do
@@ -27,5 +30,5 @@ if [[ ! -d .devrun/ref-spear && -x "$B/spear" ]]; then
     --preset fast > .devrun/calibrate.log 2>&1 && rm -f .devrun/ref-spear/model.safetensors
 fi
 extra=$([[ -d .devrun/ref-spear ]] && echo ref-spear)
-tar cJf .devrun/carry/bundle.tar.xz -C .devrun bin lib data/test.txt $extra
+XZ_OPT=-9 tar cJf .devrun/carry/bundle.tar.xz -C .devrun bin lib data/test.txt $extra
 du -sh .devrun/carry

@@ -428,7 +428,7 @@ void CudaBackend::set_compensator(Linear& l, const Compensator* c) {
   if (c->gated()) ec->W1 = up(c->W1), ec->b1 = up(c->b1), ec->W2 = up(c->W2), ec->b2 = up(c->b2);
   ec->A16 = upload_bf16(c->A), ec->B16 = upload_bf16(c->B);
   ec->scratch = DeviceBuffer(w4a16_ec_scratch_bytes(c->rank));
-  SPEAR_CUDA_CHECK(cudaMemset(ec->scratch.get(), 0, ec->scratch.bytes()));
+  w4a16_ec_scratch_init(ec->scratch.get(), c->rank);
   W4EcDevice& d = ec->dev;
   d.rank = c->rank;
   d.gate_width = c->gate_width;

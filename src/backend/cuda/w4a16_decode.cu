@@ -48,29 +48,13 @@ struct W4DecodeParams {
   int xs_stride;   // bf16 elements per staged x row: (8 / R) · kbw · 64 + 8 (odd in 16-byte units)
   int gmax;        // group slots staged per CTA (grouped)
   int x_vec;       // x is 16-byte aligned and k % 8 == 0
-  // Fused compensators (w4a16_ec.cuh): blockIdx.x < ec_cols are EC CTAs (the W4 CTAs follow); done counts
-  // finished CTAs (in the first EC's scratch). ec_rmax / ec_gmax: the largest rank / gate width (shared memory).
-  unsigned* done;
+  // Fused compensators (w4a16_ec.cuh): blockIdx.x < ec_cols are EC CTAs (the W4 CTAs follow).
+  // ec_rmax / ec_gmax: the largest rank / gate width (shared memory).
   int ec_cols, ec_rmax, ec_gmax;
   W4PeerMirror mirror;  // P2P dual-write of the output (count 1; ranks <= 1: none)
   W4FuseDev fx;         // decode-step fusions (w4a16_fusion.cuh; m <= 8, without ECs and mirror)
 };
 
-
-// The last CTA of a launch with ECs to finish puts the counters back to zero for the next launch (every CTA has
-// passed its wait and every slice has arrived by then). Every thread calls it.
-__device__ __forceinline__ void ec_launch_done(const W4DecodeParams& p) {
-  if (p.ec_cols == 0) return;
-  __syncthreads();
-  if (threadIdx.x != 0) return;
-  __threadfence();
-  if (atomicAdd(p.done, 1u) == gridDim.x * gridDim.y - 1) {
-    *p.done = 0;
-    for (int i = 0; i < p.count; ++i)
-      if (p.mat[i].has_ec) p.mat[i].ec.counters[1] = 0;
-    __threadfence();
-  }
-}
 
 // kMirror: the instance with the P2P dual-write in its epilogue (its own instance, so that the others' registers
 // and spills stay as they were).
@@ -104,7 +88,6 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     pdl_launch_dependents();
     pdl_wait();
     ec_slice(ec, slice, a, p.x, p.m, p.k, smem);
-    ec_launch_done(p);
     return;
   }
 
@@ -172,6 +155,11 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
   // 2. Let the next kernel start its own weight prefetch; wait for the previous one (x, bias, y).
   pdl_launch_dependents();
   pdl_wait();
+  // The launch's EC epoch, loaded now and parked in shared memory after the x staging (not held in a
+  // register through the main loop): its latency hides behind the staging.
+  __shared__ uint32_t ec_ep;
+  uint32_t ep = 0;
+  if (mt.has_ec && tid == 0) ep = ec_epoch(mt.ec);
 
   float b_lo = 0.f, b_hi = 0.f;
   if (tile_ok && mt.bias) {
@@ -192,6 +180,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
   }
   cp_async_commit();
   cp_async_wait<0>();
+  if (mt.has_ec && tid == 0) ec_ep = ep;
   __syncthreads();
 
   // ldmatrix lane addresses (see the general kernel), one per pair of token tiles; rows >= m read row 0.
@@ -324,7 +313,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
   }
   __syncthreads();
-  if (mt.has_ec) ec_gate(mt.ec, p.m, eczs, eczt, echb, ecgs);
+  if (mt.has_ec) ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs);
   const int ecr = mt.has_ec ? mt.ec.rank : 0;
   const __nv_bfloat16* ecb_lo = ecb + (rsub * 16 + g) * ecr;
   const __nv_bfloat16* ecb_hi = ecb_lo + 8 * ecr;
@@ -350,11 +339,8 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
   auto store = [&](int tt, const float4& s) {
     const int tok = tt * 8 + 2 * t;
     float e0 = 0.f, e1 = 0.f, e2 = 0.f, e3 = 0.f;  // B·(g ⊙ z) of (r_lo, tok), (r_lo, tok + 1), (r_hi, ...)
-    if (ecr) {
-      if (tok < p.m) e0 = ec_term(ecb_lo, eczs + tok * ecr, ecr), e2 = ec_term(ecb_hi, eczs + tok * ecr, ecr);
-      if (tok + 1 < p.m)
-        e1 = ec_term(ecb_lo, eczs + (tok + 1) * ecr, ecr), e3 = ec_term(ecb_hi, eczs + (tok + 1) * ecr, ecr);
-    }
+    if (ecr && tok < p.m)
+      ec_terms(ecb_lo, ecb_hi, eczs + tok * ecr, eczs + (tok + 1) * ecr, ecr, tok + 1 < p.m, e0, e1, e2, e3);
     const __nv_bfloat16 y00 = __float2bfloat16_rn(s.x + b_lo + e0), y01 = __float2bfloat16_rn(s.z + b_hi + e2);
     const __nv_bfloat16 y10 = __float2bfloat16_rn(s.y + b_lo + e1), y11 = __float2bfloat16_rn(s.w + b_hi + e3);
     if (tok < p.m) {
@@ -421,7 +407,8 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     cluster.sync();  // no CTA leaves while another still reads its shared memory
   }
 #endif
-  ec_launch_done(p);
+  if (mt.has_ec && tid == 0)  // the EC's readers: the matrix's W4 CTAs
+    ec_leave(mt.ec, rgl * int(gridDim.y) + int(blockIdx.y), (mt.n_tiles + R - 1) / R * int(gridDim.y));
   if (T == 1 && p.fx.norm_out) {  // fusions run at m <= 8 only: the other instances need no tail code
     __shared__ int last;
     norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, gridDim.x * gridDim.y, reinterpret_cast<float*>(red), &last, tid,
@@ -466,14 +453,13 @@ void set_ec_params(W4DecodeParams& p, const W4EcDevice* const* ec, const EcPlanI
     d.A = e.A, d.B = e.B, d.W1 = e.W1, d.b1 = e.b1, d.W2 = e.W2, d.b2 = e.b2;
     d.rank = e.rank;
     d.gate_width = e.W1 ? e.gate_width : 0;
-    d.counters = static_cast<unsigned*>(e.scratch);
-    d.zpart = reinterpret_cast<float*>(static_cast<char*>(e.scratch) + kEcCounterBytes);
+    d.epochs = static_cast<unsigned long long*>(e.scratch);
+    d.zpart = reinterpret_cast<unsigned long long*>(static_cast<char*>(e.scratch) + kEcCounterBytes);
     d.cpr = ec_cpr(e.rank, p.k);
     d.cols = (info.base_slices[i] + S - 1) / S;
     d.slices = d.cols * S;
     d.col0 = col;
     col += d.cols;
-    if (!p.done) p.done = d.counters;
   }
   p.ec_cols = col;
   p.ec_rmax = info.rmax;

@@ -61,7 +61,7 @@ DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count,
         if (w[i].groups > 1) gmax = std::max(gmax, std::min(w[i].groups, (cta_cols - 1) / w[i].group_size + 2));
       const int xs_stride = cta_cols + 8;
       const size_t smem = std::max(dec_smem_bytes(T, R, gmax, m, xs_stride, ec_rmax, ec_gmax),
-                                   ec ? ec_cta_smem_bytes(m, ec->cpr_max, ec_rmax) : size_t(0));
+                                   ec ? ec_cta_smem_bytes(m, ec->cpr_max) : size_t(0));
       if (smem + kDecStaticSmemMargin > dev.smem_optin) continue;
       const int resident = std::min<int>(dec_min_blocks(T, count > 0 && w[0].groups > 1),
                                          int(dev.smem_per_sm / std::max<size_t>(smem + dev.smem_reserved, 1)));

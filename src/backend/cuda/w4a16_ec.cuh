@@ -3,15 +3,23 @@
 //
 // The launch gets extra leading CTA columns, the EC CTAs: each computes one k-slice of z = A·x, its slice of A
 // (rank × 256·cpr columns) loaded into registers before griddepcontrol.wait, so those loads are among the
-// first in the memory queue, and releases its partial sums with an atomic arrival count. The W4 CTAs of a
-// compensated matrix acquire the count after their own reduction, sum the slices in order, apply the gate
-// themselves (a few hundred FMAs, parameters prefetched) and add B·(g ⊙ z) from their prefetched rows of B.
-// Every CTA of the launch is resident at once (the planner only takes one-wave plans with ECs), so the
-// flag wait cannot deadlock whatever order the CTAs start in.
+// first in the memory queue, and stores its partial sums into the scratch, each tagged with the launch's
+// epoch. The W4 CTAs of a compensated matrix, after their own reduction, poll their entries until every tag
+// is this launch's (the value is its own flag: no release fence on the EC side, no flag load on the W4 side),
+// sum the slices in order, apply the gate themselves (parameters prefetched) and add B·(g ⊙ z) from their
+// prefetched rows of B. Every CTA of the launch is resident at once (the planner only takes one-wave plans
+// with ECs), so the wait cannot deadlock whatever order the CTAs start in.
 //
-// Scratch of one EC (w4a16_ec_scratch_bytes): counters (done: the launch's CTAs, used in the first EC's
-// scratch; arrivals of k-slices), then the k-slice partial sums [kEcMaxSlices][32][rank] fp32.
-// The last CTA of the launch puts the counters back to zero, so the scratch serves every launch of its linear.
+// Epochs without a reset: every W4 CTA of the matrix adds its share of kEcEpochUnit to a 64-bit counter as
+// it leaves (fire and forget), the shares of one launch summing to exactly kEcEpochUnit. A CTA reads the
+// counter after griddepcontrol.wait, when every earlier launch has completed and this launch's readers have
+// added at most all shares but their own (an EC CTA reads it before any reader can have seen its entries),
+// so counter / kEcEpochUnit is the launch's number in every CTA, whatever the plan and the number of readers.
+// Nothing has to wait for a last CTA or clean up after it (a ticket and a reset by the last reader cost about
+// 1 µs at the end of every compensated launch).
+//
+// Scratch of one EC (w4a16_ec_scratch_bytes, prepared by w4a16_ec_scratch_init): the counter, then the k-slice
+// partial sums [kEcMaxSlices][32][rank], each 64 bits: fp32 value | epoch << 32 (one single-copy-atomic store).
 #pragma once
 
 #include <cstddef>
@@ -26,9 +34,11 @@ namespace spear::cuda::w4_detail {
 constexpr int kEcRing = 8;         // uint4 of A per lane: rank / 8 rows × cpr chunks of 256 columns
 constexpr int kEcMaxSlices = 72;   // 64 slices + up to 7 empty ones that round up to whole cluster columns
 constexpr int kEcCounterBytes = 16;
+constexpr unsigned long long kEcEpochUnit = 1ull << 20;  // > any number of reader CTAs
+constexpr uint32_t kEcNoEpoch = 0xFFFFFFFFu;             // the tag of never-written entries
 
 __host__ __device__ constexpr size_t ec_scratch_bytes(int rank) {
-  return size_t(kEcCounterBytes) + size_t(4) * 32 * rank * kEcMaxSlices;
+  return size_t(kEcCounterBytes) + size_t(8) * 32 * rank * kEcMaxSlices;
 }
 
 // One fused EC as the kernel sees it (inside W4DecodeParams, by value).
@@ -36,19 +46,22 @@ struct W4DecEc {
   const __nv_bfloat16* A;  // [rank][k]
   const __nv_bfloat16* B;  // [n][rank]
   const float *W1, *b1, *W2, *b2;
-  unsigned* counters;  // done, arrivals
-  float* zpart;        // [kEcMaxSlices][32][rank]
+  unsigned long long* epochs;  // the readers' shares (see above)
+  unsigned long long* zpart;   // [kEcMaxSlices][32][rank]: value | epoch << 32
   int rank, gate_width;
   int cpr;             // 256-column chunks per slice (kc = 256 · cpr)
   int slices;          // cols · gridDim.y
   int col0, cols;      // EC CTA columns [col0, col0 + cols) of blockIdx.x
 };
 
-__device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+__device__ __forceinline__ unsigned long long ld_relaxed_gpu(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
+
+// After griddepcontrol.wait: this launch's epoch (see above).
+__device__ __forceinline__ uint32_t ec_epoch(const W4DecEc& e) { return uint32_t(ld_relaxed_gpu(e.epochs) >> 20); }
 
 __device__ __forceinline__ float dot8_bf16(const uint4& a, const uint4& b) {
   const __nv_bfloat162* pa = reinterpret_cast<const __nv_bfloat162*>(&a);
@@ -90,20 +103,21 @@ __device__ __forceinline__ void ec_prefetch(const W4DecEc& e, int slice, int k, 
   }
 }
 
-// Shared memory of an EC CTA: x [m][256 · cpr] bf16, then z partials [rank][m] fp32.
-__host__ __device__ constexpr size_t ec_cta_smem_bytes(int m, int cpr, int rank) {
-  return size_t(m) * 256 * cpr * 2 + size_t(rank) * m * 4;
-}
+// Shared memory of an EC CTA: x [m][256 · cpr] bf16.
+__host__ __device__ constexpr size_t ec_cta_smem_bytes(int m, int cpr) { return size_t(m) * 256 * cpr * 2; }
 
 // After griddepcontrol.wait: the slice's columns of x for tokens [0, m) are staged (cp.async: the previous
-// kernel wrote x), then the slice's partial z goes into zpart and the arrival count is raised (release).
+// kernel wrote x), then the slice's partial z goes into zpart, tagged with the launch's epoch.
+// Tokens are taken kEcTok at a time so that their warp sums are independent chains (one token after another
+// made the EC CTA's latency grow with m, and it is on the path of every compensated output).
 // smem: ec_cta_smem_bytes. Every thread calls it.
+constexpr int kEcTok = 4;
 __device__ __forceinline__ void ec_slice(const W4DecEc& e, int slice, const uint4 (&a)[kEcRing],
                                          const __nv_bfloat16* x, int m, int k, unsigned char* smem) {
   const int tid = threadIdx.x, lane = tid & 31;
+  const unsigned long long tag = (unsigned long long)ec_epoch(e) << 32;
   const int kc = e.cpr * 256, k0 = slice * kc;
   __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem);
-  float* zs = reinterpret_cast<float*>(xs + m * kc);
   for (int i = tid; i < m * (kc / 8); i += kThreads) {
     const int t = i / (kc / 8), c = (i - t * (kc / 8)) * 8;
     const bool ok = k0 + c < k;
@@ -112,34 +126,32 @@ __device__ __forceinline__ void ec_slice(const W4DecEc& e, int slice, const uint
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-  for (int t = 0; t < m; ++t) {
-    float acc[kEcRing];
+  const int rows8 = e.rank >> 3;  // register chunks i with i / cpr < rows8 hold rows of A (warp-uniform)
+  for (int t0 = 0; t0 < m; t0 += kEcTok) {
+    float z[kEcTok];
 #pragma unroll
     for (int i = 0; i < kEcRing; ++i) {
+      const int ri = i / e.cpr, ci = i - ri * e.cpr;
+      if (ri >= rows8) break;
       int row, col;
       bool ok;
       ec_chunk(e, slice, k, i, row, col, ok);
-      acc[i] = ok ? dot8_bf16(a[i], *reinterpret_cast<const uint4*>(xs + t * kc + (col - k0))) : 0.f;
-    }
-    // Lane 0 of each warp owns its rows: chunks of a row are added in chunk order (deterministic).
+      float s[kEcTok];
 #pragma unroll
-    for (int i = 0; i < kEcRing; ++i) {
-      int row, col;
-      bool ok;
-      ec_chunk(e, slice, k, i, row, col, ok);
-      const float v = warp_sum(acc[i]);
-      if (lane == 0 && row < e.rank && (i % e.cpr) == 0) zs[row * m + t] = 0.f;
-      if (lane == 0 && row < e.rank) zs[row * m + t] += v;
+      for (int u = 0; u < kEcTok; ++u)
+        s[u] = ok && t0 + u < m ? dot8_bf16(a[i], *reinterpret_cast<const uint4*>(xs + (t0 + u) * kc + (col - k0)))
+                                : 0.f;
+#pragma unroll
+      for (int u = 0; u < kEcTok; ++u) {
+        s[u] = warp_sum(s[u]);
+        z[u] = ci == 0 ? s[u] : z[u] + s[u];  // a row's chunks in chunk order (deterministic)
+      }
+      if (ci == e.cpr - 1 && lane == 0)  // lane 0 of each warp owns its rows
+#pragma unroll
+        for (int u = 0; u < kEcTok; ++u)
+          if (t0 + u < m)
+            __stcg(e.zpart + (size_t(slice) * 32 + t0 + u) * e.rank + row, tag | __float_as_uint(z[u]));
     }
-  }
-  __syncthreads();
-  for (int i = tid; i < m * e.rank; i += kThreads) {
-    const int t = i / e.rank, j = i - t * e.rank;
-    __stcg(e.zpart + (size_t(slice) * 32 + t) * e.rank + j, zs[j * m + t]);
-  }
-  __syncthreads();
-  if (tid == 0) {  // release: the CTA's zpart stores (ordered before by the barrier) are visible to acquirers
-    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(e.counters + 1) : "memory");
   }
 }
 
@@ -157,50 +169,111 @@ __device__ __forceinline__ void ec_prefetch_gate(const W4DecEc& e, float* gs) {
   }
 }
 
-// A W4 CTA of a compensated matrix, after its reduction: waits until every k-slice has arrived, sums the
-// slices in slice order (z: the same bits in every CTA), then g ⊙ z for tokens [0, m) into zg [m][rank] (shared
-// memory; zt [m][rank] and hb [m][gate_width] are shared scratch, gs the prefetched gate). Every thread calls
-// it; ends with __syncthreads.
-__device__ __forceinline__ void ec_gate(const W4DecEc& e, int m, float* zg, float* zt, float* hb, const float* gs) {
-  if (threadIdx.x == 0)
-    while (ld_acquire_gpu(e.counters + 1) < unsigned(e.slices)) __nanosleep(20);
-  __syncthreads();
-  const int r = e.rank, gw = e.gate_width;
+// Dot product of n floats (n % 4 == 0, both 16-byte aligned, shared memory) in four chains.
+__device__ __forceinline__ float dot_smem4(const float* a, const float* b, int n) {
+  float s[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int j = 0; j < n; j += 4) {
+    const float4 x = *reinterpret_cast<const float4*>(a + j), y = *reinterpret_cast<const float4*>(b + j);
+    s[0] = fmaf(x.x, y.x, s[0]);
+    s[1] = fmaf(x.y, y.y, s[1]);
+    s[2] = fmaf(x.z, y.z, s[2]);
+    s[3] = fmaf(x.w, y.w, s[3]);
+  }
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+// A W4 CTA of a compensated matrix, after its reduction: waits for its entries of every k-slice to carry this
+// launch's epoch (read after griddepcontrol.wait) and sums them (z: the same bits in every CTA), then g ⊙ z
+// for tokens [0, m) into zg [m][rank] (shared memory; zt [m][rank] and hb [m][gate width, rounded up to 4]
+// are shared scratch, gs the prefetched gate). The slices of one output are read by P lanes of a warp,
+// kEcPoll entries per poll (strided, then a shuffle tree): a sum by one thread was a chain of up to 72 L2
+// round trips. The gate's dot products run in four chains from 16-byte shared-memory loads: this code is the
+// tail of every compensated launch, where each serial chain shows. Every thread calls it; ends with
+// __syncthreads.
+constexpr int kEcPoll = 4;
+__device__ __forceinline__ void ec_gate(const W4DecEc& e, uint32_t epoch, int m, float* zg, float* zt, float* hb,
+                                        const float* gs) {
+  const int r = e.rank, gw = e.gate_width, outs = m * r;
   float* zdst = gw > 0 ? zt : zg;
-  for (int i = threadIdx.x; i < m * r; i += kThreads) {
-    const int t = i / r, j = i - t * r;
+  int P = 1;  // lanes per output: a power of two up to 32, as many as the CTA's threads allow
+  while (P < 32 && outs * P * 2 <= kThreads) P *= 2;
+  const int lane = threadIdx.x & 31, sub = lane & (P - 1);
+  const unsigned mask = P == 32 ? 0xffffffffu : ((1u << P) - 1) << (lane & ~(P - 1));
+  for (int o = threadIdx.x / P; o < outs; o += kThreads / P) {  // the P lanes of an output iterate together
+    const int t = o / r, j = o - t * r;
+    const unsigned long long* src = e.zpart + size_t(t) * r + j;
     float z = 0.f;
-    for (int q = 0; q < e.slices; ++q) z += __ldcg(e.zpart + (size_t(q) * 32 + t) * r + j);
-    zdst[i] = z;
+    for (int q0 = sub; q0 < e.slices; q0 += P * kEcPoll) {
+      unsigned long long v[kEcPoll];
+      for (;;) {
+        bool ready = true;
+#pragma unroll
+        for (int u = 0; u < kEcPoll; ++u) {
+          const int q = q0 + u * P;
+          v[u] = q < e.slices ? ld_relaxed_gpu(src + size_t(q) * 32 * r) : (unsigned long long)epoch << 32;
+          ready = ready && uint32_t(v[u] >> 32) == epoch;
+        }
+        if (ready) break;
+        __nanosleep(32);
+      }
+#pragma unroll
+      for (int u = 0; u < kEcPoll; ++u) z += __uint_as_float(uint32_t(v[u]));
+    }
+    for (int d = P >> 1; d > 0; d >>= 1) z += __shfl_xor_sync(mask, z, d);
+    if (sub == 0) zdst[o] = z;
   }
   __syncthreads();
   if (gw == 0) return;
+  const int gw4 = (gw + 3) & ~3;  // hb rows padded with zeros, so W2's rows are read four at a time
   const float *W1 = gs, *W2 = gs + gw * r, *b1 = W2 + gw * r, *b2 = b1 + gw;
-  for (int i = threadIdx.x; i < m * gw; i += kThreads) {
-    const int t = i / gw, q = i - t * gw;
-    float s = b1[q];
-    for (int j = 0; j < r; ++j) s = fmaf(W1[q * r + j], zt[t * r + j], s);
-    hb[i] = s / (1.f + expf(-s));
+  for (int i = threadIdx.x; i < m * gw4; i += kThreads) {
+    const int t = i / gw4, q = i - t * gw4;
+    float h = 0.f;
+    if (q < gw) {
+      const float s = b1[q] + dot_smem4(W1 + q * r, zt + t * r, r);
+      h = s / (1.f + expf(-s));
+    }
+    hb[i] = h;
   }
   __syncthreads();
   for (int i = threadIdx.x; i < m * r; i += kThreads) {
     const int t = i / r, j = i - t * r;
     float u = b2[j];
-    for (int q = 0; q < gw; ++q) u = fmaf(W2[j * gw + q], hb[t * gw + q], u);
+    for (int q = 0; q < gw; ++q) u = fmaf(W2[j * gw + q], hb[t * gw4 + q], u);
     zg[i] = (1.f + tanhf(u)) * zt[i];
   }
   __syncthreads();
 }
 
-// Σ_j B[row][j] · (g ⊙ z)[tok][j] from shared memory (bs: this row's B, zs: this token's g ⊙ z).
-__device__ __forceinline__ float ec_term(const __nv_bfloat16* bs, const float* zs, int r) {
-  float s = 0.f;
-  for (int j = 0; j < r; j += 2) {
-    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(bs + j));
-    s = fmaf(b.x, zs[j], s);
-    s = fmaf(b.y, zs[j + 1], s);
+// At the end of a W4 CTA of a compensated matrix: its share of the launch's kEcEpochUnit (the CTA with index 0
+// of the matrix's `readers` adds the remainder). Fire and forget; thread 0 calls it.
+__device__ __forceinline__ void ec_leave(const W4DecEc& e, int index, int readers) {
+  const unsigned long long share = kEcEpochUnit / unsigned(readers);
+  const unsigned long long add = index == 0 ? kEcEpochUnit - share * unsigned(readers - 1) : share;
+  asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(e.epochs), "l"(add) : "memory");
+}
+
+// B·(g ⊙ z) of rows lo / hi for tokens tok / tok + 1 (bl, bh: the rows of B; z0, z1: the tokens' g ⊙ z, all in
+// shared memory, 8-byte / 16-byte aligned; r % 4 == 0): vector loads, four independent sums.
+__device__ __forceinline__ void ec_terms(const __nv_bfloat16* bl, const __nv_bfloat16* bh, const float* z0,
+                                         const float* z1, int r, bool two, float& e0, float& e1, float& e2,
+                                         float& e3) {
+  e0 = e1 = e2 = e3 = 0.f;
+  for (int j = 0; j < r; j += 4) {
+    const uint2 ul = *reinterpret_cast<const uint2*>(bl + j), uh = *reinterpret_cast<const uint2*>(bh + j);
+    const float2 l0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ul.x));
+    const float2 l1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ul.y));
+    const float2 h0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&uh.x));
+    const float2 h1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&uh.y));
+    const float4 a = *reinterpret_cast<const float4*>(z0 + j);
+    e0 = fmaf(l1.y, a.w, fmaf(l1.x, a.z, fmaf(l0.y, a.y, fmaf(l0.x, a.x, e0))));
+    e2 = fmaf(h1.y, a.w, fmaf(h1.x, a.z, fmaf(h0.y, a.y, fmaf(h0.x, a.x, e2))));
+    if (two) {
+      const float4 c = *reinterpret_cast<const float4*>(z1 + j);
+      e1 = fmaf(l1.y, c.w, fmaf(l1.x, c.z, fmaf(l0.y, c.y, fmaf(l0.x, c.x, e1))));
+      e3 = fmaf(h1.y, c.w, fmaf(h1.x, c.z, fmaf(h0.y, c.y, fmaf(h0.x, c.x, e3))));
+    }
   }
-  return s;
 }
 
 }  // namespace spear::cuda::w4_detail

@@ -663,6 +663,13 @@ void w4a16_gemm_grouped(const __nv_bfloat16* x, int m, const W4Device* w, int co
 
 size_t w4a16_ec_scratch_bytes(int rank) { return ec_scratch_bytes(std::max(rank, 0)); }
 
+void w4a16_ec_scratch_init(void* scratch, int rank) {
+  SPEAR_CHECK(scratch && rank >= 1, "w4a16_ec_scratch_init: null scratch or rank {}", rank);
+  SPEAR_CUDA_CHECK(cudaMemset(scratch, 0, kEcCounterBytes));
+  SPEAR_CUDA_CHECK(cudaMemset(static_cast<char*>(scratch) + kEcCounterBytes, 0xFF,
+                              ec_scratch_bytes(rank) - kEcCounterBytes));  // every entry tagged kEcNoEpoch
+}
+
 bool w4a16_ec_fusable(int m, const W4Device* w, int count, const W4EcDevice* const* ec) {
   return m >= 1 && count >= 1 && count <= kW4MaxGrouped && w && ec_fusable(m, w, count, ec);
 }

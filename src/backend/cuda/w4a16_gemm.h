@@ -104,12 +104,11 @@ bool w4a16_gemm_mirrored(const __nv_bfloat16* x, int m, const W4Device& w, const
 
 // ---- Error compensators fused into the decode kernel (m <= 32; DESIGN.md §5, spear/compensator.h):
 //   y += B·(g ⊙ z),  z = A·x,  g = 1 + tanh(W2·silu(W1·z + b1) + b2)
-// in the same launch as y = x·Wᵀ. The first CTAs to start (an atomic ticket: only CTAs that are running take
-// EC work, so the wait below cannot deadlock) each compute one k-slice of A·x from x; the CTA that finishes an
-// EC's last slice sums the slices in order, applies the gate and publishes g ⊙ z behind a release flag.
-// Every CTA of that matrix prefetches its rows of B into shared memory together with its weights and, in the
-// epilogue, acquires the flag and adds B·(g ⊙ z) before the single rounding to bf16. z and g ⊙ z stay in L2
-// (a few hundred bytes). Deterministic; the kernel leaves its scratch counters at zero (graph replays).
+// in the same launch as y = x·Wᵀ. Extra CTAs of the launch each compute one k-slice of A·x and store it into
+// the compensator's scratch; every CTA of that matrix prefetches its rows of B and the gate into shared memory
+// together with its weights and, after its own reduction, waits for the slices (each entry is its own ready
+// flag), sums them in order, applies the gate and adds B·(g ⊙ z) before the single rounding to bf16.
+// Deterministic; the kernel leaves its scratch as w4a16_ec_scratch_init made it (graph replays).
 constexpr int kW4EcMaxRank = 64;  // rank % 8 == 0 and <= 64 (B rows are 16-byte chunks in shared memory)
 constexpr int kW4EcMaxGate = 64;  // gate width <= 64 (0: static compensator, g == 1)
 struct W4EcDevice {
@@ -120,9 +119,11 @@ struct W4EcDevice {
   const float* b1 = nullptr;         // [gate_width]
   const float* W2 = nullptr;         // [rank][gate_width]
   const float* b2 = nullptr;         // [rank]
-  void* scratch = nullptr;           // w4a16_ec_scratch_bytes(rank) bytes, zeroed once (cudaMemset) by the owner
+  void* scratch = nullptr;           // w4a16_ec_scratch_bytes(rank) bytes, w4a16_ec_scratch_init once by the owner
 };
 size_t w4a16_ec_scratch_bytes(int rank);
+// Prepares a compensator's scratch for the fused kernel (synchronous; once, after allocating it).
+void w4a16_ec_scratch_init(void* scratch, int rank);
 // True when w4a16_gemm_ec runs these compensators fused (ec[i] null: matrix i has none): m <= 32, one kind of
 // matrix (as the grouped decode launch), k % 8 == 0, every rank % 8 == 0 and <= kW4EcMaxRank, gate width <=
 // kW4EcMaxGate. x must also be 16-byte aligned (checked by w4a16_gemm_ec).
