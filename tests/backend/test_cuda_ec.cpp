@@ -105,6 +105,46 @@ TEST(CudaEc, FusedAndOverlappedMatchNaiveAndReference) {
   }
 }
 
+// The fused path on the bulk-copy decode kernel (forced: decode_rows = -1; sm_90, m <= 8, one wave): the same
+// shapes as above, against naive and the double-precision reference; two launches bit-identical (the epochs);
+// every launch here must have run on the bulk kernel.
+TEST(CudaEc, BulkKernelFusedMatchesNaive) {
+  SPEAR_REQUIRE_GPU();
+  if (cuda::device_info(0).major < 9) GTEST_SKIP() << "the bulk-copy kernel needs sm_90";
+  cuda::W4GemmOptions o = cuda::w4a16_get_options();
+  o.decode_rows = -1;
+  w4test::ScopedW4Options scoped(o);
+  struct Case {
+    int n, k, group, rank, gate;
+  };
+  const Case cases[] = {{200, 136, -1, 8, 8}, {1000, 2048, -1, 16, 8}, {512, 8192, 128, 32, 0},
+                        {2048, 2048, 64, 64, 64}, {77, 512, 32, 16, 0}, {64, 14336, 128, 16, 8}};
+  uint32_t seed = 500;
+  for (const Case& cs : cases) {
+    cuda::CudaBackend gpu;
+    const PackedQuantWeights p = w4test::random_quantized(cs.n, cs.k, 4, cs.group, seed++);
+    const Compensator c = w4test::random_compensator(cs.k, cs.n, cs.rank, cs.gate, seed++);
+    auto lin = gpu.make_quant_linear("test", p, {});
+    gpu.set_compensator(*lin, &c);
+    for (int m : {1, 3, 8}) {
+      if (m == 8 && cs.k > 8192) continue;  // all of x for 8 tokens does not fit beside the ring
+      const std::vector<float> hx = random_x(m, cs.k, seed++);
+      Tensor x = gpu.upload(hx.data(), m, cs.k);
+      const std::string what = "n " + std::to_string(cs.n) + " k " + std::to_string(cs.k) + " g " +
+                               std::to_string(cs.group) + " rank " + std::to_string(cs.rank) + " m " + std::to_string(m);
+      const std::vector<float> ref = reference(p, &c, hx, m);
+      const std::vector<float> naive = run(gpu, *lin, x, EcPath::Naive);
+      const uint64_t before = cuda::w4a16_bulk_ec_launches();
+      const std::vector<float> fused = run(gpu, *lin, x, EcPath::Fused);
+      const std::vector<float> fused2 = run(gpu, *lin, x, EcPath::Fused);
+      EXPECT_EQ(cuda::w4a16_bulk_ec_launches(), before + 2) << what << ": not run on the bulk kernel";
+      EXPECT_LT(rel_err(fused, ref), 1e-2) << what;
+      EXPECT_LT(rel_err(fused, naive), 1e-2) << what;
+      EXPECT_TRUE(fused == fused2) << what << ": two fused launches differ";
+    }
+  }
+}
+
 // A grouped launch (q/k/v-like, shared x) with ECs on two of three members of different ranks: one fused
 // launch, equal to the members one by one on the naive path.
 TEST(CudaEc, GroupedFusedLaunchMatchesNaive) {

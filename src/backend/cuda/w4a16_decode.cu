@@ -313,7 +313,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
   }
   __syncthreads();
-  if (mt.has_ec) ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs);
+  if (mt.has_ec) ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, [] { __syncthreads(); });
   const int ecr = mt.has_ec ? mt.ec.rank : 0;
   const __nv_bfloat16* ecb_lo = ecb + (rsub * 16 + g) * ecr;
   const __nv_bfloat16* ecb_hi = ecb_lo + 8 * ecr;
@@ -447,19 +447,9 @@ void set_ec_params(W4DecodeParams& p, const W4EcDevice* const* ec, const EcPlanI
   int col = 0;
   for (int i = 0; i < p.count; ++i) {
     if (!ec[i]) continue;
-    const W4EcDevice& e = *ec[i];
-    W4DecEc& d = p.mat[i].ec;
     p.mat[i].has_ec = 1;
-    d.A = e.A, d.B = e.B, d.W1 = e.W1, d.b1 = e.b1, d.W2 = e.W2, d.b2 = e.b2;
-    d.rank = e.rank;
-    d.gate_width = e.W1 ? e.gate_width : 0;
-    d.epochs = static_cast<unsigned long long*>(e.scratch);
-    d.zpart = reinterpret_cast<unsigned long long*>(static_cast<char*>(e.scratch) + kEcCounterBytes);
-    d.cpr = ec_cpr(e.rank, p.k);
-    d.cols = (info.base_slices[i] + S - 1) / S;
-    d.slices = d.cols * S;
-    d.col0 = col;
-    col += d.cols;
+    p.mat[i].ec = dec_ec_of(*ec[i], p.k, info.base_slices[i], S, col);
+    col += p.mat[i].ec.cols;
   }
   p.ec_cols = col;
   p.ec_rmax = info.rmax;

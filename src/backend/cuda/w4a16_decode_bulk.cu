@@ -1,4 +1,4 @@
-// W4A16 decode, bulk-copy variant (sm_90+, m <= 8, no compensators): one CTA per 16-row tile over all of k. The
+// W4A16 decode, bulk-copy variant (sm_90+, m <= 8): one CTA per 16-row tile over all of k. The
 // tile's codes are one contiguous region of the tile-major layout, so a producer thread requests them as
 // cp.async.bulk (TMA) copies of kBulkChunk k-blocks into a ring of up to kBulkStages shared-memory stages, the first
 // stages before griddepcontrol.wait; each of 8 consumer warps takes a run of consecutive k-blocks of every stage
@@ -10,12 +10,18 @@
 // the cross-CTA sum costs 2–4 µs; the bulk stream keeps 64 KB per CTA in flight with no split (8B down at m = 1:
 // 13.1 µs vs 17.6 for the register ring with the same work per CTA). Plans are chosen by timing
 // (w4a16_decode_plan.cu: tune_decode), so it only runs where it wins, and only at the m it was timed at.
+//
+// Fused compensators (w4a16_ec.cuh) as in the register-ring kernel: leading EC CTAs (one k-slice of A·x each),
+// the W4 CTAs' rows of B and the gate prefetched with the codes, the gate and B·(g ⊙ z) in the epilogue; only
+// where the launch fits in one wave (bulk_ec_takes), so the wait cannot deadlock.
 #include <algorithm>
+#include <atomic>
 
 #include "backend/cuda/w4a16_decode_plan.h"  // fuse_of
 #include "backend/cuda/w4a16_internal.h"
 
-namespace spear::cuda::w4_detail {
+namespace spear::cuda {
+namespace w4_detail {
 
 namespace {
 
@@ -33,26 +39,49 @@ struct W4BulkMat {
   __nv_bfloat16* y;
   int n, n_pad, groups, group_steps;  // group_steps: k-steps of 16 per group (0: per channel)
   int tile_begin;                     // first blockIdx.x of this matrix
+  int has_ec;                         // ec is set
+  W4DecEc ec;
 };
 
 struct W4BulkParams {
   W4BulkMat mat[4];
   const __nv_bfloat16* x;
   int count, m, k, kblocks, stages, xs_stride, x_vec;
-  W4FuseDev fx;  // decode-step fusions (w4a16_fusion.cuh)
+  int ec_cols, ec_rmax, ec_gmax;  // fused ECs: blockIdx.x < ec_cols are EC CTAs; largest rank / gate width
+  W4FuseDev fx;                   // decode-step fusions (w4a16_fusion.cuh; not with ECs)
 };
 
 // Dynamic shared memory: the ring, x [m][xs_stride] bf16, scales [groups][16] fp32, zeros [groups][16] u16,
-// the warps' partial tiles [8][32] float4.
-size_t bulk_smem_bytes(int m, int kblocks, int stages, int gmax) {
+// the warps' partial tiles [8][32] float4; with fused ECs the tile's rows of B [16][rank] bf16, g ⊙ z and z
+// [m][rank] fp32, the gate's hidden [m][gate width] and its parameters (every part a multiple of 16 bytes).
+// EC CTAs stage their slice of x at the start (ec_cta_smem_bytes, less than the ring).
+size_t bulk_smem_bytes(int m, int kblocks, int stages, int gmax, int ec_rmax = 0, int ec_gmax = 0) {
   const size_t xs_stride = size_t(kblocks) * kKBlock + 8;
   return size_t(stages) * kBulkChunk * 512 + align_up(size_t(m) * xs_stride * 2, 16) + size_t(gmax) * 16 * 6 +
-         size_t(kWarps) * 32 * 16;
+         size_t(kWarps) * 32 * 16 + size_t(16) * ec_rmax * 2 + size_t(m) * ec_rmax * 8 + size_t(m) * ec_gmax * 4 +
+         size_t(ec_gate_floats(ec_rmax, ec_gmax)) * 4;
 }
+
+// Consumer warps' barrier (the producer warp has left).
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); }
 
 __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __grid_constant__ W4BulkParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ uint64_t full[kBulkStages], empty[kBulkStages];
+  __shared__ uint32_t ec_ep;
+  if (int(blockIdx.x) < p.ec_cols) {  // EC CTAs: one k-slice of A·x each, then they leave (w4a16_ec.cuh)
+    int e = 0;
+#pragma unroll
+    for (int i = 1; i < 4; ++i)
+      if (i < p.count && p.mat[i].has_ec && int(blockIdx.x) >= p.mat[i].ec.col0) e = i;
+    const W4DecEc& ec = p.mat[e].ec;
+    uint4 a[kEcRing];
+    ec_prefetch(ec, int(blockIdx.x) - ec.col0, p.k, a);
+    pdl_launch_dependents();
+    pdl_wait();
+    ec_slice(ec, int(blockIdx.x) - ec.col0, a, p.x, p.m, p.k, smem);
+    return;
+  }
   const int NS = p.stages;
   uint4* ring = reinterpret_cast<uint4*>(smem);  // [NS][kBulkChunk][32]
   __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(ring + NS * kBulkChunk * 32);
@@ -66,6 +95,11 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   const int gmax = mt.group_steps ? mt.groups : 0;
   uint16_t* zs = reinterpret_cast<uint16_t*>(ss + gmax * 16);
   float4* red = reinterpret_cast<float4*>(zs + gmax * 16);  // 16-byte aligned: gmax · 96 bytes before it
+  __nv_bfloat16* ecb = reinterpret_cast<__nv_bfloat16*>(red + kWarps * 32);  // the tile's rows of B
+  float* eczs = reinterpret_cast<float*>(ecb + 16 * p.ec_rmax);               // g ⊙ z [m][rank]
+  float* eczt = eczs + p.m * p.ec_rmax;                                      // z [m][rank]
+  float* echb = eczt + p.m * p.ec_rmax;                                      // gate hidden [m][gate width]
+  float* ecgs = echb + p.m * p.ec_gmax;                                      // gate parameters
   const int tile = int(blockIdx.x) - mt.tile_begin;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int nchunks = (p.kblocks + kBulkChunk - 1) / kBulkChunk;
@@ -106,8 +140,19 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   } else {
     load_channel_params(mt.scales, mt.zeros, r_lo, r_hi, nz_lo, nz_hi, sc_lo, sc_hi);
   }
+  if (mt.has_ec) {  // the tile's rows of B and the gate (constants, like the codes): rows >= n zero-filled
+    const int r = mt.ec.rank, segs = r / 8;
+    for (int i = threadIdx.x; i < 16 * segs; i += kThreads) {
+      const int row = i / segs, sg = i - row * segs;
+      const bool ok = tile * 16 + row < mt.n;
+      cp_async16(smem_u32(ecb + row * r + sg * 8), ok ? mt.ec.B + size_t(tile * 16 + row) * r + sg * 8 : mt.ec.B, ok);
+    }
+    ec_prefetch_gate(mt.ec, ecgs);
+  }
   pdl_launch_dependents();
   pdl_wait();
+  uint32_t ep = 0;  // the launch's EC epoch: loaded now, parked in shared memory after the x staging
+  if (mt.has_ec && threadIdx.x == 0) ep = ec_epoch(mt.ec);
   {  // x rows [0, m), all of k_pad (zero beyond k)
     const int segs = p.kblocks * (kKBlock / 8);
     for (int i = threadIdx.x; i < p.m * segs; i += kThreads) {
@@ -117,7 +162,8 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   }
   cp_async_commit();
   cp_async_wait<0>();
-  asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory");
+  if (mt.has_ec && threadIdx.x == 0) ec_ep = ep;
+  consumers_sync();
 
   // ldmatrix rows: token rows >= m alias row 0 (computed, never stored).
   const int lrow = ldmatrix_row<1>(lane);
@@ -162,7 +208,8 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
     fold_group<1>(acc, part, sc_lo, sc_hi);
   }
   red[warp * 32 + lane] = make_float4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]);
-  asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory");
+  consumers_sync();
+  if (mt.has_ec) ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, consumers_sync);
   if (warp == 0) {  // the CTA's sum in warp order, the epilogue
     float4 sum = red[lane];
     for (int q = 1; q < kWarps; ++q) {
@@ -175,18 +222,24 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
       if (r_hi < mt.n) b_hi = __bfloat162float(mt.bias[r_hi]);
     }
     const int tok = 2 * t;
+    float e0 = 0.f, e1 = 0.f, e2 = 0.f, e3 = 0.f;  // B·(g ⊙ z) of (r_lo, tok), (r_lo, tok + 1), (r_hi, ...)
+    if (mt.has_ec && tok < p.m) {
+      const int r = mt.ec.rank;
+      ec_terms(ecb + g * r, ecb + (g + 8) * r, eczs + tok * r, eczs + (tok + 1) * r, r, tok + 1 < p.m, e0, e1, e2, e3);
+    }
     if (tok < p.m) {
       __nv_bfloat16* yr = mt.y + size_t(tok) * mt.n;
-      if (r_lo < mt.n) store_output(yr + r_lo, __float2bfloat16_rn(sum.x + b_lo), p.fx.residual);
-      if (r_hi < mt.n) store_output(yr + r_hi, __float2bfloat16_rn(sum.z + b_hi), p.fx.residual);
+      if (r_lo < mt.n) store_output(yr + r_lo, __float2bfloat16_rn(sum.x + b_lo + e0), p.fx.residual);
+      if (r_hi < mt.n) store_output(yr + r_hi, __float2bfloat16_rn(sum.z + b_hi + e2), p.fx.residual);
     }
     if (tok + 1 < p.m) {
       __nv_bfloat16* yr = mt.y + size_t(tok + 1) * mt.n;
-      if (r_lo < mt.n) store_output(yr + r_lo, __float2bfloat16_rn(sum.y + b_lo), p.fx.residual);
-      if (r_hi < mt.n) store_output(yr + r_hi, __float2bfloat16_rn(sum.w + b_hi), p.fx.residual);
+      if (r_lo < mt.n) store_output(yr + r_lo, __float2bfloat16_rn(sum.y + b_lo + e1), p.fx.residual);
+      if (r_hi < mt.n) store_output(yr + r_hi, __float2bfloat16_rn(sum.w + b_hi + e3), p.fx.residual);
     }
     if (p.fx.swiglu_out) swiglu_pair_tail(p.fx, p.mat[0].y, p.mat[1].y, mt.n, p.m, tile, lane);
   }
+  if (mt.has_ec && threadIdx.x == 0) ec_leave(mt.ec, tile, mt.n_pad / 16);  // the EC's readers: the tiles
   if (p.fx.norm_out) {
     __shared__ int last;
     norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, gridDim.x, reinterpret_cast<float*>(red), &last, threadIdx.x,
@@ -217,12 +270,40 @@ bool bulk_takes(int m, const W4Device* w, int count) {
   return smem + 1024 <= dev.smem_optin;  // 1 KB: the static mbarriers
 }
 
+namespace {
+
+size_t bulk_launch_smem(int m, const W4Device* w, int count, const EcPlanInfo* ec) {
+  const int kblocks = w[0].k_pad / kKBlock;
+  const size_t smem = bulk_smem_bytes(m, kblocks, bulk_stages(kblocks), bulk_gmax(w, count), ec ? ec->rmax : 0,
+                                      ec ? ec->gmax : 0);
+  return ec ? std::max(smem, ec_cta_smem_bytes(m, ec->cpr_max)) : smem;
+}
+
+std::atomic<uint64_t> g_bulk_ec_launches{0};
+
+}  // namespace
+
+bool bulk_ec_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec, int sm_count) {
+  if (!bulk_takes(m, w, count)) return false;
+  const size_t smem = bulk_launch_smem(m, w, count, &ec);
+  if (smem + 1024 > device_facts().smem_optin) return false;
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, w4a16_bulk_kernel, kBulkThreads, smem) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  long ctas = ec.cols(1);
+  for (int i = 0; i < count; ++i) ctas += w[i].n_pad / 16;
+  return per_sm >= 1 && ctas <= long(per_sm) * sm_count;
+}
+
 void set_bulk_max_smem(int bytes) {
   SPEAR_CUDA_CHECK(cudaFuncSetAttribute(w4a16_bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes - 1024));
 }
 
 void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
-                 __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream, const W4Fusion* fusion) {
+                 __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream, const W4Fusion* fusion,
+                 const W4EcDevice* const* ec, const EcPlanInfo* ec_info) {
   W4BulkParams p{};
   p.count = count;
   p.x = x;
@@ -233,7 +314,17 @@ void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, co
   p.xs_stride = p.kblocks * kKBlock + 8;
   p.x_vec = (reinterpret_cast<uintptr_t>(x) & 15) == 0 && w[0].k % 8 == 0;
   p.fx = fuse_of(fusion);
-  int tiles = 0;
+  if (ec && ec_info) {  // EC CTAs first, one k-slice each
+    for (int i = 0; i < count; ++i) {
+      if (!ec[i]) continue;
+      p.mat[i].has_ec = 1;
+      p.mat[i].ec = dec_ec_of(*ec[i], p.k, ec_info->base_slices[i], 1, p.ec_cols);
+      p.ec_cols += p.mat[i].ec.cols;
+    }
+    p.ec_rmax = ec_info->rmax;
+    p.ec_gmax = ec_info->gmax;
+  }
+  int tiles = p.ec_cols;
   for (int i = 0; i < count; ++i) {
     W4BulkMat& d = p.mat[i];
     d.q = reinterpret_cast<const uint4*>(w[i].q);
@@ -248,9 +339,14 @@ void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, co
     d.tile_begin = tiles;
     tiles += w[i].n_pad / 16;
   }
-  const size_t smem = bulk_smem_bytes(m, p.kblocks, p.stages, bulk_gmax(w, count));
+  const size_t smem = bulk_launch_smem(m, w, count, ec && ec_info ? ec_info : nullptr);
   const bool pdl = o.pdl && device_facts().major >= 9;
   launch(w4a16_bulk_kernel, dim3(tiles, 1), smem, 1, pdl, stream, p, kBulkThreads);
+  if (p.ec_cols) g_bulk_ec_launches.fetch_add(1, std::memory_order_relaxed);
 }
 
-}  // namespace spear::cuda::w4_detail
+}  // namespace w4_detail
+
+uint64_t w4a16_bulk_ec_launches() { return w4_detail::g_bulk_ec_launches.load(std::memory_order_relaxed); }
+
+}  // namespace spear::cuda

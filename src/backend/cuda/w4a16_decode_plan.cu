@@ -15,6 +15,20 @@
 
 namespace spear::cuda::w4_detail {
 
+W4DecEc dec_ec_of(const W4EcDevice& e, int k, int base_slices, int S, int col0) {
+  W4DecEc d{};
+  d.A = e.A, d.B = e.B, d.W1 = e.W1, d.b1 = e.b1, d.W2 = e.W2, d.b2 = e.b2;
+  d.rank = e.rank;
+  d.gate_width = e.W1 ? e.gate_width : 0;
+  d.epochs = static_cast<unsigned long long*>(e.scratch);
+  d.zpart = reinterpret_cast<unsigned long long*>(static_cast<char*>(e.scratch) + kEcCounterBytes);
+  d.cpr = ec_cpr(e.rank, k);
+  d.cols = (base_slices + S - 1) / S;
+  d.slices = d.cols * S;
+  d.col0 = col0;
+  return d;
+}
+
 int ec_cpr(int rank, int k) {
   const int chunks = (k + 255) / 256;
   const int cpr = (chunks + 63) / 64;
@@ -152,7 +166,7 @@ DecodePlan choose_plan(int m, const W4Device* w, int count, int sm_count, const 
     }
   }
   if (fr == kBulkPlan) {
-    if (!ec && bulk_takes(m, w, count)) {
+    if (ec ? bulk_ec_takes(m, w, count, *ec, sm_count) : bulk_takes(m, w, count)) {
       DecodePlan bulk;
       bulk.R = kBulkPlan;
       bulk.S = 1;
@@ -211,8 +225,8 @@ bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int coun
   const EcPlanInfo info = ec_plan_info(w[0].k, count, ec);
   const DecodePlan plan = choose_plan(m, w, count, sm_count, o, info.n ? &info : nullptr);
   if (plan.R == 0) return false;
-  if (plan.R == kBulkPlan)  // only chosen when no matrix has a compensator
-    launch_bulk(x, m, w, count, bias, y, o, stream);
+  if (plan.R == kBulkPlan)  // with compensators only where one wave holds every CTA (bulk_ec_takes)
+    launch_bulk(x, m, w, count, bias, y, o, stream, nullptr, ec, info.n ? &info : nullptr);
   else
     launch_plan(plan, x, m, w, count, bias, y, o, stream, ec, info.n ? &info : nullptr);
   return true;
@@ -305,8 +319,8 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
       if (us < best_us) best_us = us, best = {R, S};
     }
   bool bulk_wins = false;
-  if (!ei && o.bulk && bulk_takes(m, w, count))
-    bulk_wins = median_us([&] { launch_bulk(x, m, w, count, nullptr, y, o, stream); }) < best_us;
+  if (o.bulk && (ei ? bulk_ec_takes(m, w, count, *ei, sm_count) : bulk_takes(m, w, count)))
+    bulk_wins = median_us([&] { launch_bulk(x, m, w, count, nullptr, y, o, stream, nullptr, ec, ei); }) < best_us;
   cudaEventDestroy(ev[0]);
   cudaEventDestroy(ev[1]);
   if (best.first == 0) return false;

@@ -24,7 +24,7 @@ __host__ __device__ constexpr int dec_min_blocks(int T, bool grouped) { return T
 // Dynamic shared memory of the decode kernel: red [8 warps][T][32] float4, cred [R·T][32] float4,
 // scales [gmax][16R] fp32, zeros [gmax][16R] u16, x [m][xs_stride] bf16, with fused ECs B rows [16R][rank] bf16,
 // g ⊙ z and z [m][rank] fp32 and the gate's hidden [m][gate width (a multiple of 4)] fp32 (every part a
-// multiple of 16 bytes). EC CTAs use the start of the same space for their z partials [rank][m].
+// multiple of 16 bytes). EC CTAs stage their slice of x at the start of the same space (ec_cta_smem_bytes).
 __host__ __device__ constexpr size_t dec_smem_bytes(int T, int R, int gmax, int m, int xs_stride, int ec_rmax,
                                                     int ec_gmax) {
   return size_t(kWarps) * T * 512 + size_t(R) * T * 512 + size_t(gmax) * R * 16 * 6 + size_t(m) * xs_stride * 2 +
@@ -46,6 +46,9 @@ struct EcPlanInfo {
 // 256-column chunks per k-slice of a rank-r EC over k: as few as keep the slices at most 64 (registers:
 // rank / 8 rows × cpr chunks <= kEcRing per lane); 0 when no such split exists (not fusable).
 int ec_cpr(int rank, int k);
+// The kernels' form of one fused compensator: its EC CTAs are columns [col0, col0 + cols) of blockIdx.x, S
+// k-slices per column (gridDim.y; base_slices: EcPlanInfo's).
+W4DecEc dec_ec_of(const W4EcDevice& e, int k, int base_slices, int S, int col0);
 
 // A decode launch's shape: R row tiles per CTA, S CTAs per cluster along k (R == kBulkPlan: the bulk-copy kernel).
 struct DecodePlan {
@@ -70,6 +73,10 @@ void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4
                  const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream,
                  const W4EcDevice* const* ec = nullptr, const EcPlanInfo* ec_info = nullptr,
                  const W4PeerMirror* mirror = nullptr, const W4Fusion* fusion = nullptr);
+
+// Whether the bulk-copy kernel takes the launch with these fused compensators: every CTA (EC CTAs and one per
+// 16-row tile) resident at once on sm_count SMs.
+bool bulk_ec_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec, int sm_count);
 
 // The kernels' form of a W4Fusion (null: none).
 W4FuseDev fuse_of(const W4Fusion* f);

@@ -89,7 +89,7 @@ __device__ __forceinline__ void ec_chunk(const W4DecEc& e, int slice, int k, int
   const int k0 = slice * e.cpr * 256;
   row = warp + 8 * ri;
   col = k0 + ci * 256 + lane * 8;
-  ok = ri < (e.rank >> 3) && col < min(k, k0 + e.cpr * 256);
+  ok = warp < kWarps && ri < (e.rank >> 3) && col < min(k, k0 + e.cpr * 256);  // warp 8: the bulk producer
 }
 
 // Before griddepcontrol.wait: the slice's A into registers.
@@ -110,7 +110,8 @@ __host__ __device__ constexpr size_t ec_cta_smem_bytes(int m, int cpr) { return 
 // kernel wrote x), then the slice's partial z goes into zpart, tagged with the launch's epoch.
 // Tokens are taken kEcTok at a time so that their warp sums are independent chains (one token after another
 // made the EC CTA's latency grow with m, and it is on the path of every compensated output).
-// smem: ec_cta_smem_bytes. Every thread calls it.
+// smem: ec_cta_smem_bytes. Every thread calls it (x is staged with a stride of kThreads: a ninth warp repeats
+// copies of the first).
 constexpr int kEcTok = 4;
 __device__ __forceinline__ void ec_slice(const W4DecEc& e, int slice, const uint4 (&a)[kEcRing],
                                          const __nv_bfloat16* x, int m, int k, unsigned char* smem) {
@@ -126,6 +127,7 @@ __device__ __forceinline__ void ec_slice(const W4DecEc& e, int slice, const uint
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
+  if ((tid >> 5) >= kWarps) return;  // the bulk kernel's producer warp: staging only (rows are per warp 0-7)
   const int rows8 = e.rank >> 3;  // register chunks i with i / cpr < rows8 hold rows of A (warp-uniform)
   for (int t0 = 0; t0 < m; t0 += kEcTok) {
     float z[kEcTok];
@@ -188,11 +190,12 @@ __device__ __forceinline__ float dot_smem4(const float* a, const float* b, int n
 // are shared scratch, gs the prefetched gate). The slices of one output are read by P lanes of a warp,
 // kEcPoll entries per poll (strided, then a shuffle tree): a sum by one thread was a chain of up to 72 L2
 // round trips. The gate's dot products run in four chains from 16-byte shared-memory loads: this code is the
-// tail of every compensated launch, where each serial chain shows. Every thread calls it; ends with
-// __syncthreads.
+// tail of every compensated launch, where each serial chain shows. Every thread of warps 0-7 calls it; barrier()
+// syncs them (__syncthreads, or the bulk kernel's named barrier of its consumer warps); ends with one.
 constexpr int kEcPoll = 4;
+template <class Barrier>
 __device__ __forceinline__ void ec_gate(const W4DecEc& e, uint32_t epoch, int m, float* zg, float* zt, float* hb,
-                                        const float* gs) {
+                                        const float* gs, Barrier barrier) {
   const int r = e.rank, gw = e.gate_width, outs = m * r;
   float* zdst = gw > 0 ? zt : zg;
   int P = 1;  // lanes per output: a power of two up to 32, as many as the CTA's threads allow
@@ -222,7 +225,7 @@ __device__ __forceinline__ void ec_gate(const W4DecEc& e, uint32_t epoch, int m,
     for (int d = P >> 1; d > 0; d >>= 1) z += __shfl_xor_sync(mask, z, d);
     if (sub == 0) zdst[o] = z;
   }
-  __syncthreads();
+  barrier();
   if (gw == 0) return;
   const int gw4 = (gw + 3) & ~3;  // hb rows padded with zeros, so W2's rows are read four at a time
   const float *W1 = gs, *W2 = gs + gw * r, *b1 = W2 + gw * r, *b2 = b1 + gw;
@@ -235,14 +238,14 @@ __device__ __forceinline__ void ec_gate(const W4DecEc& e, uint32_t epoch, int m,
     }
     hb[i] = h;
   }
-  __syncthreads();
+  barrier();
   for (int i = threadIdx.x; i < m * r; i += kThreads) {
     const int t = i / r, j = i - t * r;
     float u = b2[j];
     for (int q = 0; q < gw; ++q) u = fmaf(W2[j * gw + q], hb[t * gw4 + q], u);
     zg[i] = (1.f + tanhf(u)) * zt[i];
   }
-  __syncthreads();
+  barrier();
 }
 
 // At the end of a W4 CTA of a compensated matrix: its share of the launch's kEcEpochUnit (the CTA with index 0

@@ -124,6 +124,8 @@ struct W4EcDevice {
 size_t w4a16_ec_scratch_bytes(int rank);
 // Prepares a compensator's scratch for the fused kernel (synchronous; once, after allocating it).
 void w4a16_ec_scratch_init(void* scratch, int rank);
+// Fused-EC launches that ran on the bulk-copy decode kernel so far, process-wide (tests).
+uint64_t w4a16_bulk_ec_launches();
 // True when w4a16_gemm_ec runs these compensators fused (ec[i] null: matrix i has none): m <= 32, one kind of
 // matrix (as the grouped decode launch), k % 8 == 0, every rank % 8 == 0 and <= kW4EcMaxRank, gate width <=
 // kW4EcMaxGate. x must also be 16-byte aligned (checked by w4a16_gemm_ec).

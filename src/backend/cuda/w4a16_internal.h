@@ -59,13 +59,16 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
 bool decode_tuned(int m, const W4Device* w, int count, const W4EcDevice* const* ec);
 std::pair<int, int> decode_plan(int m, const W4Device* w, int count, int sm_count);
 void clear_tuning();
-// The bulk-copy decode kernel (w4a16_decode_bulk.cu): m <= 8 on sm_90+, no compensators; a decode plan with
-// R == kBulkPlan (forced by W4GemmOptions::decode_rows = -1, or picked by tune_decode) runs it.
+// The bulk-copy decode kernel (w4a16_decode_bulk.cu): m <= 8 on sm_90+; a decode plan with R == kBulkPlan
+// (forced by W4GemmOptions::decode_rows = -1, or picked by tune_decode) runs it. Fused compensators (ec,
+// ec_info: w4a16_decode_plan.h) only where bulk_ec_takes (one wave); the fusions not with them.
 constexpr int kBulkPlan = -1;
+struct EcPlanInfo;
 bool bulk_takes(int m, const W4Device* w, int count);
 void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
                  __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream,
-                 const W4Fusion* fusion = nullptr);
+                 const W4Fusion* fusion = nullptr, const W4EcDevice* const* ec = nullptr,
+                 const EcPlanInfo* ec_info = nullptr);
 void set_bulk_max_smem(int bytes);  // raises its dynamic shared-memory limit (device_facts())
 void set_mlp_fused_max_smem(int bytes);  // the same for the fused MLP block (mlp_fused.cu)
 
