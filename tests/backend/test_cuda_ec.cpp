@@ -134,6 +134,7 @@ TEST(CudaEc, BulkKernelFusedMatchesNaive) {
                                std::to_string(cs.group) + " rank " + std::to_string(cs.rank) + " m " + std::to_string(m);
       const std::vector<float> ref = reference(p, &c, hx, m);
       const std::vector<float> naive = run(gpu, *lin, x, EcPath::Naive);
+      run(gpu, *lin, x, EcPath::Fused);  // the first fused launch of a shape is tuned first (more launches)
       const uint64_t before = cuda::w4a16_bulk_ec_launches();
       const std::vector<float> fused = run(gpu, *lin, x, EcPath::Fused);
       const std::vector<float> fused2 = run(gpu, *lin, x, EcPath::Fused);
