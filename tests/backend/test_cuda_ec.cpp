@@ -131,7 +131,8 @@ TEST(CudaEc, BulkKernelFusedMatchesNaive) {
       const std::vector<float> hx = random_x(m, cs.k, seed++);
       Tensor x = gpu.upload(hx.data(), m, cs.k);
       const std::string what = "n " + std::to_string(cs.n) + " k " + std::to_string(cs.k) + " g " +
-                               std::to_string(cs.group) + " rank " + std::to_string(cs.rank) + " m " + std::to_string(m);
+                               std::to_string(cs.group) + " rank " + std::to_string(cs.rank) +
+                               " m " + std::to_string(m);
       const std::vector<float> ref = reference(p, &c, hx, m);
       const std::vector<float> naive = run(gpu, *lin, x, EcPath::Naive);
       run(gpu, *lin, x, EcPath::Fused);  // the first fused launch of a shape is tuned first (more launches)
