@@ -65,25 +65,45 @@ std::vector<float> run(cuda::CudaBackend& gpu, const Linear& l, const Tensor& x,
   return h;
 }
 
+// A random W4 linear of the case's shape with a random compensator on it (seed: two values taken).
+struct EcCase {
+  int n, k, group, rank, gate;
+};
+struct CompensatedLinear {
+  PackedQuantWeights p;
+  Compensator c;
+  std::unique_ptr<Linear> lin;
+};
+CompensatedLinear compensated_linear(cuda::CudaBackend& gpu, const EcCase& cs, uint32_t& seed) {
+  CompensatedLinear l;
+  l.p = w4test::random_quantized(cs.n, cs.k, 4, cs.group, seed++);
+  l.c = w4test::random_compensator(cs.k, cs.n, cs.rank, cs.gate, seed++);
+  l.lin = gpu.make_quant_linear("test", l.p, {});
+  gpu.set_compensator(*l.lin, &l.c);
+  return l;
+}
+
+std::string describe(const EcCase& cs, int m) {
+  return "n " + std::to_string(cs.n) + " k " + std::to_string(cs.k) + " g " + std::to_string(cs.group) + " rank " +
+         std::to_string(cs.rank) + " gate " + std::to_string(cs.gate) + " m " + std::to_string(m);
+}
+
 }  // namespace
 
 TEST(CudaEc, FusedAndOverlappedMatchNaiveAndReference) {
   SPEAR_REQUIRE_GPU();
-  struct Case {
-    int n, k, group, rank, gate;
-  };
   // Odd n (partial row tiles), k a multiple of 8 but not of 64, large k (many A·x slices), grouped weights,
   // rank 64 with gate 64 (the fused kernel's limits), static ECs, and rank 12 (not fusable: the fused path
   // falls back to naive).
-  const Case cases[] = {{200, 136, -1, 8, 8},     {1000, 2048, -1, 16, 8}, {512, 8192, 128, 32, 0},
-                        {2048, 2048, 64, 64, 64}, {77, 512, 32, 16, 0},    {384, 1024, -1, 12, 8}};
+  const EcCase cases[] = {{200, 136, -1, 8, 8},     {1000, 2048, -1, 16, 8}, {512, 8192, 128, 32, 0},
+                          {2048, 2048, 64, 64, 64}, {77, 512, 32, 16, 0},    {384, 1024, -1, 12, 8}};
   uint32_t seed = 1;
-  for (const Case& cs : cases) {
+  for (const EcCase& cs : cases) {
     cuda::CudaBackend gpu;
-    const PackedQuantWeights p = w4test::random_quantized(cs.n, cs.k, 4, cs.group, seed++);
-    const Compensator c = w4test::random_compensator(cs.k, cs.n, cs.rank, cs.gate, seed++);
-    auto lin = gpu.make_quant_linear("test", p, {});
-    gpu.set_compensator(*lin, &c);
+    const CompensatedLinear l = compensated_linear(gpu, cs, seed);
+    const PackedQuantWeights& p = l.p;
+    const Compensator& c = l.c;
+    const Linear* lin = l.lin.get();
     for (int m : {1, 3, 8, 17, 32, 100}) {
       const std::vector<float> hx = random_x(m, cs.k, seed++);
       Tensor x = gpu.upload(hx.data(), m, cs.k);
@@ -92,9 +112,7 @@ TEST(CudaEc, FusedAndOverlappedMatchNaiveAndReference) {
       const std::vector<float> fused = run(gpu, *lin, x, EcPath::Fused);
       const std::vector<float> fused2 = run(gpu, *lin, x, EcPath::Fused);
       const std::vector<float> over = run(gpu, *lin, x, EcPath::Overlapped);
-      const std::string what = "n " + std::to_string(cs.n) + " k " + std::to_string(cs.k) + " g " +
-                               std::to_string(cs.group) + " rank " + std::to_string(cs.rank) + " gate " +
-                               std::to_string(cs.gate) + " m " + std::to_string(m);
+      const std::string what = describe(cs, m);
       EXPECT_GT(rel_err(ref_plain, ref), 0.1) << what << ": the EC term is too small to test";
       EXPECT_LT(rel_err(naive, ref), 1e-2) << what;
       EXPECT_LT(rel_err(fused, ref), 1e-2) << what;
@@ -114,25 +132,20 @@ TEST(CudaEc, BulkKernelFusedMatchesNaive) {
   cuda::W4GemmOptions o = cuda::w4a16_get_options();
   o.decode_rows = -1;
   w4test::ScopedW4Options scoped(o);
-  struct Case {
-    int n, k, group, rank, gate;
-  };
-  const Case cases[] = {{200, 136, -1, 8, 8}, {1000, 2048, -1, 16, 8}, {512, 8192, 128, 32, 0},
-                        {2048, 2048, 64, 64, 64}, {77, 512, 32, 16, 0}, {64, 14336, 128, 16, 8}};
+  const EcCase cases[] = {{200, 136, -1, 8, 8},     {1000, 2048, -1, 16, 8}, {512, 8192, 128, 32, 0},
+                          {2048, 2048, 64, 64, 64}, {77, 512, 32, 16, 0},    {64, 14336, 128, 16, 8}};
   uint32_t seed = 500;
-  for (const Case& cs : cases) {
+  for (const EcCase& cs : cases) {
     cuda::CudaBackend gpu;
-    const PackedQuantWeights p = w4test::random_quantized(cs.n, cs.k, 4, cs.group, seed++);
-    const Compensator c = w4test::random_compensator(cs.k, cs.n, cs.rank, cs.gate, seed++);
-    auto lin = gpu.make_quant_linear("test", p, {});
-    gpu.set_compensator(*lin, &c);
+    const CompensatedLinear l = compensated_linear(gpu, cs, seed);
+    const PackedQuantWeights& p = l.p;
+    const Compensator& c = l.c;
+    const Linear* lin = l.lin.get();
     for (int m : {1, 3, 8}) {
       if (m == 8 && cs.k > 8192) continue;  // all of x for 8 tokens does not fit beside the ring
       const std::vector<float> hx = random_x(m, cs.k, seed++);
       Tensor x = gpu.upload(hx.data(), m, cs.k);
-      const std::string what = "n " + std::to_string(cs.n) + " k " + std::to_string(cs.k) + " g " +
-                               std::to_string(cs.group) + " rank " + std::to_string(cs.rank) +
-                               " m " + std::to_string(m);
+      const std::string what = describe(cs, m);
       const std::vector<float> ref = reference(p, &c, hx, m);
       const std::vector<float> naive = run(gpu, *lin, x, EcPath::Naive);
       run(gpu, *lin, x, EcPath::Fused);  // the first fused launch of a shape is tuned first (more launches)

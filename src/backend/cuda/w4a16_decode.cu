@@ -141,14 +141,8 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
     cp_async_commit();
   }
-  if (mt.has_ec) {  // this CTA's rows of B (constants, like the weights): rows >= n zero-filled
-    const int r = mt.ec.rank, segs = r / 8, row0 = rgl * R * 16;
-    for (int i = tid; i < R * 16 * segs; i += kThreads) {
-      const int row = i / segs, sg = i - row * segs;
-      const bool ok = row0 + row < mt.n;
-      cp_async16(smem_u32(ecb + row * r + sg * 8), ok ? mt.ec.B + size_t(row0 + row) * r + sg * 8 : mt.ec.B, ok);
-    }
-    ec_prefetch_gate(mt.ec, ecgs);
+  if (mt.has_ec) {  // this CTA's rows of B and the gate
+    ec_prefetch_constants(mt.ec, rgl * R * 16, R * 16, mt.n, ecb, ecgs);
     cp_async_commit();
   }
 

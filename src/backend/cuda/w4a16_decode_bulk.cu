@@ -140,15 +140,7 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   } else {
     load_channel_params(mt.scales, mt.zeros, r_lo, r_hi, nz_lo, nz_hi, sc_lo, sc_hi);
   }
-  if (mt.has_ec) {  // the tile's rows of B and the gate (constants, like the codes): rows >= n zero-filled
-    const int r = mt.ec.rank, segs = r / 8;
-    for (int i = threadIdx.x; i < 16 * segs; i += kThreads) {
-      const int row = i / segs, sg = i - row * segs;
-      const bool ok = tile * 16 + row < mt.n;
-      cp_async16(smem_u32(ecb + row * r + sg * 8), ok ? mt.ec.B + size_t(tile * 16 + row) * r + sg * 8 : mt.ec.B, ok);
-    }
-    ec_prefetch_gate(mt.ec, ecgs);
-  }
+  if (mt.has_ec) ec_prefetch_constants(mt.ec, tile * 16, 16, mt.n, ecb, ecgs);  // the tile's rows of B, the gate
   pdl_launch_dependents();
   pdl_wait();
   uint32_t ep = 0;  // the launch's EC epoch: loaded now, parked in shared memory after the x staging

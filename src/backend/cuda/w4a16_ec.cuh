@@ -171,6 +171,19 @@ __device__ __forceinline__ void ec_prefetch_gate(const W4DecEc& e, float* gs) {
   }
 }
 
+// Before griddepcontrol.wait (constants, like the weights): rows [row0, row0 + rows) of B into bs [rows][rank]
+// (rows >= n zero-filled) and the gate's parameters into gs; cp.async, committed by the caller.
+__device__ __forceinline__ void ec_prefetch_constants(const W4DecEc& e, int row0, int rows, int n, __nv_bfloat16* bs,
+                                                      float* gs) {
+  const int r = e.rank, segs = r / 8;
+  for (int i = threadIdx.x; i < rows * segs; i += kThreads) {
+    const int row = i / segs, sg = i - row * segs;
+    const bool ok = row0 + row < n;
+    cp_async16(smem_u32(bs + row * r + sg * 8), ok ? e.B + size_t(row0 + row) * r + sg * 8 : e.B, ok);
+  }
+  ec_prefetch_gate(e, gs);
+}
+
 // Dot product of n floats (n % 4 == 0, both 16-byte aligned, shared memory) in four chains.
 __device__ __forceinline__ float dot_smem4(const float* a, const float* b, int n) {
   float s[4] = {0.f, 0.f, 0.f, 0.f};
