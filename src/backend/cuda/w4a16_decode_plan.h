@@ -11,8 +11,8 @@
 namespace spear::cuda::w4_detail {
 
 constexpr int kDecMaxMats = 4;
-// Static shared memory of the decode kernel (the fused EC's flags) comes off the opt-in limit: plans
-// keep this margin below it (plan_decode), the instances' dynamic limit is the rest.
+// Static shared memory of the decode kernel (the fused EC's epoch, the fusions' flags) comes off the opt-in
+// limit: plans keep this margin below it (plan_decode), the instances' dynamic limit is the rest.
 constexpr int kDecStaticSmemMargin = 2048;
 // k-blocks of weights in flight per warp (4 registers each), within the 128 registers of 2 CTAs per SM.
 // (8 measured faster than 16 on the H200 for T = 1 and 2 once the ring refills in place: dev/cuda/w4_stream_lab.cu.)
