@@ -242,22 +242,34 @@ __device__ __forceinline__ void ec_gate(const W4DecEc& e, uint32_t epoch, int m,
   if (gw == 0) return;
   const int gw4 = (gw + 3) & ~3;  // hb rows padded with zeros, so W2's rows are read four at a time
   const float *W1 = gs, *W2 = gs + gw * r, *b1 = W2 + gw * r, *b2 = b1 + gw;
-  for (int i = threadIdx.x; i < m * gw4; i += kThreads) {
+  auto hidden = [&](int i) {  // silu(W1·z + b1) of (token, gate unit) i of [m][gw4]
     const int t = i / gw4, q = i - t * gw4;
-    float h = 0.f;
-    if (q < gw) {
-      const float s = b1[q] + dot_smem4(W1 + q * r, zt + t * r, r);
-      h = s / (1.f + expf(-s));
-    }
-    hb[i] = h;
-  }
-  barrier();
-  for (int i = threadIdx.x; i < m * r; i += kThreads) {
+    if (q >= gw) return 0.f;
+    const float s = b1[q] + dot_smem4(W1 + q * r, zt + t * r, r);
+    return s / (1.f + expf(-s));
+  };
+  auto gated = [&](int i) {  // (1 + tanh(W2·h + b2)) ⊙ z of (token, rank) i of [m][r]
     const int t = i / r, j = i - t * r;
     float u = b2[j];
-    for (int q = 0; q < gw; ++q) u = fmaf(W2[j * gw + q], hb[t * gw4 + q], u);
-    zg[i] = (1.f + tanhf(u)) * zt[i];
+    if (gw % 4 == 0) {  // W2's rows are 16-byte aligned then
+      u += dot_smem4(W2 + j * gw, hb + t * gw4, gw);
+    } else {
+      for (int q = 0; q < gw; ++q) u = fmaf(W2[j * gw + q], hb[t * gw4 + q], u);
+    }
+    return (1.f + tanhf(u)) * zt[i];
+  };
+  if (m * gw4 <= 32 && m * r <= 32) {  // one warp, no CTA barrier between the two layers (one token, small ranks)
+    if (threadIdx.x < 32) {
+      if (int(threadIdx.x) < m * gw4) hb[threadIdx.x] = hidden(threadIdx.x);
+      __syncwarp();
+      if (int(threadIdx.x) < m * r) zg[threadIdx.x] = gated(threadIdx.x);
+    }
+    barrier();
+    return;
   }
+  for (int i = threadIdx.x; i < m * gw4; i += kThreads) hb[i] = hidden(i);
+  barrier();
+  for (int i = threadIdx.x; i < m * r; i += kThreads) zg[i] = gated(i);
   barrier();
 }
 
