@@ -18,6 +18,7 @@
 #include "quant/quantize_model.h"
 #include "runtime/sampler.h"
 #include "spear/compensator.h"
+#include "spear/random_ec.h"
 #include "test_util.h"
 #include "tokenizer/tokenizer.h"
 
@@ -376,9 +377,10 @@ TEST(CudaBackend, FusedMlpDecodeMatchesOpByOp) {
       worst = std::max(worst, std::sqrt(num / den));
       any += num;
       const size_t ia = size_t(std::max_element(a, a + V) - a), ib = size_t(std::max_element(b, b + V) - b);
-      if (ia != ib)  // only at a near-tie of the op-by-op logits
+      if (ia != ib) {  // only at a near-tie of the op-by-op logits
         EXPECT_LT(std::fabs(b[ib] - b[ia]), 0.125f)
             << seqs << " sequences, row " << r << ": argmax " << ia << " vs " << ib;
+      }
     }
     std::printf("fused MLP vs op by op, %d sequences: worst step logits rel l2 %.2e\n", seqs, worst);
     EXPECT_LT(worst, 2e-2) << seqs << " sequences";
@@ -388,14 +390,23 @@ TEST(CudaBackend, FusedMlpDecodeMatchesOpByOp) {
 
 // The decode-step fusions (the residual add in the W4 kernels' epilogue, the norm and SwiGLU tails inside their
 // launches), all on, give the op-by-op logits bit for bit: the same plans, the same roundings (teacher-forced eager
-// steps), and the same greedy tokens from replayed decode graphs.
+// steps), and the same greedy tokens from replayed decode graphs. Also with fused compensators on 60% of the
+// linears: their launches keep the fusions (the EC's term, then the residual add and the tails).
 TEST(CudaBackend, DecodeFusionMatchesOpByOp) {
   SPEAR_REQUIRE_GPU();
   constexpr int kSteps = 8;
-  auto run = [](bool fused, int seqs, std::vector<int32_t>& ids, size_t* launches, std::vector<int32_t>* greedy) {
+  struct Launches {
+    size_t fused = 0, fused_ec = 0;
+  };
+  auto run = [](bool fused, bool ecs, int seqs, std::vector<int32_t>& ids, Launches* launches,
+                std::vector<int32_t>* greedy) {
     cuda::CudaBackend gpu;
     gpu.set_decode_fusion(fused ? 7 : 0, 8);
     auto m = Model::load(w4_package(), gpu);
+    if (ecs) {
+      gpu.set_ec_path(EcPath::Fused);
+      attach_random_compensators(*m, 0.6, 8, 4, 4321);
+    }
     std::vector<float> all = teacher_forced_logits(*m, seqs, kSteps, ids);
     auto gcache = m->make_kv_cache(seqs, 64);  // greedy steps through forward_greedy: captured, then replayed
     std::vector<int32_t> next = m->forward_greedy(three_token_prompts(seqs), *gcache);
@@ -408,23 +419,31 @@ TEST(CudaBackend, DecodeFusionMatchesOpByOp) {
       }
       next = m->forward_greedy(b, *gcache);
     }
-    *launches = gpu.fused_linear_launches();
+    launches->fused = gpu.fused_linear_launches();
+    launches->fused_ec = gpu.fused_ec_linear_launches();
     return all;
   };
-  for (int seqs : {1, 3}) {
-    std::vector<int32_t> ids;
-    size_t off = 0, on = 0;
-    std::vector<int32_t> greedy_off, greedy_on;
-    const std::vector<float> ref = run(false, seqs, ids, &off, &greedy_off);
-    const std::vector<float> got = run(true, seqs, ids, &on, &greedy_on);
-    EXPECT_EQ(greedy_on, greedy_off) << seqs << " sequences: greedy tokens from decode graphs differ";
-    EXPECT_EQ(off, 0u);
-    EXPECT_GE(on, size_t(kSteps) * 3) << "the fused launches did not run";  // 3 per layer and eager step
-    ASSERT_EQ(got.size(), ref.size());
-    size_t differ = 0;
-    for (size_t i = 0; i < ref.size(); ++i) differ += got[i] != ref[i];
-    EXPECT_EQ(differ, 0u) << seqs << " sequences: logits differ from the op-by-op path";
-  }
+  for (bool ecs : {false, true})
+    for (int seqs : {1, 3}) {
+      const std::string what = std::to_string(seqs) + " sequences" + (ecs ? ", fused ECs" : "");
+      std::vector<int32_t> ids;
+      Launches off, on;
+      std::vector<int32_t> greedy_off, greedy_on;
+      const std::vector<float> ref = run(false, ecs, seqs, ids, &off, &greedy_off);
+      const std::vector<float> got = run(true, ecs, seqs, ids, &on, &greedy_on);
+      EXPECT_EQ(greedy_on, greedy_off) << what << ": greedy tokens from decode graphs differ";
+      EXPECT_EQ(off.fused, 0u);
+      EXPECT_GE(on.fused, size_t(kSteps) * 3) << what << ": the fused launches did not run";  // 3 per layer, step
+      if (ecs) {
+        EXPECT_GE(on.fused_ec, size_t(kSteps)) << what << ": no fused launch carried a compensator";
+      } else {
+        EXPECT_EQ(on.fused_ec, 0u) << what;
+      }
+      ASSERT_EQ(got.size(), ref.size());
+      size_t differ = 0;
+      for (size_t i = 0; i < ref.size(); ++i) differ += got[i] != ref[i];
+      EXPECT_EQ(differ, 0u) << what << ": logits differ from the op-by-op path";
+    }
 }
 
 }  // namespace spear

@@ -2,10 +2,12 @@
 // bit, under every kind of decode plan (register ring with 1..8 row tiles per CTA and clusters along k, the
 // bulk-copy kernel, the planner's): the GEMM, add_bf16, then rms_norm_bf16 (residual and norm tail); the grouped
 // gate / up GEMM then swiglu_bf16 (SwiGLU tail, in place and not). Odd n, k not a multiple of 64, per channel and
-// groups, 1..8 tokens; the launches must leave their counters at zero.
+// groups, 1..8 tokens; the launches must leave their counters at zero. With fused compensators on the matrices, the
+// fused launch must equal w4a16_gemm_ec followed by the same ops, under the same plans.
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -38,6 +40,30 @@ int sm_count() {
 const std::pair<int, int> kPlans[] = {{0, 0}, {1, 1}, {2, 3}, {4, 1}, {8, 2}, {1, 8}, {-1, 1}};
 
 std::string plan_name(std::pair<int, int> p) { return std::to_string(p.first) + "x" + std::to_string(p.second); }
+
+// A random gated compensator on the device, as the backend uploads one (w4a16_gemm.h: W4EcDevice).
+struct DevEc {
+  DevEc(int in, int out, int rank, int gate, uint32_t seed) {
+    const Compensator c = w4test::random_compensator(in, out, rank, gate, seed);
+    std::vector<uint16_t> a(c.A.size()), b(c.B.size());
+    for (size_t i = 0; i < a.size(); ++i) a[i] = f32_to_bf16(c.A[i]);
+    for (size_t i = 0; i < b.size(); ++i) b[i] = f32_to_bf16(c.B[i]);
+    A = std::make_unique<Dev<uint16_t>>(a);
+    B = std::make_unique<Dev<uint16_t>>(b);
+    W1 = std::make_unique<Dev<float>>(c.W1);
+    b1 = std::make_unique<Dev<float>>(c.b1);
+    W2 = std::make_unique<Dev<float>>(c.W2);
+    b2 = std::make_unique<Dev<float>>(c.b2);
+    scratch = std::make_unique<Dev<unsigned char>>(cuda::w4a16_ec_scratch_bytes(rank));
+    cuda::w4a16_ec_scratch_init(scratch->get(), rank);
+    dev = cuda::W4EcDevice{rank,     gate,     bf_mut(*A), bf_mut(*B), W1->get(),
+                           b1->get(), W2->get(), b2->get(), scratch->get()};
+  }
+  std::unique_ptr<Dev<uint16_t>> A, B;
+  std::unique_ptr<Dev<float>> W1, b1, W2, b2;
+  std::unique_ptr<Dev<unsigned char>> scratch;
+  cuda::W4EcDevice dev;
+};
 
 void expect_counters_zero(const Dev<unsigned>& c, const std::string& what) {
   size_t nonzero = 0;
@@ -127,6 +153,79 @@ TEST(CudaW4Fusion, SwigluTailEqualsOpByOp) {
         expect_counters_zero(counters, what);
       }
     }
+  }
+}
+
+// Compensated launches keep their fusions: the EC's term goes into the output before the residual add and the tails,
+// and the EC CTAs (which leave early) are not counted by the norm tail's last-CTA detection.
+TEST(CudaW4Fusion, CompensatedLaunchesKeepTheTails) {
+  SKIP_WITHOUT_GPU();
+  uint32_t seed = 1500;
+  const int sms = sm_count();
+  Dev<unsigned> counters(std::vector<unsigned>(cuda::w4a16_fusion_counter_bytes() / 4, 0u));
+  const Case norm_cases[] = {{{2048}, 2048, 128, 1}, {{200}, 1032, -1, 3}, {{2048}, 8192, 128, 8}};
+  for (const Case& c : norm_cases) {
+    const int n = c.n[0];
+    w4test::UploadedW4 mat(cuda::w4_prepare(w4test::random_quantized(n, c.k, 4, c.group, seed++)));
+    DevEc ec(c.k, n, 16, 8, seed++);
+    const cuda::W4EcDevice* ecs[1] = {&ec.dev};
+    const size_t ny = size_t(c.m) * n;
+    const auto x0 = w4test::random_bf16(size_t(c.m) * c.k, seed++, 1.f), r0 = w4test::random_bf16(ny, seed++, 4.f);
+    Dev<uint16_t> x(x0), dnw(w4test::random_bf16(size_t(n), seed++, 0.5f)), tmp(ny);
+    for (auto plan : kPlans) {
+      w4test::ScopedW4Options scoped({true, 0, plan.first, plan.second, true});
+      const std::string what = "EC + residual + norm, n " + std::to_string(n) + " k " + std::to_string(c.k) +
+                               " m " + std::to_string(c.m) + " plan " + plan_name(plan);
+      Dev<uint16_t> res_ref(r0), res_got(r0), h_ref(ny), h_got(std::vector<uint16_t>(ny, 0xffff));
+      __nv_bfloat16* t = bf_mut(tmp);
+      ASSERT_TRUE(cuda::w4a16_gemm_ec(bf_mut(x), c.m, &mat.dev, 1, ecs, nullptr, &t, sms, nullptr)) << what;
+      cuda::add_bf16(bf_mut(res_ref), bf_mut(tmp), int64_t(ny), nullptr);
+      cuda::rms_norm_bf16(bf_mut(res_ref), bf_mut(dnw), bf_mut(h_ref), c.m, n, 1e-5f, nullptr);
+      cuda::W4Fusion f;
+      f.residual = true;
+      f.norm_w = bf_mut(dnw), f.eps = 1e-5f, f.norm_out = bf_mut(h_got), f.counters = counters.get();
+      __nv_bfloat16* y = bf_mut(res_got);
+      ASSERT_TRUE(cuda::w4a16_fusable(c.m, &mat.dev, 1, f, &y, ecs)) << what;
+      ASSERT_TRUE(cuda::w4a16_gemm_fused(bf_mut(x), c.m, &mat.dev, 1, f, nullptr, &y, sms, nullptr, ecs)) << what;
+      SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
+      EXPECT_TRUE(res_got.download() == res_ref.download()) << what << ": residual stream differs";
+      EXPECT_TRUE(h_got.download() == h_ref.download()) << what << ": normed output differs";
+      expect_counters_zero(counters, what);
+    }
+  }
+  const Case pair_cases[] = {{{8192, 8192}, 2048, 128, 1}, {{1000, 1000}, 4096, -1, 5}, {{96, 96}, 136, 32, 3}};
+  for (const Case& c : pair_cases) {
+    const int n = c.n[0];
+    w4test::UploadedW4 g(cuda::w4_prepare(w4test::random_quantized(n, c.k, 4, c.group, seed++)));
+    w4test::UploadedW4 u(cuda::w4_prepare(w4test::random_quantized(n, c.k, 4, c.group, seed++)));
+    const cuda::W4Device w[2] = {g.dev, u.dev};
+    const size_t ny = size_t(c.m) * n;
+    Dev<uint16_t> x(w4test::random_bf16(size_t(c.m) * c.k, seed++, 1.f));
+    DevEc eg(c.k, n, 8, 4, seed++), eu(c.k, n, 16, 0, seed++);
+    // The gate's EC alone, the up projection's alone, both.
+    const cuda::W4EcDevice* placements[3][2] = {{&eg.dev, nullptr}, {nullptr, &eu.dev}, {&eg.dev, &eu.dev}};
+    for (const auto& ecs : placements)
+      for (auto plan : kPlans) {
+        w4test::ScopedW4Options scoped({true, 0, plan.first, plan.second, true});
+        const std::string what = std::string("EC on ") + (ecs[0] && ecs[1] ? "both" : ecs[0] ? "gate" : "up") +
+                                 " + SwiGLU, n " + std::to_string(n) + " k " + std::to_string(c.k) + " m " +
+                                 std::to_string(c.m) + " plan " + plan_name(plan);
+        Dev<uint16_t> gr(ny), ur(ny), ar(ny), gf(ny), uf(ny), af(std::vector<uint16_t>(ny, 0xffff));
+        __nv_bfloat16* yr[2] = {bf_mut(gr), bf_mut(ur)};
+        __nv_bfloat16* yf[2] = {bf_mut(gf), bf_mut(uf)};
+        ASSERT_TRUE(cuda::w4a16_gemm_ec(bf_mut(x), c.m, w, 2, ecs, nullptr, yr, sms, nullptr)) << what;
+        cuda::swiglu_bf16(bf_mut(gr), bf_mut(ur), bf_mut(ar), int64_t(ny), nullptr);
+        cuda::W4Fusion f;
+        f.swiglu_out = bf_mut(af);
+        f.counters = counters.get();
+        ASSERT_TRUE(cuda::w4a16_fusable(c.m, w, 2, f, yf, ecs)) << what;
+        ASSERT_TRUE(cuda::w4a16_gemm_fused(bf_mut(x), c.m, w, 2, f, nullptr, yf, sms, nullptr, ecs)) << what;
+        SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
+        EXPECT_TRUE(af.download() == ar.download()) << what << ": SwiGLU output differs";
+        EXPECT_TRUE(gf.download() == gr.download()) << what << ": gate projection differs";
+        EXPECT_TRUE(uf.download() == ur.download()) << what << ": up projection differs";
+        expect_counters_zero(counters, what);
+      }
   }
 }
 

@@ -193,6 +193,7 @@ class CudaBackend : public Backend {
   // bench/results/cuda-h200-decodefusion.
   void set_decode_fusion(int mask, int max_m = 8) { decode_fusion_mask_ = mask, decode_fusion_max_m_ = max_m; }
   size_t fused_linear_launches() const { return fused_linear_launches_; }  // enqueued so far (tests)
+  size_t fused_ec_linear_launches() const { return fused_ec_linear_launches_; }  // those with a compensator
   bool row_parallel_tail(const Tensor& in, const Linear& l, Tensor& x, const Tensor& norm_w, float eps,
                          Tensor& h) override;
 
@@ -278,7 +279,7 @@ class CudaBackend : public Backend {
   DeviceBuffer mlp_counters_;
   int decode_fusion_mask_ = 2, decode_fusion_max_m_ = 1;
   DeviceBuffer fusion_counters_;  // the fused launches' arrival counters (w4a16_fusion_counter_bytes, zeroed once)
-  size_t fused_linear_launches_ = 0;
+  size_t fused_linear_launches_ = 0, fused_ec_linear_launches_ = 0;
 
   // The current batch (begin_batch): host arrays by address, their device copies.
   const BatchDesc* batch_ = nullptr;

@@ -2,7 +2,8 @@
 // their epilogue and the next element-wise step inside the launch (w4a16_gemm.h: W4Fusion). With all of them on
 // (SPEAR_DECODE_FUSION=7) a decode layer runs as q/k/v, RoPE, attention, o (+ residual, + the MLP's RMSNorm),
 // gate/up (+ SwiGLU), down (+ residual, + the next layer's RMSNorm): six launches instead of nine. By default only
-// the SwiGLU fusion runs, at one token, where it measured faster (CudaBackend::set_decode_fusion).
+// the SwiGLU fusion runs, at one token, where it measured faster (CudaBackend::set_decode_fusion). Linears with a
+// compensator dispatched to the fused path keep their fusions: the EC's terms and the tails share the launch.
 #include <cuda_bf16.h>
 
 #include <string>
@@ -24,6 +25,12 @@ const char* fusion_scope(const Backend::LinearFusion& f) {
   return "linear.w4a16_fused_residual";
 }
 
+const char* fusion_scope_ec(const Backend::LinearFusion& f) {
+  if (f.swiglu_out) return "linear.w4a16_ec_fused_swiglu";
+  if (f.norm_out) return f.residual ? "linear.w4a16_ec_fused_residual_norm" : "linear.w4a16_ec_fused_norm";
+  return "linear.w4a16_ec_fused_residual";
+}
+
 }  // namespace
 
 bool CudaBackend::linear_fused(const Tensor& in, std::span<const Linear* const> ls, std::span<Tensor* const> outs,
@@ -40,10 +47,19 @@ bool CudaBackend::linear_fused(const Tensor& in, std::span<const Linear* const> 
   W4Device w[kW4MaxGrouped];
   const __nv_bfloat16* bias[kW4MaxGrouped];
   __nv_bfloat16* y[kW4MaxGrouped];
+  const W4EcDevice* ec[kW4MaxGrouped] = {};
+  bool any_ec = false;
   for (int i = 0; i < count; ++i) {
     const auto* c = static_cast<const CudaLinear*>(ls[size_t(i)]);
     const Tensor& o = *outs[size_t(i)];
-    if (!c->quantized || c->ec) return false;
+    if (!c->quantized) return false;
+    // A compensator rides along where its dispatch says fused (the fused EC's launch with the tails added; the
+    // other EC paths add their term after the GEMM, so the tails would come too early).
+    if (c->ec) {
+      if (choose_ec_path(*c, in) != EcPath::Fused) return false;
+      ec[i] = &c->ec->dev;
+      any_ec = true;
+    }
     SPEAR_CHECK(c->in_features == in.cols && o.dtype == DType::BF16 && o.rows == in.rows && o.cols == c->out_features,
                 "linear_fused: input [{}, {}] and output [{}, {}] do not fit '{}' ({} -> {})", in.rows, in.cols, o.rows,
                 o.cols, c->name, c->in_features, c->out_features);
@@ -72,21 +88,23 @@ bool CudaBackend::linear_fused(const Tensor& in, std::span<const Linear* const> 
   wf.norm_out = f.norm_out ? bf(*f.norm_out) : nullptr;
   wf.swiglu_out = f.swiglu_out ? bf(*f.swiglu_out) : nullptr;
   wf.counters = fusion_counters_.get() ? fusion_counters_.as<unsigned>() : nullptr;
-  if (!w4a16_fusable(m, w, count, wf, y)) return false;
-  // The plan is the plain launch's: tuned at its first eager use, the results into scratch where y holds the
-  // residual stream (the tuner writes them).
-  if (tune_w4_ && !capturing_ && !w4a16_decode_tuned(m, w, count)) {
+  const W4EcDevice* const* ecs = any_ec ? ec : nullptr;
+  if (!w4a16_fusable(m, w, count, wf, y, ecs)) return false;
+  // The plan is the plain (or compensated) launch's: tuned at its first eager use, the results into scratch where y
+  // holds the residual stream (the tuner writes them).
+  if (tune_w4_ && !capturing_ && !w4a16_decode_tuned(m, w, count, ecs)) {
     Tensor scratch[kW4MaxGrouped];
     __nv_bfloat16* ty[kW4MaxGrouped];
     for (int i = 0; i < count; ++i) {
       if (f.residual) scratch[i] = alloc(m, outs[size_t(i)]->cols);
       ty[i] = f.residual ? bf(scratch[i]) : y[i];
     }
-    tune_w4_once(bf(in), m, w, count, ty);
+    tune_w4_once(bf(in), m, w, count, ty, ecs);
   }
-  auto prof = prof_->scope(fusion_scope(f));
-  if (!w4a16_gemm_fused(bf(in), m, w, count, wf, bias, y, sm_count_, stream_)) return false;
+  auto prof = prof_->scope(any_ec ? fusion_scope_ec(f) : fusion_scope(f));
+  if (!w4a16_gemm_fused(bf(in), m, w, count, wf, bias, y, sm_count_, stream_, ecs)) return false;
   ++fused_linear_launches_;
+  if (any_ec) ++fused_ec_linear_launches_;
   return true;
 }
 

@@ -52,7 +52,7 @@ struct W4DecodeParams {
   // ec_rmax / ec_gmax: the largest rank / gate width (shared memory).
   int ec_cols, ec_rmax, ec_gmax;
   W4PeerMirror mirror;  // P2P dual-write of the output (count 1; ranks <= 1: none)
-  W4FuseDev fx;         // decode-step fusions (w4a16_fusion.cuh; m <= 8, without ECs and mirror)
+  W4FuseDev fx;         // decode-step fusions (w4a16_fusion.cuh; m <= 8, without mirror; the W4 CTAs run the tails)
 };
 
 
@@ -281,6 +281,8 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
     if constexpr (kGrouped) fold();
   }
+  EcPoll ec_pre;
+  if (mt.has_ec) ec_poll_issue(mt.ec, p.m, ec_pre);
 
   // 5. Reduction: each warp's scaled partial tile (grouped: scaled per group in fold).
   {
@@ -307,7 +309,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
   }
   __syncthreads();
-  if (mt.has_ec) ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, [] { __syncthreads(); });
+  if (mt.has_ec) ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, &ec_pre, [] { __syncthreads(); });
   const int ecr = mt.has_ec ? mt.ec.rank : 0;
   const __nv_bfloat16* ecb_lo = ecb + (rsub * 16 + g) * ecr;
   const __nv_bfloat16* ecb_hi = ecb_lo + 8 * ecr;
@@ -405,7 +407,8 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     ec_leave(mt.ec, rgl * int(gridDim.y) + int(blockIdx.y), (mt.n_tiles + R - 1) / R * int(gridDim.y));
   if (T == 1 && p.fx.norm_out) {  // fusions run at m <= 8 only: the other instances need no tail code
     __shared__ int last;
-    norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, gridDim.x * gridDim.y, reinterpret_cast<float*>(red), &last, tid,
+    norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, (gridDim.x - p.ec_cols) * gridDim.y, reinterpret_cast<float*>(red),
+              &last, tid,
               [] { __syncthreads(); });
   }
 }

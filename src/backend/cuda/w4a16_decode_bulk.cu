@@ -48,7 +48,7 @@ struct W4BulkParams {
   const __nv_bfloat16* x;
   int count, m, k, kblocks, stages, xs_stride, x_vec;
   int ec_cols, ec_rmax, ec_gmax;  // fused ECs: blockIdx.x < ec_cols are EC CTAs; largest rank / gate width
-  W4FuseDev fx;                   // decode-step fusions (w4a16_fusion.cuh; not with ECs)
+  W4FuseDev fx;                   // decode-step fusions (w4a16_fusion.cuh; the W4 CTAs run the tails)
 };
 
 // Dynamic shared memory: the ring, x [m][xs_stride] bf16, scales [groups][16] fp32, zeros [groups][16] u16,
@@ -199,9 +199,11 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   } else {
     fold_group<1>(acc, part, sc_lo, sc_hi);
   }
+  EcPoll ec_pre;
+  if (mt.has_ec) ec_poll_issue(mt.ec, p.m, ec_pre);
   red[warp * 32 + lane] = make_float4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]);
   consumers_sync();
-  if (mt.has_ec) ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, consumers_sync);
+  if (mt.has_ec) ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, &ec_pre, consumers_sync);
   if (warp == 0) {  // the CTA's sum in warp order, the epilogue
     float4 sum = red[lane];
     for (int q = 1; q < kWarps; ++q) {
@@ -234,7 +236,8 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   if (mt.has_ec && threadIdx.x == 0) ec_leave(mt.ec, tile, mt.n_pad / 16);  // the EC's readers: the tiles
   if (p.fx.norm_out) {
     __shared__ int last;
-    norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, gridDim.x, reinterpret_cast<float*>(red), &last, threadIdx.x,
+    norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, gridDim.x - p.ec_cols, reinterpret_cast<float*>(red), &last,
+              threadIdx.x,
               [] { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); });
   }
 }

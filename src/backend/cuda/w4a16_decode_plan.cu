@@ -244,9 +244,11 @@ W4FuseDev fuse_of(const W4Fusion* f) {
   return d;
 }
 
-bool decode_fusable(int m, const W4Device* w, int count, const W4Fusion& f, __nv_bfloat16* const* y) {
+bool decode_fusable(int m, const W4Device* w, int count, const W4Fusion& f, __nv_bfloat16* const* y,
+                    const W4EcDevice* const* ec) {
   auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
   if (m < 1 || m > kFusedMaxTokens || !decode_takes(m, w, count)) return false;
+  if (ec && !ec_fusable(m, w, count, ec)) return false;
   if ((f.norm_out || f.swiglu_out) && !f.counters) return false;
   if (f.norm_out && (count != 1 || w[0].n % 8 || !f.norm_w || !aligned(f.norm_w) || !aligned(f.norm_out) ||
                      !aligned(y[0]) || f.norm_out == y[0]))
@@ -257,17 +259,22 @@ bool decode_fusable(int m, const W4Device* w, int count, const W4Fusion& f, __nv
   return true;
 }
 
-// The plan of the launch without the fusions (tuned on the plain launch), so that the GEMM sums in the same order.
+// The plan of the launch without the fusions (tuned on the plain launch, or on the compensated one with ec), so that
+// the GEMM sums in the same order. The EC CTAs of a compensated launch take no part in the tails: they leave once
+// their slice of A·x is stored, and the norm tail counts only the W4 CTAs.
 bool launch_decode_fused(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4Fusion& f,
                          const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count,
-                         const W4GemmOptions& o, cudaStream_t stream) {
-  if (!decode_fusable(m, w, count, f, y)) return false;
-  const DecodePlan plan = choose_plan(m, w, count, sm_count, o);
+                         const W4GemmOptions& o, cudaStream_t stream, const W4EcDevice* const* ec) {
+  if (!decode_fusable(m, w, count, f, y, ec)) return false;
+  if (ec && (reinterpret_cast<uintptr_t>(x) & 15) != 0) return false;
+  const EcPlanInfo info = ec_plan_info(w[0].k, count, ec);
+  const EcPlanInfo* ei = ec && info.n ? &info : nullptr;
+  const DecodePlan plan = choose_plan(m, w, count, sm_count, o, ei);
   if (plan.R == 0) return false;
   if (plan.R == kBulkPlan)
-    launch_bulk(x, m, w, count, bias, y, o, stream, &f);
+    launch_bulk(x, m, w, count, bias, y, o, stream, &f, ei ? ec : nullptr, ei);
   else
-    launch_plan(plan, x, m, w, count, bias, y, o, stream, nullptr, nullptr, nullptr, &f);
+    launch_plan(plan, x, m, w, count, bias, y, o, stream, ei ? ec : nullptr, ei, nullptr, &f);
   return true;
 }
 

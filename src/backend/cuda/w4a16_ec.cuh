@@ -197,24 +197,51 @@ __device__ __forceinline__ float dot_smem4(const float* a, const float* b, int n
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
+// Lanes per output of the slice sum: a power of two up to 32, as many as the CTA's threads allow.
+__device__ __forceinline__ int ec_poll_lanes(int outs) {
+  int P = 1;
+  while (P < 32 && outs * P * 2 <= kThreads) P *= 2;
+  return P;
+}
+
+// The first poll of a W4 CTA's slice sum (see ec_gate), issued right after the CTA's main loop: its L2 round trip
+// then overlaps the CTA's own reduction instead of following it (the EC CTAs, with far less to read, are done by
+// then in the measured shapes; entries that are not yet this launch's are polled again in ec_gate).
+constexpr int kEcPoll = 4;  // entries per lane and poll
+struct EcPoll {
+  unsigned long long v[kEcPoll];
+};
+__device__ __forceinline__ void ec_poll_issue(const W4DecEc& e, int m, EcPoll& pl) {
+  const int r = e.rank, outs = m * r, P = ec_poll_lanes(outs);
+  const int o = threadIdx.x / P, sub = threadIdx.x & (P - 1);
+  if (o >= outs) return;
+  const int t = o / r, j = o - t * r;
+  const unsigned long long* src = e.zpart + size_t(t) * r + j;
+#pragma unroll
+  for (int u = 0; u < kEcPoll; ++u) {
+    const int q = sub + u * P;
+    pl.v[u] = q < e.slices ? ld_relaxed_gpu(src + size_t(q) * 32 * r) : 0ull;
+  }
+}
+
 // A W4 CTA of a compensated matrix, after its reduction: waits for its entries of every k-slice to carry this
 // launch's epoch (read after griddepcontrol.wait) and sums them (z: the same bits in every CTA), then g ⊙ z
 // for tokens [0, m) into zg [m][rank] (shared memory; zt [m][rank] and hb [m][gate width, rounded up to 4]
 // are shared scratch, gs the prefetched gate). The slices of one output are read by P lanes of a warp,
 // kEcPoll entries per poll (strided, then a shuffle tree): a sum by one thread was a chain of up to 72 L2
-// round trips. The gate's dot products run in four chains from 16-byte shared-memory loads: this code is the
-// tail of every compensated launch, where each serial chain shows. Every thread of warps 0-7 calls it; barrier()
-// syncs them (__syncthreads, or the bulk kernel's named barrier of its consumer warps); ends with one.
-constexpr int kEcPoll = 4;
+// round trips. pre (ec_poll_issue's loads, or null) stands for the thread's first poll. The gate's dot products
+// run in four chains from 16-byte shared-memory loads: this code is the tail of every compensated launch, where
+// each serial chain shows. Every thread of warps 0-7 calls it; barrier() syncs them (__syncthreads, or the bulk
+// kernel's named barrier of its consumer warps); ends with one.
 template <class Barrier>
 __device__ __forceinline__ void ec_gate(const W4DecEc& e, uint32_t epoch, int m, float* zg, float* zt, float* hb,
-                                        const float* gs, Barrier barrier) {
+                                        const float* gs, const EcPoll* pre, Barrier barrier) {
   const int r = e.rank, gw = e.gate_width, outs = m * r;
   float* zdst = gw > 0 ? zt : zg;
-  int P = 1;  // lanes per output: a power of two up to 32, as many as the CTA's threads allow
-  while (P < 32 && outs * P * 2 <= kThreads) P *= 2;
+  const int P = ec_poll_lanes(outs);
   const int lane = threadIdx.x & 31, sub = lane & (P - 1);
   const unsigned mask = P == 32 ? 0xffffffffu : ((1u << P) - 1) << (lane & ~(P - 1));
+  bool first = pre != nullptr;
   for (int o = threadIdx.x / P; o < outs; o += kThreads / P) {  // the P lanes of an output iterate together
     const int t = o / r, j = o - t * r;
     const unsigned long long* src = e.zpart + size_t(t) * r + j;
@@ -226,14 +253,19 @@ __device__ __forceinline__ void ec_gate(const W4DecEc& e, uint32_t epoch, int m,
 #pragma unroll
         for (int u = 0; u < kEcPoll; ++u) {
           const int q = q0 + u * P;
-          v[u] = q < e.slices ? ld_relaxed_gpu(src + size_t(q) * 32 * r) : (unsigned long long)epoch << 32;
-          ready = ready && uint32_t(v[u] >> 32) == epoch;
+          if (first)
+            v[u] = pre->v[u];
+          else
+            v[u] = q < e.slices ? ld_relaxed_gpu(src + size_t(q) * 32 * r) : 0ull;
+          ready = ready && (q >= e.slices || uint32_t(v[u] >> 32) == epoch);
         }
+        first = false;
         if (ready) break;
         __nanosleep(32);
       }
 #pragma unroll
-      for (int u = 0; u < kEcPoll; ++u) z += __uint_as_float(uint32_t(v[u]));
+      for (int u = 0; u < kEcPoll; ++u)
+        if (q0 + u * P < e.slices) z += __uint_as_float(uint32_t(v[u]));
     }
     for (int d = P >> 1; d > 0; d >>= 1) z += __shfl_xor_sync(mask, z, d);
     if (sub == 0) zdst[o] = z;

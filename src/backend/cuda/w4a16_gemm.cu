@@ -693,21 +693,26 @@ bool w4a16_gemm_ec(const __nv_bfloat16* x, int m, const W4Device* w, int count, 
 
 size_t w4a16_fusion_counter_bytes() { return kFusedCounterBytes; }
 
-bool w4a16_fusable(int m, const W4Device* w, int count, const W4Fusion& f, __nv_bfloat16* const* y) {
-  return m >= 1 && count >= 1 && count <= kW4MaxGrouped && w && y && decode_fusable(m, w, count, f, y);
+bool w4a16_fusable(int m, const W4Device* w, int count, const W4Fusion& f, __nv_bfloat16* const* y,
+                   const W4EcDevice* const* ec) {
+  return m >= 1 && count >= 1 && count <= kW4MaxGrouped && w && y && decode_fusable(m, w, count, f, y, ec);
 }
 
 bool w4a16_gemm_fused(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4Fusion& f,
-                      const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count, cudaStream_t stream) {
+                      const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count, cudaStream_t stream,
+                      const W4EcDevice* const* ec) {
   SPEAR_CHECK(count >= 1 && count <= kW4MaxGrouped, "w4a16_gemm_fused: count {} (1..{})", count, kW4MaxGrouped);
   SPEAR_CHECK(w && y && x, "w4a16_gemm_fused: null x, matrix or output array");
   for (int i = 0; i < count; ++i) {
     check_device_weights(w[i]);
     SPEAR_CHECK(y[i], "w4a16_gemm_fused: null y[{}]", i);
+    if (ec && ec[i])
+      SPEAR_CHECK(ec[i]->rank >= 1 && ec[i]->A && ec[i]->B && ec[i]->scratch,
+                  "w4a16_gemm_fused: compensator {} has rank {} or a null A, B or scratch", i, ec[i]->rank);
   }
   const W4GemmOptions o = options_now();
-  if (o.path == 2 || !w4a16_fusable(m, w, count, f, y)) return false;
-  return launch_decode_fused(x, m, w, count, f, bias, y, sm_count, o, stream);
+  if (o.path == 2 || !w4a16_fusable(m, w, count, f, y, ec)) return false;
+  return launch_decode_fused(x, m, w, count, f, bias, y, sm_count, o, stream, ec);
 }
 
 bool w4a16_tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y,

@@ -158,13 +158,18 @@ struct W4Fusion {
 };
 size_t w4a16_fusion_counter_bytes();
 // True when w4a16_gemm_fused takes this launch: the decode kernel takes it (one kind of matrix, one k), 1 <= m <= 8,
-// the conditions above, the pointers of the norm 16-byte aligned, and counters set where a tail needs them.
-bool w4a16_fusable(int m, const W4Device* w, int count, const W4Fusion& f, __nv_bfloat16* const* y);
-// y[i] = x · dequant(W_i)ᵀ + bias[i] (+ y[i] with residual), then the tails, one decode launch under the launch
-// shape's tuned plan (w4a16_tune_decode on the plain launch tunes it). Returns false, having enqueued nothing, where
-// w4a16_fusable is false or forced options send the launch elsewhere (SPEAR_W4_PATH=2).
+// the conditions above, the pointers of the norm 16-byte aligned, and counters set where a tail needs them; with ec,
+// also w4a16_ec_fusable.
+bool w4a16_fusable(int m, const W4Device* w, int count, const W4Fusion& f, __nv_bfloat16* const* y,
+                   const W4EcDevice* const* ec = nullptr);
+// y[i] = x · dequant(W_i)ᵀ + bias[i] (+ B·(g ⊙ A·x) where ec[i] is set, as w4a16_gemm_ec) (+ y[i] with residual),
+// then the tails, one decode launch under the launch shape's tuned plan (w4a16_tune_decode on the plain launch, or on
+// the compensated one with the same ec, tunes it): bit-identical to w4a16_gemm_ec followed by the element-wise ops.
+// Returns false, having enqueued nothing, where w4a16_fusable is false, x is not 16-byte aligned with ec, or forced
+// options send the launch elsewhere (SPEAR_W4_PATH=2).
 bool w4a16_gemm_fused(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4Fusion& f,
-                      const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count, cudaStream_t stream);
+                      const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count, cudaStream_t stream,
+                      const W4EcDevice* const* ec = nullptr);
 
 // Decode-kernel plan tuning (m <= 32). The kernel's plan (16-row tiles per CTA × CTAs per cluster along k) comes
 // from a time model that can be 1.5-2x off the best plan on some shapes; tuning times every plan the kernel can

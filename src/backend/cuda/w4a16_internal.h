@@ -47,11 +47,13 @@ bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int coun
                       const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count,
                       const W4GemmOptions& o, cudaStream_t stream);
 
-// The decode launch with the decode-step fusions (w4a16_decode_plan.cu); false when it cannot take it.
-bool decode_fusable(int m, const W4Device* w, int count, const W4Fusion& f, __nv_bfloat16* const* y);
+// The decode launch with the decode-step fusions (w4a16_decode_plan.cu), with fused compensators where ec is set;
+// false when it cannot take it.
+bool decode_fusable(int m, const W4Device* w, int count, const W4Fusion& f, __nv_bfloat16* const* y,
+                    const W4EcDevice* const* ec = nullptr);
 bool launch_decode_fused(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4Fusion& f,
                          const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count,
-                         const W4GemmOptions& o, cudaStream_t stream);
+                         const W4GemmOptions& o, cudaStream_t stream, const W4EcDevice* const* ec = nullptr);
 
 // Decode-plan tuning (w4a16_decode.cu; the public entry points in w4a16_gemm.cu check the arguments first).
 bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y, void* flush,
