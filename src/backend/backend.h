@@ -220,12 +220,6 @@ class Backend {
     return false;
   }
 
-  // Lets the next linear / linear_group call (one call; the flag is cleared by it) leave the terms of its fused
-  // compensators to the op that reads its outputs next, where that op is rope_qk, add_rms_norm or swiglu (they add
-  // them as they read: no wait inside the GEMM; CUDA, up to 32 tokens). Any other op first adds every pending term on
-  // its own, so results never depend on it; the decoder asks only where one of those ops follows.
-  virtual void defer_ec_next() {}
-
   // How compensated linears run (backends with several EC implementations: CUDA; the CPU has one path and
   // ignores these). A forced path applies to every compensated linear (benchmarks); Auto consults the
   // dispatch table (null: the built-in rule). verbose: report each dispatch decision once on stderr.

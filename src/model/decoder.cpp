@@ -327,10 +327,6 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
                       std::span<Tensor* const>(outs.begin(), outs.size()));
     }
   };
-  // One device, no taps: the fused compensators' terms of q, k, v, o, gate / up and down may be left to the op that
-  // reads each output next (rope_qk, add_rms_norm, swiglu: Backend::defer_ec_next), so no GEMM waits for its A·x.
-  const bool defer = sh.size == 1 && !taps;
-  if (defer) be.defer_ec_next();
   run_group({L.q.get(), L.k.get(), L.v.get()}, {&q, &k, &v});
   AttentionParams ap;
   ap.kv_appended = be.rope_qk(q, k, v, sh.heads, sh.kv_heads, c.head_dim, pos, rope_, cache, li);
@@ -356,12 +352,10 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
     o_fusion.eps = eps;
     o_fusion.norm_out = &h;
     if (!fused(att, {L.o.get()}, {&x}, o_fusion)) {
-      if (sh.size > 1) {
+      if (sh.size > 1)
         row_parallel_linear(*L.o, att, tmp);
-      } else {
-        if (defer) be.defer_ec_next();
+      else
         run_linear(*L.o, att, tmp);
-      }
       // One device: the whole MLP block where the backend fuses it (x is then final; no pending residual).
       if (sh.size == 1 && !taps && be.fused_mlp(x, tmp, L.mlp_norm, eps, *L.gate, *L.up, *L.down)) return;
       be.add_rms_norm(x, tmp, L.mlp_norm, eps, h);
@@ -370,7 +364,6 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
   Backend::LinearFusion gate_up_fusion;  // gate = silu(gate) ⊙ up
   gate_up_fusion.swiglu_out = &gate;
   if (!fused(h, {L.gate.get(), L.up.get()}, {&gate, &up}, gate_up_fusion)) {
-    if (defer) be.defer_ec_next();
     run_group({L.gate.get(), L.up.get()}, {&gate, &up});
     be.swiglu(gate, up, gate);
   }
@@ -396,12 +389,10 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
     }
   }
   Tensor mlp_out = be.alloc(T, c.hidden_size);
-  if (sh.size > 1) {
+  if (sh.size > 1)
     row_parallel_linear(*L.down, gate, mlp_out);
-  } else {
-    if (defer && residual) be.defer_ec_next();  // read next by add_rms_norm (the next layer's, or the final norm)
+  else
     run_linear(*L.down, gate, mlp_out);
-  }
   if (residual && !taps)
     *residual = mlp_out;
   else

@@ -1,20 +1,17 @@
 // The fused decoder kernels against the kernels they replace, bit for bit: add_rms_norm_bf16 = add_bf16 then
 // rms_norm_bf16; rope_kv_append_bf16 = rope_bf16 on q and on k then kv_append_bf16 (odd sizes, several
-// sequences on scattered pages, positions past 2^16); with deferred compensators' terms, each = ec_apply_bf16 then
-// the plain kernel; and the fused decode MLP block against its ops (up to the
+// sequences on scattered pages, positions past 2^16); and the fused decode MLP block against its ops (up to the
 // GEMMs' summation order).
 #include <algorithm>
 #include <cmath>
 #include <string>
 #include <random>
-#include <tuple>
 #include <vector>
 
 #include <gtest/gtest.h>
 
 #include "backend/cuda/attention.h"
 #include "backend/cuda/cuda_check.h"
-#include "backend/cuda/ec_term.h"
 #include "backend/cuda/elementwise.h"
 #include "backend/cuda/mlp_fused.h"
 #include "backend/cuda/w4a16_gemm.h"
@@ -38,61 +35,7 @@ std::vector<uint16_t> random_bits(size_t n, std::mt19937& rng, float sd) {
   return v;
 }
 
-// A deferred compensator's term (ec_term.h) with random B [n][rank] and g ⊙ z [m][rank] on the device.
-struct DevTerm {
-  DevTerm(int m, int n, int rank, std::mt19937& rng) : B(random_bits(size_t(n) * rank, rng, 0.05f)), gz(random_f32(m, rank, rng)) {
-    t.B = reinterpret_cast<const __nv_bfloat16*>(B.get());
-    t.gz = gz.get();
-    t.rank = rank;
-  }
-  static std::vector<float> random_f32(int m, int rank, std::mt19937& rng) {
-    std::normal_distribution<float> nd(0.f, 2.f);
-    std::vector<float> v(size_t(m) * rank);
-    for (float& x : v) x = nd(rng);
-    return v;
-  }
-  Dev<uint16_t> B;
-  Dev<float> gz;
-  cuda::EcTerm t;
-};
-
 }  // namespace
-
-// The consumers of a deferred compensator's term add it as ec_apply_bf16 would have, bit for bit, and leave their
-// termed input as it was (add_rms_norm) or corrected in place (rope_kv_append's q, k, v).
-TEST(CudaFused, ConsumersAddDeferredTermsAsApplyWould) {
-  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  std::mt19937 rng(43);
-  for (auto [rows, d, rank] : {std::tuple{1, 2048, 16}, {3, 776, 8}, {8, 4096, 64}, {5, 1000, 24}}) {
-    const std::string what = std::to_string(rows) + "x" + std::to_string(d) + " rank " + std::to_string(rank);
-    const auto x = random_bits(size_t(rows) * d, rng, 3.f), y = random_bits(size_t(rows) * d, rng, 1.f);
-    const auto w = random_bits(size_t(d), rng, 0.5f);
-    DevTerm term(rows, d, rank, rng);
-    Dev<uint16_t> xa(x), ya(y), xb(x), yb(y), dw(w), outa(std::vector<uint16_t>(x.size(), 0xffff)),
-        outb(std::vector<uint16_t>(x.size(), 0xffff));
-    cuda::ec_apply_bf16(bf_mut(ya), rows, d, term.t, nullptr);
-    cuda::add_rms_norm_bf16(bf_mut(xa), bf_mut(ya), bf_mut(dw), bf_mut(outa), rows, d, 1e-5f, nullptr);
-    cuda::add_rms_norm_bf16(bf_mut(xb), bf_mut(yb), bf_mut(dw), bf_mut(outb), rows, d, 1e-5f, nullptr, term.t);
-    // SwiGLU with a term on the gate only, then on both (in place over the gate, as the decoder runs it).
-    const auto g = random_bits(size_t(rows) * d, rng, 1.f), u = random_bits(size_t(rows) * d, rng, 1.f);
-    DevTerm tu(rows, d, rank, rng);
-    Dev<uint16_t> ga(g), ua(u), gb(g), ub(u), gc(g), s_ref1(g.size()), s_ref2(g.size()), s_got1(g.size());
-    cuda::ec_apply_bf16(bf_mut(ga), rows, d, term.t, nullptr);
-    cuda::swiglu_bf16(bf_mut(ga), bf_mut(ua), bf_mut(s_ref1), int64_t(g.size()), nullptr);
-    cuda::swiglu_ec_bf16(bf_mut(gb), bf_mut(ub), bf_mut(s_got1), rows, d, term.t, {}, nullptr);
-    cuda::ec_apply_bf16(bf_mut(ua), rows, d, tu.t, nullptr);
-    cuda::swiglu_bf16(bf_mut(ga), bf_mut(ua), bf_mut(s_ref2), int64_t(g.size()), nullptr);
-    cuda::swiglu_ec_bf16(bf_mut(gc), bf_mut(ub), bf_mut(gc), rows, d, term.t, tu.t, nullptr);
-    SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
-    EXPECT_TRUE(xa.download() == xb.download()) << what << ": residual sums differ";
-    EXPECT_TRUE(outa.download() == outb.download()) << what << ": normed outputs differ";
-    EXPECT_TRUE(yb.download() == y) << what << ": add_rms_norm wrote its termed input";
-    EXPECT_FALSE(xb.download() == x) << what;
-    EXPECT_TRUE(s_got1.download() == s_ref1.download()) << what << ": SwiGLU with the gate's term differs";
-    EXPECT_TRUE(gc.download() == s_ref2.download()) << what << ": SwiGLU with both terms (in place) differs";
-    EXPECT_FALSE(s_ref1.download() == s_ref2.download()) << what << ": the up projection's term did nothing";
-  }
-}
 
 TEST(CudaFused, AddRmsNormEqualsAddThenNorm) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
@@ -168,16 +111,6 @@ TEST(CudaFused, RopeKvAppendEqualsRopeThenAppend) {
     cuda::kv_append_bf16(bf_mut(ka), bf_mut(va), T, dtok.get(), dseqs.get(), layer(pka, pva), nullptr);
     cuda::rope_kv_append_bf16(bf_mut(qb), bf_mut(kb), bf_mut(vb), T, c.n_heads, c.head_dim, dpos.get(), dfreq.get(), dtok.get(),
                               dseqs.get(), layer(pkb, pvb), nullptr);
-    // With deferred compensators' terms on q, k and v: as ec_apply_bf16 on each, then the plain kernel.
-    DevTerm tq(T, q_dim, 16, rng), tk(T, kv_dim, 8, rng), tv(T, kv_dim, 24, rng);
-    Dev<uint16_t> qc(q), kc(k), vc(v), qd(q), kd(k), vd(v), pkc(pool), pvc(pool), pkd(pool), pvd(pool);
-    cuda::ec_apply_bf16(bf_mut(qc), T, q_dim, tq.t, nullptr);
-    cuda::ec_apply_bf16(bf_mut(kc), T, kv_dim, tk.t, nullptr);
-    cuda::ec_apply_bf16(bf_mut(vc), T, kv_dim, tv.t, nullptr);
-    cuda::rope_kv_append_bf16(bf_mut(qc), bf_mut(kc), bf_mut(vc), T, c.n_heads, c.head_dim, dpos.get(), dfreq.get(),
-                              dtok.get(), dseqs.get(), layer(pkc, pvc), nullptr);
-    cuda::rope_kv_append_bf16(bf_mut(qd), bf_mut(kd), bf_mut(vd), T, c.n_heads, c.head_dim, dpos.get(), dfreq.get(),
-                              dtok.get(), dseqs.get(), layer(pkd, pvd), nullptr, tq.t, tk.t, tv.t);
     SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
     const std::string what = "heads " + std::to_string(c.n_heads) + "/" + std::to_string(c.n_kv_heads) + " x " +
                              std::to_string(c.head_dim) + ", T " + std::to_string(T);
@@ -186,12 +119,6 @@ TEST(CudaFused, RopeKvAppendEqualsRopeThenAppend) {
     EXPECT_TRUE(pka.download() == pkb.download()) << what << ": cached k differs";
     EXPECT_TRUE(pva.download() == pvb.download()) << what << ": cached v differs";
     EXPECT_FALSE(pka.download() == pool) << what << ": nothing appended";
-    EXPECT_TRUE(qc.download() == qd.download()) << what << ", terms: q differs";
-    EXPECT_TRUE(kc.download() == kd.download()) << what << ", terms: k differs";
-    EXPECT_TRUE(vc.download() == vd.download()) << what << ", terms: v differs";
-    EXPECT_TRUE(pkc.download() == pkd.download()) << what << ", terms: cached k differs";
-    EXPECT_TRUE(pvc.download() == pvd.download()) << what << ", terms: cached v differs";
-    EXPECT_FALSE(pvc.download() == pva.download()) << what << ", terms: v's term did nothing";
   }
 }
 

@@ -26,8 +26,6 @@
 #   wprefill  bench_w4_gemm --prefill: W4 kernel vs dequantize + cuBLAS vs cuBLAS BF16 at M = 32..2048
 #   prefill:LIKE  prefill of 512 and 2048 tokens, bf16 vs W4 with the W4 prefill GEMMs through dequantize +
 #             cuBLAS (default) and through the W4 kernel (SPEAR_W4_DEQUANT_MIN_M=0)
-#   ecdefer:LIKE  issue 6: bench decode of a LIKE-shaped W4 model with random ECs (EC_DENS, EC_BATCH, EC_PATHS) under
-#             each SPEAR_EC_DEFER in EC_DEFER_MODES (default "0 1 2": the deferred EC terms off, on, on also for gate / up)
 #   ecprefill:LIKE  prefill of 512 and 2048 tokens of a LIKE-shaped W4 model with random ECs on 38% of the
 #             linears: naive, overlapped and auto (built-in rule) paths against no ECs (reuses /tmp/LIKE-w4)
 #   serve:LIKE  issue 7's scheduler experiment on a LIKE-shaped random W4 model (the reference tokenizer
@@ -131,21 +129,6 @@ for stage in "$@"; do
         "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch 1 --prompt $P --steps 2 --prefill-reps 5 \
           --ec-density 0,0.38 --ec-paths naive,overlapped,auto --ec-dispatch "$R/ec_dispatch-$like.json" \
           --out "$R/ec_prefill$P-$like.json" 2>&1 | tee "$R/ec_prefill$P-$like.txt" | grep -v "ms/step$" | tail -6
-      done
-      rm -rf "/tmp/$like-w4" ;;
-    ecdefer:*)
-      like=${stage#ecdefer:}
-      t "make-model $like (W4)"
-      "$BIN/spear" make-model --like "$like" --random --out "/tmp/$like" --quantize-out "/tmp/$like-w4" 2>&1 | tail -1
-      rm -rf "/tmp/$like"
-      timeout 200 "$BIN/spear" tune --device cuda -m "/tmp/$like-w4" --no-latency-table --ec-density 1 --ec-rank 16 --ec-gate 8 \
-        --ec-tokens ${EC_TOKENS:-1,8} --ec-dispatch-out "$R/ec_dispatch-$like.json" > "$R/ec_tune-$like.txt" 2>&1
-      for mode in ${EC_DEFER_MODES:-0 1 2}; do
-        t "bench decode with ECs $like, SPEAR_EC_DEFER=$mode"
-        SPEAR_EC_DEFER=$mode timeout 300 "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch ${EC_BATCH:-1,8} \
-          --steps 48 --ec-density ${EC_DENS:-0,0.15,0.38,0.6} --ec-paths ${EC_PATHS:-auto} \
-          --ec-dispatch "$R/ec_dispatch-$like.json" --out "$R/ec_decode-$like-defer$mode.json" 2>&1 |
-          tee "$R/ec_decode-$like-defer$mode.txt" | grep -v "ms/step$" | tail -12
       done
       rm -rf "/tmp/$like-w4" ;;
     ecprefill:*)

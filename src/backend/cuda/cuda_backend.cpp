@@ -163,7 +163,6 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   if (const char* e = std::getenv("SPEAR_FUSED_MLP")) fused_mlp_on_ = std::string(e) == "1";
   decode_fusion_mask_ = int(env_int64("SPEAR_DECODE_FUSION", decode_fusion_mask_, 0, 7));
   decode_fusion_max_m_ = int(env_int64("SPEAR_DECODE_FUSION_MAX_M", decode_fusion_max_m_, 1, 8));
-  defer_mode_ = int(env_int64("SPEAR_EC_DEFER", defer_mode_, 0, 2));
   if (const char* e = std::getenv("SPEAR_TP_REDUCE"); e && *e) tp_reduce_ = parse_tp_reduce(e, "SPEAR_TP_REDUCE");
   p2p_capacity_ = env_int64("SPEAR_TP_P2P_CAPACITY", p2p_capacity_, 1, int64_t(1) << 30);
   p2p_timeout_ns_ = uint64_t(env_int64("SPEAR_TP_P2P_TIMEOUT_MS", 0, 0, int64_t(1) << 40)) * 1'000'000ull;
@@ -243,7 +242,6 @@ Tensor CudaBackend::upload(const float* host, int64_t rows, int64_t cols) {
 }
 
 void CudaBackend::download(const Tensor& t, float* host) {
-  settle_ec();
   SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
   if (t.dtype == DType::F32) {
     SPEAR_CUDA_CHECK(cudaMemcpy(host, t.data, t.nbytes(), cudaMemcpyDeviceToHost));
@@ -256,14 +254,12 @@ void CudaBackend::download(const Tensor& t, float* host) {
 }
 
 void CudaBackend::download_i32(const Tensor& t, int32_t* host) {
-  settle_ec();
   SPEAR_CHECK(t.dtype == DType::I32, "download_i32: tensor is not I32");
   SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
   SPEAR_CUDA_CHECK(cudaMemcpy(host, t.data, size_t(t.rows) * 4, cudaMemcpyDeviceToHost));
 }
 
 void CudaBackend::begin_batch(const BatchDesc& d, KvCache& cache) {
-  settle_ec();
   const auto t0 = std::chrono::steady_clock::now();
   auto* kv = dynamic_cast<CudaKvCache*>(&cache);
   SPEAR_CHECK(kv, "cuda backend: the KV cache was not made by this backend");
@@ -326,7 +322,6 @@ cudaGraphExec_t CudaBackend::capture_graph(const std::function<void()>& body) {
   capturing_ = true;
   try {
     body();
-    settle_ec();  // inside the capture: a term left pending would otherwise be added once, not at every replay
   } catch (...) {
     capturing_ = false;
     cudaStreamEndCapture(stream_, &graph);
@@ -487,7 +482,6 @@ std::unique_ptr<KvCache> CudaBackend::make_kv_cache(int n_layers, int n_slots, i
 }
 
 void CudaBackend::gather_rows(const Tensor& table, std::span<const int32_t> ids, Tensor& out) {
-  settle_ec();
   auto prof = prof_->scope("gather_rows");
   check_bf16(table, "gather table");
   check_bf16(out, "gather output");
@@ -495,15 +489,12 @@ void CudaBackend::gather_rows(const Tensor& table, std::span<const int32_t> ids,
 }
 
 void CudaBackend::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) {
-  settle_ec();
   auto prof = prof_->scope("rms_norm");
   check_bf16(x, "rms_norm input");
   rms_norm_bf16(bf(x), bf(w), bf(out), int(x.rows), int(x.cols), eps, stream_);
 }
 
 void CudaBackend::linear(const Tensor& x, const Linear& lin, Tensor& out) {
-  const bool defer = take_defer_next();
-  settle_ec();
   const auto& l = static_cast<const CudaLinear&>(lin);
   check_bf16(x, "linear input");
   const int T = int(x.rows);
@@ -513,9 +504,6 @@ void CudaBackend::linear(const Tensor& x, const Linear& lin, Tensor& out) {
     SPEAR_CHECK(out.dtype == DType::BF16, "'{}': the W4 kernel writes bf16 outputs", l.name);
     const EcPath path = l.ec ? choose_ec_path(l, x) : EcPath::Auto;
     if (path == EcPath::Fused) {
-      const CudaLinear* one[1] = {&l};
-      Tensor* one_out[1] = {&out};
-      if (defer && linear_ec_deferred(x, one, one_out)) return;
       __nv_bfloat16* y = bf(out);
       const W4EcDevice* ec = &l.ec->dev;
       tune_w4_once(bf(x), T, &l.w4, 1, &y, &ec);
@@ -596,8 +584,6 @@ void CudaBackend::tune_w4_once(const __nv_bfloat16* x, int m, const W4Device* w,
 }
 
 void CudaBackend::linear_group(const Tensor& x, std::span<const Linear* const> ls, std::span<Tensor* const> outs) {
-  const bool defer = take_defer_next();
-  settle_ec();
   // One launch when every member is a W4 linear (q/k/v, gate/up of a quantized model) and each compensator
   // among them runs fused; otherwise one linear() per member (each with its own EC path).
   bool grouped = ls.size() >= 2 && ls.size() <= size_t(kW4MaxGrouped) && x.rows > 0;
@@ -614,11 +600,6 @@ void CudaBackend::linear_group(const Tensor& x, std::span<const Linear* const> l
     return;
   }
   check_bf16(x, "linear input");
-  if (any_ec && defer) {
-    const CudaLinear* cls[kW4MaxGrouped];
-    for (size_t i = 0; i < ls.size(); ++i) cls[i] = static_cast<const CudaLinear*>(ls[i]);
-    if (linear_ec_deferred(x, std::span<const CudaLinear* const>(cls, ls.size()), outs)) return;
-  }
   W4Device w[kW4MaxGrouped];
   const __nv_bfloat16* bias[kW4MaxGrouped];
   __nv_bfloat16* y[kW4MaxGrouped];
@@ -656,23 +637,16 @@ const float* CudaBackend::rope_inv_freq(const RopeTable& table) {
 
 void CudaBackend::rope(Tensor& x, int n_heads, int head_dim, std::span<const int32_t> positions,
                        const RopeTable& table) {
-  settle_ec();
   auto prof = prof_->scope("rope");
   rope_bf16(bf(x), int(x.rows), n_heads, head_dim, device_ints(positions), rope_inv_freq(table), stream_);
 }
 
 bool CudaBackend::rope_qk(Tensor& q, Tensor& k, const Tensor& v, int n_heads, int n_kv_heads, int head_dim,
                           std::span<const int32_t> positions, const RopeTable& table, KvCache& cache, int layer) {
-  const EcTerm tq = take_ec_term(q), tk = take_ec_term(k), tv = take_ec_term(v);
   auto* kv = dynamic_cast<CudaKvCache*>(&cache);
   // The fused kernel needs this batch's device arrays (begin_batch); otherwise the plain path.
-  if (!kv || kv != batch_cache_ || !batch_ || positions.data() != batch_->positions.data()) {
-    ec_apply_bf16(bf(q), int(q.rows), int(q.cols), tq, stream_);
-    ec_apply_bf16(bf(k), int(k.rows), int(k.cols), tk, stream_);
-    ec_apply_bf16(bf(v), int(v.rows), int(v.cols), tv, stream_);
+  if (!kv || kv != batch_cache_ || !batch_ || positions.data() != batch_->positions.data())
     return Backend::rope_qk(q, k, v, n_heads, n_kv_heads, head_dim, positions, table, cache, layer);
-  }
-  settle_ec();
   check_bf16(q, "rope q");
   check_bf16(k, "rope k");
   check_bf16(v, "attention v");
@@ -680,13 +654,12 @@ bool CudaBackend::rope_qk(Tensor& q, Tensor& k, const Tensor& v, int n_heads, in
               n_kv_heads, head_dim, int64_t(n_kv_heads) * head_dim);
   auto prof = prof_->scope("rope_kv_append");
   rope_kv_append_bf16(bf(q), bf(k), bf(v), int(q.rows), n_heads, head_dim, device_ints(positions),
-                      rope_inv_freq(table), d_token_seq_, d_seqs_, kv->layer(layer), stream_, tq, tk, tv);
+                      rope_inv_freq(table), d_token_seq_, d_seqs_, kv->layer(layer), stream_);
   return true;
 }
 
 void CudaBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, std::span<const SeqSlice> seqs,
                             KvCache& cache, const AttentionParams& p, Tensor& out) {
-  settle_ec();
   auto* kv = dynamic_cast<CudaKvCache*>(&cache);
   SPEAR_CHECK(kv && kv == batch_cache_ && batch_ && seqs.data() == batch_->seqs.data(),
               "cuda backend: attention must run on the batch and KV cache given to begin_batch");
@@ -722,7 +695,6 @@ void CudaBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, s
 
 bool CudaBackend::fused_mlp(Tensor& x, const Tensor& add, const Tensor& norm_w, float eps, const Linear& gate,
                             const Linear& up, const Linear& down) {
-  settle_ec();
   const auto& g = static_cast<const CudaLinear&>(gate);
   const auto& u = static_cast<const CudaLinear&>(up);
   const auto& d = static_cast<const CudaLinear&>(down);
@@ -759,19 +731,11 @@ bool CudaBackend::fused_mlp(Tensor& x, const Tensor& add, const Tensor& norm_w, 
 }
 
 void CudaBackend::swiglu(const Tensor& gate, const Tensor& up, Tensor& out) {
-  const EcTerm tg = take_ec_term(gate), tu = take_ec_term(up);
-  settle_ec();
-  if (tg || tu) {
-    auto prof = prof_->scope("swiglu_ec");
-    swiglu_ec_bf16(bf(gate), bf(up), bf(out), int(gate.rows), int(gate.cols), tg, tu, stream_);
-    return;
-  }
   auto prof = prof_->scope("swiglu");
   swiglu_bf16(bf(gate), bf(up), bf(out), gate.numel(), stream_);
 }
 
 void CudaBackend::add(Tensor& x, const Tensor& y) {
-  settle_ec();
   auto prof = prof_->scope("add");
   add_bf16(bf(x), bf(y), x.numel(), stream_);
 }
@@ -783,14 +747,11 @@ void CudaBackend::add_rms_norm(Tensor& x, const Tensor& y, const Tensor& w, floa
               "add_rms_norm: shapes [{}, {}], [{}, {}], out [{}, {}], weight {}", x.rows, x.cols, y.rows, y.cols,
               out.rows, out.cols, w.numel());
   SPEAR_CHECK(out.data != x.data && out.data != y.data, "add_rms_norm: out must not alias x or y");
-  const EcTerm ty = take_ec_term(y);
-  settle_ec();
-  auto prof = prof_->scope(ty ? "add_rms_norm_ec" : "add_rms_norm");
-  add_rms_norm_bf16(bf(x), bf(y), bf(w), bf(out), int(x.rows), int(x.cols), eps, stream_, ty);
+  auto prof = prof_->scope("add_rms_norm");
+  add_rms_norm_bf16(bf(x), bf(y), bf(w), bf(out), int(x.rows), int(x.cols), eps, stream_);
 }
 
 void CudaBackend::argmax_rows(const Tensor& x, Tensor& ids) {
-  settle_ec();
   auto prof = prof_->scope("argmax");
   SPEAR_CHECK(x.dtype == DType::F32, "argmax_rows: fp32 logits expected");
   argmax_rows_f32(x.ptr<float>(), int(x.rows), int(x.cols), ids.ptr<int32_t>(), stream_);

@@ -8,7 +8,6 @@
 #include <map>
 #include <set>
 #include <memory>
-#include <utility>
 #include <vector>
 
 #include <cublas_v2.h>
@@ -17,7 +16,6 @@
 #include "backend/backend.h"
 #include "backend/cuda/attention.h"
 #include "backend/cuda/device_pool.h"
-#include "backend/cuda/ec_term.h"
 #include "backend/cuda/op_profiler.h"
 #include "backend/cuda/p2p_reduce.h"
 #include "backend/cuda/tp_tail.h"
@@ -194,13 +192,6 @@ class CudaBackend : public Backend {
   // alone, is slower than the norm kernel PDL has already started: +2–3% at batch 1, up to +16% at 8B batch 8).
   // bench/results/cuda-h200-decodefusion.
   void set_decode_fusion(int mask, int max_m = 8) { decode_fusion_mask_ = mask, decode_fusion_max_m_ = max_m; }
-  // Deferred EC terms (defer_ec_next; cuda_backend_ec.cpp): 0 never, 1 where asked except a gate / up pair that takes
-  // the fused SwiGLU launch (its EC runs inside it), 2 where asked, also for gate / up (then the SwiGLU kernel adds
-  // their terms). SPEAR_EC_DEFER; default 1.
-  void defer_ec_next() override { defer_next_ = defer_mode_ > 0; }
-  void set_ec_defer_mode(int mode) { defer_mode_ = mode; }
-  size_t deferred_ec_launches() const { return deferred_ec_launches_; }  // enqueued so far (tests)
-  size_t settled_ec_terms() const { return settled_ec_terms_; }          // terms added on their own (tests)
   size_t fused_linear_launches() const { return fused_linear_launches_; }  // enqueued so far (tests)
   size_t fused_ec_linear_launches() const { return fused_ec_linear_launches_; }  // those with a compensator
   bool row_parallel_tail(const Tensor& in, const Linear& l, Tensor& x, const Tensor& norm_w, float eps,
@@ -289,26 +280,6 @@ class CudaBackend : public Backend {
   int decode_fusion_mask_ = 2, decode_fusion_max_m_ = 1;
   DeviceBuffer fusion_counters_;  // the fused launches' arrival counters (w4a16_fusion_counter_bytes, zeroed once)
   size_t fused_linear_launches_ = 0, fused_ec_linear_launches_ = 0;
-  // Deferred EC terms: outputs whose compensator's term the next reader adds (take_ec_term), else settle_ec().
-  struct PendingEc {
-    const void* y;
-    int64_t rows, cols;
-    const CudaEc* ec;
-  };
-  std::vector<PendingEc> pending_ec_;
-  int defer_mode_ = 1;
-  bool defer_next_ = false;
-  size_t deferred_ec_launches_ = 0, settled_ec_terms_ = 0;
-  bool take_defer_next() { return std::exchange(defer_next_, false); }
-  // The pending term of y (empty: none), no longer pending.
-  EcTerm take_ec_term(const Tensor& y);
-  // Adds every pending term on its own (ec_apply_bf16): before any op that does not add them as it reads.
-  void settle_ec() {
-    if (!pending_ec_.empty()) settle_ec_now();
-  }
-  void settle_ec_now();
-  // The compensated linears' deferred launch (w4a16_gemm_ec_deferred); false when it does not take them.
-  bool linear_ec_deferred(const Tensor& x, std::span<const CudaLinear* const> ls, std::span<Tensor* const> outs);
 
   // The current batch (begin_batch): host arrays by address, their device copies.
   const BatchDesc* batch_ = nullptr;

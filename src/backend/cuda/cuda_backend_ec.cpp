@@ -83,7 +83,6 @@ void CudaBackend::linear_no_ec(const CudaLinear& l, const Tensor& x, Tensor& out
 // Tensor parallelism's row-parallel compensated linear: the gate needs the full A·x, so the EC runs naive in
 // two halves around the all-reduce (the fused and overlapped paths would apply the gate to a partial sum).
 void CudaBackend::linear_ec_partial(const Tensor& x, const Linear& lin, Tensor& out, Tensor& z) {
-  settle_ec();
   const auto& l = static_cast<const CudaLinear&>(lin);
   SPEAR_CHECK(l.ec, "linear_ec_partial: '{}' has no compensator attached", l.name);
   const int T = int(x.rows);
@@ -103,7 +102,6 @@ void CudaBackend::linear_ec_partial(const Tensor& x, const Linear& lin, Tensor& 
 }
 
 void CudaBackend::ec_expand(const Tensor& z, const Linear& lin, Tensor& out) {
-  settle_ec();
   const auto& l = static_cast<const CudaLinear&>(lin);
   SPEAR_CHECK(l.ec, "ec_expand: '{}' has no compensator attached", l.name);
   SPEAR_CHECK(z.device == Device::CUDA && z.dtype == DType::F32 && z.cols == l.ec->rank,
@@ -116,73 +114,6 @@ void CudaBackend::ec_expand(const Tensor& z, const Linear& lin, Tensor& out) {
   if (z.rows == 0) return;
   auto prof = prof_->scope("linear.ec_expand");
   ec_expand_naive(*l.ec, z, out);
-}
-
-// ---- Deferred terms (defer_ec_next): the GEMM launch without its wait, the term added by the output's next reader.
-
-bool CudaBackend::linear_ec_deferred(const Tensor& x, std::span<const CudaLinear* const> ls,
-                                     std::span<Tensor* const> outs) {
-  const int m = int(x.rows), count = int(ls.size());
-  if (count < 1 || count > kW4MaxGrouped || m < 1 || m > 32 || x.dtype != DType::BF16) return false;
-  W4Device w[kW4MaxGrouped];
-  const __nv_bfloat16* bias[kW4MaxGrouped];
-  __nv_bfloat16* y[kW4MaxGrouped];
-  const W4EcDevice* ec[kW4MaxGrouped] = {};
-  bool any = false;
-  for (int i = 0; i < count; ++i) {
-    const CudaLinear& l = *ls[size_t(i)];
-    const Tensor& o = *outs[size_t(i)];
-    if (!l.quantized || o.dtype != DType::BF16 || o.rows != m || o.cols != l.out_features) return false;
-    if (l.ec) {
-      if (choose_ec_path(l, x) != EcPath::Fused) return false;
-      ec[i] = &l.ec->dev;
-      any = true;
-    }
-    w[i] = l.w4;
-    bias[i] = l.bias.bytes() ? l.bias.as<__nv_bfloat16>() : nullptr;
-    y[i] = bf(o);
-  }
-  if (!any || !w4a16_ec_fusable(m, w, count, ec)) return false;
-  tune_w4_once(bf(x), m, w, count, y);  // the W4 CTAs run the plain launch's plan
-  {
-    auto prof = prof_->scope(count > 1 ? "linear.w4a16_grouped_ec_deferred" : "linear.w4a16_ec_deferred");
-    if (!w4a16_gemm_ec_deferred(bf(x), m, w, count, ec, bias, y, sm_count_, stream_)) return false;
-  }
-  for (int i = 0; i < count; ++i)
-    if (ec[i]) pending_ec_.push_back({outs[size_t(i)]->data, m, outs[size_t(i)]->cols, ls[size_t(i)]->ec.get()});
-  ++deferred_ec_launches_;
-  return true;
-}
-
-EcTerm CudaBackend::take_ec_term(const Tensor& y) {
-  for (size_t i = 0; i < pending_ec_.size(); ++i) {
-    const PendingEc& p = pending_ec_[i];
-    if (p.y != y.data) continue;
-    if (p.rows != y.rows || p.cols != y.cols) {  // another view of the output: its term on its own first
-      settle_ec_now();
-      return {};
-    }
-    EcTerm t;
-    t.B = p.ec->dev.B;
-    t.gz = w4a16_ec_gz(p.ec->dev);
-    t.rank = p.ec->rank;
-    pending_ec_.erase(pending_ec_.begin() + std::ptrdiff_t(i));
-    return t;
-  }
-  return {};
-}
-
-void CudaBackend::settle_ec_now() {
-  auto prof = prof_->scope("ec_term_apply");
-  for (const PendingEc& p : pending_ec_) {
-    EcTerm t;
-    t.B = p.ec->dev.B;
-    t.gz = w4a16_ec_gz(p.ec->dev);
-    t.rank = p.ec->rank;
-    ec_apply_bf16(static_cast<__nv_bfloat16*>(const_cast<void*>(p.y)), int(p.rows), int(p.cols), t, stream_);
-    ++settled_ec_terms_;
-  }
-  pending_ec_.clear();
 }
 
 EcPath CudaBackend::choose_ec_path(const CudaLinear& l, const Tensor& x) {
@@ -245,7 +176,6 @@ void CudaBackend::ec_overlap_join(const Tensor& d, Tensor& y) {
 
 std::vector<Backend::EcTiming> CudaBackend::time_ec_paths(std::span<const Linear* const> ls,
                                                           std::span<const int> tokens, int reps) {
-  settle_ec();
   SPEAR_CHECK(!ls.empty(), "time_ec_paths: no linears");
   SPEAR_CHECK(!capturing_, "time_ec_paths inside a graph capture");
   const auto& l0 = static_cast<const CudaLinear&>(*ls[0]);

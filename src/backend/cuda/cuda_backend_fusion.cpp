@@ -35,7 +35,6 @@ const char* fusion_scope_ec(const Backend::LinearFusion& f) {
 
 bool CudaBackend::linear_fused(const Tensor& in, std::span<const Linear* const> ls, std::span<Tensor* const> outs,
                                const LinearFusion& f) {
-  settle_ec();
   const int count = int(ls.size()), m = int(in.rows);
   if (count < 1 || count > kW4MaxGrouped || outs.size() != ls.size() || m < 1 || m > decode_fusion_max_m_) return false;
   const std::string& name = static_cast<const CudaLinear*>(ls[0])->name;
@@ -57,8 +56,7 @@ bool CudaBackend::linear_fused(const Tensor& in, std::span<const Linear* const> 
     // A compensator rides along where its dispatch says fused (the fused EC's launch with the tails added; the
     // other EC paths add their term after the GEMM, so the tails would come too early).
     if (c->ec) {
-      // Deferral mode 2: the pair runs deferred, its SwiGLU kernel adds the terms (decoder: defer_ec_next).
-      if (defer_mode_ == 2 || choose_ec_path(*c, in) != EcPath::Fused) return false;
+      if (choose_ec_path(*c, in) != EcPath::Fused) return false;
       ec[i] = &c->ec->dev;
       any_ec = true;
     }

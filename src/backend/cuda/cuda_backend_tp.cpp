@@ -348,7 +348,6 @@ bool CudaBackend::all_reduce_uses_p2p(const Tensor& t) const {
 }
 
 void CudaBackend::all_reduce_sum(std::span<Tensor* const> ts) {
-  settle_ec();
   if (tp_size() <= 1) return;
   SPEAR_CHECK(comm_, "all_reduce_sum: the process group has {} ranks but no NCCL communicator", tp_size());
   for (const Tensor* t : ts)
@@ -389,7 +388,6 @@ void CudaBackend::all_reduce_sum(std::span<Tensor* const> ts) {
 
 bool CudaBackend::row_parallel_tail(const Tensor& in, const Linear& lin, Tensor& x, const Tensor& norm_w, float eps,
                                     Tensor& h) {
-  settle_ec();
   const auto& l = static_cast<const CudaLinear&>(lin);
   auto bf16_gpu = [](const Tensor& t) { return t.device == Device::CUDA && t.dtype == DType::BF16; };
   // Every rank decides alike (same mode, shapes and compensator shapes), so either all launch the kernel or none.
@@ -448,7 +446,6 @@ bool CudaBackend::row_parallel_tail(const Tensor& in, const Linear& lin, Tensor&
 }
 
 void CudaBackend::all_gather_cols(const Tensor& part, Tensor& full) {
-  settle_ec();
   const int R = tp_size();
   SPEAR_CHECK(part.dtype == full.dtype && (part.dtype == DType::F32 || part.dtype == DType::BF16),
               "all_gather_cols: fp32 or bf16 tensors of one dtype expected");

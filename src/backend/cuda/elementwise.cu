@@ -7,7 +7,6 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/elementwise.h"
 #include "backend/cuda/pdl.cuh"
-#include "backend/cuda/ec_term.cuh"
 #include "backend/cuda/w4a16_fusion.cuh"  // swiglu_f, shared with the W4 decode kernels' fused x staging
 
 namespace spear::cuda {
@@ -99,21 +98,6 @@ __global__ void swiglu_kernel(const bf16* gate, const bf16* up, bf16* out, int64
   }
   for (int64_t i = n_vec * 8 + i0; i < n; i += stride)
     out[i] = __float2bfloat16_rn(swiglu_f(__bfloat162float(gate[i]), __bfloat162float(up[i])));
-}
-
-// swiglu_kernel's arithmetic on gate and up that first get their deferred compensators' terms (ec_term.cuh). Grid
-// (columns / kThreads, m): the term needs each element's token and column.
-__global__ void swiglu_ec_kernel(const bf16* gate, const bf16* up, bf16* out, int n, const EcTerm tg, const EcTerm tu) {
-  const int tok = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) {
-    ec_term_prefetch(tg, i, 1);
-    ec_term_prefetch(tu, i, 1);
-  }
-  pdl_enter();
-  if (i >= n) return;
-  const size_t at = size_t(tok) * n + i;
-  const bf16 g = ec_term_add(tg, tok, i, gate[at]), u = ec_term_add(tu, tok, i, up[at]);
-  out[at] = __float2bfloat16_rn(swiglu_f(__bfloat162float(g), __bfloat162float(u)));
 }
 
 // ---- RoPE --------------------------------------------------------------------------------------------------
@@ -295,19 +279,6 @@ void swiglu_bf16(const __nv_bfloat16* gate, const __nv_bfloat16* up, __nv_bfloat
   if (n <= 0) return;
   const int64_t n_vec = aligned(gate, 16) && aligned(up, 16) && aligned(out, 16) ? n / 8 : 0;
   launch_kernel(swiglu_kernel, grid_for(n_vec > 0 ? n_vec : n), kThreads, 0, stream, gate, up, out, n, n_vec);
-  SPEAR_CUDA_CHECK(cudaGetLastError());
-}
-
-void swiglu_ec_bf16(const __nv_bfloat16* gate, const __nv_bfloat16* up, __nv_bfloat16* out, int m, int n,
-                    const EcTerm& gate_term, const EcTerm& up_term, cudaStream_t stream) {
-  if (m <= 0 || n <= 0) return;
-  if (!gate_term && !up_term) {
-    swiglu_bf16(gate, up, out, int64_t(m) * n, stream);
-    return;
-  }
-  SPEAR_CHECK(m <= 65535, "swiglu_ec_bf16: {} rows", m);
-  launch_kernel(swiglu_ec_kernel, dim3((n + kThreads - 1) / kThreads, m), kThreads, 0, stream, gate, up, out, n,
-                gate_term, up_term);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 

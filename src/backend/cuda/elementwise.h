@@ -8,8 +8,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include "backend/cuda/ec_term.h"
-
 namespace spear::cuda {
 
 // out[i, :] = table[ids[i], :] for i < n; table [*, cols] bf16; ids on the device.
@@ -20,10 +18,6 @@ void add_bf16(__nv_bfloat16* x, const __nv_bfloat16* y, int64_t n, cudaStream_t 
 // out = silu(gate) * up (n elements; out may alias gate), in fp32 as HF's LlamaMLP in fp32 would, one rounding.
 void swiglu_bf16(const __nv_bfloat16* gate, const __nv_bfloat16* up, __nv_bfloat16* out, int64_t n,
                  cudaStream_t stream);
-// swiglu_bf16 of [m][n] gate and up that first get deferred compensators' terms (ec_term.h; either may be empty):
-// bit-identical to ec_apply_bf16 on each, then swiglu_bf16. out may alias gate.
-void swiglu_ec_bf16(const __nv_bfloat16* gate, const __nv_bfloat16* up, __nv_bfloat16* out, int m, int n,
-                    const EcTerm& gate_term, const EcTerm& up_term, cudaStream_t stream);
 // In-place rotary embedding (rotate-half convention of HF Llama) of x [T, n_heads * head_dim]: for token t at
 // position positions[t] and pair i < head_dim / 2, angle = positions[t] * inv_freq[i] (fp32, sincosf).
 void rope_bf16(__nv_bfloat16* x, int T, int n_heads, int head_dim, const int32_t* positions, const float* inv_freq,

@@ -5,7 +5,6 @@
 #include <cstdint>
 
 #include "backend/cuda/cuda_check.h"
-#include "backend/cuda/ec_term.cuh"
 #include "backend/cuda/rms_norm.h"
 #include "backend/cuda/pdl.cuh"
 #include "backend/cuda/row_norm.cuh"
@@ -41,14 +40,11 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const bf16* x, const
   scale_row<kVec, kThreads>(xr, w, out + row * d, d, inv);  // out may alias x: each thread rewrites only what it read
 }
 
-// x += y (fp32 add, one bf16 rounding, as add_bf16), then out = RMSNorm(x) of the rounded sum. kEc: y first gets a
-// deferred compensator's term (ec_term.cuh: as ec_apply_bf16 would have rounded it).
-template <bool kVec, bool kEc>
+// x += y (fp32 add, one bf16 rounding, as add_bf16), then out = RMSNorm(x) of the rounded sum.
+template <bool kVec>
 __global__ void __launch_bounds__(kThreads) add_rms_norm_kernel(bf16* __restrict__ x, const bf16* __restrict__ y,
                                                                 const bf16* __restrict__ w, bf16* __restrict__ out,
-                                                                int d, float eps, const EcTerm et) {
-  if constexpr (kEc)
-    for (int g = threadIdx.x; g < (d + 7) / 8; g += kThreads) ec_term_prefetch(et, 8 * g, min(8, d - 8 * g));
+                                                                int d, float eps) {
   pdl_enter();
   const size_t row = blockIdx.x;
   bf16* xr = x + row * d;
@@ -57,12 +53,7 @@ __global__ void __launch_bounds__(kThreads) add_rms_norm_kernel(bf16* __restrict
   if constexpr (kVec) {
     for (int g = threadIdx.x; g < d / 8; g += kThreads) {
       uint4 a = reinterpret_cast<const uint4*>(xr)[g];
-      uint4 b = reinterpret_cast<const uint4*>(yr)[g];
-      if constexpr (kEc) {
-        bf16* bv = reinterpret_cast<bf16*>(&b);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) bv[j] = ec_term_add(et, int(row), 8 * g + j, bv[j]);
-      }
+      const uint4 b = reinterpret_cast<const uint4*>(yr)[g];
       bf162* ah = reinterpret_cast<bf162*>(&a);
       const bf162* bh = reinterpret_cast<const bf162*>(&b);
 #pragma unroll
@@ -77,8 +68,7 @@ __global__ void __launch_bounds__(kThreads) add_rms_norm_kernel(bf16* __restrict
     }
   } else {
     for (int i = threadIdx.x; i < d; i += kThreads) {
-      const bf16 yv = kEc ? ec_term_add(et, int(row), i, yr[i]) : yr[i];
-      const bf16 s = __float2bfloat16_rn(__bfloat162float(xr[i]) + __bfloat162float(yv));
+      const bf16 s = __float2bfloat16_rn(__bfloat162float(xr[i]) + __bfloat162float(yr[i]));
       xr[i] = s;
       const float v = __bfloat162float(s);
       ss += v * v;
@@ -96,15 +86,12 @@ bool vec_ok(int d, const void* a, const void* b, const void* c, const void* e) {
 }  // namespace
 
 void add_rms_norm_bf16(__nv_bfloat16* x, const __nv_bfloat16* y, const __nv_bfloat16* w, __nv_bfloat16* out,
-                       int rows, int d, float eps, cudaStream_t stream, const EcTerm& y_term) {
+                       int rows, int d, float eps, cudaStream_t stream) {
   if (rows == 0) return;
-  const bool vec = vec_ok(d, x, y, w, out);
-  if (y_term)
-    launch_kernel(vec ? add_rms_norm_kernel<true, true> : add_rms_norm_kernel<false, true>, rows, kThreads, 0, stream,
-                  x, y, w, out, d, eps, y_term);
+  if (vec_ok(d, x, y, w, out))
+    launch_kernel(add_rms_norm_kernel<true>, rows, kThreads, 0, stream, x, y, w, out, d, eps);
   else
-    launch_kernel(vec ? add_rms_norm_kernel<true, false> : add_rms_norm_kernel<false, false>, rows, kThreads, 0,
-                  stream, x, y, w, out, d, eps, y_term);
+    launch_kernel(add_rms_norm_kernel<false>, rows, kThreads, 0, stream, x, y, w, out, d, eps);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 

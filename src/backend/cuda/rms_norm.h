@@ -4,8 +4,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include "backend/cuda/ec_term.h"
-
 namespace spear::cuda {
 
 // x, out: [rows, d] bf16 row-major (out may alias x); w: [d] bf16.
@@ -13,9 +11,8 @@ void rms_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16
                    cudaStream_t stream);
 
 // x += y (one bf16 rounding, as add_bf16), then out = RMSNorm(x): bit-identical to add_bf16 then rms_norm_bf16,
-// in one launch (out must not alias x or y). y_term: a deferred compensator's term on y, added as y is read
-// (bit-identical to ec_apply_bf16 on y first; y itself is left as it was).
+// in one launch (out must not alias x or y).
 void add_rms_norm_bf16(__nv_bfloat16* x, const __nv_bfloat16* y, const __nv_bfloat16* w, __nv_bfloat16* out,
-                       int rows, int d, float eps, cudaStream_t stream, const EcTerm& y_term = {});
+                       int rows, int d, float eps, cudaStream_t stream);
 
 }  // namespace spear::cuda

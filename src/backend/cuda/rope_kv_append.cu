@@ -5,7 +5,6 @@
 #include <cstdint>
 
 #include "backend/cuda/cuda_check.h"
-#include "backend/cuda/ec_term.cuh"
 #include "backend/cuda/pdl.cuh"
 
 namespace spear::cuda {
@@ -45,20 +44,11 @@ __device__ __forceinline__ void rotate(bf16* v, int i, int half, const float* cs
   }
 }
 
-// kEc: q, k and v first get their deferred compensators' terms (ec_term.cuh), in place, as ec_apply_bf16 would.
-template <bool kPairs2, bool kEc>
-__global__ void rope_kv_append_kernel(bf16* q, bf16* k, bf16* v, int n_heads, int head_dim,
+template <bool kPairs2>
+__global__ void rope_kv_append_kernel(bf16* q, bf16* k, const bf16* __restrict__ v, int n_heads, int head_dim,
                                       const int32_t* __restrict__ positions, const float* __restrict__ inv_freq,
                                       const int32_t* __restrict__ token_seq, const DevSeq* __restrict__ seqs,
-                                      const PagedKvLayer kv, const EcTerm tq, const EcTerm tk, const EcTerm tv) {
-  if constexpr (kEc) {
-    const int nq = n_heads * head_dim;
-    for (int i = threadIdx.x * 8; i < nq; i += blockDim.x * 8) ec_term_prefetch(tq, i, min(8, nq - i));
-    for (int i = threadIdx.x * 8; i < kv.kv_dim; i += blockDim.x * 8) {
-      ec_term_prefetch(tk, i, min(8, kv.kv_dim - i));
-      ec_term_prefetch(tv, i, min(8, kv.kv_dim - i));
-    }
-  }
+                                      const PagedKvLayer kv) {
   pdl_enter();
   extern __shared__ float cs_sn[];  // [half] cos, then [half] sin
   const int half = head_dim / 2;
@@ -67,17 +57,6 @@ __global__ void rope_kv_append_kernel(bf16* q, bf16* k, bf16* v, int n_heads, in
   const int t = blockIdx.x;
   const float angle_pos = float(positions[t]);
   for (int i = threadIdx.x; i < half; i += blockDim.x) sincosf(angle_pos * inv_freq[i], &sn[i], &cs[i]);
-  bf16* qt = q + size_t(t) * size_t(n_heads) * head_dim;
-  bf16* kt = k + size_t(t) * size_t(kv.kv_dim);
-  bf16* vt = v + size_t(t) * size_t(kv.kv_dim);
-  if constexpr (kEc) {  // each element by one thread; the __syncthreads below orders them before the rotation
-    if (tq)
-      for (int i = threadIdx.x; i < n_heads * head_dim; i += blockDim.x) qt[i] = ec_term_add(tq, t, i, qt[i]);
-    if (tk)
-      for (int i = threadIdx.x; i < kv.kv_dim; i += blockDim.x) kt[i] = ec_term_add(tk, t, i, kt[i]);
-    if (tv)
-      for (int i = threadIdx.x; i < kv.kv_dim; i += blockDim.x) vt[i] = ec_term_add(tv, t, i, vt[i]);
-  }
 
   // The cache row of this token (as kv_append_bf16); null when outside the slot's pages.
   const DevSeq sq = seqs[token_seq[t]];
@@ -95,6 +74,8 @@ __global__ void rope_kv_append_kernel(bf16* q, bf16* k, bf16* v, int n_heads, in
   __syncthreads();
 
   const int n_kv_heads = kv.kv_dim / head_dim;
+  bf16* qt = q + size_t(t) * size_t(n_heads) * head_dim;
+  bf16* kt = k + size_t(t) * size_t(kv.kv_dim);
   constexpr int kStep = kPairs2 ? 2 : 1;
   const int per_head = half / kStep;
   for (int e = threadIdx.x; e < (n_heads + n_kv_heads) * per_head; e += blockDim.x) {
@@ -107,6 +88,7 @@ __global__ void rope_kv_append_kernel(bf16* q, bf16* k, bf16* v, int n_heads, in
     }
   }
   if (vd) {
+    const bf16* vt = v + size_t(t) * size_t(kv.kv_dim);
     if (kPairs2 && kv.kv_dim % 8 == 0 && (reinterpret_cast<uintptr_t>(vt) | reinterpret_cast<uintptr_t>(vd)) % 16 == 0) {
       for (int i = threadIdx.x; i < kv.kv_dim / 8; i += blockDim.x)
         reinterpret_cast<uint4*>(vd)[i] = reinterpret_cast<const uint4*>(vt)[i];
@@ -118,10 +100,9 @@ __global__ void rope_kv_append_kernel(bf16* q, bf16* k, bf16* v, int n_heads, in
 
 }  // namespace
 
-void rope_kv_append_bf16(__nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v, int T, int n_heads,
+void rope_kv_append_bf16(__nv_bfloat16* q, __nv_bfloat16* k, const __nv_bfloat16* v, int T, int n_heads,
                          int head_dim, const int32_t* positions, const float* inv_freq, const int32_t* token_seq,
-                         const DevSeq* seqs, const PagedKvLayer& kv, cudaStream_t stream, const EcTerm& q_term,
-                         const EcTerm& k_term, const EcTerm& v_term) {
+                         const DevSeq* seqs, const PagedKvLayer& kv, cudaStream_t stream) {
   if (T <= 0) return;
   SPEAR_CHECK(head_dim > 0 && head_dim % 2 == 0 && head_dim <= 1024, "rope_kv_append_bf16: head_dim {}", head_dim);
   SPEAR_CHECK(kv.kv_dim > 0 && kv.kv_dim % head_dim == 0 && kv.k && kv.v,
@@ -132,11 +113,8 @@ void rope_kv_append_bf16(__nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v, i
   const int work = (n_heads + kv.kv_dim / head_dim) * (head_dim / 2) / (pairs2 ? 2 : 1);
   const int threads = work >= 256 ? 256 : (work + 31) / 32 * 32;
   const size_t smem = size_t(head_dim) * sizeof(float);
-  const bool ec = q_term || k_term || v_term;
-  auto kernel = ec ? (pairs2 ? rope_kv_append_kernel<true, true> : rope_kv_append_kernel<false, true>)
-                   : (pairs2 ? rope_kv_append_kernel<true, false> : rope_kv_append_kernel<false, false>);
-  launch_kernel(kernel, T, threads, smem, stream, q, k, v, n_heads, head_dim, positions, inv_freq, token_seq, seqs, kv,
-                q_term, k_term, v_term);
+  launch_kernel(pairs2 ? rope_kv_append_kernel<true> : rope_kv_append_kernel<false>, T, threads, smem, stream, q, k,
+                v, n_heads, head_dim, positions, inv_freq, token_seq, seqs, kv);
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 

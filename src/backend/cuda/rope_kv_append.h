@@ -8,17 +8,14 @@
 #include <cuda_runtime.h>
 
 #include "backend/cuda/attention.h"
-#include "backend/cuda/ec_term.h"
 
 namespace spear::cuda {
 
 // For token t (position positions[t], sequence token_seq[t]): q[t] (n_heads heads) and k[t] (kv.kv_dim / head_dim
 // heads) rotated in place (rotate-half convention, angle = position · inv_freq[i] in fp32), then k[t] and v[t]
-// written into the sequence's pages at its position (as kv_append_bf16). The terms: deferred compensators of the q, k
-// and v projections, added in place first (bit-identical to ec_apply_bf16 on each, then this kernel).
-void rope_kv_append_bf16(__nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v, int T, int n_heads,
+// written into the sequence's pages at its position (as kv_append_bf16).
+void rope_kv_append_bf16(__nv_bfloat16* q, __nv_bfloat16* k, const __nv_bfloat16* v, int T, int n_heads,
                          int head_dim, const int32_t* positions, const float* inv_freq, const int32_t* token_seq,
-                         const DevSeq* seqs, const PagedKvLayer& kv, cudaStream_t stream, const EcTerm& q_term = {},
-                         const EcTerm& k_term = {}, const EcTerm& v_term = {});
+                         const DevSeq* seqs, const PagedKvLayer& kv, cudaStream_t stream);
 
 }  // namespace spear::cuda

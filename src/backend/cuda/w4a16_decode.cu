@@ -51,7 +51,6 @@ struct W4DecodeParams {
   // Fused compensators (w4a16_ec.cuh): blockIdx.x < ec_cols are EC CTAs (the W4 CTAs follow).
   // ec_rmax / ec_gmax: the largest rank / gate width (shared memory).
   int ec_cols, ec_rmax, ec_gmax;
-  int ec_defer;         // deferred ECs: the W4 CTAs take no part; the last EC CTA writes g ⊙ z (w4a16_ec.cuh)
   W4PeerMirror mirror;  // P2P dual-write of the output (count 1; ranks <= 1: none)
   W4FuseDev fx;         // decode-step fusions (w4a16_fusion.cuh; m <= 8, without mirror; the W4 CTAs run the tails)
 };
@@ -89,7 +88,6 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     pdl_launch_dependents();
     pdl_wait();
     ec_slice(ec, slice, a, p.x, p.m, p.k, smem);
-    if (p.ec_defer) ec_finish_deferred(ec, p.m, smem, [] { __syncthreads(); });
     return;
   }
 
@@ -100,7 +98,6 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
   for (int i = 1; i < kDecMaxMats; ++i)
     if (i < p.count && int(blockIdx.x) >= p.mat[i].rg_begin) mi = i;
   const W4DecMat& mt = p.mat[mi];
-  const bool has_ec = mt.has_ec && !p.ec_defer;  // this CTA adds the EC's term (CTA-uniform)
   const int rgl = int(blockIdx.x) - mt.rg_begin;
   const int rsub = warp % R, ks = warp / R;
   const int tile = rgl * R + rsub;
@@ -144,7 +141,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
     cp_async_commit();
   }
-  if (has_ec) {  // this CTA's rows of B and the gate
+  if (mt.has_ec) {  // this CTA's rows of B and the gate
     ec_prefetch_constants(mt.ec, rgl * R * 16, R * 16, mt.n, ecb, ecgs);
     cp_async_commit();
   }
@@ -156,7 +153,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
   // register through the main loop): its latency hides behind the staging.
   __shared__ uint32_t ec_ep;
   uint32_t ep = 0;
-  if (has_ec && tid == 0) ep = ec_epoch(mt.ec);
+  if (mt.has_ec && tid == 0) ep = ec_epoch(mt.ec);
 
   float b_lo = 0.f, b_hi = 0.f;
   if (tile_ok && mt.bias) {
@@ -177,7 +174,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
   }
   cp_async_commit();
   cp_async_wait<0>();
-  if (has_ec && tid == 0) ec_ep = ep;
+  if (mt.has_ec && tid == 0) ec_ep = ep;
   __syncthreads();
 
   // ldmatrix lane addresses (see the general kernel), one per pair of token tiles; rows >= m read row 0.
@@ -285,7 +282,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     if constexpr (kGrouped) fold();
   }
   EcPoll ec_pre;
-  if (has_ec) ec_poll_issue(mt.ec, p.m, ec_pre);
+  if (mt.has_ec) ec_poll_issue(mt.ec, p.m, ec_pre);
 
   // 5. Reduction: each warp's scaled partial tile (grouped: scaled per group in fold).
   {
@@ -312,8 +309,8 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
   }
   __syncthreads();
-  if (has_ec) ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, &ec_pre, [] { __syncthreads(); });
-  const int ecr = has_ec ? mt.ec.rank : 0;
+  if (mt.has_ec) ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, &ec_pre, [] { __syncthreads(); });
+  const int ecr = mt.has_ec ? mt.ec.rank : 0;
   const __nv_bfloat16* ecb_lo = ecb + (rsub * 16 + g) * ecr;
   const __nv_bfloat16* ecb_hi = ecb_lo + 8 * ecr;
 
@@ -406,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     cluster.sync();  // no CTA leaves while another still reads its shared memory
   }
 #endif
-  if (has_ec && tid == 0)  // the EC's readers: the matrix's W4 CTAs
+  if (mt.has_ec && tid == 0)  // the EC's readers: the matrix's W4 CTAs
     ec_leave(mt.ec, rgl * int(gridDim.y) + int(blockIdx.y), (mt.n_tiles + R - 1) / R * int(gridDim.y));
   if (T == 1 && p.fx.norm_out) {  // fusions run at m <= 8 only: the other instances need no tail code
     __shared__ int last;
@@ -452,9 +449,8 @@ void set_ec_params(W4DecodeParams& p, const W4EcDevice* const* ec, const EcPlanI
     col += p.mat[i].ec.cols;
   }
   p.ec_cols = col;
-  p.ec_defer = info.deferred ? 1 : 0;
-  p.ec_rmax = info.deferred ? 0 : info.rmax;  // the W4 CTAs' shared memory holds no EC state then
-  p.ec_gmax = info.deferred ? 0 : info.gmax;
+  p.ec_rmax = info.rmax;
+  p.ec_gmax = info.gmax;
 }
 
 }  // namespace

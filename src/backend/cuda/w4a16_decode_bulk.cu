@@ -48,7 +48,6 @@ struct W4BulkParams {
   const __nv_bfloat16* x;
   int count, m, k, kblocks, stages, xs_stride, x_vec;
   int ec_cols, ec_rmax, ec_gmax;  // fused ECs: blockIdx.x < ec_cols are EC CTAs; largest rank / gate width
-  int ec_defer;                   // deferred ECs: the W4 CTAs take no part (w4a16_ec.cuh)
   W4FuseDev fx;                   // decode-step fusions (w4a16_fusion.cuh; the W4 CTAs run the tails)
 };
 
@@ -81,7 +80,6 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
     pdl_launch_dependents();
     pdl_wait();
     ec_slice(ec, int(blockIdx.x) - ec.col0, a, p.x, p.m, p.k, smem);
-    if (p.ec_defer && (threadIdx.x >> 5) < kWarps) ec_finish_deferred(ec, p.m, smem, consumers_sync);
     return;
   }
   const int NS = p.stages;
@@ -94,7 +92,6 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   for (int i = 1; i < 4; ++i)
     if (i < p.count && int(blockIdx.x) >= p.mat[i].tile_begin) mi = i;
   const W4BulkMat& mt = p.mat[mi];
-  const bool has_ec = mt.has_ec && !p.ec_defer;  // this CTA adds the EC's term (CTA-uniform)
   const int gmax = mt.group_steps ? mt.groups : 0;
   uint16_t* zs = reinterpret_cast<uint16_t*>(ss + gmax * 16);
   float4* red = reinterpret_cast<float4*>(zs + gmax * 16);  // 16-byte aligned: gmax · 96 bytes before it
@@ -143,11 +140,11 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   } else {
     load_channel_params(mt.scales, mt.zeros, r_lo, r_hi, nz_lo, nz_hi, sc_lo, sc_hi);
   }
-  if (has_ec) ec_prefetch_constants(mt.ec, tile * 16, 16, mt.n, ecb, ecgs);  // the tile's rows of B, the gate
+  if (mt.has_ec) ec_prefetch_constants(mt.ec, tile * 16, 16, mt.n, ecb, ecgs);  // the tile's rows of B, the gate
   pdl_launch_dependents();
   pdl_wait();
   uint32_t ep = 0;  // the launch's EC epoch: loaded now, parked in shared memory after the x staging
-  if (has_ec && threadIdx.x == 0) ep = ec_epoch(mt.ec);
+  if (mt.has_ec && threadIdx.x == 0) ep = ec_epoch(mt.ec);
   {  // x rows [0, m), all of k_pad (zero beyond k)
     const int segs = p.kblocks * (kKBlock / 8);
     for (int i = threadIdx.x; i < p.m * segs; i += kThreads) {
@@ -157,7 +154,7 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   }
   cp_async_commit();
   cp_async_wait<0>();
-  if (has_ec && threadIdx.x == 0) ec_ep = ep;
+  if (mt.has_ec && threadIdx.x == 0) ec_ep = ep;
   consumers_sync();
 
   // ldmatrix rows: token rows >= m alias row 0 (computed, never stored).
@@ -203,10 +200,10 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
     fold_group<1>(acc, part, sc_lo, sc_hi);
   }
   EcPoll ec_pre;
-  if (has_ec) ec_poll_issue(mt.ec, p.m, ec_pre);
+  if (mt.has_ec) ec_poll_issue(mt.ec, p.m, ec_pre);
   red[warp * 32 + lane] = make_float4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]);
   consumers_sync();
-  if (has_ec) ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, &ec_pre, consumers_sync);
+  if (mt.has_ec) ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, &ec_pre, consumers_sync);
   if (warp == 0) {  // the CTA's sum in warp order, the epilogue
     float4 sum = red[lane];
     for (int q = 1; q < kWarps; ++q) {
@@ -220,7 +217,7 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
     }
     const int tok = 2 * t;
     float e0 = 0.f, e1 = 0.f, e2 = 0.f, e3 = 0.f;  // B·(g ⊙ z) of (r_lo, tok), (r_lo, tok + 1), (r_hi, ...)
-    if (has_ec && tok < p.m) {
+    if (mt.has_ec && tok < p.m) {
       const int r = mt.ec.rank;
       ec_terms(ecb + g * r, ecb + (g + 8) * r, eczs + tok * r, eczs + (tok + 1) * r, r, tok + 1 < p.m, e0, e1, e2, e3);
     }
@@ -236,7 +233,7 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
     }
     if (p.fx.swiglu_out) swiglu_pair_tail(p.fx, p.mat[0].y, p.mat[1].y, mt.n, p.m, tile, lane);
   }
-  if (has_ec && threadIdx.x == 0) ec_leave(mt.ec, tile, mt.n_pad / 16);  // the EC's readers: the tiles
+  if (mt.has_ec && threadIdx.x == 0) ec_leave(mt.ec, tile, mt.n_pad / 16);  // the EC's readers: the tiles
   if (p.fx.norm_out) {
     __shared__ int last;
     norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, gridDim.x - p.ec_cols, reinterpret_cast<float*>(red), &last,
@@ -272,12 +269,9 @@ namespace {
 
 size_t bulk_launch_smem(int m, const W4Device* w, int count, const EcPlanInfo* ec) {
   const int kblocks = w[0].k_pad / kKBlock;
-  const bool w4_ec = ec && !ec->deferred;  // the W4 CTAs hold EC state (not in deferred launches)
-  const size_t smem = bulk_smem_bytes(m, kblocks, bulk_stages(kblocks), bulk_gmax(w, count), w4_ec ? ec->rmax : 0,
-                                      w4_ec ? ec->gmax : 0);
-  if (!ec) return smem;
-  return std::max({smem, ec_cta_smem_bytes(m, ec->cpr_max),
-                   ec->deferred ? ec_finish_smem_bytes(m, ec->rmax, ec->gmax) : size_t(0)});
+  const size_t smem = bulk_smem_bytes(m, kblocks, bulk_stages(kblocks), bulk_gmax(w, count), ec ? ec->rmax : 0,
+                                      ec ? ec->gmax : 0);
+  return ec ? std::max(smem, ec_cta_smem_bytes(m, ec->cpr_max)) : smem;
 }
 
 std::atomic<uint64_t> g_bulk_ec_launches{0};
@@ -296,10 +290,6 @@ bool bulk_ec_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec, in
   long ctas = ec.cols(1);
   for (int i = 0; i < count; ++i) ctas += w[i].n_pad / 16;
   return per_sm >= 1 && ctas <= long(per_sm) * sm_count;
-}
-
-bool bulk_ec_deferred_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec) {
-  return ec.deferred && bulk_takes(m, w, count) && bulk_launch_smem(m, w, count, &ec) + 1024 <= device_facts().smem_optin;
 }
 
 void set_bulk_max_smem(int bytes) {
@@ -326,9 +316,8 @@ void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, co
       p.mat[i].ec = dec_ec_of(*ec[i], p.k, ec_info->base_slices[i], 1, p.ec_cols);
       p.ec_cols += p.mat[i].ec.cols;
     }
-    p.ec_defer = ec_info->deferred ? 1 : 0;
-    p.ec_rmax = ec_info->deferred ? 0 : ec_info->rmax;  // the W4 CTAs' shared memory holds no EC state then
-    p.ec_gmax = ec_info->deferred ? 0 : ec_info->gmax;
+    p.ec_rmax = ec_info->rmax;
+    p.ec_gmax = ec_info->gmax;
   }
   int tiles = p.ec_cols;
   for (int i = 0; i < count; ++i) {

@@ -22,8 +22,6 @@ W4DecEc dec_ec_of(const W4EcDevice& e, int k, int base_slices, int S, int col0) 
   d.gate_width = e.W1 ? e.gate_width : 0;
   d.epochs = static_cast<unsigned long long*>(e.scratch);
   d.zpart = reinterpret_cast<unsigned long long*>(static_cast<char*>(e.scratch) + kEcCounterBytes);
-  d.ticket = reinterpret_cast<unsigned*>(static_cast<char*>(e.scratch) + 8);
-  d.gz = reinterpret_cast<float*>(static_cast<char*>(e.scratch) + kEcCounterBytes + ec_zpart_bytes(e.rank));
   d.cpr = ec_cpr(e.rank, k);
   d.cols = (base_slices + S - 1) / S;
   d.slices = d.cols * S;
@@ -43,8 +41,7 @@ int ec_cpr(int rank, int k) {
 // The constants are rough H100/H200 figures; the choice only needs to be near the best, not exact.
 DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count, int force_r, int force_s,
                        const EcPlanInfo* ec) {
-  const bool deferred = ec && ec->deferred;  // the W4 CTAs neither wait nor hold EC state
-  const int ec_rmax = ec && !deferred ? ec->rmax : 0, ec_gmax = ec && !deferred ? ec->gmax : 0;
+  const int ec_rmax = ec ? ec->rmax : 0, ec_gmax = ec ? ec->gmax : 0;
   const DeviceFacts& dev = device_facts();
   sm_count = std::max(sm_count, 1);
   const int kblocks = w[0].k_pad / kKBlock;
@@ -77,9 +74,8 @@ DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count,
       for (int i = 0; i < count; ++i)
         if (w[i].groups > 1) gmax = std::max(gmax, std::min(w[i].groups, (cta_cols - 1) / w[i].group_size + 2));
       const int xs_stride = cta_cols + 8;
-      const size_t smem = std::max({dec_smem_bytes(T, R, gmax, m, xs_stride, ec_rmax, ec_gmax),
-                                    ec ? ec_cta_smem_bytes(m, ec->cpr_max) : size_t(0),
-                                    deferred ? ec_finish_smem_bytes(m, ec->rmax, ec->gmax) : size_t(0)});
+      const size_t smem = std::max(dec_smem_bytes(T, R, gmax, m, xs_stride, ec_rmax, ec_gmax),
+                                   ec ? ec_cta_smem_bytes(m, ec->cpr_max) : size_t(0));
       if (smem + kDecStaticSmemMargin > dev.smem_optin) continue;
       const int resident = std::min<int>(dec_min_blocks(T, count > 0 && w[0].groups > 1),
                                          int(dev.smem_per_sm / std::max<size_t>(smem + dev.smem_reserved, 1)));
@@ -87,7 +83,7 @@ DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count,
       const long ctas = ctas_x * S;
       const long slots = long(sm_count) * resident;
       const long waves = (ctas + slots - 1) / slots;
-      if (ec && !deferred && waves > 1) continue;
+      if (ec && waves > 1) continue;
       const long in_wave = std::min(ctas, slots);
       const long sms_used = std::min<long>(in_wave, sm_count);
       const long ctas_per_sm = (in_wave + sm_count - 1) / sm_count;
@@ -233,28 +229,6 @@ bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int coun
     launch_bulk(x, m, w, count, bias, y, o, stream, nullptr, ec, info.n ? &info : nullptr);
   else
     launch_plan(plan, x, m, w, count, bias, y, o, stream, ec, info.n ? &info : nullptr);
-  return true;
-}
-
-// The plain launch's plan (tuned or modelled) with the EC CTAs added: the W4 CTAs do what they do without ECs.
-bool launch_decode_ec_deferred(const __nv_bfloat16* x, int m, const W4Device* w, int count,
-                               const W4EcDevice* const* ec, const __nv_bfloat16* const* bias, __nv_bfloat16* const* y,
-                               int sm_count, const W4GemmOptions& o, cudaStream_t stream) {
-  if (!ec_fusable(m, w, count, ec) || (reinterpret_cast<uintptr_t>(x) & 15) != 0) return false;
-  EcPlanInfo info = ec_plan_info(w[0].k, count, ec);
-  if (info.n == 0) return false;
-  info.deferred = true;
-  const DecodePlan plain = choose_plan(m, w, count, sm_count, o);
-  if (plain.R == 0) return false;
-  if (plain.R == kBulkPlan && bulk_ec_deferred_takes(m, w, count, info)) {
-    launch_bulk(x, m, w, count, bias, y, o, stream, nullptr, ec, &info);
-    return true;
-  }
-  const int T = token_tiles(m);
-  DecodePlan plan = plain.R == kBulkPlan ? DecodePlan{} : plan_decode(T, m, w, count, sm_count, plain.R, plain.S, &info);
-  if (plan.R == 0) plan = plan_decode(T, m, w, count, sm_count, 0, 0, &info);
-  if (plan.R == 0) return false;
-  launch_plan(plan, x, m, w, count, bias, y, o, stream, ec, &info);
   return true;
 }
 

@@ -35,7 +35,6 @@ __host__ __device__ constexpr size_t dec_smem_bytes(int T, int R, int gmax, int 
 // The fused compensators of a launch as the planner needs them.
 struct EcPlanInfo {
   int n = 0, rmax = 0, gmax = 0, cpr_max = 0;
-  bool deferred = false;              // w4a16_gemm_ec_deferred: no wait, any number of waves
   int base_slices[kDecMaxMats] = {};  // k-slices of each EC (0: matrix without one)
   int cols(int S) const {             // EC CTA columns with S CTAs per cluster column
     int c = 0;
@@ -78,8 +77,6 @@ void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4
 // Whether the bulk-copy kernel takes the launch with these fused compensators: every CTA (EC CTAs and one per
 // 16-row tile) resident at once on sm_count SMs.
 bool bulk_ec_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec, int sm_count);
-// Whether it takes the deferred launch (ec.deferred; shared memory only: nothing waits).
-bool bulk_ec_deferred_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec);
 
 // The kernels' form of a W4Fusion (null: none).
 W4FuseDev fuse_of(const W4Fusion* f);

@@ -18,13 +18,8 @@
 // Nothing has to wait for a last CTA or clean up after it (a ticket and a reset by the last reader cost about
 // 1 µs at the end of every compensated launch).
 //
-// Deferred launches (w4a16_gemm_ec_deferred): the W4 CTAs take no part; each EC CTA takes a ticket after storing
-// its slice, and the last one sums the slices, applies the gate and writes g ⊙ z [m][rank] for the kernel that
-// reads y next (ec_term.cuh), then resets the ticket and adds the whole kEcEpochUnit itself (the only reader).
-//
-// Scratch of one EC (w4a16_ec_scratch_bytes, prepared by w4a16_ec_scratch_init): the counter (8 bytes) and the
-// deferred launch's ticket (4 bytes) in kEcCounterBytes, the k-slice partial sums [kEcMaxSlices][32][rank], each
-// 64 bits: fp32 value | epoch << 32 (one single-copy-atomic store), then a deferred launch's g ⊙ z [32][rank] fp32.
+// Scratch of one EC (w4a16_ec_scratch_bytes, prepared by w4a16_ec_scratch_init): the counter, then the k-slice
+// partial sums [kEcMaxSlices][32][rank], each 64 bits: fp32 value | epoch << 32 (one single-copy-atomic store).
 #pragma once
 
 #include <cstddef>
@@ -42,9 +37,8 @@ constexpr int kEcCounterBytes = 16;
 constexpr unsigned long long kEcEpochUnit = 1ull << 20;  // > any number of reader CTAs
 constexpr uint32_t kEcNoEpoch = 0xFFFFFFFFu;             // the tag of never-written entries
 
-__host__ __device__ constexpr size_t ec_zpart_bytes(int rank) { return size_t(8) * 32 * rank * kEcMaxSlices; }
 __host__ __device__ constexpr size_t ec_scratch_bytes(int rank) {
-  return size_t(kEcCounterBytes) + ec_zpart_bytes(rank) + size_t(4) * 32 * rank;
+  return size_t(kEcCounterBytes) + size_t(8) * 32 * rank * kEcMaxSlices;
 }
 
 // One fused EC as the kernel sees it (inside W4DecodeParams, by value).
@@ -54,8 +48,6 @@ struct W4DecEc {
   const float *W1, *b1, *W2, *b2;
   unsigned long long* epochs;  // the readers' shares (see above)
   unsigned long long* zpart;   // [kEcMaxSlices][32][rank]: value | epoch << 32
-  unsigned* ticket;            // deferred launches: EC CTAs done
-  float* gz;                   // deferred launches: g ⊙ z [m][rank]
   int rank, gate_width;
   int cpr;             // 256-column chunks per slice (kc = 256 · cpr)
   int slices;          // cols · gridDim.y
@@ -319,40 +311,6 @@ __device__ __forceinline__ void ec_leave(const W4DecEc& e, int index, int reader
   const unsigned long long share = kEcEpochUnit / unsigned(readers);
   const unsigned long long add = index == 0 ? kEcEpochUnit - share * unsigned(readers - 1) : share;
   asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(e.epochs), "l"(add) : "memory");
-}
-
-// Shared memory of the deferred launch's last EC CTA: the gate, z, g ⊙ z and the gate's hidden layer (fp32).
-__host__ __device__ constexpr size_t ec_finish_smem_bytes(int m, int rank, int gw) {
-  return (size_t(ec_gate_floats(rank, gw)) + size_t(2) * m * rank + size_t(m) * ((gw + 3) & ~3)) * 4;
-}
-
-// A deferred launch's EC CTA after ec_slice: the last one to finish (ticket) sums the slices, applies the gate and
-// writes g ⊙ z for tokens [0, m) to e.gz (see the file header). smem: ec_finish_smem_bytes (x is staged no more).
-// Every thread of warps 0-7 calls it; barrier() syncs them.
-template <class Barrier>
-__device__ __forceinline__ void ec_finish_deferred(const W4DecEc& e, int m, unsigned char* smem, Barrier barrier) {
-  __shared__ int ec_last;
-  __threadfence();  // this thread's entries, before the CTA's ticket
-  barrier();
-  if (threadIdx.x == 0) ec_last = atomicAdd(e.ticket, 1u) == unsigned(e.slices - 1);
-  barrier();
-  if (!ec_last) return;
-  __threadfence();
-  const int r = e.rank, gw = e.gate_width;
-  float* gs = reinterpret_cast<float*>(smem);
-  float* zt = gs + ec_gate_floats(r, gw);
-  float* zg = zt + m * r;
-  float* hb = zg + m * r;
-  ec_prefetch_gate(e, gs);
-  cp_async_commit();
-  cp_async_wait<0>();
-  barrier();
-  ec_gate(e, ec_epoch(e), m, zg, zt, hb, gs, nullptr, barrier);
-  for (int i = threadIdx.x; i < m * r; i += kThreads) e.gz[i] = zg[i];
-  if (threadIdx.x == 0) {
-    *e.ticket = 0u;
-    ec_leave(e, 0, 1);
-  }
 }
 
 // B·(g ⊙ z) of rows lo / hi for tokens tok / tok + 1 (bl, bh: the rows of B; z0, z1: the tokens' g ⊙ z, all in

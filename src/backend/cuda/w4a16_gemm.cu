@@ -691,29 +691,6 @@ bool w4a16_gemm_ec(const __nv_bfloat16* x, int m, const W4Device* w, int count, 
   return launch_decode_ec(x, m, w, count, ec, bias, y, sm_count, o, stream);
 }
 
-bool w4a16_gemm_ec_deferred(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4EcDevice* const* ec,
-                            const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count,
-                            cudaStream_t stream) {
-  SPEAR_CHECK(count >= 1 && count <= kW4MaxGrouped, "w4a16_gemm_ec_deferred: count {} (1..{})", count, kW4MaxGrouped);
-  SPEAR_CHECK(w && y && x && ec, "w4a16_gemm_ec_deferred: null x, matrix, output or compensator array");
-  if (m <= 0) return true;
-  for (int i = 0; i < count; ++i) {
-    check_device_weights(w[i]);
-    SPEAR_CHECK(y[i], "w4a16_gemm_ec_deferred: null y[{}]", i);
-    if (ec[i])
-      SPEAR_CHECK(ec[i]->rank >= 1 && ec[i]->A && ec[i]->B && ec[i]->scratch,
-                  "w4a16_gemm_ec_deferred: compensator {} has rank {} or a null A, B or scratch", i, ec[i]->rank);
-  }
-  const W4GemmOptions o = options_now();
-  if (o.path == 2) return false;
-  return launch_decode_ec_deferred(x, m, w, count, ec, bias, y, sm_count, o, stream);
-}
-
-const float* w4a16_ec_gz(const W4EcDevice& ec) {
-  return reinterpret_cast<const float*>(static_cast<const char*>(ec.scratch) + kEcCounterBytes +
-                                        ec_zpart_bytes(ec.rank));
-}
-
 size_t w4a16_fusion_counter_bytes() { return kFusedCounterBytes; }
 
 bool w4a16_fusable(int m, const W4Device* w, int count, const W4Fusion& f, __nv_bfloat16* const* y,

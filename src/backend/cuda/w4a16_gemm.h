@@ -136,17 +136,6 @@ bool w4a16_ec_fusable(int m, const W4Device* w, int count, const W4EcDevice* con
 bool w4a16_gemm_ec(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4EcDevice* const* ec,
                    const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count, cudaStream_t stream);
 
-// ---- Deferred compensators (m <= 32): the launch of w4a16_gemm_ec without its wait. y[i] = x · dequant(W_i)ᵀ +
-// bias[i] only (bit-identical to w4a16_gemm under the same plan: the W4 CTAs run as without compensators, under the
-// plain launch's plan, in any number of waves), and the last EC CTA of each compensator writes g ⊙ z [m][rank] fp32
-// to w4a16_ec_gz(*ec[i]) for the kernel that reads y[i] next to add B·(g ⊙ z) (ec_term.h), so that no W4 CTA waits
-// for A·x and the decode plan stays the fast one. Returns false (nothing enqueued) where w4a16_ec_fusable is false or
-// x is not 16-byte aligned. The gz buffer is the compensator's: valid until its next launch.
-bool w4a16_gemm_ec_deferred(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4EcDevice* const* ec,
-                            const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count,
-                            cudaStream_t stream);
-const float* w4a16_ec_gz(const W4EcDevice& ec);  // [32][rank] inside the scratch
-
 // ---- Decode-step fusions (m <= 8): the residual add after a linear in the decode kernel's epilogue, and the
 // element-wise step that follows the GEMM done inside its launch (the RMSNorm of the next linear's input by the CTA
 // that finishes last; SwiGLU of a gate / up tile pair by the second of its two CTAs), so a decode layer needs no

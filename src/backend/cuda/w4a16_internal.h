@@ -47,11 +47,6 @@ bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int coun
                       const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count,
                       const W4GemmOptions& o, cudaStream_t stream);
 
-// The deferred form (w4a16_gemm_ec_deferred; w4a16_decode_plan.cu).
-bool launch_decode_ec_deferred(const __nv_bfloat16* x, int m, const W4Device* w, int count,
-                               const W4EcDevice* const* ec, const __nv_bfloat16* const* bias, __nv_bfloat16* const* y,
-                               int sm_count, const W4GemmOptions& o, cudaStream_t stream);
-
 // The decode launch with the decode-step fusions (w4a16_decode_plan.cu), with fused compensators where ec is set;
 // false when it cannot take it.
 bool decode_fusable(int m, const W4Device* w, int count, const W4Fusion& f, __nv_bfloat16* const* y,
