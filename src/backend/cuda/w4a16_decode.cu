@@ -85,9 +85,13 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     const int slice = (int(blockIdx.x) - ec.col0) * int(gridDim.y) + int(blockIdx.y);
     uint4 a[kEcRing];
     ec_prefetch(ec, slice, p.k, a);
+    float* gs = reinterpret_cast<float*>(smem + ec_cta_smem_bytes(p.m, ec.cpr));  // after the x staging
+    ec_prefetch_gate(ec, gs);
+    cp_async_commit();
     pdl_launch_dependents();
     pdl_wait();
     ec_slice(ec, slice, a, p.x, p.m, p.k, smem);
+    ec_finish(ec, p.m, gs, [] { __syncthreads(); });
     return;
   }
 
@@ -141,8 +145,8 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
     cp_async_commit();
   }
-  if (mt.has_ec) {  // this CTA's rows of B and the gate
-    ec_prefetch_constants(mt.ec, rgl * R * 16, R * 16, mt.n, ecb, ecgs);
+  if (mt.has_ec) {  // this CTA's rows of B
+    ec_prefetch_b(mt.ec, rgl * R * 16, R * 16, mt.n, ecb);
     cp_async_commit();
   }
 
@@ -281,8 +285,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
     if constexpr (kGrouped) fold();
   }
-  EcPoll ec_pre;
-  if (mt.has_ec) ec_poll_issue(mt.ec, p.m, ec_pre);
+  const unsigned long long ec_pre = mt.has_ec ? ec_gz_issue(mt.ec, p.m) : 0ull;
 
   // 5. Reduction: each warp's scaled partial tile (grouped: scaled per group in fold).
   {
@@ -309,7 +312,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
   }
   __syncthreads();
-  if (mt.has_ec) ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, &ec_pre, [] { __syncthreads(); });
+  if (mt.has_ec) ec_gz_wait(mt.ec, ec_ep, p.m, eczs, ec_pre, [] { __syncthreads(); });
   const int ecr = mt.has_ec ? mt.ec.rank : 0;
   const __nv_bfloat16* ecb_lo = ecb + (rsub * 16 + g) * ecr;
   const __nv_bfloat16* ecb_hi = ecb_lo + 8 * ecr;

@@ -77,9 +77,13 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
     const W4DecEc& ec = p.mat[e].ec;
     uint4 a[kEcRing];
     ec_prefetch(ec, int(blockIdx.x) - ec.col0, p.k, a);
+    float* gs = reinterpret_cast<float*>(smem + ec_cta_smem_bytes(p.m, ec.cpr));  // after the x staging
+    if ((threadIdx.x >> 5) < kWarps) ec_prefetch_gate(ec, gs);
+    cp_async_commit();
     pdl_launch_dependents();
     pdl_wait();
     ec_slice(ec, int(blockIdx.x) - ec.col0, a, p.x, p.m, p.k, smem);
+    if ((threadIdx.x >> 5) < kWarps) ec_finish(ec, p.m, gs, consumers_sync);
     return;
   }
   const int NS = p.stages;
@@ -140,7 +144,7 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   } else {
     load_channel_params(mt.scales, mt.zeros, r_lo, r_hi, nz_lo, nz_hi, sc_lo, sc_hi);
   }
-  if (mt.has_ec) ec_prefetch_constants(mt.ec, tile * 16, 16, mt.n, ecb, ecgs);  // the tile's rows of B, the gate
+  if (mt.has_ec) ec_prefetch_b(mt.ec, tile * 16, 16, mt.n, ecb);  // the tile's rows of B
   pdl_launch_dependents();
   pdl_wait();
   uint32_t ep = 0;  // the launch's EC epoch: loaded now, parked in shared memory after the x staging
@@ -199,11 +203,10 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   } else {
     fold_group<1>(acc, part, sc_lo, sc_hi);
   }
-  EcPoll ec_pre;
-  if (mt.has_ec) ec_poll_issue(mt.ec, p.m, ec_pre);
+  const unsigned long long ec_pre = mt.has_ec ? ec_gz_issue(mt.ec, p.m) : 0ull;
   red[warp * 32 + lane] = make_float4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]);
   consumers_sync();
-  if (mt.has_ec) ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, &ec_pre, consumers_sync);
+  if (mt.has_ec) ec_gz_wait(mt.ec, ec_ep, p.m, eczs, ec_pre, consumers_sync);
   if (warp == 0) {  // the CTA's sum in warp order, the epilogue
     float4 sum = red[lane];
     for (int q = 1; q < kWarps; ++q) {
@@ -271,7 +274,7 @@ size_t bulk_launch_smem(int m, const W4Device* w, int count, const EcPlanInfo* e
   const int kblocks = w[0].k_pad / kKBlock;
   const size_t smem = bulk_smem_bytes(m, kblocks, bulk_stages(kblocks), bulk_gmax(w, count), ec ? ec->rmax : 0,
                                       ec ? ec->gmax : 0);
-  return ec ? std::max(smem, ec_cta_smem_bytes(m, ec->cpr_max)) : smem;
+  return ec ? std::max(smem, ec_cta_smem_bytes(m, ec->cpr_max) + ec_finish_smem_bytes(m, ec->rmax, ec->gmax)) : smem;
 }
 
 std::atomic<uint64_t> g_bulk_ec_launches{0};

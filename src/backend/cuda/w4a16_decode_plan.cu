@@ -22,6 +22,8 @@ W4DecEc dec_ec_of(const W4EcDevice& e, int k, int base_slices, int S, int col0) 
   d.gate_width = e.W1 ? e.gate_width : 0;
   d.epochs = static_cast<unsigned long long*>(e.scratch);
   d.zpart = reinterpret_cast<unsigned long long*>(static_cast<char*>(e.scratch) + kEcCounterBytes);
+  d.ticket = reinterpret_cast<unsigned*>(static_cast<char*>(e.scratch) + 8);
+  d.gz = reinterpret_cast<unsigned long long*>(static_cast<char*>(e.scratch) + kEcCounterBytes + ec_zpart_bytes(e.rank));
   d.cpr = ec_cpr(e.rank, k);
   d.cols = (base_slices + S - 1) / S;
   d.slices = d.cols * S;
@@ -75,7 +77,8 @@ DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count,
         if (w[i].groups > 1) gmax = std::max(gmax, std::min(w[i].groups, (cta_cols - 1) / w[i].group_size + 2));
       const int xs_stride = cta_cols + 8;
       const size_t smem = std::max(dec_smem_bytes(T, R, gmax, m, xs_stride, ec_rmax, ec_gmax),
-                                   ec ? ec_cta_smem_bytes(m, ec->cpr_max) : size_t(0));
+                                   ec ? ec_cta_smem_bytes(m, ec->cpr_max) + ec_finish_smem_bytes(m, ec->rmax, ec->gmax)
+                                      : size_t(0));
       if (smem + kDecStaticSmemMargin > dev.smem_optin) continue;
       const int resident = std::min<int>(dec_min_blocks(T, count > 0 && w[0].groups > 1),
                                          int(dev.smem_per_sm / std::max<size_t>(smem + dev.smem_reserved, 1)));

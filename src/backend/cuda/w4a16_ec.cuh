@@ -4,22 +4,26 @@
 // The launch gets extra leading CTA columns, the EC CTAs: each computes one k-slice of z = A·x, its slice of A
 // (rank × 256·cpr columns) loaded into registers before griddepcontrol.wait, so those loads are among the
 // first in the memory queue, and stores its partial sums into the scratch, each tagged with the launch's
-// epoch. The W4 CTAs of a compensated matrix, after their own reduction, poll their entries until every tag
-// is this launch's (the value is its own flag: no release fence on the EC side, no flag load on the W4 side),
-// sum the slices in order, apply the gate themselves (parameters prefetched) and add B·(g ⊙ z) from their
-// prefetched rows of B. Every CTA of the launch is resident at once (the planner only takes one-wave plans
+// epoch. Each EC CTA then takes a ticket; the last one sums the slices in order, applies the gate (its parameters
+// prefetched before the wait) and stores g ⊙ z [m][rank], each entry tagged with the epoch too. The W4 CTAs of a
+// compensated matrix issue their loads of those m · rank entries right after their main loop, check the tags
+// after their own reduction (the value is its own flag: no release fence on the EC side, no flag load on the W4
+// side; a W4 CTA polls again only where the gate is not there yet) and add B·(g ⊙ z) from their prefetched rows
+// of B. The slice sum and the gate thus run once, on the EC side, while the W4 CTAs stream their weights (when
+// every W4 CTA summed the slices and applied the gate itself, that chain of round trips and barriers was the tail
+// of every compensated launch). Every CTA of the launch is resident at once (the planner only takes one-wave plans
 // with ECs), so the wait cannot deadlock whatever order the CTAs start in.
 //
 // Epochs without a reset: every W4 CTA of the matrix adds its share of kEcEpochUnit to a 64-bit counter as
 // it leaves (fire and forget), the shares of one launch summing to exactly kEcEpochUnit. A CTA reads the
 // counter after griddepcontrol.wait, when every earlier launch has completed and this launch's readers have
-// added at most all shares but their own (an EC CTA reads it before any reader can have seen its entries),
-// so counter / kEcEpochUnit is the launch's number in every CTA, whatever the plan and the number of readers.
-// Nothing has to wait for a last CTA or clean up after it (a ticket and a reset by the last reader cost about
-// 1 µs at the end of every compensated launch).
+// added at most all shares but their own (an EC CTA reads it before any reader can have seen g ⊙ z, which needs
+// every EC CTA's ticket), so counter / kEcEpochUnit is the launch's number in every CTA, whatever the plan and the
+// number of readers. The ticket goes back to zero by the last EC CTA's own store.
 //
-// Scratch of one EC (w4a16_ec_scratch_bytes, prepared by w4a16_ec_scratch_init): the counter, then the k-slice
-// partial sums [kEcMaxSlices][32][rank], each 64 bits: fp32 value | epoch << 32 (one single-copy-atomic store).
+// Scratch of one EC (w4a16_ec_scratch_bytes, prepared by w4a16_ec_scratch_init): the counter (8 bytes) and the
+// ticket (4 bytes) in kEcCounterBytes, the k-slice partial sums [kEcMaxSlices][32][rank], then g ⊙ z [32][rank],
+// every entry 64 bits: fp32 value | epoch << 32 (one single-copy-atomic store).
 #pragma once
 
 #include <cstddef>
@@ -37,8 +41,9 @@ constexpr int kEcCounterBytes = 16;
 constexpr unsigned long long kEcEpochUnit = 1ull << 20;  // > any number of reader CTAs
 constexpr uint32_t kEcNoEpoch = 0xFFFFFFFFu;             // the tag of never-written entries
 
+__host__ __device__ constexpr size_t ec_zpart_bytes(int rank) { return size_t(8) * 32 * rank * kEcMaxSlices; }
 __host__ __device__ constexpr size_t ec_scratch_bytes(int rank) {
-  return size_t(kEcCounterBytes) + size_t(8) * 32 * rank * kEcMaxSlices;
+  return size_t(kEcCounterBytes) + ec_zpart_bytes(rank) + size_t(8) * 32 * rank;
 }
 
 // One fused EC as the kernel sees it (inside W4DecodeParams, by value).
@@ -48,6 +53,8 @@ struct W4DecEc {
   const float *W1, *b1, *W2, *b2;
   unsigned long long* epochs;  // the readers' shares (see above)
   unsigned long long* zpart;   // [kEcMaxSlices][32][rank]: value | epoch << 32
+  unsigned* ticket;            // EC CTAs done with their slice (back to 0 after each launch)
+  unsigned long long* gz;      // g ⊙ z [32][rank]: value | epoch << 32
   int rank, gate_width;
   int cpr;             // 256-column chunks per slice (kc = 256 · cpr)
   int slices;          // cols · gridDim.y
@@ -172,16 +179,14 @@ __device__ __forceinline__ void ec_prefetch_gate(const W4DecEc& e, float* gs) {
 }
 
 // Before griddepcontrol.wait (constants, like the weights): rows [row0, row0 + rows) of B into bs [rows][rank]
-// (rows >= n zero-filled) and the gate's parameters into gs; cp.async, committed by the caller.
-__device__ __forceinline__ void ec_prefetch_constants(const W4DecEc& e, int row0, int rows, int n, __nv_bfloat16* bs,
-                                                      float* gs) {
+// (rows >= n zero-filled); cp.async, committed by the caller.
+__device__ __forceinline__ void ec_prefetch_b(const W4DecEc& e, int row0, int rows, int n, __nv_bfloat16* bs) {
   const int r = e.rank, segs = r / 8;
   for (int i = threadIdx.x; i < rows * segs; i += kThreads) {
     const int row = i / segs, sg = i - row * segs;
     const bool ok = row0 + row < n;
     cp_async16(smem_u32(bs + row * r + sg * 8), ok ? e.B + size_t(row0 + row) * r + sg * 8 : e.B, ok);
   }
-  ec_prefetch_gate(e, gs);
 }
 
 // Dot product of n floats (n % 4 == 0, both 16-byte aligned, shared memory) in four chains.
@@ -204,44 +209,23 @@ __device__ __forceinline__ int ec_poll_lanes(int outs) {
   return P;
 }
 
-// The first poll of a W4 CTA's slice sum (see ec_gate), issued right after the CTA's main loop: its L2 round trip
-// then overlaps the CTA's own reduction instead of following it (the EC CTAs, with far less to read, are done by
-// then in the measured shapes; entries that are not yet this launch's are polled again in ec_gate).
 constexpr int kEcPoll = 4;  // entries per lane and poll
-struct EcPoll {
-  unsigned long long v[kEcPoll];
-};
-__device__ __forceinline__ void ec_poll_issue(const W4DecEc& e, int m, EcPoll& pl) {
-  const int r = e.rank, outs = m * r, P = ec_poll_lanes(outs);
-  const int o = threadIdx.x / P, sub = threadIdx.x & (P - 1);
-  if (o >= outs) return;
-  const int t = o / r, j = o - t * r;
-  const unsigned long long* src = e.zpart + size_t(t) * r + j;
-#pragma unroll
-  for (int u = 0; u < kEcPoll; ++u) {
-    const int q = sub + u * P;
-    pl.v[u] = q < e.slices ? ld_relaxed_gpu(src + size_t(q) * 32 * r) : 0ull;
-  }
-}
 
-// A W4 CTA of a compensated matrix, after its reduction: waits for its entries of every k-slice to carry this
-// launch's epoch (read after griddepcontrol.wait) and sums them (z: the same bits in every CTA), then g ⊙ z
-// for tokens [0, m) into zg [m][rank] (shared memory; zt [m][rank] and hb [m][gate width, rounded up to 4]
-// are shared scratch, gs the prefetched gate). The slices of one output are read by P lanes of a warp,
-// kEcPoll entries per poll (strided, then a shuffle tree): a sum by one thread was a chain of up to 72 L2
-// round trips. pre (ec_poll_issue's loads, or null) stands for the thread's first poll. The gate's dot products
-// run in four chains from 16-byte shared-memory loads: this code is the tail of every compensated launch, where
-// each serial chain shows. Every thread of warps 0-7 calls it; barrier() syncs them (__syncthreads, or the bulk
-// kernel's named barrier of its consumer warps); ends with one.
+// The last EC CTA of a launch (ec_finish): waits for its entries of every k-slice to carry this launch's epoch
+// (read after griddepcontrol.wait; after the ticket they all do) and sums them in slice order, then g ⊙ z for
+// tokens [0, m) into zg [m][rank] (shared memory; zt [m][rank] and hb [m][gate width, rounded up to 4] are shared
+// scratch, gs the prefetched gate). The slices of one output are read by P lanes of a warp, kEcPoll entries per
+// poll (strided, then a shuffle tree). The gate's dot products run in four chains from 16-byte shared-memory loads.
+// Every thread of warps 0-7 calls it; barrier() syncs them (__syncthreads, or the bulk kernel's named barrier of its
+// consumer warps); ends with one.
 template <class Barrier>
 __device__ __forceinline__ void ec_gate(const W4DecEc& e, uint32_t epoch, int m, float* zg, float* zt, float* hb,
-                                        const float* gs, const EcPoll* pre, Barrier barrier) {
+                                        const float* gs, Barrier barrier) {
   const int r = e.rank, gw = e.gate_width, outs = m * r;
   float* zdst = gw > 0 ? zt : zg;
   const int P = ec_poll_lanes(outs);
   const int lane = threadIdx.x & 31, sub = lane & (P - 1);
   const unsigned mask = P == 32 ? 0xffffffffu : ((1u << P) - 1) << (lane & ~(P - 1));
-  bool first = pre != nullptr;
   for (int o = threadIdx.x / P; o < outs; o += kThreads / P) {  // the P lanes of an output iterate together
     const int t = o / r, j = o - t * r;
     const unsigned long long* src = e.zpart + size_t(t) * r + j;
@@ -253,13 +237,9 @@ __device__ __forceinline__ void ec_gate(const W4DecEc& e, uint32_t epoch, int m,
 #pragma unroll
         for (int u = 0; u < kEcPoll; ++u) {
           const int q = q0 + u * P;
-          if (first)
-            v[u] = pre->v[u];
-          else
-            v[u] = q < e.slices ? ld_relaxed_gpu(src + size_t(q) * 32 * r) : 0ull;
+          v[u] = q < e.slices ? ld_relaxed_gpu(src + size_t(q) * 32 * r) : 0ull;
           ready = ready && (q >= e.slices || uint32_t(v[u] >> 32) == epoch);
         }
-        first = false;
         if (ready) break;
         __nanosleep(32);
       }
@@ -302,6 +282,60 @@ __device__ __forceinline__ void ec_gate(const W4DecEc& e, uint32_t epoch, int m,
   for (int i = threadIdx.x; i < m * gw4; i += kThreads) hb[i] = hidden(i);
   barrier();
   for (int i = threadIdx.x; i < m * r; i += kThreads) zg[i] = gated(i);
+  barrier();
+}
+
+// Shared memory of an EC CTA after its x staging (ec_cta_smem_bytes): the gate's parameters, then the last EC CTA's
+// z, g ⊙ z and the gate's hidden layer (fp32).
+__host__ __device__ constexpr size_t ec_finish_smem_bytes(int m, int rank, int gw) {
+  return (size_t(ec_gate_floats(rank, gw)) + size_t(2) * m * rank + size_t(m) * ((gw + 3) & ~3)) * 4;
+}
+
+// An EC CTA after ec_slice: the last one to finish (ticket) sums the slices, applies the gate and stores g ⊙ z for
+// tokens [0, m), tagged with the epoch (see the file header). gs: the gate's parameters, prefetched by the caller
+// before griddepcontrol.wait (cp.async, committed), then ec_finish_smem_bytes of scratch. Every thread of warps 0-7
+// calls it; barrier() syncs them.
+template <class Barrier>
+__device__ __noinline__ void ec_finish(const W4DecEc& e, int m, float* gs, Barrier barrier) {
+  __shared__ int ec_last;
+  __threadfence();  // this thread's entries, before the CTA's ticket
+  barrier();
+  if (threadIdx.x == 0) ec_last = atomicAdd(e.ticket, 1u) == unsigned(e.slices - 1);
+  barrier();
+  if (!ec_last) return;
+  __threadfence();
+  const int r = e.rank, gw = e.gate_width;
+  float* zt = gs + ec_gate_floats(r, gw);
+  float* zg = zt + m * r;
+  float* hb = zg + m * r;
+  cp_async_wait<0>();
+  barrier();
+  const uint32_t epoch = ec_epoch(e);
+  ec_gate(e, epoch, m, zg, zt, hb, gs, barrier);
+  const unsigned long long tag = (unsigned long long)epoch << 32;
+  for (int i = threadIdx.x; i < m * r; i += kThreads) __stcg(e.gz + i, tag | __float_as_uint(zg[i]));
+  if (threadIdx.x == 0) *e.ticket = 0u;
+}
+
+// A W4 CTA of a compensated matrix, right after its main loop: its first load of g ⊙ z entry threadIdx.x (its
+// round trip then overlaps the CTA's own reduction).
+__device__ __forceinline__ unsigned long long ec_gz_issue(const W4DecEc& e, int m) {
+  return int(threadIdx.x) < m * e.rank ? ld_relaxed_gpu(e.gz + threadIdx.x) : 0ull;
+}
+
+// After its reduction: g ⊙ z [m][rank] into zg (shared memory), each entry polled until it carries this launch's
+// epoch (pre: ec_gz_issue's load). Every thread of warps 0-7 calls it; ends with barrier().
+template <class Barrier>
+__device__ __forceinline__ void ec_gz_wait(const W4DecEc& e, uint32_t epoch, int m, float* zg, unsigned long long pre,
+                                           Barrier barrier) {
+  for (int i = threadIdx.x; i < m * e.rank; i += kThreads) {
+    unsigned long long v = i == int(threadIdx.x) ? pre : ld_relaxed_gpu(e.gz + i);
+    while (uint32_t(v >> 32) != epoch) {
+      __nanosleep(32);
+      v = ld_relaxed_gpu(e.gz + i);
+    }
+    zg[i] = __uint_as_float(uint32_t(v));
+  }
   barrier();
 }
 
