@@ -113,6 +113,16 @@ TEST(CudaEc, FusedAndOverlappedMatchNaiveAndReference) {
       const std::vector<float> fused2 = run(gpu, *lin, x, EcPath::Fused);
       const std::vector<float> over = run(gpu, *lin, x, EcPath::Overlapped);
       const std::string what = describe(cs, m);
+      // The slice sum and the gate in every W4 CTA, then once in the last EC CTA: the same plan, the same bits.
+      std::vector<float> by_gate[2];
+      for (int gate : {1, 2}) {
+        cuda::W4GemmOptions o = cuda::w4a16_get_options();
+        o.ec_gate = gate;
+        w4test::ScopedW4Options scoped(o);
+        by_gate[gate - 1] = run(gpu, *lin, x, EcPath::Fused);
+      }
+      EXPECT_LT(rel_err(by_gate[0], ref), 1e-2) << what << ": gate in the W4 CTAs";
+      EXPECT_TRUE(by_gate[0] == by_gate[1]) << what << ": gate in the W4 CTAs vs in the last EC CTA";
       EXPECT_GT(rel_err(ref_plain, ref), 0.1) << what << ": the EC term is too small to test";
       EXPECT_LT(rel_err(naive, ref), 1e-2) << what;
       EXPECT_LT(rel_err(fused, ref), 1e-2) << what;
@@ -153,6 +163,15 @@ TEST(CudaEc, BulkKernelFusedMatchesNaive) {
       const std::vector<float> fused = run(gpu, *lin, x, EcPath::Fused);
       const std::vector<float> fused2 = run(gpu, *lin, x, EcPath::Fused);
       EXPECT_EQ(cuda::w4a16_bulk_ec_launches(), before + 2) << what << ": not run on the bulk kernel";
+      std::vector<float> by_gate[2];  // the slice sum and the gate in the W4 CTAs, then in the last EC CTA
+      for (int gate : {1, 2}) {
+        cuda::W4GemmOptions og = cuda::w4a16_get_options();
+        og.ec_gate = gate;
+        w4test::ScopedW4Options scoped_gate(og);
+        by_gate[gate - 1] = run(gpu, *lin, x, EcPath::Fused);
+      }
+      EXPECT_TRUE(by_gate[0] == by_gate[1]) << what << ": gate in the W4 CTAs vs in the last EC CTA";
+      EXPECT_TRUE(by_gate[0] == fused) << what;
       EXPECT_LT(rel_err(fused, ref), 1e-2) << what;
       EXPECT_LT(rel_err(fused, naive), 1e-2) << what;
       EXPECT_TRUE(fused == fused2) << what << ": two fused launches differ";

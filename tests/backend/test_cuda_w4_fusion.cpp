@@ -172,10 +172,12 @@ TEST(CudaW4Fusion, CompensatedLaunchesKeepTheTails) {
     const size_t ny = size_t(c.m) * n;
     const auto x0 = w4test::random_bf16(size_t(c.m) * c.k, seed++, 1.f), r0 = w4test::random_bf16(ny, seed++, 4.f);
     Dev<uint16_t> x(x0), dnw(w4test::random_bf16(size_t(n), seed++, 0.5f)), tmp(ny);
-    for (auto plan : kPlans) {
-      w4test::ScopedW4Options scoped({true, 0, plan.first, plan.second, true});
+    for (auto plan : kPlans)
+    for (int gate : {1, 2}) {  // the slice sum and the gate in the W4 CTAs, in the last EC CTA
+      w4test::ScopedW4Options scoped({true, 0, plan.first, plan.second, true, gate});
       const std::string what = "EC + residual + norm, n " + std::to_string(n) + " k " + std::to_string(c.k) +
-                               " m " + std::to_string(c.m) + " plan " + plan_name(plan);
+                               " m " + std::to_string(c.m) + " plan " + plan_name(plan) + " gate " +
+                               std::to_string(gate);
       Dev<uint16_t> res_ref(r0), res_got(r0), h_ref(ny), h_got(std::vector<uint16_t>(ny, 0xffff));
       __nv_bfloat16* t = bf_mut(tmp);
       ASSERT_TRUE(cuda::w4a16_gemm_ec(bf_mut(x), c.m, &mat.dev, 1, ecs, nullptr, &t, sms, nullptr)) << what;
@@ -206,10 +208,11 @@ TEST(CudaW4Fusion, CompensatedLaunchesKeepTheTails) {
     const cuda::W4EcDevice* placements[3][2] = {{&eg.dev, nullptr}, {nullptr, &eu.dev}, {&eg.dev, &eu.dev}};
     for (const auto& ecs : placements)
       for (auto plan : kPlans) {
-        w4test::ScopedW4Options scoped({true, 0, plan.first, plan.second, true});
+        const int gate = 1 + int(&ecs - placements + plan.first + 8) % 2;  // both places, spread over the cases
+        w4test::ScopedW4Options scoped({true, 0, plan.first, plan.second, true, gate});
         const std::string what = std::string("EC on ") + (ecs[0] && ecs[1] ? "both" : ecs[0] ? "gate" : "up") +
                                  " + SwiGLU, n " + std::to_string(n) + " k " + std::to_string(c.k) + " m " +
-                                 std::to_string(c.m) + " plan " + plan_name(plan);
+                                 std::to_string(c.m) + " plan " + plan_name(plan) + " gate " + std::to_string(gate);
         Dev<uint16_t> gr(ny), ur(ny), ar(ny), gf(ny), uf(ny), af(std::vector<uint16_t>(ny, 0xffff));
         __nv_bfloat16* yr[2] = {bf_mut(gr), bf_mut(ur)};
         __nv_bfloat16* yf[2] = {bf_mut(gf), bf_mut(uf)};

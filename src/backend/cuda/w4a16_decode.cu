@@ -51,6 +51,7 @@ struct W4DecodeParams {
   // Fused compensators (w4a16_ec.cuh): blockIdx.x < ec_cols are EC CTAs (the W4 CTAs follow).
   // ec_rmax / ec_gmax: the largest rank / gate width (shared memory).
   int ec_cols, ec_rmax, ec_gmax;
+  int ec_w4_gate;       // the slice sum and the gate in every W4 CTA (else in the last EC CTA; DecodePlan)
   W4PeerMirror mirror;  // P2P dual-write of the output (count 1; ranks <= 1: none)
   W4FuseDev fx;         // decode-step fusions (w4a16_fusion.cuh; m <= 8, without mirror; the W4 CTAs run the tails)
 };
@@ -86,12 +87,12 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     uint4 a[kEcRing];
     ec_prefetch(ec, slice, p.k, a);
     float* gs = reinterpret_cast<float*>(smem + ec_cta_smem_bytes(p.m, ec.cpr));  // after the x staging
-    ec_prefetch_gate(ec, gs);
+    if (!p.ec_w4_gate) ec_prefetch_gate(ec, gs);
     cp_async_commit();
     pdl_launch_dependents();
     pdl_wait();
     ec_slice(ec, slice, a, p.x, p.m, p.k, smem);
-    ec_finish(ec, p.m, gs, [] { __syncthreads(); });
+    if (!p.ec_w4_gate) ec_finish(ec, p.m, gs, [] { __syncthreads(); });
     return;
   }
 
@@ -145,8 +146,9 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
     cp_async_commit();
   }
-  if (mt.has_ec) {  // this CTA's rows of B
+  if (mt.has_ec) {  // this CTA's rows of B (and the gate where the W4 CTAs apply it)
     ec_prefetch_b(mt.ec, rgl * R * 16, R * 16, mt.n, ecb);
+    if (p.ec_w4_gate) ec_prefetch_gate(mt.ec, ecgs);
     cp_async_commit();
   }
 
@@ -285,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
     if constexpr (kGrouped) fold();
   }
-  const unsigned long long ec_pre = mt.has_ec ? ec_gz_issue(mt.ec, p.m) : 0ull;
+  const unsigned long long ec_pre = mt.has_ec && !p.ec_w4_gate ? ec_gz_issue(mt.ec, p.m) : 0ull;
 
   // 5. Reduction: each warp's scaled partial tile (grouped: scaled per group in fold).
   {
@@ -312,7 +314,12 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
   }
   __syncthreads();
-  if (mt.has_ec) ec_gz_wait(mt.ec, ec_ep, p.m, eczs, ec_pre, [] { __syncthreads(); });
+  if (mt.has_ec) {
+    if (p.ec_w4_gate)
+      ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, [] { __syncthreads(); });
+    else
+      ec_gz_wait(mt.ec, ec_ep, p.m, eczs, ec_pre, [] { __syncthreads(); });
+  }
   const int ecr = mt.has_ec ? mt.ec.rank : 0;
   const __nv_bfloat16* ecb_lo = ecb + (rsub * 16 + g) * ecr;
   const __nv_bfloat16* ecb_hi = ecb_lo + 8 * ecr;
@@ -468,6 +475,7 @@ void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4
   p.count = count;
   p.k = w[0].k;
   if (ec && ec_info) set_ec_params(p, ec, *ec_info, plan.S);
+  p.ec_w4_gate = plan.ec_w4_gate;
   int rg = p.ec_cols;
   for (int i = 0; i < count; ++i) {
     W4DecMat& d = p.mat[i];

@@ -48,6 +48,7 @@ struct W4BulkParams {
   const __nv_bfloat16* x;
   int count, m, k, kblocks, stages, xs_stride, x_vec;
   int ec_cols, ec_rmax, ec_gmax;  // fused ECs: blockIdx.x < ec_cols are EC CTAs; largest rank / gate width
+  int ec_w4_gate;                 // the slice sum and the gate in every W4 CTA (else in the last EC CTA)
   W4FuseDev fx;                   // decode-step fusions (w4a16_fusion.cuh; the W4 CTAs run the tails)
 };
 
@@ -78,12 +79,12 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
     uint4 a[kEcRing];
     ec_prefetch(ec, int(blockIdx.x) - ec.col0, p.k, a);
     float* gs = reinterpret_cast<float*>(smem + ec_cta_smem_bytes(p.m, ec.cpr));  // after the x staging
-    if ((threadIdx.x >> 5) < kWarps) ec_prefetch_gate(ec, gs);
+    if (!p.ec_w4_gate && (threadIdx.x >> 5) < kWarps) ec_prefetch_gate(ec, gs);
     cp_async_commit();
     pdl_launch_dependents();
     pdl_wait();
     ec_slice(ec, int(blockIdx.x) - ec.col0, a, p.x, p.m, p.k, smem);
-    if ((threadIdx.x >> 5) < kWarps) ec_finish(ec, p.m, gs, consumers_sync);
+    if (!p.ec_w4_gate && (threadIdx.x >> 5) < kWarps) ec_finish(ec, p.m, gs, consumers_sync);
     return;
   }
   const int NS = p.stages;
@@ -144,7 +145,10 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   } else {
     load_channel_params(mt.scales, mt.zeros, r_lo, r_hi, nz_lo, nz_hi, sc_lo, sc_hi);
   }
-  if (mt.has_ec) ec_prefetch_b(mt.ec, tile * 16, 16, mt.n, ecb);  // the tile's rows of B
+  if (mt.has_ec) {  // the tile's rows of B (and the gate where the W4 CTAs apply it)
+    ec_prefetch_b(mt.ec, tile * 16, 16, mt.n, ecb);
+    if (p.ec_w4_gate) ec_prefetch_gate(mt.ec, ecgs);
+  }
   pdl_launch_dependents();
   pdl_wait();
   uint32_t ep = 0;  // the launch's EC epoch: loaded now, parked in shared memory after the x staging
@@ -203,10 +207,15 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   } else {
     fold_group<1>(acc, part, sc_lo, sc_hi);
   }
-  const unsigned long long ec_pre = mt.has_ec ? ec_gz_issue(mt.ec, p.m) : 0ull;
+  const unsigned long long ec_pre = mt.has_ec && !p.ec_w4_gate ? ec_gz_issue(mt.ec, p.m) : 0ull;
   red[warp * 32 + lane] = make_float4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]);
   consumers_sync();
-  if (mt.has_ec) ec_gz_wait(mt.ec, ec_ep, p.m, eczs, ec_pre, consumers_sync);
+  if (mt.has_ec) {
+    if (p.ec_w4_gate)
+      ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, consumers_sync);
+    else
+      ec_gz_wait(mt.ec, ec_ep, p.m, eczs, ec_pre, consumers_sync);
+  }
   if (warp == 0) {  // the CTA's sum in warp order, the epilogue
     float4 sum = red[lane];
     for (int q = 1; q < kWarps; ++q) {
@@ -301,7 +310,7 @@ void set_bulk_max_smem(int bytes) {
 
 void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
                  __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream, const W4Fusion* fusion,
-                 const W4EcDevice* const* ec, const EcPlanInfo* ec_info) {
+                 const W4EcDevice* const* ec, const EcPlanInfo* ec_info, int ec_w4_gate) {
   W4BulkParams p{};
   p.count = count;
   p.x = x;
@@ -321,6 +330,7 @@ void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, co
     }
     p.ec_rmax = ec_info->rmax;
     p.ec_gmax = ec_info->gmax;
+    p.ec_w4_gate = ec_w4_gate;
   }
   int tiles = p.ec_cols;
   for (int i = 0; i < count; ++i) {

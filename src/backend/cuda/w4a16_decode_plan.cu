@@ -37,6 +37,12 @@ int ec_cpr(int rank, int k) {
   return (rank / 8) * cpr <= kEcRing ? cpr : 0;
 }
 
+int ec_w4_gate_default(const W4Device* w, int count) {
+  double bytes = 0;
+  for (int i = 0; i < count; ++i) bytes += double(w[i].n_pad) * w[i].k_pad / 2;
+  return bytes < double(4 << 20) ? 1 : 0;
+}
+
 // ---- decode plan: tiles per CTA R and cluster size S from a small time model (µs) of one launch:
 //   waves × (latency + max(bytes / bandwidth, issue time, serial latency of a slice longer than the ring))
 //   + x staging + the reductions (shared memory; cluster barriers and DSMEM when S > 1).
@@ -137,7 +143,8 @@ std::mutex g_tune_mu;
 // it runs only at the m it won at; other m of the same token tiles take the best register-ring plan.
 struct TunedPlan {
   std::pair<int, int> best, ring;  // (R, S) of the fastest plan, and of the fastest register-ring plan
-  int m = 0;                       // tokens of the timed launch
+  int best_gate = 0, ring_gate = 0;  // their DecodePlan::ec_w4_gate (fused ECs)
+  int m = 0;                         // tokens of the timed launch
 };
 std::map<TuneKey, TunedPlan> g_tuned;
 
@@ -160,25 +167,31 @@ DecodePlan choose_plan(int m, const W4Device* w, int count, int sm_count, const 
                        const EcPlanInfo* ec = nullptr) {
   const int T = token_tiles(m);
   int fr = o.decode_rows, fs = o.decode_splits;
+  int gate = ec_w4_gate_default(w, count);
   if (!fr && !fs) {
     std::lock_guard<std::mutex> lock(g_tune_mu);
     const auto it = g_tuned.find(tune_key(T, w, count, ec));
     if (it != g_tuned.end()) {
       const TunedPlan& t = it->second;
-      std::tie(fr, fs) = t.best.first == kBulkPlan && m != t.m ? t.ring : t.best;
+      const bool ring = t.best.first == kBulkPlan && m != t.m;
+      std::tie(fr, fs) = ring ? t.ring : t.best;
+      gate = ring ? t.ring_gate : t.best_gate;
     }
   }
+  if (o.ec_gate) gate = o.ec_gate == 1 ? 1 : 0;
   if (fr == kBulkPlan) {
     if (ec ? bulk_ec_takes(m, w, count, *ec, sm_count) : bulk_takes(m, w, count)) {
       DecodePlan bulk;
       bulk.R = kBulkPlan;
       bulk.S = 1;
+      bulk.ec_w4_gate = gate;
       return bulk;
     }
     fr = fs = 0;
   }
   DecodePlan plan = plan_decode(T, m, w, count, sm_count, fr, fs, ec);
   if (plan.R == 0 && (fr || fs)) plan = plan_decode(T, m, w, count, sm_count, 0, 0, ec);
+  plan.ec_w4_gate = gate;
   return plan;
 }
 
@@ -229,7 +242,7 @@ bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int coun
   const DecodePlan plan = choose_plan(m, w, count, sm_count, o, info.n ? &info : nullptr);
   if (plan.R == 0) return false;
   if (plan.R == kBulkPlan)  // with compensators only where one wave holds every CTA (bulk_ec_takes)
-    launch_bulk(x, m, w, count, bias, y, o, stream, nullptr, ec, info.n ? &info : nullptr);
+    launch_bulk(x, m, w, count, bias, y, o, stream, nullptr, ec, info.n ? &info : nullptr, plan.ec_w4_gate);
   else
     launch_plan(plan, x, m, w, count, bias, y, o, stream, ec, info.n ? &info : nullptr);
   return true;
@@ -275,7 +288,7 @@ bool launch_decode_fused(const __nv_bfloat16* x, int m, const W4Device* w, int c
   const DecodePlan plan = choose_plan(m, w, count, sm_count, o, ei);
   if (plan.R == 0) return false;
   if (plan.R == kBulkPlan)
-    launch_bulk(x, m, w, count, bias, y, o, stream, &f, ei ? ec : nullptr, ei);
+    launch_bulk(x, m, w, count, bias, y, o, stream, &f, ei ? ec : nullptr, ei, plan.ec_w4_gate);
   else
     launch_plan(plan, x, m, w, count, bias, y, o, stream, ei ? ec : nullptr, ei, nullptr, &f);
   return true;
@@ -312,32 +325,47 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
   };
   double best_us = 1e300;
   std::pair<int, int> best{0, 0};
+  int best_gate = 0;
+  // With fused ECs every plan is timed with the slice sum and the gate in the W4 CTAs and in the last EC CTA (the
+  // options can force one); which wins depends on the launch's size.
+  std::vector<int> gates = {0};
+  if (ei) gates = o.ec_gate ? std::vector<int>{o.ec_gate == 1 ? 1 : 0} : std::vector<int>{1, 0};
   for (int R : {1, 2, 4, 8})
     for (int S = 1; S <= (dev.major >= 9 ? kDecMaxCluster : 1); ++S) {
-      const DecodePlan plan = plan_decode(T, m, w, count, sm_count, R, S, ei);
+      DecodePlan plan = plan_decode(T, m, w, count, sm_count, R, S, ei);
       if (plan.R != R || plan.S != S) continue;
       const int kblocks = w[0].k_pad / kKBlock, KS = kWarps / R;
       if (S > 1 && (S - 1) * KS * plan.kbw >= kblocks) continue;  // a CTA without k-blocks
-      double us = 0.0;
-      try {
-        us = median_us([&] { launch_plan(plan, x, m, w, count, nullptr, y, o, stream, ec, ei); });
-      } catch (const Error&) {  // a plan the device cannot launch after all (cluster resources): skip it
-        (void)cudaGetLastError();
-        SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));
-        continue;
+      for (int gate : gates) {
+        plan.ec_w4_gate = gate;
+        double us = 0.0;
+        try {
+          us = median_us([&] { launch_plan(plan, x, m, w, count, nullptr, y, o, stream, ec, ei); });
+        } catch (const Error&) {  // a plan the device cannot launch after all (cluster resources): skip it
+          (void)cudaGetLastError();
+          SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));
+          break;
+        }
+        if (us < best_us) best_us = us, best = {R, S}, best_gate = gate;
       }
-      if (us < best_us) best_us = us, best = {R, S};
     }
   bool bulk_wins = false;
+  int bulk_gate = 0;
   if (o.bulk && (ei ? bulk_ec_takes(m, w, count, *ei, sm_count) : bulk_takes(m, w, count)))
-    bulk_wins = median_us([&] { launch_bulk(x, m, w, count, nullptr, y, o, stream, nullptr, ec, ei); }) < best_us;
+    for (int gate : gates) {
+      const double us =
+          median_us([&] { launch_bulk(x, m, w, count, nullptr, y, o, stream, nullptr, ec, ei, gate); });
+      if (us < best_us) best_us = us, bulk_wins = true, bulk_gate = gate;
+    }
   cudaEventDestroy(ev[0]);
   cudaEventDestroy(ev[1]);
   if (best.first == 0) return false;
   std::lock_guard<std::mutex> lock(g_tune_mu);
   TunedPlan& t = g_tuned[tune_key(T, w, count, ei)];
   t.ring = best;
+  t.ring_gate = best_gate;
   t.best = bulk_wins ? std::pair<int, int>{kBulkPlan, 1} : best;
+  t.best_gate = bulk_wins ? bulk_gate : best_gate;
   t.m = m;
   return true;
 }

@@ -55,6 +55,9 @@ struct DecodePlan {
   int R = 0, S = 0, kbw = 0, xs_stride = 0, gmax = 0;
   size_t smem = 0;
   double cost = 1e300;
+  // Fused ECs: where the slice sum and the gate run (w4a16_ec.cuh): 1 in every W4 CTA after its reduction (the
+  // shorter chain: small matrices), 0 once in the last EC CTA while the W4 CTAs stream (large ones). Tuned with R, S.
+  int ec_w4_gate = 0;
 };
 
 // force_r / force_s: 0 lets the model choose; a forced pair may leave CTAs without k-blocks (they only reduce).
@@ -73,6 +76,10 @@ void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4
                  const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream,
                  const W4EcDevice* const* ec = nullptr, const EcPlanInfo* ec_info = nullptr,
                  const W4PeerMirror* mirror = nullptr, const W4Fusion* fusion = nullptr);
+
+// The untuned choice of DecodePlan::ec_w4_gate: in the W4 CTAs below 4 MiB of weights per launch (measured on the
+// H200: the EC-side gate saved 1-3 µs per launch from 8 MB up and cost about 2 µs at 0.5-3 MB).
+int ec_w4_gate_default(const W4Device* w, int count);
 
 // Whether the bulk-copy kernel takes the launch with these fused compensators: every CTA (EC CTAs and one per
 // 16-row tile) resident at once on sm_count SMs.

@@ -191,7 +191,8 @@ void w4a16_clear_tuning();  // forget every tuned plan (tests, benchmarks)
 std::pair<int, int> w4a16_decode_plan(int m, const W4Device* w, int count, int sm_count);
 
 // Process-wide knobs, for tests, benchmarks and tuning (defaults from the environment when set, read at first
-// use: SPEAR_W4_PDL=0|1, SPEAR_W4_PATH=0|1|2, SPEAR_W4_DECODE_ROWS, SPEAR_W4_DECODE_SPLITS, SPEAR_W4_BULK=0|1). Not thread-safe
+// use: SPEAR_W4_PDL=0|1, SPEAR_W4_PATH=0|1|2, SPEAR_W4_DECODE_ROWS, SPEAR_W4_DECODE_SPLITS, SPEAR_W4_BULK=0|1,
+// SPEAR_W4_EC_GATE=0|1|2). Not thread-safe
 // against GEMMs being enqueued concurrently with a change; results never depend on pdl.
 struct W4GemmOptions {
   bool pdl = true;        // programmatic dependent launch on sm_90+ (off: plain stream order)
@@ -200,6 +201,8 @@ struct W4GemmOptions {
                           // kernel where it takes the launch (m <= 8, sm_90+; fused ECs: one wave); 0: planner
   int decode_splits = 0;  // force the decode kernel's CTAs per cluster along k (1..8); 0: planner
   bool bulk = true;       // tuning may pick the bulk-copy kernel (off: A/B runs, SPEAR_W4_BULK=0)
+  int ec_gate = 0;        // fused ECs' slice sum and gate: 0 tuned (untuned: by the launch's weight bytes), 1 in every
+                          // W4 CTA after its reduction, 2 once in the last EC CTA (SPEAR_W4_EC_GATE)
 };
 void w4a16_set_options(const W4GemmOptions& options);
 W4GemmOptions w4a16_get_options();

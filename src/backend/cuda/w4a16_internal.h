@@ -70,7 +70,7 @@ bool bulk_takes(int m, const W4Device* w, int count);
 void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
                  __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream,
                  const W4Fusion* fusion = nullptr, const W4EcDevice* const* ec = nullptr,
-                 const EcPlanInfo* ec_info = nullptr);
+                 const EcPlanInfo* ec_info = nullptr, int ec_w4_gate = 0);
 void set_bulk_max_smem(int bytes);  // raises its dynamic shared-memory limit (device_facts())
 void set_mlp_fused_max_smem(int bytes);  // the same for the fused MLP block (mlp_fused.cu)
 
