@@ -105,9 +105,10 @@ bool w4a16_gemm_mirrored(const __nv_bfloat16* x, int m, const W4Device& w, const
 // ---- Error compensators fused into the decode kernel (m <= 32; DESIGN.md §5, spear/compensator.h):
 //   y += B·(g ⊙ z),  z = A·x,  g = 1 + tanh(W2·silu(W1·z + b1) + b2)
 // in the same launch as y = x·Wᵀ. Extra CTAs of the launch each compute one k-slice of A·x and store it into
-// the compensator's scratch; every CTA of that matrix prefetches its rows of B and the gate into shared memory
-// together with its weights and, after its own reduction, waits for the slices (each entry is its own ready
-// flag), sums them in order, applies the gate and adds B·(g ⊙ z) before the single rounding to bf16.
+// the compensator's scratch; every CTA of that matrix prefetches its rows of B into shared memory together with its
+// weights. The slices are summed in order and the gate applied either by every W4 CTA after its own reduction or
+// once by the last EC CTA (the decode plan says which; every entry is its own ready flag); the W4 CTAs add B·(g ⊙ z)
+// before the single rounding to bf16. Both places give the same bits.
 // Deterministic; the kernel leaves its scratch as w4a16_ec_scratch_init made it (graph replays).
 constexpr int kW4EcMaxRank = 64;  // rank % 8 == 0 and <= 64 (B rows are 16-byte chunks in shared memory)
 constexpr int kW4EcMaxGate = 64;  // gate width <= 64 (0: static compensator, g == 1)
