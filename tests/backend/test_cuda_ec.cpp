@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "backend/cpu/int4_linear.h"
@@ -176,6 +177,72 @@ TEST(CudaEc, BulkKernelFusedMatchesNaive) {
       EXPECT_LT(rel_err(fused, naive), 1e-2) << what;
       EXPECT_TRUE(fused == fused2) << what << ": two fused launches differ";
     }
+  }
+}
+
+// The projection-only launch of a row-parallel shard (w4a16_gemm_ec_project): y bit-identical to the plain GEMM
+// under the same plan, z = A·x against a double-precision sum of the same bf16 values, the same bits on a second
+// launch (ticket and epoch back in order), and a fused launch on the same scratch afterwards still equal to one
+// before (the epoch advanced by exactly one per launch).
+TEST(CudaEc, ProjectionOnlyLaunchGivesPlainOutputAndAx) {
+  SPEAR_REQUIRE_GPU();
+  struct Case {
+    int n, k, group, m, rank;
+  };
+  const Case cases[] = {{256, 512, -1, 1, 16}, {4096, 7168, 128, 1, 16}, {4096, 2048, 128, 8, 32},
+                        {200, 1032, -1, 3, 8}, {512, 4096, 64, 32, 64}};
+  const std::pair<int, int> plans[] = {{0, 0}, {1, 1}, {2, 3}, {4, 1}, {8, 2}};
+  int sms = 0;
+  SPEAR_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  uint32_t seed = 800;
+  for (const Case& c : cases) {
+    w4test::UploadedW4 mat(cuda::w4_prepare(w4test::random_quantized(c.n, c.k, 4, c.group, seed++)));
+    w4test::DevEc ec(c.k, c.n, c.rank, 8, seed++);
+    const std::vector<uint16_t> hx = w4test::random_bf16(size_t(c.m) * c.k, seed++, 1.f);
+    w4test::W4DevBuf<uint16_t> x(hx), y_plain(size_t(c.m) * c.n), y_proj(size_t(c.m) * c.n),
+        y_fused(size_t(c.m) * c.n), y_fused2(size_t(c.m) * c.n);
+    w4test::W4DevBuf<float> z(size_t(c.m) * c.rank);
+    // z in double from the bf16 A and x the kernel reads.
+    const Compensator hc = w4test::random_compensator(c.k, c.n, c.rank, 8, seed - 2);
+    std::vector<double> zref(size_t(c.m) * c.rank, 0.0);
+    for (int t = 0; t < c.m; ++t)
+      for (int j = 0; j < c.rank; ++j)
+        for (int i = 0; i < c.k; ++i)
+          zref[size_t(t) * c.rank + j] += double(bf16_to_f32(f32_to_bf16(hc.A[size_t(j) * c.k + i]))) *
+                                          bf16_to_f32(hx[size_t(t) * c.k + i]);
+    const cuda::W4EcDevice* ecs[1] = {&ec.dev};
+    __nv_bfloat16* yf = w4test::bf_mut(y_fused);
+    ASSERT_TRUE(cuda::w4a16_gemm_ec(w4test::bf(x), c.m, &mat.dev, 1, ecs, nullptr, &yf, sms, nullptr));
+    for (auto plan : plans) {
+      w4test::ScopedW4Options scoped({true, 0, plan.first, plan.second, true});
+      const std::string what = "n " + std::to_string(c.n) + " k " + std::to_string(c.k) + " m " +
+                               std::to_string(c.m) + " rank " + std::to_string(c.rank) + " plan " +
+                               std::to_string(plan.first) + "x" + std::to_string(plan.second);
+      cuda::w4a16_gemm(w4test::bf(x), c.m, mat.dev, nullptr, w4test::bf_mut(y_plain), nullptr, 0, sms, nullptr);
+      std::vector<float> z_first;
+      for (int rep = 0; rep < 2; ++rep) {
+        ASSERT_TRUE(cuda::w4a16_gemm_ec_project(w4test::bf(x), c.m, mat.dev, ec.dev, nullptr,
+                                                w4test::bf_mut(y_proj), z.get(), sms, nullptr))
+            << what;
+        SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
+        const std::vector<float> got = z.download();
+        if (rep == 0) {
+          z_first = got;
+          double num = 0, den = 0;
+          for (size_t i = 0; i < got.size(); ++i)
+            num += (got[i] - zref[i]) * (got[i] - zref[i]), den += zref[i] * zref[i];
+          EXPECT_LT(std::sqrt(num / den), 1e-5) << what << ": z vs the double-precision A·x";
+        } else {
+          EXPECT_TRUE(got == z_first) << what << ": a second launch gave other bits";
+        }
+      }
+      EXPECT_TRUE(y_proj.download() == y_plain.download()) << what << ": y is not the plain GEMM's";
+    }
+    __nv_bfloat16* yf2 = w4test::bf_mut(y_fused2);
+    ASSERT_TRUE(cuda::w4a16_gemm_ec(w4test::bf(x), c.m, &mat.dev, 1, ecs, nullptr, &yf2, sms, nullptr));
+    SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_TRUE(y_fused2.download() == y_fused.download()) << "n " << c.n << " k " << c.k
+                                                          << ": the fused launch after projections differs";
   }
 }
 

@@ -41,30 +41,6 @@ const std::pair<int, int> kPlans[] = {{0, 0}, {1, 1}, {2, 3}, {4, 1}, {8, 2}, {1
 
 std::string plan_name(std::pair<int, int> p) { return std::to_string(p.first) + "x" + std::to_string(p.second); }
 
-// A random gated compensator on the device, as the backend uploads one (w4a16_gemm.h: W4EcDevice).
-struct DevEc {
-  DevEc(int in, int out, int rank, int gate, uint32_t seed) {
-    const Compensator c = w4test::random_compensator(in, out, rank, gate, seed);
-    std::vector<uint16_t> a(c.A.size()), b(c.B.size());
-    for (size_t i = 0; i < a.size(); ++i) a[i] = f32_to_bf16(c.A[i]);
-    for (size_t i = 0; i < b.size(); ++i) b[i] = f32_to_bf16(c.B[i]);
-    A = std::make_unique<Dev<uint16_t>>(a);
-    B = std::make_unique<Dev<uint16_t>>(b);
-    W1 = std::make_unique<Dev<float>>(c.W1);
-    b1 = std::make_unique<Dev<float>>(c.b1);
-    W2 = std::make_unique<Dev<float>>(c.W2);
-    b2 = std::make_unique<Dev<float>>(c.b2);
-    scratch = std::make_unique<Dev<unsigned char>>(cuda::w4a16_ec_scratch_bytes(rank));
-    cuda::w4a16_ec_scratch_init(scratch->get(), rank);
-    dev = cuda::W4EcDevice{rank,     gate,     bf_mut(*A), bf_mut(*B), W1->get(),
-                           b1->get(), W2->get(), b2->get(), scratch->get()};
-  }
-  std::unique_ptr<Dev<uint16_t>> A, B;
-  std::unique_ptr<Dev<float>> W1, b1, W2, b2;
-  std::unique_ptr<Dev<unsigned char>> scratch;
-  cuda::W4EcDevice dev;
-};
-
 void expect_counters_zero(const Dev<unsigned>& c, const std::string& what) {
   size_t nonzero = 0;
   for (unsigned v : c.download()) nonzero += v != 0;
@@ -167,7 +143,7 @@ TEST(CudaW4Fusion, CompensatedLaunchesKeepTheTails) {
   for (const Case& c : norm_cases) {
     const int n = c.n[0];
     w4test::UploadedW4 mat(cuda::w4_prepare(w4test::random_quantized(n, c.k, 4, c.group, seed++)));
-    DevEc ec(c.k, n, 16, 8, seed++);
+    w4test::DevEc ec(c.k, n, 16, 8, seed++);
     const cuda::W4EcDevice* ecs[1] = {&ec.dev};
     const size_t ny = size_t(c.m) * n;
     const auto x0 = w4test::random_bf16(size_t(c.m) * c.k, seed++, 1.f), r0 = w4test::random_bf16(ny, seed++, 4.f);
@@ -203,7 +179,7 @@ TEST(CudaW4Fusion, CompensatedLaunchesKeepTheTails) {
     const cuda::W4Device w[2] = {g.dev, u.dev};
     const size_t ny = size_t(c.m) * n;
     Dev<uint16_t> x(w4test::random_bf16(size_t(c.m) * c.k, seed++, 1.f));
-    DevEc eg(c.k, n, 8, 4, seed++), eu(c.k, n, 16, 0, seed++);
+    w4test::DevEc eg(c.k, n, 8, 4, seed++), eu(c.k, n, 16, 0, seed++);
     // The gate's EC alone, the up projection's alone, both.
     const cuda::W4EcDevice* placements[3][2] = {{&eg.dev, nullptr}, {nullptr, &eu.dev}, {&eg.dev, &eu.dev}};
     for (const auto& ecs : placements)

@@ -129,6 +129,31 @@ struct UploadedW4 {
 inline const __nv_bfloat16* bf(const W4DevBuf<uint16_t>& b) { return reinterpret_cast<const __nv_bfloat16*>(b.get()); }
 inline __nv_bfloat16* bf_mut(const W4DevBuf<uint16_t>& b) { return reinterpret_cast<__nv_bfloat16*>(b.get()); }
 
+// A random gated compensator on the device, as the backend uploads one (w4a16_gemm.h: W4EcDevice).
+struct DevEc {
+  DevEc(int in, int out, int rank, int gate, uint32_t seed) {
+    const Compensator c = random_compensator(in, out, rank, gate, seed);
+    std::vector<uint16_t> a(c.A.size()), b(c.B.size());
+    for (size_t i = 0; i < a.size(); ++i) a[i] = f32_to_bf16(c.A[i]);
+    for (size_t i = 0; i < b.size(); ++i) b[i] = f32_to_bf16(c.B[i]);
+    A = std::make_unique<W4DevBuf<uint16_t>>(a);
+    B = std::make_unique<W4DevBuf<uint16_t>>(b);
+    W1 = std::make_unique<W4DevBuf<float>>(c.W1);
+    b1 = std::make_unique<W4DevBuf<float>>(c.b1);
+    W2 = std::make_unique<W4DevBuf<float>>(c.W2);
+    b2 = std::make_unique<W4DevBuf<float>>(c.b2);
+    scratch = std::make_unique<W4DevBuf<unsigned char>>(cuda::w4a16_ec_scratch_bytes(rank));
+    cuda::w4a16_ec_scratch_init(scratch->get(), rank);
+    dev = cuda::W4EcDevice{rank,     gate,     bf_mut(*A), bf_mut(*B), W1->get(),
+                           b1->get(), W2->get(), b2->get(), scratch->get()};
+  }
+  std::unique_ptr<W4DevBuf<uint16_t>> A, B;
+  std::unique_ptr<W4DevBuf<float>> W1, b1, W2, b2;
+  std::unique_ptr<W4DevBuf<unsigned char>> scratch;
+  cuda::W4EcDevice dev;
+};
+
+
 // The fast kernel into a freshly poisoned y (+ canary); returns y as floats,
 // fails the test on unwritten elements or on a write past the end.
 inline std::vector<float> run_fast(const W4DevBuf<uint16_t>& x, int m, const cuda::W4Device& w,

@@ -414,9 +414,20 @@ bool CudaBackend::row_parallel_tail(const Tensor& in, const Linear& lin, Tensor&
     mirrored = w4a16_gemm_mirrored(bf(in), T, l.w4, l.bias.bytes() ? l.bias.as<__nv_bfloat16>() : nullptr, y, mirror,
                                    sm_count_, stream_);
   }
-  if (!mirrored) linear_no_ec(l, in, y_part);
-  TpTailEc ec;
+  // A compensated W4 shard at decode sizes: its partial A·x from the GEMM launch's own EC CTAs (no projection in
+  // the tail kernel, no separate SGEMM).
   Tensor z;
+  bool projected = false;
+  if (!mirrored && l.ec && l.quantized && T <= 32 && !w4_dequant_ready(T)) {
+    z = alloc_f32(T, l.ec->rank);
+    __nv_bfloat16* y = bf(y_part);
+    tune_w4_once(bf(in), T, &l.w4, 1, &y);  // the W4 CTAs run the plain launch's plan
+    auto prof = prof_->scope("linear.w4a16_ec_project");
+    projected = w4a16_gemm_ec_project(bf(in), T, l.w4, l.ec->dev, l.bias.bytes() ? l.bias.as<__nv_bfloat16>() : nullptr,
+                                      y, z.ptr<float>(), sm_count_, stream_);
+  }
+  if (!mirrored && !projected) linear_no_ec(l, in, y_part);
+  TpTailEc ec;
   if (l.ec) {
     const CudaEc& c = *l.ec;
     ec.rank = c.rank;
@@ -432,7 +443,9 @@ bool CudaBackend::row_parallel_tail(const Tensor& in, const Linear& lin, Tensor&
     }
     // Each row's CTA reads all of A (rank · in bf16) when the kernel projects: cheap for narrow shards, while a wide
     // one (down_proj's intermediate columns) is cheaper as one SGEMM for all rows.
-    if (c.in > 4096) {
+    if (projected) {
+      ec.z = z.ptr<float>();
+    } else if (c.in > 4096) {
       z = alloc_f32(T, c.rank);
       auto prof = prof_->scope("linear.ec_project");
       ec_project(c, in, z);

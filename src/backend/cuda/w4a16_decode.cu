@@ -52,6 +52,7 @@ struct W4DecodeParams {
   // ec_rmax / ec_gmax: the largest rank / gate width (shared memory).
   int ec_cols, ec_rmax, ec_gmax;
   int ec_w4_gate;       // the slice sum and the gate in every W4 CTA (else in the last EC CTA; DecodePlan)
+  int ec_project;       // projection only (w4a16_gemm_ec_project): the W4 CTAs run plain, the last EC CTA writes z
   W4PeerMirror mirror;  // P2P dual-write of the output (count 1; ranks <= 1: none)
   W4FuseDev fx;         // decode-step fusions (w4a16_fusion.cuh; m <= 8, without mirror; the W4 CTAs run the tails)
 };
@@ -87,12 +88,15 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     uint4 a[kEcRing];
     ec_prefetch(ec, slice, p.k, a);
     float* gs = reinterpret_cast<float*>(smem + ec_cta_smem_bytes(p.m, ec.cpr));  // after the x staging
-    if (!p.ec_w4_gate) ec_prefetch_gate(ec, gs);
+    if (!p.ec_w4_gate && !p.ec_project) ec_prefetch_gate(ec, gs);
     cp_async_commit();
     pdl_launch_dependents();
     pdl_wait();
     ec_slice(ec, slice, a, p.x, p.m, p.k, smem);
-    if (!p.ec_w4_gate) ec_finish(ec, p.m, gs, [] { __syncthreads(); });
+    if (p.ec_project)
+      ec_finish_z(ec, p.m, gs, [] { __syncthreads(); });
+    else if (!p.ec_w4_gate)
+      ec_finish(ec, p.m, gs, [] { __syncthreads(); });
     return;
   }
 
@@ -103,6 +107,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
   for (int i = 1; i < kDecMaxMats; ++i)
     if (i < p.count && int(blockIdx.x) >= p.mat[i].rg_begin) mi = i;
   const W4DecMat& mt = p.mat[mi];
+  const bool has_ec = mt.has_ec && !p.ec_project;  // this CTA adds the EC's term (CTA-uniform)
   const int rgl = int(blockIdx.x) - mt.rg_begin;
   const int rsub = warp % R, ks = warp / R;
   const int tile = rgl * R + rsub;
@@ -146,7 +151,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
     cp_async_commit();
   }
-  if (mt.has_ec) {  // this CTA's rows of B (and the gate where the W4 CTAs apply it)
+  if (has_ec) {  // this CTA's rows of B (and the gate where the W4 CTAs apply it)
     ec_prefetch_b(mt.ec, rgl * R * 16, R * 16, mt.n, ecb);
     if (p.ec_w4_gate) ec_prefetch_gate(mt.ec, ecgs);
     cp_async_commit();
@@ -159,7 +164,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
   // register through the main loop): its latency hides behind the staging.
   __shared__ uint32_t ec_ep;
   uint32_t ep = 0;
-  if (mt.has_ec && tid == 0) ep = ec_epoch(mt.ec);
+  if (has_ec && tid == 0) ep = ec_epoch(mt.ec);
 
   float b_lo = 0.f, b_hi = 0.f;
   if (tile_ok && mt.bias) {
@@ -180,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
   }
   cp_async_commit();
   cp_async_wait<0>();
-  if (mt.has_ec && tid == 0) ec_ep = ep;
+  if (has_ec && tid == 0) ec_ep = ep;
   __syncthreads();
 
   // ldmatrix lane addresses (see the general kernel), one per pair of token tiles; rows >= m read row 0.
@@ -287,7 +292,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
     if constexpr (kGrouped) fold();
   }
-  const unsigned long long ec_pre = mt.has_ec && !p.ec_w4_gate ? ec_gz_issue(mt.ec, p.m) : 0ull;
+  const unsigned long long ec_pre = has_ec && !p.ec_w4_gate ? ec_gz_issue(mt.ec, p.m) : 0ull;
 
   // 5. Reduction: each warp's scaled partial tile (grouped: scaled per group in fold).
   {
@@ -314,13 +319,13 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     }
   }
   __syncthreads();
-  if (mt.has_ec) {
+  if (has_ec) {
     if (p.ec_w4_gate)
       ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, [] { __syncthreads(); });
     else
       ec_gz_wait(mt.ec, ec_ep, p.m, eczs, ec_pre, [] { __syncthreads(); });
   }
-  const int ecr = mt.has_ec ? mt.ec.rank : 0;
+  const int ecr = has_ec ? mt.ec.rank : 0;
   const __nv_bfloat16* ecb_lo = ecb + (rsub * 16 + g) * ecr;
   const __nv_bfloat16* ecb_hi = ecb_lo + 8 * ecr;
 
@@ -413,7 +418,7 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     cluster.sync();  // no CTA leaves while another still reads its shared memory
   }
 #endif
-  if (mt.has_ec && tid == 0)  // the EC's readers: the matrix's W4 CTAs
+  if (has_ec && tid == 0)  // the EC's readers: the matrix's W4 CTAs
     ec_leave(mt.ec, rgl * int(gridDim.y) + int(blockIdx.y), (mt.n_tiles + R - 1) / R * int(gridDim.y));
   if (T == 1 && p.fx.norm_out) {  // fusions run at m <= 8 only: the other instances need no tail code
     __shared__ int last;
@@ -468,7 +473,7 @@ void set_ec_params(W4DecodeParams& p, const W4EcDevice* const* ec, const EcPlanI
 void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4Device* w, int count,
                  const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, const W4GemmOptions& o,
                  cudaStream_t stream, const W4EcDevice* const* ec, const EcPlanInfo* ec_info,
-                 const W4PeerMirror* mirror, const W4Fusion* fusion) {
+                 const W4PeerMirror* mirror, const W4Fusion* fusion, float* ec_z) {
   const int T = token_tiles(m);
   const bool grouped = w[0].groups > 1;
   W4DecodeParams p{};
@@ -476,6 +481,11 @@ void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4
   p.k = w[0].k;
   if (ec && ec_info) set_ec_params(p, ec, *ec_info, plan.S);
   p.ec_w4_gate = plan.ec_w4_gate;
+  if (ec_info && ec_info->project) {  // one matrix: its EC writes z to ec_z
+    p.ec_project = 1;
+    p.ec_rmax = p.ec_gmax = 0;  // the W4 CTAs' shared memory holds no EC state
+    p.mat[0].ec.zout = ec_z;
+  }
   int rg = p.ec_cols;
   for (int i = 0; i < count; ++i) {
     W4DecMat& d = p.mat[i];

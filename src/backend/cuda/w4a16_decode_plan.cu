@@ -49,7 +49,8 @@ int ec_w4_gate_default(const W4Device* w, int count) {
 // The constants are rough H100/H200 figures; the choice only needs to be near the best, not exact.
 DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count, int force_r, int force_s,
                        const EcPlanInfo* ec) {
-  const int ec_rmax = ec ? ec->rmax : 0, ec_gmax = ec ? ec->gmax : 0;
+  const bool project = ec && ec->project;  // the W4 CTAs hold no EC state and never wait
+  const int ec_rmax = ec && !project ? ec->rmax : 0, ec_gmax = ec && !project ? ec->gmax : 0;
   const DeviceFacts& dev = device_facts();
   sm_count = std::max(sm_count, 1);
   const int kblocks = w[0].k_pad / kKBlock;
@@ -92,7 +93,7 @@ DecodePlan plan_decode(int T, int m, const W4Device* w, int count, int sm_count,
       const long ctas = ctas_x * S;
       const long slots = long(sm_count) * resident;
       const long waves = (ctas + slots - 1) / slots;
-      if (ec && waves > 1) continue;
+      if (ec && !project && waves > 1) continue;
       const long in_wave = std::min(ctas, slots);
       const long sms_used = std::min<long>(in_wave, sm_count);
       const long ctas_per_sm = (in_wave + sm_count - 1) / sm_count;
@@ -245,6 +246,25 @@ bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int coun
     launch_bulk(x, m, w, count, bias, y, o, stream, nullptr, ec, info.n ? &info : nullptr, plan.ec_w4_gate);
   else
     launch_plan(plan, x, m, w, count, bias, y, o, stream, ec, info.n ? &info : nullptr);
+  return true;
+}
+
+// The plain launch's plan (tuned or modelled) with the EC CTAs added: its W4 CTAs run as without the compensator.
+bool launch_decode_ec_project(const __nv_bfloat16* x, int m, const W4Device& w, const W4EcDevice& ec,
+                              const __nv_bfloat16* bias, __nv_bfloat16* y, float* z, int sm_count,
+                              const W4GemmOptions& o, cudaStream_t stream) {
+  const W4EcDevice* ecs[1] = {&ec};
+  if (!ec_fusable(m, &w, 1, ecs) || (reinterpret_cast<uintptr_t>(x) & 15) != 0) return false;
+  EcPlanInfo info = ec_plan_info(w.k, 1, ecs);
+  info.project = true;
+  const DecodePlan plain = choose_plan(m, &w, 1, sm_count, o);
+  if (plain.R == 0) return false;
+  const int T = token_tiles(m);
+  DecodePlan plan;
+  if (plain.R != kBulkPlan) plan = plan_decode(T, m, &w, 1, sm_count, plain.R, plain.S, &info);
+  if (plan.R == 0) plan = plan_decode(T, m, &w, 1, sm_count, 0, 0, &info);
+  if (plan.R == 0) return false;
+  launch_plan(plan, x, m, &w, 1, &bias, &y, o, stream, ecs, &info, nullptr, nullptr, z);
   return true;
 }
 

@@ -55,6 +55,7 @@ struct W4DecEc {
   unsigned long long* zpart;   // [kEcMaxSlices][32][rank]: value | epoch << 32
   unsigned* ticket;            // EC CTAs done with their slice (back to 0 after each launch)
   unsigned long long* gz;      // g ⊙ z [32][rank]: value | epoch << 32
+  float* zout;                 // projection-only launches: z = A·x [m][rank] fp32 out (else null)
   int rank, gate_width;
   int cpr;             // 256-column chunks per slice (kc = 256 · cpr)
   int slices;          // cols · gridDim.y
@@ -315,6 +316,32 @@ __device__ __noinline__ void ec_finish(const W4DecEc& e, int m, float* gs, Barri
   const unsigned long long tag = (unsigned long long)epoch << 32;
   for (int i = threadIdx.x; i < m * r; i += kThreads) __stcg(e.gz + i, tag | __float_as_uint(zg[i]));
   if (threadIdx.x == 0) *e.ticket = 0u;
+}
+
+// A projection-only launch's EC CTA after ec_slice (w4a16_gemm_ec_project): the last one to finish sums the slices
+// (no gate) into e.zout [m][rank] fp32, puts the ticket back to 0 and adds the launch's whole kEcEpochUnit itself
+// (the W4 CTAs take no part: it is the only reader). gs: ec_finish_smem_bytes of scratch.
+template <class Barrier>
+__device__ __noinline__ void ec_finish_z(const W4DecEc& e, int m, float* gs, Barrier barrier) {
+  __shared__ int ec_last_z;
+  __threadfence();
+  barrier();
+  if (threadIdx.x == 0) ec_last_z = atomicAdd(e.ticket, 1u) == unsigned(e.slices - 1);
+  barrier();
+  if (!ec_last_z) return;
+  __threadfence();
+  W4DecEc plain = e;
+  plain.gate_width = 0;  // ec_gate then leaves z itself in zg
+  const int r = e.rank;
+  float* zt = gs;
+  float* zg = zt + m * r;
+  ec_gate(plain, ec_epoch(e), m, zg, zt, zg + m * r, gs, barrier);
+  for (int i = threadIdx.x; i < m * r; i += kThreads) e.zout[i] = zg[i];
+  if (threadIdx.x == 0) {
+    *e.ticket = 0u;
+    const unsigned long long unit = kEcEpochUnit;
+    asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(e.epochs), "l"(unit) : "memory");
+  }
 }
 
 // A W4 CTA of a compensated matrix, right after its main loop: its first load of g ⊙ z entry threadIdx.x (its

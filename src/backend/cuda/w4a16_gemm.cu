@@ -692,6 +692,18 @@ bool w4a16_gemm_ec(const __nv_bfloat16* x, int m, const W4Device* w, int count, 
   return launch_decode_ec(x, m, w, count, ec, bias, y, sm_count, o, stream);
 }
 
+bool w4a16_gemm_ec_project(const __nv_bfloat16* x, int m, const W4Device& w, const W4EcDevice& ec,
+                           const __nv_bfloat16* bias, __nv_bfloat16* y, float* z, int sm_count, cudaStream_t stream) {
+  SPEAR_CHECK(x && y && z, "w4a16_gemm_ec_project: null x, y or z");
+  SPEAR_CHECK(ec.rank >= 1 && ec.A && ec.B && ec.scratch,
+              "w4a16_gemm_ec_project: compensator of rank {} or with a null A, B or scratch", ec.rank);
+  if (m <= 0) return true;
+  check_device_weights(w);
+  const W4GemmOptions o = options_now();
+  if (o.path == 2) return false;
+  return launch_decode_ec_project(x, m, w, ec, bias, y, z, sm_count, o, stream);
+}
+
 size_t w4a16_fusion_counter_bytes() { return kFusedCounterBytes; }
 
 bool w4a16_fusable(int m, const W4Device* w, int count, const W4Fusion& f, __nv_bfloat16* const* y,

@@ -137,6 +137,14 @@ bool w4a16_ec_fusable(int m, const W4Device* w, int count, const W4EcDevice* con
 bool w4a16_gemm_ec(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4EcDevice* const* ec,
                    const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count, cudaStream_t stream);
 
+// The projection alone, for a row-parallel module under tensor parallelism (whose gate needs every rank's A·x):
+// y = x · dequant(W)ᵀ + bias (bit-identical to w4a16_gemm under the same plan: the W4 CTAs run the plain launch's
+// plan, in any number of waves) and z [m][rank] fp32 = A·x from the same launch's EC CTAs (the slices summed in
+// order by the last of them). Returns false (nothing enqueued) where w4a16_ec_fusable is false or x is not 16-byte
+// aligned. The scratch rules of w4a16_gemm_ec apply.
+bool w4a16_gemm_ec_project(const __nv_bfloat16* x, int m, const W4Device& w, const W4EcDevice& ec,
+                           const __nv_bfloat16* bias, __nv_bfloat16* y, float* z, int sm_count, cudaStream_t stream);
+
 // ---- Decode-step fusions (m <= 8): the residual add after a linear in the decode kernel's epilogue, and the
 // element-wise step that follows the GEMM done inside its launch (the RMSNorm of the next linear's input by the CTA
 // that finishes last; SwiGLU of a gate / up tile pair by the second of its two CTAs), so a decode layer needs no

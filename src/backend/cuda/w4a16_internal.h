@@ -47,6 +47,11 @@ bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int coun
                       const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count,
                       const W4GemmOptions& o, cudaStream_t stream);
 
+// The projection-only form (w4a16_gemm_ec_project; w4a16_decode_plan.cu).
+bool launch_decode_ec_project(const __nv_bfloat16* x, int m, const W4Device& w, const W4EcDevice& ec,
+                              const __nv_bfloat16* bias, __nv_bfloat16* y, float* z, int sm_count,
+                              const W4GemmOptions& o, cudaStream_t stream);
+
 // The decode launch with the decode-step fusions (w4a16_decode_plan.cu), with fused compensators where ec is set;
 // false when it cannot take it.
 bool decode_fusable(int m, const W4Device* w, int count, const W4Fusion& f, __nv_bfloat16* const* y,
