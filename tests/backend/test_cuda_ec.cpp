@@ -5,6 +5,7 @@
 // is made large (about a third of the output) so that a wrong or missing EC cannot pass.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <random>
 #include <string>
@@ -66,6 +67,19 @@ std::vector<float> run(cuda::CudaBackend& gpu, const Linear& l, const Tensor& x,
   return h;
 }
 
+// The fused path with the slice sum and the gate forced into every W4 CTA ([0]), then once into the last EC CTA ([1])
+// (W4GemmOptions::ec_gate): the same plan either way.
+std::array<std::vector<float>, 2> run_fused_each_gate_place(cuda::CudaBackend& gpu, const Linear& l, const Tensor& x) {
+  std::array<std::vector<float>, 2> out;
+  for (int gate : {1, 2}) {
+    cuda::W4GemmOptions o = cuda::w4a16_get_options();
+    o.ec_gate = gate;
+    w4test::ScopedW4Options scoped(o);
+    out[size_t(gate - 1)] = run(gpu, l, x, EcPath::Fused);
+  }
+  return out;
+}
+
 // A random W4 linear of the case's shape with a random compensator on it (seed: two values taken).
 struct EcCase {
   int n, k, group, rank, gate;
@@ -115,13 +129,7 @@ TEST(CudaEc, FusedAndOverlappedMatchNaiveAndReference) {
       const std::vector<float> over = run(gpu, *lin, x, EcPath::Overlapped);
       const std::string what = describe(cs, m);
       // The slice sum and the gate in every W4 CTA, then once in the last EC CTA: the same plan, the same bits.
-      std::vector<float> by_gate[2];
-      for (int gate : {1, 2}) {
-        cuda::W4GemmOptions o = cuda::w4a16_get_options();
-        o.ec_gate = gate;
-        w4test::ScopedW4Options scoped(o);
-        by_gate[gate - 1] = run(gpu, *lin, x, EcPath::Fused);
-      }
+      const auto by_gate = run_fused_each_gate_place(gpu, *lin, x);
       EXPECT_LT(rel_err(by_gate[0], ref), 1e-2) << what << ": gate in the W4 CTAs";
       EXPECT_TRUE(by_gate[0] == by_gate[1]) << what << ": gate in the W4 CTAs vs in the last EC CTA";
       EXPECT_GT(rel_err(ref_plain, ref), 0.1) << what << ": the EC term is too small to test";
@@ -164,13 +172,7 @@ TEST(CudaEc, BulkKernelFusedMatchesNaive) {
       const std::vector<float> fused = run(gpu, *lin, x, EcPath::Fused);
       const std::vector<float> fused2 = run(gpu, *lin, x, EcPath::Fused);
       EXPECT_EQ(cuda::w4a16_bulk_ec_launches(), before + 2) << what << ": not run on the bulk kernel";
-      std::vector<float> by_gate[2];  // the slice sum and the gate in the W4 CTAs, then in the last EC CTA
-      for (int gate : {1, 2}) {
-        cuda::W4GemmOptions og = cuda::w4a16_get_options();
-        og.ec_gate = gate;
-        w4test::ScopedW4Options scoped_gate(og);
-        by_gate[gate - 1] = run(gpu, *lin, x, EcPath::Fused);
-      }
+      const auto by_gate = run_fused_each_gate_place(gpu, *lin, x);
       EXPECT_TRUE(by_gate[0] == by_gate[1]) << what << ": gate in the W4 CTAs vs in the last EC CTA";
       EXPECT_TRUE(by_gate[0] == fused) << what;
       EXPECT_LT(rel_err(fused, ref), 1e-2) << what;

@@ -41,6 +41,18 @@ const std::pair<int, int> kPlans[] = {{0, 0}, {1, 1}, {2, 3}, {4, 1}, {8, 2}, {1
 
 std::string plan_name(std::pair<int, int> p) { return std::to_string(p.first) + "x" + std::to_string(p.second); }
 
+// A gate / up pair of a case (n[0] rows each) and its input x, from three seeds.
+struct GateUp {
+  GateUp(const Case& c, uint32_t& seed)
+      : g(cuda::w4_prepare(w4test::random_quantized(c.n[0], c.k, 4, c.group, seed++))),
+        u(cuda::w4_prepare(w4test::random_quantized(c.n[0], c.k, 4, c.group, seed++))),
+        w{g.dev, u.dev},
+        x(w4test::random_bf16(size_t(c.m) * c.k, seed++, 1.f)) {}
+  w4test::UploadedW4 g, u;
+  cuda::W4Device w[2];
+  Dev<uint16_t> x;
+};
+
 void expect_counters_zero(const Dev<unsigned>& c, const std::string& what) {
   size_t nonzero = 0;
   for (unsigned v : c.download()) nonzero += v != 0;
@@ -99,11 +111,10 @@ TEST(CudaW4Fusion, SwigluTailEqualsOpByOp) {
   Dev<unsigned> counters(std::vector<unsigned>(cuda::w4a16_fusion_counter_bytes() / 4, 0u));
   for (const Case& c : cases) {
     const int n = c.n[0];
-    w4test::UploadedW4 g(cuda::w4_prepare(w4test::random_quantized(n, c.k, 4, c.group, seed++)));
-    w4test::UploadedW4 u(cuda::w4_prepare(w4test::random_quantized(n, c.k, 4, c.group, seed++)));
-    const cuda::W4Device w[2] = {g.dev, u.dev};
+    GateUp pair(c, seed);
+    const cuda::W4Device* w = pair.w;
+    const Dev<uint16_t>& x = pair.x;
     const size_t ny = size_t(c.m) * n;
-    Dev<uint16_t> x(w4test::random_bf16(size_t(c.m) * c.k, seed++, 1.f));
     for (bool in_place : {true, false}) {
       for (auto plan : kPlans) {
         w4test::ScopedW4Options scoped({true, 0, plan.first, plan.second, true});
@@ -174,11 +185,10 @@ TEST(CudaW4Fusion, CompensatedLaunchesKeepTheTails) {
   const Case pair_cases[] = {{{8192, 8192}, 2048, 128, 1}, {{1000, 1000}, 4096, -1, 5}, {{96, 96}, 136, 32, 3}};
   for (const Case& c : pair_cases) {
     const int n = c.n[0];
-    w4test::UploadedW4 g(cuda::w4_prepare(w4test::random_quantized(n, c.k, 4, c.group, seed++)));
-    w4test::UploadedW4 u(cuda::w4_prepare(w4test::random_quantized(n, c.k, 4, c.group, seed++)));
-    const cuda::W4Device w[2] = {g.dev, u.dev};
+    GateUp pair(c, seed);
+    const cuda::W4Device* w = pair.w;
+    const Dev<uint16_t>& x = pair.x;
     const size_t ny = size_t(c.m) * n;
-    Dev<uint16_t> x(w4test::random_bf16(size_t(c.m) * c.k, seed++, 1.f));
     w4test::DevEc eg(c.k, n, 8, 4, seed++), eu(c.k, n, 16, 0, seed++);
     // The gate's EC alone, the up projection's alone, both.
     const cuda::W4EcDevice* placements[3][2] = {{&eg.dev, nullptr}, {nullptr, &eu.dev}, {&eg.dev, &eu.dev}};

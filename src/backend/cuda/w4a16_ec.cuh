@@ -292,19 +292,35 @@ __host__ __device__ constexpr size_t ec_finish_smem_bytes(int m, int rank, int g
   return (size_t(ec_gate_floats(rank, gw)) + size_t(2) * m * rank + size_t(m) * ((gw + 3) & ~3)) * 4;
 }
 
+// At the end of a W4 CTA of a compensated matrix: its share of the launch's kEcEpochUnit (the CTA with index 0
+// of the matrix's `readers` adds the remainder). Fire and forget; thread 0 calls it.
+__device__ __forceinline__ void ec_leave(const W4DecEc& e, int index, int readers) {
+  const unsigned long long share = kEcEpochUnit / unsigned(readers);
+  const unsigned long long add = index == 0 ? kEcEpochUnit - share * unsigned(readers - 1) : share;
+  asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(e.epochs), "l"(add) : "memory");
+}
+
+// Every thread of an EC CTA after ec_slice: the CTA's ticket (its entries fenced first); true in the last EC CTA of
+// the launch to finish, which then sees every CTA's entries. barrier() syncs warps 0-7.
+template <class Barrier>
+__device__ __forceinline__ bool ec_last_cta(const W4DecEc& e, Barrier barrier) {
+  __shared__ int ec_last;
+  __threadfence();  // this thread's entries, before the CTA's ticket
+  barrier();
+  if (threadIdx.x == 0) ec_last = atomicAdd(e.ticket, 1u) == unsigned(e.slices - 1);
+  barrier();
+  if (!ec_last) return false;
+  __threadfence();
+  return true;
+}
+
 // An EC CTA after ec_slice: the last one to finish (ticket) sums the slices, applies the gate and stores g ⊙ z for
 // tokens [0, m), tagged with the epoch (see the file header). gs: the gate's parameters, prefetched by the caller
 // before griddepcontrol.wait (cp.async, committed), then ec_finish_smem_bytes of scratch. Every thread of warps 0-7
 // calls it; barrier() syncs them.
 template <class Barrier>
 __device__ __noinline__ void ec_finish(const W4DecEc& e, int m, float* gs, Barrier barrier) {
-  __shared__ int ec_last;
-  __threadfence();  // this thread's entries, before the CTA's ticket
-  barrier();
-  if (threadIdx.x == 0) ec_last = atomicAdd(e.ticket, 1u) == unsigned(e.slices - 1);
-  barrier();
-  if (!ec_last) return;
-  __threadfence();
+  if (!ec_last_cta(e, barrier)) return;
   const int r = e.rank, gw = e.gate_width;
   float* zt = gs + ec_gate_floats(r, gw);
   float* zg = zt + m * r;
@@ -323,13 +339,7 @@ __device__ __noinline__ void ec_finish(const W4DecEc& e, int m, float* gs, Barri
 // (the W4 CTAs take no part: it is the only reader). gs: ec_finish_smem_bytes of scratch.
 template <class Barrier>
 __device__ __noinline__ void ec_finish_z(const W4DecEc& e, int m, float* gs, Barrier barrier) {
-  __shared__ int ec_last_z;
-  __threadfence();
-  barrier();
-  if (threadIdx.x == 0) ec_last_z = atomicAdd(e.ticket, 1u) == unsigned(e.slices - 1);
-  barrier();
-  if (!ec_last_z) return;
-  __threadfence();
+  if (!ec_last_cta(e, barrier)) return;
   W4DecEc plain = e;
   plain.gate_width = 0;  // ec_gate then leaves z itself in zg
   const int r = e.rank;
@@ -339,8 +349,7 @@ __device__ __noinline__ void ec_finish_z(const W4DecEc& e, int m, float* gs, Bar
   for (int i = threadIdx.x; i < m * r; i += kThreads) e.zout[i] = zg[i];
   if (threadIdx.x == 0) {
     *e.ticket = 0u;
-    const unsigned long long unit = kEcEpochUnit;
-    asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(e.epochs), "l"(unit) : "memory");
+    ec_leave(e, 0, 1);  // the launch's only reader: the whole unit
   }
 }
 
@@ -364,14 +373,6 @@ __device__ __forceinline__ void ec_gz_wait(const W4DecEc& e, uint32_t epoch, int
     zg[i] = __uint_as_float(uint32_t(v));
   }
   barrier();
-}
-
-// At the end of a W4 CTA of a compensated matrix: its share of the launch's kEcEpochUnit (the CTA with index 0
-// of the matrix's `readers` adds the remainder). Fire and forget; thread 0 calls it.
-__device__ __forceinline__ void ec_leave(const W4DecEc& e, int index, int readers) {
-  const unsigned long long share = kEcEpochUnit / unsigned(readers);
-  const unsigned long long add = index == 0 ? kEcEpochUnit - share * unsigned(readers - 1) : share;
-  asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(e.epochs), "l"(add) : "memory");
 }
 
 // B·(g ⊙ z) of rows lo / hi for tokens tok / tok + 1 (bl, bh: the rows of B; z0, z1: the tokens' g ⊙ z, all in
