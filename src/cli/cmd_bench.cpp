@@ -89,6 +89,7 @@ void register_bench(CLI::App& app) {
   auto out = std::make_shared<std::string>();
   auto densities = std::make_shared<std::vector<double>>(std::vector<double>{0.0});
   auto ec_paths = std::make_shared<std::vector<std::string>>(std::vector<std::string>{"auto"});
+  auto ec_kinds = std::make_shared<std::vector<std::string>>();
   auto ec_rank = std::make_shared<int>(16), ec_gate = std::make_shared<int>(8), prefill_reps = std::make_shared<int>(1);
   CLI::App* cmd = bench->add_subcommand(
       "decode", "Greedy decode speed: B sequences of --prompt random tokens are prefilled together, then --steps "
@@ -109,6 +110,10 @@ void register_bench(CLI::App& app) {
                   "set per density; 0 = the model as loaded)")
       ->delimiter(',')
       ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--ec-modules", *ec_kinds,
+                  "Only these kinds of linears get random compensators (e.g. o_proj,down_proj: the row-parallel ones "
+                  "under --tp); --ec-density is then a fraction of them. Default: every decoder linear")
+      ->delimiter(',');
   cmd->add_option("--ec-rank", *ec_rank, "Rank of the random compensators")->check(CLI::Range(1, 1024))->capture_default_str();
   cmd->add_option("--ec-gate", *ec_gate, "Gate width of the random compensators (0: static)")
       ->check(CLI::Range(0, 1024))
@@ -130,7 +135,7 @@ void register_bench(CLI::App& app) {
         int n_ec = 0;
         if (density > 0 || attached) detach_compensators(*m), attached = false;
         if (density > 0) {
-          for (const Compensator& c : attach_random_compensators(*m, density, *ec_rank, *ec_gate, 1234))
+          for (const Compensator& c : attach_random_compensators(*m, density, *ec_rank, *ec_gate, 1234, *ec_kinds))
             ec_bytes += c.bytes(), ++n_ec;
           attached = true;
         }

@@ -11,14 +11,27 @@
 namespace spear {
 
 std::vector<Compensator> attach_random_compensators(Model& model, double density, int rank, int gate_width,
-                                                    uint64_t seed) {
+                                                    uint64_t seed, const std::vector<std::string>& kinds) {
   SPEAR_CHECK(density >= 0.0 && density <= 1.0, "EC density {} is outside [0, 1]", density);
   SPEAR_CHECK(rank >= 1 && gate_width >= 0, "EC rank {} / gate width {}: rank must be >= 1, gate width >= 0", rank,
               gate_width);
   // Whole-module shapes (under tensor parallelism the linears hold one rank's shard; every rank draws the same
   // compensators and keeps its part).
-  const std::vector<std::string> all = model.linear_names();
+  std::vector<std::string> all = model.linear_names();
   const auto dims = model.linear_dims();
+  if (!kinds.empty()) {
+    auto is_kind = [](const std::string& name, const std::string& kind) {
+      return name.size() > kind.size() && name.compare(name.size() - kind.size(), kind.size(), kind) == 0 &&
+             name[name.size() - kind.size() - 1] == '.';
+    };
+    for (const std::string& k : kinds)
+      SPEAR_CHECK(std::any_of(all.begin(), all.end(), [&](const std::string& n) { return is_kind(n, k); }),
+                  "EC module kind '{}' matches no linear of the model (names end in e.g. '{}')", k,
+                  all.empty() ? std::string("q_proj") : all.front().substr(all.front().rfind('.') + 1));
+    std::erase_if(all, [&](const std::string& n) {
+      return std::none_of(kinds.begin(), kinds.end(), [&](const std::string& k) { return is_kind(n, k); });
+    });
+  }
   const size_t n = size_t(std::lround(density * double(all.size())));
   std::vector<size_t> idx(all.size());
   std::iota(idx.begin(), idx.end(), 0);

@@ -193,7 +193,8 @@ TEST(CudaEc, ProjectionOnlyLaunchGivesPlainOutputAndAx) {
   };
   const Case cases[] = {{256, 512, -1, 1, 16}, {4096, 7168, 128, 1, 16}, {4096, 2048, 128, 8, 32},
                         {200, 1032, -1, 3, 8}, {512, 4096, 64, 32, 64}};
-  const std::pair<int, int> plans[] = {{0, 0}, {1, 1}, {2, 3}, {4, 1}, {8, 2}};
+  // {-1, 1}: the bulk-copy kernel (m <= 8; else the model's plan), whatever the number of waves.
+  const std::pair<int, int> plans[] = {{0, 0}, {1, 1}, {2, 3}, {4, 1}, {8, 2}, {-1, 1}};
   int sms = 0;
   SPEAR_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   uint32_t seed = 800;
@@ -222,6 +223,7 @@ TEST(CudaEc, ProjectionOnlyLaunchGivesPlainOutputAndAx) {
                                std::to_string(plan.first) + "x" + std::to_string(plan.second);
       cuda::w4a16_gemm(w4test::bf(x), c.m, mat.dev, nullptr, w4test::bf_mut(y_plain), nullptr, 0, sms, nullptr);
       std::vector<float> z_first;
+      const uint64_t bulk_before = cuda::w4a16_bulk_ec_launches();
       for (int rep = 0; rep < 2; ++rep) {
         ASSERT_TRUE(cuda::w4a16_gemm_ec_project(w4test::bf(x), c.m, mat.dev, ec.dev, nullptr,
                                                 w4test::bf_mut(y_proj), z.get(), sms, nullptr))
@@ -239,6 +241,9 @@ TEST(CudaEc, ProjectionOnlyLaunchGivesPlainOutputAndAx) {
         }
       }
       EXPECT_TRUE(y_proj.download() == y_plain.download()) << what << ": y is not the plain GEMM's";
+      if (plan.first == -1 && c.m <= 8) {  // (4096 x 7168: 256 tiles and 28 EC CTAs, over one wave at 2 per SM)
+        EXPECT_EQ(cuda::w4a16_bulk_ec_launches(), bulk_before + 2) << what << ": not run on the bulk kernel";
+      }
     }
     __nv_bfloat16* yf2 = w4test::bf_mut(y_fused2);
     ASSERT_TRUE(cuda::w4a16_gemm_ec(w4test::bf(x), c.m, &mat.dev, 1, ecs, nullptr, &yf2, sms, nullptr));

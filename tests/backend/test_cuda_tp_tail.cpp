@@ -63,7 +63,7 @@ struct Ec {
   std::vector<std::vector<float>> A;  // [rank][r][k_q], bf16-representable
   std::vector<float> B, W1, b1, W2, b2;
   std::vector<std::unique_ptr<Dev>> dA;
-  std::unique_ptr<Dev> dB, dW1, db1, dW2, db2;
+  std::unique_ptr<Dev> dB, dB16, dW1, db1, dW2, db2;
   std::vector<cuda::TpTailEc> dev;  // per rank
 };
 
@@ -84,6 +84,7 @@ std::unique_ptr<Ec> make_ec(int ranks, int r, int w, const std::vector<int>& in,
     for (float& x : v) x = std * nd(rng);
   };
   fill(ec->B, size_t(H) * r, 0.5f / std::sqrt(float(r)));
+  for (float& v : ec->B) v = bf16_to_f32(f32_to_bf16(v));  // the kernel reads the bf16 copy where r % 8 == 0
   if (w > 0) {  // a gate far from 1: u ~ N(0, ~1), so g spreads over (0, 2)
     fill(ec->W1, size_t(w) * r, 1.f / std::sqrt(float(r)));
     fill(ec->b1, size_t(w), 0.1f);
@@ -96,6 +97,9 @@ std::unique_ptr<Ec> make_ec(int ranks, int r, int w, const std::vector<int>& in,
   for (auto& a : ec->A) ec->host.A.push_back(a.data());
   ec->host.B = ec->B.data();
   ec->dB = upload(ec->B);
+  std::vector<uint16_t> b16(ec->B.size());
+  for (size_t i = 0; i < b16.size(); ++i) b16[i] = f32_to_bf16(ec->B[i]);
+  ec->dB16 = upload(b16);
   if (w > 0) {
     ec->host.W1 = ec->W1.data(), ec->host.b1 = ec->b1.data(), ec->host.W2 = ec->W2.data(), ec->host.b2 = ec->b2.data();
     ec->dW1 = upload(ec->W1), ec->db1 = upload(ec->b1), ec->dW2 = upload(ec->W2), ec->db2 = upload(ec->b2);
@@ -110,6 +114,7 @@ std::unique_ptr<Ec> make_ec(int ranks, int r, int w, const std::vector<int>& in,
     d.in = in[size_t(q)];
     d.A = ec->dA.back()->b();
     d.B = ec->dB->f();
+    d.B16 = ec->dB16->b();  // used where r % 8 == 0 (r = 24, 64 below; r = 13 reads the fp32 B)
     if (w > 0) d.W1 = ec->dW1->f(), d.b1 = ec->db1->f(), d.W2 = ec->dW2->f(), d.b2 = ec->db2->f();
     ec->dev.push_back(d);
   }

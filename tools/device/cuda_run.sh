@@ -42,6 +42,13 @@
 #             TP_RUNS picks the runs (e.g. "1:auto 2:p2p"), TP_CHECK=0
 #             skips the perplexity and greedy comparisons
 #   ecppl     GPU vs CPU perplexity of a SPEAR package (calibrated here, fast preset) under each EC path
+#   tpprof:LIKE  per-op GPU times (SPEAR_CUDA_PROFILE=1, eager) of a LIKE-shaped random W4 model at batch 1, without
+#             and with random ECs on TPPROF_DENSITY (default 0.15) of the linears, at --tp 1 and at --tp 2 (fused tail);
+#             -v lists the EC path of each compensated linear
+#   tpkinds:LIKE  bench decode (graphs) of a LIKE-shaped random W4 model at batch TPK_BATCH (default 1) with random ECs
+#             on TPK_DENSITY (default 0.25) of one group of module kinds at a time (TPK_GROUPS, default row-parallel
+#             o+down, q+k+v, gate+up; an entry KINDS@D sets its own density, KINDS "all" every linear) against none,
+#             at --tp TPK_TP (default "1 2"; --tp-reduce fused at 2)
 # Everything lands in $OUT/results.tgz (results-$TAG.tgz with TAG set, so that several calls of one device run,
 # e.g. under different SPEAR_* settings, keep their files apart) and the log on stdout.
 set -u
@@ -202,6 +209,38 @@ for stage in "$@"; do
           2>&1 | tee "$R/tp_decode-$like-tp$tp-${run#*:}.log" | grep -E "^(model|/tmp)"
       done
       rm -rf "/tmp/t-$like-w4" ;;
+    tpkinds:*)
+      like=${stage#tpkinds:}
+      [[ -d "/tmp/t-$like-w4" ]] || { "$BIN/spear" make-model --like "$like" --random --out "/tmp/t-$like" \
+        --quantize-out "/tmp/t-$like-w4" 2>&1 | tail -1; rm -rf "/tmp/t-$like"; }
+      for tp in ${TPK_TP:-1 2}; do
+        for entry in ${TPK_GROUPS:-o_proj,down_proj q_proj,k_proj,v_proj gate_proj,up_proj}; do
+          g=${entry%@*} d=${TPK_DENSITY:-0.25}  # an entry KINDS@DENSITY sets its own density; KINDS "all": every linear
+          [[ $entry == *@* ]] && d=${entry#*@}
+          kinds=(--ec-modules "$g")
+          [[ $g == all ]] && kinds=()
+          t "bench decode $like --tp $tp, ECs on $d of $g"
+          timeout 240 "$BIN/spear" bench decode --device cuda -m "/tmp/t-$like-w4" --tp $tp --tp-reduce fused \
+            --batch ${TPK_BATCH:-1} --steps 48 --ec-density 0,$d "${kinds[@]}" --ec-paths auto \
+            --out "$R/tpkinds-$like-tp$tp-${g//,/+}-$d.json" 2>&1 | tee "$R/tpkinds-$like-tp$tp-${g//,/+}-$d.log" | grep -E "^/tmp"
+        done
+      done ;;
+    tpprof:*)
+      like=${stage#tpprof:}
+      t "make-model $like (random W4)"
+      [[ -d "/tmp/t-$like-w4" ]] || "$BIN/spear" make-model --like "$like" --random --out "/tmp/t-$like" \
+        --quantize-out "/tmp/t-$like-w4" 2>&1 | tail -1
+      rm -rf "/tmp/t-$like"
+      for tp in ${TPPROF_TP:-1 2}; do
+        for d in 0 ${TPPROF_DENSITY:-0.15}; do
+          t "per-op profile $like --tp $tp, EC density $d"
+          SPEAR_CUDA_PROFILE=1 timeout 240 "$BIN/spear" bench decode --device cuda -m "/tmp/t-$like-w4" --tp $tp \
+            --tp-reduce fused --batch 1 --steps 16 --ec-density $d --ec-paths auto -v \
+            > "$R/tpprof-$like-tp$tp-d$d.log" 2>&1
+          grep -E "^(op |linear|row_par|all_red|attention|rope|rms|add|swiglu|gather|lm|ec|/tmp)" \
+            "$R/tpprof-$like-tp$tp-d$d.log" | head -60
+        done
+      done ;;
     ecppl)
       t "SPEAR package: the staged one (calibrate --preset fast) + its RTN weights rebuilt by spear quantize"
       if [[ -d .devrun/ref-spear ]]; then

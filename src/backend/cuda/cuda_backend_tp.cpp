@@ -435,6 +435,7 @@ bool CudaBackend::row_parallel_tail(const Tensor& in, const Linear& lin, Tensor&
     ec.in = c.in;
     ec.A = c.A16.as<__nv_bfloat16>();
     ec.B = c.B.as<float>();
+    ec.B16 = c.B16.as<__nv_bfloat16>();
     if (c.gate_width > 0) {
       ec.W1 = c.W1.as<float>();
       ec.b1 = c.b1.as<float>();

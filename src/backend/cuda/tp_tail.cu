@@ -135,6 +135,46 @@ __device__ __forceinline__ void ec_chunk(const float* __restrict__ B, int r, int
   }
 }
 
+// ec_chunk over the bf16 copy of B (CudaEc::B16; rank r % 8 == 0, rows 16-byte aligned), the form the fused decode
+// launch reads too: half the bytes, and no lane idle at small ranks. L lanes share a row (8 columns each, L = r / 8
+// rounded up to a power of two), so one load instruction of a warp covers 32 / L rows (r = 16: 16 rows, 512
+// contiguous bytes); each lane issues kBatch loads before using any, then the L lanes of a row meet in a fixed
+// shuffle tree (the same bits on every rank). zs: g ⊙ z in shared memory.
+template <int L>
+__device__ __forceinline__ void ec_chunk_b16(const bf16* __restrict__ B, int r, int n0, int count,
+                                             const float* zs, float* s_d) {
+  constexpr int kRowsPerLoad = 32 / L, kBatch = 8;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int sub = lane % L, rl = lane / L;
+  const int c = min(8 * sub, r - 8);  // lanes past r re-read the last columns and weigh them 0
+  float z[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) z[k] = 8 * sub + k < r ? zs[c + k] : 0.f;
+  for (int base = warp * kRowsPerLoad * kBatch; base < count; base += kWarps * kRowsPerLoad * kBatch) {
+    uint4 b[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const int row = min(base + i * kRowsPerLoad + rl, count - 1);
+      b[i] = __ldg(reinterpret_cast<const uint4*>(B + size_t(n0 + row) * r + c));
+    }
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const bf162* bh = reinterpret_cast<const bf162*>(&b[i]);
+      float d = 0.f;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float2 f = __bfloat1622float2(bh[k]);
+        d = fmaf(f.x, z[2 * k], d);
+        d = fmaf(f.y, z[2 * k + 1], d);
+      }
+#pragma unroll
+      for (int o = L / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+      const int row = base + i * kRowsPerLoad + rl;
+      if (sub == 0 && row < count) s_d[row] = d;
+    }
+  }
+}
+
 // Polls the LL line at `at` (written by rank `src` for row t) until both epoch words read e; traps after
 // p.timeout_ns (counted from t0) with a message.
 __device__ __forceinline__ uint2 poll_line(const unsigned char* at, uint32_t e, const TpTailPeers& p, int rank, int t,
@@ -164,6 +204,7 @@ struct Geometry {
   float eps;
   bool a_vec;       // A rows and xs rows: 16-byte aligned, ec.in % 8 == 0
   bool b_vec;       // B rows: 16-byte aligned float4s (rank % 4 == 0); selects the kernel's kBVec
+  int b16_lanes;    // > 0: B·(g ⊙ z) from ec.B16 with this many lanes per row (ec_chunk_b16), else from ec.B
   bool y_mirrored;  // the GEMM stored this rank's y lines into the peers (tp_tail.h)
 };
 
@@ -349,7 +390,13 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int count = min(kChunk, H - n0);
     if (r > 0) {
       if (n0 > 0) __syncthreads();  // the previous pass has read s_d
-      ec_chunk<kBVec>(ec.B, r, n0, count, zg, s_d);
+      switch (geo.b16_lanes) {  // CTA-uniform
+        case 1: ec_chunk_b16<1>(ec.B16, r, n0, count, s_z, s_d); break;
+        case 2: ec_chunk_b16<2>(ec.B16, r, n0, count, s_z, s_d); break;
+        case 4: ec_chunk_b16<4>(ec.B16, r, n0, count, s_z, s_d); break;
+        case 8: ec_chunk_b16<8>(ec.B16, r, n0, count, s_z, s_d); break;
+        default: ec_chunk<kBVec>(ec.B, r, n0, count, zg, s_d);
+      }
       __syncthreads();
     }
     if constexpr (kVec) {
@@ -534,7 +581,7 @@ void tp_tail_bf16(const __nv_bfloat16* y_part, const __nv_bfloat16* xs, const Tp
   SPEAR_CHECK(y_part && x && norm_w && h, "tp tail: null y, x, norm weight or output");
   TpTailEc e = ec ? *ec : TpTailEc{};
   if (r > 0) {
-    SPEAR_CHECK(e.B && (e.z || (e.in >= 1 && e.A && xs)),
+    SPEAR_CHECK((e.B || e.B16) && (e.z || (e.in >= 1 && e.A && xs)),
                 "tp tail: EC without B, or without z or A and input (in = {})", e.in);
     SPEAR_CHECK(e.gate_width >= 0 && e.gate_width <= kTpTailMaxGate, "tp tail: gate width {} out of [0, {}]",
                 e.gate_width, kTpTailMaxGate);
@@ -548,6 +595,11 @@ void tp_tail_bf16(const __nv_bfloat16* y_part, const __nv_bfloat16* xs, const Tp
   geo.y_mirrored = y_mirrored && R > 1;
   geo.a_vec = r > 0 && !e.z && e.in % 8 == 0 && aligned16(e.A) && aligned16(xs);
   geo.b_vec = r > 0 && r % 4 == 0 && aligned16(e.B);
+  geo.b16_lanes = 0;
+  if (r > 0 && e.B16 && r % 8 == 0 && aligned16(e.B16)) {
+    geo.b16_lanes = 1;
+    while (8 * geo.b16_lanes < r) geo.b16_lanes *= 2;
+  }
   // The same test as add_rms_norm_bf16 (vec_ok), so that one rank without EC takes the same path as it.
   const bool vec = H % 8 == 0 && aligned16(x) && aligned16(y_part) && aligned16(norm_w) && aligned16(h);
   auto kernel = vec ? (geo.b_vec ? tp_tail_kernel<true, true> : tp_tail_kernel<true, false>)

@@ -98,6 +98,9 @@ struct TpTailEc {
   int in = 0;                        // k_q: this rank's GEMM input width (its columns of A)
   const __nv_bfloat16* A = nullptr;  // [rank][in] bf16 (CudaEc::A16 of the shard)
   const float* B = nullptr;          // [H][rank] fp32 (CudaEc::B: the whole B, replicated on every rank)
+  // [H][rank] bf16 (CudaEc::B16, B rounded as the fused decode launch reads it): read instead of B where
+  // rank % 8 == 0 and it is 16-byte aligned (half the bytes of B; B may then be null).
+  const __nv_bfloat16* B16 = nullptr;
   const float* W1 = nullptr;         // [gate_width][rank] fp32 (null when static)
   const float* b1 = nullptr;         // [gate_width]
   const float* W2 = nullptr;         // [rank][gate_width]

@@ -13,7 +13,8 @@
 //
 // Fused compensators (w4a16_ec.cuh) as in the register-ring kernel: leading EC CTAs (one k-slice of A·x each),
 // the W4 CTAs' rows of B and the gate prefetched with the codes, the gate and B·(g ⊙ z) in the epilogue; only
-// where the launch fits in one wave (bulk_ec_takes), so the wait cannot deadlock.
+// where the launch fits in one wave (bulk_ec_takes), so the wait cannot deadlock. A projection-only launch
+// (w4a16_gemm_ec_project: the W4 CTAs plain, the last EC CTA writes z) has no wait and takes any number of waves.
 #include <algorithm>
 #include <atomic>
 
@@ -49,6 +50,7 @@ struct W4BulkParams {
   int count, m, k, kblocks, stages, xs_stride, x_vec;
   int ec_cols, ec_rmax, ec_gmax;  // fused ECs: blockIdx.x < ec_cols are EC CTAs; largest rank / gate width
   int ec_w4_gate;                 // the slice sum and the gate in every W4 CTA (else in the last EC CTA)
+  int ec_project;                 // projection only: the W4 CTAs run plain, the last EC CTA writes z (mat[0].ec.zout)
   W4FuseDev fx;                   // decode-step fusions (w4a16_fusion.cuh; the W4 CTAs run the tails)
 };
 
@@ -79,12 +81,16 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
     uint4 a[kEcRing];
     ec_prefetch(ec, int(blockIdx.x) - ec.col0, p.k, a);
     float* gs = reinterpret_cast<float*>(smem + ec_cta_smem_bytes(p.m, ec.cpr));  // after the x staging
-    if (!p.ec_w4_gate && (threadIdx.x >> 5) < kWarps) ec_prefetch_gate(ec, gs);
+    const bool consumer = (threadIdx.x >> 5) < kWarps;
+    if (!p.ec_w4_gate && !p.ec_project && consumer) ec_prefetch_gate(ec, gs);
     cp_async_commit();
     pdl_launch_dependents();
     pdl_wait();
     ec_slice(ec, int(blockIdx.x) - ec.col0, a, p.x, p.m, p.k, smem);
-    if (!p.ec_w4_gate && (threadIdx.x >> 5) < kWarps) ec_finish(ec, p.m, gs, consumers_sync);
+    if (p.ec_project && consumer)
+      ec_finish_z(ec, p.m, gs, consumers_sync);
+    else if (!p.ec_w4_gate && consumer)
+      ec_finish(ec, p.m, gs, consumers_sync);
     return;
   }
   const int NS = p.stages;
@@ -279,10 +285,12 @@ bool bulk_takes(int m, const W4Device* w, int count) {
 
 namespace {
 
+// A projection-only launch's W4 CTAs hold no EC state (as the plain launch's: the same occupancy).
 size_t bulk_launch_smem(int m, const W4Device* w, int count, const EcPlanInfo* ec) {
   const int kblocks = w[0].k_pad / kKBlock;
-  const size_t smem = bulk_smem_bytes(m, kblocks, bulk_stages(kblocks), bulk_gmax(w, count), ec ? ec->rmax : 0,
-                                      ec ? ec->gmax : 0);
+  const bool w4_ec = ec && !ec->project;
+  const size_t smem = bulk_smem_bytes(m, kblocks, bulk_stages(kblocks), bulk_gmax(w, count), w4_ec ? ec->rmax : 0,
+                                      w4_ec ? ec->gmax : 0);
   return ec ? std::max(smem, ec_cta_smem_bytes(m, ec->cpr_max) + ec_finish_smem_bytes(m, ec->rmax, ec->gmax)) : smem;
 }
 
@@ -308,9 +316,13 @@ void set_bulk_max_smem(int bytes) {
   SPEAR_CUDA_CHECK(cudaFuncSetAttribute(w4a16_bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes - 1024));
 }
 
+bool bulk_project_takes(int m, const W4Device& w, const EcPlanInfo& ec) {
+  return ec.project && bulk_takes(m, &w, 1) && bulk_launch_smem(m, &w, 1, &ec) + 1024 <= device_facts().smem_optin;
+}
+
 void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
                  __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream, const W4Fusion* fusion,
-                 const W4EcDevice* const* ec, const EcPlanInfo* ec_info, int ec_w4_gate) {
+                 const W4EcDevice* const* ec, const EcPlanInfo* ec_info, int ec_w4_gate, float* ec_z) {
   W4BulkParams p{};
   p.count = count;
   p.x = x;
@@ -331,6 +343,12 @@ void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, co
     p.ec_rmax = ec_info->rmax;
     p.ec_gmax = ec_info->gmax;
     p.ec_w4_gate = ec_w4_gate;
+    if (ec_info->project) {  // one matrix: its W4 CTAs run plain (no EC state), its EC writes z to ec_z
+      p.ec_project = 1;
+      p.ec_rmax = p.ec_gmax = 0;
+      p.mat[0].has_ec = 0;
+      p.mat[0].ec.zout = ec_z;
+    }
   }
   int tiles = p.ec_cols;
   for (int i = 0; i < count; ++i) {

@@ -259,6 +259,10 @@ bool launch_decode_ec_project(const __nv_bfloat16* x, int m, const W4Device& w, 
   info.project = true;
   const DecodePlan plain = choose_plan(m, &w, 1, sm_count, o);
   if (plain.R == 0) return false;
+  if (plain.R == kBulkPlan && bulk_project_takes(m, w, info)) {
+    launch_bulk(x, m, &w, 1, &bias, &y, o, stream, nullptr, ecs, &info, 0, z);
+    return true;
+  }
   const int T = token_tiles(m);
   DecodePlan plan;
   if (plain.R != kBulkPlan) plan = plan_decode(T, m, &w, 1, sm_count, plain.R, plain.S, &info);

@@ -75,7 +75,10 @@ bool bulk_takes(int m, const W4Device* w, int count);
 void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
                  __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream,
                  const W4Fusion* fusion = nullptr, const W4EcDevice* const* ec = nullptr,
-                 const EcPlanInfo* ec_info = nullptr, int ec_w4_gate = 0);
+                 const EcPlanInfo* ec_info = nullptr, int ec_w4_gate = 0, float* ec_z = nullptr);
+// A projection-only launch (EcPlanInfo::project, ec_z given to launch_bulk) of one matrix fits the bulk kernel. Any
+// number of waves: its W4 CTAs wait for nobody.
+bool bulk_project_takes(int m, const W4Device& w, const EcPlanInfo& ec);
 void set_bulk_max_smem(int bytes);  // raises its dynamic shared-memory limit (device_facts())
 void set_mlp_fused_max_smem(int bytes);  // the same for the fused MLP block (mlp_fused.cu)
 
