@@ -22,9 +22,11 @@
 //
 // Cost, measured on one H200 (one rank, H = 4096, CUDA graph of back-to-back calls, T = 1 / 64): no EC 3.2 / 3.4 µs
 // (add_rms_norm_bf16: 1.9 / 2.0); static EC r = 64 with z given 15 / 16 µs; gated (w = 16) 16.4 / 17.5; z = A·xs in
-// the kernel from k_q = 2048 adds 5 µs. An EC's cost is one SM reading all of B (H · r · 4 bytes) from L2 per row:
-// one CTA per row bounds it by one SM's L2 bandwidth, so T = 1 is as slow as T = 64. Reading B16 (bf16) would halve
-// it; spreading a row over a cluster of CTAs (the sum of squares through distributed shared memory) would divide it.
+// the kernel from k_q = 2048 adds 5 µs. An EC's cost is one SM reading all of B from L2 per row: one CTA per row
+// bounds it by one SM's L2 bandwidth, so T = 1 is as slow as T = 64. So the kernel reads the bf16 copy B16 where it
+// can (half the bytes of fp32 B, and r / 8 lanes per row instead of a layout made for r = 64, which left 12 of 16
+// lanes idle at r = 16); spreading a row over a cluster of CTAs (the sum of squares through distributed shared
+// memory) would divide it further.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
