@@ -47,7 +47,8 @@ struct Sample {
   int status = 0, out_tokens = 0;
   std::string stream_error;  // an error event inside a 200 stream (the request failed after it started)
   double ttft = 0, e2e = 0;
-  std::vector<double> itl;
+  std::vector<double> itl;        // between text events
+  std::vector<double> itl_token;  // per token: an event's gap split evenly over the tokens it carries
 };
 
 double pct(std::vector<double> v, double p) {
@@ -74,11 +75,11 @@ void one_request(const std::string& url, const std::string& model, const std::st
   req.path = "/v1/completions";
   req.set_header("Content-Type", "application/json");
   req.body = json{{"model", model}, {"prompt", prompt}, {"max_tokens", max_tokens}, {"temperature", 0},
-                  {"stream", true}, {"stream_options", {{"include_usage", true}}}}
+                  {"stream", true}, {"stream_options", {{"include_usage", true}, {"continuous_usage_stats", true}}}}
                  .dump(-1, ' ', false, json::error_handler_t::replace);  // windows may cut a character
   const auto t0 = clk::now();
   auto last = t0;
-  int chunks = 0;
+  int chunks = 0, tokens_seen = 0;
   std::string buf;
   req.content_receiver = [&](const char* data, size_t n, uint64_t, uint64_t) {
     buf.append(data, n);
@@ -89,13 +90,23 @@ void one_request(const std::string& url, const std::string& model, const std::st
       if (j.is_discarded()) continue;
       if (j.contains("error") && s.stream_error.empty())
         s.stream_error = j["error"].is_object() ? j["error"].value("message", std::string("error")) : "error";
-      if (j.contains("usage") && j["usage"].is_object()) s.out_tokens = j["usage"].value("completion_tokens", 0);
+      // Tokens so far: the usage in every chunk (stream_options.continuous_usage_stats), else one per event.
+      int tokens = tokens_seen + 1;
+      if (j.contains("usage") && j["usage"].is_object()) {
+        s.out_tokens = j["usage"].value("completion_tokens", 0);
+        tokens = s.out_tokens;
+      }
       if (!j.contains("choices") || j["choices"].empty() || j["choices"][0].value("text", "").empty()) continue;
       const auto now = clk::now();
-      if (chunks == 0)
+      if (chunks == 0) {
         s.ttft = std::chrono::duration<double>(now - t0).count();
-      else
-        s.itl.push_back(std::chrono::duration<double>(now - last).count());
+      } else {
+        const double gap = std::chrono::duration<double>(now - last).count();
+        s.itl.push_back(gap);
+        const int n = std::max(1, tokens - tokens_seen);
+        for (int i = 0; i < n; ++i) s.itl_token.push_back(gap / n);
+      }
+      tokens_seen = std::max(tokens_seen + 1, tokens);
       last = now;
       if (++chunks >= leave_after) {
         s.left = true;
@@ -161,7 +172,7 @@ json run_load(const LoadOptions& o, const std::string& url, const std::string& m
   }
   for (auto& t : threads) t.join();
   const double dur = std::chrono::duration<double>(clk::now() - t0).count();
-  std::vector<double> ttft, tpot, itl, e2e;
+  std::vector<double> ttft, tpot, itl, itl_token, e2e;
   int ok = 0, left = 0, failed = 0, good = 0;
   long out_tokens = 0, text_chunks = 0;
   std::map<int, int> statuses;
@@ -183,6 +194,7 @@ json run_load(const LoadOptions& o, const std::string& url, const std::string& m
     ttft.push_back(s.ttft * 1e3);
     e2e.push_back(s.e2e * 1e3);
     for (double x : s.itl) itl.push_back(x * 1e3);
+    for (double x : s.itl_token) itl_token.push_back(x * 1e3);
     const double t = s.out_tokens > 1 ? (s.e2e - s.ttft) * 1e3 / (s.out_tokens - 1) : 0;
     tpot.push_back(t);
     std::vector<double> mine;
@@ -203,10 +215,13 @@ json run_load(const LoadOptions& o, const std::string& url, const std::string& m
           {"failed_by_status", st}, {"duration_s", dur}, {"request_throughput", ok / dur},
           {"output_token_throughput", double(out_tokens) / dur}, {"output_tokens", out_tokens},
           {"goodput_rps", good / dur}, {"ttft_ms", stats(ttft)}, {"tpot_ms", stats(tpot)}, {"itl_ms", stats(itl)},
+          {"itl_token_ms", stats(itl_token)}, {"itl_samples", itl.size()}, {"itl_token_samples", itl_token.size()},
           {"e2e_ms", stats(e2e)}, {"first_stream_error", first_error},
           // ITL is timed between stream events that carry text (as in vLLM's benchmark); a token whose text the
           // server holds back (an incomplete UTF-8 sequence, a possible stop string) joins the next event, whose
-          // ITL then spans two iterations. Tokens per text event > 1 shows how often.
+          // ITL then spans two iterations. Tokens per text event > 1 shows how often. ITL per token splits each
+          // event's gap evenly over the tokens it carries (as SGLang's benchmark does), from the usage the server
+          // sends in every chunk.
           {"text_events", text_chunks},
           {"tokens_per_text_event", text_chunks > 0 ? double(out_tokens) / double(text_chunks) : 0.0}};
 }
@@ -225,7 +240,7 @@ void print_report(const json& r, const LoadOptions& o) {
   line("Output token throughput (tok/s):", f(r["output_token_throughput"]));
   line("Tokens per text event (ITL spans):", f(r["tokens_per_text_event"]));
   if (o.slo_ttft_ms > 0 || o.slo_itl_ms > 0) line("Goodput under the SLO (req/s):", f(r["goodput_rps"]));
-  for (const char* k : {"ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"}) {
+  for (const char* k : {"ttft_ms", "tpot_ms", "itl_ms", "itl_token_ms", "e2e_ms"}) {
     std::printf("---------------- %s ----------------\n", k);
     for (const char* p : {"mean", "p50", "p90", "p99"})
       line(fmt::format("  {} {} (ms):", p, k).c_str(), f(r[k][p]));
@@ -241,7 +256,8 @@ void register_bench_serve(CLI::App* bench) {
   auto so = std::make_shared<serve::ServerOptions>();
   CLI::App* cmd = bench->add_subcommand(
       "serve", "Load generator for the OpenAI-compatible server: Poisson arrivals of streaming completions; TTFT, "
-               "TPOT, ITL (p50/p90/p99), throughput and goodput. Against --url, or an in-process server (-m)");
+               "TPOT, ITL between text events and per token (p50/p90/p99), throughput and goodput. Against --url, "
+               "or an in-process server (-m)");
   cmd->add_option("--model,-m", o->model_dir, "Serve this model in-process (on a free port) and load it")
       ->check(CLI::ExistingDirectory);
   cmd->add_option("--url", lo->url, "A running server instead, e.g. http://127.0.0.1:8000");

@@ -1,5 +1,6 @@
 #include "serve/openai_api.h"
 
+#include <utility>
 #include <variant>
 
 namespace spear::serve {
@@ -152,8 +153,18 @@ std::variant<GenerationRequest, ApiError> parse_request(const std::string& body,
     if (!j["stream"].is_boolean()) return bad("'stream' must be a boolean", "stream");
     r.stream = j["stream"].get<bool>();
   }
-  if (j.contains("stream_options") && j["stream_options"].is_object())
-    r.include_usage = j["stream_options"].value("include_usage", false);
+  if (j.contains("stream_options") && !j["stream_options"].is_null()) {
+    const json& so = j["stream_options"];
+    if (!so.is_object()) return bad("'stream_options' must be an object", "stream_options");
+    bool continuous = false;
+    for (auto [key, field] : {std::pair{"include_usage", &r.include_usage},
+                              std::pair{"continuous_usage_stats", &continuous}}) {
+      if (!so.contains(key) || so[key].is_null()) continue;
+      if (!so[key].is_boolean()) return bad(std::string("'stream_options.") + key + "' must be a boolean", "stream_options");
+      *field = so[key].get<bool>();
+    }
+    r.continuous_usage = continuous && r.include_usage;
+  }
   return r;
 }
 

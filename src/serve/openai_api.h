@@ -37,6 +37,9 @@ struct GenerationRequest {
   std::vector<std::string> stop;
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage: a last chunk with the usage
+  // stream_options.continuous_usage_stats (vLLM's extension; with include_usage): the usage so far in every chunk,
+  // so a client can tell how many tokens a chunk carries.
+  bool continuous_usage = false;
   bool echo = false;           // completions: the prompt in front of the text
 };
 

@@ -277,10 +277,10 @@ void Server::handle_generation(const std::string& body, bool chat, httplib::Resp
 
   res.set_header("Cache-Control", "no-cache");
   auto first = std::make_shared<bool>(true);
-  const bool usage = g.include_usage;
+  const bool usage = g.include_usage, every_usage = g.continuous_usage;
   res.set_chunked_content_provider(
       "text/event-stream",
-      [this, ch, id, cid, created, chat, echo, first, usage](size_t, httplib::DataSink& sink) {
+      [this, ch, id, cid, created, chat, echo, first, usage, every_usage](size_t, httplib::DataSink& sink) {
         std::deque<RequestEvent> evs;
         {
           std::unique_lock<std::mutex> lock(ch->mu);
@@ -295,13 +295,17 @@ void Server::handle_generation(const std::string& body, bool chat, httplib::Resp
           return true;
         };
         auto write = [&](const std::string& s) { return sink.write(s.data(), s.size()); };
+        // A content chunk, with the usage so far when the client asked for it in every chunk.
+        auto chunk = [&](const RequestEvent& e, const std::string& text, const std::optional<std::string>& reason) {
+          json c = stream_chunk(cid, created, opt_.model_name, text, reason, chat, *first);
+          if (every_usage) c["usage"] = usage_json(e.prompt_tokens, e.completion_tokens);
+          return sse(c);
+        };
         if (evs.empty()) return sink.is_writable() ? true : gone();
         for (const RequestEvent& e : evs) {
           std::string text = e.text;
           if (*first) text = echo + text;
-          if ((!text.empty() || (*first && chat)) &&
-              !write(sse(stream_chunk(cid, created, opt_.model_name, text, std::nullopt, chat, *first))))
-            return gone();
+          if ((!text.empty() || (*first && chat)) && !write(chunk(e, text, std::nullopt))) return gone();
           if (!text.empty() || chat) *first = false;
           if (!e.finished) continue;
           bool ok = true;
@@ -309,7 +313,8 @@ void Server::handle_generation(const std::string& body, bool chat, httplib::Resp
             ok = write(sse(ApiError{503, e.error.empty() ? "the request was aborted" : e.error, "server_error", {}}
                                .body()));
           } else {
-            ok = write(sse(stream_chunk(cid, created, opt_.model_name, "", e.finish_reason, chat, false)));
+            *first = false;
+            ok = write(chunk(e, "", e.finish_reason));
             if (ok && usage) {
               json u = {{"id", cid},
                         {"object", chat ? "chat.completion.chunk" : "text_completion"},

@@ -22,6 +22,9 @@ for i, r in enumerate(runs, 1):
     # Every completed request streamed text; a held-back token joins the next event, never more than that.
     assert r["text_events"] >= r["completed"], f"run {i}: {r['text_events']} text events"
     assert 1.0 <= r["tokens_per_text_event"] < 2.0, f"run {i}: {r['tokens_per_text_event']} tokens per event"
+    # ITL per token splits an event's gap over its tokens: at least as many samples, none longer on average.
+    assert r["itl_token_samples"] >= r["itl_samples"] > 0, f"run {i}: {r['itl_token_samples']} / {r['itl_samples']}"
+    assert r["itl_token_ms"]["mean"] <= r["itl_ms"]["mean"] * (1 + 1e-9), f"run {i}: per-token ITL above per-event"
 growth = runs[-1]["server"]["rss_mb"] / runs[0]["server"]["rss_mb"] - 1
 print(f"RSS growth between runs: {100 * growth:.2f}%")
 assert growth < 0.05, "memory grows across runs"

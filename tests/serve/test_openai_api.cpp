@@ -31,9 +31,32 @@ TEST(OpenAiApi, ParsesCompletionFields) {
   EXPECT_EQ(g.sampling.seed, 3u);
   EXPECT_EQ(g.stop, (std::vector<std::string>{"a", "b"}));
   EXPECT_TRUE(g.stream && g.include_usage && g.echo);
+  EXPECT_FALSE(g.continuous_usage);
   auto c = parse_request(R"({"messages":[{"role":"user","content":[{"type":"text","text":"x"}]}]})", true, "m");
   ASSERT_TRUE(std::holds_alternative<GenerationRequest>(c));
   EXPECT_EQ(std::get<GenerationRequest>(c).messages[0].content, "x");
+}
+
+// vLLM's stream_options.continuous_usage_stats: the usage in every chunk, only together with include_usage.
+TEST(OpenAiApi, StreamOptions) {
+  auto parsed = [](const std::string& so) {
+    auto r = parse_request(R"({"prompt":"hi","stream":true,"stream_options":)" + so + "}", false, "m");
+    EXPECT_TRUE(std::holds_alternative<GenerationRequest>(r)) << so;
+    return std::holds_alternative<GenerationRequest>(r) ? std::get<GenerationRequest>(r) : GenerationRequest{};
+  };
+  auto g = parsed(R"({"include_usage":true,"continuous_usage_stats":true})");
+  EXPECT_TRUE(g.include_usage && g.continuous_usage);
+  g = parsed(R"({"continuous_usage_stats":true})");
+  EXPECT_FALSE(g.include_usage || g.continuous_usage);
+  g = parsed(R"({"include_usage":null})");
+  EXPECT_FALSE(g.include_usage);
+  EXPECT_FALSE(parsed("null").include_usage);
+  for (const char* bad : {R"("yes")", "[true]", R"({"include_usage":"yes"})", R"({"continuous_usage_stats":1})"}) {
+    auto r = parse_request(std::string(R"({"prompt":"hi","stream_options":)") + bad + "}", false, "m");
+    ASSERT_TRUE(std::holds_alternative<ApiError>(r)) << bad;
+    EXPECT_EQ(std::get<ApiError>(r).status, 400) << bad;
+    EXPECT_EQ(std::get<ApiError>(r).param, "stream_options") << bad;
+  }
 }
 
 TEST(OpenAiApi, RejectsBadRequestsWithStatusAndParam) {

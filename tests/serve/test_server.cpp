@@ -193,6 +193,48 @@ TEST_F(ServerTest, ChatStreamsRoleFirstAndUsageLast) {
   EXPECT_EQ(streamed, j["choices"][0]["message"]["content"]);
 }
 
+// stream_options.continuous_usage_stats: every chunk carries the usage so far (completion tokens never decrease and
+// end at the final usage's count); without it only the last chunk does.
+TEST_F(ServerTest, ContinuousUsageInEveryChunk) {
+  start();
+  auto c = client();
+  for (const bool every : {true, false}) {
+    const json body = {{"prompt", "Once upon a time"},
+                       {"max_tokens", 12},
+                       {"temperature", 0},
+                       {"stream", true},
+                       {"stream_options", {{"include_usage", true}, {"continuous_usage_stats", every}}}};
+    auto s = c.Post("/v1/completions", body.dump(), "application/json");
+    ASSERT_TRUE(s);
+    ASSERT_EQ(s->status, 200);
+    bool done = false;
+    const auto ev = sse_events(s->body, &done);
+    ASSERT_GE(ev.size(), 3u);
+    EXPECT_TRUE(done);
+    int last = 0;
+    for (size_t i = 0; i + 1 < ev.size(); ++i) {  // the content chunks and the finish chunk
+      ASSERT_EQ(ev[i]["choices"].size(), 1u) << i;
+      if (!every) {
+        EXPECT_FALSE(ev[i].contains("usage")) << i;
+        continue;
+      }
+      ASSERT_TRUE(ev[i].contains("usage")) << i;
+      const int ct = ev[i]["usage"]["completion_tokens"].get<int>();
+      EXPECT_GE(ct, std::max(last, 1)) << i;
+      EXPECT_EQ(ev[i]["usage"]["total_tokens"].get<int>(), ev[i]["usage"]["prompt_tokens"].get<int>() + ct) << i;
+      last = ct;
+    }
+    EXPECT_TRUE(ev.back()["choices"].empty());
+    const int total = ev.back()["usage"]["completion_tokens"].get<int>();
+    EXPECT_GE(total, 1);
+    EXPECT_LE(total, 12);
+    if (every) {
+      EXPECT_EQ(last, total);
+    }
+  }
+  expect_drained();
+}
+
 TEST_F(ServerTest, BadRequestsGetErrorEnvelopes) {
   ServerOptions o;
   o.max_body_bytes = 64 * 1024;
