@@ -79,6 +79,17 @@ class ServerTest : public ::testing::Test {
     }
     return out;
   }
+  // POSTs a streaming request; its events, once the stream ended with data: [DONE] (empty on any failure).
+  static std::vector<json> stream(httplib::Client& c, const std::string& path, const json& body) {
+    auto s = c.Post(path, body.dump(), "application/json");
+    EXPECT_TRUE(s) << path;
+    if (!s) return {};
+    EXPECT_EQ(s->status, 200) << s->body;
+    bool done = false;
+    std::vector<json> ev = sse_events(s->body, &done);
+    EXPECT_TRUE(done) << "no data: [DONE]";
+    return s->status == 200 && done ? ev : std::vector<json>{};
+  }
   static CpuBackend* be_;
   static Model* model_;
   static Tokenizer* tok_;
@@ -169,13 +180,8 @@ TEST_F(ServerTest, ChatStreamsRoleFirstAndUsageLast) {
                      {"max_tokens", 10},
                      {"stream", true},
                      {"stream_options", {{"include_usage", true}}}};
-  auto s = c.Post("/v1/chat/completions", body.dump(), "application/json");
-  ASSERT_TRUE(s);
-  ASSERT_EQ(s->status, 200);
-  bool done = false;
-  const auto ev = sse_events(s->body, &done);
+  const auto ev = stream(c, "/v1/chat/completions", body);
   ASSERT_GE(ev.size(), 3u);
-  EXPECT_TRUE(done);
   EXPECT_EQ(ev[0]["object"], "chat.completion.chunk");
   EXPECT_EQ(ev[0]["choices"][0]["delta"]["role"], "assistant");
   EXPECT_TRUE(ev.back()["choices"].empty());
@@ -204,13 +210,8 @@ TEST_F(ServerTest, ContinuousUsageInEveryChunk) {
                        {"temperature", 0},
                        {"stream", true},
                        {"stream_options", {{"include_usage", true}, {"continuous_usage_stats", every}}}};
-    auto s = c.Post("/v1/completions", body.dump(), "application/json");
-    ASSERT_TRUE(s);
-    ASSERT_EQ(s->status, 200);
-    bool done = false;
-    const auto ev = sse_events(s->body, &done);
+    const auto ev = stream(c, "/v1/completions", body);
     ASSERT_GE(ev.size(), 3u);
-    EXPECT_TRUE(done);
     int last = 0;
     for (size_t i = 0; i + 1 < ev.size(); ++i) {  // the content chunks and the finish chunk
       ASSERT_EQ(ev[i]["choices"].size(), 1u) << i;
