@@ -67,6 +67,13 @@ cp .devrun/data/test.txt ../shared/data/ 2>/dev/null
 [[ -f .devrun/golden_logits.safetensors ]] && cp .devrun/golden_logits.safetensors ../shared/models/ref-llama-23m/
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader
 t() { echo "[$(date +%T)] $*"; }
+# w4_model LIKE DIR: a LIKE-shaped random W4 package at DIR, made unless an earlier stage of this call left one there
+# (the bf16 checkpoint it is quantized from is removed).
+w4_model() {
+  [[ -d "$2" ]] && return
+  "$BIN/spear" make-model --like "$1" --random --out "$2.bf16" --quantize-out "$2" 2>&1 | tail -1
+  rm -rf "$2.bf16"
+}
 # The results come back even when the caller's timeout stops the run part-way.
 finish() { (cd "$R" && rm -rf ref-w4 ref-spear && tar czf "$OUT/results${TAG:+-$TAG}.tgz" .); }
 trap 'finish; exit 124' TERM
@@ -140,8 +147,7 @@ for stage in "$@"; do
       rm -rf "/tmp/$like-w4" ;;
     ecprefill:*)
       like=${stage#ecprefill:}
-      [[ -d "/tmp/$like-w4" ]] || { "$BIN/spear" make-model --like "$like" --random --out "/tmp/$like" \
-        --quantize-out "/tmp/$like-w4" 2>&1 | tail -1; rm -rf "/tmp/$like"; }
+      w4_model "$like" "/tmp/$like-w4"
       for P in 512 2048; do
         t "prefill $P tokens with ECs $like"
         "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch 1 --prompt $P --steps 2 --prefill-reps 5 \
@@ -211,8 +217,7 @@ for stage in "$@"; do
       rm -rf "/tmp/t-$like-w4" ;;
     tpkinds:*)
       like=${stage#tpkinds:}
-      [[ -d "/tmp/t-$like-w4" ]] || { "$BIN/spear" make-model --like "$like" --random --out "/tmp/t-$like" \
-        --quantize-out "/tmp/t-$like-w4" 2>&1 | tail -1; rm -rf "/tmp/t-$like"; }
+      w4_model "$like" "/tmp/t-$like-w4"
       for tp in ${TPK_TP:-1 2}; do
         for entry in ${TPK_GROUPS:-o_proj,down_proj q_proj,k_proj,v_proj gate_proj,up_proj}; do
           g=${entry%@*} d=${TPK_DENSITY:-0.25}  # an entry KINDS@DENSITY sets its own density; KINDS "all": every linear
@@ -228,9 +233,7 @@ for stage in "$@"; do
     tpprof:*)
       like=${stage#tpprof:}
       t "make-model $like (random W4)"
-      [[ -d "/tmp/t-$like-w4" ]] || "$BIN/spear" make-model --like "$like" --random --out "/tmp/t-$like" \
-        --quantize-out "/tmp/t-$like-w4" 2>&1 | tail -1
-      rm -rf "/tmp/t-$like"
+      w4_model "$like" "/tmp/t-$like-w4"
       for tp in ${TPPROF_TP:-1 2}; do
         for d in 0 ${TPPROF_DENSITY:-0.15}; do
           t "per-op profile $like --tp $tp, EC density $d"
@@ -300,8 +303,7 @@ for stage in "$@"; do
       rm -rf "/tmp/$like" ;;  # the W4 package stays for kprof
     kprof:*)
       like=${stage#kprof:}
-      [[ -d "/tmp/$like-w4" ]] || { "$BIN/spear" make-model --like "$like" --random --out "/tmp/$like" \
-        --quantize-out "/tmp/$like-w4" 2>&1 | tail -1; rm -rf "/tmp/$like"; }
+      w4_model "$like" "/tmp/$like-w4"
       t "ncu: every kernel of a decode step, $like W4 batch 1"
       ms=$(SPEAR_W4_TUNE=${KPROF_TUNE:-0} "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch 1 --json 2>/dev/null \
         | python3 -c 'import json,sys; print(json.load(sys.stdin)["rows"][0]["step_ms_median"])' 2>/dev/null)
@@ -312,7 +314,7 @@ for stage in "$@"; do
     bulkab:*)
       like=${stage#bulkab:}
       t "bench decode $like W4: tuning with and without the bulk-copy kernel (SPEAR_W4_BULK)"
-      [[ -d "/tmp/$like-w4" ]] || "$BIN/spear" make-model --like "$like" --random --out "/tmp/$like" --quantize-out "/tmp/$like-w4" 2>&1 | tail -1
+      w4_model "$like" "/tmp/$like-w4"
       for run in 1:1 2:0 3:1 4:0; do
         b=${run#*:}
         SPEAR_W4_BULK=$b "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch 1,8 --steps 64 \
@@ -321,8 +323,7 @@ for stage in "$@"; do
     ab:*)
       like=${stage#ab:}
       t "bench decode $like W4 at batch ${AB_BATCH:-1,8}, one process per setting of AB_RUNS: ${AB_RUNS:-}"
-      [[ -d "/tmp/$like-w4" ]] || "$BIN/spear" make-model --like "$like" --random --out "/tmp/$like" --quantize-out "/tmp/$like-w4" 2>&1 | tail -1
-      rm -rf "/tmp/$like"
+      w4_model "$like" "/tmp/$like-w4"
       i=0
       for run in ${AB_RUNS:-}; do  # NAME=VALUE[,NAME=VALUE...]
         i=$((i + 1))
