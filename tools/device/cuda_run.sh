@@ -11,6 +11,10 @@
 #             bulk-copy kernel (SPEAR_W4_BULK=1 / 0, twice each, alternating)
 #   ab:LIKE   bench decode of a LIKE-shaped W4 model at batch AB_BATCH (default 1,8), one process per entry of
 #             AB_RUNS (each NAME=VALUE[,NAME=VALUE...], e.g. "SPEAR_FUSED_MLP=0 SPEAR_FUSED_MLP=1"), one JSON each
+#   ecab:LIKE issue 6 A/B: one LIKE-shaped W4 model, then per entry of ECAB_RUNS (NAME=VALUE[,NAME=VALUE...]) a
+#             spear tune (EC dispatch table) and bench decode with ECs (EC_TOKENS, EC_BATCH, EC_DENS, EC_PATHS)
+#   tunelog:LIKE  every decode plan's tuning time (SPEAR_W4_TUNE_LOG=1) in a bench decode of a LIKE-shaped W4 model at
+#             batch TL_BATCH (default 1) with fused ECs on TL_DENS (default 0.6): best ring plan vs bulk per shape
 #   e2e:LIKE  make-model --like LIKE (bf16 + W4 package) and bench decode at batch 1, 8, 32
 #   ec:LIKE   issue 6 on a LIKE-shaped W4 model: spear tune (EC dispatch table, random ECs on every linear),
 #             then bench decode at batch 1, 8, 32 with random ECs on 15/38/60% of the linears under the naive,
@@ -331,6 +335,32 @@ for stage in "$@"; do
           --out "$R/ab-$like-run$i.json" 2>&1 | tee -a "$R/ab-$like.log" | grep -E "ms/step" | sed "s|^|$run |"
         echo "run$i: $run" >> "$R/ab-$like.runs"
       done ;;
+    ecab:*)
+      like=${stage#ecab:}
+      t "EC decode A/B $like, one tune + bench decode per setting of ECAB_RUNS: ${ECAB_RUNS:-}"
+      w4_model "$like" "/tmp/$like-w4"
+      i=0
+      for run in ${ECAB_RUNS:-}; do  # NAME=VALUE[,NAME=VALUE...]
+        i=$((i + 1))
+        echo "run$i: $run" | tee -a "$R/ecab-$like.runs"
+        env ${run//,/ } timeout 200 "$BIN/spear" tune --device cuda -m "/tmp/$like-w4" --no-latency-table --ec-density 1 \
+          --ec-rank 16 --ec-gate 8 --ec-tokens ${EC_TOKENS:-1,8} --ec-dispatch-out "$R/ecab-$like-run$i.dispatch.json" \
+          > "$R/ecab-$like-run$i.tune.txt" 2>&1
+        env ${run//,/ } timeout 300 "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch ${EC_BATCH:-1,8} \
+          --steps 48 --ec-density ${EC_DENS:-0,0.15,0.38,0.6} --ec-paths ${EC_PATHS:-fused,auto} \
+          --ec-dispatch "$R/ecab-$like-run$i.dispatch.json" --out "$R/ecab-$like-run$i.json" 2>&1 \
+          | tee "$R/ecab-$like-run$i.txt" | grep -v "ms/step$" | tail -16 | cut -c1-20,40-200
+      done ;;
+    tunelog:*)
+      like=${stage#tunelog:}
+      t "decode plan timings $like W4 at batch ${TL_BATCH:-1}, ECs on ${TL_DENS:-0.6} of the linears (SPEAR_W4_TUNE_LOG=1)"
+      w4_model "$like" "/tmp/$like-w4"
+      SPEAR_W4_TUNE_LOG=1 "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch ${TL_BATCH:-1} --steps 16 \
+        --ec-density 0,${TL_DENS:-0.6} --ec-paths fused > "$R/tunelog-$like.txt" 2>&1
+      # per launch shape: the best register-ring plan and the bulk kernel, each at its best gate place
+      awk '/^w4 tune/ {sh=$3" "$4; us=$(NF-1); k=($5=="bulk")?"bulk":"ring"; key=sh" "k;
+           if (!(key in b) || us < b[key]) {b[key]=us; p[key]=$5" g"$7}} END {for (x in b) print x, p[x], b[x]}' \
+        "$R/tunelog-$like.txt" | sort ;;
     e2e:*)
       like=${stage#e2e:}
       t "make-model $like"

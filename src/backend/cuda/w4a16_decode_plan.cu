@@ -2,6 +2,9 @@
 // first use of a launch shape, the winner kept for the process) and the entry points that pick a plan and launch
 // the register-ring kernel (w4a16_decode.cu) or the bulk-copy kernel (w4a16_decode_bulk.cu).
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
 #include <cstdint>
 #include <array>
 #include <map>
@@ -350,6 +353,18 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
   double best_us = 1e300;
   std::pair<int, int> best{0, 0};
   int best_gate = 0;
+  // SPEAR_W4_TUNE_LOG=1: every timed plan on stderr (m, the matrices' n × k, the ECs' ranks).
+  static const bool log = [] {
+    const char* e = std::getenv("SPEAR_W4_TUNE_LOG");
+    return e && std::string(e) == "1";
+  }();
+  auto log_shape = [&] {
+    std::string d = "w4 tune m=" + std::to_string(m);
+    for (int i = 0; i < count; ++i)
+      d += (i ? "+" : " ") + std::to_string(w[i].n) + "x" + std::to_string(w[i].k) +
+           (ei && ei->base_slices[i] ? "/ec" : "");
+    return d;
+  };
   // With fused ECs every plan is timed with the slice sum and the gate in the W4 CTAs and in the last EC CTA (the
   // options can force one); which wins depends on the launch's size.
   std::vector<int> gates = {0};
@@ -371,6 +386,7 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
           break;
         }
         if (us < best_us) best_us = us, best = {R, S}, best_gate = gate;
+        if (log) std::fprintf(stderr, "%s R%dS%d gate %d: %.2f us\n", log_shape().c_str(), R, S, gate, us);
       }
     }
   bool bulk_wins = false;
@@ -380,6 +396,7 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
       const double us =
           median_us([&] { launch_bulk(x, m, w, count, nullptr, y, o, stream, nullptr, ec, ei, gate); });
       if (us < best_us) best_us = us, bulk_wins = true, bulk_gate = gate;
+      if (log) std::fprintf(stderr, "%s bulk gate %d: %.2f us\n", log_shape().c_str(), gate, us);
     }
   cudaEventDestroy(ev[0]);
   cudaEventDestroy(ev[1]);
