@@ -70,6 +70,12 @@ void register_serve(CLI::App& app) {
   cmd->add_option("--latency-table", *table_path,
                   "Latency table from `spear tune` for --slo-itl-ms (default: measured at start-up)")
       ->check(CLI::ExistingFile);
+  auto table_out = std::make_shared<std::string>();
+  cmd->add_option("--latency-table-out", *table_out,
+                  "Write the latency table measured at start-up (--slo-itl-ms without --latency-table) to this JSON file");
+  cmd->add_option("--iteration-log", so->engine.iteration_log,
+                  "Append one JSON line per engine iteration to this file: decode and prompt tokens, the chunk budget, "
+                  "predicted (with --slo-itl-ms) and measured forward ms, the gap since the previous iteration");
   auto ec_density = std::make_shared<double>(0.0);
   auto ec_rank = std::make_shared<int>(16), ec_gate = std::make_shared<int>(8);
   cmd->add_option("--ec-density", *ec_density,
@@ -142,6 +148,7 @@ void register_serve(CLI::App& app) {
           const int max_tokens = std::min(2 * opts.engine.chunk, 1024);
           t = LatencyTable::measure(*model, default_latency_points(max_tokens), 3);
           t.measure_batches(*model, 3, opts.engine.max_running, std::min(max_tokens, model->config().max_position_embeddings));
+          if (!table_out->empty()) t.save(*table_out);
         } else {
           t = LatencyTable::load(*table_path);
         }

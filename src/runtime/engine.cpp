@@ -66,6 +66,10 @@ Engine::Engine(Model& model, const EngineOptions& options, TextStream::Decode de
       slo_cal_(opt_.slo_quantile) {
   for (int s = opt_.max_running - 1; s >= 0; --s) free_slots_.push_back(s);
   stats_.kv_blocks_total = opt_.kv_blocks;
+  if (!opt_.iteration_log.empty()) {
+    iteration_log_.reset(std::fopen(opt_.iteration_log.c_str(), "a"));
+    SPEAR_CHECK(iteration_log_ != nullptr, "engine: cannot open the iteration log {}", opt_.iteration_log);
+  }
 }
 
 Engine::~Engine() = default;
@@ -208,6 +212,7 @@ bool Engine::step() {
     if (!decodes.empty() && !prompts.empty())
       budget = opt_.latency->largest_chunk(decodes, prompts, opt_.chunk, opt_.slo_itl_ms / slo_cal_.scale());
   }
+  const int chunk_budget = budget;
   {
     std::lock_guard<std::mutex> lock(mu_);
     stats_.last_chunk_budget = budget;
@@ -280,8 +285,22 @@ bool Engine::step() {
     std::lock_guard<std::mutex> lock(mu_);
     ++stats_.prompt_tokens_per_iteration[size_t(b)];
   }
+  const auto t_end = std::chrono::steady_clock::now();
+  const double fwd_ms = std::chrono::duration<double, std::milli>(t_end - t_fwd).count();
+  if (iteration_log_) {
+    int decodes = 0;
+    for (const Work& w : work) decodes += decodes_one(w) ? 1 : 0;
+    std::fprintf(iteration_log_.get(),
+                 "{\"t\": %.4f, \"decodes\": %d, \"prompt_tokens\": %d, \"seqs\": %zu, \"budget\": %d, "
+                 "\"predicted_ms\": %.3f, \"scale\": %.4f, \"forward_ms\": %.3f, \"gap_ms\": %.3f}\n",
+                 std::chrono::duration<double>(t_fwd - t0_).count(), decodes, prompt_tokens, work.size(), chunk_budget,
+                 predicted_ms, slo_cal_.scale(), fwd_ms,
+                 std::chrono::duration<double, std::milli>(t_fwd - last_end_).count());
+    std::fflush(iteration_log_.get());
+  }
+  last_end_ = t_end;
   if (predicted_ms >= 0) {
-    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_fwd).count();
+    const double ms = fwd_ms;
     // Online calibration: the table is measured once, apart from serving (other threads, caches, eager vs graph
     // passes), and its bias and spread show here (SloCalibrator). Mixed iterations only (see
     // EngineStats::slo_mixed_iterations).

@@ -1,4 +1,5 @@
 #pragma once
+#include <cstdio>
 // Continuous-batching engine (DESIGN.md §5). Requests join and leave at every iteration; one iteration is one
 // forward pass over the next token of every decoding request plus up to `chunk` prompt tokens of requests
 // still prefilling (chunked prefill, in arrival order). The KV cache is accounted in 16-token blocks
@@ -65,6 +66,9 @@ struct EngineOptions {
   bool slo_calibrate = true;  // false: the table's predictions as they are (tests that need exact chunks)
   double slo_quantile = 0.99;  // the calibration's quantile (0.5: the median; 1: the worst of the window)
   std::shared_ptr<const LatencyTable> latency;
+  // Non-empty: one JSON line per iteration appended to this file (its composition, the chunk budget, the predicted
+  // and measured forward time, the gap since the previous iteration), to see what a scheduler did and why.
+  std::string iteration_log;
 };
 
 struct EngineStats {
@@ -144,6 +148,8 @@ class Engine {
   uint64_t next_id_ = 1;
   bool closed_ = false;
   SloCalibrator slo_cal_;  // engine thread; see EngineStats::slo_scale
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> iteration_log_{nullptr, &std::fclose};  // EngineOptions::iteration_log
+  std::chrono::steady_clock::time_point t0_ = std::chrono::steady_clock::now(), last_end_ = t0_;
 };
 
 }  // namespace spear

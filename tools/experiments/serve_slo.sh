@@ -6,6 +6,7 @@
 #
 #   MODEL=DIR OUT=DIR [DEVICE=cuda] [DENSITY=0.38] [RATE=16] [N=160] [SLOS="16 22"] [CHUNKS="512 256 128 64"]
 #   [PROMPT="128 768"] [OUTPUT="32 96"] [MAX_RUNNING=64] [MAX_CONTEXT=1024] [EXTRA="--threads 1"] \
+#   [EXTRA_CONFIGS="name:server args;..."] \
 #     bash tools/experiments/serve_slo.sh
 # Needs python3 (health polling, the summary) and ../shared/data/test.txt (prompt text).
 set -u
@@ -20,13 +21,16 @@ mkdir -p "$OUT"
 port=${PORT:-18300}
 configs=()
 for c in $CHUNKS; do configs+=("chunk$c:--chunk $c"); done
-for s in $SLOS; do configs+=("slo$s:--chunk 512 --slo-itl-ms $s"); done
+for s in $SLOS; do configs+=("slo$s:--chunk 512 --slo-itl-ms $s --latency-table-out $OUT/table-d${DENSITY}-slo$s.json"); done
+# EXTRA_CONFIGS: more "NAME:ARGS" entries (semicolon-separated), e.g. "slo22q95:--chunk 512 --slo-itl-ms 22 --slo-quantile 0.95"
+IFS=';' read -r -a extra_configs <<< "${EXTRA_CONFIGS:-}"
+for c in "${extra_configs[@]}"; do [[ -n "$c" ]] && configs+=("$c"); done
 tag="d${DENSITY}"
 for cfg in "${configs[@]}"; do
   name=${cfg%%:*}; args=${cfg#*:}; port=$((port + 1))
   log="$OUT/serve-$tag-$name.log"
   "$BIN" serve -m "$MODEL" --device "$DEVICE" --port $port --max-running "$MAX_RUNNING" --max-context "$MAX_CONTEXT" \
-    --ec-density "$DENSITY" $EXTRA $args > "$log" 2>&1 &
+    --ec-density "$DENSITY" --iteration-log "$OUT/iters-$tag-$name.jsonl" $EXTRA $args > "$log" 2>&1 &
   pid=$!
   python3 - "$port" <<'PY' || { echo "$name: server did not become ready (see $log)"; kill $pid; wait $pid; continue; }
 import sys, time, urllib.request
@@ -52,7 +56,8 @@ except Exception as e:
     print(f"{sys.argv[2]}: no result ({e})"); sys.exit(0)
 line = (f"EC {float(sys.argv[3]):.2f} {sys.argv[2]:>9}: ok {r['completed']} failed {r['failed']} | TTFT p50"
         f" {r['ttft_ms']['p50']:.0f} p99 {r['ttft_ms']['p99']:.0f} ms | ITL p50 {r['itl_ms']['p50']:.1f} p99"
-        f" {r['itl_ms']['p99']:.1f} ms | TPOT p50 {r['tpot_ms']['p50']:.1f} ms | goodput {r['goodput_rps']:.2f} req/s"
+        f" {r['itl_ms']['p99']:.1f} ms | ITL/token p50 {r['itl_token_ms']['p50']:.1f} p99 {r['itl_token_ms']['p99']:.1f} ms"
+        f" ({r['tokens_per_text_event']:.3f} tokens/event) | TPOT p50 {r['tpot_ms']['p50']:.1f} ms | goodput {r['goodput_rps']:.2f} req/s"
         f" | {r['output_token_throughput']:.0f} tok/s")
 # The SLO iterations (spear serve --slo-itl-ms): the latency table's predictions against the clock.
 m = open(sys.argv[4]).read() if len(sys.argv) > 4 else ""
