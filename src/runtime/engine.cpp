@@ -289,12 +289,21 @@ bool Engine::step() {
   const double fwd_ms = std::chrono::duration<double, std::milli>(t_end - t_fwd).count();
   if (iteration_log_) {
     int decodes = 0;
-    for (const Work& w : work) decodes += decodes_one(w) ? 1 : 0;
+    long decode_ctx = 0;
+    std::string prompts;  // [n, pos0] of each prompt chunk
+    for (const Work& w : work) {
+      if (decodes_one(w)) {
+        ++decodes;
+        decode_ctx += w.seq->computed;
+      } else {
+        prompts += (prompts.empty() ? "[" : ", [") + std::to_string(w.n) + ", " + std::to_string(w.seq->computed) + "]";
+      }
+    }
     std::fprintf(iteration_log_.get(),
-                 "{\"t\": %.4f, \"decodes\": %d, \"prompt_tokens\": %d, \"seqs\": %zu, \"budget\": %d, "
-                 "\"predicted_ms\": %.3f, \"scale\": %.4f, \"forward_ms\": %.3f, \"gap_ms\": %.3f}\n",
-                 std::chrono::duration<double>(t_fwd - t0_).count(), decodes, prompt_tokens, work.size(), chunk_budget,
-                 predicted_ms, slo_cal_.scale(), fwd_ms,
+                 "{\"t\": %.4f, \"decodes\": %d, \"decode_ctx\": %ld, \"prompt_tokens\": %d, \"prompts\": [%s], "
+                 "\"budget\": %d, \"predicted_ms\": %.3f, \"scale\": %.4f, \"forward_ms\": %.3f, \"gap_ms\": %.3f}\n",
+                 std::chrono::duration<double>(t_fwd - t0_).count(), decodes, decode_ctx, prompt_tokens, prompts.c_str(),
+                 chunk_budget, predicted_ms, slo_cal_.scale(), fwd_ms,
                  std::chrono::duration<double, std::milli>(t_fwd - last_end_).count());
     std::fflush(iteration_log_.get());
   }
