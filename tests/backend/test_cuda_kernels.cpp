@@ -17,6 +17,7 @@
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cuda/attention.h"
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/device_pool.h"
 #include "backend/cuda/elementwise.h"
 #include "core/dtype.h"
 
@@ -636,6 +637,39 @@ TEST(CudaAttention, DecodeGraphReplayWithGrowingContexts) {
     cudaGraphDestroy(graph);
     cudaStreamDestroy(stream);
   }
+}
+
+// The activation pool: a freed block serves a later request of its class or of a class up to half its size (so a
+// new, smaller iteration size costs no cudaMalloc), never a request more than half smaller, and goes back to its own
+// class.
+TEST(CudaDevicePool, ReusesFreeBlocksUpToTwiceTheClass) {
+  SKIP_WITHOUT_GPU();
+  auto pool = std::make_shared<cuda::DevicePool>();
+  const size_t mib = size_t(1) << 20;
+  void* big = nullptr;
+  {
+    auto b = pool->alloc(8 * mib);
+    big = b.get();
+  }
+  EXPECT_EQ(pool->mallocs(), 1u);
+  {
+    auto a = pool->alloc(5 * mib);  // class 5 MiB: the free 8 MiB block (<= 10 MiB) serves it
+    EXPECT_EQ(a.get(), big);
+    EXPECT_EQ(pool->mallocs(), 1u);
+    auto c = pool->alloc(5 * mib);  // the 8 MiB block is taken: a new one
+    EXPECT_NE(c.get(), big);
+    EXPECT_EQ(pool->mallocs(), 2u);
+  }
+  {
+    auto d = pool->alloc(2 * mib);  // 2 × 2 MiB < 5 MiB and 8 MiB: no free block fits
+    EXPECT_EQ(pool->mallocs(), 3u);
+  }
+  {
+    auto e = pool->alloc(8 * mib);  // the 8 MiB block went back to its own class
+    EXPECT_EQ(e.get(), big);
+  }
+  EXPECT_EQ(pool->mallocs(), 3u);
+  EXPECT_EQ(pool->reserved_bytes(), 15 * mib);
 }
 
 }  // namespace spear

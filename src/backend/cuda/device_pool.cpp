@@ -1,5 +1,9 @@
 #include "backend/cuda/device_pool.h"
 
+#include <chrono>
+#include <cstdlib>
+#include <string>
+
 #include "backend/cuda/cuda_check.h"
 
 namespace spear::cuda {
@@ -22,17 +26,27 @@ size_t DevicePool::size_class(size_t bytes) {
 }
 
 std::shared_ptr<void> DevicePool::alloc(size_t bytes) {
-  const size_t cls = size_class(bytes ? bytes : 1);
+  size_t cls = size_class(bytes ? bytes : 1);
   void* p = nullptr;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = free_.find(cls);
-    if (it != free_.end() && !it->second.empty()) {
+    // The smallest free block of this class or of a larger one up to twice its size: a new iteration size then
+    // reuses what an earlier, larger one left instead of waiting for cudaMalloc (milliseconds in the middle of
+    // an eager forward pass; SPEAR_POOL_EXACT=1 takes the class only, for A/B runs).
+    static const bool exact = [] {
+      const char* e = std::getenv("SPEAR_POOL_EXACT");
+      return e && std::string(e) == "1";
+    }();
+    for (auto it = free_.lower_bound(cls); it != free_.end() && it->first <= (exact ? cls : 2 * cls); ++it) {
+      if (it->second.empty()) continue;
       p = it->second.back();
       it->second.pop_back();
+      cls = it->first;
+      break;
     }
   }
   if (!p) {
+    const auto t0 = std::chrono::steady_clock::now();
     cudaError_t err = cudaMalloc(&p, cls);
     if (err != cudaSuccess) {
       cudaGetLastError();
@@ -41,9 +55,12 @@ std::shared_ptr<void> DevicePool::alloc(size_t bytes) {
       fail("out of GPU memory: could not allocate {:.1f} MiB for activations ({:.1f} MiB free of {:.1f} MiB)",
            double(cls) / (1 << 20), double(free_b) / (1 << 20), double(total_b) / (1 << 20));
     }
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     std::lock_guard<std::mutex> lock(mu_);
     all_.push_back(p);
     reserved_ += cls;
+    ++mallocs_;
+    malloc_ms_ += ms;
   }
   std::weak_ptr<DevicePool> self = weak_from_this();
   return std::shared_ptr<void>(p, [self, cls](void* q) {
