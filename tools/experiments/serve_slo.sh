@@ -22,14 +22,19 @@ port=${PORT:-18300}
 configs=()
 for c in $CHUNKS; do configs+=("chunk$c:--chunk $c"); done
 for s in $SLOS; do configs+=("slo$s:--chunk 512 --slo-itl-ms $s --latency-table-out $OUT/table-d${DENSITY}-slo$s.json"); done
-# EXTRA_CONFIGS: more "NAME:ARGS" entries (semicolon-separated), e.g. "slo22q95:--chunk 512 --slo-itl-ms 22 --slo-quantile 0.95"
+# EXTRA_CONFIGS: more "NAME:ARGS" entries (semicolon-separated), e.g. "slo22q95:--chunk 512 --slo-itl-ms 22 --slo-quantile 0.95";
+# ARGS may start with NAME=VALUE words, the server's environment (e.g. "slo22x:SPEAR_POOL_EXACT=1 --slo-itl-ms 22")
 IFS=';' read -r -a extra_configs <<< "${EXTRA_CONFIGS:-}"
 for c in "${extra_configs[@]}"; do [[ -n "$c" ]] && configs+=("$c"); done
 tag="d${DENSITY}"
 for cfg in "${configs[@]}"; do
   name=${cfg%%:*}; args=${cfg#*:}; port=$((port + 1))
   log="$OUT/serve-$tag-$name.log"
-  "$BIN" serve -m "$MODEL" --device "$DEVICE" --port $port --max-running "$MAX_RUNNING" --max-context "$MAX_CONTEXT" \
+  envs=()  # leading NAME=VALUE words of a configuration's args are the server's environment
+  read -r -a words <<< "$args"
+  while [[ ${#words[@]} -gt 0 && ${words[0]} =~ ^[A-Z_][A-Z0-9_]*= ]]; do envs+=("${words[0]}"); words=("${words[@]:1}"); done
+  args="${words[*]}"
+  env "${envs[@]}" "$BIN" serve -m "$MODEL" --device "$DEVICE" --port $port --max-running "$MAX_RUNNING" --max-context "$MAX_CONTEXT" \
     --ec-density "$DENSITY" --iteration-log "$OUT/iters-$tag-$name.jsonl" $EXTRA $args > "$log" 2>&1 &
   pid=$!
   python3 - "$port" <<'PY' || { echo "$name: server did not become ready (see $log)"; kill $pid; wait $pid; continue; }
@@ -44,7 +49,7 @@ sys.exit(1)
 PY
   timeout 240 "$BIN" bench serve --url "http://127.0.0.1:$port" --tokenizer "$MODEL" --data "$DATA" --rate "$RATE" \
     --requests "$N" --concurrency "$N" --prompt-min "$PMIN" --prompt-max "$PMAX" --out-min "$OMIN" --out-max "$OMAX" \
-    --seed 5 --slo-itl-ms "$(echo "$SLOS" | awk '{print $1}')" --out "$OUT/slo-$tag-$name.json" --json > /dev/null 2>&1
+    --seed 5 $(echo "$SLOS" | awk '$1 {print "--slo-itl-ms", $1}') --out "$OUT/slo-$tag-$name.json" --json > /dev/null 2>&1
   python3 -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(
     'http://127.0.0.1:$port/metrics', timeout=10).read().decode())" > "$OUT/metrics-$tag-$name.txt" 2>/dev/null
   kill -INT $pid; wait $pid 2>/dev/null
