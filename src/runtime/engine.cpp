@@ -376,11 +376,16 @@ bool Engine::step() {
 double Engine::warm_up() {
   SPEAR_CHECK(running_.empty() && waiting_.empty(), "engine: warm_up needs an idle engine");
   const auto t0 = std::chrono::steady_clock::now();
-  const int chunk = std::max(1, std::min(opt_.chunk, opt_.max_context - 1));
-  Batch prompt;
-  prompt.tokens.assign(size_t(chunk), 0);
-  prompt.seqs.push_back({0, chunk, 0, 0});
-  model_.forward_greedy(prompt, *cache_);
+  // Every iteration size serving can meet (a prompt chunk beside up to max_running decodes), once each: the first
+  // pass of a new size pays one-time costs (library heuristics, buffers) of several milliseconds, which on the H200
+  // were most of the iterations that ran over an ITL SLO.
+  const int largest = std::max(1, std::min(opt_.chunk + opt_.max_running, opt_.max_context - 1));
+  for (int n = 1; n <= largest; ++n) {
+    Batch prompt;
+    prompt.tokens.assign(size_t(n), 0);
+    prompt.seqs.push_back({0, n, 0, 0});
+    model_.forward_greedy(prompt, *cache_);
+  }
   for (int B = opt_.max_running; B >= 1; --B) {
     Batch d;
     for (int i = 0; i < B; ++i) {

@@ -151,7 +151,9 @@ bool Server::attach(Model& model, const Tokenizer& tok) {
                                      [t = &tok](std::span<const int32_t> ids) { return t->decode(ids, true); });
   if (opt_.warm_up) {
     const double s = engine_->warm_up();
-    std::fprintf(stderr, "spear serve: warmed up (a prompt chunk and decode batches of 1..%d) in %.1f s\n",
+    std::fprintf(stderr,
+                 "spear serve: warmed up (one sequence of every length up to chunk + max-running, decode batches of "
+                 "1..%d) in %.1f s\n",
                  opt_.engine.max_running, s);
   }
   engine_thread_ = std::thread([this] { engine_loop(); });
