@@ -4,6 +4,8 @@
 #include <cstdio>
 #include <span>
 
+#include <omp.h>
+
 #include "core/error.h"
 
 namespace spear {
@@ -216,6 +218,7 @@ bool Engine::step() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stats_.last_chunk_budget = budget;
+    stats_.compute_threads = omp_get_max_threads();
   }
   for (size_t i = 0; i < running_.size(); ++i) {
     Seq& s = *running_[i];

@@ -76,6 +76,7 @@ struct EngineStats {
   int kv_blocks_used = 0, kv_blocks_total = 0;
   uint64_t iterations = 0, preemptions = 0, finished = 0, tokens_generated = 0;
   int last_chunk_budget = 0;  // prompt tokens the last iteration allowed
+  int compute_threads = 0;    // OpenMP threads of the thread that runs the iterations (omp_get_max_threads)
   // With an ITL SLO: iterations that had decode tokens (the ones the SLO governs), their predicted and
   // measured forward times (sums), and how many took longer than the SLO: the predictor's bias, live.
   uint64_t slo_iterations = 0, slo_over = 0;

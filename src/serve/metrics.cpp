@@ -77,6 +77,9 @@ std::string Metrics::render(const EngineStats& e) const {
                    e.kv_blocks_total ? double(e.kv_blocks_used) / e.kv_blocks_total : 0.0);
   s += fmt::format("# TYPE spear_preemptions_total counter\nspear_preemptions_total {}\n", e.preemptions);
   s += fmt::format("# TYPE spear_engine_iterations_total counter\nspear_engine_iterations_total {}\n", e.iterations);
+  s += fmt::format("# HELP spear_compute_threads CPU threads of the engine's forward passes (OpenMP).\n"
+                   "# TYPE spear_compute_threads gauge\nspear_compute_threads {}\n",
+                   e.compute_threads);
   {
     s += "# HELP spear_iteration_prompt_tokens Prompt tokens (chunked prefill) per engine iteration.\n"
          "# TYPE spear_iteration_prompt_tokens histogram\n";

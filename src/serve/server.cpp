@@ -10,6 +10,8 @@
 
 #include <sys/socket.h>
 
+#include <omp.h>
+
 #include <fmt/format.h>
 #include <httplib.h>
 
@@ -156,7 +158,13 @@ bool Server::attach(Model& model, const Tokenizer& tok) {
                  "1..%d) in %.1f s\n",
                  opt_.engine.max_running, s);
   }
-  engine_thread_ = std::thread([this] { engine_loop(); });
+  // OpenMP's thread count belongs to each thread: a std::thread starts with the process default (every core), not
+  // with what --threads set in this one, and a compute thread too many fights the load beside the server.
+  const int omp_threads = omp_get_max_threads();
+  engine_thread_ = std::thread([this, omp_threads] {
+    omp_set_num_threads(omp_threads);
+    engine_loop();
+  });
   ready_ = true;
   return true;
 }

@@ -6,6 +6,8 @@
 #include <random>
 #include <thread>
 
+#include <omp.h>
+
 #include <gtest/gtest.h>
 #include <httplib.h>
 
@@ -116,6 +118,25 @@ TEST_F(ServerTest, HealthModelsAndMetrics) {
   ASSERT_TRUE(x);
   EXPECT_NE(x->body.find("spear_requests_running 0"), std::string::npos);
   EXPECT_NE(x->body.find("# TYPE spear_time_to_first_token_seconds histogram"), std::string::npos);
+}
+
+// The engine thread computes with the OpenMP thread count of the thread that attached the model (spear serve
+// --threads), not the process default that a new std::thread starts with.
+TEST_F(ServerTest, EngineThreadKeepsTheComputeThreadCount) {
+  const int before = omp_get_max_threads();
+  const int want = before + 1;  // differs from the default a new thread would get
+  omp_set_num_threads(want);
+  start();
+  auto c = client();
+  auto r = c.Post("/v1/completions", json{{"prompt", "The cat"}, {"max_tokens", 2}, {"temperature", 0}}.dump(),
+                  "application/json");
+  omp_set_num_threads(before);
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 200) << r->body;
+  EXPECT_EQ(server_->engine()->stats().compute_threads, want);
+  auto x = c.Get("/metrics");
+  ASSERT_TRUE(x);
+  EXPECT_NE(x->body.find("spear_compute_threads " + std::to_string(want)), std::string::npos);
 }
 
 TEST_F(ServerTest, HealthIs503BeforeTheModelIsAttached) {
