@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include "core/error.h"
+#include "core/progress.h"
 
 namespace spear {
 
@@ -383,11 +384,13 @@ double Engine::warm_up() {
   // pass of a new size pays one-time costs (library heuristics, buffers) of several milliseconds, which on the H200
   // were most of the iterations that ran over an ITL SLO.
   const int largest = std::max(1, std::min(opt_.chunk + opt_.max_running, opt_.max_context - 1));
+  ProgressBar bar("warm-up", largest + opt_.max_running);
   for (int n = 1; n <= largest; ++n) {
     Batch prompt;
     prompt.tokens.assign(size_t(n), 0);
     prompt.seqs.push_back({0, n, 0, 0});
     model_.forward_greedy(prompt, *cache_);
+    bar.update(n);
   }
   for (int B = opt_.max_running; B >= 1; --B) {
     Batch d;
@@ -396,7 +399,9 @@ double Engine::warm_up() {
       d.tokens.push_back(0);
     }
     for (int rep = 0; rep < 2; ++rep) model_.forward_greedy(d, *cache_);
+    bar.update(largest + opt_.max_running - B + 1);
   }
+  bar.finish();
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
