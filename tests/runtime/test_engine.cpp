@@ -1,10 +1,14 @@
 // The continuous-batching engine on the bundled model (CPU): batched greedy outputs equal one-at-a-time
 // generation, with chunked prefill, queueing, and preemption under a tiny KV budget; cancellation, stop strings,
 // bad requests; every request ends exactly once and the KV blocks all come back.
+#include <cstdio>
+#include <fstream>
 #include <map>
 #include <random>
+#include <string>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include "backend/cpu/cpu_backend.h"
 #include "runtime/engine.h"
@@ -167,6 +171,58 @@ TEST_F(EngineTest, SloIterationsArePredictedMeasuredAndCounted) {
     EXPECT_GE(st.slo_scale, 0.25);
     EXPECT_LE(st.slo_scale, 4.0);
   }
+}
+
+// EngineOptions::iteration_log: one JSON line per iteration; its prompt chunks and decode tokens add up to every
+// token the requests put through the model.
+TEST_F(EngineTest, IterationLogHasOneLinePerIteration) {
+  const auto ps = prompts(3, 11);
+  const std::string path = testing::TempDir() + "spear_iteration_log.jsonl";
+  std::remove(path.c_str());
+  EngineOptions o;
+  o.max_running = 3;
+  o.chunk = 7;
+  o.iteration_log = path;
+  std::vector<Outcome> got;
+  uint64_t iterations = 0;
+  {
+    Engine eng(*model_, o);
+    got = run(eng, ps, 5);
+    iterations = eng.stats().iterations;
+  }
+  std::ifstream in(path);
+  ASSERT_TRUE(in) << path;
+  std::string line;
+  uint64_t lines = 0;
+  long prompt_tokens = 0, decodes = 0;
+  while (std::getline(in, line)) {
+    const nlohmann::json j = nlohmann::json::parse(line);
+    ++lines;
+    long chunks = 0;
+    for (const auto& c : j.at("prompts")) {
+      chunks += c.at(0).get<long>();
+      EXPECT_GE(c.at(1).get<int>(), 0);
+    }
+    EXPECT_EQ(chunks, j.at("prompt_tokens").get<long>()) << line;
+    EXPECT_LE(j.at("prompt_tokens").get<int>(), o.chunk) << line;
+    EXPECT_GT(j.at("forward_ms").get<double>(), 0.0) << line;
+    EXPECT_EQ(j.at("predicted_ms").get<double>(), -1.0) << "no SLO, no prediction: " << line;
+    prompt_tokens += j.at("prompt_tokens").get<long>();
+    decodes += j.at("decodes").get<long>();
+  }
+  EXPECT_EQ(lines, iterations);
+  long want_prompt = 0, want_decodes = 0;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    // The first token comes from the prefill's last chunk; a one-token prompt's prefill looks like a decode.
+    const bool one = ps[i].size() == 1;
+    want_prompt += one ? 0 : long(ps[i].size());
+    want_decodes += long(got[i].tokens.size()) - 1 + (one ? 1 : 0);
+  }
+  // A prompt whose last chunk is a single token has it scheduled (and logged) like a decode token.
+  EXPECT_EQ(prompt_tokens + decodes, want_prompt + want_decodes);
+  EXPECT_LE(prompt_tokens, want_prompt);
+  EXPECT_GE(prompt_tokens, want_prompt - long(ps.size()));
+  std::remove(path.c_str());
 }
 
 TEST_F(EngineTest, PreemptionUnderATinyKvBudgetKeepsOutputs) {
