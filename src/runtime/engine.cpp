@@ -313,23 +313,22 @@ bool Engine::step() {
   }
   last_end_ = t_end;
   if (predicted_ms >= 0) {
-    const double ms = fwd_ms;
     // Online calibration: the table is measured once, apart from serving (other threads, caches, eager vs graph
     // passes), and its bias and spread show here (SloCalibrator). Mixed iterations only (see
     // EngineStats::slo_mixed_iterations).
     const bool mixed = prompt_tokens > 0;
-    if (mixed && opt_.slo_calibrate) slo_cal_.add(predicted_ms, ms, opt_.slo_itl_ms);
+    if (mixed && opt_.slo_calibrate) slo_cal_.add(predicted_ms, fwd_ms, opt_.slo_itl_ms);
     std::lock_guard<std::mutex> lock(mu_);
     stats_.slo_scale = slo_cal_.scale();
     ++stats_.slo_iterations;
     stats_.slo_predicted_ms += predicted_ms;
-    stats_.slo_measured_ms += ms;
-    if (ms > opt_.slo_itl_ms) ++stats_.slo_over;
+    stats_.slo_measured_ms += fwd_ms;
+    if (fwd_ms > opt_.slo_itl_ms) ++stats_.slo_over;
     if (mixed) {
       ++stats_.slo_mixed_iterations;
       stats_.slo_mixed_predicted_ms += predicted_ms;
-      stats_.slo_mixed_measured_ms += ms;
-      if (ms > opt_.slo_itl_ms) ++stats_.slo_mixed_over;
+      stats_.slo_mixed_measured_ms += fwd_ms;
+      if (fwd_ms > opt_.slo_itl_ms) ++stats_.slo_mixed_over;
     }
   }
   const size_t vocab = size_t(model_.config().vocab_size);

@@ -1,5 +1,4 @@
 #pragma once
-#include <cstdio>
 // Continuous-batching engine (DESIGN.md §5). Requests join and leave at every iteration; one iteration is one
 // forward pass over the next token of every decoding request plus up to `chunk` prompt tokens of requests
 // still prefilling (chunked prefill, in arrival order). The KV cache is accounted in 16-token blocks
@@ -15,6 +14,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <deque>
 #include <functional>
 #include <memory>
@@ -108,8 +108,8 @@ class Engine {
   void run_until_idle();
   // Before the first request (the engine idle): runs the passes whose first occurrence costs extra on a GPU
   // backend, so that they stay out of the first requests' latencies: one sequence of every length up to chunk +
-  // max_running tokens (prefill scratch, plan tuning, and the one-time costs of each iteration size), then decode steps of every batch size from max_running down to 1, twice each (eager, then the
-  // CUDA graph capture; largest first, so the attention scratch never grows again and drops earlier graphs).
+  // max_running tokens (prefill scratch, plan tuning, and the one-time costs of each iteration size), then decode
+  // steps of every batch size from max_running down to 1, twice each (eager, then the CUDA graph capture; largest first, so the attention scratch never grows again and drops earlier graphs).
   // The passes use token 0 at positions from 0 in the KV slots, which every request writes before it reads
   // them. Returns the seconds it took.
   double warm_up();

@@ -1,6 +1,5 @@
 #include "backend/cuda/device_pool.h"
 
-#include <chrono>
 #include <cstdlib>
 #include <string>
 
@@ -46,7 +45,6 @@ std::shared_ptr<void> DevicePool::alloc(size_t bytes) {
     }
   }
   if (!p) {
-    const auto t0 = std::chrono::steady_clock::now();
     cudaError_t err = cudaMalloc(&p, cls);
     if (err != cudaSuccess) {
       cudaGetLastError();
@@ -55,12 +53,10 @@ std::shared_ptr<void> DevicePool::alloc(size_t bytes) {
       fail("out of GPU memory: could not allocate {:.1f} MiB for activations ({:.1f} MiB free of {:.1f} MiB)",
            double(cls) / (1 << 20), double(free_b) / (1 << 20), double(total_b) / (1 << 20));
     }
-    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     std::lock_guard<std::mutex> lock(mu_);
     all_.push_back(p);
     reserved_ += cls;
     ++mallocs_;
-    malloc_ms_ += ms;
   }
   std::weak_ptr<DevicePool> self = weak_from_this();
   return std::shared_ptr<void>(p, [self, cls](void* q) {

@@ -20,9 +20,7 @@ class DevicePool : public std::enable_shared_from_this<DevicePool> {
   // the shared_ptr's deleter returns it to its own class.
   std::shared_ptr<void> alloc(size_t bytes);
   size_t reserved_bytes() const { return reserved_; }
-  // cudaMalloc calls so far and the host time they took (each one a stall of the stream's submission).
-  size_t mallocs() const { return mallocs_; }
-  double malloc_ms() const { return malloc_ms_; }
+  size_t mallocs() const { return mallocs_; }  // cudaMalloc calls so far
 
  private:
   static size_t size_class(size_t bytes);
@@ -31,7 +29,6 @@ class DevicePool : public std::enable_shared_from_this<DevicePool> {
   std::map<size_t, std::vector<void*>> free_;  // size class -> blocks
   std::vector<void*> all_;
   size_t reserved_ = 0, mallocs_ = 0;
-  double malloc_ms_ = 0;
 };
 
 }  // namespace spear::cuda

@@ -2,13 +2,13 @@
 // first use of a launch shape, the winner kept for the process) and the entry points that pick a plan and launch
 // the register-ring kernel (w4a16_decode.cu) or the bulk-copy kernel (w4a16_decode_bulk.cu).
 #include <algorithm>
+#include <array>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <string>
-#include <cstdint>
-#include <array>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
