@@ -213,7 +213,7 @@ bool Engine::step() {
     // so a forced token beside 64 decodes cost a whole tier. Prompts then wait for decodes to finish, which they
     // do within their max_tokens, so every prompt still progresses; iterations without decodes take opt_.chunk.
     if (!decodes.empty() && !prompts.empty())
-      budget = opt_.latency->largest_chunk(decodes, prompts, opt_.chunk, opt_.slo_itl_ms / slo_cal_.scale());
+      budget = slo_chunk(*opt_.latency, slo_cal_, decodes, prompts, opt_.chunk, opt_.slo_itl_ms);
   }
   const int chunk_budget = budget;
   {
@@ -261,6 +261,8 @@ bool Engine::step() {
       std::all_of(work.begin(), work.end(), [](const Work& w) { return w.seq->sampler.greedy(); });
   // The SLO's iterations (those with a decode token): predicted time of what was scheduled, against the clock.
   double predicted_ms = -1;
+  int iteration_tokens = 0;
+  for (const Work& w : work) iteration_tokens += w.n;
   auto decodes_one = [](const Work& w) { return w.seq->computed + 1 == int(w.seq->tokens.size()); };
   if (opt_.slo_itl_ms > 0 && opt_.latency && std::any_of(work.begin(), work.end(), decodes_one)) {
     std::vector<SeqWork> composition;
@@ -307,7 +309,7 @@ bool Engine::step() {
                  "{\"t\": %.4f, \"decodes\": %d, \"decode_ctx\": %ld, \"prompt_tokens\": %d, \"prompts\": [%s], "
                  "\"budget\": %d, \"predicted_ms\": %.3f, \"scale\": %.4f, \"forward_ms\": %.3f, \"gap_ms\": %.3f}\n",
                  std::chrono::duration<double>(t_fwd - t0_).count(), decodes, decode_ctx, prompt_tokens, prompts.c_str(),
-                 chunk_budget, predicted_ms, slo_cal_.scale(), fwd_ms,
+                 chunk_budget, predicted_ms, slo_cal_.scale(iteration_tokens), fwd_ms,
                  std::chrono::duration<double, std::milli>(t_fwd - last_end_).count());
     std::fflush(iteration_log_.get());
   }
@@ -317,9 +319,9 @@ bool Engine::step() {
     // passes), and its bias and spread show here (SloCalibrator). Mixed iterations only (see
     // EngineStats::slo_mixed_iterations).
     const bool mixed = prompt_tokens > 0;
-    if (mixed && opt_.slo_calibrate) slo_cal_.add(predicted_ms, fwd_ms, opt_.slo_itl_ms);
+    if (mixed && opt_.slo_calibrate) slo_cal_.add(iteration_tokens, predicted_ms, fwd_ms, opt_.slo_itl_ms);
     std::lock_guard<std::mutex> lock(mu_);
-    stats_.slo_scale = slo_cal_.scale();
+    stats_.slo_scale = slo_cal_.scale(iteration_tokens);
     ++stats_.slo_iterations;
     stats_.slo_predicted_ms += predicted_ms;
     stats_.slo_measured_ms += fwd_ms;

@@ -81,7 +81,7 @@ struct EngineStats {
   // measured forward times (sums), and how many took longer than the SLO: the predictor's bias, live.
   uint64_t slo_iterations = 0, slo_over = 0;
   double slo_predicted_ms = 0, slo_measured_ms = 0;  // predicted: the table's, before slo_scale
-  double slo_scale = 1;  // the current calibration (SloCalibrator::scale) the chunk search applies
+  double slo_scale = 1;  // the calibration (SloCalibrator::scale) of the last iteration's size class
   // Of them, the mixed ones (prompt tokens beside the decodes: the iterations whose chunk the search chose, and
   // the only ones the calibration learns from: decode-only steps replay CUDA graphs and run faster than the
   // eager passes the table was measured on, so they would teach it to over-fill the mixed ones).

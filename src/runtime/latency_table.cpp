@@ -5,6 +5,7 @@
 #include <cmath>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <random>
 
 #include <nlohmann/json.hpp>
@@ -106,26 +107,63 @@ int LatencyTable::largest_chunk(int fixed, int max_chunk, double budget_ms) cons
   return largest_fitting(max_chunk, [&](int c) { return predict_ms(fixed + c) <= budget_ms; });
 }
 
-void SloCalibrator::add(double predicted_ms, double measured_ms, double slo_ms) {
+int SloCalibrator::size_class(int tokens) {
+  int c = 0;
+  while (c < kClasses - 1 && (1 << c) < tokens) ++c;
+  return c;
+}
+
+int SloCalibrator::class_max_tokens(int c) {
+  return c >= kClasses - 1 ? std::numeric_limits<int>::max() : 1 << c;
+}
+
+void SloCalibrator::add(int tokens, double predicted_ms, double measured_ms, double slo_ms) {
   if (!(predicted_ms > 0) || !(measured_ms >= 0)) return;
   const double r = std::clamp(measured_ms / predicted_ms, 0.25, 4.0);
   mean_ = 0.9 * mean_ + 0.1 * r;
-  if (predicted_ms * scale_ >= 0.5 * slo_ms) {
-    if (window_.size() < kWindow) {
-      window_.push_back(r);
-    } else {
-      window_[next_] = r;
-      next_ = (next_ + 1) % kWindow;
-    }
+  if (predicted_ms * scale(tokens) < 0.5 * slo_ms) return;
+  Window& w = classes_[size_class(tokens)];
+  if (w.ratios.size() < kWindow) {
+    w.ratios.push_back(r);
+  } else {
+    w.ratios[w.next] = r;
+    w.next = (w.next + 1) % kWindow;
   }
-  if (window_.size() < kMinSamples) {
-    scale_ = mean_;
-    return;
+  if (w.ratios.size() < kMinSamples) return;
+  std::vector<double> v = w.ratios;
+  const size_t k = std::min(v.size() - 1, size_t(std::ceil(quantile_ * double(v.size()))) - 1);
+  std::nth_element(v.begin(), v.begin() + std::ptrdiff_t(k), v.end());
+  w.quantile = v[k];
+}
+
+double SloCalibrator::scale(int tokens) const {
+  const Window& w = classes_[size_class(tokens)];
+  return w.ratios.size() >= kMinSamples ? w.quantile : mean_;
+}
+
+size_t SloCalibrator::samples() const {
+  size_t n = 0;
+  for (const Window& w : classes_) n += w.ratios.size();
+  return n;
+}
+
+size_t SloCalibrator::samples(int tokens) const { return classes_[size_class(tokens)].ratios.size(); }
+
+int slo_chunk(const LatencyTable& table, const SloCalibrator& cal, const std::vector<SeqWork>& decodes,
+              const std::vector<SeqWork>& prefill, int max_chunk, double slo_ms) {
+  int fixed = 0;
+  for (const SeqWork& d : decodes) fixed += d.n;
+  // Within a class the scaled prediction grows with the chunk (binary search); across classes it need not.
+  for (int c = SloCalibrator::kClasses - 1; c >= 0; --c) {
+    const int lo = c == 0 ? 1 : SloCalibrator::class_max_tokens(c - 1) + 1;
+    const long hi_total = SloCalibrator::class_max_tokens(c);
+    const int c_lo = std::max(1, lo - fixed);
+    const int c_hi = int(std::min<long>(max_chunk, hi_total - fixed));
+    if (c_hi < c_lo) continue;
+    const int got = table.largest_chunk(decodes, prefill, c_hi, slo_ms / cal.scale(lo));
+    if (got >= c_lo) return got;
   }
-  std::vector<double> w = window_;
-  const size_t k = std::min(w.size() - 1, size_t(std::ceil(quantile_ * double(w.size()))) - 1);
-  std::nth_element(w.begin(), w.begin() + std::ptrdiff_t(k), w.end());
-  scale_ = w[k];
+  return 0;
 }
 
 LatencyTable LatencyTable::measure(Model& model, const std::vector<int>& counts, int reps) {

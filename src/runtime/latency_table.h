@@ -51,19 +51,39 @@ struct LatencyTable {
 // the factor is the `quantile` of measured / predicted over the last kWindow iterations predicted at half the
 // SLO or more (the ones that can break it), once kMinSamples of them are in; before that, the running mean of
 // every sample. Ratios are clamped to [0.25, 4].
+//
+// One factor per size class of iteration (total tokens 1, 2, 3-4, 5-8, ..., 1025 and more): the table's error
+// depends on the size (the GPU's kernels change at tile boundaries), and one factor for every size, learned where
+// the scheduler happened to pack, held it there. On the H200 at 60% ECs and a 16 ms SLO, iterations of 9-16 tokens
+// ran 1.2-1.6x the table, the one factor rose to 1.66, the chunk search then only found room in that same class,
+// and prompts starved (TTFT p50 20 s; bench/results/serve-h200-calib). A class without kMinSamples of its own
+// starts from the running mean of all classes, not from another class's tail.
 class SloCalibrator {
  public:
   static constexpr size_t kWindow = 256, kMinSamples = 20;
+  static constexpr int kClasses = 12;
   explicit SloCalibrator(double quantile = 0.99) : quantile_(quantile) {}
-  // One filled iteration: its raw prediction (before the factor), the measured time and the SLO.
-  void add(double predicted_ms, double measured_ms, double slo_ms);
-  double scale() const { return scale_; }
-  size_t samples() const { return window_.size(); }
+  static int size_class(int tokens);  // 0 for 1 token, then ceil(log2(tokens)), at most kClasses - 1
+  static int class_max_tokens(int c);  // the largest token count of class c (INT_MAX for the last)
+  // One filled iteration of `tokens` tokens: its raw prediction (before the factor), the measured time and the SLO.
+  void add(int tokens, double predicted_ms, double measured_ms, double slo_ms);
+  double scale(int tokens) const;
+  size_t samples() const;            // near the SLO, every class
+  size_t samples(int tokens) const;  // of the class of `tokens`
 
  private:
-  double quantile_, scale_ = 1, mean_ = 1;
-  std::vector<double> window_;  // ring of the last kWindow ratios near the SLO
-  size_t next_ = 0;
+  struct Window {
+    std::vector<double> ratios;  // ring of the last kWindow ratios near the SLO
+    size_t next = 0;
+    double quantile = 1;  // of ratios, once kMinSamples are in
+  };
+  double quantile_, mean_ = 1;
+  Window classes_[kClasses];
 };
+
+// The largest prompt chunk (0..max_chunk) beside `decodes` whose iteration, predicted by the table and scaled by
+// the calibration of its own size class, meets slo_ms: each class from the largest down, a binary search within it.
+int slo_chunk(const LatencyTable& table, const SloCalibrator& cal, const std::vector<SeqWork>& decodes,
+              const std::vector<SeqWork>& prefill, int max_chunk, double slo_ms);
 
 }  // namespace spear

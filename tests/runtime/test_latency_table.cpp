@@ -85,13 +85,13 @@ TEST(LatencyTable, FileRoundTripAndBadFiles) {
 
 TEST(SloCalibrator, MeanFirstThenTheQuantileOfIterationsNearTheSlo) {
   SloCalibrator c(0.99);
-  EXPECT_EQ(c.scale(), 1.0);
-  c.add(10, 20, 16);  // ratio 2: the mean moves 10% of the way
-  EXPECT_NEAR(c.scale(), 1.1, 1e-12);
+  EXPECT_EQ(c.scale(64), 1.0);
+  c.add(64, 10, 20, 16);  // ratio 2: the mean moves 10% of the way
+  EXPECT_NEAR(c.scale(64), 1.1, 1e-12);
   EXPECT_EQ(c.samples(), 1u);
-  c.add(2, 8, 16);  // predicted far below the SLO: into the mean, not the window
+  c.add(64, 2, 8, 16);  // predicted far below the SLO: into the mean, not the window
   EXPECT_EQ(c.samples(), 1u);
-  c.add(0, 5, 16);  // no prediction: ignored
+  c.add(64, 0, 5, 16);  // no prediction: ignored
   EXPECT_EQ(c.samples(), 1u);
 
   // 100 iterations near the SLO, 97 exactly as predicted and 3 at 1.5x: the 0.99 quantile is 1.5 (the mean
@@ -99,21 +99,65 @@ TEST(SloCalibrator, MeanFirstThenTheQuantileOfIterationsNearTheSlo) {
   SloCalibrator p99(0.99), p90(0.9);
   for (int i = 0; i < 100; ++i) {
     const double measured = i % 33 == 5 ? 15 : 10;
-    p99.add(10, measured, 16);
-    p90.add(10, measured, 16);
+    p99.add(100, 10, measured, 16);
+    p90.add(100, 10, measured, 16);
   }
   EXPECT_EQ(p99.samples(), 100u);
-  EXPECT_DOUBLE_EQ(p99.scale(), 1.5);
-  EXPECT_DOUBLE_EQ(p90.scale(), 1.0);
+  EXPECT_DOUBLE_EQ(p99.scale(100), 1.5);
+  EXPECT_DOUBLE_EQ(p90.scale(100), 1.0);
 
   // The window keeps the last kWindow: after that many exact iterations the slow ones are gone.
-  for (size_t i = 0; i < SloCalibrator::kWindow; ++i) p99.add(10, 10, 16);
-  EXPECT_EQ(p99.samples(), SloCalibrator::kWindow);
-  EXPECT_DOUBLE_EQ(p99.scale(), 1.0);
-  p99.add(10, 1000, 16);  // clamped at 4
-  p99.add(10, 1000, 16);
-  p99.add(10, 1000, 16);
-  EXPECT_DOUBLE_EQ(p99.scale(), 4.0);
+  for (size_t i = 0; i < SloCalibrator::kWindow; ++i) p99.add(100, 10, 10, 16);
+  EXPECT_EQ(p99.samples(100), SloCalibrator::kWindow);
+  EXPECT_DOUBLE_EQ(p99.scale(100), 1.0);
+  p99.add(100, 10, 1000, 16);  // clamped at 4
+  p99.add(100, 10, 1000, 16);
+  p99.add(100, 10, 1000, 16);
+  EXPECT_DOUBLE_EQ(p99.scale(100), 4.0);
+}
+
+// Each size class learns its own factor: 9-16-token iterations at 1.6x the table leave the 17-32 class at the
+// running mean, and the 65-128 class (65 and 128 tokens: one class) at its own 1.0.
+TEST(SloCalibrator, OneFactorPerSizeClass) {
+  EXPECT_EQ(SloCalibrator::size_class(1), 0);
+  EXPECT_EQ(SloCalibrator::size_class(2), 1);
+  EXPECT_EQ(SloCalibrator::size_class(9), 4);
+  EXPECT_EQ(SloCalibrator::size_class(16), 4);
+  EXPECT_EQ(SloCalibrator::size_class(17), 5);
+  EXPECT_EQ(SloCalibrator::size_class(100000), SloCalibrator::kClasses - 1);
+  EXPECT_EQ(SloCalibrator::class_max_tokens(4), 16);
+  SloCalibrator c(0.99);
+  for (int i = 0; i < 40; ++i) c.add(12, 10, 16, 16);
+  for (int i = 0; i < 40; ++i) c.add(100, 10, 10, 16);
+  EXPECT_DOUBLE_EQ(c.scale(9), 1.6);
+  EXPECT_DOUBLE_EQ(c.scale(16), 1.6);
+  EXPECT_DOUBLE_EQ(c.scale(65), 1.0);
+  EXPECT_DOUBLE_EQ(c.scale(128), 1.0);
+  EXPECT_EQ(c.samples(20), 0u);
+  EXPECT_GT(c.scale(20), 0.99);  // no samples of its own: the running mean of all (here 1.0 after the last 40)
+  EXPECT_LT(c.scale(20), 1.6);
+}
+
+// The chunk search scales each candidate by its own class: with the 9-16 class slow (2x) and the others exact, a
+// table of 1 ms per token and a 20 ms SLO beside 4 decodes, the largest chunk is 16 (20 tokens, class 17-32,
+// predicted 20 ms); with every class at 2x it is 6 (10 tokens at 2 x 10 ms), and 0 when no chunk fits.
+TEST(SloCalibrator, ChunkSearchUsesTheClassOfEachCandidate) {
+  LatencyTable t;
+  t.tokens = {1, 1000};
+  t.ms = {1, 1000};
+  const std::vector<SeqWork> decodes(4, SeqWork{1, 10});
+  const std::vector<SeqWork> prompts = {{300, 0}};
+  SloCalibrator c(0.99);
+  for (int i = 0; i < 40; ++i) c.add(12, 10, 20, 16);  // class 9-16 at 2x
+  for (int i = 0; i < 40; ++i) c.add(24, 10, 10, 16);  // class 17-32 exact
+  EXPECT_EQ(slo_chunk(t, c, decodes, prompts, 512, 20.0), 16);
+  SloCalibrator slow(0.99);
+  for (int cls_tokens : {3, 6, 12, 24, 48})
+    for (int i = 0; i < 40; ++i) slow.add(cls_tokens, 10, 20, 16);
+  EXPECT_EQ(slo_chunk(t, slow, decodes, prompts, 512, 20.0), 6);
+  EXPECT_EQ(slo_chunk(t, slow, decodes, prompts, 512, 5.0), 0);
+  EXPECT_EQ(slo_chunk(t, c, decodes, prompts, 14, 20.0), 14);  // max_chunk caps it
+  EXPECT_EQ(slo_chunk(t, c, decodes, prompts, 8, 20.0), 6);    // 12 tokens at most: the slow class, 2 x 10 ms
 }
 
 TEST(LatencyTable, MeasuredOnTheModelAndUsedByTheEngine) {
