@@ -138,7 +138,9 @@ void SloCalibrator::add(int tokens, double predicted_ms, double measured_ms, dou
 
 double SloCalibrator::scale(int tokens) const {
   const Window& w = classes_[size_class(tokens)];
-  return w.ratios.size() >= kMinSamples ? w.quantile : mean_;
+  if (w.ratios.size() >= kMinSamples) return w.quantile;
+  if (!w.ratios.empty()) return *std::max_element(w.ratios.begin(), w.ratios.end());
+  return std::max(1.0, mean_);
 }
 
 size_t SloCalibrator::samples() const {

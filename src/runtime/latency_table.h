@@ -56,8 +56,10 @@ struct LatencyTable {
 // depends on the size (the GPU's kernels change at tile boundaries), and one factor for every size, learned where
 // the scheduler happened to pack, held it there. On the H200 at 60% ECs and a 16 ms SLO, iterations of 9-16 tokens
 // ran 1.2-1.6x the table, the one factor rose to 1.66, the chunk search then only found room in that same class,
-// and prompts starved (TTFT p50 20 s; bench/results/serve-h200-calib). A class without kMinSamples of its own
-// starts from the running mean of all classes, not from another class's tail.
+// and prompts starved (TTFT p50 20 s; bench/results/serve-h200-calib). Until a class has kMinSamples of its own
+// its factor is the slowest of them (one slow iteration corrects it at once: exploring a class at the running mean
+// let 20 iterations of each new class run over), and a class never seen starts from the table itself, or the
+// running mean of every class where that is slower.
 class SloCalibrator {
  public:
   static constexpr size_t kWindow = 256, kMinSamples = 20;

@@ -86,8 +86,13 @@ TEST(LatencyTable, FileRoundTripAndBadFiles) {
 TEST(SloCalibrator, MeanFirstThenTheQuantileOfIterationsNearTheSlo) {
   SloCalibrator c(0.99);
   EXPECT_EQ(c.scale(64), 1.0);
-  c.add(64, 10, 20, 16);  // ratio 2: the mean moves 10% of the way
-  EXPECT_NEAR(c.scale(64), 1.1, 1e-12);
+  c.add(64, 10, 20, 16);  // ratio 2: the class's slowest sample so far; the mean moves 10% of the way
+  EXPECT_DOUBLE_EQ(c.scale(64), 2.0);
+  EXPECT_NEAR(c.scale(1000), 1.1, 1e-12);  // a class without samples: the running mean (above 1)
+  c.add(64, 10, 5, 16);                    // ratio 0.5: the slowest stays
+  EXPECT_DOUBLE_EQ(c.scale(64), 2.0);
+  c = SloCalibrator(0.99);
+  c.add(64, 10, 20, 16);
   EXPECT_EQ(c.samples(), 1u);
   c.add(64, 2, 8, 16);  // predicted far below the SLO: into the mean, not the window
   EXPECT_EQ(c.samples(), 1u);
@@ -136,6 +141,8 @@ TEST(SloCalibrator, OneFactorPerSizeClass) {
   EXPECT_EQ(c.samples(20), 0u);
   EXPECT_GT(c.scale(20), 0.99);  // no samples of its own: the running mean of all (here 1.0 after the last 40)
   EXPECT_LT(c.scale(20), 1.6);
+  for (int i = 0; i < 40; ++i) c.add(12, 10, 5, 16);  // fast ones: the mean falls below 1, a new class stays at 1
+  EXPECT_DOUBLE_EQ(c.scale(300), 1.0);
 }
 
 // The chunk search scales each candidate by its own class: with the 9-16 class slow (2x) and the others exact, a
