@@ -24,6 +24,7 @@
 #             and with SPEAR_PDL=0 (only the W4 kernels use it), same run
 #   kprof:LIKE  ncu times every kernel of a W4 decode step at batch 1 alone (tools/device/kernel_breakdown.py;
 #             decode plans untuned unless KPROF_TUNE=1: the tuner's timings mean nothing under ncu)
+#             KPROF_EC=0.6: with fused random ECs on that share of the linears (--ec-density, --ec-paths fused)
 #   ncuk    ncu sections (speed of light, warp stalls, compute, memory, occupancy) of the kernels matching
 #           NCU_KERNEL (a regex over demangled names, default "gemm_kernel<.int.16": ncu writes template arguments as (int)16) in bench_w4_gemm $NCU_ARGS
 #           (default --prefill): NCU_SKIP launches skipped (default 3), NCU_COUNT profiled (default 2)
@@ -309,11 +310,12 @@ for stage in "$@"; do
       like=${stage#kprof:}
       w4_model "$like" "/tmp/$like-w4"
       t "ncu: every kernel of a decode step, $like W4 batch 1"
-      ms=$(SPEAR_W4_TUNE=${KPROF_TUNE:-0} "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch 1 --json 2>/dev/null \
+      kec=${KPROF_EC:+--ec-density $KPROF_EC --ec-paths fused}
+      ms=$(SPEAR_W4_TUNE=${KPROF_TUNE:-0} "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch 1 $kec --json 2>/dev/null \
         | python3 -c 'import json,sys; print(json.load(sys.stdin)["rows"][0]["step_ms_median"])' 2>/dev/null)
       SPEAR_W4_TUNE=${KPROF_TUNE:-0} timeout 300 ncu --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
         --print-units base --print-kernel-base function "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" \
-        --batch 1 --steps 3 --warmup 2 > "$R/kprof-$like.csv" 2> "$R/kprof-$like.err"
+        --batch 1 --steps 3 --warmup 2 $kec > "$R/kprof-$like.csv" 2> "$R/kprof-$like.err"
       python3 tools/device/kernel_breakdown.py "$R/kprof-$like.csv" $ms | tee "$R/kprof-$like.txt" ;;
     bulkab:*)
       like=${stage#bulkab:}
