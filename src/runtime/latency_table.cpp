@@ -153,14 +153,15 @@ size_t SloCalibrator::samples(int tokens) const { return classes_[size_class(tok
 
 int slo_chunk(const LatencyTable& table, const SloCalibrator& cal, const std::vector<SeqWork>& decodes,
               const std::vector<SeqWork>& prefill, int max_chunk, double slo_ms) {
-  int fixed = 0;
+  int fixed = 0, pending = 0;
   for (const SeqWork& d : decodes) fixed += d.n;
+  for (const SeqWork& p : prefill) pending += p.n;
+  const int most = std::min(max_chunk, pending);
   // Within a class the scaled prediction grows with the chunk (binary search); across classes it need not.
-  for (int c = SloCalibrator::kClasses - 1; c >= 0; --c) {
+  for (int c = SloCalibrator::size_class(fixed + std::max(most, 1)); c >= 0; --c) {
     const int lo = c == 0 ? 1 : SloCalibrator::class_max_tokens(c - 1) + 1;
-    const long hi_total = SloCalibrator::class_max_tokens(c);
     const int c_lo = std::max(1, lo - fixed);
-    const int c_hi = int(std::min<long>(max_chunk, hi_total - fixed));
+    const int c_hi = int(std::min<long>(most, long(SloCalibrator::class_max_tokens(c)) - fixed));
     if (c_hi < c_lo) continue;
     const int got = table.largest_chunk(decodes, prefill, c_hi, slo_ms / cal.scale(lo));
     if (got >= c_lo) return got;

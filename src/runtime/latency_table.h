@@ -49,8 +49,7 @@ struct LatencyTable {
 // filled (prompt tokens beside decodes). A mean of measured / predicted meets the SLO only on average, and an
 // iteration packed to the SLO then runs over about half the time; the tail is what an ITL percentile sees. So
 // the factor is the `quantile` of measured / predicted over the last kWindow iterations predicted at half the
-// SLO or more (the ones that can break it), once kMinSamples of them are in; before that, the running mean of
-// every sample. Ratios are clamped to [0.25, 4].
+// SLO or more (the ones that can break it), once kMinSamples of them are in. Ratios are clamped to [0.25, 4].
 //
 // One factor per size class of iteration (total tokens 1, 2, 3-4, 5-8, ..., 1025 and more): the table's error
 // depends on the size (the GPU's kernels change at tile boundaries), and one factor for every size, learned where

@@ -83,7 +83,7 @@ TEST(LatencyTable, FileRoundTripAndBadFiles) {
   EXPECT_THROW(LatencyTable::load(dir + "/missing.json"), Error);
 }
 
-TEST(SloCalibrator, MeanFirstThenTheQuantileOfIterationsNearTheSlo) {
+TEST(SloCalibrator, SlowestSampleFirstThenTheQuantileOfIterationsNearTheSlo) {
   SloCalibrator c(0.99);
   EXPECT_EQ(c.scale(64), 1.0);
   c.add(64, 10, 20, 16);  // ratio 2: the class's slowest sample so far; the mean moves 10% of the way
