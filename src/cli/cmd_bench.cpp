@@ -15,18 +15,13 @@ namespace spear::cli {
 
 namespace {
 
-struct DecodeRow {
-  std::string model, ec_path = "-", tp_reduce = "none";
-  int batch = 0, prompt = 0, steps = 0, ec_modules = 0, tp = 1;
-  double ec_density = 0, ec_bytes_pct = 0;
-  double weight_gb = 0, prefill_ms = 0, step_ms_median = 0, step_ms_p10 = 0, step_ms_p90 = 0;
-};
-
 double percentile(std::vector<double> v, double p) {
   std::sort(v.begin(), v.end());
   const size_t i = std::min(v.size() - 1, size_t(p * double(v.size() - 1) + 0.5));
   return v[i];
 }
+
+}  // namespace
 
 // B sequences of `prompt` random tokens prefilled together (prefill_reps times, each into a fresh cache, after
 // one untimed prefill when prefill_reps > 1: median), then `steps` greedy decode steps (one token per sequence
@@ -75,8 +70,6 @@ DecodeRow bench_decode(Model& m, const std::string& name, int B, int prompt, int
   r.step_ms_p90 = percentile(times, 0.9);
   return r;
 }
-
-}  // namespace
 
 void register_bench(CLI::App& app) {
   CLI::App* bench = app.add_subcommand("bench", "Benchmarks (kernel benchmarks are the bench_* programs of bench/)");

@@ -1,5 +1,6 @@
 #pragma once
 // Options and helpers shared by the subcommands.
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -7,6 +8,10 @@
 #include <CLI/CLI.hpp>
 
 #include "backend/backend.h"
+
+namespace spear {
+class Model;
+}
 
 namespace spear::cli {
 
@@ -39,6 +44,18 @@ int tp_rank_of(const CommonOptions& o);   // this process's rank (0 without tens
 void finish_tensor_parallel();            // waits for the ranks this process started
 extern std::vector<std::string> g_argv;   // main's arguments, to start local ranks with
 std::string read_text_file(const std::string& path);
+
+// One row of `spear bench decode` (cmd_bench.cpp).
+struct DecodeRow {
+  std::string model, ec_path = "-", tp_reduce = "none";
+  int batch = 0, prompt = 0, steps = 0, ec_modules = 0, tp = 1;
+  double ec_density = 0, ec_bytes_pct = 0;
+  double weight_gb = 0, prefill_ms = 0, step_ms_median = 0, step_ms_p10 = 0, step_ms_p90 = 0;
+};
+// B sequences of `prompt` random tokens prefilled together, then `steps` timed greedy decode steps after `warmup`
+// untimed ones (on CUDA each step a replayed graph); prefill_reps > 1: the median of that many prefills.
+DecodeRow bench_decode(Model& m, const std::string& name, int B, int prompt, int steps, int warmup, uint64_t seed,
+                       int prefill_reps);
 
 void register_ppl(CLI::App& app);
 void register_generate(CLI::App& app);
