@@ -35,14 +35,13 @@ std::vector<int> default_latency_points(int max_tokens) {
 namespace {
 
 // The step check: timing one linear alone misses what a second stream costs the rest of a decode step (more
-// launches, the joins), so wherever the table picks overlapped over a fused path at a decode token count (the fused
-// kernel's range, up to 32), whole decode steps of that many sequences are timed with the table as it is and with
-// fused in those entries, and the faster table is kept. (H200, 1B at 32 tokens: down_proj overlapped 35.6 vs fused
+// launches, the joins), so wherever the table picks overlapped over a fused path it also timed (the fused kernel's
+// token counts only, up to 32), whole decode steps of that many sequences are timed with the table as it is and
+// with fused in those entries, and the faster table is kept. (H200, 1B at 32 tokens: down_proj overlapped 35.6 vs fused
 // 36.5 µs alone, yet the whole step with it fused was 2-3% faster.)
 void check_steps(Model& model, EcDispatchTable& table, const std::vector<int>& tokens, const CommonOptions& o) {
-  constexpr int kMaxFusedTokens = 32, kPrompt = 128, kSteps = 24, kWarmup = 3;
+  constexpr int kPrompt = 128, kSteps = 24, kWarmup = 3;
   for (int m : tokens) {
-    if (m > kMaxFusedTokens) continue;
     EcDispatchTable fused = table;
     int flips = 0;
     for (EcDispatchTable::Entry& e : fused.entries)

@@ -109,7 +109,8 @@ class Engine {
   // Before the first request (the engine idle): runs the passes whose first occurrence costs extra on a GPU
   // backend, so that they stay out of the first requests' latencies: one sequence of every length up to chunk +
   // max_running tokens (prefill scratch, plan tuning, and the one-time costs of each iteration size), then decode
-  // steps of every batch size from max_running down to 1, twice each (eager, then the CUDA graph capture; largest first, so the attention scratch never grows again and drops earlier graphs).
+  // steps of every batch size from max_running down to 1, twice each (eager, then the CUDA graph capture; largest
+  // first, so the attention scratch never grows again and drops earlier graphs).
   // The passes use token 0 at positions from 0 in the KV slots, which every request writes before it reads
   // them. Returns the seconds it took.
   double warm_up();

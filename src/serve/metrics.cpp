@@ -104,8 +104,8 @@ std::string Metrics::render(const EngineStats& e) const {
     ms_pair("spear_slo_iteration_ms_total", "Their forward time, predicted by the latency table and measured.",
             e.slo_predicted_ms, e.slo_measured_ms);
     s += fmt::format("# HELP spear_slo_prediction_scale The calibration of measured / predicted forward time (its "
-                     "--slo-quantile) of the last iteration's size class: the factor the chunk search applied to the latency "
-                     "table there.\n# TYPE spear_slo_prediction_scale gauge\n"
+                     "--slo-quantile) of the last iteration's size class: the factor the chunk search applied to "
+                     "the latency table there.\n# TYPE spear_slo_prediction_scale gauge\n"
                      "spear_slo_prediction_scale {:.4f}\n",
                      e.slo_scale);
     s += fmt::format("# HELP spear_slo_iterations_over_total Of them, those whose forward pass took longer than the "
