@@ -265,6 +265,14 @@ class Backend {
     rope(k, n_kv_heads, head_dim, positions, table);
     return false;
   }
+  // RoPE of q and k, the KV append and attention as one step, where the backend has such a path for this batch (the
+  // CUDA decode kernel); q and k are then left unrotated. False: nothing done, the caller runs rope_qk and attention.
+  virtual bool rope_attention(const Tensor& q, const Tensor& k, const Tensor& v, std::span<const int32_t> positions,
+                              const RopeTable& table, std::span<const SeqSlice> seqs, KvCache& cache,
+                              const AttentionParams& p, Tensor& out) {
+    (void)q, (void)k, (void)v, (void)positions, (void)table, (void)seqs, (void)cache, (void)p, (void)out;
+    return false;
+  }
   // Appends k, v [T, kv_dim] to the cache (unless p.kv_appended) and computes causal (optionally windowed) GQA attention of
   // q [T, n_heads * head_dim] for every sequence slice; out [T, n_heads * head_dim].
   virtual void attention(const Tensor& q, const Tensor& k, const Tensor& v, std::span<const SeqSlice> seqs,

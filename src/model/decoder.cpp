@@ -329,14 +329,16 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
   };
   run_group({L.q.get(), L.k.get(), L.v.get()}, {&q, &k, &v});
   AttentionParams ap;
-  ap.kv_appended = be.rope_qk(q, k, v, sh.heads, sh.kv_heads, c.head_dim, pos, rope_, cache, li);
   ap.layer = li;
   ap.n_heads = sh.heads;
   ap.n_kv_heads = sh.kv_heads;
   ap.head_dim = c.head_dim;
   ap.window = c.sliding_window[size_t(li)];
   ap.scale = 1.f / std::sqrt(float(c.head_dim));
-  be.attention(q, k, v, d.seqs, cache, ap, att);
+  if (!be.rope_attention(q, k, v, pos, rope_, d.seqs, cache, ap, att)) {
+    ap.kv_appended = be.rope_qk(q, k, v, sh.heads, sh.kv_heads, c.head_dim, pos, rope_, cache, li);
+    be.attention(q, k, v, d.seqs, cache, ap, att);
+  }
   // Decode-step fusions (Backend::linear_fused; one device, no taps): the residual add and the next element-wise
   // step inside the W4 launches. Each falls back to the ops it replaces.
   const bool fuse = sh.size == 1 && !taps;

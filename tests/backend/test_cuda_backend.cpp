@@ -446,4 +446,44 @@ TEST(CudaBackend, DecodeFusionMatchesOpByOp) {
     }
 }
 
+// RoPE, the KV append and decode attention as one launch (CudaBackend::rope_attention) against rope_kv_append and
+// attention: identical teacher-forced logits and greedy tokens from replayed decode graphs, one and three sequences.
+TEST(CudaBackend, RopeAttentionMatchesSeparateKernels) {
+  SPEAR_REQUIRE_GPU();
+  constexpr int kSteps = 6;
+  auto run = [](bool fused, int seqs, std::vector<int32_t>& ids, size_t* launches, std::vector<int32_t>* greedy) {
+    cuda::CudaBackend gpu;
+    gpu.set_rope_attention(fused);
+    auto m = Model::load(w4_package(), gpu);
+    std::vector<float> all = teacher_forced_logits(*m, seqs, kSteps, ids);
+    auto gcache = m->make_kv_cache(seqs, 64);
+    std::vector<int32_t> next = m->forward_greedy(three_token_prompts(seqs), *gcache);
+    for (int step = 0; step < kSteps; ++step) {
+      Batch b;
+      for (int s = 0; s < seqs; ++s) {
+        greedy->push_back(next[size_t(s)]);
+        b.seqs.push_back({s, 1, 3 + step, s});
+        b.tokens.push_back(next[size_t(s)]);
+      }
+      next = m->forward_greedy(b, *gcache);
+    }
+    *launches = gpu.rope_attention_launches();
+    return all;
+  };
+  for (int seqs : {1, 3}) {
+    const std::string what = std::to_string(seqs) + " sequences";
+    std::vector<int32_t> ids, greedy_off, greedy_on;
+    size_t off = 0, on = 0;
+    const std::vector<float> ref = run(false, seqs, ids, &off, &greedy_off);
+    const std::vector<float> got = run(true, seqs, ids, &on, &greedy_on);
+    EXPECT_EQ(off, 0u) << what;
+    EXPECT_GE(on, size_t(kSteps)) << what << ": the fused launch did not run";
+    EXPECT_EQ(greedy_on, greedy_off) << what << ": greedy tokens from decode graphs differ";
+    ASSERT_EQ(got.size(), ref.size());
+    size_t differ = 0;
+    for (size_t i = 0; i < ref.size(); ++i) differ += got[i] != ref[i];
+    EXPECT_EQ(differ, 0u) << what << ": logits differ from the separate kernels";
+  }
+}
+
 }  // namespace spear

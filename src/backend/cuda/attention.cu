@@ -29,6 +29,7 @@
 #include "backend/cuda/attention.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/pdl.cuh"
+#include "backend/cuda/rope_rotate.cuh"
 
 namespace spear::cuda {
 
@@ -65,6 +66,14 @@ struct AttnArgs {
   float* part_o;               // decode, n_splits > 1: [T][n_splits][n_heads][head_dim], normalised
   float* part_lse;             // [T][n_splits][n_heads], log2 domain
   unsigned* counters;          // [T][n_kv_heads * head_blocks] arrivals of the splits (kept at zero between launches)
+  // Decode with RoPE and the KV append fused in (attention_decode_rope_bf16; k_new null otherwise): q and this
+  // step's keys arrive unrotated. Every CTA rotates its query rows; the CTAs of a sequence's last split put its new
+  // key (rotated) and value into their tile in place of the cache row, and the one of head block 0 also writes
+  // them into the cache.
+  const bf16* k_new;           // [T, kv_dim]
+  const bf16* v_new;           // [T, kv_dim]
+  const int32_t* positions;    // [T]: the rotation angle's position (as rope_kv_append_bf16)
+  const float* inv_freq;       // [head_dim / 2]
 };
 
 // ---- PTX wrappers ------------------------------------------------------------------------------------------
@@ -111,11 +120,12 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 // ---- tiles -------------------------------------------------------------------------------------------------
 
 // Rows of K/V [KT][DP + 8] for keys key0 .. key0 + KT - 1 (key0 a multiple of kBlockTokens) of one KV head;
-// keys outside [klo, khi] (or on an unallocated page, block id < 0) and dims >= head_dim are zeros.
-// All threads of the CTA take part; with vec16 the copies are asynchronous (commit/wait by the caller).
+// keys outside [klo, khi] (or on an unallocated page, block id < 0) and dims >= head_dim are zeros; the row of
+// key `skip` is left alone (the fused RoPE writes it). All threads of the CTA take part; with vec16 the copies are
+// asynchronous (commit/wait by the caller).
 template <int DP, int KT>
 __device__ __forceinline__ void load_kv_tile(bf16* sK, bf16* sV, const AttnArgs& a, const int32_t* bt_row,
-                                             int kv_col, int key0, int klo, int khi) {
+                                             int kv_col, int key0, int klo, int khi, int skip = -1) {
   constexpr int S = DP + 8;
   const int D = a.head_dim;
   if (a.vec16) {
@@ -124,6 +134,7 @@ __device__ __forceinline__ void load_kv_tile(bf16* sK, bf16* sV, const AttnArgs&
     for (int c = threadIdx.x; c < KT * kChunks; c += kThreads) {
       const int r = c / kChunks, d0 = (c % kChunks) * 8;
       const int kp = key0 + r;
+      if (kp == skip) continue;
       size_t off = 0;
       bool valid = kp >= klo && kp <= khi && d0 < D && kp / kBlockTokens < a.kv.max_blocks;
       if (valid) {
@@ -140,6 +151,7 @@ __device__ __forceinline__ void load_kv_tile(bf16* sK, bf16* sV, const AttnArgs&
     for (int c = threadIdx.x; c < KT * kPairs; c += kThreads) {
       const int r = c / kPairs, d0 = (c % kPairs) * 2;
       const int kp = key0 + r;
+      if (kp == skip) continue;
       uint32_t kw = 0, vw = 0;
       if (kp >= klo && kp <= khi && d0 < D && kp / kBlockTokens < a.kv.max_blocks) {
         const int blk = bt_row[kp / kBlockTokens];
@@ -265,6 +277,67 @@ __device__ __forceinline__ void load_q_rows(bf16* sQ, int head_dim, RowSrc row_s
   }
 }
 
+// Fused RoPE. A decode CTA's thread owns one pair slot j = threadIdx.x % (DP / 2) of every row it writes (kThreads
+// is a multiple of DP / 2): slot j < half rotates dims (j, j + half) with the thread's own cos c / sin s; the slots
+// after it zero the padding dims [head_dim, DP) two at a time.
+template <int DP>
+constexpr bool kRopeSlotsFit = kThreads % (DP / 2) == 0;
+
+// The kDecodeRows query rows rotated as rope_bf16 would, zeros for invalid rows (row_src(r) null).
+template <int DP, typename RowSrc>
+__device__ __forceinline__ void load_q_rows_rope(bf16* sQ, int head_dim, float c, float s, RowSrc row_src) {
+  static_assert(kRopeSlotsFit<DP>, "one pair slot per thread");
+  constexpr int S = DP + 8, kSlots = DP / 2;
+  const int half = head_dim / 2, j = threadIdx.x % kSlots;
+  for (int r = threadIdx.x / kSlots; r < kDecodeRows; r += kThreads / kSlots) {
+    bf16* row = sQ + r * S;
+    const bf16* src = row_src(r);
+    if (j < half) {
+      bf16 lo = __float2bfloat16_rn(0.f), hi = lo;
+      if (src != nullptr) rope_rotate(__bfloat162float(src[j]), __bfloat162float(src[j + half]), c, s, lo, hi);
+      row[j] = lo;
+      row[j + half] = hi;
+    } else {
+      row[head_dim + 2 * (j - half)] = row[head_dim + 2 * (j - half) + 1] = __float2bfloat16_rn(0.f);
+    }
+  }
+}
+
+// The new token's key (rotated) and value into the tile rows rk / rv (zeros beyond head_dim; all zeros when its page
+// is not allocated, blk < 0, as the tile loader would give), and into the cache rows ck / cv when given (one CTA per
+// token and KV head writes them). Threads [0, DP / 2) take the key's pair slots (c, s: their own angle), the next
+// DP / 2 threads (the same ones where DP / 2 = kThreads) the value's dims in twos.
+template <int DP>
+__device__ __forceinline__ void put_new_kv_row(const AttnArgs& a, int t, int kv_col, int blk, float c, float s,
+                                               bf16* rk, bf16* rv, bf16* ck, bf16* cv) {
+  constexpr int kSlots = DP / 2;
+  const int D = a.head_dim, half = D / 2, tid = threadIdx.x;
+  const bf16 zero = __float2bfloat16_rn(0.f);
+  const bool ok = blk >= 0;
+  if (tid < kSlots) {
+    const int j = tid;
+    if (j < half) {
+      const bf16* kn = a.k_new + size_t(t) * a.kv.kv_dim + kv_col;
+      bf16 lo = zero, hi = zero;
+      if (ok) rope_rotate(__bfloat162float(kn[j]), __bfloat162float(kn[j + half]), c, s, lo, hi);
+      rk[j] = lo;
+      rk[j + half] = hi;
+      if (ck && ok) ck[j] = lo, ck[j + half] = hi;
+    } else {
+      rk[D + 2 * (j - half)] = rk[D + 2 * (j - half) + 1] = zero;
+    }
+  }
+  const int vj = 2 * kSlots <= kThreads ? tid - kSlots : tid;
+  if (vj >= 0 && vj < kSlots) {
+    const bf16* vn = a.v_new + size_t(t) * a.kv.kv_dim + kv_col;
+    for (int d = 2 * vj; d < 2 * vj + 2; ++d) {
+      const bf16 x = d < D && ok ? vn[d] : zero;
+      rv[d] = x;
+      if (cv && d < D && ok) cv[d] = x;
+    }
+  }
+}
+
 // ---- decode ------------------------------------------------------------------------------------------------
 
 struct DecodePlan {
@@ -323,23 +396,56 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnArgs a)
   const int32_t* bt_row = a.kv.block_table + size_t(sq.kv_slot) * size_t(a.kv.max_blocks);
   const int kv_col = kvh * D;
 
-  load_q_rows<DP, kDecodeRows>(sQ, D, [&](int r) -> const bf16* {
+  auto q_row = [&](int r) -> const bf16* {
     return r < n_rows ? a.q + size_t(t) * q_dim + size_t(head0 + r) * D : nullptr;
-  });
+  };
+  // Fused RoPE: the last split takes the new key's row (p's page, when within the block table) from k_new / v_new
+  // instead of from the cache; its tile loads skip that row and it is written at the tile's issue, so nothing of it
+  // sits on the path between a tile's arrival and its use.
+  const bool rope = a.k_new != nullptr;
+  float rc = 0.f, rs = 0.f;  // this thread's pair slot's cos / sin
+  int new_key = -1;
+  if (rope) {
+    const int j = threadIdx.x % (DP / 2);
+    if (j < D / 2) rope_angle(float(a.positions[t]), a.inv_freq[j], rc, rs);
+    if (split == plan.n_active - 1 && p >= 0 && p / kBlockTokens < a.kv.max_blocks) new_key = p;
+  }
+  const int key_base = plan.first_page * kBlockTokens;
+  auto put_new_row = [&](int tile, int buf) {  // after issuing the loads of tile into buffer buf
+    const int key0 = key_base + tile * kDecodeKeys;
+    if (new_key < key0 || new_key >= key0 + kDecodeKeys) return;
+    const int blk = bt_row[p / kBlockTokens];
+    bf16 *ck = nullptr, *cv = nullptr;
+    if (hb == 0 && blk >= 0) {
+      const size_t row = (size_t(blk) * kBlockTokens + size_t(p % kBlockTokens)) * size_t(a.kv.kv_dim) + kv_col;
+      ck = a.kv.k + row;
+      cv = a.kv.v + row;
+    }
+    const int off = buf * kDecodeKeys * S + (new_key - key0) * S;
+    put_new_kv_row<DP>(a, t, kv_col, blk, rc, rs, sK + off, sV + off, ck, cv);
+  };
 
+  if (!rope) {
+    load_q_rows<DP, kDecodeRows>(sQ, D, q_row);
+  }
   float o[DP / 8][4];
 #pragma unroll
   for (int nd = 0; nd < DP / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-  const int key_base = plan.first_page * kBlockTokens;
-  load_kv_tile<DP, kDecodeKeys>(sK, sV, a, bt_row, kv_col, key_base + tile_begin * kDecodeKeys, lo, hi);
+  load_kv_tile<DP, kDecodeKeys>(sK, sV, a, bt_row, kv_col, key_base + tile_begin * kDecodeKeys, lo, hi, new_key);
   cp_async_commit();
+  if (rope) {
+    load_q_rows_rope<DP>(sQ, D, rc, rs, q_row);
+    put_new_row(tile_begin, 0);
+  }
   for (int it = tile_begin; it < tile_end; ++it) {
     const int buf = (it - tile_begin) & 1;
-    if (it + 1 < tile_end)
+    if (it + 1 < tile_end) {
       load_kv_tile<DP, kDecodeKeys>(sK + (buf ^ 1) * kDecodeKeys * S, sV + (buf ^ 1) * kDecodeKeys * S, a, bt_row,
-                                    kv_col, key_base + (it + 1) * kDecodeKeys, lo, hi);
+                                    kv_col, key_base + (it + 1) * kDecodeKeys, lo, hi, new_key);
+      if (rope) put_new_row(it + 1, buf ^ 1);
+    }
     cp_async_commit();
     cp_async_wait<1>();  // tile it has landed (only the prefetch of it + 1 may be in flight)
     __syncthreads();
@@ -725,11 +831,11 @@ void kv_append_bf16(const __nv_bfloat16* k, const __nv_bfloat16* v, int T, const
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 
-void attention_bf16(const __nv_bfloat16* q, int T, const int32_t* token_seq, const DevSeq* seqs, int n_seqs,
-                    const PagedKvLayer& kv, const AttnShape& shape, int max_ctx, bool decode, __nv_bfloat16* out,
-                    void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  (void)max_ctx;  // lengths are read on the device; the launch never depends on them
-  if (T <= 0 || n_seqs <= 0) return;
+namespace {
+
+// The arguments every attention launch shares, checked.
+AttnArgs attn_args(const __nv_bfloat16* q, int T, const int32_t* token_seq, const DevSeq* seqs, int n_seqs,
+                   const PagedKvLayer& kv, const AttnShape& shape, __nv_bfloat16* out) {
   const int D = shape.head_dim;
   SPEAR_CHECK(D > 0 && D % 2 == 0 && D <= 256, "attention_bf16: head_dim {} must be even and <= 256", D);
   SPEAR_CHECK(shape.n_kv_heads > 0 && shape.n_heads % shape.n_kv_heads == 0,
@@ -754,40 +860,68 @@ void attention_bf16(const __nv_bfloat16* q, int T, const int32_t* token_seq, con
   a.scale_log2 = shape.scale * kLog2e;
   a.vec16 = D % 8 == 0 && aligned(kv.k, 16) && aligned(kv.v, 16);
   a.out = out;
-  const int DP = padded_head_dim(D);
+  return a;
+}
 
+// Every token is handled on its own (its position from seqs), so the decode kernel would also be right for
+// sequences of several tokens without the fused RoPE; it is sized for one per sequence.
+void run_decode(AttnArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  const int T = a.T, D = a.head_dim;
+  SPEAR_CHECK(T <= 65535, "attention_bf16: decode batch of {} tokens (at most 65535)", T);
+  const int head_blocks = (a.group + kDecodeRows - 1) / kDecodeRows;
+  const int ctas_per_split = T * a.n_kv_heads * head_blocks;
+  const int target = kDecodeCtasPerSm * current_sm_count();
+  int splits = std::clamp((target + ctas_per_split - 1) / ctas_per_split, 1, max_decode_splits(a.kv.max_blocks));
+  if (size_t(ctas_per_split) > size_t(kMaxSplitGroups)) splits = 1;  // more groups than counters
+  while (splits > 1 && (workspace == nullptr || decode_workspace_bytes(T, splits, a.n_heads, D) > workspace_bytes))
+    --splits;
+  a.n_splits = splits;
+  if (splits > 1) {
+    const size_t rows = size_t(T) * size_t(splits) * size_t(a.n_heads);
+    char* ws = static_cast<char*>(workspace);
+    a.counters = reinterpret_cast<unsigned*>(ws);
+    a.part_o = reinterpret_cast<float*>(ws + kCounterBytes);
+    a.part_lse = reinterpret_cast<float*>(ws + kCounterBytes + align256(rows * size_t(D) * sizeof(float)));
+  }
+  switch (padded_head_dim(D)) {
+    case 64: launch_decode<64>(a, stream); break;
+    case 128: launch_decode<128>(a, stream); break;
+    default: launch_decode<256>(a, stream); break;
+  }
+}
+
+}  // namespace
+
+void attention_bf16(const __nv_bfloat16* q, int T, const int32_t* token_seq, const DevSeq* seqs, int n_seqs,
+                    const PagedKvLayer& kv, const AttnShape& shape, int max_ctx, bool decode, __nv_bfloat16* out,
+                    void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  (void)max_ctx;  // lengths are read on the device; the launch never depends on them
+  if (T <= 0 || n_seqs <= 0) return;
+  AttnArgs a = attn_args(q, T, token_seq, seqs, n_seqs, kv, shape, out);
   if (decode) {
-    // Every token is handled on its own (its position from seqs), so this path would also be right for
-    // sequences of several tokens; it is sized for one per sequence.
-    SPEAR_CHECK(T <= 65535, "attention_bf16: decode batch of {} tokens (at most 65535)", T);
-    const int head_blocks = (a.group + kDecodeRows - 1) / kDecodeRows;
-    const int ctas_per_split = T * shape.n_kv_heads * head_blocks;
-    const int target = kDecodeCtasPerSm * current_sm_count();
-    int splits = std::clamp((target + ctas_per_split - 1) / ctas_per_split, 1, max_decode_splits(kv.max_blocks));
-    if (size_t(ctas_per_split) > size_t(kMaxSplitGroups)) splits = 1;  // more groups than counters
-    while (splits > 1 && (workspace == nullptr ||
-                          decode_workspace_bytes(T, splits, shape.n_heads, D) > workspace_bytes))
-      --splits;
-    a.n_splits = splits;
-    if (splits > 1) {
-      const size_t rows = size_t(T) * size_t(splits) * size_t(shape.n_heads);
-      char* ws = static_cast<char*>(workspace);
-      a.counters = reinterpret_cast<unsigned*>(ws);
-      a.part_o = reinterpret_cast<float*>(ws + kCounterBytes);
-      a.part_lse = reinterpret_cast<float*>(ws + kCounterBytes + align256(rows * size_t(D) * sizeof(float)));
-    }
-    switch (DP) {
-      case 64: launch_decode<64>(a, stream); break;
-      case 128: launch_decode<128>(a, stream); break;
-      default: launch_decode<256>(a, stream); break;
-    }
+    run_decode(a, workspace, workspace_bytes, stream);
     return;
   }
-  switch (DP) {
+  switch (padded_head_dim(shape.head_dim)) {
     case 64: launch_prefill<64, 64>(a, stream); break;
     case 128: launch_prefill<128, 64>(a, stream); break;
     default: launch_prefill<256, 32>(a, stream); break;
   }
+}
+
+void attention_decode_rope_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k_new, const __nv_bfloat16* v_new,
+                                int T, const int32_t* positions, const float* inv_freq, const int32_t* token_seq,
+                                const DevSeq* seqs, int n_seqs, const PagedKvLayer& kv, const AttnShape& shape,
+                                __nv_bfloat16* out, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (T <= 0 || n_seqs <= 0) return;
+  SPEAR_CHECK(T == n_seqs, "attention_decode_rope_bf16: {} tokens for {} sequences (one each)", T, n_seqs);
+  SPEAR_CHECK(k_new && v_new && positions && inv_freq, "attention_decode_rope_bf16: null k, v, positions or table");
+  AttnArgs a = attn_args(q, T, token_seq, seqs, n_seqs, kv, shape, out);
+  a.k_new = k_new;
+  a.v_new = v_new;
+  a.positions = positions;
+  a.inv_freq = inv_freq;
+  run_decode(a, workspace, workspace_bytes, stream);
 }
 
 void attention_bf16(const __nv_bfloat16* q, int T, const int32_t* token_seq, const DevSeq* seqs, int n_seqs,

@@ -65,4 +65,15 @@ void attention_bf16(const __nv_bfloat16* q, int T, const int32_t* token_seq, con
                     const PagedKvLayer& kv, const AttnShape& shape, int max_ctx, bool decode, __nv_bfloat16* out,
                     void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
+// Decode attention with RoPE and the KV append fused in: one launch in place of rope_kv_append_bf16 and then
+// attention_bf16 (decode), equal to them bit for bit (out, and the cache rows written; rope_rotate.cuh). q [T,
+// n_heads * head_dim] and k_new [T, kv_dim] arrive unrotated and stay so; v_new [T, kv_dim]; positions [T] and
+// inv_freq [head_dim / 2] as for rope_kv_append_bf16. Every sequence has exactly one token (T == n_seqs): the
+// CTAs of its last context split take the new key and value from k_new / v_new, not from the cache, which one of
+// them fills. Workspace as above.
+void attention_decode_rope_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k_new, const __nv_bfloat16* v_new,
+                                int T, const int32_t* positions, const float* inv_freq, const int32_t* token_seq,
+                                const DevSeq* seqs, int n_seqs, const PagedKvLayer& kv, const AttnShape& shape,
+                                __nv_bfloat16* out, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
 }  // namespace spear::cuda

@@ -161,6 +161,9 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   if (const char* e = std::getenv("SPEAR_W4_TUNE")) tune_w4_ = std::string(e) != "0";
   if (const char* e = std::getenv("SPEAR_W4_DEQUANT_MIN_M")) w4_dequant_min_m_ = std::atoi(e);
   if (const char* e = std::getenv("SPEAR_FUSED_MLP")) fused_mlp_on_ = std::string(e) == "1";
+  if (const char* e = std::getenv("SPEAR_ROPE_ATTN")) rope_attn_on_ = std::string(e) != "0";
+  if (const char* e = std::getenv("SPEAR_W4_TUNE_FUSED")) tune_fused_ = std::string(e) != "0";
+  if (const char* e = std::getenv("SPEAR_W4_TUNE_AFTER")) tune_after_ = std::string(e) != "0";
   decode_fusion_mask_ = int(env_int64("SPEAR_DECODE_FUSION", decode_fusion_mask_, 0, 7));
   decode_fusion_max_m_ = int(env_int64("SPEAR_DECODE_FUSION_MAX_M", decode_fusion_max_m_, 1, 8));
   if (const char* e = std::getenv("SPEAR_TP_REDUCE"); e && *e) tp_reduce_ = parse_tp_reduce(e, "SPEAR_TP_REDUCE");
@@ -562,7 +565,7 @@ void CudaBackend::cublas_linear(const void* w, int n, int k, const void* x, int 
 }
 
 void CudaBackend::tune_w4_once(const __nv_bfloat16* x, int m, const W4Device* w, int count,
-                               __nv_bfloat16* const* y, const W4EcDevice* const* ec) {
+                               __nv_bfloat16* const* y, const W4EcDevice* const* ec, const W4Fusion* fusion) {
   if (!tune_w4_ || capturing_ || w4a16_decode_tuned(m, w, count, ec)) return;
   cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
   SPEAR_CUDA_CHECK(cudaStreamIsCapturing(stream_, &cs));
@@ -574,13 +577,21 @@ void CudaBackend::tune_w4_once(const __nv_bfloat16* x, int m, const W4Device* w,
     (void)cudaGetLastError();
     flush = nullptr;
   }
+  const bool after = tune_after_ && last_w4_replay_ && prof_->ops() == last_w4_ops_;
   try {
-    w4a16_tune_decode(x, m, w, count, y, flush, flush_bytes, sm_count_, stream_, 5, ec);
+    w4a16_tune_decode(x, m, w, count, y, flush, flush_bytes, sm_count_, stream_, 5, ec, tune_fused_ ? fusion : nullptr,
+                      after ? &last_w4_replay_ : nullptr);
   } catch (...) {
     if (flush) cudaFree(flush);
     throw;
   }
   if (flush) SPEAR_CUDA_CHECK(cudaFree(flush));
+}
+
+void CudaBackend::note_w4_launch(std::function<void()> replay) {
+  if (!tune_w4_ || capturing_) return;
+  last_w4_replay_ = std::move(replay);
+  last_w4_ops_ = prof_->ops();
 }
 
 void CudaBackend::linear_group(const Tensor& x, std::span<const Linear* const> ls, std::span<Tensor* const> outs) {
@@ -658,6 +669,52 @@ bool CudaBackend::rope_qk(Tensor& q, Tensor& k, const Tensor& v, int n_heads, in
   return true;
 }
 
+// Flash-decoding splits need scratch sized by batch, heads and the cache's pages; grown outside captures (a graph's
+// first run is eager), and graphs recorded with the old buffer are dropped.
+void CudaBackend::ensure_attention_workspace(int T, const AttentionParams& p, const PagedKvLayer& layer) {
+  const size_t need = attention_workspace_bytes(std::max(T, 8), p.n_heads, p.head_dim, layer.max_blocks);
+  if (need <= attn_ws_.bytes()) return;
+  SPEAR_CHECK(!capturing_, "cuda backend: attention workspace grown inside a graph capture");
+  SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  attn_ws_ = DeviceBuffer(need);
+  SPEAR_CUDA_CHECK(cudaMemset(attn_ws_.get(), 0, attention_workspace_zero_bytes()));
+  drop_graphs();
+}
+
+static AttnShape attn_shape_of(const AttentionParams& p) {
+  AttnShape s;
+  s.n_heads = p.n_heads;
+  s.n_kv_heads = p.n_kv_heads;
+  s.head_dim = p.head_dim;
+  s.window = p.window;
+  s.scale = p.scale;
+  return s;
+}
+
+bool CudaBackend::rope_attention(const Tensor& q, const Tensor& k, const Tensor& v, std::span<const int32_t> positions,
+                                 const RopeTable& table, std::span<const SeqSlice> seqs, KvCache& cache,
+                                 const AttentionParams& p, Tensor& out) {
+  auto* kv = dynamic_cast<CudaKvCache*>(&cache);
+  if (!rope_attn_on_ || !kv || kv != batch_cache_ || !batch_ || positions.data() != batch_->positions.data() ||
+      seqs.data() != batch_->seqs.data() || !batch_->decode_only())
+    return false;
+  check_bf16(q, "rope q");
+  check_bf16(k, "rope k");
+  check_bf16(v, "attention v");
+  SPEAR_CHECK(k.cols == int64_t(p.n_kv_heads) * p.head_dim && v.cols == k.cols,
+              "rope_attention: k / v have {} / {} columns, {} KV heads of {} need {}", k.cols, v.cols, p.n_kv_heads,
+              p.head_dim, int64_t(p.n_kv_heads) * p.head_dim);
+  const PagedKvLayer layer = kv->layer(p.layer);
+  const int T = int(q.rows);
+  ensure_attention_workspace(T, p, layer);
+  auto prof = prof_->scope("attention.decode_rope");
+  attention_decode_rope_bf16(bf(q), bf(k), bf(v), T, device_ints(positions), rope_inv_freq(table), d_token_seq_,
+                             d_seqs_, int(seqs.size()), layer, attn_shape_of(p), bf(out), attn_ws_.get(),
+                             attn_ws_.bytes(), stream_);
+  ++rope_attn_launches_;
+  return true;
+}
+
 void CudaBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, std::span<const SeqSlice> seqs,
                             KvCache& cache, const AttentionParams& p, Tensor& out) {
   auto* kv = dynamic_cast<CudaKvCache*>(&cache);
@@ -669,28 +726,11 @@ void CudaBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, s
     auto prof = prof_->scope("kv_append");
     kv_append_bf16(bf(k), bf(v), T, d_token_seq_, d_seqs_, layer, stream_);
   }
-  AttnShape s;
-  s.n_heads = p.n_heads;
-  s.n_kv_heads = p.n_kv_heads;
-  s.head_dim = p.head_dim;
-  s.window = p.window;
-  s.scale = p.scale;
   const bool decode = batch_->decode_only();
-  if (decode) {
-    // Flash-decoding splits need scratch sized by batch, heads and the cache's pages; grown outside captures
-    // (a graph's first run is eager), and graphs recorded with the old buffer are dropped.
-    const size_t need = attention_workspace_bytes(std::max(T, 8), p.n_heads, p.head_dim, layer.max_blocks);
-    if (need > attn_ws_.bytes()) {
-      SPEAR_CHECK(!capturing_, "cuda backend: attention workspace grown inside a graph capture");
-      SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      attn_ws_ = DeviceBuffer(need);
-      SPEAR_CUDA_CHECK(cudaMemset(attn_ws_.get(), 0, attention_workspace_zero_bytes()));
-      drop_graphs();
-    }
-  }
+  if (decode) ensure_attention_workspace(T, p, layer);
   auto prof = prof_->scope(decode ? "attention.decode" : "attention.prefill");
-  attention_bf16(bf(q), T, d_token_seq_, d_seqs_, int(seqs.size()), layer, s, max_ctx_, decode, bf(out),
-                 decode ? attn_ws_.get() : nullptr, decode ? attn_ws_.bytes() : 0, stream_);
+  attention_bf16(bf(q), T, d_token_seq_, d_seqs_, int(seqs.size()), layer, attn_shape_of(p), max_ctx_, decode,
+                 bf(out), decode ? attn_ws_.get() : nullptr, decode ? attn_ws_.bytes() : 0, stream_);
 }
 
 bool CudaBackend::fused_mlp(Tensor& x, const Tensor& add, const Tensor& norm_w, float eps, const Linear& gate,

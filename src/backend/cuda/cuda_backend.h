@@ -146,6 +146,13 @@ class CudaBackend : public Backend {
   void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) override;
   void add(Tensor& x, const Tensor& y) override;
   void add_rms_norm(Tensor& x, const Tensor& y, const Tensor& w, float eps, Tensor& out) override;
+  // Decode batches (one token per sequence, this batch's arrays): attention_decode_rope_bf16, one launch for RoPE, the
+  // KV append and attention (SPEAR_ROPE_ATTN=0 turns it off: rope_qk's kernel, then attention's).
+  bool rope_attention(const Tensor& q, const Tensor& k, const Tensor& v, std::span<const int32_t> positions,
+                      const RopeTable& table, std::span<const SeqSlice> seqs, KvCache& cache, const AttentionParams& p,
+                      Tensor& out) override;
+  void set_rope_attention(bool on) { rope_attn_on_ = on; }  // tests, A/B runs
+  size_t rope_attention_launches() const { return rope_attn_launches_; }  // enqueued so far (tests)
   bool rope_qk(Tensor& q, Tensor& k, const Tensor& v, int n_heads, int n_kv_heads, int head_dim,
                std::span<const int32_t> positions, const RopeTable& table, KvCache& cache, int layer) override;
   void argmax_rows(const Tensor& x, Tensor& ids) override;
@@ -206,10 +213,16 @@ class CudaBackend : public Backend {
   const int32_t* device_ints(std::span<const int32_t> v);
   void grow_w4_workspace(int n, int k);
   // Tunes the W4 decode kernel's plan for this launch shape the first time it is seen (w4a16_tune_decode):
-  // eager runs only, since tuning synchronizes; the first run of every graph key is eager (run_graph).
+  // eager runs only, since tuning synchronizes; the first run of every graph key is eager (run_graph). fusion: the
+  // tails a fused launch will run, timed with every plan (SPEAR_W4_TUNE_FUSED=0: plain timing, for A/B runs). A
+  // launch that directly follows another W4 launch (no op in between: the fused gate/up's SwiGLU launch and the down
+  // projection at one token) is timed behind a replay of it (SPEAR_W4_TUNE_AFTER=0: alone).
   void tune_w4_once(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y,
-                    const W4EcDevice* const* ec = nullptr);
+                    const W4EcDevice* const* ec = nullptr, const W4Fusion* fusion = nullptr);
+  // After enqueuing a W4 launch that may be enqueued again unchanged (no residual add): how, for tune_w4_once.
+  void note_w4_launch(std::function<void()> replay);
   void drop_graphs();
+  void ensure_attention_workspace(int T, const AttentionParams& p, const PagedKvLayer& layer);
   // Captures what body enqueues on stream_ (capturing_ set meanwhile) and instantiates it.
   cudaGraphExec_t capture_graph(const std::function<void()>& body);
   const float* rope_inv_freq(const RopeTable& table);  // the table's device copy (uploaded at first use)
@@ -276,6 +289,12 @@ class CudaBackend : public Backend {
   // The fused decode MLP block (mlp_fused.h): off unless SPEAR_FUSED_MLP=1 (measured slower than the op-by-op
   // path on the H200 so far: bench/results/cuda-h200-fusedmlp); its arrival counters (zeroed once).
   bool fused_mlp_on_ = false;
+  bool rope_attn_on_ = true;
+  bool tune_fused_ = true;
+  bool tune_after_ = true;
+  std::function<void()> last_w4_replay_;  // the last W4 launch noted, and the op count right after it
+  uint64_t last_w4_ops_ = ~uint64_t(0);
+  size_t rope_attn_launches_ = 0;
   DeviceBuffer mlp_counters_;
   int decode_fusion_mask_ = 2, decode_fusion_max_m_ = 1;
   DeviceBuffer fusion_counters_;  // the fused launches' arrival counters (w4a16_fusion_counter_bytes, zeroed once)

@@ -6,6 +6,8 @@
 // compensator dispatched to the fused path keep their fusions: the EC's terms and the tails share the launch.
 #include <cuda_bf16.h>
 
+#include <algorithm>
+#include <array>
 #include <string>
 
 #include "backend/cuda/cuda_backend.h"
@@ -90,8 +92,9 @@ bool CudaBackend::linear_fused(const Tensor& in, std::span<const Linear* const> 
   wf.counters = fusion_counters_.get() ? fusion_counters_.as<unsigned>() : nullptr;
   const W4EcDevice* const* ecs = any_ec ? ec : nullptr;
   if (!w4a16_fusable(m, w, count, wf, y, ecs)) return false;
-  // The plan is the plain (or compensated) launch's: tuned at its first eager use, the results into scratch where y
-  // holds the residual stream (the tuner writes them).
+  // The plan is the plain (or compensated) launch's, so that both sum in the same order: tuned at the shape's first
+  // eager use. Here that is with the tails timed too, unless the launch adds into the residual stream (repeated
+  // calls would add again): then plain, the results into scratch.
   if (tune_w4_ && !capturing_ && !w4a16_decode_tuned(m, w, count, ecs)) {
     Tensor scratch[kW4MaxGrouped];
     __nv_bfloat16* ty[kW4MaxGrouped];
@@ -99,10 +102,24 @@ bool CudaBackend::linear_fused(const Tensor& in, std::span<const Linear* const> 
       if (f.residual) scratch[i] = alloc(m, outs[size_t(i)]->cols);
       ty[i] = f.residual ? bf(scratch[i]) : y[i];
     }
-    tune_w4_once(bf(in), m, w, count, ty, ecs);
+    tune_w4_once(bf(in), m, w, count, ty, ecs, f.residual ? nullptr : &wf);
   }
   auto prof = prof_->scope(any_ec ? fusion_scope_ec(f) : fusion_scope(f));
   if (!w4a16_gemm_fused(bf(in), m, w, count, wf, bias, y, sm_count_, stream_, ecs)) return false;
+  if (!f.residual) {  // the launch that follows may be tuned behind a replay of this one
+    std::array<W4Device, kW4MaxGrouped> rw;
+    std::array<const __nv_bfloat16*, kW4MaxGrouped> rb;
+    std::array<__nv_bfloat16*, kW4MaxGrouped> ry;
+    std::array<const W4EcDevice*, kW4MaxGrouped> re;
+    std::copy(w, w + count, rw.begin());
+    std::copy(bias, bias + count, rb.begin());
+    std::copy(y, y + count, ry.begin());
+    std::copy(ec, ec + count, re.begin());
+    const __nv_bfloat16* rx = bf(in);
+    note_w4_launch([=, this] {
+      w4a16_gemm_fused(rx, m, rw.data(), count, wf, rb.data(), ry.data(), sm_count_, stream_, any_ec ? re.data() : nullptr);
+    });
+  }
   ++fused_linear_launches_;
   if (any_ec) ++fused_ec_linear_launches_;
   return true;

@@ -7,6 +7,7 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/elementwise.h"
 #include "backend/cuda/pdl.cuh"
+#include "backend/cuda/rope_rotate.cuh"
 #include "backend/cuda/w4a16_fusion.cuh"  // swiglu_f, shared with the W4 decode kernels' fused x staging
 
 namespace spear::cuda {
@@ -114,11 +115,7 @@ __global__ void rope_kernel(bf16* x, int n_heads, int head_dim, const int32_t* _
   float* cs = cs_sn;
   float* sn = cs_sn + half;
   const int64_t t = blockIdx.x;
-  const float pos = float(positions[t]);
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    const float ang = pos * inv_freq[i];  // the fp32 product, as HF
-    sincosf(ang, &sn[i], &cs[i]);
-  }
+  rope_angles(float(positions[t]), inv_freq, half, cs, sn, threadIdx.x, blockDim.x);
   __syncthreads();
   bf16* xt = x + t * int64_t(n_heads) * head_dim;
   if constexpr (kPairs2) {
@@ -127,18 +124,13 @@ __global__ void rope_kernel(bf16* x, int n_heads, int head_dim, const int32_t* _
       const int h = e / per_head, i = (e - h * per_head) * 2;
       bf162* p1 = reinterpret_cast<bf162*>(xt + int64_t(h) * head_dim + i);
       bf162* p2 = reinterpret_cast<bf162*>(xt + int64_t(h) * head_dim + i + half);
-      const float2 a = __bfloat1622float2(*p1), b = __bfloat1622float2(*p2);
-      const float c0 = cs[i], c1 = cs[i + 1], s0 = sn[i], s1 = sn[i + 1];
-      *p1 = __floats2bfloat162_rn(a.x * c0 - b.x * s0, a.y * c1 - b.y * s1);
-      *p2 = __floats2bfloat162_rn(b.x * c0 + a.x * s0, b.y * c1 + a.y * s1);
+      rope_rotate2(*p1, *p2, cs[i], cs[i + 1], sn[i], sn[i + 1], *p1, *p2);
     }
   } else {
     for (int e = threadIdx.x; e < n_heads * half; e += blockDim.x) {
       const int h = e / half, i = e - h * half;
       bf16* v = xt + int64_t(h) * head_dim;
-      const float a = __bfloat162float(v[i]), b = __bfloat162float(v[i + half]);
-      v[i] = __float2bfloat16_rn(a * cs[i] - b * sn[i]);
-      v[i + half] = __float2bfloat16_rn(b * cs[i] + a * sn[i]);
+      rope_rotate(__bfloat162float(v[i]), __bfloat162float(v[i + half]), cs[i], sn[i], v[i], v[i + half]);
     }
   }
 }

@@ -3,6 +3,7 @@
 // is bracketed by a pair of CUDA events, graphs are not used (each op is timed eagerly), and a table of calls,
 // total and mean time per op is printed to stderr when the backend is destroyed. Off: one branch per op.
 #include <chrono>
+#include <cstdint>
 #include <map>
 #include <string>
 #include <vector>
@@ -28,7 +29,12 @@ class OpProfiler {
     OpProfiler* p_;
     size_t index_ = 0;
   };
-  Scope scope(const char* name) { return Scope(enabled_ ? this : nullptr, name); }
+  Scope scope(const char* name) {
+    ++ops_;
+    return Scope(enabled_ ? this : nullptr, name);
+  }
+  // Ops begun so far (every backend op takes a scope, profiling or not): tells whether two launches were adjacent.
+  uint64_t ops() const { return ops_; }
   // Host-side time (e.g. waiting in a download), measured with the steady clock.
   void add_host(const char* name, double ms);
   std::string report();
@@ -40,6 +46,7 @@ class OpProfiler {
   };
   void flush();
   bool enabled_ = false;
+  uint64_t ops_ = 0;
   cudaStream_t stream_;
   std::vector<Pending> pending_;
   std::vector<cudaEvent_t> free_events_;

@@ -6,6 +6,7 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/pdl.cuh"
+#include "backend/cuda/rope_rotate.cuh"
 
 namespace spear::cuda {
 
@@ -22,10 +23,8 @@ __device__ __forceinline__ void rotate(bf16* v, int i, int half, const float* cs
   if constexpr (kPairs2) {
     bf162* p1 = reinterpret_cast<bf162*>(v + i);
     bf162* p2 = reinterpret_cast<bf162*>(v + i + half);
-    const float2 a = __bfloat1622float2(*p1), b = __bfloat1622float2(*p2);
-    const float c0 = cs[i], c1 = cs[i + 1], s0 = sn[i], s1 = sn[i + 1];
-    const bf162 lo = __floats2bfloat162_rn(a.x * c0 - b.x * s0, a.y * c1 - b.y * s1);
-    const bf162 hi = __floats2bfloat162_rn(b.x * c0 + a.x * s0, b.y * c1 + a.y * s1);
+    bf162 lo, hi;
+    rope_rotate2(*p1, *p2, cs[i], cs[i + 1], sn[i], sn[i + 1], lo, hi);
     *p1 = lo;
     *p2 = hi;
     if (dst) {
@@ -33,8 +32,8 @@ __device__ __forceinline__ void rotate(bf16* v, int i, int half, const float* cs
       *reinterpret_cast<bf162*>(dst + i + half) = hi;
     }
   } else {
-    const float a = __bfloat162float(v[i]), b = __bfloat162float(v[i + half]);
-    const bf16 lo = __float2bfloat16_rn(a * cs[i] - b * sn[i]), hi = __float2bfloat16_rn(b * cs[i] + a * sn[i]);
+    bf16 lo, hi;
+    rope_rotate(__bfloat162float(v[i]), __bfloat162float(v[i + half]), cs[i], sn[i], lo, hi);
     v[i] = lo;
     v[i + half] = hi;
     if (dst) {
@@ -55,8 +54,7 @@ __global__ void rope_kv_append_kernel(bf16* q, bf16* k, const bf16* __restrict__
   float* cs = cs_sn;
   float* sn = cs_sn + half;
   const int t = blockIdx.x;
-  const float angle_pos = float(positions[t]);
-  for (int i = threadIdx.x; i < half; i += blockDim.x) sincosf(angle_pos * inv_freq[i], &sn[i], &cs[i]);
+  rope_angles(float(positions[t]), inv_freq, half, cs, sn, threadIdx.x, blockDim.x);
 
   // The cache row of this token (as kv_append_bf16); null when outside the slot's pages.
   const DevSeq sq = seqs[token_seq[t]];

@@ -2,6 +2,7 @@
 // first use of a launch shape, the winner kept for the process) and the entry points that pick a plan and launch
 // the register-ring kernel (w4a16_decode.cu) or the bulk-copy kernel (w4a16_decode_bulk.cu).
 #include <algorithm>
+#include <functional>
 #include <array>
 #include <cstdint>
 #include <cstdio>
@@ -143,22 +144,35 @@ namespace {
 // device, T, grouped · 65536 + count, k_pad, n_pad of each, fused ECs (rank of each, in 8 bits; gate width)
 using TuneKey = std::array<int, 6 + kDecMaxMats>;
 std::mutex g_tune_mu;
-// The bulk-copy kernel stages all of x per CTA, so its time grows with m much faster than the register ring's:
-// it runs only at the m it won at; other m of the same token tiles take the best register-ring plan.
+// The plan `best` runs only at the m it won at: the bulk-copy kernel stages all of x per CTA, so its time grows with
+// m much faster than the register ring's, and a plan timed behind its predecessor (tune_decode's before) won in that
+// place of the step, which other m of the same token tiles need not share (at one token the down projection follows
+// the fused gate/up launch; at eight the SwiGLU kernel). Other m take `ring`, the fastest register-ring plan alone.
 struct TunedPlan {
-  std::pair<int, int> best, ring;  // (R, S) of the fastest plan, and of the fastest register-ring plan
+  std::pair<int, int> best, ring;  // (R, S) of the fastest plan, and of the fastest register-ring plan timed alone
   int best_gate = 0, ring_gate = 0;  // their DecodePlan::ec_w4_gate (fused ECs)
   int m = 0;                         // tokens of the timed launch
 };
 std::map<TuneKey, TunedPlan> g_tuned;
 
-TuneKey tune_key(int T, const W4Device* w, int count, const EcPlanInfo* ec = nullptr) {
+// Launches of up to 8 tokens are tuned at each m: they share one token tile, but the fastest plan of a decode step
+// is not the same at one token and at eight (Llama-3.1-8B shape: the plans tuned at one token ran the batch-8 step
+// 10% slower than those that win there). Beyond 8, per token tile. SPEAR_W4_TUNE_EXACT_M=0: per token tile always.
+int tune_class(int m) {
+  static const bool exact = [] {
+    const char* e = std::getenv("SPEAR_W4_TUNE_EXACT_M");
+    return !(e && std::string(e) == "0");
+  }();
+  return exact && m <= 8 ? m : token_tiles(m);
+}
+
+TuneKey tune_key(int m, const W4Device* w, int count, const EcPlanInfo* ec = nullptr) {
   TuneKey key{};
   if (ec)
     for (int i = 0; i < kDecMaxMats; ++i) key[4 + kDecMaxMats] |= (ec->base_slices[i] ? 1 : 0) << i;
   if (ec) key[5 + kDecMaxMats] = ec->rmax * 4096 + ec->gmax;
   key[0] = device_facts().device;
-  key[1] = T;
+  key[1] = tune_class(m);
   key[2] = (w[0].groups > 1 ? w[0].group_size : 0) * 65536 + count;
   key[3] = w[0].k_pad;
   for (int i = 0; i < count; ++i) key[4 + i] = w[i].n_pad;
@@ -174,10 +188,10 @@ DecodePlan choose_plan(int m, const W4Device* w, int count, int sm_count, const 
   int gate = ec_w4_gate_default(w, count);
   if (!fr && !fs) {
     std::lock_guard<std::mutex> lock(g_tune_mu);
-    const auto it = g_tuned.find(tune_key(T, w, count, ec));
+    const auto it = g_tuned.find(tune_key(m, w, count, ec));
     if (it != g_tuned.end()) {
       const TunedPlan& t = it->second;
-      const bool ring = t.best.first == kBulkPlan && m != t.m;
+      const bool ring = m != t.m;
       std::tie(fr, fs) = ring ? t.ring : t.best;
       gate = ring ? t.ring_gate : t.best_gate;
     }
@@ -322,7 +336,8 @@ bool launch_decode_fused(const __nv_bfloat16* x, int m, const W4Device* w, int c
 }
 
 bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y, void* flush,
-                 size_t flush_bytes, int sm_count, cudaStream_t stream, int reps, const W4EcDevice* const* ec) {
+                 size_t flush_bytes, int sm_count, cudaStream_t stream, int reps, const W4EcDevice* const* ec,
+                 const W4Fusion* fusion, const std::function<void()>* before) {
   if (!decode_takes(m, w, count)) return false;
   if (ec && !ec_fusable(m, w, count, ec)) return false;
   const EcPlanInfo info = ec_plan_info(w[0].k, count, ec);
@@ -333,13 +348,16 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
   cudaEvent_t ev[2];
   SPEAR_CUDA_CHECK(cudaEventCreate(&ev[0]));
   SPEAR_CUDA_CHECK(cudaEventCreate(&ev[1]));
-  // Median µs of reps calls of launch after one warm-up call (the first use of an instance), L2 flushed before each.
-  auto median_us = [&](auto&& launch) {
+  // Median µs of reps calls of launch after one warm-up call (the first use of an instance), L2 flushed before each;
+  // with before, of the predecessor's replay and the call behind it.
+  auto median_us = [&](auto&& launch, bool behind = false) {
+    if (behind) (*before)();
     launch();
     std::vector<float> ts;
     for (int r = 0; r < reps; ++r) {
       if (flush) SPEAR_CUDA_CHECK(cudaMemsetAsync(flush, r & 0xff, flush_bytes, stream));
       SPEAR_CUDA_CHECK(cudaEventRecord(ev[0], stream));
+      if (behind) (*before)();
       launch();
       SPEAR_CUDA_CHECK(cudaEventRecord(ev[1], stream));
       SPEAR_CUDA_CHECK(cudaEventSynchronize(ev[1]));
@@ -363,14 +381,30 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
     for (int i = 0; i < count; ++i)
       d += (i ? "+" : " ") + std::to_string(w[i].n) + "x" + std::to_string(w[i].k) +
            (ei && ei->base_slices[i] ? "/ec" : "");
-    return d;
+    return fusion ? d + (fusion->swiglu_out ? " +swiglu" : " +norm") : d;
+  };
+  // Every plan alone; with a predecessor also behind it (the plan for this m: `best`), the alone times picking the
+  // ring plan for other m.
+  double ctx_best_us = 1e300;
+  std::pair<int, int> ctx_best{0, 0};
+  int ctx_gate = 0;
+  auto time_behind = [&](auto&& launch, std::pair<int, int> plan, int gate, const char* what) {
+    if (!before) return;
+    const double us = median_us(launch, true);
+    if (us < ctx_best_us) ctx_best_us = us, ctx_best = plan, ctx_gate = gate;
+    if (log) std::fprintf(stderr, "%s %s gate %d, after its predecessor: %.2f us\n", log_shape().c_str(), what, gate, us);
   };
   // With fused ECs every plan is timed with the slice sum and the gate in the W4 CTAs and in the last EC CTA (the
   // options can force one); which wins depends on the launch's size.
   std::vector<int> gates = {0};
   if (ei) gates = o.ec_gate ? std::vector<int>{o.ec_gate == 1 ? 1 : 0} : std::vector<int>{1, 0};
+  // SPEAR_W4_TUNE_MAX_CLUSTER: the largest cluster (split along k) the tuner tries (A/B runs).
+  static const int max_cluster = [] {
+    const char* e = std::getenv("SPEAR_W4_TUNE_MAX_CLUSTER");
+    return e && *e ? std::clamp(std::atoi(e), 1, kDecMaxCluster) : kDecMaxCluster;
+  }();
   for (int R : {1, 2, 4, 8})
-    for (int S = 1; S <= (dev.major >= 9 ? kDecMaxCluster : 1); ++S) {
+    for (int S = 1; S <= (dev.major >= 9 ? max_cluster : 1); ++S) {
       DecodePlan plan = plan_decode(T, m, w, count, sm_count, R, S, ei);
       if (plan.R != R || plan.S != S) continue;
       const int kblocks = w[0].k_pad / kKBlock, KS = kWarps / R;
@@ -378,8 +412,9 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
       for (int gate : gates) {
         plan.ec_w4_gate = gate;
         double us = 0.0;
+        auto run = [&] { launch_plan(plan, x, m, w, count, nullptr, y, o, stream, ec, ei, nullptr, fusion); };
         try {
-          us = median_us([&] { launch_plan(plan, x, m, w, count, nullptr, y, o, stream, ec, ei); });
+          us = median_us(run);
         } catch (const Error&) {  // a plan the device cannot launch after all (cluster resources): skip it
           (void)cudaGetLastError();
           SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -387,26 +422,30 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
         }
         if (us < best_us) best_us = us, best = {R, S}, best_gate = gate;
         if (log) std::fprintf(stderr, "%s R%dS%d gate %d: %.2f us\n", log_shape().c_str(), R, S, gate, us);
+        const std::string name = "R" + std::to_string(R) + "S" + std::to_string(S);
+        time_behind(run, std::pair<int, int>{R, S}, gate, name.c_str());
       }
     }
   bool bulk_wins = false;
   int bulk_gate = 0;
   if (o.bulk && (ei ? bulk_ec_takes(m, w, count, *ei, sm_count) : bulk_takes(m, w, count)))
     for (int gate : gates) {
-      const double us =
-          median_us([&] { launch_bulk(x, m, w, count, nullptr, y, o, stream, nullptr, ec, ei, gate); });
+      auto run = [&] { launch_bulk(x, m, w, count, nullptr, y, o, stream, fusion, ec, ei, gate); };
+      const double us = median_us(run);
       if (us < best_us) best_us = us, bulk_wins = true, bulk_gate = gate;
       if (log) std::fprintf(stderr, "%s bulk gate %d: %.2f us\n", log_shape().c_str(), gate, us);
+      time_behind(run, std::pair<int, int>{kBulkPlan, 1}, gate, "bulk");
     }
   cudaEventDestroy(ev[0]);
   cudaEventDestroy(ev[1]);
   if (best.first == 0) return false;
   std::lock_guard<std::mutex> lock(g_tune_mu);
-  TunedPlan& t = g_tuned[tune_key(T, w, count, ei)];
+  TunedPlan& t = g_tuned[tune_key(m, w, count, ei)];
   t.ring = best;
   t.ring_gate = best_gate;
   t.best = bulk_wins ? std::pair<int, int>{kBulkPlan, 1} : best;
   t.best_gate = bulk_wins ? bulk_gate : best_gate;
+  if (ctx_best.first != 0) t.best = ctx_best, t.best_gate = ctx_gate;
   t.m = m;
   return true;
 }
@@ -421,7 +460,7 @@ bool decode_tuned(int m, const W4Device* w, int count, const W4EcDevice* const* 
   if (!decode_takes(m, w, count) || (ec && !ec_fusable(m, w, count, ec))) return true;  // nothing to tune
   const EcPlanInfo info = ec_plan_info(w[0].k, count, ec);
   std::lock_guard<std::mutex> lock(g_tune_mu);
-  return g_tuned.count(tune_key(token_tiles(m), w, count, info.n ? &info : nullptr)) > 0;
+  return g_tuned.count(tune_key(m, w, count, info.n ? &info : nullptr)) > 0;
 }
 
 void clear_tuning() {

@@ -730,7 +730,7 @@ bool w4a16_gemm_fused(const __nv_bfloat16* x, int m, const W4Device* w, int coun
 
 bool w4a16_tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y,
                        void* flush, size_t flush_bytes, int sm_count, cudaStream_t stream, int reps,
-                       const W4EcDevice* const* ec) {
+                       const W4EcDevice* const* ec, const W4Fusion* fusion, const std::function<void()>* before) {
   SPEAR_CHECK(count >= 1 && count <= kW4MaxGrouped, "w4a16_tune_decode: count {} (1..{})", count, kW4MaxGrouped);
   SPEAR_CHECK(w && y && x, "w4a16_tune_decode: null x, matrix or output array");
   SPEAR_CHECK(reps >= 1, "w4a16_tune_decode: reps must be >= 1");
@@ -739,7 +739,9 @@ bool w4a16_tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int cou
     SPEAR_CHECK(y[i], "w4a16_tune_decode: null y[{}]", i);
   }
   if (m <= 0) return false;
-  return tune_decode(x, m, w, count, y, flush, flush ? flush_bytes : 0, sm_count, stream, reps, ec);
+  if (fusion && (fusion->residual || !w4a16_fusable(m, w, count, *fusion, y, ec))) fusion = nullptr;
+  return tune_decode(x, m, w, count, y, flush, flush ? flush_bytes : 0, sm_count, stream, reps, ec, fusion,
+                     before && *before ? before : nullptr);
 }
 
 bool w4a16_decode_tuned(int m, const W4Device* w, int count, const W4EcDevice* const* ec) {

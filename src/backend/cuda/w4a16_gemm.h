@@ -14,6 +14,7 @@
 // Raw pointers and a stream, nothing of the engine (backend/cuda/cuda_backend.* owns memory).
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <utility>
 #include <vector>
 
@@ -188,10 +189,20 @@ bool w4a16_gemm_fused(const __nv_bfloat16* x, int m, const W4Device* w, int coun
 // does not fit in L2; null: no flush). Synchronizes the stream: never during graph capture. y receives
 // scratch results. Returns false when the decode kernel does not take this launch (m > 32, mixed per-channel
 // and grouped matrices); forced plans (W4GemmOptions) still win over tuned ones. With ec (fused compensators,
-// as for w4a16_gemm_ec) the plans of that fused launch are tuned, separately from the launch without them.
+// as for w4a16_gemm_ec) the plans of that fused launch are tuned, separately from the launch without them. With
+// fusion (a w4a16_gemm_fused launch without a residual add, which repeated calls would apply again) every plan is
+// timed with those tails, as it will run: a tail's cost depends on the plan (the SwiGLU pair tail waits for the
+// partner tile's CTA), so the plain launch's fastest plan is not always the fused launch's. The plan is kept under
+// the same key either way, so a fused launch and the plain one always sum in the same order. With before (it
+// enqueues the W4 launch that precedes this one in the decode step, with nothing in between) every plan is also
+// timed behind a replay of it (the pair is timed), and the fastest that way runs at this m: programmatic dependent
+// launch starts this launch's CTAs during the predecessor's tail, so a plan's cost there depends on how its CTAs fit
+// beside the predecessor's (a cluster of 7 CTAs waits longer for room than single CTAs), which a launch timed alone
+// does not show. Other m of the same token tiles run the fastest register-ring plan timed alone.
 bool w4a16_tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y,
                        void* flush, size_t flush_bytes, int sm_count, cudaStream_t stream, int reps = 5,
-                       const W4EcDevice* const* ec = nullptr);
+                       const W4EcDevice* const* ec = nullptr, const W4Fusion* fusion = nullptr,
+                       const std::function<void()>* before = nullptr);
 // True when this launch has a tuned plan or the decode kernel does not take it (nothing to tune).
 bool w4a16_decode_tuned(int m, const W4Device* w, int count, const W4EcDevice* const* ec = nullptr);
 void w4a16_clear_tuning();  // forget every tuned plan (tests, benchmarks)

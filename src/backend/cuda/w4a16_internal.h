@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <utility>
 
 #include <cuda_bf16.h>
@@ -62,7 +63,8 @@ bool launch_decode_fused(const __nv_bfloat16* x, int m, const W4Device* w, int c
 
 // Decode-plan tuning (w4a16_decode.cu; the public entry points in w4a16_gemm.cu check the arguments first).
 bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y, void* flush,
-                 size_t flush_bytes, int sm_count, cudaStream_t stream, int reps, const W4EcDevice* const* ec);
+                 size_t flush_bytes, int sm_count, cudaStream_t stream, int reps, const W4EcDevice* const* ec,
+                 const W4Fusion* fusion = nullptr, const std::function<void()>* before = nullptr);
 bool decode_tuned(int m, const W4Device* w, int count, const W4EcDevice* const* ec);
 std::pair<int, int> decode_plan(int m, const W4Device* w, int count, int sm_count);
 void clear_tuning();
