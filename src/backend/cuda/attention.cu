@@ -27,549 +27,58 @@
 #include <cstdint>
 
 #include "backend/cuda/attention.h"
+#include "backend/cuda/attention_tiles.cuh"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/pdl.cuh"
-#include "backend/cuda/rope_rotate.cuh"
 
 namespace spear::cuda {
 
+namespace attn_detail {
+
+int current_sm_count() {
+  static std::atomic<int> counts[64] = {};
+  int dev = 0;
+  SPEAR_CUDA_CHECK(cudaGetDevice(&dev));
+  std::atomic<int>& slot = counts[dev & 63];
+  int n = slot.load(std::memory_order_relaxed);
+  if (n == 0) {
+    SPEAR_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    slot.store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// The arguments every attention launch shares, checked.
+AttnArgs attn_args(const __nv_bfloat16* q, int T, const int32_t* token_seq, const DevSeq* seqs, int n_seqs,
+                   const PagedKvLayer& kv, const AttnShape& shape, __nv_bfloat16* out) {
+  const int D = shape.head_dim;
+  SPEAR_CHECK(D > 0 && D % 2 == 0 && D <= 256, "attention_bf16: head_dim {} must be even and <= 256", D);
+  SPEAR_CHECK(shape.n_kv_heads > 0 && shape.n_heads % shape.n_kv_heads == 0,
+              "attention_bf16: {} query heads are not a multiple of {} KV heads", shape.n_heads, shape.n_kv_heads);
+  SPEAR_CHECK(kv.kv_dim == shape.n_kv_heads * D, "attention_bf16: KV layer has kv_dim {}, the shape needs {}",
+              kv.kv_dim, shape.n_kv_heads * D);
+  SPEAR_CHECK(kv.max_blocks > 0 && kv.block_table != nullptr, "attention_bf16: KV layer without a block table");
+  SPEAR_CHECK(aligned(q, 4) && aligned(out, 4) && aligned(kv.k, 4) && aligned(kv.v, 4),
+              "attention_bf16: q, out and the K/V pools must be 4-byte aligned (bf16 pairs)");
+  AttnArgs a{};
+  a.q = q;
+  a.token_seq = token_seq;
+  a.seqs = seqs;
+  a.n_seqs = n_seqs;
+  a.T = T;
+  a.kv = kv;
+  a.n_heads = shape.n_heads;
+  a.n_kv_heads = shape.n_kv_heads;
+  a.head_dim = D;
+  a.group = shape.n_heads / shape.n_kv_heads;
+  a.window = shape.window;
+  a.scale_log2 = shape.scale * kLog2e;
+  a.vec16 = D % 8 == 0 && aligned(kv.k, 16) && aligned(kv.v, 16);
+  a.out = out;
+  return a;
+}
+
 namespace {
-
-using bf16 = __nv_bfloat16;
-
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kQRows = 64;            // prefill: query rows per CTA (16 per warp)
-constexpr int kDecodeKeys = 64;       // decode: keys per tile (16 per warp)
-constexpr int kDecodeRows = 16;       // decode: query heads per CTA (one mma M)
-constexpr int kPagesPerDecodeTile = kDecodeKeys / kBlockTokens;
-constexpr int kMinTilesPerSplit = 2;  // a decode split covers at least 128 keys
-constexpr int kMaxSplits = 64;
-constexpr int kDecodeCtasPerSm = 3;   // target CTAs of a decode launch: fills the GPU about once
-// Arrival counters of the split merge, one per (token, KV head, head block), at the start of the workspace
-// (zeroed once by its owner, left at zero by every launch); a decode batch with more groups runs unsplit.
-constexpr int kMaxSplitGroups = 16384;
-constexpr size_t kCounterBytes = size_t(kMaxSplitGroups) * sizeof(unsigned);
-constexpr float kLog2e = 1.4426950408889634f;
-
-struct AttnArgs {
-  const bf16* q;               // [T, n_heads * head_dim]
-  const int32_t* token_seq;    // [T]
-  const DevSeq* seqs;          // [n_seqs]
-  int n_seqs, T;
-  PagedKvLayer kv;
-  int n_heads, n_kv_heads, head_dim, group, window;
-  float scale_log2;            // scale * log2(e): the softmax runs on exp2
-  int vec16;                   // K/V rows can be read with 16-byte cp.async (head_dim % 8 == 0, aligned pools)
-  int n_splits;                // decode
-  bf16* out;                   // [T, n_heads * head_dim]
-  float* part_o;               // decode, n_splits > 1: [T][n_splits][n_heads][head_dim], normalised
-  float* part_lse;             // [T][n_splits][n_heads], log2 domain
-  unsigned* counters;          // [T][n_kv_heads * head_blocks] arrivals of the splits (kept at zero between launches)
-  // Decode with RoPE and the KV append fused in (attention_decode_rope_bf16; k_new null otherwise): q and this
-  // step's keys arrive unrotated. Every CTA rotates its query rows; the CTAs of a sequence's last split put its new
-  // key (rotated) and value into their tile in place of the cache row, and the one of head block 0 also writes
-  // them into the cache.
-  const bf16* k_new;           // [T, kv_dim]
-  const bf16* v_new;           // [T, kv_dim]
-  const int32_t* positions;    // [T]: the rotation angle's position (as rope_kv_append_bf16)
-  const float* inv_freq;       // [head_dim / 2]
-};
-
-// ---- PTX wrappers ------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy; src_bytes = 0 zero-fills the destination and reads nothing.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// d += a · b, m16n8k16, A row-major (16 x 16), B column-major (16 x 8), fp32 accumulators.
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo: the lower column of the fragment
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
-// ---- tiles -------------------------------------------------------------------------------------------------
-
-// Rows of K/V [KT][DP + 8] for keys key0 .. key0 + KT - 1 (key0 a multiple of kBlockTokens) of one KV head;
-// keys outside [klo, khi] (or on an unallocated page, block id < 0) and dims >= head_dim are zeros; the row of
-// key `skip` is left alone (the fused RoPE writes it). All threads of the CTA take part; with vec16 the copies are
-// asynchronous (commit/wait by the caller).
-template <int DP, int KT>
-__device__ __forceinline__ void load_kv_tile(bf16* sK, bf16* sV, const AttnArgs& a, const int32_t* bt_row,
-                                             int kv_col, int key0, int klo, int khi, int skip = -1) {
-  constexpr int S = DP + 8;
-  const int D = a.head_dim;
-  if (a.vec16) {
-    constexpr int kChunks = DP / 8;
-#pragma unroll 4
-    for (int c = threadIdx.x; c < KT * kChunks; c += kThreads) {
-      const int r = c / kChunks, d0 = (c % kChunks) * 8;
-      const int kp = key0 + r;
-      if (kp == skip) continue;
-      size_t off = 0;
-      bool valid = kp >= klo && kp <= khi && d0 < D && kp / kBlockTokens < a.kv.max_blocks;
-      if (valid) {
-        const int blk = bt_row[kp / kBlockTokens];
-        valid = blk >= 0;
-        off = (size_t(blk) * kBlockTokens + size_t(kp % kBlockTokens)) * size_t(a.kv.kv_dim) + size_t(kv_col + d0);
-      }
-      const int bytes = valid ? 16 : 0;
-      cp_async16(smem_u32(sK + r * S + d0), a.kv.k + (valid ? off : 0), bytes);
-      cp_async16(smem_u32(sV + r * S + d0), a.kv.v + (valid ? off : 0), bytes);
-    }
-  } else {
-    constexpr int kPairs = DP / 2;
-    for (int c = threadIdx.x; c < KT * kPairs; c += kThreads) {
-      const int r = c / kPairs, d0 = (c % kPairs) * 2;
-      const int kp = key0 + r;
-      if (kp == skip) continue;
-      uint32_t kw = 0, vw = 0;
-      if (kp >= klo && kp <= khi && d0 < D && kp / kBlockTokens < a.kv.max_blocks) {
-        const int blk = bt_row[kp / kBlockTokens];
-        if (blk >= 0) {
-          const size_t off =
-              (size_t(blk) * kBlockTokens + size_t(kp % kBlockTokens)) * size_t(a.kv.kv_dim) + size_t(kv_col + d0);
-          kw = *reinterpret_cast<const uint32_t*>(a.kv.k + off);
-          vw = *reinterpret_cast<const uint32_t*>(a.kv.v + off);
-        }
-      }
-      *reinterpret_cast<uint32_t*>(sK + r * S + d0) = kw;
-      *reinterpret_cast<uint32_t*>(sV + r * S + d0) = vw;
-    }
-  }
-}
-
-// One warp: its 16 query rows (sQw, [16][DP + 8]) against NT * 8 keys (sKw / sVw rows, absolute positions
-// key0 ...), updating the running max m, sum l (per lane: rows lane / 4 and lane / 4 + 8; l is this lane's
-// partial sum, reduced over the quad at the end) and the unnormalised output o (C fragments, DP / 8 tiles
-// of 8 dims). pos_a / pos_b: the positions of the lane's two rows; with need_mask false every key is known
-// to be visible to every row of the warp.
-template <int DP, int NT>
-__device__ __forceinline__ void attend_keys(const bf16* sQw, const bf16* sKw, const bf16* sVw, int key0, int pos_a,
-                                            int pos_b, int window, float scale_log2, bool need_mask,
-                                            float (&o)[DP / 8][4], float (&m)[2], float (&l)[2]) {
-  static_assert(NT % 2 == 0, "keys come in pairs of 8-key tiles");
-  constexpr int S = DP + 8;
-  const int lane = threadIdx.x & 31;
-
-  // S = Q · Kᵀ: A = Q rows (ldmatrix x4: rows lane & 15, column half lane >> 4); B = K rows as columns
-  // (x4: keys (lane >> 4) * 8 + (lane & 7), dim half (lane >> 3) & 1) -> two 8-key tiles per load.
-  float s[NT][4];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-  for (int kk = 0; kk < DP / 16; ++kk) {
-    uint32_t qa[4];
-    ldsm_x4(qa, smem_u32(sQw + (lane & 15) * S + kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-    for (int np = 0; np < NT / 2; ++np) {
-      uint32_t kb[4];
-      ldsm_x4(kb, smem_u32(sKw + (np * 16 + ((lane >> 4) << 3) + (lane & 7)) * S + kk * 16 + ((lane >> 3) & 1) * 8));
-      mma_bf16(s[2 * np], qa, kb[0], kb[1]);
-      mma_bf16(s[2 * np + 1], qa, kb[2], kb[3]);
-    }
-  }
-
-  // Online softmax. Element j of s[nt]: row (j < 2 ? a : b), key key0 + nt * 8 + 2 * (lane & 3) + (j & 1).
-  float mx[2] = {m[0], m[1]};
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float x = s[nt][j] * scale_log2;
-      if (need_mask) {
-        const int kp = key0 + nt * 8 + 2 * (lane & 3) + (j & 1);
-        const int pr = j < 2 ? pos_a : pos_b;
-        const bool visible = kp <= pr && (window <= 0 || kp > pr - window);
-        x = visible ? x : -INFINITY;
-      }
-      s[nt][j] = x;
-      mx[j >> 1] = fmaxf(mx[j >> 1], x);
-    }
-  }
-  float base[2], alpha[2], rs[2] = {0.f, 0.f};
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    base[r] = mx[r] == -INFINITY ? 0.f : mx[r];  // a row that has seen no visible key yet: keep 0s, no NaN
-    alpha[r] = exp2f(m[r] - base[r]);
-    m[r] = mx[r];
-  }
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float e = exp2f(s[nt][j] - base[j >> 1]);
-      s[nt][j] = e;
-      rs[j >> 1] += e;
-    }
-  }
-  l[0] = l[0] * alpha[0] + rs[0];
-  l[1] = l[1] * alpha[1] + rs[1];
-#pragma unroll
-  for (int nd = 0; nd < DP / 8; ++nd) {
-    o[nd][0] *= alpha[0];
-    o[nd][1] *= alpha[0];
-    o[nd][2] *= alpha[1];
-    o[nd][3] *= alpha[1];
-  }
-
-  // O += P · V: the C fragments of two 8-key tiles are the A fragment of a 16-key step (P in bf16);
-  // B = V (ldmatrix x4 .trans: keys lane & 15, dim half lane >> 4) -> two 8-dim tiles per load.
-#pragma unroll
-  for (int kc = 0; kc < NT / 2; ++kc) {
-    uint32_t pa[4];
-    pa[0] = pack_bf16(s[2 * kc][0], s[2 * kc][1]);
-    pa[1] = pack_bf16(s[2 * kc][2], s[2 * kc][3]);
-    pa[2] = pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]);
-    pa[3] = pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3]);
-#pragma unroll
-    for (int nd = 0; nd < DP / 16; ++nd) {
-      uint32_t vb[4];
-      ldsm_x4_trans(vb, smem_u32(sVw + (kc * 16 + (lane & 15)) * S + nd * 16 + (lane >> 4) * 8));
-      mma_bf16(o[2 * nd], pa, vb[0], vb[1]);
-      mma_bf16(o[2 * nd + 1], pa, vb[2], vb[3]);
-    }
-  }
-}
-
-// Query rows [n_valid of 16 or 64][DP + 8] into shared memory (bf16 pairs; zeros beyond head_dim and for
-// invalid rows). row_src(r) returns the row's q pointer or nullptr.
-template <int DP, int kRows, typename RowSrc>
-__device__ __forceinline__ void load_q_rows(bf16* sQ, int head_dim, RowSrc row_src) {
-  constexpr int S = DP + 8, kPairs = DP / 2;
-  for (int c = threadIdx.x; c < kRows * kPairs; c += kThreads) {
-    const int r = c / kPairs, d0 = (c % kPairs) * 2;
-    const bf16* src = row_src(r);
-    uint32_t w = 0;
-    if (src != nullptr && d0 < head_dim) w = *reinterpret_cast<const uint32_t*>(src + d0);
-    *reinterpret_cast<uint32_t*>(sQ + r * S + d0) = w;
-  }
-}
-
-// Fused RoPE. A decode CTA's thread owns one pair slot j = threadIdx.x % (DP / 2) of every row it writes (kThreads
-// is a multiple of DP / 2): slot j < half rotates dims (j, j + half) with the thread's own cos c / sin s; the slots
-// after it zero the padding dims [head_dim, DP) two at a time.
-template <int DP>
-constexpr bool kRopeSlotsFit = kThreads % (DP / 2) == 0;
-
-// The kDecodeRows query rows rotated as rope_bf16 would, zeros for invalid rows (row_src(r) null).
-template <int DP, typename RowSrc>
-__device__ __forceinline__ void load_q_rows_rope(bf16* sQ, int head_dim, float c, float s, RowSrc row_src) {
-  static_assert(kRopeSlotsFit<DP>, "one pair slot per thread");
-  constexpr int S = DP + 8, kSlots = DP / 2;
-  const int half = head_dim / 2, j = threadIdx.x % kSlots;
-  for (int r = threadIdx.x / kSlots; r < kDecodeRows; r += kThreads / kSlots) {
-    bf16* row = sQ + r * S;
-    const bf16* src = row_src(r);
-    if (j < half) {
-      bf16 lo = __float2bfloat16_rn(0.f), hi = lo;
-      if (src != nullptr) rope_rotate(__bfloat162float(src[j]), __bfloat162float(src[j + half]), c, s, lo, hi);
-      row[j] = lo;
-      row[j + half] = hi;
-    } else {
-      row[head_dim + 2 * (j - half)] = row[head_dim + 2 * (j - half) + 1] = __float2bfloat16_rn(0.f);
-    }
-  }
-}
-
-// The new token's key (rotated) and value into the tile rows rk / rv (zeros beyond head_dim; all zeros when its page
-// is not allocated, blk < 0, as the tile loader would give), and into the cache rows ck / cv when given (one CTA per
-// token and KV head writes them). Threads [0, DP / 2) take the key's pair slots (c, s: their own angle), the next
-// DP / 2 threads (the same ones where DP / 2 = kThreads) the value's dims in twos.
-template <int DP>
-__device__ __forceinline__ void put_new_kv_row(const AttnArgs& a, int t, int kv_col, int blk, float c, float s,
-                                               bf16* rk, bf16* rv, bf16* ck, bf16* cv) {
-  constexpr int kSlots = DP / 2;
-  const int D = a.head_dim, half = D / 2, tid = threadIdx.x;
-  const bf16 zero = __float2bfloat16_rn(0.f);
-  const bool ok = blk >= 0;
-  if (tid < kSlots) {
-    const int j = tid;
-    if (j < half) {
-      const bf16* kn = a.k_new + size_t(t) * a.kv.kv_dim + kv_col;
-      bf16 lo = zero, hi = zero;
-      if (ok) rope_rotate(__bfloat162float(kn[j]), __bfloat162float(kn[j + half]), c, s, lo, hi);
-      rk[j] = lo;
-      rk[j + half] = hi;
-      if (ck && ok) ck[j] = lo, ck[j + half] = hi;
-    } else {
-      rk[D + 2 * (j - half)] = rk[D + 2 * (j - half) + 1] = zero;
-    }
-  }
-  const int vj = 2 * kSlots <= kThreads ? tid - kSlots : tid;
-  if (vj >= 0 && vj < kSlots) {
-    const bf16* vn = a.v_new + size_t(t) * a.kv.kv_dim + kv_col;
-    for (int d = 2 * vj; d < 2 * vj + 2; ++d) {
-      const bf16 x = d < D && ok ? vn[d] : zero;
-      rv[d] = x;
-      if (cv && d < D && ok) cv[d] = x;
-    }
-  }
-}
-
-// ---- decode ------------------------------------------------------------------------------------------------
-
-struct DecodePlan {
-  int lo;               // first visible key
-  int first_page;       // tiles are counted from this page
-  int n_tiles;          // 64-key tiles covering [lo, p]
-  int tiles_per_split;
-  int n_active;         // splits with work (<= n_splits)
-};
-
-// How a sequence whose new token is at position p divides its context over n_splits CTAs; the decode and the
-// combine kernels both derive it from p, so nothing but seqs has to pass between them.
-__device__ __forceinline__ DecodePlan decode_plan(int p, int window, int n_splits) {
-  DecodePlan d;
-  d.lo = window > 0 ? max(0, p - window + 1) : 0;
-  d.first_page = d.lo / kBlockTokens;
-  const int n_pages = p / kBlockTokens - d.first_page + 1;
-  d.n_tiles = (n_pages + kPagesPerDecodeTile - 1) / kPagesPerDecodeTile;
-  d.tiles_per_split = max((d.n_tiles + n_splits - 1) / n_splits, kMinTilesPerSplit);
-  d.n_active = (d.n_tiles + d.tiles_per_split - 1) / d.tiles_per_split;
-  return d;
-}
-
-__device__ void combine_splits(const AttnArgs& a, int t, int h, int na, int lane);
-
-template <int DP>
-__host__ __device__ constexpr size_t decode_smem_bytes() {
-  return size_t(kDecodeRows + 4 * kDecodeKeys) * (DP + 8) * sizeof(bf16);  // Q + 2 stages of K and V
-}
-
-// grid (n_splits, n_kv_heads * head_blocks, T); head_blocks = ceil(group / 16).
-template <int DP>
-__global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnArgs a) {
-  pdl_enter();
-  constexpr int S = DP + 8;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);  // [16][S]
-  bf16* sK = sQ + kDecodeRows * S;                // [2][64][S]
-  bf16* sV = sK + 2 * kDecodeKeys * S;            // [2][64][S]
-
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int t = blockIdx.z;
-  const int head_blocks = (a.group + kDecodeRows - 1) / kDecodeRows;
-  const int kvh = blockIdx.y / head_blocks, hb = blockIdx.y % head_blocks;
-  const int split = blockIdx.x;
-  const DevSeq sq = a.seqs[a.token_seq[t]];
-  const int p = sq.pos0 + (t - sq.token_begin);
-  const DecodePlan plan = decode_plan(p, a.window, a.n_splits);
-  if (split >= plan.n_active) return;  // uniform over the CTA
-  const int tile_begin = split * plan.tiles_per_split;
-  const int tile_end = min(plan.n_tiles, tile_begin + plan.tiles_per_split);
-  const int lo = plan.lo, hi = p;
-  const int D = a.head_dim, q_dim = a.n_heads * D;
-  const int head0 = kvh * a.group + hb * kDecodeRows;
-  const int n_rows = min(kDecodeRows, a.group - hb * kDecodeRows);
-  const int32_t* bt_row = a.kv.block_table + size_t(sq.kv_slot) * size_t(a.kv.max_blocks);
-  const int kv_col = kvh * D;
-
-  auto q_row = [&](int r) -> const bf16* {
-    return r < n_rows ? a.q + size_t(t) * q_dim + size_t(head0 + r) * D : nullptr;
-  };
-  // Fused RoPE: the last split takes the new key's row (p's page, when within the block table) from k_new / v_new
-  // instead of from the cache; its tile loads skip that row and it is written at the tile's issue, so nothing of it
-  // sits on the path between a tile's arrival and its use.
-  const bool rope = a.k_new != nullptr;
-  float rc = 0.f, rs = 0.f;  // this thread's pair slot's cos / sin
-  int new_key = -1;
-  if (rope) {
-    const int j = threadIdx.x % (DP / 2);
-    if (j < D / 2) rope_angle(float(a.positions[t]), a.inv_freq[j], rc, rs);
-    if (split == plan.n_active - 1 && p >= 0 && p / kBlockTokens < a.kv.max_blocks) new_key = p;
-  }
-  const int key_base = plan.first_page * kBlockTokens;
-  auto put_new_row = [&](int tile, int buf) {  // after issuing the loads of tile into buffer buf
-    const int key0 = key_base + tile * kDecodeKeys;
-    if (new_key < key0 || new_key >= key0 + kDecodeKeys) return;
-    const int blk = bt_row[p / kBlockTokens];
-    bf16 *ck = nullptr, *cv = nullptr;
-    if (hb == 0 && blk >= 0) {
-      const size_t row = (size_t(blk) * kBlockTokens + size_t(p % kBlockTokens)) * size_t(a.kv.kv_dim) + kv_col;
-      ck = a.kv.k + row;
-      cv = a.kv.v + row;
-    }
-    const int off = buf * kDecodeKeys * S + (new_key - key0) * S;
-    put_new_kv_row<DP>(a, t, kv_col, blk, rc, rs, sK + off, sV + off, ck, cv);
-  };
-
-  if (!rope) {
-    load_q_rows<DP, kDecodeRows>(sQ, D, q_row);
-  }
-  float o[DP / 8][4];
-#pragma unroll
-  for (int nd = 0; nd < DP / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-
-  load_kv_tile<DP, kDecodeKeys>(sK, sV, a, bt_row, kv_col, key_base + tile_begin * kDecodeKeys, lo, hi, new_key);
-  cp_async_commit();
-  if (rope) {
-    load_q_rows_rope<DP>(sQ, D, rc, rs, q_row);
-    put_new_row(tile_begin, 0);
-  }
-  for (int it = tile_begin; it < tile_end; ++it) {
-    const int buf = (it - tile_begin) & 1;
-    if (it + 1 < tile_end) {
-      load_kv_tile<DP, kDecodeKeys>(sK + (buf ^ 1) * kDecodeKeys * S, sV + (buf ^ 1) * kDecodeKeys * S, a, bt_row,
-                                    kv_col, key_base + (it + 1) * kDecodeKeys, lo, hi, new_key);
-      if (rope) put_new_row(it + 1, buf ^ 1);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();  // tile it has landed (only the prefetch of it + 1 may be in flight)
-    __syncthreads();
-    const int key0 = key_base + it * kDecodeKeys + warp * 16;
-    if (key0 <= hi && key0 + 15 >= lo) {
-      const bool need_mask = !(key0 + 15 <= hi && key0 >= lo);
-      const int off = buf * kDecodeKeys * S + warp * 16 * S;
-      attend_keys<DP, 2>(sQ, sK + off, sV + off, key0, p, p, a.window, a.scale_log2, need_mask, o, m, l);
-    }
-    __syncthreads();  // everyone is done with buf before the next iteration's prefetch overwrites it
-  }
-  cp_async_wait<0>();
-  __syncthreads();
-
-  // Merge the 4 warps (each saw a different quarter of every tile) through shared memory, reusing the tiles.
-  float* sO = reinterpret_cast<float*>(smem_raw);  // [4][16][DP]
-  float* sML = sO + kWarps * kDecodeRows * DP;     // [4][16] x (m, l)
-  static_assert(size_t(kWarps * kDecodeRows * DP + kWarps * kDecodeRows * 2) * sizeof(float) <=
-                    decode_smem_bytes<DP>(),
-                "the merge buffer fits in the tiles' shared memory");
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
-  const int row = lane >> 2;
-#pragma unroll
-  for (int nd = 0; nd < DP / 8; ++nd) {
-    const int d = nd * 8 + 2 * (lane & 3);
-    float* o_a = sO + (warp * kDecodeRows + row) * DP + d;
-    float* o_b = o_a + 8 * DP;
-    o_a[0] = o[nd][0];
-    o_a[1] = o[nd][1];
-    o_b[0] = o[nd][2];
-    o_b[1] = o[nd][3];
-  }
-  if ((lane & 3) == 0) {
-    sML[(warp * kDecodeRows + row) * 2] = m[0];
-    sML[(warp * kDecodeRows + row) * 2 + 1] = l[0];
-    sML[(warp * kDecodeRows + row + 8) * 2] = m[1];
-    sML[(warp * kDecodeRows + row + 8) * 2 + 1] = l[1];
-  }
-  __syncthreads();
-
-  const bool single = plan.n_active == 1;
-  for (int e = threadIdx.x; e < kDecodeRows * (DP / 2); e += kThreads) {
-    const int r = e / (DP / 2), d = (e % (DP / 2)) * 2;
-    if (r >= n_rows || d >= D) continue;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sML[(w * kDecodeRows + r) * 2]);
-    float L = 0.f, o0 = 0.f, o1 = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float mw = sML[(w * kDecodeRows + r) * 2];
-      const float c = mw == -INFINITY ? 0.f : exp2f(mw - M);  // a warp that saw no visible key weighs 0
-      L += c * sML[(w * kDecodeRows + r) * 2 + 1];
-      o0 += c * sO[(w * kDecodeRows + r) * DP + d];
-      o1 += c * sO[(w * kDecodeRows + r) * DP + d + 1];
-    }
-    const float inv = 1.f / L;
-    const int head = head0 + r;
-    if (single) {
-      *reinterpret_cast<__nv_bfloat162*>(a.out + size_t(t) * q_dim + size_t(head) * D + d) =
-          __floats2bfloat162_rn(o0 * inv, o1 * inv);
-    } else {
-      const size_t prow = (size_t(t) * a.n_splits + split) * a.n_heads + head;
-      *reinterpret_cast<float2*>(a.part_o + prow * D + d) = make_float2(o0 * inv, o1 * inv);
-      if (d == 0) a.part_lse[prow] = M + log2f(L);
-    }
-  }
-  if (single) return;
-  // Count this split in (threadfence reduction): the last of the group's n_active splits merges them all and
-  // puts the counter back to zero for the next launch.
-  __shared__ unsigned s_last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned* c = a.counters + size_t(t) * gridDim.y + blockIdx.y;
-    s_last = atomicAdd(c, 1u) == unsigned(plan.n_active - 1);
-    if (s_last) *c = 0u;
-  }
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  for (int r = warp; r < n_rows; r += kWarps) combine_splits(a, t, head0 + r, plan.n_active, lane);
-}
-
-// One warp merges the na splits of (token t, query head h), in split order (log-sum-exp weights). The partials
-// come from other CTAs of the same launch: read through L2 (ld.cg), after the arrival count's fences.
-__device__ void combine_splits(const AttnArgs& a, int t, int h, int na, int lane) {
-  const int D = a.head_dim;
-  const size_t row0 = size_t(t) * a.n_splits * a.n_heads + h;  // split c: row0 + c * n_heads
-  float M = -INFINITY;
-  for (int c = lane; c < na; c += 32) M = fmaxf(M, __ldcg(a.part_lse + row0 + size_t(c) * a.n_heads));
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
-  constexpr int kPairsPerLane = 4;  // head_dim <= 256 = 32 lanes x 4 pairs
-  float acc[kPairsPerLane][2] = {};
-  float W = 0.f;
-  for (int c = 0; c < na; ++c) {
-    const size_t prow = row0 + size_t(c) * a.n_heads;
-    const float w = exp2f(__ldcg(a.part_lse + prow) - M);
-    W += w;
-    const float* po = a.part_o + prow * D;
-#pragma unroll
-    for (int k = 0; k < kPairsPerLane; ++k) {
-      const int d = 2 * lane + 64 * k;
-      if (d < D) {
-        const float2 v = __ldcg(reinterpret_cast<const float2*>(po + d));
-        acc[k][0] += w * v.x;
-        acc[k][1] += w * v.y;
-      }
-    }
-  }
-  const float inv = 1.f / W;
-  bf16* dst = a.out + size_t(t) * a.n_heads * D + size_t(h) * D;
-#pragma unroll
-  for (int k = 0; k < kPairsPerLane; ++k) {
-    const int d = 2 * lane + 64 * k;
-    if (d < D)
-      *reinterpret_cast<__nv_bfloat162*>(dst + d) = __floats2bfloat162_rn(acc[k][0] * inv, acc[k][1] * inv);
-  }
-}
 
 // ---- prefill / mixed ---------------------------------------------------------------------------------------
 
@@ -721,50 +230,6 @@ __global__ void kv_append_kernel(const bf16* __restrict__ k, const bf16* __restr
 
 // ---- host side ---------------------------------------------------------------------------------------------
 
-bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % uintptr_t(bytes) == 0; }
-
-int current_sm_count() {
-  static std::atomic<int> counts[64] = {};
-  int dev = 0;
-  SPEAR_CUDA_CHECK(cudaGetDevice(&dev));
-  std::atomic<int>& slot = counts[dev & 63];
-  int n = slot.load(std::memory_order_relaxed);
-  if (n == 0) {
-    SPEAR_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    slot.store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
-
-// Opt a kernel into more than 48 KiB of dynamic shared memory, once per device. `done` is the instantiation's
-// own flag set (a static of the caller's template).
-template <typename Kernel>
-void ensure_smem(Kernel kernel, size_t bytes, std::atomic<uint64_t>& done) {
-  if (bytes <= 48 * 1024) return;
-  int dev = 0;
-  SPEAR_CUDA_CHECK(cudaGetDevice(&dev));
-  const uint64_t bit = uint64_t(1) << (dev & 63);
-  if (done.load(std::memory_order_acquire) & bit) return;
-  SPEAR_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  done.fetch_or(bit, std::memory_order_release);
-}
-
-template <int DP>
-void ensure_decode_smem() {
-  static std::atomic<uint64_t> done{0};
-  ensure_smem(attn_decode_kernel<DP>, decode_smem_bytes<DP>(), done);
-}
-
-template <int DP>
-void launch_decode(const AttnArgs& a, cudaStream_t stream) {
-  constexpr size_t smem = decode_smem_bytes<DP>();
-  ensure_decode_smem<DP>();
-  const int head_blocks = (a.group + kDecodeRows - 1) / kDecodeRows;
-  const dim3 grid(unsigned(a.n_splits), unsigned(a.n_kv_heads * head_blocks), unsigned(a.T));
-  launch_kernel(attn_decode_kernel<DP>, grid, kThreads, smem, stream, a);
-  SPEAR_CUDA_CHECK(cudaGetLastError());
-}
-
 template <int DP, int KT>
 void launch_prefill(const AttnArgs& a, cudaStream_t stream) {
   static std::atomic<uint64_t> done{0};
@@ -777,41 +242,11 @@ void launch_prefill(const AttnArgs& a, cudaStream_t stream) {
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 
-int padded_head_dim(int head_dim) { return head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 256; }
-
-int max_decode_splits(int max_blocks) {
-  const int max_tiles = (max_blocks + kPagesPerDecodeTile - 1) / kPagesPerDecodeTile;
-  const int cap = (max_tiles + kMinTilesPerSplit - 1) / kMinTilesPerSplit;
-  return std::clamp(cap, 1, kMaxSplits);
-}
-
-size_t align256(size_t n) { return (n + 255) / 256 * 256; }
-
-// Workspace layout of the decode split: the arrival counters (kCounterBytes), part_o [T][splits][n_heads][head_dim]
-// fp32, then part_lse.
-size_t decode_workspace_bytes(int T, int splits, int n_heads, int head_dim) {
-  const size_t rows = size_t(T) * size_t(splits) * size_t(n_heads);
-  return kCounterBytes + align256(rows * size_t(head_dim) * sizeof(float)) + rows * sizeof(float);
-}
-
 }  // namespace
 
-size_t attention_workspace_bytes(int max_tokens, int n_heads, int head_dim, int max_blocks) {
-  // Called at set-up, before any capture: opt the decode kernels into their shared memory now, so that a
-  // captured step needs no cudaFuncSetAttribute call of its own.
-  ensure_decode_smem<64>();
-  ensure_decode_smem<128>();
-  ensure_decode_smem<256>();
-  if (max_tokens <= 0 || n_heads <= 0 || head_dim <= 0) return 0;
-  // decode_splits(T) <= ceil(target / T) (at least one KV head) and <= max_decode_splits, so
-  // T * splits <= min(T * max_splits, target + T).
-  const size_t target = size_t(kDecodeCtasPerSm) * size_t(current_sm_count());
-  const size_t rows = std::min(size_t(max_tokens) * size_t(max_decode_splits(max_blocks)), target + size_t(max_tokens));
-  return kCounterBytes + align256(rows * size_t(n_heads) * size_t(head_dim) * sizeof(float)) +
-         rows * size_t(n_heads) * sizeof(float);
-}
+}  // namespace attn_detail
 
-size_t attention_workspace_zero_bytes() { return kCounterBytes; }
+using namespace attn_detail;
 
 void kv_append_bf16(const __nv_bfloat16* k, const __nv_bfloat16* v, int T, const int32_t* token_seq,
                     const DevSeq* seqs, const PagedKvLayer& kv, cudaStream_t stream) {
@@ -831,67 +266,6 @@ void kv_append_bf16(const __nv_bfloat16* k, const __nv_bfloat16* v, int T, const
   SPEAR_CUDA_CHECK(cudaGetLastError());
 }
 
-namespace {
-
-// The arguments every attention launch shares, checked.
-AttnArgs attn_args(const __nv_bfloat16* q, int T, const int32_t* token_seq, const DevSeq* seqs, int n_seqs,
-                   const PagedKvLayer& kv, const AttnShape& shape, __nv_bfloat16* out) {
-  const int D = shape.head_dim;
-  SPEAR_CHECK(D > 0 && D % 2 == 0 && D <= 256, "attention_bf16: head_dim {} must be even and <= 256", D);
-  SPEAR_CHECK(shape.n_kv_heads > 0 && shape.n_heads % shape.n_kv_heads == 0,
-              "attention_bf16: {} query heads are not a multiple of {} KV heads", shape.n_heads, shape.n_kv_heads);
-  SPEAR_CHECK(kv.kv_dim == shape.n_kv_heads * D, "attention_bf16: KV layer has kv_dim {}, the shape needs {}",
-              kv.kv_dim, shape.n_kv_heads * D);
-  SPEAR_CHECK(kv.max_blocks > 0 && kv.block_table != nullptr, "attention_bf16: KV layer without a block table");
-  SPEAR_CHECK(aligned(q, 4) && aligned(out, 4) && aligned(kv.k, 4) && aligned(kv.v, 4),
-              "attention_bf16: q, out and the K/V pools must be 4-byte aligned (bf16 pairs)");
-  AttnArgs a{};
-  a.q = q;
-  a.token_seq = token_seq;
-  a.seqs = seqs;
-  a.n_seqs = n_seqs;
-  a.T = T;
-  a.kv = kv;
-  a.n_heads = shape.n_heads;
-  a.n_kv_heads = shape.n_kv_heads;
-  a.head_dim = D;
-  a.group = shape.n_heads / shape.n_kv_heads;
-  a.window = shape.window;
-  a.scale_log2 = shape.scale * kLog2e;
-  a.vec16 = D % 8 == 0 && aligned(kv.k, 16) && aligned(kv.v, 16);
-  a.out = out;
-  return a;
-}
-
-// Every token is handled on its own (its position from seqs), so the decode kernel would also be right for
-// sequences of several tokens without the fused RoPE; it is sized for one per sequence.
-void run_decode(AttnArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  const int T = a.T, D = a.head_dim;
-  SPEAR_CHECK(T <= 65535, "attention_bf16: decode batch of {} tokens (at most 65535)", T);
-  const int head_blocks = (a.group + kDecodeRows - 1) / kDecodeRows;
-  const int ctas_per_split = T * a.n_kv_heads * head_blocks;
-  const int target = kDecodeCtasPerSm * current_sm_count();
-  int splits = std::clamp((target + ctas_per_split - 1) / ctas_per_split, 1, max_decode_splits(a.kv.max_blocks));
-  if (size_t(ctas_per_split) > size_t(kMaxSplitGroups)) splits = 1;  // more groups than counters
-  while (splits > 1 && (workspace == nullptr || decode_workspace_bytes(T, splits, a.n_heads, D) > workspace_bytes))
-    --splits;
-  a.n_splits = splits;
-  if (splits > 1) {
-    const size_t rows = size_t(T) * size_t(splits) * size_t(a.n_heads);
-    char* ws = static_cast<char*>(workspace);
-    a.counters = reinterpret_cast<unsigned*>(ws);
-    a.part_o = reinterpret_cast<float*>(ws + kCounterBytes);
-    a.part_lse = reinterpret_cast<float*>(ws + kCounterBytes + align256(rows * size_t(D) * sizeof(float)));
-  }
-  switch (padded_head_dim(D)) {
-    case 64: launch_decode<64>(a, stream); break;
-    case 128: launch_decode<128>(a, stream); break;
-    default: launch_decode<256>(a, stream); break;
-  }
-}
-
-}  // namespace
-
 void attention_bf16(const __nv_bfloat16* q, int T, const int32_t* token_seq, const DevSeq* seqs, int n_seqs,
                     const PagedKvLayer& kv, const AttnShape& shape, int max_ctx, bool decode, __nv_bfloat16* out,
                     void* workspace, size_t workspace_bytes, cudaStream_t stream) {
@@ -909,20 +283,7 @@ void attention_bf16(const __nv_bfloat16* q, int T, const int32_t* token_seq, con
   }
 }
 
-void attention_decode_rope_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k_new, const __nv_bfloat16* v_new,
-                                int T, const int32_t* positions, const float* inv_freq, const int32_t* token_seq,
-                                const DevSeq* seqs, int n_seqs, const PagedKvLayer& kv, const AttnShape& shape,
-                                __nv_bfloat16* out, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  if (T <= 0 || n_seqs <= 0) return;
-  SPEAR_CHECK(T == n_seqs, "attention_decode_rope_bf16: {} tokens for {} sequences (one each)", T, n_seqs);
-  SPEAR_CHECK(k_new && v_new && positions && inv_freq, "attention_decode_rope_bf16: null k, v, positions or table");
-  AttnArgs a = attn_args(q, T, token_seq, seqs, n_seqs, kv, shape, out);
-  a.k_new = k_new;
-  a.v_new = v_new;
-  a.positions = positions;
-  a.inv_freq = inv_freq;
-  run_decode(a, workspace, workspace_bytes, stream);
-}
+
 
 void attention_bf16(const __nv_bfloat16* q, int T, const int32_t* token_seq, const DevSeq* seqs, int n_seqs,
                     const PagedKvLayer& kv, const AttnShape& shape, int max_ctx, bool decode, __nv_bfloat16* out,
