@@ -77,7 +77,8 @@ TEST(CudaAttentionRope, EqualsRopeAppendThenAttention) {
       token_seq.push_back(i);
       positions.push_back(c.pos[size_t(i)]);
       for (int b = 0; b <= c.pos[size_t(i)] / cuda::kBlockTokens; ++b)
-        if (!(i == c.hole && b == c.pos[size_t(i)] / cuda::kBlockTokens)) table[size_t(i + 1) * max_blocks + b] = next++;
+        if (!(i == c.hole && b == c.pos[size_t(i)] / cuda::kBlockTokens))
+          table[size_t(i + 1) * max_blocks + b] = next++;
     }
     for (auto& b : table)
       if (b >= 0) b = next - 1 - b;
@@ -92,7 +93,8 @@ TEST(CudaAttentionRope, EqualsRopeAppendThenAttention) {
     Dev<cuda::DevSeq> dseqs(seqs);
     Dev<float> dfreq(inv_freq);
     Dev<uint16_t> qa(q), ka(k), va(v), qb(q), kb(k), vb(v), pka(pool_k), pva(pool_v), pkb(pool_k), pvb(pool_v);
-    Dev<uint16_t> outa(std::vector<uint16_t>(size_t(T) * q_dim, 0xffff)), outb(std::vector<uint16_t>(outa.size(), 0xffff));
+    Dev<uint16_t> outa(std::vector<uint16_t>(size_t(T) * q_dim, 0xffff)),
+        outb(std::vector<uint16_t>(size_t(T) * q_dim, 0xffff));
     auto layer = [&](const Dev<uint16_t>& pk, const Dev<uint16_t>& pv) {
       cuda::PagedKvLayer l;
       l.k = w4test::bf_mut(pk);

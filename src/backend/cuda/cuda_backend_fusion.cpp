@@ -117,7 +117,8 @@ bool CudaBackend::linear_fused(const Tensor& in, std::span<const Linear* const> 
     std::copy(ec, ec + count, re.begin());
     const __nv_bfloat16* rx = bf(in);
     note_w4_launch([=, this] {
-      w4a16_gemm_fused(rx, m, rw.data(), count, wf, rb.data(), ry.data(), sm_count_, stream_, any_ec ? re.data() : nullptr);
+      w4a16_gemm_fused(rx, m, rw.data(), count, wf, rb.data(), ry.data(), sm_count_, stream_,
+                       any_ec ? re.data() : nullptr);
     });
   }
   ++fused_linear_launches_;

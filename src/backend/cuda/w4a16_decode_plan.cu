@@ -392,7 +392,8 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
     if (!before) return;
     const double us = median_us(launch, true);
     if (us < ctx_best_us) ctx_best_us = us, ctx_best = plan, ctx_gate = gate;
-    if (log) std::fprintf(stderr, "%s %s gate %d, after its predecessor: %.2f us\n", log_shape().c_str(), what, gate, us);
+    if (log)
+      std::fprintf(stderr, "%s %s gate %d, after its predecessor: %.2f us\n", log_shape().c_str(), what, gate, us);
   };
   // With fused ECs every plan is timed with the slice sum and the gate in the W4 CTAs and in the last EC CTA (the
   // options can force one); which wins depends on the launch's size.
