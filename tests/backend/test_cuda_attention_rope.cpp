@@ -6,7 +6,6 @@
 // whose page is not allocated (nothing written, as rope_kv_append_bf16).
 #include <algorithm>
 #include <cmath>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -15,7 +14,6 @@
 #include "backend/cuda/attention.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/rope_kv_append.h"
-#include "core/dtype.h"
 #include "w4a16_test_util.h"
 
 namespace spear {
@@ -24,13 +22,6 @@ namespace {
 
 template <typename T>
 using Dev = w4test::W4DevBuf<T>;
-
-std::vector<uint16_t> random_bits(size_t n, std::mt19937& rng, float sd) {
-  std::normal_distribution<float> nd(0.f, sd);
-  std::vector<uint16_t> v(n);
-  for (auto& x : v) x = f32_to_bf16(nd(rng));
-  return v;
-}
 
 struct RopeAttnCase {
   int n_heads, n_kv_heads, head_dim, window;
@@ -50,7 +41,7 @@ std::string describe(const RopeAttnCase& c) {
 
 TEST(CudaAttentionRope, EqualsRopeAppendThenAttention) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  std::mt19937 rng(77);
+  uint32_t seed = 77;
   const RopeAttnCase cases[] = {
       {32, 8, 64, 0, {0, 15, 16, 300, 1000}, true},   // Llama-3.2-1B heads
       {32, 8, 64, 0, {0, 15, 16, 300, 1000}, false},
@@ -85,10 +76,10 @@ TEST(CudaAttentionRope, EqualsRopeAppendThenAttention) {
     std::vector<float> inv_freq(size_t(D / 2));
     for (size_t i = 0; i < inv_freq.size(); ++i) inv_freq[i] = std::pow(500000.f, -2.f * float(i) / float(D));
 
-    const auto q = random_bits(size_t(T) * q_dim, rng, 2.f), k = random_bits(size_t(T) * kv_dim, rng, 1.f),
-               v = random_bits(size_t(T) * kv_dim, rng, 1.f);
+    const auto q = w4test::random_bf16(size_t(T) * q_dim, seed++, 2.f),
+               k = w4test::random_bf16(size_t(T) * kv_dim, seed++), v = w4test::random_bf16(size_t(T) * kv_dim, seed++);
     const size_t pool_n = size_t(next) * cuda::kBlockTokens * kv_dim;
-    const auto pool_k = random_bits(pool_n, rng, 1.f), pool_v = random_bits(pool_n, rng, 1.f);
+    const auto pool_k = w4test::random_bf16(pool_n, seed++), pool_v = w4test::random_bf16(pool_n, seed++);
     Dev<int32_t> dtab(table), dtok(token_seq), dpos(positions);
     Dev<cuda::DevSeq> dseqs(seqs);
     Dev<float> dfreq(inv_freq);

@@ -348,6 +348,23 @@ std::vector<float> teacher_forced_logits(Model& m, int seqs, int steps, std::vec
   return all;
 }
 
+// The greedy tokens of `steps` decode steps of every sequence after the prompts, through forward_greedy (each step's
+// graph captured at its first run, then replayed).
+std::vector<int32_t> greedy_graph_tokens(Model& m, int seqs, int steps) {
+  auto cache = m.make_kv_cache(seqs, 64);
+  std::vector<int32_t> greedy, next = m.forward_greedy(three_token_prompts(seqs), *cache);
+  for (int step = 0; step < steps; ++step) {
+    Batch b;
+    for (int s = 0; s < seqs; ++s) {
+      greedy.push_back(next[size_t(s)]);
+      b.seqs.push_back({s, 1, 3 + step, s});
+      b.tokens.push_back(next[size_t(s)]);
+    }
+    next = m.forward_greedy(b, *cache);
+  }
+  return greedy;
+}
+
 }  // namespace
 
 // Decode steps of the reference model's W4 package with the fused MLP block (mlp_fused.h) against the op-by-op
@@ -408,17 +425,7 @@ TEST(CudaBackend, DecodeFusionMatchesOpByOp) {
       attach_random_compensators(*m, 0.6, 8, 4, 4321);
     }
     std::vector<float> all = teacher_forced_logits(*m, seqs, kSteps, ids);
-    auto gcache = m->make_kv_cache(seqs, 64);  // greedy steps through forward_greedy: captured, then replayed
-    std::vector<int32_t> next = m->forward_greedy(three_token_prompts(seqs), *gcache);
-    for (int step = 0; step < kSteps; ++step) {
-      Batch b;
-      for (int s = 0; s < seqs; ++s) {
-        greedy->push_back(next[size_t(s)]);
-        b.seqs.push_back({s, 1, 3 + step, s});
-        b.tokens.push_back(next[size_t(s)]);
-      }
-      next = m->forward_greedy(b, *gcache);
-    }
+    *greedy = greedy_graph_tokens(*m, seqs, kSteps);
     launches->fused = gpu.fused_linear_launches();
     launches->fused_ec = gpu.fused_ec_linear_launches();
     return all;
@@ -456,17 +463,7 @@ TEST(CudaBackend, RopeAttentionMatchesSeparateKernels) {
     gpu.set_rope_attention(fused);
     auto m = Model::load(w4_package(), gpu);
     std::vector<float> all = teacher_forced_logits(*m, seqs, kSteps, ids);
-    auto gcache = m->make_kv_cache(seqs, 64);
-    std::vector<int32_t> next = m->forward_greedy(three_token_prompts(seqs), *gcache);
-    for (int step = 0; step < kSteps; ++step) {
-      Batch b;
-      for (int s = 0; s < seqs; ++s) {
-        greedy->push_back(next[size_t(s)]);
-        b.seqs.push_back({s, 1, 3 + step, s});
-        b.tokens.push_back(next[size_t(s)]);
-      }
-      next = m->forward_greedy(b, *gcache);
-    }
+    *greedy = greedy_graph_tokens(*m, seqs, kSteps);
     *launches = gpu.rope_attention_launches();
     return all;
   };

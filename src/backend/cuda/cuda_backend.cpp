@@ -589,7 +589,6 @@ void CudaBackend::tune_w4_once(const __nv_bfloat16* x, int m, const W4Device* w,
 }
 
 void CudaBackend::note_w4_launch(std::function<void()> replay) {
-  if (!tune_w4_ || capturing_) return;
   last_w4_replay_ = std::move(replay);
   last_w4_ops_ = prof_->ops();
 }

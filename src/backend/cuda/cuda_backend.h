@@ -219,7 +219,8 @@ class CudaBackend : public Backend {
   // projection at one token) is timed behind a replay of it (SPEAR_W4_TUNE_AFTER=0: alone).
   void tune_w4_once(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y,
                     const W4EcDevice* const* ec = nullptr, const W4Fusion* fusion = nullptr);
-  // After enqueuing a W4 launch that may be enqueued again unchanged (no residual add): how, for tune_w4_once.
+  // After enqueuing a W4 launch that may be enqueued again unchanged (no residual add), eager and tuning: how, for
+  // tune_w4_once.
   void note_w4_launch(std::function<void()> replay);
   void drop_graphs();
   void ensure_attention_workspace(int T, const AttentionParams& p, const PagedKvLayer& layer);

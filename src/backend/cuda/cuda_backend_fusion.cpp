@@ -106,7 +106,7 @@ bool CudaBackend::linear_fused(const Tensor& in, std::span<const Linear* const> 
   }
   auto prof = prof_->scope(any_ec ? fusion_scope_ec(f) : fusion_scope(f));
   if (!w4a16_gemm_fused(bf(in), m, w, count, wf, bias, y, sm_count_, stream_, ecs)) return false;
-  if (!f.residual) {  // the launch that follows may be tuned behind a replay of this one
+  if (!f.residual && tune_w4_ && !capturing_) {  // the launch that follows may be tuned behind a replay of this one
     std::array<W4Device, kW4MaxGrouped> rw;
     std::array<const __nv_bfloat16*, kW4MaxGrouped> rb;
     std::array<__nv_bfloat16*, kW4MaxGrouped> ry;
