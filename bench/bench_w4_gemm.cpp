@@ -2,7 +2,7 @@
 // same y = x·Wᵀ) on the linear shapes of Llama-3.2-1B and Llama-3.1-8B, M = 1..128 tokens, with the device's
 // copy bandwidth as the yardstick for the weight-streaming rate.
 //
-//   build/bench/bench_w4_gemm [--quick] [--prefill] [--no-pdl] [--no-tune] [--reps N] [--out FILE.json] [--help]
+//   build/bench/bench_w4_gemm [--quick] [--decode] [--prefill] [--no-pdl] [--no-tune] [--reps N] [--out FILE.json] [--help]
 //
 // Method:
 //  * peak: cudaMemcpyAsync device-to-device of 1 GiB, bytes read + written / time (median of 10);
@@ -372,9 +372,10 @@ nlohmann::json prefill_section(cudaStream_t stream, cublasHandle_t cublas, int s
 
 void usage() {
   std::printf(
-      "usage: bench_w4_gemm [--quick] [--prefill] [--no-pdl] [--no-tune] [--reps N] [--out FILE.json] [--help]\n"
+      "usage: bench_w4_gemm [--quick] [--decode] [--prefill] [--no-pdl] [--no-tune] [--reps N] [--out FILE.json] [--help]\n"
       "  W4A16 GEMM (w4a16_gemm) vs cuBLAS BF16 on the Llama-3.2-1B / Llama-3.1-8B linear shapes, M = 1..128.\n"
       "  --quick    a smoke run: 8B k/v and down only, M = 1, 16, 128\n"
+      "  --decode   only the goal's rows: 8B shapes (and grouped launches) at M = 1..16\n"
       "  --prefill  only the prefill table: M = 32..2048, W4 kernel vs dequantize + cuBLAS vs cuBLAS BF16\n"
       "  --no-pdl   launch without programmatic dependent launch (SPEAR_W4_* environment knobs also apply)\n"
       "  --no-tune  keep the decode kernel's modelled plan (default: tune each shape first, as the engine does)\n"
@@ -386,13 +387,14 @@ void usage() {
 
 int main(int argc, char** argv) try {
   std::string out_path;
-  bool quick = false, tune = true, prefill_only = false;
+  bool quick = false, tune = true, prefill_only = false, decode_only = false;
   int reps = 30;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--out" && i + 1 < argc) out_path = argv[++i];
     else if (a == "--reps" && i + 1 < argc) reps = std::max(20, std::atoi(argv[++i]));
     else if (a == "--quick") quick = true;
+    else if (a == "--decode") decode_only = true;
     else if (a == "--prefill") prefill_only = true;
     else if (a == "--no-tune") tune = false;
     else if (a == "--no-pdl") {
@@ -447,7 +449,12 @@ int main(int argc, char** argv) try {
               {"llama-3.1-8b", "q/o", 4096, 4096, {-1, 128}},   {"llama-3.1-8b", "k/v", 1024, 4096, {-1, 128}},
               {"llama-3.1-8b", "gate/up", 14336, 4096, {-1, 128}}, {"llama-3.1-8b", "down", 4096, 14336, {-1, 128}}};
   }
-  const std::vector<int> ms = quick ? std::vector<int>{1, 16, 128} : std::vector<int>{1, 2, 4, 8, 16, 32, 64, 128};
+  if (decode_only && !quick)
+    shapes.erase(std::remove_if(shapes.begin(), shapes.end(), [](const Shape& s) { return s.model != "llama-3.1-8b"; }),
+                 shapes.end());
+  const std::vector<int> ms = quick          ? std::vector<int>{1, 16, 128}
+                              : decode_only ? std::vector<int>{1, 2, 4, 8, 16}
+                                            : std::vector<int>{1, 2, 4, 8, 16, 32, 64, 128};
   const int max_m = *std::max_element(ms.begin(), ms.end());
   int max_n = 0, max_k = 0;
   for (const Shape& s : shapes) {
@@ -533,7 +540,7 @@ int main(int argc, char** argv) try {
 
   // Grouped launches: q/k/v and gate/up of each model, which share their input x.
   std::vector<Model> models;
-  if (!quick) models.push_back({"llama-3.2-1b", 2048, 512, 8192, 16});
+  if (!quick && !decode_only) models.push_back({"llama-3.2-1b", 2048, 512, 8192, 16});
   models.push_back({"llama-3.1-8b", 4096, 1024, 14336, 32});
   const std::vector<int> grouped_ms = quick ? std::vector<int>{1, 16} : std::vector<int>{1, 8, 16};
   for (const Model& md : models) {
@@ -686,6 +693,8 @@ int main(int argc, char** argv) try {
   J["copy_bandwidth_gbps"] = copy_gbps;
   J["reps"] = reps;
   J["quick"] = quick;
+  J["decode_only"] = decode_only;
+  J["bulk_min_blocks"] = cuda::w4a16_get_options().bulk_min_blocks;  // SPEAR_W4_BULK_OCC
   J["tuned_decode_plans"] = tune;
   J["workspace_bytes"] = ws_bytes;
   {

@@ -373,6 +373,47 @@ TEST(W4A16Decode, BulkKernelMatchesReference) {
   }
 }
 
+// Every instance of the bulk kernel (bulk_min_blocks 0 = by occupancy, 2-4 the plain ones) sums in the same order
+// as the compensator instance (1), which plain launches ran before: the outputs are equal bit for bit, and right
+// against the reference. Per channel and grouped (groups of 16 inside a k-block), a ring that wraps, m = 1..8.
+TEST(W4A16Decode, BulkInstancesAreBitIdentical) {
+  SKIP_WITHOUT_GPU();
+  if (cuda::device_info(0).major < 9) GTEST_SKIP() << "the bulk-copy kernel needs sm_90";
+  const int sms = cuda::device_info(0).sm_count;
+  struct Case {
+    int n, k, group;
+  };
+  const Case cases[] = {{100, 1000, -1}, {513, 1000, 32}, {1024, 4096, 128}, {48, 4000, 16}, {272, 14336, 128}};
+  uint32_t seed = 20800;
+  for (const Case& c : cases) {
+    UploadedW4 w(cuda::w4_prepare(random_quantized(c.n, c.k, 4, c.group, seed)));
+    for (int m : {1, 3, 8}) {
+      if (m * c.k > 8 * 4096) continue;  // every CTA stages all of x: 8 tokens of k = 14336 do not fit
+      const std::string shape = "n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) + " group=" +
+                                std::to_string(c.group) + " m=" + std::to_string(m);
+      W4DevBuf<uint16_t> x(random_bf16(size_t(m) * c.k, seed + uint32_t(m)));
+      const std::vector<float> ref = run_reference(x, m, w.dev, nullptr);
+      std::vector<uint16_t> base;
+      for (int inst : {1, 0, 2, 3, 4}) {
+        const std::string what = shape + " instance " + std::to_string(inst);
+        cuda::W4GemmOptions o;
+        o.decode_rows = -1;
+        o.bulk_min_blocks = inst;
+        ScopedW4Options scoped(o);
+        ASSERT_EQ(cuda::w4a16_decode_plan(m, &w.dev, 1, sms).first, -1) << what;
+        std::vector<uint16_t> got;
+        EXPECT_LT(rel_err(run_fast(x, m, w.dev, nullptr, nullptr, 0, sms, what, &got), ref), 1e-2) << what;
+        if (inst == 1)
+          base = got;
+        else
+          EXPECT_TRUE(got == base) << what << ": differs from the compensator instance";
+        if (HasFailure()) return;
+      }
+    }
+    seed += 100;
+  }
+}
+
 // Tuning picks a plan per launch shape (token tiles, matrices) and later launches of that shape use it: still
 // right, whichever plan won; forgetting the plans works.
 TEST(W4A16Decode, TunedPlansMatchReference) {

@@ -5,6 +5,8 @@
 #   tests   the GPU test binary (label gpu) and the CUDA test of every kernel
 #   memcheck compute-sanitizer memcheck on the GPU tests
 #   gemm    bench_w4_gemm: W4A16 vs cuBLAS BF16 on the 1B and 8B linear shapes
+#   gemmab  bench_w4_gemm --decode (8B shapes, M <= 16) once per setting of GEMM_RUNS (NAME=VALUE[,NAME=VALUE...]),
+#           GEMM_PASSES passes (default 2) alternating
 #   sweep   bench_w4_gemm --quick under each forced decode plan (SPEAR_W4_DECODE_ROWS / _SPLITS)
 #   ppl     GPU perplexity of the reference model and its RTN W4 package on all of test.txt
 #   bulkab:LIKE  bench decode of a LIKE-shaped W4 model at batch 1 and 8, decode plans tuned with and without the
@@ -102,6 +104,17 @@ for stage in "$@"; do
     gemm)
       t "bench_w4_gemm"
       "$BIN/bench_w4_gemm" --out "$R/w4_gemm.json" 2>&1 | tee "$R/w4_gemm.log" | tail -80 ;;
+    gemmab)
+      t "bench_w4_gemm --decode, one process per setting of GEMM_RUNS (twice each, alternating): ${GEMM_RUNS:-}"
+      for pass in $(seq 1 ${GEMM_PASSES:-2}); do
+        i=0
+        for run in ${GEMM_RUNS:-}; do  # NAME=VALUE[,NAME=VALUE...]
+          i=$((i + 1))
+          echo "== pass $pass run$i: $run" | tee -a "$R/gemmab.log"
+          env ${run//,/ } "$BIN/bench_w4_gemm" --decode --out "$R/gemmab-run$i-pass$pass.json" 2>&1 \
+            | grep -E '^llama|goal' | tee -a "$R/gemmab.log"
+        done
+      done ;;
     sweep)
       t "decode plan sweep (bench_w4_gemm --quick under forced plans)"
       for env in "" SPEAR_W4_DECODE_ROWS=1 SPEAR_W4_DECODE_ROWS=2 SPEAR_W4_DECODE_ROWS=4 SPEAR_W4_DECODE_ROWS=8 \

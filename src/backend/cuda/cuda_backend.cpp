@@ -166,6 +166,7 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   if (const char* e = std::getenv("SPEAR_W4_TUNE_AFTER")) tune_after_ = std::string(e) != "0";
   decode_fusion_mask_ = int(env_int64("SPEAR_DECODE_FUSION", decode_fusion_mask_, 0, 7));
   decode_fusion_max_m_ = int(env_int64("SPEAR_DECODE_FUSION_MAX_M", decode_fusion_max_m_, 1, 8));
+  gemv_max_m_ = int(env_int64("SPEAR_GEMV_MAX_M", gemv_max_m_, 0, kDenseGemvMaxM));
   if (const char* e = std::getenv("SPEAR_TP_REDUCE"); e && *e) tp_reduce_ = parse_tp_reduce(e, "SPEAR_TP_REDUCE");
   p2p_capacity_ = env_int64("SPEAR_TP_P2P_CAPACITY", p2p_capacity_, 1, int64_t(1) << 30);
   p2p_timeout_ns_ = uint64_t(env_int64("SPEAR_TP_P2P_TIMEOUT_MS", 0, 0, int64_t(1) << 40)) * 1'000'000ull;
@@ -540,7 +541,7 @@ void CudaBackend::dense_gemm(const CudaLinear& l, const Tensor& x, Tensor& out) 
   const int T = int(x.rows);
   const auto* bias = l.bias.bytes() ? l.bias.as<__nv_bfloat16>() : nullptr;
   const bool f32 = out.dtype == DType::F32;
-  if (f32 && T <= kDenseGemvMaxM) {  // the lm_head of a decode step (fp32 logits)
+  if (f32 && T <= gemv_max_m_) {  // the lm_head of a decode step (fp32 logits)
     auto prof = prof_->scope("linear.gemv_f32out");
     if (dense_gemv_bf16(bf(x), T, l.w.as<__nv_bfloat16>(), l.out_features, l.in_features, bias, out.data, true,
                         stream_))

@@ -15,6 +15,7 @@
 
 #include "backend/backend.h"
 #include "backend/cuda/attention.h"
+#include "backend/cuda/dense_gemv.h"
 #include "backend/cuda/device_pool.h"
 #include "backend/cuda/op_profiler.h"
 #include "backend/cuda/p2p_reduce.h"
@@ -285,6 +286,12 @@ class CudaBackend : public Backend {
   // Prefill GEMMs of at least this many tokens dequantize the W4 matrix into w4_deq_ (sized for the largest
   // one) and run cuBLAS BF16; SPEAR_W4_DEQUANT_MIN_M overrides, 0 turns it off.
   int w4_dequant_min_m_ = 129;
+  // The lm_head (bf16 weights, fp32 logits) of up to this many tokens runs dense_gemv_bf16 instead of cuBLAS
+  // (SPEAR_GEMV_MAX_M, 0..8; 0: always cuBLAS). One: from two tokens on the kernel is bound by its shared-memory
+  // reads of x (every 16 bytes of weights take two 16-byte loads per token), and cuBLAS streams the matrix faster.
+  // On the H200 (bench/results/cuda-h200-gemv-maxm): decode at batch 8 1.54 -> 1.09 ms (1B shape), 4.94 -> 3.80 ms
+  // (8B); at batch 1 the kernel and cuBLAS are within noise.
+  int gemv_max_m_ = 1;
   size_t w4_max_weights_ = 0;
   DeviceBuffer w4_deq_;
   // The fused decode MLP block (mlp_fused.h): off unless SPEAR_FUSED_MLP=1 (measured slower than the op-by-op

@@ -68,11 +68,15 @@ size_t bulk_smem_bytes(int m, int kblocks, int stages, int gmax, int ec_rmax = 0
 // Consumer warps' barrier (the producer warp has left).
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); }
 
-__global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __grid_constant__ W4BulkParams p) {
+// kEc: the instance that runs launches with fused compensators (EC CTAs, the gate, the B term). The plain
+// instances leave that code out, so that they fit kMinBlocks CTAs per SM in the registers: where shared memory lets
+// more CTAs in (k <= 4096 at one token), more tiles' codes are in flight per SM (bulk_plain_instance).
+template <bool kEc, int kMinBlocks>
+__global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(const __grid_constant__ W4BulkParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ uint64_t full[kBulkStages], empty[kBulkStages];
   __shared__ uint32_t ec_ep;
-  if (int(blockIdx.x) < p.ec_cols) {  // EC CTAs: one k-slice of A·x each, then they leave (w4a16_ec.cuh)
+  if (kEc && int(blockIdx.x) < p.ec_cols) {  // EC CTAs: one k-slice of A·x each, then they leave (w4a16_ec.cuh)
     int e = 0;
 #pragma unroll
     for (int i = 1; i < 4; ++i)
@@ -151,14 +155,14 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   } else {
     load_channel_params(mt.scales, mt.zeros, r_lo, r_hi, nz_lo, nz_hi, sc_lo, sc_hi);
   }
-  if (mt.has_ec) {  // the tile's rows of B (and the gate where the W4 CTAs apply it)
+  if (kEc && mt.has_ec) {  // the tile's rows of B (and the gate where the W4 CTAs apply it)
     ec_prefetch_b(mt.ec, tile * 16, 16, mt.n, ecb);
     if (p.ec_w4_gate) ec_prefetch_gate(mt.ec, ecgs);
   }
   pdl_launch_dependents();
   pdl_wait();
   uint32_t ep = 0;  // the launch's EC epoch: loaded now, parked in shared memory after the x staging
-  if (mt.has_ec && threadIdx.x == 0) ep = ec_epoch(mt.ec);
+  if (kEc && mt.has_ec && threadIdx.x == 0) ep = ec_epoch(mt.ec);
   {  // x rows [0, m), all of k_pad (zero beyond k)
     const int segs = p.kblocks * (kKBlock / 8);
     for (int i = threadIdx.x; i < p.m * segs; i += kThreads) {
@@ -168,7 +172,7 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   }
   cp_async_commit();
   cp_async_wait<0>();
-  if (mt.has_ec && threadIdx.x == 0) ec_ep = ep;
+  if (kEc && mt.has_ec && threadIdx.x == 0) ec_ep = ep;
   consumers_sync();
 
   // ldmatrix rows: token rows >= m alias row 0 (computed, never stored).
@@ -213,10 +217,10 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
   } else {
     fold_group<1>(acc, part, sc_lo, sc_hi);
   }
-  const unsigned long long ec_pre = mt.has_ec && !p.ec_w4_gate ? ec_gz_issue(mt.ec, p.m) : 0ull;
+  const unsigned long long ec_pre = kEc && mt.has_ec && !p.ec_w4_gate ? ec_gz_issue(mt.ec, p.m) : 0ull;
   red[warp * 32 + lane] = make_float4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]);
   consumers_sync();
-  if (mt.has_ec) {
+  if (kEc && mt.has_ec) {
     if (p.ec_w4_gate)
       ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, consumers_sync);
     else
@@ -235,7 +239,7 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
     }
     const int tok = 2 * t;
     float e0 = 0.f, e1 = 0.f, e2 = 0.f, e3 = 0.f;  // B·(g ⊙ z) of (r_lo, tok), (r_lo, tok + 1), (r_hi, ...)
-    if (mt.has_ec && tok < p.m) {
+    if (kEc && mt.has_ec && tok < p.m) {
       const int r = mt.ec.rank;
       ec_terms(ecb + g * r, ecb + (g + 8) * r, eczs + tok * r, eczs + (tok + 1) * r, r, tok + 1 < p.m, e0, e1, e2, e3);
     }
@@ -251,10 +255,10 @@ __global__ void __launch_bounds__(kBulkThreads, 2) w4a16_bulk_kernel(const __gri
     }
     if (p.fx.swiglu_out) swiglu_pair_tail(p.fx, p.mat[0].y, p.mat[1].y, mt.n, p.m, tile, lane);
   }
-  if (mt.has_ec && threadIdx.x == 0) ec_leave(mt.ec, tile, mt.n_pad / 16);  // the EC's readers: the tiles
+  if (kEc && mt.has_ec && threadIdx.x == 0) ec_leave(mt.ec, tile, mt.n_pad / 16);  // the EC's readers: the tiles
   if (p.fx.norm_out) {
     __shared__ int last;
-    norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, gridDim.x - p.ec_cols, reinterpret_cast<float*>(red), &last,
+    norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, gridDim.x - (kEc ? p.ec_cols : 0), reinterpret_cast<float*>(red), &last,
               threadIdx.x,
               [] { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); });
   }
@@ -296,6 +300,38 @@ size_t bulk_launch_smem(int m, const W4Device* w, int count, const EcPlanInfo* e
 
 std::atomic<uint64_t> g_bulk_ec_launches{0};
 
+using BulkKernel = void (*)(W4BulkParams);
+constexpr BulkKernel kBulkEcKernel = w4a16_bulk_kernel<true, 2>;
+constexpr BulkKernel kBulkPlainKernels[] = {w4a16_bulk_kernel<false, 2>, w4a16_bulk_kernel<false, 3>,
+                                            w4a16_bulk_kernel<false, 4>};
+
+// The plain instance for a launch of `smem` dynamic bytes: by default the one with the most CTAs per SM (the fewest
+// spills among equals), or as forced by W4GemmOptions::bulk_min_blocks (1: the compensator instance, which plain
+// launches ran before the plain instances existed). Occupancies are cached per KB of shared memory (the same on
+// every device of a process).
+BulkKernel bulk_plain_instance(size_t smem, int forced) {
+  if (forced == 1) return kBulkEcKernel;
+  if (forced >= 2 && forced <= 4) return kBulkPlainKernels[forced - 2];
+  static std::atomic<int8_t> best[256];  // 0: not yet computed, else 1 + index into kBulkPlainKernels
+  const size_t kb = std::min<size_t>(255, (smem + 1023) / 1024);
+  int b = best[kb].load(std::memory_order_relaxed);
+  if (b == 0) {
+    int most = -1;
+    for (int i = 0; i < 3; ++i) {
+      int per_sm = 0;
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kBulkPlainKernels[i], kBulkThreads, smem) !=
+          cudaSuccess) {
+        (void)cudaGetLastError();
+        continue;
+      }
+      if (per_sm > most) most = per_sm, b = i + 1;
+    }
+    if (b == 0) b = 1;
+    best[kb].store(int8_t(b), std::memory_order_relaxed);
+  }
+  return kBulkPlainKernels[b - 1];
+}
+
 }  // namespace
 
 bool bulk_ec_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec, int sm_count) {
@@ -303,7 +339,7 @@ bool bulk_ec_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec, in
   const size_t smem = bulk_launch_smem(m, w, count, &ec);
   if (smem + 1024 > device_facts().smem_optin) return false;
   int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, w4a16_bulk_kernel, kBulkThreads, smem) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kBulkEcKernel, kBulkThreads, smem) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }
@@ -313,7 +349,9 @@ bool bulk_ec_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec, in
 }
 
 void set_bulk_max_smem(int bytes) {
-  SPEAR_CUDA_CHECK(cudaFuncSetAttribute(w4a16_bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes - 1024));
+  SPEAR_CUDA_CHECK(cudaFuncSetAttribute(kBulkEcKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes - 1024));
+  for (BulkKernel k : kBulkPlainKernels)
+    SPEAR_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes - 1024));
 }
 
 bool bulk_project_takes(int m, const W4Device& w, const EcPlanInfo& ec) {
@@ -367,7 +405,8 @@ void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, co
   }
   const size_t smem = bulk_launch_smem(m, w, count, ec && ec_info ? ec_info : nullptr);
   const bool pdl = o.pdl && device_facts().major >= 9;
-  launch(w4a16_bulk_kernel, dim3(tiles, 1), smem, 1, pdl, stream, p, kBulkThreads);
+  const BulkKernel kernel = p.ec_cols ? kBulkEcKernel : bulk_plain_instance(smem, o.bulk_min_blocks);
+  launch(kernel, dim3(tiles, 1), smem, 1, pdl, stream, p, kBulkThreads);
   if (p.ec_cols) g_bulk_ec_launches.fetch_add(1, std::memory_order_relaxed);
 }
 

@@ -477,6 +477,7 @@ W4GemmOptions options_now() {
     g_options.decode_rows = env_int("SPEAR_W4_DECODE_ROWS", 0);
     g_options.decode_splits = env_int("SPEAR_W4_DECODE_SPLITS", 0);
     g_options.bulk = env_int("SPEAR_W4_BULK", 1) != 0;
+    g_options.bulk_min_blocks = std::clamp(env_int("SPEAR_W4_BULK_OCC", 0), 0, 4);
     g_options.ec_gate = std::clamp(env_int("SPEAR_W4_EC_GATE", 0), 0, 2);
     g_options_init = true;
   }
@@ -590,6 +591,8 @@ void w4a16_set_options(const W4GemmOptions& o) {
               "w4a16_set_options: decode_rows must be -1 (bulk-copy kernel), 0, 1, 2, 4 or 8, got {}", o.decode_rows);
   SPEAR_CHECK(o.decode_splits >= 0 && o.decode_splits <= kDecMaxCluster,
               "w4a16_set_options: decode_splits must be 0..{}, got {}", kDecMaxCluster, o.decode_splits);
+  SPEAR_CHECK(o.bulk_min_blocks >= 0 && o.bulk_min_blocks <= 4,
+              "w4a16_set_options: bulk_min_blocks must be 0..4, got {}", o.bulk_min_blocks);
   options_now();  // the environment is read first, so a later first use cannot overwrite o
   std::lock_guard<std::mutex> lock(g_options_mu);
   g_options = o;

@@ -223,6 +223,9 @@ struct W4GemmOptions {
   bool bulk = true;       // tuning may pick the bulk-copy kernel (off: A/B runs, SPEAR_W4_BULK=0)
   int ec_gate = 0;        // fused ECs' slice sum and gate: 0 tuned (untuned: by the launch's weight bytes), 1 in every
                           // W4 CTA after its reduction, 2 once in the last EC CTA (SPEAR_W4_EC_GATE)
+  int bulk_min_blocks = 0;  // the bulk kernel's instance for launches without compensators: 0 the one with the most
+                            // CTAs per SM, 2-4 the one built for that many, 1 the compensator instance
+                            // (SPEAR_W4_BULK_OCC; A/B runs)
 };
 void w4a16_set_options(const W4GemmOptions& options);
 W4GemmOptions w4a16_get_options();
