@@ -513,7 +513,7 @@ int main(int argc, char** argv) try {
         if (tune) {
           __nv_bfloat16* yt = yp;
           cuda::w4a16_tune_decode(xp, m, &rot.views[0][0], 1, &yt, flush.as<void>(), flush.bytes(), dev.sm_count,
-                                  stream);
+                                  stream, 5, nullptr, nullptr, nullptr, ws.as<void>(), ws_bytes);
         }
         run_w4(0);
         run_bf16(0);
@@ -596,7 +596,7 @@ int main(int argc, char** argv) try {
           };
           if (tune)
             cuda::w4a16_tune_decode(xp, m, rot.views[0].data(), count, ys.data(), flush.as<void>(), flush.bytes(),
-                                    dev.sm_count, stream);
+                                    dev.sm_count, stream, 5, nullptr, nullptr, nullptr, ws.as<void>(), ws_bytes);
           run_w4(0);
           run_bf16(0);
           SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));

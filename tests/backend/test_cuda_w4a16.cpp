@@ -11,6 +11,7 @@
 // forced huge SM count (maximal split-K) and with no workspace (no split-K).
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -446,6 +447,61 @@ TEST(W4A16Decode, TunedPlansMatchReference) {
   cuda::w4a16_clear_tuning();
   UploadedW4 w(cuda::w4_prepare(random_quantized(777, 1536, 4, -1, 21000)));
   EXPECT_FALSE(cuda::w4a16_decode_tuned(1, &w.dev, 1));
+}
+
+// With a workspace, tuning a plain launch of more than 16 tokens also times the general kernel, and where that wins
+// (likely on the 8B down_proj shape at 32 tokens) single and grouped launches run it at that m: right against the
+// reference whichever won, the other m of the token tiles right too, and the tuning reported by w4a16_decode_plan
+// (R = 0: the general kernel).
+TEST(W4A16Decode, TunedGeneralPlansMatchReference) {
+  SKIP_WITHOUT_GPU();
+  const int sms = cuda::device_info(0).sm_count;
+  cuda::w4a16_clear_tuning();
+  W4DevBuf<unsigned char> flush(size_t(8) << 20);
+  const int k = 14336;
+  UploadedW4 a(cuda::w4_prepare(random_quantized(4096, k, 4, 128, 21500)));
+  UploadedW4 b(cuda::w4_prepare(random_quantized(1000, k, 4, 128, 21501)));
+  const cuda::W4Device devs[2] = {a.dev, b.dev};
+  const size_t ws_bytes = cuda::w4a16_workspace_bytes(128, 4096, k, sms);
+  W4DevBuf<unsigned char> ws(ws_bytes);
+  SPEAR_CUDA_CHECK(cudaMemset(ws.get(), 0, ws_bytes));
+  for (int count : {1, 2}) {
+    for (int m : {17, 32}) {
+      const std::string what = "count " + std::to_string(count) + " m " + std::to_string(m);
+      W4DevBuf<uint16_t> x(random_bf16(size_t(m) * k, 21510 + uint32_t(m)));
+      std::vector<std::unique_ptr<W4DevBuf<uint16_t>>> ys;
+      std::vector<__nv_bfloat16*> yp;
+      for (int i = 0; i < count; ++i) {
+        ys.push_back(std::make_unique<W4DevBuf<uint16_t>>(size_t(m) * devs[i].n));
+        yp.push_back(bf_mut(*ys.back()));
+      }
+      ASSERT_TRUE(cuda::w4a16_tune_decode(bf(x), m, devs, count, yp.data(), flush.get(), size_t(8) << 20, sms,
+                                          nullptr, 2, nullptr, nullptr, nullptr, ws.get(), ws_bytes))
+          << what;
+      const auto plan = cuda::w4a16_decode_plan(m, devs, count, sms);
+      const std::string name =
+          plan.first == 0 ? "general" : "R" + std::to_string(plan.first) + "S" + std::to_string(plan.second);
+      std::printf("tuned plan, %s: %s\n", what.c_str(), name.c_str());
+      for (int mm : {m, m - 1}) {  // the tuned m, and another m of the same token tiles
+        W4DevBuf<uint16_t> xx(random_bf16(size_t(mm) * k, 21520 + uint32_t(mm)));
+        std::vector<std::unique_ptr<W4DevBuf<uint16_t>>> yy;
+        std::vector<__nv_bfloat16*> yyp;
+        for (int i = 0; i < count; ++i) {
+          yy.push_back(std::make_unique<W4DevBuf<uint16_t>>(size_t(mm) * devs[i].n));
+          yyp.push_back(bf_mut(*yy.back()));
+        }
+        cuda::w4a16_gemm_grouped(bf(xx), mm, devs, count, nullptr, yyp.data(), ws.get(), ws_bytes, sms, nullptr);
+        SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
+        for (int i = 0; i < count; ++i) {
+          std::vector<float> got;
+          for (uint16_t v : yy[i]->download()) got.push_back(bf16_to_f32(v));
+          EXPECT_LT(rel_err(got, run_reference(xx, mm, devs[i], nullptr)), 1e-2)
+              << what << " run at m " << mm << " matrix " << i;
+        }
+      }
+    }
+  }
+  cuda::w4a16_clear_tuning();
 }
 
 // The general (split-K through the workspace) kernel is still right at small m, where the decode kernel

@@ -181,8 +181,9 @@ TuneKey tune_key(int m, const W4Device* w, int count, const EcPlanInfo* ec = nul
 
 // The plan a launch runs: forced by the options, else the tuned one for this shape, else the time model's (also
 // when a forced or tuned plan does not fit). R == 0: none fits.
+// allow_general: a tuned kGeneralPlan comes back as R == kGeneralPlan (else the time model's plan replaces it).
 DecodePlan choose_plan(int m, const W4Device* w, int count, int sm_count, const W4GemmOptions& o,
-                       const EcPlanInfo* ec = nullptr) {
+                       const EcPlanInfo* ec = nullptr, bool allow_general = false) {
   const int T = token_tiles(m);
   int fr = o.decode_rows, fs = o.decode_splits;
   int gate = ec_w4_gate_default(w, count);
@@ -197,6 +198,14 @@ DecodePlan choose_plan(int m, const W4Device* w, int count, int sm_count, const 
     }
   }
   if (o.ec_gate) gate = o.ec_gate == 1 ? 1 : 0;
+  if (fr == kGeneralPlan) {
+    if (allow_general && !ec) {
+      DecodePlan general;
+      general.R = kGeneralPlan;
+      return general;
+    }
+    fr = fs = 0;
+  }
   if (fr == kBulkPlan) {
     if (ec ? bulk_ec_takes(m, w, count, *ec, sm_count) : bulk_takes(m, w, count)) {
       DecodePlan bulk;
@@ -217,10 +226,12 @@ DecodePlan choose_plan(int m, const W4Device* w, int count, int sm_count, const 
 
 // The decode kernel over count matrices sharing x; false when no plan fits (the caller takes the general path).
 bool launch_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
-                   __nv_bfloat16* const* y, int sm_count, const W4GemmOptions& o, cudaStream_t stream) {
+                   __nv_bfloat16* const* y, int sm_count, const W4GemmOptions& o, cudaStream_t stream, bool* general) {
+  if (general) *general = false;
   if (!decode_takes(m, w, count)) return false;
-  const DecodePlan plan = choose_plan(m, w, count, sm_count, o);
-  if (plan.R == 0) return false;
+  const DecodePlan plan = choose_plan(m, w, count, sm_count, o, nullptr, general != nullptr);
+  if (plan.R == kGeneralPlan) *general = true;
+  if (plan.R == 0 || plan.R == kGeneralPlan) return false;
   if (plan.R == kBulkPlan)
     launch_bulk(x, m, w, count, bias, y, o, stream);
   else
@@ -337,7 +348,8 @@ bool launch_decode_fused(const __nv_bfloat16* x, int m, const W4Device* w, int c
 
 bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y, void* flush,
                  size_t flush_bytes, int sm_count, cudaStream_t stream, int reps, const W4EcDevice* const* ec,
-                 const W4Fusion* fusion, const std::function<void()>* before) {
+                 const W4Fusion* fusion, const std::function<void()>* before,
+                 const std::function<void()>* general) {
   if (!decode_takes(m, w, count)) return false;
   if (ec && !ec_fusable(m, w, count, ec)) return false;
   const EcPlanInfo info = ec_plan_info(w[0].k, count, ec);
@@ -437,6 +449,14 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
       if (log) std::fprintf(stderr, "%s bulk gate %d: %.2f us\n", log_shape().c_str(), gate, us);
       time_behind(run, std::pair<int, int>{kBulkPlan, 1}, gate, "bulk");
     }
+  // The general kernel (split-K through the caller's workspace), for plain launches of more than 16 tokens: at 32
+  // tokens it beats every decode plan on some shapes (8B down_proj) and loses on others (the 1B shapes).
+  bool general_wins = false;
+  if (general && *general && !ei && !fusion && m > 16) {
+    const double us = median_us(*general);
+    if (us < best_us) best_us = us, general_wins = true, bulk_wins = false;
+    if (log) std::fprintf(stderr, "%s general: %.2f us\n", log_shape().c_str(), us);
+  }
   cudaEventDestroy(ev[0]);
   cudaEventDestroy(ev[1]);
   if (best.first == 0) return false;
@@ -444,7 +464,7 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
   TunedPlan& t = g_tuned[tune_key(m, w, count, ei)];
   t.ring = best;
   t.ring_gate = best_gate;
-  t.best = bulk_wins ? std::pair<int, int>{kBulkPlan, 1} : best;
+  t.best = general_wins ? std::pair<int, int>{kGeneralPlan, 0} : bulk_wins ? std::pair<int, int>{kBulkPlan, 1} : best;
   t.best_gate = bulk_wins ? bulk_gate : best_gate;
   if (ctx_best.first != 0) t.best = ctx_best, t.best_gate = ctx_gate;
   t.m = m;
@@ -453,7 +473,8 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
 
 std::pair<int, int> decode_plan(int m, const W4Device* w, int count, int sm_count) {
   if (!decode_takes(m, w, count)) return {0, 0};
-  const DecodePlan plan = choose_plan(m, w, count, sm_count, w4a16_get_options());
+  const DecodePlan plan = choose_plan(m, w, count, sm_count, w4a16_get_options(), nullptr, true);
+  if (plan.R == kGeneralPlan) return {0, 0};  // the general kernel
   return {plan.R, plan.S};
 }
 

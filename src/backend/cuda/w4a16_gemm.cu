@@ -620,7 +620,9 @@ void w4a16_gemm(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfl
   SPEAR_CHECK(y, "w4a16_gemm: null y");
   const W4GemmOptions o = options_now();
   const bool pdl = o.pdl && device_facts().major >= 9;
-  if (o.path != 2 && m <= kDecMaxTokens && launch_decode(x, m, &w, 1, &bias, &y, sm_count, o, stream)) return;
+  bool general = false;  // a tuned kGeneralPlan, or no decode plan: the general kernel below either way
+  if (o.path != 2 && m <= kDecMaxTokens && launch_decode(x, m, &w, 1, &bias, &y, sm_count, o, stream, &general))
+    return;
   for (int m0 = 0; m0 < m; m0 += kMaxTokens) {
     const int mc = std::min(kMaxTokens, m - m0);
     launch_general(x + size_t(m0) * w.k, mc, w, bias, y + size_t(m0) * w.n, workspace, workspace_bytes, sm_count,
@@ -659,7 +661,14 @@ void w4a16_gemm_grouped(const __nv_bfloat16* x, int m, const W4Device* w, int co
     SPEAR_CHECK(w[i].k == w[0].k, "w4a16_gemm_grouped: matrix {} has k {}, matrix 0 has k {}", i, w[i].k, w[0].k);
   }
   const W4GemmOptions o = options_now();
-  if (o.path != 2 && m <= kDecMaxTokens && launch_decode(x, m, w, count, bias, y, sm_count, o, stream)) return;
+  bool general = false;
+  if (o.path != 2 && m <= kDecMaxTokens && launch_decode(x, m, w, count, bias, y, sm_count, o, stream, &general)) return;
+  if (general) {  // tuned: the general kernel beats the decode plans for this launch (one launch per matrix)
+    const bool pdl = o.pdl && device_facts().major >= 9;
+    for (int i = 0; i < count; ++i)
+      launch_general(x, m, w[i], bias ? bias[i] : nullptr, y[i], workspace, workspace_bytes, sm_count, pdl, stream);
+    return;
+  }
   // Larger m (or mixed per-channel / grouped matrices): one GEMM after the other (same workspace, stream order).
   for (int i = 0; i < count; ++i)
     w4a16_gemm(x, m, w[i], bias ? bias[i] : nullptr, y[i], workspace, workspace_bytes, sm_count, stream);
@@ -733,7 +742,8 @@ bool w4a16_gemm_fused(const __nv_bfloat16* x, int m, const W4Device* w, int coun
 
 bool w4a16_tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y,
                        void* flush, size_t flush_bytes, int sm_count, cudaStream_t stream, int reps,
-                       const W4EcDevice* const* ec, const W4Fusion* fusion, const std::function<void()>* before) {
+                       const W4EcDevice* const* ec, const W4Fusion* fusion, const std::function<void()>* before,
+                       void* workspace, size_t workspace_bytes) {
   SPEAR_CHECK(count >= 1 && count <= kW4MaxGrouped, "w4a16_tune_decode: count {} (1..{})", count, kW4MaxGrouped);
   SPEAR_CHECK(w && y && x, "w4a16_tune_decode: null x, matrix or output array");
   SPEAR_CHECK(reps >= 1, "w4a16_tune_decode: reps must be >= 1");
@@ -743,8 +753,19 @@ bool w4a16_tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int cou
   }
   if (m <= 0) return false;
   if (fusion && (fusion->residual || !w4a16_fusable(m, w, count, *fusion, y, ec))) fusion = nullptr;
+  check_gemm_args(x, workspace);
+  // The general kernel as w4a16_gemm_grouped runs it for a tuned kGeneralPlan (one launch per matrix, no bias: the
+  // timing does not depend on it).
+  std::function<void()> general;
+  if (workspace && m <= kMaxTokens) {
+    const bool pdl = options_now().pdl && device_facts().major >= 9;
+    general = [=] {
+      for (int i = 0; i < count; ++i)
+        launch_general(x, m, w[i], nullptr, y[i], workspace, workspace_bytes, sm_count, pdl, stream);
+    };
+  }
   return tune_decode(x, m, w, count, y, flush, flush ? flush_bytes : 0, sm_count, stream, reps, ec, fusion,
-                     before && *before ? before : nullptr);
+                     before && *before ? before : nullptr, general ? &general : nullptr);
 }
 
 bool w4a16_decode_tuned(int m, const W4Device* w, int count, const W4EcDevice* const* ec) {

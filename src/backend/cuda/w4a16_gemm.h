@@ -198,11 +198,14 @@ bool w4a16_gemm_fused(const __nv_bfloat16* x, int m, const W4Device* w, int coun
 // timed behind a replay of it (the pair is timed), and the fastest that way runs at this m: programmatic dependent
 // launch starts this launch's CTAs during the predecessor's tail, so a plan's cost there depends on how its CTAs fit
 // beside the predecessor's (a cluster of 7 CTAs waits longer for room than single CTAs), which a launch timed alone
-// does not show. Other m of the same token tiles run the fastest register-ring plan timed alone.
+// does not show. Other m of the same token tiles run the fastest register-ring plan timed alone. With a workspace (as
+// w4a16_gemm_grouped takes), a plain launch of more than 16 tokens also times the general kernel, which then runs at
+// this m where it wins (8B down_proj at 32 tokens).
 bool w4a16_tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y,
                        void* flush, size_t flush_bytes, int sm_count, cudaStream_t stream, int reps = 5,
                        const W4EcDevice* const* ec = nullptr, const W4Fusion* fusion = nullptr,
-                       const std::function<void()>* before = nullptr);
+                       const std::function<void()>* before = nullptr, void* workspace = nullptr,
+                       size_t workspace_bytes = 0);
 // True when this launch has a tuned plan or the decode kernel does not take it (nothing to tune).
 bool w4a16_decode_tuned(int m, const W4Device* w, int count, const W4EcDevice* const* ec = nullptr);
 void w4a16_clear_tuning();  // forget every tuned plan (tests, benchmarks)

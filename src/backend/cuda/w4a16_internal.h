@@ -34,8 +34,10 @@ void set_decode_max_smem(int T, bool grouped, int bytes);
 
 // The decode kernel over count matrices sharing x; false when no plan fits (the caller takes the general path).
 // (w4a16_decode.cu)
+// general (optional): set when the launch's tuned plan is the general kernel (then false is returned too).
 bool launch_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
-                   __nv_bfloat16* const* y, int sm_count, const W4GemmOptions& o, cudaStream_t stream);
+                   __nv_bfloat16* const* y, int sm_count, const W4GemmOptions& o, cudaStream_t stream,
+                   bool* general = nullptr);
 
 // The decode kernel with the P2P dual-write of its output (w4a16_decode.cu); false when it cannot take it.
 bool launch_decode_mirrored(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfloat16* bias,
@@ -62,9 +64,12 @@ bool launch_decode_fused(const __nv_bfloat16* x, int m, const W4Device* w, int c
                          const W4GemmOptions& o, cudaStream_t stream, const W4EcDevice* const* ec = nullptr);
 
 // Decode-plan tuning (w4a16_decode.cu; the public entry points in w4a16_gemm.cu check the arguments first).
+// general: enqueues the launch on the general kernel (plain launches of more than 16 tokens, where the caller has a
+// workspace for it): timed beside the decode plans, and run at this m where it wins (kGeneralPlan).
 bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y, void* flush,
                  size_t flush_bytes, int sm_count, cudaStream_t stream, int reps, const W4EcDevice* const* ec,
-                 const W4Fusion* fusion = nullptr, const std::function<void()>* before = nullptr);
+                 const W4Fusion* fusion = nullptr, const std::function<void()>* before = nullptr,
+                 const std::function<void()>* general = nullptr);
 bool decode_tuned(int m, const W4Device* w, int count, const W4EcDevice* const* ec);
 std::pair<int, int> decode_plan(int m, const W4Device* w, int count, int sm_count);
 void clear_tuning();
@@ -72,6 +77,8 @@ void clear_tuning();
 // (forced by W4GemmOptions::decode_rows = -1, or picked by tune_decode) runs it. Fused compensators (ec,
 // ec_info: w4a16_decode_plan.h) only where bulk_ec_takes (one wave); the fusions not with them.
 constexpr int kBulkPlan = -1;
+// A tuned plan of R == kGeneralPlan: the launch runs on the general kernel (launch_decode returns false, *general set).
+constexpr int kGeneralPlan = -2;
 struct EcPlanInfo;
 bool bulk_takes(int m, const W4Device* w, int count);
 void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
