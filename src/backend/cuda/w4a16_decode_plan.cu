@@ -192,19 +192,18 @@ DecodePlan choose_plan(int m, const W4Device* w, int count, int sm_count, const 
     const auto it = g_tuned.find(tune_key(m, w, count, ec));
     if (it != g_tuned.end()) {
       const TunedPlan& t = it->second;
-      const bool ring = m != t.m;
+      // A general-kernel win stands only where the caller can run it; elsewhere (the mirrored TP launch) the
+      // fastest decode plan.
+      const bool ring = m != t.m || (t.best.first == kGeneralPlan && !allow_general);
       std::tie(fr, fs) = ring ? t.ring : t.best;
       gate = ring ? t.ring_gate : t.best_gate;
     }
   }
   if (o.ec_gate) gate = o.ec_gate == 1 ? 1 : 0;
   if (fr == kGeneralPlan) {
-    if (allow_general && !ec) {
-      DecodePlan general;
-      general.R = kGeneralPlan;
-      return general;
-    }
-    fr = fs = 0;
+    DecodePlan general;
+    general.R = kGeneralPlan;
+    return general;
   }
   if (fr == kBulkPlan) {
     if (ec ? bulk_ec_takes(m, w, count, *ec, sm_count) : bulk_takes(m, w, count)) {
