@@ -2,7 +2,8 @@
 // same y = x·Wᵀ) on the linear shapes of Llama-3.2-1B and Llama-3.1-8B, M = 1..128 tokens, with the device's
 // copy bandwidth as the yardstick for the weight-streaming rate.
 //
-//   build/bench/bench_w4_gemm [--quick] [--decode] [--prefill] [--no-pdl] [--no-tune] [--reps N] [--out FILE.json] [--help]
+//   build/bench/bench_w4_gemm [--quick] [--decode] [--prefill] [--no-pdl] [--no-tune] [--reps N] [--out FILE.json]
+//                             [--help]
 //
 // Method:
 //  * peak: cudaMemcpyAsync device-to-device of 1 GiB, bytes read + written / time (median of 10);
@@ -372,7 +373,8 @@ nlohmann::json prefill_section(cudaStream_t stream, cublasHandle_t cublas, int s
 
 void usage() {
   std::printf(
-      "usage: bench_w4_gemm [--quick] [--decode] [--prefill] [--no-pdl] [--no-tune] [--reps N] [--out FILE.json] [--help]\n"
+      "usage: bench_w4_gemm [--quick] [--decode] [--prefill] [--no-pdl] [--no-tune] [--reps N] [--out FILE.json]\n"
+      "                     [--help]\n"
       "  W4A16 GEMM (w4a16_gemm) vs cuBLAS BF16 on the Llama-3.2-1B / Llama-3.1-8B linear shapes, M = 1..128.\n"
       "  --quick    a smoke run: 8B k/v and down only, M = 1, 16, 128\n"
       "  --decode   only the goal's rows: 8B shapes (and grouped launches) at M = 1..16\n"

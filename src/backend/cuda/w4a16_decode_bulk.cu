@@ -258,9 +258,8 @@ __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(co
   if (kEc && mt.has_ec && threadIdx.x == 0) ec_leave(mt.ec, tile, mt.n_pad / 16);  // the EC's readers: the tiles
   if (p.fx.norm_out) {
     __shared__ int last;
-    norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, gridDim.x - (kEc ? p.ec_cols : 0), reinterpret_cast<float*>(red), &last,
-              threadIdx.x,
-              [] { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); });
+    norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, gridDim.x - (kEc ? p.ec_cols : 0), reinterpret_cast<float*>(red),
+              &last, threadIdx.x, [] { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); });
   }
 }
 

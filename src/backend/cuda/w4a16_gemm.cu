@@ -662,7 +662,8 @@ void w4a16_gemm_grouped(const __nv_bfloat16* x, int m, const W4Device* w, int co
   }
   const W4GemmOptions o = options_now();
   bool general = false;
-  if (o.path != 2 && m <= kDecMaxTokens && launch_decode(x, m, w, count, bias, y, sm_count, o, stream, &general)) return;
+  if (o.path != 2 && m <= kDecMaxTokens && launch_decode(x, m, w, count, bias, y, sm_count, o, stream, &general))
+    return;
   if (general) {  // tuned: the general kernel beats the decode plans for this launch (one launch per matrix)
     const bool pdl = o.pdl && device_facts().major >= 9;
     for (int i = 0; i < count; ++i)
