@@ -465,17 +465,25 @@ TEST(W4A16Decode, TunedGeneralPlansMatchReference) {
   const size_t ws_bytes = cuda::w4a16_workspace_bytes(128, 4096, k, sms);
   W4DevBuf<unsigned char> ws(ws_bytes);
   SPEAR_CUDA_CHECK(cudaMemset(ws.get(), 0, ws_bytes));
+  // Output buffers of the first `count` matrices at m tokens, and their pointers.
+  struct Outputs {
+    std::vector<std::unique_ptr<W4DevBuf<uint16_t>>> bufs;
+    std::vector<__nv_bfloat16*> ptrs;
+  };
+  auto outputs = [&](int count, int m) {
+    Outputs o;
+    for (int i = 0; i < count; ++i) {
+      o.bufs.push_back(std::make_unique<W4DevBuf<uint16_t>>(size_t(m) * devs[i].n));
+      o.ptrs.push_back(bf_mut(*o.bufs.back()));
+    }
+    return o;
+  };
   for (int count : {1, 2}) {
     for (int m : {17, 32}) {
       const std::string what = "count " + std::to_string(count) + " m " + std::to_string(m);
       W4DevBuf<uint16_t> x(random_bf16(size_t(m) * k, 21510 + uint32_t(m)));
-      std::vector<std::unique_ptr<W4DevBuf<uint16_t>>> ys;
-      std::vector<__nv_bfloat16*> yp;
-      for (int i = 0; i < count; ++i) {
-        ys.push_back(std::make_unique<W4DevBuf<uint16_t>>(size_t(m) * devs[i].n));
-        yp.push_back(bf_mut(*ys.back()));
-      }
-      ASSERT_TRUE(cuda::w4a16_tune_decode(bf(x), m, devs, count, yp.data(), flush.get(), size_t(8) << 20, sms,
+      Outputs y = outputs(count, m);
+      ASSERT_TRUE(cuda::w4a16_tune_decode(bf(x), m, devs, count, y.ptrs.data(), flush.get(), size_t(8) << 20, sms,
                                           nullptr, 2, nullptr, nullptr, nullptr, ws.get(), ws_bytes))
           << what;
       const auto plan = cuda::w4a16_decode_plan(m, devs, count, sms);
@@ -484,17 +492,12 @@ TEST(W4A16Decode, TunedGeneralPlansMatchReference) {
       std::printf("tuned plan, %s: %s\n", what.c_str(), name.c_str());
       for (int mm : {m, m - 1}) {  // the tuned m, and another m of the same token tiles
         W4DevBuf<uint16_t> xx(random_bf16(size_t(mm) * k, 21520 + uint32_t(mm)));
-        std::vector<std::unique_ptr<W4DevBuf<uint16_t>>> yy;
-        std::vector<__nv_bfloat16*> yyp;
-        for (int i = 0; i < count; ++i) {
-          yy.push_back(std::make_unique<W4DevBuf<uint16_t>>(size_t(mm) * devs[i].n));
-          yyp.push_back(bf_mut(*yy.back()));
-        }
-        cuda::w4a16_gemm_grouped(bf(xx), mm, devs, count, nullptr, yyp.data(), ws.get(), ws_bytes, sms, nullptr);
+        Outputs yy = outputs(count, mm);
+        cuda::w4a16_gemm_grouped(bf(xx), mm, devs, count, nullptr, yy.ptrs.data(), ws.get(), ws_bytes, sms, nullptr);
         SPEAR_CUDA_CHECK(cudaDeviceSynchronize());
         for (int i = 0; i < count; ++i) {
           std::vector<float> got;
-          for (uint16_t v : yy[i]->download()) got.push_back(bf16_to_f32(v));
+          for (uint16_t v : yy.bufs[i]->download()) got.push_back(bf16_to_f32(v));
           EXPECT_LT(rel_err(got, run_reference(xx, mm, devs[i], nullptr)), 1e-2)
               << what << " run at m " << mm << " matrix " << i;
         }

@@ -580,8 +580,6 @@ void CudaBackend::tune_w4_once(const __nv_bfloat16* x, int m, const W4Device* w,
   }
   const bool after = tune_after_ && last_w4_replay_ && prof_->ops() == last_w4_ops_;
   try {
-    // The workspace lets plain launches of more than 16 tokens also time the general kernel (w4a16_gemm_grouped
-    // runs it where it wins).
     const bool plain = !ec && !fusion;
     w4a16_tune_decode(x, m, w, count, y, flush, flush_bytes, sm_count_, stream_, 5, ec, tune_fused_ ? fusion : nullptr,
                       after ? &last_w4_replay_ : nullptr, plain ? w4_ws_.get() : nullptr, plain ? w4_ws_.bytes() : 0);

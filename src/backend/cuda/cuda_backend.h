@@ -217,7 +217,8 @@ class CudaBackend : public Backend {
   // eager runs only, since tuning synchronizes; the first run of every graph key is eager (run_graph). fusion: the
   // tails a fused launch will run, timed with every plan (SPEAR_W4_TUNE_FUSED=0: plain timing, for A/B runs). A
   // launch that directly follows another W4 launch (no op in between: the fused gate/up's SwiGLU launch and the down
-  // projection at one token) is timed behind a replay of it (SPEAR_W4_TUNE_AFTER=0: alone).
+  // projection at one token) is timed behind a replay of it (SPEAR_W4_TUNE_AFTER=0: alone). Plain launches get the W4
+  // workspace, so that at more than 16 tokens the general kernel is timed too (and runs where it wins).
   void tune_w4_once(const __nv_bfloat16* x, int m, const W4Device* w, int count, __nv_bfloat16* const* y,
                     const W4EcDevice* const* ec = nullptr, const W4Fusion* fusion = nullptr);
   // After enqueuing a W4 launch that may be enqueued again unchanged (no residual add), eager and tuning: how, for
