@@ -71,7 +71,10 @@ __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;
 // kEc: the instance that runs launches with fused compensators (EC CTAs, the gate, the B term). The plain
 // instances leave that code out, so that they fit kMinBlocks CTAs per SM in the registers: where shared memory lets
 // more CTAs in (k <= 4096 at one token), more tiles' codes are in flight per SM (bulk_plain_instance).
-template <bool kEc, int kMinBlocks>
+// kMode (DecodeGroupMode): the launch's scale groups. Per channel and groups of whole k-blocks take a loop without
+// per-k-step group logic over a whole stage, each warp's two k-blocks in two MMA chains; any other launch (and a
+// stage short of kBulkChunk k-blocks) the general loop.
+template <bool kEc, int kMinBlocks, int kMode>
 __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(const __grid_constant__ W4BulkParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ uint64_t full[kBulkStages], empty[kBulkStages];
@@ -178,18 +181,44 @@ __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(co
   // ldmatrix rows: token rows >= m alias row 0 (computed, never stored).
   const int lrow = ldmatrix_row<1>(lane);
   const uint32_t xrow = smem_u32(xs) + uint32_t((lrow < p.m ? lrow : 0) * p.xs_stride * 2) + ((lane >> 3) & 1) * 16;
-  float acc[1][4], part[1][4];
+  float acc[1][4], part[1][4], part2[1][4];  // part2: the second MMA chain of the specialised loop
   zero_accumulators<1>(acc, part);
+  zero_accumulators<1>(acc, part2);
   int grp = -1;  // the group whose parameters are loaded (grouped)
+  auto fold = [&] {
+    fold_group<1>(acc, part, sc_lo, sc_hi);
+    fold_group<1>(acc, part2, sc_lo, sc_hi);
+  };
   auto new_group = [&](int gi) {
     if (gi == grp) return;
-    if (grp >= 0) fold_group<1>(acc, part, sc_lo, sc_hi);
+    if (grp >= 0) fold();
     grp = gi;
     load_group_params(ss, zs, gi * 16 + g, sc_lo, sc_hi, nz_lo, nz_hi);
   };
   for (int c = 0; c < nchunks; ++c) {
     const int s = c % NS, kb0 = c * kBulkChunk, nkb = min(kBulkChunk, p.kblocks - kb0);
     mbar_wait(&full[s], unsigned(c / NS) & 1u);
+    if (kMode != kAnyGroups && nkb == kBulkChunk) {  // both k-blocks' codes first, no bounds or group checks per step
+      uint4 w[kRun];
+#pragma unroll
+      for (int jj = 0; jj < kRun; ++jj) w[jj] = ring[(s * kBulkChunk + warp * kRun + jj) * 32 + lane];
+#pragma unroll
+      for (int jj = 0; jj < kRun; ++jj) {
+        const int kb = kb0 + warp * kRun + jj;
+        if (kMode == kWholeKBlocks) new_group(min(kb * 4 / mt.group_steps, mt.groups - 1));
+        const uint32_t ws[4] = {w[jj].x, w[jj].y, w[jj].z, w[jj].w};
+#pragma unroll
+        for (int st = 0; st < 4; ++st) {
+          uint32_t a[4], b0, b1;
+          dequant_fragment(ws[st], nz_lo, nz_hi, a);
+          ldmatrix_x2(xrow + uint32_t(kb) * (kKBlock * 2) + st * 32, b0, b1);
+          mma_bf16(jj % 2 ? part2[0] : part[0], a, b0, b1);
+        }
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[s]);
+      continue;
+    }
     // Each warp takes a run of kRun consecutive k-blocks of the stage: a group of 128 changes once per run.
     for (int jj = 0; jj < kRun; ++jj) {
       const int j = warp * kRun + jj;
@@ -212,11 +241,7 @@ __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(co
     __syncwarp();
     if (lane == 0) mbar_arrive(&empty[s]);
   }
-  if (gmax) {
-    if (grp >= 0) fold_group<1>(acc, part, sc_lo, sc_hi);
-  } else {
-    fold_group<1>(acc, part, sc_lo, sc_hi);
-  }
+  if (!gmax || grp >= 0) fold();
   const unsigned long long ec_pre = kEc && mt.has_ec && !p.ec_w4_gate ? ec_gz_issue(mt.ec, p.m) : 0ull;
   red[warp * 32 + lane] = make_float4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]);
   consumers_sync();
@@ -300,17 +325,25 @@ size_t bulk_launch_smem(int m, const W4Device* w, int count, const EcPlanInfo* e
 std::atomic<uint64_t> g_bulk_ec_launches{0};
 
 using BulkKernel = void (*)(W4BulkParams);
-constexpr BulkKernel kBulkEcKernel = w4a16_bulk_kernel<true, 2>;
-constexpr BulkKernel kBulkPlainKernels[] = {w4a16_bulk_kernel<false, 2>, w4a16_bulk_kernel<false, 3>,
-                                            w4a16_bulk_kernel<false, 4>};
+// [DecodeGroupMode]
+constexpr BulkKernel kBulkEcKernels[3] = {w4a16_bulk_kernel<true, 2, kPerChannel>,
+                                          w4a16_bulk_kernel<true, 2, kWholeKBlocks>,
+                                          w4a16_bulk_kernel<true, 2, kAnyGroups>};
+constexpr BulkKernel kBulkPlainKernels[3][3] = {
+    {w4a16_bulk_kernel<false, 2, kPerChannel>, w4a16_bulk_kernel<false, 3, kPerChannel>,
+     w4a16_bulk_kernel<false, 4, kPerChannel>},
+    {w4a16_bulk_kernel<false, 2, kWholeKBlocks>, w4a16_bulk_kernel<false, 3, kWholeKBlocks>,
+     w4a16_bulk_kernel<false, 4, kWholeKBlocks>},
+    {w4a16_bulk_kernel<false, 2, kAnyGroups>, w4a16_bulk_kernel<false, 3, kAnyGroups>,
+     w4a16_bulk_kernel<false, 4, kAnyGroups>}};
 
 // The plain instance for a launch of `smem` dynamic bytes: by default the one with the most CTAs per SM (the fewest
 // spills among equals), or as forced by W4GemmOptions::bulk_min_blocks (1: the compensator instance, which plain
 // launches ran before the plain instances existed). Occupancies are cached per KB of shared memory (the same on
 // every device of a process).
-BulkKernel bulk_plain_instance(size_t smem, int forced) {
-  if (forced == 1) return kBulkEcKernel;
-  if (forced >= 2 && forced <= 4) return kBulkPlainKernels[forced - 2];
+BulkKernel bulk_plain_instance(size_t smem, int forced, int mode) {
+  if (forced == 1) return kBulkEcKernels[mode];
+  if (forced >= 2 && forced <= 4) return kBulkPlainKernels[mode][forced - 2];
   static std::atomic<int8_t> best[256];  // 0: not yet computed, else 1 + index into kBulkPlainKernels
   const size_t kb = std::min<size_t>(255, (smem + 1023) / 1024);
   int b = best[kb].load(std::memory_order_relaxed);
@@ -318,7 +351,7 @@ BulkKernel bulk_plain_instance(size_t smem, int forced) {
     int most = -1;
     for (int i = 0; i < 3; ++i) {
       int per_sm = 0;
-      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kBulkPlainKernels[i], kBulkThreads, smem) !=
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kBulkPlainKernels[kAnyGroups][i], kBulkThreads, smem) !=
           cudaSuccess) {
         (void)cudaGetLastError();
         continue;
@@ -328,7 +361,7 @@ BulkKernel bulk_plain_instance(size_t smem, int forced) {
     if (b == 0) b = 1;
     best[kb].store(int8_t(b), std::memory_order_relaxed);
   }
-  return kBulkPlainKernels[b - 1];
+  return kBulkPlainKernels[mode][b - 1];
 }
 
 }  // namespace
@@ -338,7 +371,8 @@ bool bulk_ec_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec, in
   const size_t smem = bulk_launch_smem(m, w, count, &ec);
   if (smem + 1024 > device_facts().smem_optin) return false;
   int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kBulkEcKernel, kBulkThreads, smem) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kBulkEcKernels[group_mode(w, count)], kBulkThreads,
+                                                    smem) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }
@@ -348,9 +382,11 @@ bool bulk_ec_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec, in
 }
 
 void set_bulk_max_smem(int bytes) {
-  SPEAR_CUDA_CHECK(cudaFuncSetAttribute(kBulkEcKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes - 1024));
-  for (BulkKernel k : kBulkPlainKernels)
+  for (BulkKernel k : kBulkEcKernels)
     SPEAR_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes - 1024));
+  for (const auto& per_mode : kBulkPlainKernels)
+    for (BulkKernel k : per_mode)
+      SPEAR_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes - 1024));
 }
 
 bool bulk_project_takes(int m, const W4Device& w, const EcPlanInfo& ec) {
@@ -404,7 +440,8 @@ void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, co
   }
   const size_t smem = bulk_launch_smem(m, w, count, ec && ec_info ? ec_info : nullptr);
   const bool pdl = o.pdl && device_facts().major >= 9;
-  const BulkKernel kernel = p.ec_cols ? kBulkEcKernel : bulk_plain_instance(smem, o.bulk_min_blocks);
+  const int mode = group_mode(w, count);
+  const BulkKernel kernel = p.ec_cols ? kBulkEcKernels[mode] : bulk_plain_instance(smem, o.bulk_min_blocks, mode);
   launch(kernel, dim3(tiles, 1), smem, 1, pdl, stream, p, kBulkThreads);
   if (p.ec_cols) g_bulk_ec_launches.fetch_add(1, std::memory_order_relaxed);
 }
