@@ -197,6 +197,30 @@ static std::vector<Reader> make_readers() {
   return r;
 }
 
+// body(i) for i < warmup untimed, then for i < n each between its own pair of events: the n times in ms, sorted.
+template <typename Body>
+static std::vector<float> event_ms(cudaStream_t st, int warmup, int n, Body&& body) {
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  for (int i = 0; i < warmup; ++i) body(i);
+  std::vector<float> v;
+  for (int i = 0; i < n; ++i) {
+    CK(cudaEventRecord(e0, st));
+    body(i);
+    CK(cudaEventRecord(e1, st));
+    CK(cudaEventSynchronize(e1));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    v.push_back(ms);
+  }
+  CK(cudaGetLastError());
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
 struct Buffers {
   char* base = nullptr;
   size_t bytes = 0;
@@ -207,36 +231,17 @@ struct Buffers {
 // Times one reader on `bytes`: alone (one launch between events, each call another copy), b2b and pdl (100
 // launches). Returns µs per launch for the three modes.
 static void time_reader(const Reader& rd, const Buffers& b, cudaStream_t st, double (&us)[3]) {
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  for (int i = 0; i < b.copies; ++i) rd.launch(st, b.copy(i), b.bytes, false);
-  std::vector<float> alone;
-  for (int i = 0; i < 30; ++i) {
-    CK(cudaEventRecord(e0, st));
-    rd.launch(st, b.copy(i), b.bytes, false);
-    CK(cudaEventRecord(e1, st));
-    CK(cudaEventSynchronize(e1));
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    alone.push_back(ms);
-  }
-  std::sort(alone.begin(), alone.end());
+  const std::vector<float> alone =
+      event_ms(st, b.copies, 30, [&](int i) { rd.launch(st, b.copy(i), b.bytes, false); });
   us[0] = 1e3 * alone[alone.size() / 2];
   for (int pdl = 0; pdl < 2; ++pdl) {
     const int reps = 100;
     for (int i = 0; i < b.copies; ++i) rd.launch(st, b.copy(i), b.bytes, pdl);
-    CK(cudaEventRecord(e0, st));
-    for (int i = 0; i < reps; ++i) rd.launch(st, b.copy(i), b.bytes, pdl);
-    CK(cudaEventRecord(e1, st));
-    CK(cudaEventSynchronize(e1));
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    us[1 + pdl] = 1e3 * ms / reps;
+    const std::vector<float> all = event_ms(st, 0, 1, [&](int) {
+      for (int i = 0; i < reps; ++i) rd.launch(st, b.copy(i), b.bytes, pdl);
+    });
+    us[1 + pdl] = 1e3 * all[0] / reps;
   }
-  CK(cudaGetLastError());
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
 }
 
 int main() {
@@ -253,35 +258,15 @@ int main() {
   CK(cudaMalloc(&src, big));
   CK(cudaMalloc(&dst, big));
   CK(cudaMemset(src, 0x5a, big));
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  float best_ms = 1e9f;
-  for (int i = 0; i < 6; ++i) {
-    CK(cudaEventRecord(e0, st));
-    CK(cudaMemcpyAsync(dst, src, big, cudaMemcpyDeviceToDevice, st));
-    CK(cudaEventRecord(e1, st));
-    CK(cudaEventSynchronize(e1));
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    if (i > 0) best_ms = std::min(best_ms, ms);
-  }
+  const float best_ms =
+      event_ms(st, 1, 5, [&](int) { CK(cudaMemcpyAsync(dst, src, big, cudaMemcpyDeviceToDevice, st)); })[0];
   const double copy_gbps = 2.0 * big / (best_ms * 1e-3) / 1e9;
   CK(cudaFree(dst));
   const auto readers = make_readers();
   double read_best = 0;
   std::string read_name;
   for (const auto& rd : readers) {
-    float best = 1e9f;
-    for (int i = 0; i < 4; ++i) {
-      CK(cudaEventRecord(e0, st));
-      rd.launch(st, src, big, false);
-      CK(cudaEventRecord(e1, st));
-      CK(cudaEventSynchronize(e1));
-      float ms = 0;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      if (i > 0) best = std::min(best, ms);
-    }
+    const float best = event_ms(st, 1, 3, [&](int) { rd.launch(st, src, big, false); })[0];
     const double gbps = big / (best * 1e-3) / 1e9;
     if (gbps > read_best) read_best = gbps, read_name = rd.name;
   }
@@ -359,18 +344,7 @@ int main() {
     CK(cudaStreamEndCapture(st, &g));
     cudaGraphExec_t ex;
     CK(cudaGraphInstantiate(&ex, g, 0));
-    for (int i = 0; i < 3; ++i) CK(cudaGraphLaunch(ex, st));
-    std::vector<float> v;
-    for (int i = 0; i < 15; ++i) {
-      CK(cudaEventRecord(e0, st));
-      CK(cudaGraphLaunch(ex, st));
-      CK(cudaEventRecord(e1, st));
-      CK(cudaEventSynchronize(e1));
-      float ms = 0;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      v.push_back(ms);
-    }
-    std::sort(v.begin(), v.end());
+    const std::vector<float> v = event_ms(st, 3, 15, [&](int) { CK(cudaGraphLaunch(ex, st)); });
     std::printf("%-22s %10.3f %10.0f\n", rd.name.c_str(), v[v.size() / 2], total / (v[v.size() / 2] * 1e-3) / 1e9);
     std::fflush(stdout);
     CK(cudaGraphExecDestroy(ex));

@@ -181,9 +181,8 @@ __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(co
   // ldmatrix rows: token rows >= m alias row 0 (computed, never stored).
   const int lrow = ldmatrix_row<1>(lane);
   const uint32_t xrow = smem_u32(xs) + uint32_t((lrow < p.m ? lrow : 0) * p.xs_stride * 2) + ((lane >> 3) & 1) * 16;
-  float acc[1][4], part[1][4], part2[1][4];  // part2: the second MMA chain of the specialised loop
+  float acc[1][4], part[1][4], part2[1][4] = {};  // part2: the second MMA chain of the specialised loop
   zero_accumulators<1>(acc, part);
-  zero_accumulators<1>(acc, part2);
   int grp = -1;  // the group whose parameters are loaded (grouped)
   auto fold = [&] {
     fold_group<1>(acc, part, sc_lo, sc_hi);
