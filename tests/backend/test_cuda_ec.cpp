@@ -182,6 +182,90 @@ TEST(CudaEc, BulkKernelFusedMatchesNaive) {
   }
 }
 
+// The bulk-copy kernel with the ECs summed inside clusters of 8, 16 and 4 W4 CTAs (W4GemmOptions::ec_gate 3 / 4 / 5:
+// no EC CTAs, DSMEM and a cluster barrier; w4a16_ec_cluster.cuh): many waves (8192 rows), a long k (14336), a k of 17
+// k-blocks (the last CTAs' slices empty), rank 8 (zero rows padding the MMA tile), rank 64 with gate 64, static ECs;
+// against naive and the double-precision reference, two launches bit-identical, every launch on the bulk kernel.
+TEST(CudaEc, BulkKernelClusterEcMatchesNaive) {
+  SPEAR_REQUIRE_GPU();
+  if (cuda::device_info(0).major < 9) GTEST_SKIP() << "the bulk-copy kernel needs sm_90";
+  const EcCase cases[] = {{2048, 2048, -1, 16, 8}, {8192, 2048, 128, 16, 8}, {256, 14336, 128, 16, 8},
+                          {512, 1088, -1, 16, 0},  {256, 512, 32, 64, 64},   {512, 1024, -1, 8, 8}};
+  uint32_t seed = 900;
+  for (int gate : {3, 4, 5}) {
+    cuda::W4GemmOptions o = cuda::w4a16_get_options();
+    o.decode_rows = -1;
+    o.ec_gate = gate;
+    w4test::ScopedW4Options scoped(o);
+    for (const EcCase& cs : cases) {
+      cuda::CudaBackend gpu;
+      const CompensatedLinear l = compensated_linear(gpu, cs, seed);
+      for (int m : {1, 3, 8}) {
+        if (m == 8 && cs.k > 8192) continue;  // all of x for 8 tokens does not fit beside the ring
+        if (gate == 5 && cs.k > 2048) continue;  // a quarter of A beside x and the ring: small k only
+        const std::vector<float> hx = random_x(m, cs.k, seed++);
+        Tensor x = gpu.upload(hx.data(), m, cs.k);
+        const std::string what = describe(cs, m) + " cluster " + std::to_string(gate == 3 ? 8 : gate == 4 ? 16 : 4);
+        const std::vector<float> ref = reference(l.p, &l.c, hx, m);
+        const std::vector<float> naive = run(gpu, *l.lin, x, EcPath::Naive);
+        run(gpu, *l.lin, x, EcPath::Fused);  // the first fused launch of a shape is tuned first (more launches)
+        const uint64_t before = cuda::w4a16_bulk_ec_launches();
+        const std::vector<float> fused = run(gpu, *l.lin, x, EcPath::Fused);
+        const std::vector<float> fused2 = run(gpu, *l.lin, x, EcPath::Fused);
+        EXPECT_EQ(cuda::w4a16_bulk_ec_launches(), before + 2) << what << ": not run on the bulk kernel";
+        EXPECT_LT(rel_err(fused, ref), 1e-2) << what;
+        EXPECT_LT(rel_err(fused, naive), 1e-2) << what;
+        EXPECT_TRUE(fused == fused2) << what << ": two fused launches differ";
+      }
+    }
+  }
+}
+
+// A grouped q/k/v-like launch with in-cluster ECs on two of three members (ranks 16 and 32, gated and static): each
+// member equal to its naive path; the cluster boundaries are the members' boundaries.
+TEST(CudaEc, GroupedClusterEcLaunchMatchesNaive) {
+  SPEAR_REQUIRE_GPU();
+  if (cuda::device_info(0).major < 9) GTEST_SKIP() << "the bulk-copy kernel needs sm_90";
+  for (int gate : {3, 4, 5}) {
+    cuda::W4GemmOptions o = cuda::w4a16_get_options();
+    o.decode_rows = -1;
+    o.ec_gate = gate;
+    w4test::ScopedW4Options scoped(o);
+    cuda::CudaBackend gpu;
+    const int k = 1024, ns[3] = {1024, 256, 256};
+    std::vector<PackedQuantWeights> ps;
+    std::vector<std::unique_ptr<Linear>> ls;
+    for (int i = 0; i < 3; ++i) {
+      ps.push_back(w4test::random_quantized(ns[i], k, 4, 128, 150 + i));
+      ls.push_back(gpu.make_quant_linear("m" + std::to_string(i), ps.back(), {}));
+    }
+    const Compensator c0 = w4test::random_compensator(k, ns[0], 16, 8, 160),
+                      c2 = w4test::random_compensator(k, ns[2], 32, 0, 161);
+    gpu.set_compensator(*ls[0], &c0);
+    gpu.set_compensator(*ls[2], &c2);
+    for (int m : {1, 4, 8}) {
+      const std::vector<float> hx = random_x(m, k, 170 + m);
+      Tensor x = gpu.upload(hx.data(), m, k);
+      const Linear* members[3] = {ls[0].get(), ls[1].get(), ls[2].get()};
+      Tensor ys[3] = {gpu.alloc(m, ns[0]), gpu.alloc(m, ns[1]), gpu.alloc(m, ns[2])};
+      Tensor* outs[3] = {&ys[0], &ys[1], &ys[2]};
+      gpu.set_ec_path(EcPath::Fused);
+      gpu.linear_group(x, members, outs);  // tunes the shape first where it is new
+      const uint64_t before = cuda::w4a16_bulk_ec_launches();
+      gpu.linear_group(x, members, outs);
+      EXPECT_EQ(cuda::w4a16_bulk_ec_launches(), before + 1) << "gate " << gate << " m " << m << ": not bulk";
+      for (int i = 0; i < 3; ++i) {
+        std::vector<float> got(size_t(ys[i].numel()));
+        gpu.download(ys[i], got.data());
+        const std::vector<float> naive = run(gpu, *ls[i], x, EcPath::Naive);
+        const Compensator* c = i == 0 ? &c0 : i == 2 ? &c2 : nullptr;
+        EXPECT_LT(rel_err(got, naive), 1e-2) << "gate " << gate << " m " << m << " member " << i;
+        EXPECT_LT(rel_err(got, reference(ps[i], c, hx, m)), 1e-2) << "gate " << gate << " m " << m << " member " << i;
+      }
+    }
+  }
+}
+
 // The projection-only launch of a row-parallel shard (w4a16_gemm_ec_project): y bit-identical to the plain GEMM
 // under the same plan, z = A·x against a double-precision sum of the same bf16 values, the same bits on a second
 // launch (ticket and epoch back in order), and a fused launch on the same scratch afterwards still equal to one

@@ -51,18 +51,21 @@ struct W4BulkParams {
   int ec_cols, ec_rmax, ec_gmax;  // fused ECs: blockIdx.x < ec_cols are EC CTAs; largest rank / gate width
   int ec_w4_gate;                 // the slice sum and the gate in every W4 CTA (else in the last EC CTA)
   int ec_project;                 // projection only: the W4 CTAs run plain, the last EC CTA writes z (mat[0].ec.zout)
+  int ec_cluster;                 // > 0: the ECs in clusters of this many W4 CTAs, no EC CTAs (w4a16_ec_cluster.cuh)
   W4FuseDev fx;                   // decode-step fusions (w4a16_fusion.cuh; the W4 CTAs run the tails)
 };
 
 // Dynamic shared memory: the ring, x [m][xs_stride] bf16, scales [groups][16] fp32, zeros [groups][16] u16,
 // the warps' partial tiles [8][32] float4; with fused ECs the tile's rows of B [16][rank] bf16, g ⊙ z and z
 // [m][rank] fp32, the gate's hidden [m][gate width] and its parameters (every part a multiple of 16 bytes).
-// EC CTAs stage their slice of x at the start (ec_cta_smem_bytes, less than the ring).
-size_t bulk_smem_bytes(int m, int kblocks, int stages, int gmax, int ec_rmax = 0, int ec_gmax = 0) {
+// EC CTAs stage their slice of x at the start (ec_cta_smem_bytes, less than the ring). ECs in clusters of ec_cluster
+// CTAs add their part last (ec_cluster_smem_bytes).
+size_t bulk_smem_bytes(int m, int kblocks, int stages, int gmax, int ec_rmax = 0, int ec_gmax = 0, int ec_cluster = 0) {
   const size_t xs_stride = size_t(kblocks) * kKBlock + 8;
   return size_t(stages) * kBulkChunk * 512 + align_up(size_t(m) * xs_stride * 2, 16) + size_t(gmax) * 16 * 6 +
          size_t(kWarps) * 32 * 16 + size_t(16) * ec_rmax * 2 + size_t(m) * ec_rmax * 8 + size_t(m) * ec_gmax * 4 +
-         size_t(ec_gate_floats(ec_rmax, ec_gmax)) * 4;
+         size_t(ec_gate_floats(ec_rmax, ec_gmax)) * 4 +
+         (ec_cluster ? ec_cluster_smem_bytes(m, ec_rmax, kblocks, ec_cluster) : 0);
 }
 
 // Consumer warps' barrier (the producer warp has left).
@@ -122,6 +125,15 @@ __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(co
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int nchunks = (p.kblocks + kBulkChunk - 1) / kBulkChunk;
   const uint4* src = mt.q + size_t(tile) * p.kblocks * 32;
+  // ECs in clusters (w4a16_ec_cluster.cuh): a cluster's tiles are all of one matrix, so all its CTAs take part or none.
+  const int ecc = kEc && mt.has_ec ? p.ec_cluster : 0;
+  const int ec_astride = ecc ? ec_cl_astride(p.kblocks, ecc) : 0;
+  __nv_bfloat16* ec_as = reinterpret_cast<__nv_bfloat16*>(ecgs + ec_gate_floats(p.ec_rmax, p.ec_gmax));  // A's slice
+  float* ec_slots = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(ec_as) +
+                                             ec_cl_region_bytes(p.ec_rmax, p.kblocks, ecc ? ecc : 1));
+  const uint32_t ec_crank = ecc ? cluster_cta_rank() : 0u;
+  const int ec_kb0 = int(ec_crank) * ec_cl_kblocks(p.kblocks, ecc ? ecc : 1);
+  if (ecc) cluster_arrive_relaxed();  // the cluster barrier's first phase: this CTA has started
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < NS; ++i) mbar_init(&full[i], 1), mbar_init(&empty[i], kWarps);
@@ -130,17 +142,27 @@ __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(co
   __syncthreads();
 
   if (warp == kWarps) {  // the producer: the first stages now, the rest as the consumers free them
+    const uint64_t pol = evict_first_policy();
+    auto request = [&](int c) {
+      const int s = c % NS;
+      if (c == NS) pdl_launch_dependents();
+      if (c >= NS) mbar_wait(&empty[s], unsigned((c / NS) - 1) & 1u);
+      const unsigned bytes = unsigned(min(kBulkChunk, p.kblocks - c * kBulkChunk)) * 512u;
+      mbar_expect_tx(&full[s], bytes);
+      bulk_copy_to_shared(ring + s * kBulkChunk * 32, src + size_t(c) * kBulkChunk * 32, bytes, &full[s], pol);
+    };
     if (lane == 0) {
-      const uint64_t pol = evict_first_policy();
-      for (int c = 0; c < nchunks; ++c) {
-        const int s = c % NS;
-        if (c == NS) pdl_launch_dependents();
-        if (c >= NS) mbar_wait(&empty[s], unsigned((c / NS) - 1) & 1u);
-        const unsigned bytes = unsigned(min(kBulkChunk, p.kblocks - c * kBulkChunk)) * 512u;
-        mbar_expect_tx(&full[s], bytes);
-        bulk_copy_to_shared(ring + s * kBulkChunk * 32, src + size_t(c) * kBulkChunk * 32, bytes, &full[s], pol);
-      }
+      for (int c = 0; c < nchunks; ++c) request(c);
       if (nchunks <= NS) pdl_launch_dependents();
+    }
+    if (ecc) {  // both cluster phases (w4a16_ec_cluster.cuh), every peer's partial, g ⊙ z for the consumers' epilogue
+      __syncwarp();
+      cluster_wait_acquire();
+      cluster_arrive_relaxed();
+      cluster_wait_acquire();
+      ec_cluster_gz_warp(mt.ec, p.m, ec_slots, ecc, eczs, eczt, echb, ecgs);
+      __syncwarp();
+      named_arrive(kBarGzReady, kBulkThreads);
     }
     return;
   }
@@ -158,14 +180,16 @@ __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(co
   } else {
     load_channel_params(mt.scales, mt.zeros, r_lo, r_hi, nz_lo, nz_hi, sc_lo, sc_hi);
   }
-  if (kEc && mt.has_ec) {  // the tile's rows of B (and the gate where the W4 CTAs apply it)
+  if (kEc && mt.has_ec) {  // the tile's rows of B (and the gate where the W4 CTAs apply it), the cluster's A slice
     ec_prefetch_b(mt.ec, tile * 16, 16, mt.n, ecb);
-    if (p.ec_w4_gate) ec_prefetch_gate(mt.ec, ecgs);
+    if (p.ec_w4_gate || ecc) ec_prefetch_gate(mt.ec, ecgs);
+    if (ecc)
+      ec_cluster_prefetch_a(mt.ec, p.k, ec_kb0 * kKBlock, ec_cl_kblocks(p.kblocks, ecc) * kKBlock, ec_astride, ec_as);
   }
   pdl_launch_dependents();
   pdl_wait();
   uint32_t ep = 0;  // the launch's EC epoch: loaded now, parked in shared memory after the x staging
-  if (kEc && mt.has_ec && threadIdx.x == 0) ep = ec_epoch(mt.ec);
+  if (kEc && mt.has_ec && !ecc && threadIdx.x == 0) ep = ec_epoch(mt.ec);
   {  // x rows [0, m), all of k_pad (zero beyond k)
     const int segs = p.kblocks * (kKBlock / 8);
     for (int i = threadIdx.x; i < p.m * segs; i += kThreads) {
@@ -181,6 +205,12 @@ __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(co
   // ldmatrix rows: token rows >= m alias row 0 (computed, never stored).
   const int lrow = ldmatrix_row<1>(lane);
   const uint32_t xrow = smem_u32(xs) + uint32_t((lrow < p.m ? lrow : 0) * p.xs_stride * 2) + ((lane >> 3) & 1) * 16;
+  if (ecc) {  // the slice's partial z into every peer, then on to the main loop (the cluster barrier's second phase)
+    const int nkb = max(0, min(ec_cl_kblocks(p.kblocks, ecc), p.kblocks - ec_kb0));
+    ec_cluster_partial(mt.ec, p.m, ec_kb0 * 4, nkb * 4, ec_as, ec_astride, xrow, reinterpret_cast<float4*>(ec_as),
+                       ec_slots, ecc, ec_crank, consumers_sync);
+    cluster_arrive_release();
+  }
   float acc[1][4], part[1][4], part2[1][4] = {};  // part2: the second MMA chain of the specialised loop
   zero_accumulators<1>(acc, part);
   int grp = -1;  // the group whose parameters are loaded (grouped)
@@ -241,11 +271,13 @@ __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(co
     if (lane == 0) mbar_arrive(&empty[s]);
   }
   if (!gmax || grp >= 0) fold();
-  const unsigned long long ec_pre = kEc && mt.has_ec && !p.ec_w4_gate ? ec_gz_issue(mt.ec, p.m) : 0ull;
+  const unsigned long long ec_pre = kEc && mt.has_ec && !ecc && !p.ec_w4_gate ? ec_gz_issue(mt.ec, p.m) : 0ull;
   red[warp * 32 + lane] = make_float4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]);
   consumers_sync();
   if (kEc && mt.has_ec) {
-    if (p.ec_w4_gate)
+    if (ecc)
+      named_sync(kBarGzReady, kBulkThreads);  // the producer warp's g ⊙ z
+    else if (p.ec_w4_gate)
       ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, consumers_sync);
     else
       ec_gz_wait(mt.ec, ec_ep, p.m, eczs, ec_pre, consumers_sync);
@@ -279,7 +311,7 @@ __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(co
     }
     if (p.fx.swiglu_out) swiglu_pair_tail(p.fx, p.mat[0].y, p.mat[1].y, mt.n, p.m, tile, lane);
   }
-  if (kEc && mt.has_ec && threadIdx.x == 0) ec_leave(mt.ec, tile, mt.n_pad / 16);  // the EC's readers: the tiles
+  if (kEc && mt.has_ec && !ecc && threadIdx.x == 0) ec_leave(mt.ec, tile, mt.n_pad / 16);  // the EC's readers: the tiles
   if (p.fx.norm_out) {
     __shared__ int last;
     norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, gridDim.x - (kEc ? p.ec_cols : 0), reinterpret_cast<float*>(red),
@@ -312,13 +344,15 @@ bool bulk_takes(int m, const W4Device* w, int count) {
 
 namespace {
 
-// A projection-only launch's W4 CTAs hold no EC state (as the plain launch's: the same occupancy).
-size_t bulk_launch_smem(int m, const W4Device* w, int count, const EcPlanInfo* ec) {
+// A projection-only launch's W4 CTAs hold no EC state (as the plain launch's: the same occupancy). ECs in clusters
+// (ec_cluster > 0) have no EC CTAs.
+size_t bulk_launch_smem(int m, const W4Device* w, int count, const EcPlanInfo* ec, int ec_cluster = 0) {
   const int kblocks = w[0].k_pad / kKBlock;
   const bool w4_ec = ec && !ec->project;
   const size_t smem = bulk_smem_bytes(m, kblocks, bulk_stages(kblocks), bulk_gmax(w, count), w4_ec ? ec->rmax : 0,
-                                      w4_ec ? ec->gmax : 0);
-  return ec ? std::max(smem, ec_cta_smem_bytes(m, ec->cpr_max) + ec_finish_smem_bytes(m, ec->rmax, ec->gmax)) : smem;
+                                      w4_ec ? ec->gmax : 0, w4_ec ? ec_cluster : 0);
+  if (!ec || ec_cluster) return smem;
+  return std::max(smem, ec_cta_smem_bytes(m, ec->cpr_max) + ec_finish_smem_bytes(m, ec->rmax, ec->gmax));
 }
 
 std::atomic<uint64_t> g_bulk_ec_launches{0};
@@ -365,7 +399,52 @@ BulkKernel bulk_plain_instance(size_t smem, int forced, int mode) {
 
 }  // namespace
 
-bool bulk_ec_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec, int sm_count) {
+namespace {
+
+// Whether clusters of C CTAs of this launch's instance fit the device (cudaOccupancyMaxActiveClusters), cached per C
+// and KB of shared memory (the same on every device of a process).
+bool bulk_clusters_fit(int C, size_t smem, int mode, int tiles) {
+  static std::atomic<int8_t> fits[5][256];  // [log2 C - 1][KB]; 0: not yet known, 1: no, 2: yes
+  const size_t kb = std::min<size_t>(255, (smem + 1023) / 1024);
+  std::atomic<int8_t>& f = fits[std::min(4, __builtin_ctz(unsigned(C)) - 1)][kb];
+  if (f.load(std::memory_order_relaxed) == 0) {
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(unsigned(std::max(tiles, C)), 1, 1);
+    cfg.blockDim = dim3(kBulkThreads, 1, 1);
+    cfg.dynamicSmemBytes = smem;
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = unsigned(C);
+    attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kBulkEcKernels[mode], &cfg) != cudaSuccess) {
+      (void)cudaGetLastError();
+      clusters = 0;
+    }
+    f.store(clusters > 0 ? 2 : 1, std::memory_order_relaxed);
+  }
+  return f.load(std::memory_order_relaxed) == 2;
+}
+
+// ECs in clusters of C W4 CTAs (w4a16_ec_cluster.cuh): every matrix's tiles whole clusters (a cluster is one
+// matrix's), ranks within the four row tiles of the partial sum, and the clusters fit; any number of waves.
+bool bulk_cluster_ec_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec, int C) {
+  if (C == 0 || ec.project || ec.rmax > 64 || device_facts().major < 9 || !bulk_takes(m, w, count)) return false;
+  int tiles = 0;
+  for (int i = 0; i < count; ++i) {
+    if ((w[i].n_pad / 16) % C) return false;
+    tiles += w[i].n_pad / 16;
+  }
+  const size_t smem = bulk_launch_smem(m, w, count, &ec, C);
+  return smem + 1024 <= device_facts().smem_optin && bulk_clusters_fit(C, smem, group_mode(w, count), tiles);
+}
+
+}  // namespace
+
+bool bulk_ec_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec, int sm_count, int ec_w4_gate) {
+  if (ec_cluster_size(ec_w4_gate)) return bulk_cluster_ec_takes(m, w, count, ec, ec_cluster_size(ec_w4_gate));
   if (!bulk_takes(m, w, count)) return false;
   const size_t smem = bulk_launch_smem(m, w, count, &ec);
   if (smem + 1024 > device_facts().smem_optin) return false;
@@ -381,8 +460,12 @@ bool bulk_ec_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec, in
 }
 
 void set_bulk_max_smem(int bytes) {
-  for (BulkKernel k : kBulkEcKernels)
+  for (BulkKernel k : kBulkEcKernels) {
     SPEAR_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes - 1024));
+    // Clusters of 16 (the in-cluster EC's larger size); a device without them rejects those plans.
+    if (cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
+      (void)cudaGetLastError();
+  }
   for (const auto& per_mode : kBulkPlainKernels)
     for (BulkKernel k : per_mode)
       SPEAR_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes - 1024));
@@ -405,13 +488,15 @@ void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, co
   p.xs_stride = p.kblocks * kKBlock + 8;
   p.x_vec = (reinterpret_cast<uintptr_t>(x) & 15) == 0 && w[0].k % 8 == 0;
   p.fx = fuse_of(fusion);
-  if (ec && ec_info) {  // EC CTAs first, one k-slice each
+  const int ec_cluster = ec && ec_info && !ec_info->project ? ec_cluster_size(ec_w4_gate) : 0;
+  if (ec && ec_info) {  // EC CTAs first, one k-slice each (none when the ECs run in clusters)
     for (int i = 0; i < count; ++i) {
       if (!ec[i]) continue;
       p.mat[i].has_ec = 1;
       p.mat[i].ec = dec_ec_of(*ec[i], p.k, ec_info->base_slices[i], 1, p.ec_cols);
-      p.ec_cols += p.mat[i].ec.cols;
+      if (!ec_cluster) p.ec_cols += p.mat[i].ec.cols;
     }
+    p.ec_cluster = ec_cluster;
     p.ec_rmax = ec_info->rmax;
     p.ec_gmax = ec_info->gmax;
     p.ec_w4_gate = ec_w4_gate;
@@ -437,12 +522,13 @@ void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, co
     d.tile_begin = tiles;
     tiles += w[i].n_pad / 16;
   }
-  const size_t smem = bulk_launch_smem(m, w, count, ec && ec_info ? ec_info : nullptr);
+  const size_t smem = bulk_launch_smem(m, w, count, ec && ec_info ? ec_info : nullptr, ec_cluster);
   const bool pdl = o.pdl && device_facts().major >= 9;
   const int mode = group_mode(w, count);
-  const BulkKernel kernel = p.ec_cols ? kBulkEcKernels[mode] : bulk_plain_instance(smem, o.bulk_min_blocks, mode);
-  launch(kernel, dim3(tiles, 1), smem, 1, pdl, stream, p, kBulkThreads);
-  if (p.ec_cols) g_bulk_ec_launches.fetch_add(1, std::memory_order_relaxed);
+  const bool with_ec = p.ec_cols || ec_cluster;
+  const BulkKernel kernel = with_ec ? kBulkEcKernels[mode] : bulk_plain_instance(smem, o.bulk_min_blocks, mode);
+  launch(kernel, dim3(tiles, 1), smem, 1, pdl, stream, p, kBulkThreads, ec_cluster);
+  if (with_ec) g_bulk_ec_launches.fetch_add(1, std::memory_order_relaxed);
 }
 
 }  // namespace w4_detail

@@ -166,6 +166,9 @@ int tune_class(int m) {
   return exact && m <= 8 ? m : token_tiles(m);
 }
 
+// W4GemmOptions::ec_gate (forced: 1-4) as DecodePlan::ec_w4_gate.
+int forced_gate(int option) { return option == 1 ? 1 : option == 2 ? 0 : option - 1; }
+
 TuneKey tune_key(int m, const W4Device* w, int count, const EcPlanInfo* ec = nullptr) {
   TuneKey key{};
   if (ec)
@@ -199,14 +202,14 @@ DecodePlan choose_plan(int m, const W4Device* w, int count, int sm_count, const 
       gate = ring ? t.ring_gate : t.best_gate;
     }
   }
-  if (o.ec_gate) gate = o.ec_gate == 1 ? 1 : 0;
+  if (o.ec_gate) gate = forced_gate(o.ec_gate);
   if (fr == kGeneralPlan) {
     DecodePlan general;
     general.R = kGeneralPlan;
     return general;
   }
   if (fr == kBulkPlan) {
-    if (ec ? bulk_ec_takes(m, w, count, *ec, sm_count) : bulk_takes(m, w, count)) {
+    if (ec ? bulk_ec_takes(m, w, count, *ec, sm_count, gate) : bulk_takes(m, w, count)) {
       DecodePlan bulk;
       bulk.R = kBulkPlan;
       bulk.S = 1;
@@ -217,7 +220,7 @@ DecodePlan choose_plan(int m, const W4Device* w, int count, int sm_count, const 
   }
   DecodePlan plan = plan_decode(T, m, w, count, sm_count, fr, fs, ec);
   if (plan.R == 0 && (fr || fs)) plan = plan_decode(T, m, w, count, sm_count, 0, 0, ec);
-  plan.ec_w4_gate = gate;
+  plan.ec_w4_gate = ec_cluster_size(gate) ? 1 : gate;  // ECs in clusters are the bulk kernel's
   return plan;
 }
 
@@ -406,10 +409,18 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
     if (log)
       std::fprintf(stderr, "%s %s gate %d, after its predecessor: %.2f us\n", log_shape().c_str(), what, gate, us);
   };
-  // With fused ECs every plan is timed with the slice sum and the gate in the W4 CTAs and in the last EC CTA (the
-  // options can force one); which wins depends on the launch's size.
-  std::vector<int> gates = {0};
-  if (ei) gates = o.ec_gate ? std::vector<int>{o.ec_gate == 1 ? 1 : 0} : std::vector<int>{1, 0};
+  // With fused ECs every plan is timed with the slice sum and the gate in the W4 CTAs and in the last EC CTA, the
+  // bulk kernel also with the ECs in clusters of 8 and 16 (the options can force one); which wins depends on the
+  // launch's size.
+  std::vector<int> gates = {0}, bulk_gates = {0};
+  if (ei && o.ec_gate) {
+    bulk_gates = {forced_gate(o.ec_gate)};
+    gates = {ec_cluster_size(bulk_gates[0]) ? 1 : bulk_gates[0]};
+  } else if (ei) {
+    gates = {1, 0};
+    bulk_gates = {1, 0};
+    for (int g : kEcClusterGates) bulk_gates.push_back(g);
+  }
   // SPEAR_W4_TUNE_MAX_CLUSTER: the largest cluster (split along k) the tuner tries (A/B runs).
   static const int max_cluster = [] {
     const char* e = std::getenv("SPEAR_W4_TUNE_MAX_CLUSTER");
@@ -440,14 +451,21 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
     }
   bool bulk_wins = false;
   int bulk_gate = 0;
-  if (o.bulk && (ei ? bulk_ec_takes(m, w, count, *ei, sm_count) : bulk_takes(m, w, count)))
-    for (int gate : gates) {
-      auto run = [&] { launch_bulk(x, m, w, count, nullptr, y, o, stream, fusion, ec, ei, gate); };
-      const double us = median_us(run);
-      if (us < best_us) best_us = us, bulk_wins = true, bulk_gate = gate;
-      if (log) std::fprintf(stderr, "%s bulk gate %d: %.2f us\n", log_shape().c_str(), gate, us);
-      time_behind(run, std::pair<int, int>{kBulkPlan, 1}, gate, "bulk");
+  for (int gate : bulk_gates) {
+    if (!o.bulk || !(ei ? bulk_ec_takes(m, w, count, *ei, sm_count, gate) : bulk_takes(m, w, count))) continue;
+    auto run = [&] { launch_bulk(x, m, w, count, nullptr, y, o, stream, fusion, ec, ei, gate); };
+    double us = 0.0;
+    try {
+      us = median_us(run);
+    } catch (const Error&) {  // clusters the device cannot place after all: skip them
+      (void)cudaGetLastError();
+      SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream));
+      continue;
     }
+    if (us < best_us) best_us = us, bulk_wins = true, bulk_gate = gate;
+    if (log) std::fprintf(stderr, "%s bulk gate %d: %.2f us\n", log_shape().c_str(), gate, us);
+    time_behind(run, std::pair<int, int>{kBulkPlan, 1}, gate, "bulk");
+  }
   // The general kernel (split-K through the caller's workspace), for plain launches of more than 16 tokens: at 32
   // tokens it beats every decode plan on some shapes (8B down_proj) and loses on others (the 1B shapes).
   bool general_wins = false;

@@ -5,6 +5,7 @@
 #include <cstddef>
 
 #include "backend/cuda/w4a16_ec.cuh"
+#include "backend/cuda/w4a16_ec_cluster.cuh"
 #include "backend/cuda/w4a16_fusion.cuh"
 #include "backend/cuda/w4a16_internal.h"
 
@@ -57,7 +58,8 @@ struct DecodePlan {
   size_t smem = 0;
   double cost = 1e300;
   // Fused ECs: where the slice sum and the gate run (w4a16_ec.cuh): 1 in every W4 CTA after its reduction (the
-  // shorter chain: small matrices), 0 once in the last EC CTA while the W4 CTAs stream (large ones). Tuned with R, S.
+  // shorter chain: small matrices), 0 once in the last EC CTA while the W4 CTAs stream (large ones); the bulk kernel
+  // also 2-4: no EC CTAs, A·x summed inside clusters of 8, 16 or 4 W4 CTAs (w4a16_ec_cluster.cuh). Tuned with R, S.
   int ec_w4_gate = 0;
 };
 
@@ -82,9 +84,10 @@ void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4
 // H200: the EC-side gate saved 1-3 µs per launch from 8 MB up and cost about 2 µs at 0.5-3 MB).
 int ec_w4_gate_default(const W4Device* w, int count);
 
-// Whether the bulk-copy kernel takes the launch with these fused compensators: every CTA (EC CTAs and one per
-// 16-row tile) resident at once on sm_count SMs.
-bool bulk_ec_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec, int sm_count);
+// Whether the bulk-copy kernel takes the launch with these fused compensators, where ec_w4_gate puts them: with EC
+// CTAs (0, 1) every CTA (EC CTAs and one per 16-row tile) resident at once on sm_count SMs; in clusters (2-4:
+// w4a16_ec_cluster.cuh) every matrix's tiles whole clusters, any number of waves.
+bool bulk_ec_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec, int sm_count, int ec_w4_gate);
 
 // The kernels' form of a W4Fusion (null: none).
 W4FuseDev fuse_of(const W4Fusion* f);

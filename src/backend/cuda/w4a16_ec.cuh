@@ -220,6 +220,11 @@ constexpr int kEcPoll = 4;  // entries per lane and poll
 // Every thread of warps 0-7 calls it; barrier() syncs them (__syncthreads, or the bulk kernel's named barrier of its
 // consumer warps); ends with one.
 template <class Barrier>
+__device__ __forceinline__ void ec_apply_gate(const W4DecEc& e, int m, float* zg, const float* zt, float* hb,
+                                              const float* gs, Barrier barrier, int tid = threadIdx.x,
+                                              int nthr = kThreads);
+
+template <class Barrier>
 __device__ __forceinline__ void ec_gate(const W4DecEc& e, uint32_t epoch, int m, float* zg, float* zt, float* hb,
                                         const float* gs, Barrier barrier) {
   const int r = e.rank, gw = e.gate_width, outs = m * r;
@@ -252,6 +257,17 @@ __device__ __forceinline__ void ec_gate(const W4DecEc& e, uint32_t epoch, int m,
     if (sub == 0) zdst[o] = z;
   }
   barrier();
+  ec_apply_gate(e, m, zg, zt, hb, gs, barrier);
+}
+
+// The gate on z [m][rank] (in zt when the EC is gated, else already in zg, which it then leaves as it is): g ⊙ z into
+// zg. hb: [m][gate width, rounded up to 4] of scratch, gs the gate's parameters (all shared memory). Threads tid of
+// nthr (warps 0-7 by default; one warp with nthr 32 and __syncwarp) call it after a barrier that published z; ends
+// with barrier() where it writes anything.
+template <class Barrier>
+__device__ __forceinline__ void ec_apply_gate(const W4DecEc& e, int m, float* zg, const float* zt, float* hb,
+                                              const float* gs, Barrier barrier, int tid, int nthr) {
+  const int r = e.rank, gw = e.gate_width;
   if (gw == 0) return;
   const int gw4 = (gw + 3) & ~3;  // hb rows padded with zeros, so W2's rows are read four at a time
   const float *W1 = gs, *W2 = gs + gw * r, *b1 = W2 + gw * r, *b2 = b1 + gw;
@@ -271,18 +287,18 @@ __device__ __forceinline__ void ec_gate(const W4DecEc& e, uint32_t epoch, int m,
     }
     return (1.f + tanhf(u)) * zt[i];
   };
-  if (m * gw4 <= 32 && m * r <= 32) {  // one warp, no CTA barrier between the two layers (one token, small ranks)
-    if (threadIdx.x < 32) {
-      if (int(threadIdx.x) < m * gw4) hb[threadIdx.x] = hidden(threadIdx.x);
+  if (nthr > 32 && m * gw4 <= 32 && m * r <= 32) {  // one warp, no CTA barrier between the layers (small ranks)
+    if (tid < 32) {
+      if (tid < m * gw4) hb[tid] = hidden(tid);
       __syncwarp();
-      if (int(threadIdx.x) < m * r) zg[threadIdx.x] = gated(threadIdx.x);
+      if (tid < m * r) zg[tid] = gated(tid);
     }
     barrier();
     return;
   }
-  for (int i = threadIdx.x; i < m * gw4; i += kThreads) hb[i] = hidden(i);
+  for (int i = tid; i < m * gw4; i += nthr) hb[i] = hidden(i);
   barrier();
-  for (int i = threadIdx.x; i < m * r; i += kThreads) zg[i] = gated(i);
+  for (int i = tid; i < m * r; i += nthr) zg[i] = gated(i);
   barrier();
 }
 

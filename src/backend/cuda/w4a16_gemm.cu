@@ -478,7 +478,7 @@ W4GemmOptions options_now() {
     g_options.decode_splits = env_int("SPEAR_W4_DECODE_SPLITS", 0);
     g_options.bulk = env_int("SPEAR_W4_BULK", 1) != 0;
     g_options.bulk_min_blocks = std::clamp(env_int("SPEAR_W4_BULK_OCC", 0), 0, 4);
-    g_options.ec_gate = std::clamp(env_int("SPEAR_W4_EC_GATE", 0), 0, 2);
+    g_options.ec_gate = std::clamp(env_int("SPEAR_W4_EC_GATE", 0), 0, 5);
     g_options_init = true;
   }
   return g_options;

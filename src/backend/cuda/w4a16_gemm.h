@@ -215,7 +215,7 @@ std::pair<int, int> w4a16_decode_plan(int m, const W4Device* w, int count, int s
 
 // Process-wide knobs, for tests, benchmarks and tuning (defaults from the environment when set, read at first
 // use: SPEAR_W4_PDL=0|1, SPEAR_W4_PATH=0|1|2, SPEAR_W4_DECODE_ROWS, SPEAR_W4_DECODE_SPLITS, SPEAR_W4_BULK=0|1,
-// SPEAR_W4_EC_GATE=0|1|2). Not thread-safe
+// SPEAR_W4_EC_GATE=0..5). Not thread-safe
 // against GEMMs being enqueued concurrently with a change; results never depend on pdl.
 struct W4GemmOptions {
   bool pdl = true;        // programmatic dependent launch on sm_90+ (off: plain stream order)
@@ -225,7 +225,8 @@ struct W4GemmOptions {
   int decode_splits = 0;  // force the decode kernel's CTAs per cluster along k (1..8); 0: planner
   bool bulk = true;       // tuning may pick the bulk-copy kernel (off: A/B runs, SPEAR_W4_BULK=0)
   int ec_gate = 0;        // fused ECs' slice sum and gate: 0 tuned (untuned: by the launch's weight bytes), 1 in every
-                          // W4 CTA after its reduction, 2 once in the last EC CTA (SPEAR_W4_EC_GATE)
+                          // W4 CTA after its reduction, 2 once in the last EC CTA, 3 / 4 / 5 (bulk kernel; others as
+                          // 1) no EC CTAs: A·x summed in clusters of 8 / 16 / 4 W4 CTAs (SPEAR_W4_EC_GATE)
   int bulk_min_blocks = 0;  // the bulk kernel's instance for launches without compensators: 0 the one with the most
                             // CTAs per SM, 2-4 the one built for that many, 1 the compensator instance
                             // (SPEAR_W4_BULK_OCC; A/B runs)

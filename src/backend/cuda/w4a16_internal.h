@@ -3,6 +3,7 @@
 // The state behind these functions (device facts cache, options) lives in w4a16_gemm.cu, once per process.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <functional>
 #include <utility>
@@ -105,10 +106,10 @@ bool bulk_project_takes(int m, const W4Device& w, const EcPlanInfo& ec);
 void set_bulk_max_smem(int bytes);  // raises its dynamic shared-memory limit (device_facts())
 void set_mlp_fused_max_smem(int bytes);  // the same for the fused MLP block (mlp_fused.cu)
 
-// One launch with the optional cluster shape (1, cluster_y, 1) and programmatic stream serialization (PDL).
+// One launch with the optional cluster shape (cluster_x, cluster_y, 1) and programmatic stream serialization (PDL).
 template <typename Params>
 void launch(void (*kernel)(Params), dim3 grid, size_t smem, int cluster_y, bool pdl, cudaStream_t stream,
-            const Params& params, int threads = kThreads) {
+            const Params& params, int threads = kThreads, int cluster_x = 1) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(unsigned(threads), 1, 1);
@@ -116,9 +117,9 @@ void launch(void (*kernel)(Params), dim3 grid, size_t smem, int cluster_y, bool 
   cfg.stream = stream;
   cudaLaunchAttribute attrs[2];
   unsigned n = 0;
-  if (cluster_y > 1) {
+  if (cluster_y > 1 || cluster_x > 1) {
     attrs[n].id = cudaLaunchAttributeClusterDimension;
-    attrs[n].val.clusterDim.x = 1;
+    attrs[n].val.clusterDim.x = unsigned(std::max(cluster_x, 1));
     attrs[n].val.clusterDim.y = unsigned(cluster_y);
     attrs[n].val.clusterDim.z = 1;
     ++n;
