@@ -71,18 +71,19 @@ size_t bulk_smem_bytes(int m, int kblocks, int stages, int gmax, int ec_rmax = 0
 // Consumer warps' barrier (the producer warp has left).
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); }
 
-// kEc: the instance that runs launches with fused compensators (EC CTAs, the gate, the B term). The plain
-// instances leave that code out, so that they fit kMinBlocks CTAs per SM in the registers: where shared memory lets
-// more CTAs in (k <= 4096 at one token), more tiles' codes are in flight per SM (bulk_plain_instance).
+// kEc: 1 the instance that runs launches with fused compensators (EC CTAs or clusters, the gate, the B term), 2 one
+// for ECs in clusters only (w4a16_ec_cluster.cuh), 0 plain. The plain instances leave the EC code out, so that they
+// fit kMinBlocks CTAs per SM in the registers: where shared memory lets more CTAs in (k <= 4096 at one token), more
+// tiles' codes are in flight per SM (bulk_occupancy_instance).
 // kMode (DecodeGroupMode): the launch's scale groups. Per channel and groups of whole k-blocks take a loop without
 // per-k-step group logic over a whole stage, each warp's two k-blocks in two MMA chains; any other launch (and a
 // stage short of kBulkChunk k-blocks) the general loop.
-template <bool kEc, int kMinBlocks, int kMode>
+template <int kEc, int kMinBlocks, int kMode>
 __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(const __grid_constant__ W4BulkParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ uint64_t full[kBulkStages], empty[kBulkStages];
   __shared__ uint32_t ec_ep;
-  if (kEc && int(blockIdx.x) < p.ec_cols) {  // EC CTAs: one k-slice of A·x each, then they leave (w4a16_ec.cuh)
+  if (kEc == 1 && int(blockIdx.x) < p.ec_cols) {  // EC CTAs: one k-slice of A·x each, then they leave (w4a16_ec.cuh)
     int e = 0;
 #pragma unroll
     for (int i = 1; i < 4; ++i)
@@ -126,7 +127,7 @@ __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(co
   const int nchunks = (p.kblocks + kBulkChunk - 1) / kBulkChunk;
   const uint4* src = mt.q + size_t(tile) * p.kblocks * 32;
   // ECs in clusters (w4a16_ec_cluster.cuh): a cluster's tiles are all of one matrix, so all its CTAs take part or none.
-  const int ecc = kEc && mt.has_ec ? p.ec_cluster : 0;
+  const int ecc = kEc && mt.has_ec ? (kEc == 2 ? max(p.ec_cluster, 1) : p.ec_cluster) : 0;
   const int ec_astride = ecc ? ec_cl_astride(p.kblocks, ecc) : 0;
   __nv_bfloat16* ec_as = reinterpret_cast<__nv_bfloat16*>(ecgs + ec_gate_floats(p.ec_rmax, p.ec_gmax));  // A's slice
   float* ec_slots = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(ec_as) +
@@ -189,7 +190,7 @@ __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(co
   pdl_launch_dependents();
   pdl_wait();
   uint32_t ep = 0;  // the launch's EC epoch: loaded now, parked in shared memory after the x staging
-  if (kEc && mt.has_ec && !ecc && threadIdx.x == 0) ep = ec_epoch(mt.ec);
+  if (kEc == 1 && mt.has_ec && !ecc && threadIdx.x == 0) ep = ec_epoch(mt.ec);
   {  // x rows [0, m), all of k_pad (zero beyond k)
     const int segs = p.kblocks * (kKBlock / 8);
     for (int i = threadIdx.x; i < p.m * segs; i += kThreads) {
@@ -199,7 +200,7 @@ __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(co
   }
   cp_async_commit();
   cp_async_wait<0>();
-  if (kEc && mt.has_ec && threadIdx.x == 0) ec_ep = ep;
+  if (kEc == 1 && mt.has_ec && threadIdx.x == 0) ec_ep = ep;
   consumers_sync();
 
   // ldmatrix rows: token rows >= m alias row 0 (computed, never stored).
@@ -271,12 +272,14 @@ __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(co
     if (lane == 0) mbar_arrive(&empty[s]);
   }
   if (!gmax || grp >= 0) fold();
-  const unsigned long long ec_pre = kEc && mt.has_ec && !ecc && !p.ec_w4_gate ? ec_gz_issue(mt.ec, p.m) : 0ull;
+  const unsigned long long ec_pre = kEc == 1 && mt.has_ec && !ecc && !p.ec_w4_gate ? ec_gz_issue(mt.ec, p.m) : 0ull;
   red[warp * 32 + lane] = make_float4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]);
   consumers_sync();
   if (kEc && mt.has_ec) {
     if (ecc)
       named_sync(kBarGzReady, kBulkThreads);  // the producer warp's g ⊙ z
+    else if (kEc != 1)
+      ;
     else if (p.ec_w4_gate)
       ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, consumers_sync);
     else
@@ -311,10 +314,10 @@ __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(co
     }
     if (p.fx.swiglu_out) swiglu_pair_tail(p.fx, p.mat[0].y, p.mat[1].y, mt.n, p.m, tile, lane);
   }
-  if (kEc && mt.has_ec && !ecc && threadIdx.x == 0) ec_leave(mt.ec, tile, mt.n_pad / 16);  // the EC's readers: the tiles
+  if (kEc == 1 && mt.has_ec && !ecc && threadIdx.x == 0) ec_leave(mt.ec, tile, mt.n_pad / 16);  // the EC's readers: the tiles
   if (p.fx.norm_out) {
     __shared__ int last;
-    norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, gridDim.x - (kEc ? p.ec_cols : 0), reinterpret_cast<float*>(red),
+    norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, gridDim.x - (kEc == 1 ? p.ec_cols : 0), reinterpret_cast<float*>(red),
               &last, threadIdx.x, [] { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); });
   }
 }
@@ -359,16 +362,47 @@ std::atomic<uint64_t> g_bulk_ec_launches{0};
 
 using BulkKernel = void (*)(W4BulkParams);
 // [DecodeGroupMode]
-constexpr BulkKernel kBulkEcKernels[3] = {w4a16_bulk_kernel<true, 2, kPerChannel>,
-                                          w4a16_bulk_kernel<true, 2, kWholeKBlocks>,
-                                          w4a16_bulk_kernel<true, 2, kAnyGroups>};
+constexpr BulkKernel kBulkEcKernels[3] = {w4a16_bulk_kernel<1, 2, kPerChannel>,
+                                          w4a16_bulk_kernel<1, 2, kWholeKBlocks>,
+                                          w4a16_bulk_kernel<1, 2, kAnyGroups>};
 constexpr BulkKernel kBulkPlainKernels[3][3] = {
-    {w4a16_bulk_kernel<false, 2, kPerChannel>, w4a16_bulk_kernel<false, 3, kPerChannel>,
-     w4a16_bulk_kernel<false, 4, kPerChannel>},
-    {w4a16_bulk_kernel<false, 2, kWholeKBlocks>, w4a16_bulk_kernel<false, 3, kWholeKBlocks>,
-     w4a16_bulk_kernel<false, 4, kWholeKBlocks>},
-    {w4a16_bulk_kernel<false, 2, kAnyGroups>, w4a16_bulk_kernel<false, 3, kAnyGroups>,
-     w4a16_bulk_kernel<false, 4, kAnyGroups>}};
+    {w4a16_bulk_kernel<0, 2, kPerChannel>, w4a16_bulk_kernel<0, 3, kPerChannel>,
+     w4a16_bulk_kernel<0, 4, kPerChannel>},
+    {w4a16_bulk_kernel<0, 2, kWholeKBlocks>, w4a16_bulk_kernel<0, 3, kWholeKBlocks>,
+     w4a16_bulk_kernel<0, 4, kWholeKBlocks>},
+    {w4a16_bulk_kernel<0, 2, kAnyGroups>, w4a16_bulk_kernel<0, 3, kAnyGroups>,
+     w4a16_bulk_kernel<0, 4, kAnyGroups>}};
+// Launches with ECs in clusters: the compensator instance (2 CTAs per SM), or one without the EC-CTA code built for 3
+// or 4 (the registers of the EC-CTA path held the compensator instance at 2, which halved the bytes in flight of
+// launches of many tiles, e.g. the fused gate/up launch).
+constexpr BulkKernel kBulkClusterKernels[3][3] = {
+    {kBulkEcKernels[0], w4a16_bulk_kernel<2, 3, kPerChannel>, w4a16_bulk_kernel<2, 4, kPerChannel>},
+    {kBulkEcKernels[1], w4a16_bulk_kernel<2, 3, kWholeKBlocks>, w4a16_bulk_kernel<2, 4, kWholeKBlocks>},
+    {kBulkEcKernels[2], w4a16_bulk_kernel<2, 3, kAnyGroups>, w4a16_bulk_kernel<2, 4, kAnyGroups>}};
+
+// The instance of kinds[mode] (plain or cluster) with the most CTAs per SM at `smem` dynamic bytes (the fewest spills
+// among equals), cached per kind and KB of shared memory (the same on every device of a process).
+BulkKernel bulk_occupancy_instance(const BulkKernel (&kinds)[3][3], size_t smem, int mode) {
+  static std::atomic<int8_t> best[2][256];  // 0: not yet computed, else 1 + index into kinds[mode]
+  const size_t kb = std::min<size_t>(255, (smem + 1023) / 1024);
+  std::atomic<int8_t>& slot = best[&kinds == &kBulkPlainKernels ? 0 : 1][kb];
+  int b = slot.load(std::memory_order_relaxed);
+  if (b == 0) {
+    int most = -1;
+    for (int i = 0; i < 3; ++i) {
+      int per_sm = 0;
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kinds[kAnyGroups][i], kBulkThreads, smem) !=
+          cudaSuccess) {
+        (void)cudaGetLastError();
+        continue;
+      }
+      if (per_sm > most) most = per_sm, b = i + 1;
+    }
+    if (b == 0) b = 1;
+    slot.store(int8_t(b), std::memory_order_relaxed);
+  }
+  return kinds[mode][b - 1];
+}
 
 // The plain instance for a launch of `smem` dynamic bytes: by default the one with the most CTAs per SM (the fewest
 // spills among equals), or as forced by W4GemmOptions::bulk_min_blocks (1: the compensator instance, which plain
@@ -377,24 +411,7 @@ constexpr BulkKernel kBulkPlainKernels[3][3] = {
 BulkKernel bulk_plain_instance(size_t smem, int forced, int mode) {
   if (forced == 1) return kBulkEcKernels[mode];
   if (forced >= 2 && forced <= 4) return kBulkPlainKernels[mode][forced - 2];
-  static std::atomic<int8_t> best[256];  // 0: not yet computed, else 1 + index into kBulkPlainKernels
-  const size_t kb = std::min<size_t>(255, (smem + 1023) / 1024);
-  int b = best[kb].load(std::memory_order_relaxed);
-  if (b == 0) {
-    int most = -1;
-    for (int i = 0; i < 3; ++i) {
-      int per_sm = 0;
-      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kBulkPlainKernels[kAnyGroups][i], kBulkThreads, smem) !=
-          cudaSuccess) {
-        (void)cudaGetLastError();
-        continue;
-      }
-      if (per_sm > most) most = per_sm, b = i + 1;
-    }
-    if (b == 0) b = 1;
-    best[kb].store(int8_t(b), std::memory_order_relaxed);
-  }
-  return kBulkPlainKernels[mode][b - 1];
+  return bulk_occupancy_instance(kBulkPlainKernels, smem, mode);
 }
 
 }  // namespace
@@ -419,7 +436,8 @@ bool bulk_clusters_fit(int C, size_t smem, int mode, int tiles) {
     cfg.attrs = &attr;
     cfg.numAttrs = 1;
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kBulkEcKernels[mode], &cfg) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveClusters(&clusters, bulk_occupancy_instance(kBulkClusterKernels, smem, mode), &cfg) !=
+        cudaSuccess) {
       (void)cudaGetLastError();
       clusters = 0;
     }
@@ -460,12 +478,13 @@ bool bulk_ec_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec, in
 }
 
 void set_bulk_max_smem(int bytes) {
-  for (BulkKernel k : kBulkEcKernels) {
-    SPEAR_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes - 1024));
-    // Clusters of 16 (the in-cluster EC's larger size); a device without them rejects those plans.
-    if (cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
-      (void)cudaGetLastError();
-  }
+  for (const auto& per_mode : kBulkClusterKernels)
+    for (BulkKernel k : per_mode) {
+      SPEAR_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes - 1024));
+      // Clusters of 16 (the in-cluster EC's larger size); a device without them rejects those plans.
+      if (cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
+        (void)cudaGetLastError();
+    }
   for (const auto& per_mode : kBulkPlainKernels)
     for (BulkKernel k : per_mode)
       SPEAR_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes - 1024));
@@ -526,7 +545,9 @@ void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, co
   const bool pdl = o.pdl && device_facts().major >= 9;
   const int mode = group_mode(w, count);
   const bool with_ec = p.ec_cols || ec_cluster;
-  const BulkKernel kernel = with_ec ? kBulkEcKernels[mode] : bulk_plain_instance(smem, o.bulk_min_blocks, mode);
+  const BulkKernel kernel = ec_cluster ? bulk_occupancy_instance(kBulkClusterKernels, smem, mode)
+                            : with_ec  ? kBulkEcKernels[mode]
+                                       : bulk_plain_instance(smem, o.bulk_min_blocks, mode);
   launch(kernel, dim3(tiles, 1), smem, 1, pdl, stream, p, kBulkThreads, ec_cluster);
   if (with_ec) g_bulk_ec_launches.fetch_add(1, std::memory_order_relaxed);
 }
