@@ -417,9 +417,15 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
     bulk_gates = {forced_gate(o.ec_gate)};
     gates = {ec_cluster_size(bulk_gates[0]) ? 1 : bulk_gates[0]};
   } else if (ei) {
+    // SPEAR_W4_EC_CLUSTERS=0: not in clusters (A/B runs).
+    static const bool clusters = [] {
+      const char* e = std::getenv("SPEAR_W4_EC_CLUSTERS");
+      return !(e && std::string(e) == "0");
+    }();
     gates = {1, 0};
     bulk_gates = {1, 0};
-    for (int g : kEcClusterGates) bulk_gates.push_back(g);
+    if (clusters)
+      for (int g : kEcClusterGates) bulk_gates.push_back(g);
   }
   // SPEAR_W4_TUNE_MAX_CLUSTER: the largest cluster (split along k) the tuner tries (A/B runs).
   static const int max_cluster = [] {
