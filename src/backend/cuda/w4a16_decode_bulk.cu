@@ -314,7 +314,8 @@ __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(co
     }
     if (p.fx.swiglu_out) swiglu_pair_tail(p.fx, p.mat[0].y, p.mat[1].y, mt.n, p.m, tile, lane);
   }
-  if (kEc == 1 && mt.has_ec && !ecc && threadIdx.x == 0) ec_leave(mt.ec, tile, mt.n_pad / 16);  // the EC's readers: the tiles
+  if (kEc == 1 && mt.has_ec && !ecc && threadIdx.x == 0)
+    ec_leave(mt.ec, tile, mt.n_pad / 16);  // the EC's readers: the tiles
   if (p.fx.norm_out) {
     __shared__ int last;
     norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, gridDim.x - (kEc == 1 ? p.ec_cols : 0), reinterpret_cast<float*>(red),

@@ -12,14 +12,15 @@
 //
 // Why: with EC CTAs (w4a16_ec.cuh) the chain from x to g ⊙ z is about six dependent L2 round trips (the epoch, x,
 // the partial stores and their fence, the ticket, the slice sum, the W4 CTAs' poll), 3–5 µs per compensated launch on
-// the H200, longer than the whole main loop of a 1B-shaped launch. Here the chain has no global round trip and runs
-// beside the main loop. The price: every cluster reads all of A (4 / C of the launch's W4 bytes at rank 16, mostly L2
+// the H200, longer than the whole main loop of a 1B-shaped launch. Here the chain has no global round trip, and only
+// its first link (the partial) precedes the main loop. The price: every cluster reads all of A (4 / C of the launch's W4 bytes at rank 16, mostly L2
 // hits), and a slice of A in every CTA's shared memory. No CTA waits on another cluster: any number of waves.
 //
 // The cluster barrier (every thread of the cluster arrives on each phase): phase 1, arrived at the start and waited
 // on before the first DSMEM store, makes sure every peer has started; phase 2 is the partials (the consumers arrive
-// with release semantics after their stores; the producer warp arrives, then waits). No CTA touches another's shared memory after phase 2, and a CTA leaves
-// only after its producer warp has waited on it, so none leaves while a peer still writes into it.
+// with release semantics after their stores; the producer warp arrives, then waits). No CTA touches another's shared
+// memory after phase 2, and a CTA leaves only after its producer warp has waited on it, so none leaves while a peer
+// still writes into it.
 #pragma once
 
 #include <cstddef>
