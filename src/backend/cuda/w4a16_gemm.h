@@ -221,7 +221,8 @@ struct W4GemmOptions {
   bool pdl = true;        // programmatic dependent launch on sm_90+ (off: plain stream order)
   int path = 0;           // 0: auto (decode kernel for m <= 32), 1: same as auto, 2: always the general kernel
   int decode_rows = 0;    // force the decode kernel's 16-row tiles per CTA (1, 2, 4 or 8), or -1: the bulk-copy
-                          // kernel where it takes the launch (m <= 8, sm_90+; fused ECs: one wave); 0: planner
+                          // kernel where it takes the launch (m <= 8, sm_90+; fused ECs: one wave with EC CTAs, any
+                          // number in clusters); 0: planner
   int decode_splits = 0;  // force the decode kernel's CTAs per cluster along k (1..8); 0: planner
   bool bulk = true;       // tuning may pick the bulk-copy kernel (off: A/B runs, SPEAR_W4_BULK=0)
   int ec_gate = 0;        // fused ECs' slice sum and gate: 0 tuned (untuned: by the launch's weight bytes), 1 in every

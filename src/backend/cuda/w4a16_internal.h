@@ -76,7 +76,8 @@ std::pair<int, int> decode_plan(int m, const W4Device* w, int count, int sm_coun
 void clear_tuning();
 // The bulk-copy decode kernel (w4a16_decode_bulk.cu): m <= 8 on sm_90+; a decode plan with R == kBulkPlan
 // (forced by W4GemmOptions::decode_rows = -1, or picked by tune_decode) runs it. Fused compensators (ec,
-// ec_info: w4a16_decode_plan.h) only where bulk_ec_takes (one wave); the fusions not with them.
+// ec_info: w4a16_decode_plan.h) only where bulk_ec_takes (one wave with EC CTAs, any number in clusters), with or
+// without the decode-step fusions.
 constexpr int kBulkPlan = -1;
 // The scale groups a bulk-kernel instance handles, so that its k-step loop carries no group logic it does not need:
 // the general form tests the group per k-step, and those branches keep the compiler from overlapping the k-steps'
