@@ -22,6 +22,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -172,28 +173,25 @@ static std::vector<Reader> make_readers() {
                                bytes / 16, g_out);
                    }});
     }
-  for (int ctas : {1, 2, 4})
-    for (int S : {4, 8})
-      for (int C : {8192, 16384, 32768}) {
-        if (size_t(S) * C * ctas > 200 * 1024) continue;
-        r.push_back({"bulk " + std::to_string(ctas) + "/SM " + std::to_string(S) + "x" + std::to_string(C / 1024) +
-                         "K",
-                     [=](cudaStream_t st, const char* p, size_t bytes, bool pdl) {
-                       launch_ex(st, pdl, dim3(ctas * g_sms), dim3(32), size_t(S) * C, read_bulk, p, bytes, S, C,
-                                 g_out);
-                     }});
-      }
-  for (int ctas : {1, 2})
-    for (int S : {8, 12})
-      for (int C : {8192, 16384}) {
-        if (size_t(S) * C * ctas > 200 * 1024) continue;
-        r.push_back({"bulk+hs " + std::to_string(ctas) + "/SM " + std::to_string(S) + "x" + std::to_string(C / 1024) +
-                         "K",
-                     [=](cudaStream_t st, const char* p, size_t bytes, bool pdl) {
-                       launch_ex(st, pdl, dim3(ctas * g_sms), dim3(288), size_t(S) * C, read_bulk_hs, p, bytes, S, C,
-                                 g_out);
-                     }});
-      }
+  // The bulk-copy readers: one producer thread (read_bulk, 32 threads) or a producer warp beside 8 idle consumer warps
+  // (read_bulk_hs, the decode kernel's shape), CTAs per SM x stages x bytes per stage.
+  using Ints = std::initializer_list<int>;
+  auto add_bulk = [&](const char* name, decltype(&read_bulk) kernel, int threads, Ints ctas_per_sm, Ints stages,
+                      Ints stage_bytes) {
+    for (int ctas : ctas_per_sm)
+      for (int S : stages)
+        for (int C : stage_bytes) {
+          if (size_t(S) * C * ctas > 200 * 1024) continue;
+          r.push_back({std::string(name) + " " + std::to_string(ctas) + "/SM " + std::to_string(S) + "x" +
+                           std::to_string(C / 1024) + "K",
+                       [=](cudaStream_t st, const char* p, size_t bytes, bool pdl) {
+                         launch_ex(st, pdl, dim3(ctas * g_sms), dim3(threads), size_t(S) * C, kernel, p, bytes, S, C,
+                                   g_out);
+                       }});
+        }
+  };
+  add_bulk("bulk", read_bulk, 32, {1, 2, 4}, {4, 8}, {8192, 16384, 32768});
+  add_bulk("bulk+hs", read_bulk_hs, 288, {1, 2}, {8, 12}, {8192, 16384});
   return r;
 }
 

@@ -98,6 +98,24 @@ CompensatedLinear compensated_linear(cuda::CudaBackend& gpu, const EcCase& cs, u
   return l;
 }
 
+// The fused path on the bulk-copy kernel under the current options for x [m][k] (hx): once first (the first fused
+// launch of a shape is tuned, more launches), then twice counted; both must run on the bulk kernel, match the
+// double-precision reference and the naive path within bf16, and be bit-identical. Returns the fused output.
+std::vector<float> check_bulk_fused(cuda::CudaBackend& gpu, const CompensatedLinear& l, const std::vector<float>& hx,
+                                    const Tensor& x, int m, const std::string& what) {
+  const std::vector<float> ref = reference(l.p, &l.c, hx, m);
+  const std::vector<float> naive = run(gpu, *l.lin, x, EcPath::Naive);
+  run(gpu, *l.lin, x, EcPath::Fused);
+  const uint64_t before = cuda::w4a16_bulk_ec_launches();
+  const std::vector<float> fused = run(gpu, *l.lin, x, EcPath::Fused);
+  const std::vector<float> fused2 = run(gpu, *l.lin, x, EcPath::Fused);
+  EXPECT_EQ(cuda::w4a16_bulk_ec_launches(), before + 2) << what << ": not run on the bulk kernel";
+  EXPECT_LT(rel_err(fused, ref), 1e-2) << what;
+  EXPECT_LT(rel_err(fused, naive), 1e-2) << what;
+  EXPECT_TRUE(fused == fused2) << what << ": two fused launches differ";
+  return fused;
+}
+
 std::string describe(const EcCase& cs, int m) {
   return "n " + std::to_string(cs.n) + " k " + std::to_string(cs.k) + " g " + std::to_string(cs.group) + " rank " +
          std::to_string(cs.rank) + " gate " + std::to_string(cs.gate) + " m " + std::to_string(m);
@@ -157,27 +175,15 @@ TEST(CudaEc, BulkKernelFusedMatchesNaive) {
   for (const EcCase& cs : cases) {
     cuda::CudaBackend gpu;
     const CompensatedLinear l = compensated_linear(gpu, cs, seed);
-    const PackedQuantWeights& p = l.p;
-    const Compensator& c = l.c;
-    const Linear* lin = l.lin.get();
     for (int m : {1, 3, 8}) {
       if (m == 8 && cs.k > 8192) continue;  // all of x for 8 tokens does not fit beside the ring
       const std::vector<float> hx = random_x(m, cs.k, seed++);
       Tensor x = gpu.upload(hx.data(), m, cs.k);
       const std::string what = describe(cs, m);
-      const std::vector<float> ref = reference(p, &c, hx, m);
-      const std::vector<float> naive = run(gpu, *lin, x, EcPath::Naive);
-      run(gpu, *lin, x, EcPath::Fused);  // the first fused launch of a shape is tuned first (more launches)
-      const uint64_t before = cuda::w4a16_bulk_ec_launches();
-      const std::vector<float> fused = run(gpu, *lin, x, EcPath::Fused);
-      const std::vector<float> fused2 = run(gpu, *lin, x, EcPath::Fused);
-      EXPECT_EQ(cuda::w4a16_bulk_ec_launches(), before + 2) << what << ": not run on the bulk kernel";
-      const auto by_gate = run_fused_each_gate_place(gpu, *lin, x);
+      const std::vector<float> fused = check_bulk_fused(gpu, l, hx, x, m, what);
+      const auto by_gate = run_fused_each_gate_place(gpu, *l.lin, x);
       EXPECT_TRUE(by_gate[0] == by_gate[1]) << what << ": gate in the W4 CTAs vs in the last EC CTA";
       EXPECT_TRUE(by_gate[0] == fused) << what;
-      EXPECT_LT(rel_err(fused, ref), 1e-2) << what;
-      EXPECT_LT(rel_err(fused, naive), 1e-2) << what;
-      EXPECT_TRUE(fused == fused2) << what << ": two fused launches differ";
     }
   }
 }
@@ -206,16 +212,7 @@ TEST(CudaEc, BulkKernelClusterEcMatchesNaive) {
         const std::vector<float> hx = random_x(m, cs.k, seed++);
         Tensor x = gpu.upload(hx.data(), m, cs.k);
         const std::string what = describe(cs, m) + " cluster " + std::to_string(gate == 3 ? 8 : gate == 4 ? 16 : 4);
-        const std::vector<float> ref = reference(l.p, &l.c, hx, m);
-        const std::vector<float> naive = run(gpu, *l.lin, x, EcPath::Naive);
-        run(gpu, *l.lin, x, EcPath::Fused);  // the first fused launch of a shape is tuned first (more launches)
-        const uint64_t before = cuda::w4a16_bulk_ec_launches();
-        const std::vector<float> fused = run(gpu, *l.lin, x, EcPath::Fused);
-        const std::vector<float> fused2 = run(gpu, *l.lin, x, EcPath::Fused);
-        EXPECT_EQ(cuda::w4a16_bulk_ec_launches(), before + 2) << what << ": not run on the bulk kernel";
-        EXPECT_LT(rel_err(fused, ref), 1e-2) << what;
-        EXPECT_LT(rel_err(fused, naive), 1e-2) << what;
-        EXPECT_TRUE(fused == fused2) << what << ": two fused launches differ";
+        check_bulk_fused(gpu, l, hx, x, m, what);
       }
     }
   }

@@ -275,16 +275,12 @@ __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(co
   const unsigned long long ec_pre = kEc == 1 && mt.has_ec && !ecc && !p.ec_w4_gate ? ec_gz_issue(mt.ec, p.m) : 0ull;
   red[warp * 32 + lane] = make_float4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]);
   consumers_sync();
-  if (kEc && mt.has_ec) {
-    if (ecc)
-      named_sync(kBarGzReady, kBulkThreads);  // the producer warp's g ⊙ z
-    else if (kEc != 1)
-      ;
-    else if (p.ec_w4_gate)
-      ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, consumers_sync);
-    else
-      ec_gz_wait(mt.ec, ec_ep, p.m, eczs, ec_pre, consumers_sync);
-  }
+  if (ecc)
+    named_sync(kBarGzReady, kBulkThreads);  // the producer warp's g ⊙ z
+  else if (kEc == 1 && mt.has_ec && p.ec_w4_gate)
+    ec_gate(mt.ec, ec_ep, p.m, eczs, eczt, echb, ecgs, consumers_sync);
+  else if (kEc == 1 && mt.has_ec)
+    ec_gz_wait(mt.ec, ec_ep, p.m, eczs, ec_pre, consumers_sync);
   if (warp == 0) {  // the CTA's sum in warp order, the epilogue
     float4 sum = red[lane];
     for (int q = 1; q < kWarps; ++q) {
@@ -381,12 +377,14 @@ constexpr BulkKernel kBulkClusterKernels[3][3] = {
     {kBulkEcKernels[1], w4a16_bulk_kernel<2, 3, kWholeKBlocks>, w4a16_bulk_kernel<2, 4, kWholeKBlocks>},
     {kBulkEcKernels[2], w4a16_bulk_kernel<2, 3, kAnyGroups>, w4a16_bulk_kernel<2, 4, kAnyGroups>}};
 
-// The instance of kinds[mode] (plain or cluster) with the most CTAs per SM at `smem` dynamic bytes (the fewest spills
-// among equals), cached per kind and KB of shared memory (the same on every device of a process).
-BulkKernel bulk_occupancy_instance(const BulkKernel (&kinds)[3][3], size_t smem, int mode) {
+// The instance of kinds[mode] (cluster: kBulkClusterKernels, else kBulkPlainKernels) with the most CTAs per SM at
+// `smem` dynamic bytes (the fewest spills among equals), cached per kind and KB of shared memory (the same on every
+// device of a process).
+BulkKernel bulk_occupancy_instance(bool cluster, size_t smem, int mode) {
+  const BulkKernel(&kinds)[3][3] = cluster ? kBulkClusterKernels : kBulkPlainKernels;
   static std::atomic<int8_t> best[2][256];  // 0: not yet computed, else 1 + index into kinds[mode]
   const size_t kb = std::min<size_t>(255, (smem + 1023) / 1024);
-  std::atomic<int8_t>& slot = best[&kinds == &kBulkPlainKernels ? 0 : 1][kb];
+  std::atomic<int8_t>& slot = best[cluster ? 1 : 0][kb];
   int b = slot.load(std::memory_order_relaxed);
   if (b == 0) {
     int most = -1;
@@ -412,7 +410,7 @@ BulkKernel bulk_occupancy_instance(const BulkKernel (&kinds)[3][3], size_t smem,
 BulkKernel bulk_plain_instance(size_t smem, int forced, int mode) {
   if (forced == 1) return kBulkEcKernels[mode];
   if (forced >= 2 && forced <= 4) return kBulkPlainKernels[mode][forced - 2];
-  return bulk_occupancy_instance(kBulkPlainKernels, smem, mode);
+  return bulk_occupancy_instance(false, smem, mode);
 }
 
 }  // namespace
@@ -437,7 +435,7 @@ bool bulk_clusters_fit(int C, size_t smem, int mode, int tiles) {
     cfg.attrs = &attr;
     cfg.numAttrs = 1;
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, bulk_occupancy_instance(kBulkClusterKernels, smem, mode), &cfg) !=
+    if (cudaOccupancyMaxActiveClusters(&clusters, bulk_occupancy_instance(true, smem, mode), &cfg) !=
         cudaSuccess) {
       (void)cudaGetLastError();
       clusters = 0;
@@ -546,7 +544,7 @@ void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, co
   const bool pdl = o.pdl && device_facts().major >= 9;
   const int mode = group_mode(w, count);
   const bool with_ec = p.ec_cols || ec_cluster;
-  const BulkKernel kernel = ec_cluster ? bulk_occupancy_instance(kBulkClusterKernels, smem, mode)
+  const BulkKernel kernel = ec_cluster ? bulk_occupancy_instance(true, smem, mode)
                             : with_ec  ? kBulkEcKernels[mode]
                                        : bulk_plain_instance(smem, o.bulk_min_blocks, mode);
   launch(kernel, dim3(tiles, 1), smem, 1, pdl, stream, p, kBulkThreads, ec_cluster);
