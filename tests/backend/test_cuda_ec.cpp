@@ -116,6 +116,28 @@ std::vector<float> check_bulk_fused(cuda::CudaBackend& gpu, const CompensatedLin
   return fused;
 }
 
+// Three W4 linears of widths ns over one k (a q/k/v-like group) with compensators on members 0 (rank 16, gate 8) and 2
+// (rank2, static); weights seeded from wseed, compensators from cseed.
+struct EcGroup {
+  std::vector<PackedQuantWeights> ps;
+  std::vector<std::unique_ptr<Linear>> ls;
+  Compensator c0, c2;
+  const Compensator* ec(int i) const { return i == 0 ? &c0 : i == 2 ? &c2 : nullptr; }
+};
+EcGroup ec_group(cuda::CudaBackend& gpu, int k, const int (&ns)[3], int group, int rank2, uint32_t wseed,
+                 uint32_t cseed) {
+  EcGroup g;
+  for (int i = 0; i < 3; ++i) {
+    g.ps.push_back(w4test::random_quantized(ns[i], k, 4, group, wseed + uint32_t(i)));
+    g.ls.push_back(gpu.make_quant_linear("m" + std::to_string(i), g.ps.back(), {}));
+  }
+  g.c0 = w4test::random_compensator(k, ns[0], 16, 8, cseed);
+  g.c2 = w4test::random_compensator(k, ns[2], rank2, 0, cseed + 1);
+  gpu.set_compensator(*g.ls[0], &g.c0);
+  gpu.set_compensator(*g.ls[2], &g.c2);
+  return g;
+}
+
 std::string describe(const EcCase& cs, int m) {
   return "n " + std::to_string(cs.n) + " k " + std::to_string(cs.k) + " g " + std::to_string(cs.group) + " rank " +
          std::to_string(cs.rank) + " gate " + std::to_string(cs.gate) + " m " + std::to_string(m);
@@ -230,16 +252,8 @@ TEST(CudaEc, GroupedClusterEcLaunchMatchesNaive) {
     w4test::ScopedW4Options scoped(o);
     cuda::CudaBackend gpu;
     const int k = 1024, ns[3] = {1024, 256, 256};
-    std::vector<PackedQuantWeights> ps;
-    std::vector<std::unique_ptr<Linear>> ls;
-    for (int i = 0; i < 3; ++i) {
-      ps.push_back(w4test::random_quantized(ns[i], k, 4, 128, 150 + i));
-      ls.push_back(gpu.make_quant_linear("m" + std::to_string(i), ps.back(), {}));
-    }
-    const Compensator c0 = w4test::random_compensator(k, ns[0], 16, 8, 160),
-                      c2 = w4test::random_compensator(k, ns[2], 32, 0, 161);
-    gpu.set_compensator(*ls[0], &c0);
-    gpu.set_compensator(*ls[2], &c2);
+    const EcGroup eg = ec_group(gpu, k, ns, 128, 32, 150, 160);
+    const auto& ls = eg.ls;
     for (int m : {1, 4, 8}) {
       const std::vector<float> hx = random_x(m, k, 170 + m);
       Tensor x = gpu.upload(hx.data(), m, k);
@@ -255,9 +269,9 @@ TEST(CudaEc, GroupedClusterEcLaunchMatchesNaive) {
         std::vector<float> got(size_t(ys[i].numel()));
         gpu.download(ys[i], got.data());
         const std::vector<float> naive = run(gpu, *ls[i], x, EcPath::Naive);
-        const Compensator* c = i == 0 ? &c0 : i == 2 ? &c2 : nullptr;
         EXPECT_LT(rel_err(got, naive), 1e-2) << "gate " << gate << " m " << m << " member " << i;
-        EXPECT_LT(rel_err(got, reference(ps[i], c, hx, m)), 1e-2) << "gate " << gate << " m " << m << " member " << i;
+        EXPECT_LT(rel_err(got, reference(eg.ps[size_t(i)], eg.ec(i), hx, m)), 1e-2)
+            << "gate " << gate << " m " << m << " member " << i;
       }
     }
   }
@@ -341,16 +355,8 @@ TEST(CudaEc, GroupedFusedLaunchMatchesNaive) {
   for (int group : {-1, 64}) {
     cuda::CudaBackend gpu;
     const int k = 512, ns[3] = {512, 128, 128};
-    std::vector<PackedQuantWeights> ps;
-    std::vector<std::unique_ptr<Linear>> ls;
-    for (int i = 0; i < 3; ++i) {
-      ps.push_back(w4test::random_quantized(ns[i], k, 4, group, 50 + i));
-      ls.push_back(gpu.make_quant_linear("m" + std::to_string(i), ps.back(), {}));
-    }
-    const Compensator c0 = w4test::random_compensator(k, ns[0], 16, 8, 60),
-                      c2 = w4test::random_compensator(k, ns[2], 8, 0, 61);
-    gpu.set_compensator(*ls[0], &c0);
-    gpu.set_compensator(*ls[2], &c2);
+    const EcGroup eg = ec_group(gpu, k, ns, group, 8, 50, 60);
+    const auto& ls = eg.ls;
     for (int m : {1, 5, 32}) {
       const std::vector<float> hx = random_x(m, k, 70 + m);
       Tensor x = gpu.upload(hx.data(), m, k);
@@ -363,9 +369,9 @@ TEST(CudaEc, GroupedFusedLaunchMatchesNaive) {
         std::vector<float> got(size_t(ys[i].numel()));
         gpu.download(ys[i], got.data());
         const std::vector<float> naive = run(gpu, *ls[i], x, EcPath::Naive);
-        const Compensator* c = i == 0 ? &c0 : i == 2 ? &c2 : nullptr;
         EXPECT_LT(rel_err(got, naive), 1e-2) << "group " << group << " m " << m << " member " << i;
-        EXPECT_LT(rel_err(got, reference(ps[i], c, hx, m)), 1e-2) << "group " << group << " m " << m << " member " << i;
+        EXPECT_LT(rel_err(got, reference(eg.ps[size_t(i)], eg.ec(i), hx, m)), 1e-2)
+            << "group " << group << " m " << m << " member " << i;
       }
     }
   }
