@@ -166,7 +166,7 @@ int tune_class(int m) {
   return exact && m <= 8 ? m : token_tiles(m);
 }
 
-// W4GemmOptions::ec_gate (forced: 1-4) as DecodePlan::ec_w4_gate.
+// W4GemmOptions::ec_gate (forced: 1-5) as DecodePlan::ec_w4_gate (1 -> 1, 2 -> 0, 3-5 -> clusters 2-4).
 int forced_gate(int option) { return option == 1 ? 1 : option == 2 ? 0 : option - 1; }
 
 TuneKey tune_key(int m, const W4Device* w, int count, const EcPlanInfo* ec = nullptr) {
@@ -410,7 +410,7 @@ bool tune_decode(const __nv_bfloat16* x, int m, const W4Device* w, int count, __
       std::fprintf(stderr, "%s %s gate %d, after its predecessor: %.2f us\n", log_shape().c_str(), what, gate, us);
   };
   // With fused ECs every plan is timed with the slice sum and the gate in the W4 CTAs and in the last EC CTA, the
-  // bulk kernel also with the ECs in clusters of 8 and 16 (the options can force one); which wins depends on the
+  // bulk kernel also with the ECs in clusters of 8, 16 and 4 (the options can force one); which wins depends on the
   // launch's size.
   std::vector<int> gates = {0}, bulk_gates = {0};
   if (ei && o.ec_gate) {
