@@ -190,6 +190,15 @@ class Backend {
     return false;
   }
 
+  // One device: x += l(in); h = rms_norm(x)·norm_w, where the backend does it better than linear then add_rms_norm
+  // (CUDA: a compensated W4 linear at a few tokens, its GEMM launch plain and its whole EC term, B·(g ⊙ A·in), computed
+  // by the norm launch). Returns false, having done nothing, elsewhere; the caller then runs the ops.
+  virtual bool linear_residual_norm(const Tensor& in, const Linear& l, Tensor& x, const Tensor& norm_w, float eps,
+                                    Tensor& h) {
+    (void)in, (void)l, (void)x, (void)norm_w, (void)eps, (void)h;
+    return false;
+  }
+
   // The MLP block of a decode step in one go, where the backend has a fused kernel for it:
   //   x += add;  h = rms_norm(x)·norm_w;  x += down(silu(gate(h)) ⊙ up(h))
   // with the roundings of the op-by-op path. Returns false, having done nothing, where it cannot (no kernel for

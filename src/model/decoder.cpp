@@ -347,7 +347,11 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
     return fuse && be.linear_fused(in, std::span<const Linear* const>(ls.begin(), ls.size()),
                                    std::span<Tensor* const>(outs.begin(), outs.size()), f);
   };
-  if (sh.size == 1 || taps || !be.row_parallel_tail(att, *L.o, x, L.mlp_norm, eps, h)) {
+  // x += o(att); h = rms_norm(x)·mlp_norm in the backend's own way where it has one: the fused tail under tensor
+  // parallelism, on one device a compensated o whose EC term the norm launch adds.
+  const bool o_tail = !taps && (sh.size > 1 ? be.row_parallel_tail(att, *L.o, x, L.mlp_norm, eps, h)
+                                            : be.linear_residual_norm(att, *L.o, x, L.mlp_norm, eps, h));
+  if (!o_tail) {
     Backend::LinearFusion o_fusion;  // x += o(att); h = rms_norm(x)·mlp_norm
     o_fusion.residual = true;
     o_fusion.norm_w = &L.mlp_norm;
@@ -382,10 +386,11 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
       return;
     }
   }
-  if (sh.size > 1 && normed && !taps) {
+  if (normed && !taps) {  // x += down(gate) and the next norm, as for o above
     const Tensor& next_norm = li + 1 < c.num_layers ? layers_[size_t(li + 1)].attn_norm : final_norm_;
-    Tensor next_h = be.alloc(T, c.hidden_size);
-    if (be.row_parallel_tail(gate, *L.down, x, next_norm, eps, next_h)) {
+    Tensor next_h = sh.size > 1 ? be.alloc(T, c.hidden_size) : h;  // one device: h is free (gate/up have read it)
+    if (sh.size > 1 ? be.row_parallel_tail(gate, *L.down, x, next_norm, eps, next_h)
+                    : be.linear_residual_norm(gate, *L.down, x, next_norm, eps, next_h)) {
       *normed = next_h;
       return;
     }

@@ -405,6 +405,56 @@ TEST(CudaBackend, FusedMlpDecodeMatchesOpByOp) {
   }
 }
 
+// The deferred EC (ec_after_gemm.h: plain W4 launches, each compensator's whole term in the launch after them: the
+// norm launch for o and down, a launch of its own for q/k/v and gate/up) on the W4 package with random ECs on 60% of
+// the linears: decode steps (eager, teacher-forced, then replayed graphs) against the same run with every EC in its W4
+// launch, and against the CPU backend with the same compensators. The counters show that the deferred launches ran,
+// in the captured steps too.
+TEST(CudaBackend, DeferredEcMatchesInKernelAndCpu) {
+  SPEAR_REQUIRE_GPU();
+  constexpr int kSteps = 8;
+  auto rel = [](const std::vector<float>& a, const std::vector<float>& b) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < b.size(); ++i) num += double(a[i] - b[i]) * (a[i] - b[i]), den += double(b[i]) * b[i];
+    return std::sqrt(num / den);
+  };
+  for (int seqs : {1, 3}) {
+    std::vector<int32_t> ids;
+    std::vector<float> logits[2];
+    std::vector<int32_t> greedy[2];
+    for (bool defer : {false, true}) {
+      cuda::CudaBackend gpu;
+      gpu.set_ec_defer(defer, 1, true);  // from one token, every linear: the norm launches and launches of their own
+      auto m = Model::load(w4_package(), gpu);
+      gpu.set_ec_path(EcPath::Fused);
+      attach_random_compensators(*m, 0.6, 16, 8, 4321);
+      logits[defer] = teacher_forced_logits(*m, seqs, kSteps, ids);
+      const size_t eager = gpu.deferred_ec_launches();
+      greedy[defer] = greedy_graph_tokens(*m, seqs, kSteps);
+      if (defer) {
+        EXPECT_GE(eager, size_t(kSteps)) << seqs << " sequences: no deferred EC ran";
+        EXPECT_GT(gpu.deferred_ec_launches(), eager) << seqs << " sequences: not in the captured steps";
+      } else {
+        EXPECT_EQ(gpu.deferred_ec_launches(), 0u);
+      }
+    }
+    ASSERT_EQ(logits[0].size(), logits[1].size());
+    const double vs_kernel = rel(logits[1], logits[0]);
+    EXPECT_LT(vs_kernel, 1e-2) << seqs << " sequences";  // the EC term rounded once more (bf16 y, then y + term)
+    CpuBackend cpu;
+    auto mc = Model::load(w4_package(), cpu);
+    attach_random_compensators(*mc, 0.6, 16, 8, 4321);
+    const std::vector<float> ref = teacher_forced_logits(*mc, seqs, kSteps, ids);
+    CpuBackend cpu0;  // without the compensators: they must move the logits, or the comparison proves nothing
+    auto m0 = Model::load(w4_package(), cpu0);
+    const double moved = rel(teacher_forced_logits(*m0, seqs, kSteps, ids), ref), vs_cpu = rel(logits[1], ref);
+    std::printf("deferred EC, %d sequences: vs in-kernel %.2e, vs cpu %.2e (ECs moved the logits %.2e)\n", seqs,
+                vs_kernel, vs_cpu, moved);
+    EXPECT_GT(moved, 0.01);
+    EXPECT_LT(vs_cpu, 2e-2) << seqs << " sequences";
+  }
+}
+
 // The decode-step fusions (the residual add in the W4 kernels' epilogue, the norm and SwiGLU tails inside their
 // launches), all on, give the op-by-op logits bit for bit: the same plans, the same roundings (teacher-forced eager
 // steps), and the same greedy tokens from replayed decode graphs. Also with fused compensators on 60% of the
@@ -419,6 +469,7 @@ TEST(CudaBackend, DecodeFusionMatchesOpByOp) {
                 std::vector<int32_t>* greedy) {
     cuda::CudaBackend gpu;
     gpu.set_decode_fusion(fused ? 7 : 0, 8);
+    gpu.set_ec_defer(false);  // the fused down launch adds its EC in-kernel: the op-by-op steps must do so too
     auto m = Model::load(w4_package(), gpu);
     if (ecs) {
       gpu.set_ec_path(EcPath::Fused);

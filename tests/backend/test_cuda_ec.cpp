@@ -155,6 +155,7 @@ TEST(CudaEc, FusedAndOverlappedMatchNaiveAndReference) {
   uint32_t seed = 1;
   for (const EcCase& cs : cases) {
     cuda::CudaBackend gpu;
+    gpu.set_ec_defer(false);  // the in-kernel EC on the bulk kernel (counted), also at 2+ tokens
     const CompensatedLinear l = compensated_linear(gpu, cs, seed);
     const PackedQuantWeights& p = l.p;
     const Compensator& c = l.c;
@@ -196,6 +197,7 @@ TEST(CudaEc, BulkKernelFusedMatchesNaive) {
   uint32_t seed = 500;
   for (const EcCase& cs : cases) {
     cuda::CudaBackend gpu;
+    gpu.set_ec_defer(false);  // the in-kernel EC on the bulk kernel (counted), also at 2+ tokens
     const CompensatedLinear l = compensated_linear(gpu, cs, seed);
     for (int m : {1, 3, 8}) {
       if (m == 8 && cs.k > 8192) continue;  // all of x for 8 tokens does not fit beside the ring
@@ -227,6 +229,7 @@ TEST(CudaEc, BulkKernelClusterEcMatchesNaive) {
     w4test::ScopedW4Options scoped(o);
     for (const EcCase& cs : cases) {
       cuda::CudaBackend gpu;
+      gpu.set_ec_defer(false);  // the in-kernel EC on the bulk kernel (counted), also at 2+ tokens
       const CompensatedLinear l = compensated_linear(gpu, cs, seed);
       for (int m : {1, 3, 8}) {
         if (m == 8 && cs.k > 8192) continue;  // all of x for 8 tokens does not fit beside the ring
@@ -251,6 +254,7 @@ TEST(CudaEc, GroupedClusterEcLaunchMatchesNaive) {
     o.ec_gate = gate;
     w4test::ScopedW4Options scoped(o);
     cuda::CudaBackend gpu;
+    gpu.set_ec_defer(false);  // the in-kernel EC on the bulk kernel (counted), also at 2+ tokens
     const int k = 1024, ns[3] = {1024, 256, 256};
     const EcGroup eg = ec_group(gpu, k, ns, 128, 32, 150, 160);
     const auto& ls = eg.ls;

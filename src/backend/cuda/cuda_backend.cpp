@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <charconv>
 #include <chrono>
@@ -161,6 +162,8 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   if (const char* e = std::getenv("SPEAR_W4_TUNE")) tune_w4_ = std::string(e) != "0";
   if (const char* e = std::getenv("SPEAR_W4_DEQUANT_MIN_M")) w4_dequant_min_m_ = std::atoi(e);
   if (const char* e = std::getenv("SPEAR_FUSED_MLP")) fused_mlp_on_ = std::string(e) == "1";
+  if (const char* e = std::getenv("SPEAR_EC_DEFER")) ec_defer_ = std::string(e) != "0", ec_defer_groups_ = *e == '2';
+  ec_defer_min_m_ = int(env_int64("SPEAR_EC_DEFER_MIN_M", ec_defer_min_m_, 1, 32));
   if (const char* e = std::getenv("SPEAR_ROPE_ATTN")) rope_attn_on_ = std::string(e) != "0";
   if (const char* e = std::getenv("SPEAR_W4_TUNE_FUSED")) tune_fused_ = std::string(e) != "0";
   if (const char* e = std::getenv("SPEAR_W4_TUNE_AFTER")) tune_after_ = std::string(e) != "0";
@@ -507,6 +510,13 @@ void CudaBackend::linear(const Tensor& x, const Linear& lin, Tensor& out) {
   if (l.quantized) {
     SPEAR_CHECK(out.dtype == DType::BF16, "'{}': the W4 kernel writes bf16 outputs", l.name);
     const EcPath path = l.ec ? choose_ec_path(l, x) : EcPath::Auto;
+    const CudaLinear* self[1] = {&l};
+    Tensor* self_out[1] = {&out};
+    if (path == EcPath::Fused && defers_ec(self, x, self_out)) {
+      w4_gemm(l, x, out);
+      apply_deferred_ecs(self, x, self_out);
+      return;
+    }
     if (path == EcPath::Fused) {
       __nv_bfloat16* y = bf(out);
       const W4EcDevice* ec = &l.ec->dev;
@@ -622,6 +632,22 @@ void CudaBackend::linear_group(const Tensor& x, std::span<const Linear* const> l
     bias[i] = c->bias.bytes() ? c->bias.as<__nv_bfloat16>() : nullptr;
     y[i] = bf(*outs[i]);
     if (c->ec) ec[i] = &c->ec->dev;
+  }
+  std::array<const CudaLinear*, kW4MaxGrouped> with_ec{};
+  std::array<Tensor*, kW4MaxGrouped> ec_outs{};
+  size_t n_ec = 0;
+  for (size_t i = 0; i < ls.size(); ++i)
+    if (static_cast<const CudaLinear*>(ls[i])->ec)
+      with_ec[n_ec] = static_cast<const CudaLinear*>(ls[i]), ec_outs[n_ec++] = outs[i];
+  if (any_ec && defers_ec(std::span(with_ec.data(), n_ec), x, std::span(ec_outs.data(), n_ec))) {  // the plain group, then the ECs' launch
+    tune_w4_once(bf(x), int(x.rows), w, int(ls.size()), y);
+    {
+      auto prof = prof_->scope("linear.w4a16_grouped");
+      w4a16_gemm_grouped(bf(x), int(x.rows), w, int(ls.size()), bias, y, w4_ws_.get(), w4_ws_.bytes(), sm_count_,
+                         stream_);
+    }
+    apply_deferred_ecs(std::span(with_ec.data(), n_ec), x, std::span(ec_outs.data(), n_ec));
+    return;
   }
   tune_w4_once(bf(x), int(x.rows), w, int(ls.size()), y, any_ec ? ec : nullptr);
   if (any_ec) {

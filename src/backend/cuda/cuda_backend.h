@@ -204,6 +204,19 @@ class CudaBackend : public Backend {
   size_t fused_ec_linear_launches() const { return fused_ec_linear_launches_; }  // those with a compensator
   bool row_parallel_tail(const Tensor& in, const Linear& l, Tensor& x, const Tensor& norm_w, float eps,
                          Tensor& h) override;
+  // The deferred EC (ec_after_gemm.h; one device, min_m to 32 tokens, W4 linears whose compensators, of rank 8 or
+  // 16, the dispatch sends to the fused path): the GEMM launch runs plain and the launch after it computes the whole
+  // term. For o_proj / down_proj that is the residual add + norm (this call); with `groups`, the other linears and
+  // groups get a launch of their own (linear, linear_group). False where it does not apply or is off. Default: the
+  // norm launch from 2 tokens; measured on the H200 (bench/results/cuda-h200-ecdefer), the in-kernel EC is faster
+  // at one token, and a launch of its own costs about what it saves.
+  bool linear_residual_norm(const Tensor& in, const Linear& l, Tensor& x, const Tensor& norm_w, float eps,
+                            Tensor& h) override;
+  // Tests, A/B runs (SPEAR_EC_DEFER=0 off, 1 the norm launch, 2 also launches of their own; SPEAR_EC_DEFER_MIN_M).
+  void set_ec_defer(bool on, int min_m = 2, bool groups = false) {
+    ec_defer_ = on, ec_defer_min_m_ = min_m, ec_defer_groups_ = groups;
+  }
+  size_t deferred_ec_launches() const { return deferred_ec_launches_; }  // enqueued so far (tests)
 
   int sm_count() const { return sm_count_; }
   size_t activation_bytes() const { return pool_->reserved_bytes(); }
@@ -240,6 +253,10 @@ class CudaBackend : public Backend {
   // caller enqueues the GEMM on stream_, then ec_overlap_join adds d into y after the join.
   Tensor ec_overlap_fork(const CudaEc& ec, const Tensor& x);
   void ec_overlap_join(const Tensor& d, Tensor& y);
+  // Whether the deferred EC takes these fused-path compensators with input x (set_ec_defer; with outs, also their
+  // own launch after the plain GEMM, ec_apply_bf16, outs[i] holding linear i's output), and that launch.
+  bool defers_ec(std::span<const CudaLinear* const> ls, const Tensor& x, std::span<Tensor* const> outs) const;
+  void apply_deferred_ecs(std::span<const CudaLinear* const> ls, const Tensor& x, std::span<Tensor* const> outs);
   // The path this linear's compensator takes for m tokens (never Auto); reported once when verbose.
   EcPath choose_ec_path(const CudaLinear& l, const Tensor& x);
   void w4_gemm(const CudaLinear& l, const Tensor& x, Tensor& out);  // the plain W4 GEMM (tuned at first use)
@@ -307,7 +324,9 @@ class CudaBackend : public Backend {
   DeviceBuffer mlp_counters_;
   int decode_fusion_mask_ = 2, decode_fusion_max_m_ = 1;
   DeviceBuffer fusion_counters_;  // the fused launches' arrival counters (w4a16_fusion_counter_bytes, zeroed once)
-  size_t fused_linear_launches_ = 0, fused_ec_linear_launches_ = 0;
+  size_t fused_linear_launches_ = 0, fused_ec_linear_launches_ = 0, deferred_ec_launches_ = 0;
+  bool ec_defer_ = true, ec_defer_groups_ = false;
+  int ec_defer_min_m_ = 2;
 
   // The current batch (begin_batch): host arrays by address, their device copies.
   const BatchDesc* batch_ = nullptr;

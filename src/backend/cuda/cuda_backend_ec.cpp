@@ -12,6 +12,7 @@
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/ec_naive.h"
+#include "backend/cuda/ec_after_gemm.h"
 #include "core/dtype.h"
 #include "core/error.h"
 
@@ -114,6 +115,93 @@ void CudaBackend::ec_expand(const Tensor& z, const Linear& lin, Tensor& out) {
   if (z.rows == 0) return;
   auto prof = prof_->scope("linear.ec_expand");
   ec_expand_naive(*l.ec, z, out);
+}
+
+namespace {
+
+EcTermArgs ec_term_args(const CudaEc& c, const Tensor& x) {
+  EcTermArgs t;
+  t.rank = c.rank;
+  t.gate_width = c.gate_width;
+  t.k = c.in;
+  t.xin = bf(x);
+  t.A = c.A16.as<__nv_bfloat16>();
+  t.B = c.B16.as<__nv_bfloat16>();
+  if (c.gate_width > 0) {
+    t.W1 = c.W1.as<float>();
+    t.b1 = c.b1.as<float>();
+    t.W2 = c.W2.as<float>();
+    t.b2 = c.b2.as<float>();
+  }
+  return t;
+}
+
+}  // namespace
+
+namespace {
+
+struct EcApplyArgs {
+  int count = 0;
+  EcTermArgs ec[kEcApplyMax];
+  int n[kEcApplyMax] = {};
+  __nv_bfloat16* y[kEcApplyMax] = {};
+};
+
+EcApplyArgs ec_apply_args(std::span<const CudaLinear* const> ls, const Tensor& x, std::span<Tensor* const> outs) {
+  EcApplyArgs a;
+  a.count = int(ls.size());
+  for (int i = 0; i < a.count && i < kEcApplyMax; ++i)
+    a.ec[i] = ec_term_args(*ls[size_t(i)]->ec, x), a.n[i] = ls[size_t(i)]->out_features, a.y[i] = bf(*outs[size_t(i)]);
+  return a;
+}
+
+}  // namespace
+
+bool CudaBackend::defers_ec(std::span<const CudaLinear* const> ls, const Tensor& x,
+                            std::span<Tensor* const> outs) const {
+  const int m = int(x.rows);
+  if (!ec_defer_ || ls.empty() || ls.size() > size_t(kEcApplyMax) || m < ec_defer_min_m_ || m > 32 || tp_size() > 1)
+    return false;
+  for (const CudaLinear* l : ls)
+    if (!l->ec || !l->quantized) return false;
+  if (outs.empty()) return true;  // the norm launch's conditions are checked by its caller
+  if (!ec_defer_groups_) return false;
+  const EcApplyArgs a = ec_apply_args(ls, x, outs);
+  return ec_apply_takes(a.count, a.n, a.ec, a.y);
+}
+
+void CudaBackend::apply_deferred_ecs(std::span<const CudaLinear* const> ls, const Tensor& x,
+                                     std::span<Tensor* const> outs) {
+  const EcApplyArgs a = ec_apply_args(ls, x, outs);
+  auto prof = prof_->scope("linear.ec_deferred");
+  ec_apply_bf16(a.count, a.n, a.ec, a.y, int(x.rows), stream_);
+  ++deferred_ec_launches_;
+}
+
+// The deferred EC with the residual add and the next norm: the compensated linear's W4 launch runs plain (its own
+// tuned plan) and the norm launch computes the whole term before the add (ec_after_gemm.h).
+bool CudaBackend::linear_residual_norm(const Tensor& in, const Linear& lin, Tensor& x, const Tensor& norm_w, float eps,
+                                       Tensor& h) {
+  const auto& l = static_cast<const CudaLinear&>(lin);
+  const int T = int(x.rows), H = int(x.cols);
+  const CudaLinear* self[1] = {&l};
+  if (!defers_ec(self, in, {})) return false;
+  auto bf16_gpu = [](const Tensor& t) { return t.device == Device::CUDA && t.dtype == DType::BF16; };
+  if (!bf16_gpu(in) || !bf16_gpu(x) || !bf16_gpu(h) || !bf16_gpu(norm_w)) return false;
+  SPEAR_CHECK(in.rows == T && in.cols == l.in_features && H == l.out_features && norm_w.numel() == H && h.rows == T &&
+                  h.cols == H,
+              "linear_residual_norm: '{}' [{} -> {}] with input [{}, {}], x [{}, {}], norm weight {}, h [{}, {}]",
+              l.name, l.in_features, l.out_features, in.rows, in.cols, x.rows, x.cols, norm_w.numel(), h.rows, h.cols);
+  if (h.data == x.data || h.data == in.data || w4_dequant_ready(T)) return false;
+  if (choose_ec_path(l, in) != EcPath::Fused) return false;
+  Tensor y = alloc(T, H);
+  const EcTermArgs term = ec_term_args(*l.ec, in);
+  if (!add_rms_norm_ec_takes(H, term, x.data, y.data, norm_w.data, h.data)) return false;
+  w4_gemm(l, in, y);
+  auto prof = prof_->scope("add_rms_norm_ec");
+  add_rms_norm_ec_bf16(bf(x), bf(y), term, bf(norm_w), bf(h), T, H, eps, stream_);
+  ++deferred_ec_launches_;
+  return true;
 }
 
 EcPath CudaBackend::choose_ec_path(const CudaLinear& l, const Tensor& x) {
