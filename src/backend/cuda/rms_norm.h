@@ -16,4 +16,3 @@ void add_rms_norm_bf16(__nv_bfloat16* x, const __nv_bfloat16* y, const __nv_bflo
                        int rows, int d, float eps, cudaStream_t stream);
 
 }  // namespace spear::cuda
-
