@@ -169,9 +169,9 @@ TEST(CudaEcAfterGemm, ApplyLaunchMatchesReference) {
     std::vector<int> n, gw;
   };
   std::mt19937 rng(21);
-  for (const Case& c : {Case{1, 2048, 16, {2048, 512, 512}, {8, 8, 0}}, Case{8, 3072, 8, {3072, 1024, 1024}, {4, 0, 64}},
-                        Case{5, 2048, 16, {8192, 8192}, {8, 8}}, Case{32, 4096, 16, {14336}, {8}},
-                        Case{3, 1088, 8, {1040}, {3}}}) {
+  for (const Case& c :
+       {Case{1, 2048, 16, {2048, 512, 512}, {8, 8, 0}}, Case{8, 3072, 8, {3072, 1024, 1024}, {4, 0, 64}},
+        Case{5, 2048, 16, {8192, 8192}, {8, 8}}, Case{32, 4096, 16, {14336}, {8}}, Case{3, 1088, 8, {1040}, {3}}}) {
     const int count = int(c.n.size());
     std::ostringstream what;
     what << c.rows << " tokens, k " << c.k << ", rank " << c.rank << ", n";

@@ -4,7 +4,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <charconv>
 #include <chrono>
@@ -633,22 +632,7 @@ void CudaBackend::linear_group(const Tensor& x, std::span<const Linear* const> l
     y[i] = bf(*outs[i]);
     if (c->ec) ec[i] = &c->ec->dev;
   }
-  std::array<const CudaLinear*, kW4MaxGrouped> with_ec{};
-  std::array<Tensor*, kW4MaxGrouped> ec_outs{};
-  size_t n_ec = 0;
-  for (size_t i = 0; i < ls.size(); ++i)
-    if (static_cast<const CudaLinear*>(ls[i])->ec)
-      with_ec[n_ec] = static_cast<const CudaLinear*>(ls[i]), ec_outs[n_ec++] = outs[i];
-  if (any_ec && defers_ec(std::span(with_ec.data(), n_ec), x, std::span(ec_outs.data(), n_ec))) {  // the plain group, then the ECs' launch
-    tune_w4_once(bf(x), int(x.rows), w, int(ls.size()), y);
-    {
-      auto prof = prof_->scope("linear.w4a16_grouped");
-      w4a16_gemm_grouped(bf(x), int(x.rows), w, int(ls.size()), bias, y, w4_ws_.get(), w4_ws_.bytes(), sm_count_,
-                         stream_);
-    }
-    apply_deferred_ecs(std::span(with_ec.data(), n_ec), x, std::span(ec_outs.data(), n_ec));
-    return;
-  }
+  if (any_ec && linear_group_deferred(x, ls, outs, w, bias, y)) return;
   tune_w4_once(bf(x), int(x.rows), w, int(ls.size()), y, any_ec ? ec : nullptr);
   if (any_ec) {
     bool done = false;

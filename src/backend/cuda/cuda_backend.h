@@ -257,6 +257,11 @@ class CudaBackend : public Backend {
   // own launch after the plain GEMM, ec_apply_bf16, outs[i] holding linear i's output), and that launch.
   bool defers_ec(std::span<const CudaLinear* const> ls, const Tensor& x, std::span<Tensor* const> outs) const;
   void apply_deferred_ecs(std::span<const CudaLinear* const> ls, const Tensor& x, std::span<Tensor* const> outs);
+  // A W4 group with compensators, deferred (SPEAR_EC_DEFER=2): the plain group's launch (w, bias, y as
+  // w4a16_gemm_grouped takes them), then one launch for the compensated members' terms. False, nothing enqueued,
+  // where the deferred EC does not take them.
+  bool linear_group_deferred(const Tensor& x, std::span<const Linear* const> ls, std::span<Tensor* const> outs,
+                             const W4Device* w, const __nv_bfloat16* const* bias, __nv_bfloat16* const* y);
   // The path this linear's compensator takes for m tokens (never Auto); reported once when verbose.
   EcPath choose_ec_path(const CudaLinear& l, const Tensor& x);
   void w4_gemm(const CudaLinear& l, const Tensor& x, Tensor& out);  // the plain W4 GEMM (tuned at first use)

@@ -3,6 +3,7 @@
 // on a second stream beside the GEMM, one add after the join), the dispatch between them, and their timing
 // for `spear tune`.
 #include <algorithm>
+#include <array>
 #include <functional>
 #include <cstdio>
 #include <random>
@@ -173,9 +174,35 @@ bool CudaBackend::defers_ec(std::span<const CudaLinear* const> ls, const Tensor&
 void CudaBackend::apply_deferred_ecs(std::span<const CudaLinear* const> ls, const Tensor& x,
                                      std::span<Tensor* const> outs) {
   const EcApplyArgs a = ec_apply_args(ls, x, outs);
+  for (const CudaLinear* l : ls)
+    if (verbose_ && ec_reported_.insert({l, -token_bucket(int(x.rows))}).second)
+      std::fprintf(stderr, "ec deferred: %s, %d tokens: the whole term in a launch of its own after a plain GEMM\n",
+                   l->name.c_str(), int(x.rows));
   auto prof = prof_->scope("linear.ec_deferred");
   ec_apply_bf16(a.count, a.n, a.ec, a.y, int(x.rows), stream_);
   ++deferred_ec_launches_;
+}
+
+bool CudaBackend::linear_group_deferred(const Tensor& x, std::span<const Linear* const> ls,
+                                        std::span<Tensor* const> outs, const W4Device* w,
+                                        const __nv_bfloat16* const* bias, __nv_bfloat16* const* y) {
+  std::array<const CudaLinear*, kW4MaxGrouped> with_ec{};
+  std::array<Tensor*, kW4MaxGrouped> ec_outs{};
+  size_t n = 0;
+  for (size_t i = 0; i < ls.size() && i < size_t(kW4MaxGrouped); ++i)
+    if (static_cast<const CudaLinear*>(ls[i])->ec)
+      with_ec[n] = static_cast<const CudaLinear*>(ls[i]), ec_outs[n++] = outs[i];
+  const std::span<const CudaLinear* const> members(with_ec.data(), n);
+  const std::span<Tensor* const> member_outs(ec_outs.data(), n);
+  if (!defers_ec(members, x, member_outs)) return false;
+  const int m = int(x.rows), count = int(ls.size());
+  tune_w4_once(bf(x), m, w, count, y);
+  {
+    auto prof = prof_->scope("linear.w4a16_grouped");
+    w4a16_gemm_grouped(bf(x), m, w, count, bias, y, w4_ws_.get(), w4_ws_.bytes(), sm_count_, stream_);
+  }
+  apply_deferred_ecs(members, x, member_outs);
+  return true;
 }
 
 // The deferred EC with the residual add and the next norm: the compensated linear's W4 launch runs plain (its own
@@ -197,6 +224,9 @@ bool CudaBackend::linear_residual_norm(const Tensor& in, const Linear& lin, Tens
   Tensor y = alloc(T, H);
   const EcTermArgs term = ec_term_args(*l.ec, in);
   if (!add_rms_norm_ec_takes(H, term, x.data, y.data, norm_w.data, h.data)) return false;
+  if (verbose_ && ec_reported_.insert({&l, -token_bucket(T)}).second)  // beside the dispatch line (positive buckets)
+    std::fprintf(stderr, "ec deferred: %s, %d tokens: the whole term in the residual add + norm launch after a plain "
+                 "GEMM (SPEAR_EC_DEFER=0: in the GEMM launch)\n", l.name.c_str(), T);
   w4_gemm(l, in, y);
   auto prof = prof_->scope("add_rms_norm_ec");
   add_rms_norm_ec_bf16(bf(x), bf(y), term, bf(norm_w), bf(h), T, H, eps, stream_);

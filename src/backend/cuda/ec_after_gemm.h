@@ -28,9 +28,9 @@ struct EcTermArgs {
   const float* b2 = nullptr;           // [rank]
 };
 
-// Whether the kernels take an EC whose output has n features: rank 8 or 16; n and k multiples of 8 · C, where C (CTAs
-// per cluster) is 8 when n and k are multiples of 64, else the fewest that cover n and k in slices of 1024 (at most 8);
-// x, A, B 16-byte aligned.
+// Whether the kernels take an EC whose output has n features: rank 8 or 16; n and k multiples of 8 · C, where C
+// (CTAs per cluster) is 8 when n and k are multiples of 64, else the fewest that cover n and k in slices of 1024
+// (at most 8); x, A, B 16-byte aligned.
 bool ec_term_takes(int n, const EcTermArgs& ec);
 
 // x += bf16(y + B·(g ⊙ A·xin)), out = RMSNorm(x) · w (x, y, out [rows][d]; out must not alias x, y or xin). Requires
