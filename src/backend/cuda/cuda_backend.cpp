@@ -509,13 +509,7 @@ void CudaBackend::linear(const Tensor& x, const Linear& lin, Tensor& out) {
   if (l.quantized) {
     SPEAR_CHECK(out.dtype == DType::BF16, "'{}': the W4 kernel writes bf16 outputs", l.name);
     const EcPath path = l.ec ? choose_ec_path(l, x) : EcPath::Auto;
-    const CudaLinear* self[1] = {&l};
-    Tensor* self_out[1] = {&out};
-    if (path == EcPath::Fused && defers_ec(self, x, self_out)) {
-      w4_gemm(l, x, out);
-      apply_deferred_ecs(self, x, self_out);
-      return;
-    }
+    if (path == EcPath::Fused && linear_deferred(l, x, out)) return;
     if (path == EcPath::Fused) {
       __nv_bfloat16* y = bf(out);
       const W4EcDevice* ec = &l.ec->dev;

@@ -257,6 +257,9 @@ class CudaBackend : public Backend {
   // own launch after the plain GEMM, ec_apply_bf16, outs[i] holding linear i's output), and that launch.
   bool defers_ec(std::span<const CudaLinear* const> ls, const Tensor& x, std::span<Tensor* const> outs) const;
   void apply_deferred_ecs(std::span<const CudaLinear* const> ls, const Tensor& x, std::span<Tensor* const> outs);
+  // One W4 linear with a compensator, deferred (SPEAR_EC_DEFER=2): the plain GEMM, then its term's launch. False,
+  // nothing enqueued, where the deferred EC does not take it.
+  bool linear_deferred(const CudaLinear& l, const Tensor& x, Tensor& out);
   // A W4 group with compensators, deferred (SPEAR_EC_DEFER=2): the plain group's launch (w, bias, y as
   // w4a16_gemm_grouped takes them), then one launch for the compensated members' terms. False, nothing enqueued,
   // where the deferred EC does not take them.

@@ -183,6 +183,15 @@ void CudaBackend::apply_deferred_ecs(std::span<const CudaLinear* const> ls, cons
   ++deferred_ec_launches_;
 }
 
+bool CudaBackend::linear_deferred(const CudaLinear& l, const Tensor& x, Tensor& out) {
+  const CudaLinear* self[1] = {&l};
+  Tensor* self_out[1] = {&out};
+  if (!defers_ec(self, x, self_out)) return false;
+  w4_gemm(l, x, out);
+  apply_deferred_ecs(self, x, self_out);
+  return true;
+}
+
 bool CudaBackend::linear_group_deferred(const Tensor& x, std::span<const Linear* const> ls,
                                         std::span<Tensor* const> outs, const W4Device* w,
                                         const __nv_bfloat16* const* bias, __nv_bfloat16* const* y) {

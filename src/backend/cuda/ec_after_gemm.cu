@@ -211,16 +211,7 @@ __global__ void __launch_bounds__(kThreads, 3) add_rms_norm_ec_kernel(bf16* __re
   float ss = 0.f;
   if (has) {
     EcCta<kRank>::add_term(breg, s.gz, b);  // y' = bf16(y + term), then x += y' (one rounding, as add_bf16)
-    bf162* ah = reinterpret_cast<bf162*>(&a);
-    const bf162* bh = reinterpret_cast<const bf162*>(&b);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 fa = __bfloat1622float2(ah[j]), fb = __bfloat1622float2(bh[j]);
-      ah[j] = __floats2bfloat162_rn(fa.x + fb.x, fa.y + fb.y);
-      const float2 f = __bfloat1622float2(ah[j]);
-      ss += f.x * f.x;
-      ss += f.y * f.y;
-    }
+    ss = row_norm::add8_squares(a, b, ss);
     reinterpret_cast<uint4*>(x + row * d + e.col0)[tid] = a;
   }
   const float bs = row_norm::block_sum<kThreads>(ss);

@@ -14,9 +14,9 @@ namespace spear::cuda {
 namespace {
 
 using bf16 = __nv_bfloat16;
-using bf162 = __nv_bfloat162;
 constexpr int kThreads = 256;
 
+using row_norm::add8_squares;
 using row_norm::add_squares8;
 using row_norm::block_sum;
 using row_norm::scale_row;
@@ -53,17 +53,7 @@ __global__ void __launch_bounds__(kThreads) add_rms_norm_kernel(bf16* __restrict
   if constexpr (kVec) {
     for (int g = threadIdx.x; g < d / 8; g += kThreads) {
       uint4 a = reinterpret_cast<const uint4*>(xr)[g];
-      const uint4 b = reinterpret_cast<const uint4*>(yr)[g];
-      bf162* ah = reinterpret_cast<bf162*>(&a);
-      const bf162* bh = reinterpret_cast<const bf162*>(&b);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 fa = __bfloat1622float2(ah[j]), fb = __bfloat1622float2(bh[j]);
-        ah[j] = __floats2bfloat162_rn(fa.x + fb.x, fa.y + fb.y);
-        const float2 f = __bfloat1622float2(ah[j]);
-        ss += f.x * f.x;
-        ss += f.y * f.y;
-      }
+      ss = add8_squares(a, reinterpret_cast<const uint4*>(yr)[g], ss);
       reinterpret_cast<uint4*>(xr)[g] = a;
     }
   } else {

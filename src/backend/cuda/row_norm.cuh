@@ -36,6 +36,22 @@ __device__ __forceinline__ float add_squares8(const uint4& v, float ss) {
   return ss;
 }
 
+// a := bf16(a + b) for 8 bf16 (fp32 add, one rounding, as add_bf16), then ss + the squares of the rounded sums in
+// element order: the residual add + RMSNorm's per-thread step (rms_norm.cu, the deferred EC's norm launch).
+__device__ __forceinline__ float add8_squares(uint4& a, const uint4& b, float ss) {
+  __nv_bfloat162* ah = reinterpret_cast<__nv_bfloat162*>(&a);
+  const __nv_bfloat162* bh = reinterpret_cast<const __nv_bfloat162*>(&b);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 fa = __bfloat1622float2(ah[j]), fb = __bfloat1622float2(bh[j]);
+    ah[j] = __floats2bfloat162_rn(fa.x + fb.x, fa.y + fb.y);
+    const float2 f = __bfloat1622float2(ah[j]);
+    ss += f.x * f.x;
+    ss += f.y * f.y;
+  }
+  return ss;
+}
+
 // w · (x · inv) of 8 bf16, each rounded once.
 __device__ __forceinline__ uint4 scale8(const uint4& xv, const uint4& wv, float inv) {
   const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&xv);
