@@ -194,11 +194,13 @@ class CudaBackend : public Backend {
                     const LinearFusion& f) override;
   // Which fusions run (SPEAR_DECODE_FUSION, a bit mask; 0 = none, 7 = all): bit 0 the o projection's residual add
   // and MLP norm, bit 1 gate/up's SwiGLU, bit 2 the down projection's residual add and next norm (told apart by the
-  // linear's name), at up to max_m tokens (SPEAR_DECODE_FUSION_MAX_M, 1..8). Default: SwiGLU at one token. On the
-  // H200 the SwiGLU tail wins at batch 1 (1B −4.4%, 8B −3.3%) and loses at batch 8 on the 8B shape (+9%: every
-  // gate/up CTA's tail waits on its pair); the norm tails lose (a CTA that waits for every other one, then normalises
-  // alone, is slower than the norm kernel PDL has already started: +2–3% at batch 1, up to +16% at 8B batch 8).
-  // bench/results/cuda-h200-decodefusion.
+  // linear's name), at up to max_m tokens (SPEAR_DECODE_FUSION_MAX_M, 1..8). Default: none. On the H200 the norm
+  // tails lose (a CTA that waits for every other one, then normalises alone, is slower than the norm kernel PDL has
+  // already started: +2–3% at batch 1, up to +16% at 8B batch 8; bench/results/cuda-h200-decodefusion). The SwiGLU
+  // tail won at one token when it came (1B −4.4%, 8B −3.3%) and was the default until the grouped gate/up launch on
+  // the bulk kernel overtook it: without it the W4 step is now faster (1B −3.5%, 8B −1.5%, 3B within the spread
+  // between processes), and so is a step with ECs on 15% of the linears; with ECs on 60% it is 0–2.6% slower
+  // (bench/results/cuda-h200-fusiondefault). SPEAR_DECODE_FUSION=2 brings it back at one token.
   void set_decode_fusion(int mask, int max_m = 8) { decode_fusion_mask_ = mask, decode_fusion_max_m_ = max_m; }
   size_t fused_linear_launches() const { return fused_linear_launches_; }  // enqueued so far (tests)
   size_t fused_ec_linear_launches() const { return fused_ec_linear_launches_; }  // those with a compensator
@@ -330,7 +332,7 @@ class CudaBackend : public Backend {
   uint64_t last_w4_ops_ = ~uint64_t(0);
   size_t rope_attn_launches_ = 0;
   DeviceBuffer mlp_counters_;
-  int decode_fusion_mask_ = 2, decode_fusion_max_m_ = 1;
+  int decode_fusion_mask_ = 0, decode_fusion_max_m_ = 1;
   DeviceBuffer fusion_counters_;  // the fused launches' arrival counters (w4a16_fusion_counter_bytes, zeroed once)
   size_t fused_linear_launches_ = 0, fused_ec_linear_launches_ = 0, deferred_ec_launches_ = 0;
   bool ec_defer_ = true, ec_defer_groups_ = false;
