@@ -1,5 +1,5 @@
-// The CUDA backend's error-compensator paths (issue 6, DESIGN.md §5): naive (separate kernels after the GEMM,
-// cuda_backend.cpp), fused (A·x, gate and B inside the W4 decode launch, w4a16_gemm.h) and overlapped (the EC
+// The CUDA backend's error-compensator paths (issue 6, DESIGN.md §5): naive (separate kernels after the GEMM),
+// fused (A·x, gate and B inside the W4 decode launch, w4a16_gemm.h) and overlapped (the EC
 // on a second stream beside the GEMM, one add after the join), the dispatch between them, and their timing
 // for `spear tune`.
 #include <algorithm>
@@ -12,8 +12,9 @@
 
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_check.h"
-#include "backend/cuda/ec_naive.h"
 #include "backend/cuda/ec_after_gemm.h"
+#include "backend/cuda/ec_naive.h"
+#include "backend/cuda/elementwise.h"
 #include "core/dtype.h"
 #include "core/error.h"
 
@@ -30,6 +31,43 @@ int token_bucket(int m) {  // verbose reports: one line per power-of-two bucket
 }
 
 }  // namespace
+
+// The naive path: cuBLAS SGEMMs in fp32 and element-wise kernels, one after another (the reference and baseline).
+void CudaBackend::sgemm_nt(const float* x, int T, int k, const float* w, int n, float* y, cublasHandle_t handle) {
+  const float alpha = 1.f, beta = 0.f;
+  SPEAR_CUBLAS_CHECK(cublasSgemm(handle ? handle : cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, T, k, &alpha, w, k, x, k, &beta, y, n));
+}
+
+void CudaBackend::apply_ec_naive(const CudaEc& ec, const Tensor& x, Tensor& y) {
+  Tensor z = alloc_f32(x.rows, ec.rank);
+  ec_project(ec, x, z);
+  ec_expand_naive(ec, z, y);
+}
+
+void CudaBackend::ec_project(const CudaEc& ec, const Tensor& x, Tensor& z) {
+  const int T = int(x.rows);
+  Tensor x32 = alloc_f32(T, ec.in);
+  bf16_to_f32(bf(x), x32.ptr<float>(), x.numel(), stream_);
+  sgemm_nt(x32.ptr<float>(), T, ec.in, ec.A.as<float>(), ec.rank, z.ptr<float>());
+}
+
+void CudaBackend::ec_expand_naive(const CudaEc& ec, const Tensor& z, Tensor& y) {
+  const int T = int(z.rows), r = ec.rank;
+  Tensor d = alloc_f32(T, ec.out);
+  const float* zg = z.ptr<float>();
+  Tensor h, u;
+  if (ec.gate_width > 0) {
+    h = alloc_f32(T, ec.gate_width);
+    u = alloc_f32(T, r);
+    sgemm_nt(z.ptr<float>(), T, r, ec.W1.as<float>(), ec.gate_width, h.ptr<float>());
+    ec_bias_silu_f32(h.ptr<float>(), ec.b1.as<float>(), T, ec.gate_width, stream_);
+    sgemm_nt(h.ptr<float>(), T, ec.gate_width, ec.W2.as<float>(), r, u.ptr<float>());
+    ec_gate_f32(u.ptr<float>(), ec.b2.as<float>(), z.ptr<float>(), u.ptr<float>(), T, r, stream_);
+    zg = u.ptr<float>();
+  }
+  sgemm_nt(zg, T, r, ec.B.as<float>(), ec.out, d.ptr<float>());
+  ec_add_into_bf16(bf(y), d.ptr<float>(), T, ec.out, stream_);
+}
 
 void CudaBackend::set_ec_path(EcPath p) {
   SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
