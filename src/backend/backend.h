@@ -199,6 +199,16 @@ class Backend {
     return false;
   }
 
+  // One device: gate_out = silu(gate(in)) ⊙ up(in) (up_out receives up(in)), where the backend does it better than
+  // linear_group then swiglu (CUDA: a compensated gate / up pair at a few tokens, its GEMM launch plain with g ⊙ z
+  // computed beside it, the EC terms added by the SwiGLU launch). Returns false, having done nothing, elsewhere; the
+  // caller then runs the ops.
+  virtual bool linear_swiglu(const Tensor& in, const Linear& gate, const Linear& up, Tensor& gate_out,
+                             Tensor& up_out) {
+    (void)in, (void)gate, (void)up, (void)gate_out, (void)up_out;
+    return false;
+  }
+
   // The MLP block of a decode step in one go, where the backend has a fused kernel for it:
   //   x += add;  h = rms_norm(x)·norm_w;  x += down(silu(gate(h)) ⊙ up(h))
   // with the roundings of the op-by-op path. Returns false, having done nothing, where it cannot (no kernel for

@@ -369,7 +369,8 @@ void Model::run_layer_desc(int li, Tensor& x, const BatchDesc& d, KvCache& cache
   }
   Backend::LinearFusion gate_up_fusion;  // gate = silu(gate) ⊙ up
   gate_up_fusion.swiglu_out = &gate;
-  if (!fused(h, {L.gate.get(), L.up.get()}, {&gate, &up}, gate_up_fusion)) {
+  if (!fused(h, {L.gate.get(), L.up.get()}, {&gate, &up}, gate_up_fusion) &&
+      !(sh.size == 1 && !taps && be.linear_swiglu(h, *L.gate, *L.up, gate, up))) {
     run_group({L.gate.get(), L.up.get()}, {&gate, &up});
     be.swiglu(gate, up, gate);
   }

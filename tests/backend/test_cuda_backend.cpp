@@ -425,6 +425,7 @@ TEST(CudaBackend, DeferredEcMatchesInKernelAndCpu) {
     for (bool defer : {false, true}) {
       cuda::CudaBackend gpu;
       gpu.set_ec_defer(defer, 1, true);  // from one token, every linear: the norm launches and launches of their own
+      gpu.set_ec_swiglu(0);  // the gate / up ECs in their own deferred launch, not the SwiGLU launch
       auto m = Model::load(w4_package(), gpu);
       gpu.set_ec_path(EcPath::Fused);
       attach_random_compensators(*m, 0.6, 16, 8, 4321);
@@ -455,6 +456,55 @@ TEST(CudaBackend, DeferredEcMatchesInKernelAndCpu) {
   }
 }
 
+// The gate / up ECs added by the SwiGLU launch after a plain GEMM whose EC CTAs left g ⊙ z (CudaBackend::linear_swiglu,
+// here up to 32 tokens) on the W4 package with random ECs on 60% of the linears: decode steps (eager, teacher-forced,
+// then replayed graphs) against the same run with those ECs inside the GEMM launch, and against the CPU backend with the
+// same compensators; the counter shows that the SwiGLU launches ran, in the captured steps too.
+TEST(CudaBackend, SwigluEcMatchesInKernelAndCpu) {
+  SPEAR_REQUIRE_GPU();
+  constexpr int kSteps = 8;
+  auto rel = [](const std::vector<float>& a, const std::vector<float>& b) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < b.size(); ++i) num += double(a[i] - b[i]) * (a[i] - b[i]), den += double(b[i]) * b[i];
+    return std::sqrt(num / den);
+  };
+  for (int seqs : {1, 3}) {
+    std::vector<int32_t> ids;
+    std::vector<float> logits[2];
+    for (bool on : {false, true}) {
+      cuda::CudaBackend gpu;
+      gpu.set_ec_swiglu(on ? 32 : 0);
+      gpu.set_ec_defer(false);  // off: every EC in its GEMM launch
+      auto m = Model::load(w4_package(), gpu);
+      gpu.set_ec_path(EcPath::Fused);
+      attach_random_compensators(*m, 0.6, 16, 8, 4321);
+      logits[on] = teacher_forced_logits(*m, seqs, kSteps, ids);
+      const size_t eager = gpu.ec_swiglu_launches();
+      greedy_graph_tokens(*m, seqs, kSteps);
+      if (on) {
+        EXPECT_GE(eager, size_t(kSteps)) << seqs << " sequences: no SwiGLU EC launch ran";
+        EXPECT_GT(gpu.ec_swiglu_launches(), eager) << seqs << " sequences: not in the captured steps";
+      } else {
+        EXPECT_EQ(gpu.ec_swiglu_launches(), 0u);
+      }
+    }
+    ASSERT_EQ(logits[0].size(), logits[1].size());
+    const double vs_kernel = rel(logits[1], logits[0]);
+    EXPECT_LT(vs_kernel, 1e-2) << seqs << " sequences";  // the EC term rounded once more (bf16 y, then y + term)
+    CpuBackend cpu;
+    auto mc = Model::load(w4_package(), cpu);
+    attach_random_compensators(*mc, 0.6, 16, 8, 4321);
+    const std::vector<float> ref = teacher_forced_logits(*mc, seqs, kSteps, ids);
+    CpuBackend cpu0;  // without the compensators: they must move the logits, or the comparison proves nothing
+    auto m0 = Model::load(w4_package(), cpu0);
+    const double moved = rel(teacher_forced_logits(*m0, seqs, kSteps, ids), ref), vs_cpu = rel(logits[1], ref);
+    std::printf("SwiGLU EC, %d sequences: vs in-kernel %.2e, vs cpu %.2e (ECs moved the logits %.2e)\n", seqs,
+                vs_kernel, vs_cpu, moved);
+    EXPECT_GT(moved, 0.01);
+    EXPECT_LT(vs_cpu, 2e-2) << seqs << " sequences";
+  }
+}
+
 // The decode-step fusions (the residual add in the W4 kernels' epilogue, the norm and SwiGLU tails inside their
 // launches), all on, give the op-by-op logits bit for bit: the same plans, the same roundings (teacher-forced eager
 // steps), and the same greedy tokens from replayed decode graphs. Also with fused compensators on 60% of the
@@ -470,6 +520,7 @@ TEST(CudaBackend, DecodeFusionMatchesOpByOp) {
     cuda::CudaBackend gpu;
     gpu.set_decode_fusion(fused ? 7 : 0, 8);
     gpu.set_ec_defer(false);  // the fused down launch adds its EC in-kernel: the op-by-op steps must do so too
+    gpu.set_ec_swiglu(0);  // likewise the gate / up pair (the fused launch keeps its EC in-kernel with the tail)
     auto m = Model::load(w4_package(), gpu);
     if (ecs) {
       gpu.set_ec_path(EcPath::Fused);

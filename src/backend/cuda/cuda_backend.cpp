@@ -22,6 +22,7 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/dense_gemv.h"
 #include "backend/cuda/ec_naive.h"
+#include "backend/cuda/swiglu_ec.h"
 #include "backend/cuda/elementwise.h"
 #include "backend/cuda/nccl_loader.h"
 #include "backend/cuda/rms_norm.h"
@@ -163,6 +164,7 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   if (const char* e = std::getenv("SPEAR_FUSED_MLP")) fused_mlp_on_ = std::string(e) == "1";
   if (const char* e = std::getenv("SPEAR_EC_DEFER")) ec_defer_ = std::string(e) != "0", ec_defer_groups_ = *e == '2';
   ec_defer_min_m_ = int(env_int64("SPEAR_EC_DEFER_MIN_M", ec_defer_min_m_, 1, 32));
+  ec_swiglu_max_m_ = int(env_int64("SPEAR_EC_SWIGLU", ec_swiglu_max_m_, 0, kSwigluEcMaxTokens));
   if (const char* e = std::getenv("SPEAR_ROPE_ATTN")) rope_attn_on_ = std::string(e) != "0";
   if (const char* e = std::getenv("SPEAR_W4_TUNE_FUSED")) tune_fused_ = std::string(e) != "0";
   if (const char* e = std::getenv("SPEAR_W4_TUNE_AFTER")) tune_after_ = std::string(e) != "0";

@@ -219,6 +219,15 @@ class CudaBackend : public Backend {
     ec_defer_ = on, ec_defer_min_m_ = min_m, ec_defer_groups_ = groups;
   }
   size_t deferred_ec_launches() const { return deferred_ec_launches_; }  // enqueued so far (tests)
+  // The gate / up pair's ECs added by the SwiGLU launch (swiglu_ec.h; one device, at least one of the two compensated
+  // and every compensator on the fused path): the grouped GEMM launch runs the plain plan with EC CTAs beside it that
+  // leave g ⊙ z, which nothing in the launch waits for. Up to max_m tokens (0: off; then the ECs run inside the GEMM
+  // launch); default one token, where it measured faster on the H200 (at 60% ECs, 1B -2.4%, 8B -4.3%; at 8 tokens 1B
+  // lost up to 4.8%: bench/results/cuda-h200-ecswiglu). SPEAR_EC_SWIGLU=N sets max_m.
+  bool linear_swiglu(const Tensor& in, const Linear& gate, const Linear& up, Tensor& gate_out,
+                     Tensor& up_out) override;
+  void set_ec_swiglu(int max_m) { ec_swiglu_max_m_ = max_m; }
+  size_t ec_swiglu_launches() const { return ec_swiglu_launches_; }  // enqueued so far (tests)
 
   int sm_count() const { return sm_count_; }
   size_t activation_bytes() const { return pool_->reserved_bytes(); }
@@ -337,6 +346,8 @@ class CudaBackend : public Backend {
   size_t fused_linear_launches_ = 0, fused_ec_linear_launches_ = 0, deferred_ec_launches_ = 0;
   bool ec_defer_ = true, ec_defer_groups_ = false;
   int ec_defer_min_m_ = 2;
+  int ec_swiglu_max_m_ = 1;
+  size_t ec_swiglu_launches_ = 0;
 
   // The current batch (begin_batch): host arrays by address, their device copies.
   const BatchDesc* batch_ = nullptr;

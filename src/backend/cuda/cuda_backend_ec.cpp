@@ -15,6 +15,7 @@
 #include "backend/cuda/ec_after_gemm.h"
 #include "backend/cuda/ec_naive.h"
 #include "backend/cuda/elementwise.h"
+#include "backend/cuda/swiglu_ec.h"
 #include "core/dtype.h"
 #include "core/error.h"
 
@@ -411,6 +412,65 @@ std::vector<Backend::EcTiming> CudaBackend::time_ec_paths(std::span<const Linear
   }
   restore();
   return out;
+}
+
+}  // namespace spear::cuda
+
+namespace spear::cuda {
+
+// The compensated gate / up pair whose EC terms the SwiGLU launch adds (swiglu_ec.h): the grouped W4 launch runs the
+// plain plan (tuned as the plain launch) with EC CTAs that leave g ⊙ z, which nothing in that launch waits for.
+bool CudaBackend::linear_swiglu(const Tensor& in, const Linear& gate_lin, const Linear& up_lin, Tensor& gate_out,
+                                Tensor& up_out) {
+  const int m = int(in.rows);
+  if (tp_size() > 1 || m < 1 || m > ec_swiglu_max_m_ || w4_dequant_ready(m)) return false;
+  const CudaLinear* ls[2] = {static_cast<const CudaLinear*>(&gate_lin), static_cast<const CudaLinear*>(&up_lin)};
+  if (!ls[0]->ec && !ls[1]->ec) return false;
+  auto bf16_gpu = [](const Tensor& t) { return t.device == Device::CUDA && t.dtype == DType::BF16; };
+  if (!bf16_gpu(in) || !bf16_gpu(gate_out) || !bf16_gpu(up_out)) return false;
+  W4Device w[2];
+  const __nv_bfloat16* bias[2];
+  __nv_bfloat16* y[2] = {bf(gate_out), bf(up_out)};
+  const W4EcDevice* ec[2] = {};
+  for (int i = 0; i < 2; ++i) {
+    const CudaLinear& l = *ls[i];
+    if (!l.quantized || l.in_features != in.cols || l.out_features != ls[0]->out_features) return false;
+    if (l.ec && choose_ec_path(l, in) != EcPath::Fused) return false;
+    w[i] = l.w4;
+    bias[i] = l.bias.bytes() ? l.bias.as<__nv_bfloat16>() : nullptr;
+    if (l.ec) ec[i] = &l.ec->dev;
+  }
+  const int n = ls[0]->out_features;
+  SPEAR_CHECK(gate_out.rows == m && gate_out.cols == n && up_out.rows == m && up_out.cols == n,
+              "linear_swiglu: outputs [{}, {}] and [{}, {}] for '{}' / '{}' of {} tokens -> {}", gate_out.rows,
+              gate_out.cols, up_out.rows, up_out.cols, ls[0]->name, ls[1]->name, m, n);
+  if (!w4a16_ec_fusable(m, w, 2, ec) || (reinterpret_cast<uintptr_t>(in.data) & 15) != 0) return false;
+  Tensor gz[2];
+  float* gzp[2] = {};
+  SwigluEcTerm term[2];
+  for (int i = 0; i < 2; ++i) {
+    if (!ls[i]->ec) continue;
+    gz[i] = alloc_f32(m, ls[i]->ec->rank);
+    gzp[i] = gz[i].ptr<float>();
+    term[i] = {ls[i]->ec->B16.as<__nv_bfloat16>(), gzp[i], ls[i]->ec->rank};
+  }
+  if (!swiglu_ec_takes(m, term[0], term[1])) return false;
+  tune_w4_once(bf(in), m, w, 2, y);  // the plain launch's plan: the projection runs it with the EC CTAs added
+  bool done = false;
+  {
+    auto prof = prof_->scope("linear.w4a16_grouped_ec_project");
+    done = w4a16_gemm_ec_project_group(bf(in), m, w, 2, ec, bias, y, gzp, sm_count_, stream_);
+  }
+  if (!done) return false;
+  if (verbose_)
+    for (const CudaLinear* l : ls)
+      if (l->ec && ec_reported_.insert({l, -token_bucket(m)}).second)
+        std::fprintf(stderr, "ec swiglu: %s, %d tokens: g ⊙ z beside the plain GEMM launch, the term in the SwiGLU "
+                     "launch (SPEAR_EC_SWIGLU=0: in the GEMM launch)\n", l->name.c_str(), m);
+  auto prof = prof_->scope("swiglu_ec");
+  swiglu_ec_bf16(bf(gate_out), bf(up_out), bf(gate_out), m, n, term[0], term[1], stream_);
+  ++ec_swiglu_launches_;
+  return true;
 }
 
 }  // namespace spear::cuda

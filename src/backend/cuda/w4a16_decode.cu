@@ -52,7 +52,8 @@ struct W4DecodeParams {
   // ec_rmax / ec_gmax: the largest rank / gate width (shared memory).
   int ec_cols, ec_rmax, ec_gmax;
   int ec_w4_gate;       // the slice sum and the gate in every W4 CTA (else in the last EC CTA; DecodePlan)
-  int ec_project;       // projection only (w4a16_gemm_ec_project): the W4 CTAs run plain, the last EC CTA writes z
+  int ec_project;       // projection only (w4a16_gemm_ec_project): the W4 CTAs run plain, the last EC CTA of each EC
+                        // writes z (1) or g ⊙ z (2) to its zout
   W4PeerMirror mirror;  // P2P dual-write of the output (count 1; ranks <= 1: none)
   W4FuseDev fx;         // decode-step fusions (w4a16_fusion.cuh; m <= 8, without mirror; the W4 CTAs run the tails)
 };
@@ -88,13 +89,13 @@ __global__ void __launch_bounds__(kThreads, dec_min_blocks(T, kGrouped)) w4a16_d
     uint4 a[kEcRing];
     ec_prefetch(ec, slice, p.k, a);
     float* gs = reinterpret_cast<float*>(smem + ec_cta_smem_bytes(p.m, ec.cpr));  // after the x staging
-    if (!p.ec_w4_gate && !p.ec_project) ec_prefetch_gate(ec, gs);
+    if (p.ec_project ? p.ec_project == 2 : !p.ec_w4_gate) ec_prefetch_gate(ec, gs);
     cp_async_commit();
     pdl_launch_dependents();
     pdl_wait();
     ec_slice(ec, slice, a, p.x, p.m, p.k, smem);
     if (p.ec_project)
-      ec_finish_z(ec, p.m, gs, [] { __syncthreads(); });
+      ec_finish_z(ec, p.m, gs, [] { __syncthreads(); }, p.ec_project == 2);
     else if (!p.ec_w4_gate)
       ec_finish(ec, p.m, gs, [] { __syncthreads(); });
     return;
@@ -473,7 +474,7 @@ void set_ec_params(W4DecodeParams& p, const W4EcDevice* const* ec, const EcPlanI
 void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4Device* w, int count,
                  const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, const W4GemmOptions& o,
                  cudaStream_t stream, const W4EcDevice* const* ec, const EcPlanInfo* ec_info,
-                 const W4PeerMirror* mirror, const W4Fusion* fusion, float* ec_z) {
+                 const W4PeerMirror* mirror, const W4Fusion* fusion, float* const* ec_z) {
   const int T = token_tiles(m);
   const bool grouped = w[0].groups > 1;
   W4DecodeParams p{};
@@ -481,10 +482,11 @@ void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4
   p.k = w[0].k;
   if (ec && ec_info) set_ec_params(p, ec, *ec_info, plan.S);
   p.ec_w4_gate = plan.ec_w4_gate;
-  if (ec_info && ec_info->project) {  // one matrix: its EC writes z to ec_z
-    p.ec_project = 1;
+  if (ec_info && ec_info->project) {  // each EC writes z (or g ⊙ z) to ec_z[i]
+    p.ec_project = ec_info->project_gated ? 2 : 1;
     p.ec_rmax = p.ec_gmax = 0;  // the W4 CTAs' shared memory holds no EC state
-    p.mat[0].ec.zout = ec_z;
+    for (int i = 0; i < count; ++i)
+      if (ec[i]) p.mat[i].ec.zout = ec_z[i];
   }
   int rg = p.ec_cols;
   for (int i = 0; i < count; ++i) {

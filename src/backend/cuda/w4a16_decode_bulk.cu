@@ -50,7 +50,8 @@ struct W4BulkParams {
   int count, m, k, kblocks, stages, xs_stride, x_vec;
   int ec_cols, ec_rmax, ec_gmax;  // fused ECs: blockIdx.x < ec_cols are EC CTAs; largest rank / gate width
   int ec_w4_gate;                 // the slice sum and the gate in every W4 CTA (else in the last EC CTA)
-  int ec_project;                 // projection only: the W4 CTAs run plain, the last EC CTA writes z (mat[0].ec.zout)
+  int ec_project;                 // projection only: the W4 CTAs run plain, the last EC CTA of each EC writes z (1) or
+                                  // g ⊙ z (2) to its zout
   int ec_cluster;                 // > 0: the ECs in clusters of this many W4 CTAs, no EC CTAs (w4a16_ec_cluster.cuh)
   W4FuseDev fx;                   // decode-step fusions (w4a16_fusion.cuh; the W4 CTAs run the tails)
 };
@@ -72,34 +73,36 @@ size_t bulk_smem_bytes(int m, int kblocks, int stages, int gmax, int ec_rmax = 0
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); }
 
 // kEc: 1 the instance that runs launches with fused compensators (EC CTAs or clusters, the gate, the B term), 2 one
-// for ECs in clusters only (w4a16_ec_cluster.cuh), 0 plain. The plain instances leave the EC code out, so that they
+// for ECs in clusters only (w4a16_ec_cluster.cuh), 3 one for projection-only launches (EC CTAs, plain W4 CTAs), 0 plain. The plain instances leave the EC code out, so that they
 // fit kMinBlocks CTAs per SM in the registers: where shared memory lets more CTAs in (k <= 4096 at one token), more
 // tiles' codes are in flight per SM (bulk_occupancy_instance).
 // kMode (DecodeGroupMode): the launch's scale groups. Per channel and groups of whole k-blocks take a loop without
 // per-k-step group logic over a whole stage, each warp's two k-blocks in two MMA chains; any other launch (and a
 // stage short of kBulkChunk k-blocks) the general loop.
-template <int kEc, int kMinBlocks, int kMode>
+template <int kEcInst, int kMinBlocks, int kMode>
 __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(const __grid_constant__ W4BulkParams p) {
+  // The W4 CTAs' EC code: none in the projection instance (its W4 CTAs are the plain ones).
+  constexpr int kEc = kEcInst == 3 ? 0 : kEcInst;
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ uint64_t full[kBulkStages], empty[kBulkStages];
   __shared__ uint32_t ec_ep;
-  if (kEc == 1 && int(blockIdx.x) < p.ec_cols) {  // EC CTAs: one k-slice of A·x each, then they leave (w4a16_ec.cuh)
-    int e = 0;
+  if ((kEcInst == 1 || kEcInst == 3) && int(blockIdx.x) < p.ec_cols) {  // EC CTAs: one k-slice of A·x each, then
+    int e = 0;                                                            // they leave (w4a16_ec.cuh)
 #pragma unroll
     for (int i = 1; i < 4; ++i)
-      if (i < p.count && p.mat[i].has_ec && int(blockIdx.x) >= p.mat[i].ec.col0) e = i;
+      if (i < p.count && p.mat[i].ec.cols > 0 && int(blockIdx.x) >= p.mat[i].ec.col0) e = i;
     const W4DecEc& ec = p.mat[e].ec;
     uint4 a[kEcRing];
     ec_prefetch(ec, int(blockIdx.x) - ec.col0, p.k, a);
     float* gs = reinterpret_cast<float*>(smem + ec_cta_smem_bytes(p.m, ec.cpr));  // after the x staging
     const bool consumer = (threadIdx.x >> 5) < kWarps;
-    if (!p.ec_w4_gate && !p.ec_project && consumer) ec_prefetch_gate(ec, gs);
+    if ((p.ec_project ? p.ec_project == 2 : !p.ec_w4_gate) && consumer) ec_prefetch_gate(ec, gs);
     cp_async_commit();
     pdl_launch_dependents();
     pdl_wait();
     ec_slice(ec, int(blockIdx.x) - ec.col0, a, p.x, p.m, p.k, smem);
     if (p.ec_project && consumer)
-      ec_finish_z(ec, p.m, gs, consumers_sync);
+      ec_finish_z(ec, p.m, gs, consumers_sync, p.ec_project == 2);
     else if (!p.ec_w4_gate && consumer)
       ec_finish(ec, p.m, gs, consumers_sync);
     return;
@@ -314,7 +317,7 @@ __global__ void __launch_bounds__(kBulkThreads, kMinBlocks) w4a16_bulk_kernel(co
     ec_leave(mt.ec, tile, mt.n_pad / 16);  // the EC's readers: the tiles
   if (p.fx.norm_out) {
     __shared__ int last;
-    norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, gridDim.x - (kEc == 1 ? p.ec_cols : 0), reinterpret_cast<float*>(red),
+    norm_tail(p.fx, p.mat[0].y, p.m, p.mat[0].n, gridDim.x - p.ec_cols, reinterpret_cast<float*>(red),
               &last, threadIdx.x, [] { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); });
   }
 }
@@ -369,6 +372,13 @@ constexpr BulkKernel kBulkPlainKernels[3][3] = {
      w4a16_bulk_kernel<0, 4, kWholeKBlocks>},
     {w4a16_bulk_kernel<0, 2, kAnyGroups>, w4a16_bulk_kernel<0, 3, kAnyGroups>,
      w4a16_bulk_kernel<0, 4, kAnyGroups>}};
+// Projection-only launches (EC CTAs, plain W4 CTAs): built for 2, 3 and 4 CTAs per SM, chosen by occupancy as the
+// plain ones, so that a launch of many tiles (the gate/up pair) keeps the plain launch's bytes in flight.
+constexpr BulkKernel kBulkProjectKernels[3][3] = {
+    {w4a16_bulk_kernel<3, 2, kPerChannel>, w4a16_bulk_kernel<3, 3, kPerChannel>, w4a16_bulk_kernel<3, 4, kPerChannel>},
+    {w4a16_bulk_kernel<3, 2, kWholeKBlocks>, w4a16_bulk_kernel<3, 3, kWholeKBlocks>,
+     w4a16_bulk_kernel<3, 4, kWholeKBlocks>},
+    {w4a16_bulk_kernel<3, 2, kAnyGroups>, w4a16_bulk_kernel<3, 3, kAnyGroups>, w4a16_bulk_kernel<3, 4, kAnyGroups>}};
 // Launches with ECs in clusters: the compensator instance (2 CTAs per SM), or one without the EC-CTA code built for 3
 // or 4 (the registers of the EC-CTA path held the compensator instance at 2, which halved the bytes in flight of
 // launches of many tiles, e.g. the fused gate/up launch).
@@ -377,14 +387,14 @@ constexpr BulkKernel kBulkClusterKernels[3][3] = {
     {kBulkEcKernels[1], w4a16_bulk_kernel<2, 3, kWholeKBlocks>, w4a16_bulk_kernel<2, 4, kWholeKBlocks>},
     {kBulkEcKernels[2], w4a16_bulk_kernel<2, 3, kAnyGroups>, w4a16_bulk_kernel<2, 4, kAnyGroups>}};
 
-// The instance of kinds[mode] (cluster: kBulkClusterKernels, else kBulkPlainKernels) with the most CTAs per SM at
-// `smem` dynamic bytes (the fewest spills among equals), cached per kind and KB of shared memory (the same on every
-// device of a process).
-BulkKernel bulk_occupancy_instance(bool cluster, size_t smem, int mode) {
-  const BulkKernel(&kinds)[3][3] = cluster ? kBulkClusterKernels : kBulkPlainKernels;
-  static std::atomic<int8_t> best[2][256];  // 0: not yet computed, else 1 + index into kinds[mode]
+// The instance of kinds[mode] (kind 1: kBulkClusterKernels, 2: kBulkProjectKernels, else kBulkPlainKernels) with the
+// most CTAs per SM at `smem` dynamic bytes (the fewest spills among equals), cached per kind and KB of shared memory
+// (the same on every device of a process).
+BulkKernel bulk_occupancy_instance(int kind, size_t smem, int mode) {
+  const BulkKernel(&kinds)[3][3] = kind == 1 ? kBulkClusterKernels : kind == 2 ? kBulkProjectKernels : kBulkPlainKernels;
+  static std::atomic<int8_t> best[3][256];  // 0: not yet computed, else 1 + index into kinds[mode]
   const size_t kb = std::min<size_t>(255, (smem + 1023) / 1024);
-  std::atomic<int8_t>& slot = best[cluster ? 1 : 0][kb];
+  std::atomic<int8_t>& slot = best[kind][kb];
   int b = slot.load(std::memory_order_relaxed);
   if (b == 0) {
     int most = -1;
@@ -410,7 +420,7 @@ BulkKernel bulk_occupancy_instance(bool cluster, size_t smem, int mode) {
 BulkKernel bulk_plain_instance(size_t smem, int forced, int mode) {
   if (forced == 1) return kBulkEcKernels[mode];
   if (forced >= 2 && forced <= 4) return kBulkPlainKernels[mode][forced - 2];
-  return bulk_occupancy_instance(false, smem, mode);
+  return bulk_occupancy_instance(0, smem, mode);
 }
 
 }  // namespace
@@ -435,7 +445,7 @@ bool bulk_clusters_fit(int C, size_t smem, int mode, int tiles) {
     cfg.attrs = &attr;
     cfg.numAttrs = 1;
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, bulk_occupancy_instance(true, smem, mode), &cfg) !=
+    if (cudaOccupancyMaxActiveClusters(&clusters, bulk_occupancy_instance(1, smem, mode), &cfg) !=
         cudaSuccess) {
       (void)cudaGetLastError();
       clusters = 0;
@@ -484,18 +494,19 @@ void set_bulk_max_smem(int bytes) {
       if (cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
         (void)cudaGetLastError();
     }
-  for (const auto& per_mode : kBulkPlainKernels)
-    for (BulkKernel k : per_mode)
-      SPEAR_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes - 1024));
+  for (int mode = 0; mode < 3; ++mode)
+    for (int i = 0; i < 3; ++i)
+      for (BulkKernel k : {kBulkPlainKernels[mode][i], kBulkProjectKernels[mode][i]})
+        SPEAR_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes - 1024));
 }
 
-bool bulk_project_takes(int m, const W4Device& w, const EcPlanInfo& ec) {
-  return ec.project && bulk_takes(m, &w, 1) && bulk_launch_smem(m, &w, 1, &ec) + 1024 <= device_facts().smem_optin;
+bool bulk_project_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec) {
+  return ec.project && bulk_takes(m, w, count) && bulk_launch_smem(m, w, count, &ec) + 1024 <= device_facts().smem_optin;
 }
 
 void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
                  __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream, const W4Fusion* fusion,
-                 const W4EcDevice* const* ec, const EcPlanInfo* ec_info, int ec_w4_gate, float* ec_z) {
+                 const W4EcDevice* const* ec, const EcPlanInfo* ec_info, int ec_w4_gate, float* const* ec_z) {
   W4BulkParams p{};
   p.count = count;
   p.x = x;
@@ -518,11 +529,13 @@ void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, co
     p.ec_rmax = ec_info->rmax;
     p.ec_gmax = ec_info->gmax;
     p.ec_w4_gate = ec_w4_gate;
-    if (ec_info->project) {  // one matrix: its W4 CTAs run plain (no EC state), its EC writes z to ec_z
-      p.ec_project = 1;
+    if (ec_info->project) {  // the W4 CTAs run plain (no EC state); each EC writes z (or g ⊙ z) to ec_z[i]
+      p.ec_project = ec_info->project_gated ? 2 : 1;
       p.ec_rmax = p.ec_gmax = 0;
-      p.mat[0].has_ec = 0;
-      p.mat[0].ec.zout = ec_z;
+      for (int i = 0; i < count; ++i) {
+        p.mat[i].has_ec = 0;
+        if (ec[i]) p.mat[i].ec.zout = ec_z[i];
+      }
     }
   }
   int tiles = p.ec_cols;
@@ -544,9 +557,10 @@ void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, co
   const bool pdl = o.pdl && device_facts().major >= 9;
   const int mode = group_mode(w, count);
   const bool with_ec = p.ec_cols || ec_cluster;
-  const BulkKernel kernel = ec_cluster ? bulk_occupancy_instance(true, smem, mode)
-                            : with_ec  ? kBulkEcKernels[mode]
-                                       : bulk_plain_instance(smem, o.bulk_min_blocks, mode);
+  const BulkKernel kernel = ec_cluster     ? bulk_occupancy_instance(1, smem, mode)
+                            : p.ec_project ? bulk_occupancy_instance(2, smem, mode)
+                            : with_ec      ? kBulkEcKernels[mode]
+                                           : bulk_plain_instance(smem, o.bulk_min_blocks, mode);
   launch(kernel, dim3(tiles, 1), smem, 1, pdl, stream, p, kBulkThreads, ec_cluster);
   if (with_ec) g_bulk_ec_launches.fetch_add(1, std::memory_order_relaxed);
 }

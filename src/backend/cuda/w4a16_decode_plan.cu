@@ -279,26 +279,28 @@ bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int coun
   return true;
 }
 
-// The plain launch's plan (tuned or modelled) with the EC CTAs added: its W4 CTAs run as without the compensator.
-bool launch_decode_ec_project(const __nv_bfloat16* x, int m, const W4Device& w, const W4EcDevice& ec,
-                              const __nv_bfloat16* bias, __nv_bfloat16* y, float* z, int sm_count,
+// The plain launch's plan (tuned or modelled) with the EC CTAs added: its W4 CTAs run as without the compensators.
+bool launch_decode_ec_project(const __nv_bfloat16* x, int m, const W4Device* w, int count,
+                              const W4EcDevice* const* ecs, const __nv_bfloat16* const* bias,
+                              __nv_bfloat16* const* y, float* const* z, bool gated, int sm_count,
                               const W4GemmOptions& o, cudaStream_t stream) {
-  const W4EcDevice* ecs[1] = {&ec};
-  if (!ec_fusable(m, &w, 1, ecs) || (reinterpret_cast<uintptr_t>(x) & 15) != 0) return false;
-  EcPlanInfo info = ec_plan_info(w.k, 1, ecs);
+  if (!ec_fusable(m, w, count, ecs) || (reinterpret_cast<uintptr_t>(x) & 15) != 0) return false;
+  EcPlanInfo info = ec_plan_info(w[0].k, count, ecs);
+  if (info.n == 0) return false;
   info.project = true;
-  const DecodePlan plain = choose_plan(m, &w, 1, sm_count, o);
+  info.project_gated = gated;
+  const DecodePlan plain = choose_plan(m, w, count, sm_count, o);
   if (plain.R == 0) return false;
-  if (plain.R == kBulkPlan && bulk_project_takes(m, w, info)) {
-    launch_bulk(x, m, &w, 1, &bias, &y, o, stream, nullptr, ecs, &info, 0, z);
+  if (plain.R == kBulkPlan && bulk_project_takes(m, w, count, info)) {
+    launch_bulk(x, m, w, count, bias, y, o, stream, nullptr, ecs, &info, 0, z);
     return true;
   }
   const int T = token_tiles(m);
   DecodePlan plan;
-  if (plain.R != kBulkPlan) plan = plan_decode(T, m, &w, 1, sm_count, plain.R, plain.S, &info);
-  if (plan.R == 0) plan = plan_decode(T, m, &w, 1, sm_count, 0, 0, &info);
+  if (plain.R != kBulkPlan) plan = plan_decode(T, m, w, count, sm_count, plain.R, plain.S, &info);
+  if (plan.R == 0) plan = plan_decode(T, m, w, count, sm_count, 0, 0, &info);
   if (plan.R == 0) return false;
-  launch_plan(plan, x, m, &w, 1, &bias, &y, o, stream, ecs, &info, nullptr, nullptr, z);
+  launch_plan(plan, x, m, w, count, bias, y, o, stream, ecs, &info, nullptr, nullptr, z);
   return true;
 }
 

@@ -37,6 +37,7 @@ __host__ __device__ constexpr size_t dec_smem_bytes(int T, int R, int gmax, int 
 struct EcPlanInfo {
   int n = 0, rmax = 0, gmax = 0, cpr_max = 0;
   bool project = false;               // w4a16_gemm_ec_project: the W4 CTAs run plain, any number of waves
+  bool project_gated = false;         // ... and the EC CTAs write g ⊙ z (w4a16_gemm_ec_project_group)
   int base_slices[kDecMaxMats] = {};  // k-slices of each EC (0: matrix without one)
   int cols(int S) const {             // EC CTA columns with S CTAs per cluster column
     int c = 0;
@@ -78,7 +79,8 @@ EcPlanInfo ec_plan_info(int k, int count, const W4EcDevice* const* ec);
 void launch_plan(const DecodePlan& plan, const __nv_bfloat16* x, int m, const W4Device* w, int count,
                  const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream,
                  const W4EcDevice* const* ec = nullptr, const EcPlanInfo* ec_info = nullptr,
-                 const W4PeerMirror* mirror = nullptr, const W4Fusion* fusion = nullptr, float* ec_z = nullptr);
+                 const W4PeerMirror* mirror = nullptr, const W4Fusion* fusion = nullptr,
+                 float* const* ec_z = nullptr);
 
 // The untuned choice of DecodePlan::ec_w4_gate: in the W4 CTAs below 4 MiB of weights per launch (measured on the
 // H200: the EC-side gate saved 1-3 µs per launch from 8 MB up and cost about 2 µs at 0.5-3 MB).

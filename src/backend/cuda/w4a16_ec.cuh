@@ -351,17 +351,23 @@ __device__ __noinline__ void ec_finish(const W4DecEc& e, int m, float* gs, Barri
 }
 
 // A projection-only launch's EC CTA after ec_slice (w4a16_gemm_ec_project): the last one to finish sums the slices
-// (no gate) into e.zout [m][rank] fp32, puts the ticket back to 0 and adds the launch's whole kEcEpochUnit itself
-// (the W4 CTAs take no part: it is the only reader). gs: ec_finish_smem_bytes of scratch.
+// into e.zout [m][rank] fp32, puts the ticket back to 0 and adds the launch's whole kEcEpochUnit itself (the W4 CTAs
+// take no part: it is the only reader). Without `gated`, z itself (no gate; gs: ec_finish_smem_bytes of scratch);
+// with it, g ⊙ z, the gate's parameters prefetched into gs by the caller before griddepcontrol.wait (cp.async,
+// committed) as for ec_finish, the scratch after them.
 template <class Barrier>
-__device__ __noinline__ void ec_finish_z(const W4DecEc& e, int m, float* gs, Barrier barrier) {
+__device__ __noinline__ void ec_finish_z(const W4DecEc& e, int m, float* gs, Barrier barrier, bool gated) {
   if (!ec_last_cta(e, barrier)) return;
-  W4DecEc plain = e;
-  plain.gate_width = 0;  // ec_gate then leaves z itself in zg
+  W4DecEc g = e;
+  if (!gated) g.gate_width = 0;  // ec_gate then leaves z itself in zg
   const int r = e.rank;
-  float* zt = gs;
+  float* zt = gated ? gs + ec_gate_floats(r, g.gate_width) : gs;
   float* zg = zt + m * r;
-  ec_gate(plain, ec_epoch(e), m, zg, zt, zg + m * r, gs, barrier);
+  if (gated) {
+    cp_async_wait<0>();
+    barrier();
+  }
+  ec_gate(g, ec_epoch(e), m, zg, zt, zg + m * r, gs, barrier);
   for (int i = threadIdx.x; i < m * r; i += kThreads) e.zout[i] = zg[i];
   if (threadIdx.x == 0) {
     *e.ticket = 0u;

@@ -714,7 +714,28 @@ bool w4a16_gemm_ec_project(const __nv_bfloat16* x, int m, const W4Device& w, con
   check_device_weights(w);
   const W4GemmOptions o = options_now();
   if (o.path == 2) return false;
-  return launch_decode_ec_project(x, m, w, ec, bias, y, z, sm_count, o, stream);
+  const W4EcDevice* ecs[1] = {&ec};
+  float* zs[1] = {z};
+  return launch_decode_ec_project(x, m, &w, 1, ecs, &bias, &y, zs, false, sm_count, o, stream);
+}
+
+bool w4a16_gemm_ec_project_group(const __nv_bfloat16* x, int m, const W4Device* w, int count,
+                                 const W4EcDevice* const* ec, const __nv_bfloat16* const* bias,
+                                 __nv_bfloat16* const* y, float* const* gz, int sm_count, cudaStream_t stream) {
+  SPEAR_CHECK(x && y && ec && gz && count >= 1 && count <= kW4MaxGrouped,
+              "w4a16_gemm_ec_project_group: null x, y, ec or gz, or {} matrices", count);
+  for (int i = 0; i < count; ++i) {
+    SPEAR_CHECK(y[i], "w4a16_gemm_ec_project_group: null y[{}]", i);
+    if (ec[i])
+      SPEAR_CHECK(ec[i]->rank >= 1 && ec[i]->A && ec[i]->B && ec[i]->scratch && gz[i],
+                  "w4a16_gemm_ec_project_group: compensator {} has rank {} or a null A, B, scratch or gz", i,
+                  ec[i]->rank);
+  }
+  if (m <= 0) return true;
+  for (int i = 0; i < count; ++i) check_device_weights(w[i]);
+  const W4GemmOptions o = options_now();
+  if (o.path == 2) return false;
+  return launch_decode_ec_project(x, m, w, count, ec, bias, y, gz, true, sm_count, o, stream);
 }
 
 size_t w4a16_fusion_counter_bytes() { return kFusedCounterBytes; }

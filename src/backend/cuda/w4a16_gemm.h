@@ -145,6 +145,14 @@ bool w4a16_gemm_ec(const __nv_bfloat16* x, int m, const W4Device* w, int count, 
 // aligned. The scratch rules of w4a16_gemm_ec apply.
 bool w4a16_gemm_ec_project(const __nv_bfloat16* x, int m, const W4Device& w, const W4EcDevice& ec,
                            const __nv_bfloat16* bias, __nv_bfloat16* y, float* z, int sm_count, cudaStream_t stream);
+// The same for matrices that share x (the grouped launch, e.g. gate / up), with the gate: y[i] = x · dequant(W_i)ᵀ +
+// bias[i] (the plain grouped launch's plan and sums) and, for every ec[i] set, gz[i] [m][rank] fp32 = g ⊙ z, the
+// gated projection that B multiplies (swiglu_ec_bf16 adds that term after the launch). Nothing waits on the EC
+// CTAs inside the launch, so their chain runs beside the weight stream. Returns false (nothing enqueued) where
+// w4a16_ec_fusable is false or x is not 16-byte aligned.
+bool w4a16_gemm_ec_project_group(const __nv_bfloat16* x, int m, const W4Device* w, int count,
+                                 const W4EcDevice* const* ec, const __nv_bfloat16* const* bias,
+                                 __nv_bfloat16* const* y, float* const* gz, int sm_count, cudaStream_t stream);
 
 // ---- Decode-step fusions (m <= 8): the residual add after a linear in the decode kernel's epilogue, and the
 // element-wise step that follows the GEMM done inside its launch (the RMSNorm of the next linear's input by the CTA

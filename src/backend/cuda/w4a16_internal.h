@@ -51,9 +51,11 @@ bool launch_decode_ec(const __nv_bfloat16* x, int m, const W4Device* w, int coun
                       const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count,
                       const W4GemmOptions& o, cudaStream_t stream);
 
-// The projection-only form (w4a16_gemm_ec_project; w4a16_decode_plan.cu).
-bool launch_decode_ec_project(const __nv_bfloat16* x, int m, const W4Device& w, const W4EcDevice& ec,
-                              const __nv_bfloat16* bias, __nv_bfloat16* y, float* z, int sm_count,
+// The projection-only form (w4a16_gemm_ec_project, w4a16_gemm_ec_project_group; w4a16_decode_plan.cu): z[i] for
+// every ecs[i] set, gated or not.
+bool launch_decode_ec_project(const __nv_bfloat16* x, int m, const W4Device* w, int count,
+                              const W4EcDevice* const* ecs, const __nv_bfloat16* const* bias,
+                              __nv_bfloat16* const* y, float* const* z, bool gated, int sm_count,
                               const W4GemmOptions& o, cudaStream_t stream);
 
 // The decode launch with the decode-step fusions (w4a16_decode_plan.cu), with fused compensators where ec is set;
@@ -100,10 +102,10 @@ bool bulk_takes(int m, const W4Device* w, int count);
 void launch_bulk(const __nv_bfloat16* x, int m, const W4Device* w, int count, const __nv_bfloat16* const* bias,
                  __nv_bfloat16* const* y, const W4GemmOptions& o, cudaStream_t stream,
                  const W4Fusion* fusion = nullptr, const W4EcDevice* const* ec = nullptr,
-                 const EcPlanInfo* ec_info = nullptr, int ec_w4_gate = 0, float* ec_z = nullptr);
-// A projection-only launch (EcPlanInfo::project, ec_z given to launch_bulk) of one matrix fits the bulk kernel. Any
-// number of waves: its W4 CTAs wait for nobody.
-bool bulk_project_takes(int m, const W4Device& w, const EcPlanInfo& ec);
+                 const EcPlanInfo* ec_info = nullptr, int ec_w4_gate = 0, float* const* ec_z = nullptr);
+// A projection-only launch (EcPlanInfo::project, ec_z given to launch_bulk) fits the bulk kernel. Any number of
+// waves: its W4 CTAs wait for nobody.
+bool bulk_project_takes(int m, const W4Device* w, int count, const EcPlanInfo& ec);
 void set_bulk_max_smem(int bytes);  // raises its dynamic shared-memory limit (device_facts())
 void set_mlp_fused_max_smem(int bytes);  // the same for the fused MLP block (mlp_fused.cu)
 
