@@ -365,6 +365,35 @@ std::vector<int32_t> greedy_graph_tokens(Model& m, int seqs, int steps) {
   return greedy;
 }
 
+// Relative L2 distance of a from b.
+double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < b.size(); ++i) num += double(a[i] - b[i]) * (a[i] - b[i]), den += double(b[i]) * b[i];
+  return std::sqrt(num / den);
+}
+
+// The checks of an EC placement against the in-kernel EC and the CPU: `got` (logits of teacher-forced decode steps fed
+// `ids`, with random ECs on 60% of the W4 package's linears, seed 4321) against `in_kernel` (the same run with every EC
+// in its GEMM launch; the term is rounded once more, bf16 y then y + term), and against the CPU backend with the same
+// compensators, which must move the CPU's logits, or the comparison proves nothing.
+void expect_in_kernel_and_cpu(const char* what, int seqs, int steps, std::vector<int32_t>& ids,
+                              const std::vector<float>& in_kernel, const std::vector<float>& got) {
+  ASSERT_EQ(got.size(), in_kernel.size());
+  const double vs_kernel = rel_l2(got, in_kernel);
+  EXPECT_LT(vs_kernel, 1e-2) << what << ", " << seqs << " sequences";
+  CpuBackend cpu;
+  auto mc = Model::load(w4_package(), cpu);
+  attach_random_compensators(*mc, 0.6, 16, 8, 4321);
+  const std::vector<float> ref = teacher_forced_logits(*mc, seqs, steps, ids);
+  CpuBackend cpu0;
+  auto m0 = Model::load(w4_package(), cpu0);
+  const double moved = rel_l2(teacher_forced_logits(*m0, seqs, steps, ids), ref), vs_cpu = rel_l2(got, ref);
+  std::printf("%s, %d sequences: vs in-kernel %.2e, vs cpu %.2e (ECs moved the logits %.2e)\n", what, seqs, vs_kernel,
+              vs_cpu, moved);
+  EXPECT_GT(moved, 0.01) << what;
+  EXPECT_LT(vs_cpu, 2e-2) << what << ", " << seqs << " sequences";
+}
+
 }  // namespace
 
 // Decode steps of the reference model's W4 package with the fused MLP block (mlp_fused.h) against the op-by-op
@@ -413,11 +442,6 @@ TEST(CudaBackend, FusedMlpDecodeMatchesOpByOp) {
 TEST(CudaBackend, DeferredEcMatchesInKernelAndCpu) {
   SPEAR_REQUIRE_GPU();
   constexpr int kSteps = 8;
-  auto rel = [](const std::vector<float>& a, const std::vector<float>& b) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < b.size(); ++i) num += double(a[i] - b[i]) * (a[i] - b[i]), den += double(b[i]) * b[i];
-    return std::sqrt(num / den);
-  };
   for (int seqs : {1, 3}) {
     std::vector<int32_t> ids;
     std::vector<float> logits[2];
@@ -439,20 +463,7 @@ TEST(CudaBackend, DeferredEcMatchesInKernelAndCpu) {
         EXPECT_EQ(gpu.deferred_ec_launches(), 0u);
       }
     }
-    ASSERT_EQ(logits[0].size(), logits[1].size());
-    const double vs_kernel = rel(logits[1], logits[0]);
-    EXPECT_LT(vs_kernel, 1e-2) << seqs << " sequences";  // the EC term rounded once more (bf16 y, then y + term)
-    CpuBackend cpu;
-    auto mc = Model::load(w4_package(), cpu);
-    attach_random_compensators(*mc, 0.6, 16, 8, 4321);
-    const std::vector<float> ref = teacher_forced_logits(*mc, seqs, kSteps, ids);
-    CpuBackend cpu0;  // without the compensators: they must move the logits, or the comparison proves nothing
-    auto m0 = Model::load(w4_package(), cpu0);
-    const double moved = rel(teacher_forced_logits(*m0, seqs, kSteps, ids), ref), vs_cpu = rel(logits[1], ref);
-    std::printf("deferred EC, %d sequences: vs in-kernel %.2e, vs cpu %.2e (ECs moved the logits %.2e)\n", seqs,
-                vs_kernel, vs_cpu, moved);
-    EXPECT_GT(moved, 0.01);
-    EXPECT_LT(vs_cpu, 2e-2) << seqs << " sequences";
+    expect_in_kernel_and_cpu("deferred EC", seqs, kSteps, ids, logits[0], logits[1]);
   }
 }
 
@@ -463,11 +474,6 @@ TEST(CudaBackend, DeferredEcMatchesInKernelAndCpu) {
 TEST(CudaBackend, SwigluEcMatchesInKernelAndCpu) {
   SPEAR_REQUIRE_GPU();
   constexpr int kSteps = 8;
-  auto rel = [](const std::vector<float>& a, const std::vector<float>& b) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < b.size(); ++i) num += double(a[i] - b[i]) * (a[i] - b[i]), den += double(b[i]) * b[i];
-    return std::sqrt(num / den);
-  };
   for (int seqs : {1, 3}) {
     std::vector<int32_t> ids;
     std::vector<float> logits[2];
@@ -488,20 +494,7 @@ TEST(CudaBackend, SwigluEcMatchesInKernelAndCpu) {
         EXPECT_EQ(gpu.ec_swiglu_launches(), 0u);
       }
     }
-    ASSERT_EQ(logits[0].size(), logits[1].size());
-    const double vs_kernel = rel(logits[1], logits[0]);
-    EXPECT_LT(vs_kernel, 1e-2) << seqs << " sequences";  // the EC term rounded once more (bf16 y, then y + term)
-    CpuBackend cpu;
-    auto mc = Model::load(w4_package(), cpu);
-    attach_random_compensators(*mc, 0.6, 16, 8, 4321);
-    const std::vector<float> ref = teacher_forced_logits(*mc, seqs, kSteps, ids);
-    CpuBackend cpu0;  // without the compensators: they must move the logits, or the comparison proves nothing
-    auto m0 = Model::load(w4_package(), cpu0);
-    const double moved = rel(teacher_forced_logits(*m0, seqs, kSteps, ids), ref), vs_cpu = rel(logits[1], ref);
-    std::printf("SwiGLU EC, %d sequences: vs in-kernel %.2e, vs cpu %.2e (ECs moved the logits %.2e)\n", seqs,
-                vs_kernel, vs_cpu, moved);
-    EXPECT_GT(moved, 0.01);
-    EXPECT_LT(vs_cpu, 2e-2) << seqs << " sequences";
+    expect_in_kernel_and_cpu("SwiGLU EC", seqs, kSteps, ids, logits[0], logits[1]);
   }
 }
 

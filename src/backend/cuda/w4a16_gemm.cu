@@ -469,6 +469,11 @@ int env_int(const char* name, int fallback) {
   return end && *end == 0 ? int(r) : fallback;
 }
 
+}  // namespace
+
+// (w4a16_internal.h)
+namespace w4_detail {
+
 W4GemmOptions options_now() {
   std::lock_guard<std::mutex> lock(g_options_mu);
   if (!g_options_init) {
@@ -483,6 +488,10 @@ W4GemmOptions options_now() {
   }
   return g_options;
 }
+
+}  // namespace w4_detail
+
+namespace {
 
 // One launch with the optional cluster shape (1, cluster_y, 1) and programmatic stream serialization (PDL).
 // Split-K plan: the number of splits that minimizes a simple time model, in k-blocks of one warp.
@@ -529,6 +538,11 @@ SplitPlan plan_splits(int T, int row_groups, int kblocks, int sm_count, int resi
   return best;
 }
 
+}  // namespace
+
+// (w4a16_internal.h)
+namespace w4_detail {
+
 void check_device_weights(const W4Device& w) {
   SPEAR_CHECK(w.n > 0 && w.k > 0 && w.n_pad >= w.n && w.n_pad % 16 == 0 && w.k_pad >= w.k && w.k_pad % 64 == 0,
               "w4a16_gemm: bad sizes n {} k {} n_pad {} k_pad {}", w.n, w.k, w.n_pad, w.k_pad);
@@ -539,6 +553,10 @@ void check_device_weights(const W4Device& w) {
   SPEAR_CHECK(w.q && w.scales && w.zeros && aligned(w.q) && aligned(w.scales) && aligned(w.zeros),
               "w4a16_gemm: codes, scales and zeros must be 16-byte aligned device pointers");
 }
+
+}  // namespace w4_detail
+
+namespace {
 
 // The general kernel (any m <= 128, split-K through the workspace).
 void launch_general(const __nv_bfloat16* x, int m, const W4Device& w, const __nv_bfloat16* bias, __nv_bfloat16* y,
@@ -673,69 +691,6 @@ void w4a16_gemm_grouped(const __nv_bfloat16* x, int m, const W4Device* w, int co
   // Larger m (or mixed per-channel / grouped matrices): one GEMM after the other (same workspace, stream order).
   for (int i = 0; i < count; ++i)
     w4a16_gemm(x, m, w[i], bias ? bias[i] : nullptr, y[i], workspace, workspace_bytes, sm_count, stream);
-}
-
-size_t w4a16_ec_scratch_bytes(int rank) { return ec_scratch_bytes(std::max(rank, 0)); }
-
-void w4a16_ec_scratch_init(void* scratch, int rank) {
-  SPEAR_CHECK(scratch && rank >= 1, "w4a16_ec_scratch_init: null scratch or rank {}", rank);
-  SPEAR_CUDA_CHECK(cudaMemset(scratch, 0, kEcCounterBytes));
-  SPEAR_CUDA_CHECK(cudaMemset(static_cast<char*>(scratch) + kEcCounterBytes, 0xFF,
-                              ec_scratch_bytes(rank) - kEcCounterBytes));  // every entry tagged kEcNoEpoch
-}
-
-bool w4a16_ec_fusable(int m, const W4Device* w, int count, const W4EcDevice* const* ec) {
-  return m >= 1 && count >= 1 && count <= kW4MaxGrouped && w && ec_fusable(m, w, count, ec);
-}
-
-bool w4a16_gemm_ec(const __nv_bfloat16* x, int m, const W4Device* w, int count, const W4EcDevice* const* ec,
-                   const __nv_bfloat16* const* bias, __nv_bfloat16* const* y, int sm_count, cudaStream_t stream) {
-  SPEAR_CHECK(count >= 1 && count <= kW4MaxGrouped, "w4a16_gemm_ec: count {} (1..{})", count, kW4MaxGrouped);
-  SPEAR_CHECK(w && y && x, "w4a16_gemm_ec: null x, matrix or output array");
-  if (m <= 0) return true;
-  for (int i = 0; i < count; ++i) {
-    check_device_weights(w[i]);
-    SPEAR_CHECK(y[i], "w4a16_gemm_ec: null y[{}]", i);
-    if (ec && ec[i])
-      SPEAR_CHECK(ec[i]->rank >= 1 && ec[i]->A && ec[i]->B && ec[i]->scratch,
-                  "w4a16_gemm_ec: compensator {} has rank {} or a null A, B or scratch", i, ec[i]->rank);
-  }
-  const W4GemmOptions o = options_now();
-  if (o.path == 2) return false;
-  return launch_decode_ec(x, m, w, count, ec, bias, y, sm_count, o, stream);
-}
-
-bool w4a16_gemm_ec_project(const __nv_bfloat16* x, int m, const W4Device& w, const W4EcDevice& ec,
-                           const __nv_bfloat16* bias, __nv_bfloat16* y, float* z, int sm_count, cudaStream_t stream) {
-  SPEAR_CHECK(x && y && z, "w4a16_gemm_ec_project: null x, y or z");
-  SPEAR_CHECK(ec.rank >= 1 && ec.A && ec.B && ec.scratch,
-              "w4a16_gemm_ec_project: compensator of rank {} or with a null A, B or scratch", ec.rank);
-  if (m <= 0) return true;
-  check_device_weights(w);
-  const W4GemmOptions o = options_now();
-  if (o.path == 2) return false;
-  const W4EcDevice* ecs[1] = {&ec};
-  float* zs[1] = {z};
-  return launch_decode_ec_project(x, m, &w, 1, ecs, &bias, &y, zs, false, sm_count, o, stream);
-}
-
-bool w4a16_gemm_ec_project_group(const __nv_bfloat16* x, int m, const W4Device* w, int count,
-                                 const W4EcDevice* const* ec, const __nv_bfloat16* const* bias,
-                                 __nv_bfloat16* const* y, float* const* gz, int sm_count, cudaStream_t stream) {
-  SPEAR_CHECK(x && y && ec && gz && count >= 1 && count <= kW4MaxGrouped,
-              "w4a16_gemm_ec_project_group: null x, y, ec or gz, or {} matrices", count);
-  for (int i = 0; i < count; ++i) {
-    SPEAR_CHECK(y[i], "w4a16_gemm_ec_project_group: null y[{}]", i);
-    if (ec[i])
-      SPEAR_CHECK(ec[i]->rank >= 1 && ec[i]->A && ec[i]->B && ec[i]->scratch && gz[i],
-                  "w4a16_gemm_ec_project_group: compensator {} has rank {} or a null A, B, scratch or gz", i,
-                  ec[i]->rank);
-  }
-  if (m <= 0) return true;
-  for (int i = 0; i < count; ++i) check_device_weights(w[i]);
-  const W4GemmOptions o = options_now();
-  if (o.path == 2) return false;
-  return launch_decode_ec_project(x, m, w, count, ec, bias, y, gz, true, sm_count, o, stream);
 }
 
 size_t w4a16_fusion_counter_bytes() { return kFusedCounterBytes; }

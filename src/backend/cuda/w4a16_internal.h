@@ -1,5 +1,6 @@
-// Host-side pieces shared by w4a16_gemm.cu (general kernel, options, public entry points) and w4a16_decode.cu
-// (decode kernel, its planner and launcher). Internal to the CUDA backend: include only from those two files.
+// Host-side pieces shared by w4a16_gemm.cu (general kernel, options, public entry points), w4a16_gemm_ec.cu (the
+// compensated entry points) and w4a16_decode*.cu (decode kernels, their planner and launchers). Internal to the CUDA
+// backend.
 // The state behind these functions (device facts cache, options) lives in w4a16_gemm.cu, once per process.
 #pragma once
 
@@ -18,6 +19,11 @@
 namespace spear::cuda::w4_detail {
 
 int token_tiles(int m);  // T for a launch of m <= 128 tokens
+
+// The process-wide options (defaults overridable by environment variables, read once) and the checks of a device
+// matrix that every public entry point runs first (w4a16_gemm.cu).
+W4GemmOptions options_now();
+void check_device_weights(const W4Device& w);
 
 // Per-device facts, read once (host queries only: no sync, no stream work, so the first call may happen
 // inside a graph capture). The first call on a device also raises every instance's dynamic shared-memory
