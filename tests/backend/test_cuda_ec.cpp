@@ -381,6 +381,36 @@ TEST(CudaEc, GroupedFusedLaunchMatchesNaive) {
   }
 }
 
+// The overlapped path at prefill sizes (m >= 129: dequantization + cuBLAS on the main stream; ec_overlap.h's gate
+// and term kernels): ranks with B's rows in registers (8, 16, 32 on column pairs, 64 on single columns), a rank
+// without (12), odd n (single columns), static and gated ECs, more tokens than one block of the term kernel takes.
+TEST(CudaEc, OverlappedMatchesNaiveAndReferenceAtPrefill) {
+  SPEAR_REQUIRE_GPU();
+  struct Case {
+    EcCase ec;
+    int m;
+  };
+  const Case cases[] = {{{1000, 2048, -1, 16, 8}, 160}, {{77, 512, 32, 16, 0}, 600},  {{2048, 512, 64, 64, 64}, 300},
+                        {{384, 1024, -1, 12, 8}, 600},  {{511, 256, -1, 8, 8}, 1000}, {{256, 384, -1, 32, 0}, 333}};
+  uint32_t seed = 900;
+  for (const Case& cs : cases) {
+    cuda::CudaBackend gpu;
+    const CompensatedLinear l = compensated_linear(gpu, cs.ec, seed);
+    const std::vector<float> hx = random_x(cs.m, cs.ec.k, seed++);
+    Tensor x = gpu.upload(hx.data(), cs.m, cs.ec.k);
+    const std::vector<float> ref = reference(l.p, &l.c, hx, cs.m), ref_plain = reference(l.p, nullptr, hx, cs.m);
+    const std::vector<float> naive = run(gpu, *l.lin, x, EcPath::Naive);
+    const std::vector<float> over = run(gpu, *l.lin, x, EcPath::Overlapped);
+    const std::vector<float> over2 = run(gpu, *l.lin, x, EcPath::Overlapped);
+    const std::string what = describe(cs.ec, cs.m);
+    EXPECT_GT(rel_err(ref_plain, ref), 0.1) << what << ": the EC term is too small to test";
+    EXPECT_LT(rel_err(naive, ref), 1e-2) << what;
+    EXPECT_LT(rel_err(over, ref), 1e-2) << what;
+    EXPECT_LT(rel_err(over, naive), 1e-2) << what;
+    EXPECT_TRUE(over == over2) << what << ": two overlapped runs differ";
+  }
+}
+
 // time_ec_paths (what `spear tune` builds the dispatch table from): every path it can run, positive times;
 // fused only where the decode kernel takes the launch.
 TEST(CudaEc, TimeEcPathsReportsEachRunnablePath) {

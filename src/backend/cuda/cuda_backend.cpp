@@ -488,7 +488,7 @@ void CudaBackend::linear(const Tensor& x, const Linear& lin, Tensor& out) {
     if (path_run == EcPath::Overlapped) d = ec_overlap_fork(*l.ec, x);
     w4_gemm(l, x, out);
     if (path_run == EcPath::Overlapped) {
-      ec_overlap_join(d, out);
+      ec_overlap_join(*l.ec, d, out);
     } else if (path_run == EcPath::Naive) {
       auto prof = prof_->scope("linear.ec_naive");
       apply_ec_naive(*l.ec, x, out);
@@ -501,7 +501,7 @@ void CudaBackend::linear(const Tensor& x, const Linear& lin, Tensor& out) {
   if (path == EcPath::Overlapped) d = ec_overlap_fork(*l.ec, x);
   dense_gemm(l, x, out);
   if (path == EcPath::Overlapped)
-    ec_overlap_join(d, out);
+    ec_overlap_join(*l.ec, d, out);
   else if (l.ec)
     apply_ec_naive(*l.ec, x, out);
 }

@@ -260,10 +260,11 @@ class CudaBackend : public Backend {
   void ec_project(const CudaEc& ec, const Tensor& x, Tensor& z);
   // y (bf16) += B·(g(z) ⊙ z), the gate computed from z.
   void ec_expand_naive(const CudaEc& ec, const Tensor& z, Tensor& y);
-  // The overlapped path: forks onto ec_stream_ and computes d = B·(g ⊙ A·x) there (returns d, fp32); the
-  // caller enqueues the GEMM on stream_, then ec_overlap_join adds d into y after the join.
+  // The overlapped path: forks onto ec_stream_ and computes g ⊙ A·x there (returns it, fp32 [T][rank]; the
+  // caller holds it until the join); the caller enqueues the GEMM on stream_, then ec_overlap_join adds
+  // B·(g ⊙ z) into y on stream_ after the join (ec_overlap.h).
   Tensor ec_overlap_fork(const CudaEc& ec, const Tensor& x);
-  void ec_overlap_join(const Tensor& d, Tensor& y);
+  void ec_overlap_join(const CudaEc& ec, const Tensor& zg, Tensor& y);
   // Whether the deferred EC takes these fused-path compensators with input x (set_ec_defer; with outs, also their
   // own launch after the plain GEMM, ec_apply_bf16, outs[i] holding linear i's output), and that launch.
   bool defers_ec(std::span<const CudaLinear* const> ls, const Tensor& x, std::span<Tensor* const> outs) const;

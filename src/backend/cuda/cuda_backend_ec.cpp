@@ -14,6 +14,7 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/ec_after_gemm.h"
 #include "backend/cuda/ec_naive.h"
+#include "backend/cuda/ec_overlap.h"
 #include "backend/cuda/elementwise.h"
 #include "backend/cuda/swiglu_ec.h"
 #include "core/dtype.h"
@@ -311,9 +312,8 @@ EcPath CudaBackend::choose_ec_path(const CudaLinear& l, const Tensor& x) {
 
 Tensor CudaBackend::ec_overlap_fork(const CudaEc& ec, const Tensor& x) {
   const int T = int(x.rows), r = ec.rank;
-  // Allocated here, on the main stream's timeline: they are returned to the pool only after the join.
-  Tensor z = alloc_f32(T, r), d = alloc_f32(T, ec.out), h, u;
-  if (ec.gate_width > 0) h = alloc_f32(T, ec.gate_width), u = alloc_f32(T, r);
+  // Allocated here, on the main stream's timeline: it returns to the pool only after the join (the caller holds it).
+  Tensor z = alloc_f32(T, r);
   SPEAR_CUDA_CHECK(cudaEventRecord(ev_fork_, stream_));
   SPEAR_CUDA_CHECK(cudaStreamWaitEvent(ec_stream_, ev_fork_, 0));
   const float alpha = 1.f, beta = 0.f;
@@ -321,23 +321,17 @@ Tensor CudaBackend::ec_overlap_fork(const CudaEc& ec, const Tensor& x) {
   SPEAR_CUBLAS_CHECK(cublasGemmEx(cublas_ec_, CUBLAS_OP_T, CUBLAS_OP_N, r, T, ec.in, &alpha, ec.A16.get(),
                                      CUDA_R_16BF, ec.in, x.data, CUDA_R_16BF, ec.in, &beta, z.data, CUDA_R_32F, r,
                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  const float* zg = z.ptr<float>();
-  if (ec.gate_width > 0) {
-    sgemm_nt(z.ptr<float>(), T, r, ec.W1.as<float>(), ec.gate_width, h.ptr<float>(), cublas_ec_);
-    ec_bias_silu_f32(h.ptr<float>(), ec.b1.as<float>(), T, ec.gate_width, ec_stream_);
-    sgemm_nt(h.ptr<float>(), T, ec.gate_width, ec.W2.as<float>(), r, u.ptr<float>(), cublas_ec_);
-    ec_gate_f32(u.ptr<float>(), ec.b2.as<float>(), z.ptr<float>(), u.ptr<float>(), T, r, ec_stream_);
-    zg = u.ptr<float>();
-  }
-  sgemm_nt(zg, T, r, ec.B.as<float>(), ec.out, d.ptr<float>(), cublas_ec_);
+  if (ec.gate_width > 0)  // g ⊙ z in place
+    ec_gate_rows_f32(z.ptr<float>(), ec.W1.as<float>(), ec.b1.as<float>(), ec.W2.as<float>(), ec.b2.as<float>(),
+                     z.ptr<float>(), T, r, ec.gate_width, ec_stream_);
   SPEAR_CUDA_CHECK(cudaEventRecord(ev_join_, ec_stream_));
-  return d;  // z, h, u go back to the pool now; the main stream reuses them only after the join below
+  return z;
 }
 
-void CudaBackend::ec_overlap_join(const Tensor& d, Tensor& y) {
+void CudaBackend::ec_overlap_join(const CudaEc& ec, const Tensor& zg, Tensor& y) {
   SPEAR_CUDA_CHECK(cudaStreamWaitEvent(stream_, ev_join_, 0));
   auto prof = prof_->scope("linear.ec_overlap_add");
-  ec_add_into_bf16(bf(y), d.ptr<float>(), int(y.rows), int(y.cols), stream_);
+  ec_expand_add_bf16(bf(y), zg.ptr<float>(), ec.B.as<float>(), int(y.rows), int(y.cols), ec.rank, stream_);
 }
 
 std::vector<Backend::EcTiming> CudaBackend::time_ec_paths(std::span<const Linear* const> ls,
