@@ -33,8 +33,9 @@
 #   wprefill  bench_w4_gemm --prefill: W4 kernel vs dequantize + cuBLAS vs cuBLAS BF16 at M = 32..2048
 #   prefill:LIKE  prefill of 512 and 2048 tokens, bf16 vs W4 with the W4 prefill GEMMs through dequantize +
 #             cuBLAS (default) and through the W4 kernel (SPEAR_W4_DEQUANT_MIN_M=0)
-#   ecprefill:LIKE  prefill of 512 and 2048 tokens of a LIKE-shaped W4 model with random ECs on 38% of the
-#             linears: naive, overlapped and auto (built-in rule) paths against no ECs (reuses /tmp/LIKE-w4)
+#   ecprefill:LIKE  prefill of 512 and 2048 tokens of a LIKE-shaped W4 model with random ECs on ECP_DENSITY (default
+#             0.38) of the linears: ECP_PATHS (default naive,overlapped,auto: the built-in rule) against no ECs, one
+#             process per entry of ECP_RUNS (NAME=VALUE[,NAME=VALUE...]; default one plain run) (reuses /tmp/LIKE-w4)
 #   serve:LIKE  issue 7's scheduler experiment on a LIKE-shaped random W4 model (the reference tokenizer
 #             lent, tools/experiments/serve_slo.sh): fixed chunks vs the ITL-SLO chunking at 16 req/s with
 #             random ECs on SERVE_DENSITIES (default 0.38) of the linears; CHUNKS (default "512 256 128 64")
@@ -167,10 +168,15 @@ for stage in "$@"; do
       like=${stage#ecprefill:}
       w4_model "$like" "/tmp/$like-w4"
       for P in 512 2048; do
-        t "prefill $P tokens with ECs $like"
-        "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch 1 --prompt $P --steps 2 --prefill-reps 5 \
-          --ec-density 0,0.38 --ec-paths naive,overlapped,auto --out "$R/ec_prefill$P-$like.json" 2>&1 \
-          | tee "$R/ec_prefill$P-$like.txt" | grep -v "ms/step$" | tail -6
+        i=0
+        for run in ${ECP_RUNS:-default}; do  # NAME=VALUE[,NAME=VALUE...] per process
+          i=$((i + 1)) sfx=$([[ -n "${ECP_RUNS:-}" ]] && echo "-run$i")
+          t "prefill $P tokens with ECs $like ($run)"
+          env $([[ $run != default ]] && echo "${run//,/ }") "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" \
+            --batch 1 --prompt $P --steps 2 --prefill-reps 5 --ec-density 0,${ECP_DENSITY:-0.38} \
+            --ec-paths ${ECP_PATHS:-naive,overlapped,auto} --out "$R/ec_prefill$P-$like$sfx.json" 2>&1 \
+            | tee "$R/ec_prefill$P-$like$sfx.txt" | grep -v "ms/step$" | tail -6
+        done
       done ;;
     serve:*)
       like=${stage#serve:}
