@@ -554,6 +554,17 @@ void check_device_weights(const W4Device& w) {
               "w4a16_gemm: codes, scales and zeros must be 16-byte aligned device pointers");
 }
 
+void check_launch_members(const char* who, const W4Device* w, int count, __nv_bfloat16* const* y,
+                          const W4EcDevice* const* ec) {
+  for (int i = 0; i < count; ++i) {
+    check_device_weights(w[i]);
+    SPEAR_CHECK(y[i], "{}: null y[{}]", who, i);
+    if (ec && ec[i])
+      SPEAR_CHECK(ec[i]->rank >= 1 && ec[i]->A && ec[i]->B && ec[i]->scratch,
+                  "{}: compensator {} has rank {} or a null A, B or scratch", who, i, ec[i]->rank);
+  }
+}
+
 }  // namespace w4_detail
 
 namespace {
@@ -705,13 +716,7 @@ bool w4a16_gemm_fused(const __nv_bfloat16* x, int m, const W4Device* w, int coun
                       const W4EcDevice* const* ec) {
   SPEAR_CHECK(count >= 1 && count <= kW4MaxGrouped, "w4a16_gemm_fused: count {} (1..{})", count, kW4MaxGrouped);
   SPEAR_CHECK(w && y && x, "w4a16_gemm_fused: null x, matrix or output array");
-  for (int i = 0; i < count; ++i) {
-    check_device_weights(w[i]);
-    SPEAR_CHECK(y[i], "w4a16_gemm_fused: null y[{}]", i);
-    if (ec && ec[i])
-      SPEAR_CHECK(ec[i]->rank >= 1 && ec[i]->A && ec[i]->B && ec[i]->scratch,
-                  "w4a16_gemm_fused: compensator {} has rank {} or a null A, B or scratch", i, ec[i]->rank);
-  }
+  check_launch_members("w4a16_gemm_fused", w, count, y, ec);
   const W4GemmOptions o = options_now();
   if (o.path == 2 || !w4a16_fusable(m, w, count, f, y, ec)) return false;
   return launch_decode_fused(x, m, w, count, f, bias, y, sm_count, o, stream, ec);

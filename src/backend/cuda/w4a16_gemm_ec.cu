@@ -29,13 +29,7 @@ bool w4a16_gemm_ec(const __nv_bfloat16* x, int m, const W4Device* w, int count, 
   SPEAR_CHECK(count >= 1 && count <= kW4MaxGrouped, "w4a16_gemm_ec: count {} (1..{})", count, kW4MaxGrouped);
   SPEAR_CHECK(w && y && x, "w4a16_gemm_ec: null x, matrix or output array");
   if (m <= 0) return true;
-  for (int i = 0; i < count; ++i) {
-    check_device_weights(w[i]);
-    SPEAR_CHECK(y[i], "w4a16_gemm_ec: null y[{}]", i);
-    if (ec && ec[i])
-      SPEAR_CHECK(ec[i]->rank >= 1 && ec[i]->A && ec[i]->B && ec[i]->scratch,
-                  "w4a16_gemm_ec: compensator {} has rank {} or a null A, B or scratch", i, ec[i]->rank);
-  }
+  check_launch_members("w4a16_gemm_ec", w, count, y, ec);
   const W4GemmOptions o = options_now();
   if (o.path == 2) return false;
   return launch_decode_ec(x, m, w, count, ec, bias, y, sm_count, o, stream);

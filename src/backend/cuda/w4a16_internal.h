@@ -24,6 +24,10 @@ int token_tiles(int m);  // T for a launch of m <= 128 tokens
 // matrix that every public entry point runs first (w4a16_gemm.cu).
 W4GemmOptions options_now();
 void check_device_weights(const W4Device& w);
+// The members of a grouped launch: each matrix's sizes and pointers, its output, and its compensator where one is
+// attached (`who` names the entry point in the messages).
+void check_launch_members(const char* who, const W4Device* w, int count, __nv_bfloat16* const* y,
+                          const W4EcDevice* const* ec);
 
 // Per-device facts, read once (host queries only: no sync, no stream work, so the first call may happen
 // inside a graph capture). The first call on a device also raises every instance's dynamic shared-memory
