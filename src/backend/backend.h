@@ -78,6 +78,9 @@ struct BatchDesc {
   }
 };
 
+// run_graph keys of prefill and mixed iterations carry this bit (decode steps: the number of sequences).
+inline constexpr uint64_t kPrefillGraphKey = uint64_t(1) << 63;
+
 class KvCache {
  public:
   virtual ~KvCache() = default;
@@ -135,9 +138,10 @@ class Backend {
     (void)d;
     (void)cache;
   }
-  // Runs `body` (ops only, no host transfers) and returns its output tensor. A GPU backend captures the body
-  // as a CUDA graph the first time it sees `key` with the KV cache of the last begin_batch, and replays it
-  // afterwards: same shapes, new BatchDesc contents.
+  // Runs `body` (ops only, no host transfers) and returns its output tensor. A GPU backend runs it eagerly the
+  // first time it sees `key` with the KV cache of the last begin_batch, captures it as a CUDA graph the second
+  // time, and replays it afterwards: same shapes, new BatchDesc contents. Keys with kPrefillGraphKey set are
+  // prefill (or mixed) shapes, which a backend may keep fewer of or run eagerly.
   virtual Tensor run_graph(uint64_t key, const std::function<Tensor()>& body) {
     (void)key;
     return body();
@@ -245,6 +249,10 @@ class Backend {
   virtual void set_ec_path(EcPath p) { (void)p; }
   virtual void set_ec_dispatch(std::shared_ptr<const EcDispatchTable> t) { (void)t; }
   virtual void set_verbose(bool v) { (void)v; }
+  // Whether run_graph captures prefill keys (GPU; default on). Serving turns it off: its iterations come in many
+  // (tokens, sequences) shapes, each would be captured at its second run, and its latency table is measured
+  // eagerly. Every tensor-parallel rank must choose alike (a capture records the collectives without running them).
+  virtual void set_prefill_graphs(bool on) { (void)on; }
   // Times linear(x, l) with its compensator at each token count under every EC path the backend can run
   // there (µs per call, median of reps), cycling over the linears `ls` of one shape as a decode step does (a
   // CUDA graph on the GPU): what `spear tune` writes the dispatch table from. Empty when the backend has a

@@ -311,6 +311,7 @@ void register_bench_serve(CLI::App* bench) {
       url = "http://127.0.0.1:" + std::to_string(server->bind());
       http = std::thread([&] { server->run(); });
       backend = make_backend(*o);
+      backend->set_prefill_graphs(false);  // as spear serve
       model = Model::load(o->model_dir, *backend);
       server_tok = std::make_unique<Tokenizer>(Tokenizer::from_dir(o->model_dir));
       server->attach(*model, *server_tok);

@@ -105,6 +105,7 @@ void register_serve(CLI::App& app) {
       // rank 0 shuts down. Ctrl-C reaches every process of the terminal; rank 0 drains and then stops this one.
       std::signal(SIGINT, SIG_IGN);
       auto backend = make_backend(*o);
+      backend->set_prefill_graphs(false);  // as rank 0's (below)
       auto model = Model::load(o->model_dir, *backend);
       if (*ec_density > 0) attach_random_compensators(*model, *ec_density, *ec_rank, *ec_gate, 1234);
       model->follow();
@@ -134,6 +135,7 @@ void register_serve(CLI::App& app) {
     });
     try {
       auto backend = make_backend(*o);
+      backend->set_prefill_graphs(false);  // iterations of many shapes; the latency table is eager (spear tune)
       Tokenizer tok = Tokenizer::from_dir(o->model_dir);
       auto model = Model::load(o->model_dir, *backend);
       if (*ec_density > 0) {

@@ -149,6 +149,7 @@ void register_tune(CLI::App& app) {
   cmd->add_option("--ec-gate", *ec_gate, "Gate width of the random compensators")->check(CLI::Range(0, 1024))->capture_default_str();
   cmd->callback([=] {
     auto backend = make_backend(*o);
+    backend->set_prefill_graphs(false);  // the latency table is for spear serve, which runs prefills eagerly
     auto model = Model::load(o->model_dir, *backend);
     std::vector<std::string> ec_modules = model->compensated_modules();
     if (*ec_density > 0) {

@@ -22,6 +22,8 @@
 #             then bench decode at batch 1, 8, 32 with random ECs on 15/38/60% of the linears under the naive,
 #             fused, overlapped and dispatched (auto + table) paths, and prefill at 512 and 2048 tokens
 #             (EC_TOKENS, EC_BATCH, EC_DENS, EC_PATHS and EC_PREFILL narrow the grid; EC_PREFILL= skips prefill)
+#             EC_TUNE_PER_DENSITY=1: one table per density, tuned with the ECs of that density's rows (the same
+#             seeded placement), as `spear tune` on a package tunes for its own compensators; one bench per density
 #   pdl:LIKE  bench decode of a LIKE-shaped bf16 + W4 pair at batch 1, 8, 32 with PDL on every kernel (default)
 #             and with SPEAR_PDL=0 (only the W4 kernels use it), same run
 #   kprof:LIKE  ncu times every kernel of a W4 decode step at batch 1 alone (tools/device/kernel_breakdown.py;
@@ -150,6 +152,21 @@ for stage in "$@"; do
       t "make-model $like (W4)"
       "$BIN/spear" make-model --like "$like" --random --out "/tmp/$like" --quantize-out "/tmp/$like-w4" 2>&1 | tail -2
       rm -rf "/tmp/$like"
+      if [[ ${EC_TUNE_PER_DENSITY:-0} == 1 ]]; then
+        for d in $(tr ',' ' ' <<< "${EC_DENS:-0,0.15,0.38,0.6}"); do
+          [[ $d == 0 ]] && paths=fused || paths=${EC_PATHS:-naive,fused,overlapped,auto}  # density 0: the W4 row
+          if [[ $d != 0 ]]; then
+            t "spear tune: EC dispatch table $like, ECs on $d of the linears"
+            timeout 200 "$BIN/spear" tune --device cuda -m "/tmp/$like-w4" --no-latency-table --ec-density $d --ec-rank 16 \
+              --ec-gate 8 --ec-tokens ${EC_TOKENS:-1,8,32,512,2048} --ec-dispatch-out "$R/ec_dispatch-$like-d$d.json" 2>&1 \
+              | tee "$R/ec_tune-$like-d$d.txt" | tail -8
+          fi
+          t "bench decode with ECs $like, density $d"
+          timeout 300 "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch ${EC_BATCH:-1,8,32} --steps 48 \
+            --ec-density $d --ec-paths $paths $([[ $d != 0 ]] && echo --ec-dispatch "$R/ec_dispatch-$like-d$d.json") \
+            --out "$R/ec_decode-$like-d$d.json" 2>&1 | tee "$R/ec_decode-$like-d$d.txt" | grep -v "ms/step$" | tail -16
+        done
+      else
       t "spear tune: EC dispatch table $like"
       timeout 200 "$BIN/spear" tune --device cuda -m "/tmp/$like-w4" --no-latency-table --ec-density 1 --ec-rank 16 --ec-gate 8 \
         --ec-tokens ${EC_TOKENS:-1,8,32,512,2048} --ec-dispatch-out "$R/ec_dispatch-$like.json" 2>&1 | tee "$R/ec_tune-$like.txt" | tail -40
@@ -157,6 +174,7 @@ for stage in "$@"; do
       timeout 300 "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch ${EC_BATCH:-1,8,32} --steps 48 \
         --ec-density ${EC_DENS:-0,0.15,0.38,0.6} --ec-paths ${EC_PATHS:-naive,fused,overlapped,auto} --ec-dispatch "$R/ec_dispatch-$like.json" \
         --out "$R/ec_decode-$like.json" 2>&1 | tee "$R/ec_decode-$like.txt" | grep -v "ms/step$" | tail -45
+      fi
       for P in ${EC_PREFILL-512 2048}; do
         t "prefill $P tokens with ECs $like"
         "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch 1 --prompt $P --steps 2 --prefill-reps 5 \

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <charconv>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -176,6 +177,8 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   p2p_timeout_ns_ = uint64_t(env_int64("SPEAR_TP_P2P_TIMEOUT_MS", 0, 0, int64_t(1) << 40)) * 1'000'000ull;
   tail_max_h_ = int(env_int64("SPEAR_TP_TAIL_MAX_H", tail_max_h_, 1, int64_t(1) << 20));
   if (const char* e = std::getenv("SPEAR_TP_GEMM_PUSH")) gemm_push_ = std::string(e) != "0";
+  if (const char* e = std::getenv("SPEAR_PREFILL_GRAPHS")) prefill_graphs_ = std::string(e) != "0";
+  prefill_graph_cap_ = int(env_int64("SPEAR_PREFILL_GRAPH_CAP", prefill_graph_cap_, 0, 4096));
   SPEAR_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   SPEAR_CUBLAS_CHECK(cublasCreate(&cublas_));
   SPEAR_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
@@ -317,11 +320,70 @@ void CudaBackend::begin_batch(const BatchDesc& d, KvCache& cache) {
 Tensor CudaBackend::run_graph(uint64_t key, const std::function<Tensor()>& body) {
   SPEAR_CHECK(batch_cache_, "run_graph without begin_batch");
   if (prof_->enabled()) return body();  // per-op timing needs eager ops
-  Graph& g = graphs_[{batch_cache_->id(), key}];
-  if (g.runs++ == 0) return body();  // eager: cuBLAS heuristics, lazily uploaded tables
-  if (!g.exec) g.exec = capture_graph([&] { g.out = body(); });
+  const bool prefill = (key & kPrefillGraphKey) != 0;
+  if (prefill && (!prefill_graphs_ || prefill_graph_cap_ <= 0)) return body();
+  const std::pair<uint64_t, uint64_t> id{batch_cache_->id(), key};
+  if (prefill && !graphs_.count(id)) evict_prefill_graphs();
+  Graph& g = graphs_[id];
+  g.last_use = ++graph_clock_;
+  if (g.runs++ == 0 || g.eager_only) return body();  // eager: cuBLAS heuristics, lazily uploaded tables, tuning
+  if (!g.exec) {
+    try {
+      const auto t0 = std::chrono::steady_clock::now();
+      g.exec = capture_graph([&] { g.out = body(); });
+      if (verbose_ && prefill)
+        std::fprintf(stderr, "cuda: prefill graph of %llu tokens, %llu sequences captured in %.2f ms\n",
+                     (unsigned long long)(key >> 24 & ((uint64_t(1) << 39) - 1)),
+                     (unsigned long long)(key & 0xffffff),
+                     std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    } catch (const Error& e) {
+      if (!prefill) throw;  // every decode op is meant to be capturable: a failure there is a bug to see
+      // A prefill shape whose ops cannot all be recorded (nothing was run): eager for this shape from now on.
+      g.eager_only = true;
+      g.out = Tensor();
+      if (verbose_) std::fprintf(stderr, "cuda: prefill of key %llx runs eagerly (%s)\n", (unsigned long long)key, e.what());
+      return body();
+    }
+  }
   SPEAR_CUDA_CHECK(cudaGraphLaunch(g.exec, stream_));
   return g.out;
+}
+
+void CudaBackend::set_prefill_graphs(bool on) {
+  if (std::getenv("SPEAR_PREFILL_GRAPHS")) return;
+  SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  if (!on)
+    for (auto it = graphs_.begin(); it != graphs_.end();) {
+      if (!(it->first.second & kPrefillGraphKey)) {
+        ++it;
+        continue;
+      }
+      if (it->second.exec) cudaGraphExecDestroy(it->second.exec);
+      it = graphs_.erase(it);
+    }
+  prefill_graphs_ = on;
+}
+
+size_t CudaBackend::graphs_kept(bool prefill) const {
+  size_t n = 0;
+  for (const auto& [id, g] : graphs_) n += g.exec && ((id.second & kPrefillGraphKey) != 0) == prefill;
+  return n;
+}
+
+void CudaBackend::evict_prefill_graphs() {
+  for (;;) {
+    auto oldest = graphs_.end();
+    int kept = 0;
+    for (auto it = graphs_.begin(); it != graphs_.end(); ++it) {
+      if (!(it->first.second & kPrefillGraphKey)) continue;
+      ++kept;
+      if (oldest == graphs_.end() || it->second.last_use < oldest->second.last_use) oldest = it;
+    }
+    if (kept < prefill_graph_cap_) return;
+    // An exec still running on the stream is freed when it completes (cudaGraphExecDestroy).
+    if (oldest->second.exec) cudaGraphExecDestroy(oldest->second.exec);
+    graphs_.erase(oldest);
+  }
 }
 
 cudaGraphExec_t CudaBackend::capture_graph(const std::function<void()>& body) {

@@ -133,6 +133,7 @@ class CudaBackend : public Backend {
   void set_ec_path(EcPath p) override;
   void set_ec_dispatch(std::shared_ptr<const EcDispatchTable> t) override;
   void set_verbose(bool v) override { verbose_ = v; }
+  void set_prefill_graphs(bool on) override;  // SPEAR_PREFILL_GRAPHS, when set, wins (experiments)
   std::vector<EcTiming> time_ec_paths(std::span<const Linear* const> ls, std::span<const int> tokens,
                                       int reps) override;
 
@@ -154,6 +155,8 @@ class CudaBackend : public Backend {
                       Tensor& out) override;
   void set_rope_attention(bool on) { rope_attn_on_ = on; }  // tests, A/B runs
   size_t rope_attention_launches() const { return rope_attn_launches_; }  // enqueued so far (tests)
+  // Instantiated graphs kept now, of prefill (or mixed) iterations or of decode steps (tests).
+  size_t graphs_kept(bool prefill) const;
   bool rope_qk(Tensor& q, Tensor& k, const Tensor& v, int n_heads, int n_kv_heads, int head_dim,
                std::span<const int32_t> positions, const RopeTable& table, KvCache& cache, int layer) override;
   void argmax_rows(const Tensor& x, Tensor& ids) override;
@@ -383,9 +386,18 @@ class CudaBackend : public Backend {
   struct Graph {
     cudaGraphExec_t exec = nullptr;
     Tensor out;
-    int runs = 0;  // the first run is eager (lazy initialisations), the second captures
+    int runs = 0;              // the first run is eager (lazy initialisations), the second captures
+    bool eager_only = false;   // a prefill body that could not be captured: runs eagerly from then on
+    uint64_t last_use = 0;     // graph_clock_ at the last run, for evicting prefill graphs
   };
   std::map<std::pair<uint64_t, uint64_t>, Graph> graphs_;  // (KV cache id, key)
+  // Prefill (and mixed) iterations as graphs (SPEAR_PREFILL_GRAPHS=0: eager): at most prefill_graph_cap_ shapes
+  // (SPEAR_PREFILL_GRAPH_CAP) are kept, the least recently run dropped first, since a server sees many token counts.
+  bool prefill_graphs_ = true;
+  int prefill_graph_cap_ = 32;
+  uint64_t graph_clock_ = 0;
+  // Drops the least recently run prefill graph while `prefill_graph_cap_` or more are kept.
+  void evict_prefill_graphs();
 };
 
 }  // namespace spear::cuda
