@@ -33,7 +33,7 @@ rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
 h = rows[0]; ki = h.index("Kernel Name"); vi = h.index("Metric Value"); ui = h.index("Metric Unit")
 tot = collections.defaultdict(lambda: [0, 0.0])
 for r in rows[1:]:
-    v = float(r[vi].replace(",", "")); v = v / 1000 if r[ui] == "nsecond" else v * (1000 if r[ui] == "msecond" else 1)
+    v = float(r[vi].replace(",", "")); v *= {"ns": 1e-3, "nsecond": 1e-3, "ms": 1e3, "msecond": 1e3}.get(r[ui], 1)
     k = r[ki][:90]; tot[k][0] += 1; tot[k][1] += v
 print("kernels: %d, sum %.1f us" % (sum(c for c, _ in tot.values()), sum(t for _, t in tot.values())))
 for k, (c, t) in sorted(tot.items(), key=lambda x: -x[1][1])[:22]: print("%5d %10.1f us %8.2f us/call  %s" % (c, t, t / c, k))

@@ -62,19 +62,6 @@ inline int padded_head_dim(int head_dim) { return head_dim <= 64 ? 64 : head_dim
 
 int current_sm_count();
 
-// Opt a kernel into more than 48 KiB of dynamic shared memory, once per device. `done` is the instantiation's
-// own flag set (a static of the caller's template).
-template <typename Kernel>
-inline void ensure_smem(Kernel kernel, size_t bytes, std::atomic<uint64_t>& done) {
-  if (bytes <= 48 * 1024) return;
-  int dev = 0;
-  SPEAR_CUDA_CHECK(cudaGetDevice(&dev));
-  const uint64_t bit = uint64_t(1) << (dev & 63);
-  if (done.load(std::memory_order_acquire) & bit) return;
-  SPEAR_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  done.fetch_or(bit, std::memory_order_release);
-}
-
 // attention.cu: the arguments of a launch, checked; attention_decode.cu: the decode launch (splits chosen, workspace
 // laid out).
 AttnArgs attn_args(const __nv_bfloat16* q, int T, const int32_t* token_seq, const DevSeq* seqs, int n_seqs,

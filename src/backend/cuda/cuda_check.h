@@ -1,6 +1,8 @@
 #pragma once
 // CUDA error handling and device discovery. Errors become spear::Error with the call site, so a missing
 // driver or an out-of-memory on the GPU is a clear message, never a crash.
+#include <atomic>
+#include <cstdint>
 #include <string>
 
 #include <cuda_runtime.h>
@@ -44,6 +46,19 @@ class DeviceScope {
  private:
   int prev_ = 0;
 };
+
+// Opt a kernel into more than 48 KiB of dynamic shared memory, once per device. `done` is the instantiation's
+// own flag set (a static of the caller's template).
+template <typename Kernel>
+inline void ensure_smem(Kernel kernel, size_t bytes, std::atomic<uint64_t>& done) {
+  if (bytes <= 48 * 1024) return;
+  int dev = 0;
+  SPEAR_CUDA_CHECK(cudaGetDevice(&dev));
+  const uint64_t bit = uint64_t(1) << (dev & 63);
+  if (done.load(std::memory_order_acquire) & bit) return;
+  SPEAR_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  done.fetch_or(bit, std::memory_order_release);
+}
 
 // v rounded up to a multiple of a (buffer layouts).
 constexpr size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
