@@ -9,7 +9,6 @@
 #include <atomic>
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/ec_overlap.h"
@@ -158,12 +157,9 @@ void launch_expand(bf16* y, const float* zg, const float* B, int T, int n, int r
   ensure_smem(expand_add_kernel<R, C>, staged_bytes<R, C>() + kZsMaxBytes, smem_done);
   const int bx = (n + kExpandThreads * C - 1) / (kExpandThreads * C);
   // About two blocks per SM of an H200 in all (each block stages its slice of B once), at least four tokens per
-  // block and at most 32; the shared g ⊙ z within 48 KB. SPEAR_EC_EXPAND_BLOCKS: another target (A/B runs).
-  static const int target = [] {
-    const char* e = std::getenv("SPEAR_EC_EXPAND_BLOCKS");
-    return e && std::atoi(e) > 0 ? std::atoi(e) : 264;
-  }();
-  int tpb = std::clamp(int((long long)T * bx / target), std::min(T, 4), 32);
+  // block and at most 32; the shared g ⊙ z within 48 KB. (Four and eight blocks per SM ran the same within 1%:
+  // 1B prefill, bench/results/cuda-h200-prefillgraph/call4-ab.)
+  int tpb = std::clamp(int((long long)T * bx / 264), std::min(T, 4), 32);
   tpb = std::max(1, std::min(tpb, int(kZsMaxBytes / sizeof(float)) / r));
   const int by = (T + tpb - 1) / tpb;
   SPEAR_CHECK(by <= 65535, "ec_expand_add_bf16: {} tokens exceed the grid", T);
