@@ -1,6 +1,7 @@
 #pragma once
 // The backend interface: the ops a decoder forward pass needs, declared once and implemented per device
 // (backend/cpu, backend/cuda). Ops take tensors and sizes and know nothing of models or requests.
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -78,8 +79,13 @@ struct BatchDesc {
   }
 };
 
-// run_graph keys of prefill and mixed iterations carry this bit (decode steps: the number of sequences).
+// run_graph keys: a decode step's is its number of sequences; a prefill or mixed iteration's carries
+// kPrefillGraphKey over its tokens and sequences (fewer than 2^24).
 inline constexpr uint64_t kPrefillGraphKey = uint64_t(1) << 63;
+constexpr uint64_t prefill_graph_key(size_t tokens, size_t seqs) {
+  return kPrefillGraphKey | uint64_t(tokens) << 24 | uint64_t(seqs);
+}
+constexpr bool is_prefill_graph_key(uint64_t key) { return (key & kPrefillGraphKey) != 0; }
 
 class KvCache {
  public:

@@ -484,8 +484,7 @@ std::vector<int32_t> Model::forward_greedy_local(const Batch& batch, KvCache& ca
   // Decode steps of the same batch size (and KV cache) replay one graph with new batch contents; prefill and mixed
   // iterations one per (tokens, sequences), which fixes every launch of theirs (attention's grid included: the
   // lengths are read on the device).
-  const uint64_t key = d.decode_only() ? uint64_t(d.seqs.size())
-                                       : kPrefillGraphKey | uint64_t(d.tokens.size()) << 24 | uint64_t(d.seqs.size());
+  const uint64_t key = d.decode_only() ? uint64_t(d.seqs.size()) : prefill_graph_key(d.tokens.size(), d.seqs.size());
   const Tensor ids = d.seqs.size() < (size_t(1) << 24) ? backend_.run_graph(key, body) : body();
   std::vector<int32_t> out(static_cast<size_t>(ids.rows));
   backend_.download_i32(ids, out.data());

@@ -7,7 +7,6 @@
 #include <atomic>
 #include <charconv>
 #include <chrono>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -196,12 +195,6 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   prof_ = std::make_unique<OpProfiler>(stream_);
 }
 
-void CudaBackend::drop_graphs() {
-  for (auto& [k, g] : graphs_)
-    if (g.exec) cudaGraphExecDestroy(g.exec);
-  graphs_.clear();
-}
-
 CudaBackend::~CudaBackend() {
   prof_.reset();  // prints its table when profiling
   teardown_tp();  // graphs, then the streams' work, then the P2P buffers and the communicator
@@ -315,96 +308,6 @@ void CudaBackend::begin_batch(const BatchDesc& d, KvCache& cache) {
   batch_cache_ = kv;
   if (prof_->enabled())
     prof_->add_host("begin_batch", std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-}
-
-Tensor CudaBackend::run_graph(uint64_t key, const std::function<Tensor()>& body) {
-  SPEAR_CHECK(batch_cache_, "run_graph without begin_batch");
-  if (prof_->enabled()) return body();  // per-op timing needs eager ops
-  const bool prefill = (key & kPrefillGraphKey) != 0;
-  if (prefill && (!prefill_graphs_ || prefill_graph_cap_ <= 0)) return body();
-  const std::pair<uint64_t, uint64_t> id{batch_cache_->id(), key};
-  if (prefill && !graphs_.count(id)) evict_prefill_graphs();
-  Graph& g = graphs_[id];
-  g.last_use = ++graph_clock_;
-  if (g.runs++ == 0 || g.eager_only) return body();  // eager: cuBLAS heuristics, lazily uploaded tables, tuning
-  if (!g.exec) {
-    try {
-      const auto t0 = std::chrono::steady_clock::now();
-      g.exec = capture_graph([&] { g.out = body(); });
-      if (verbose_ && prefill)
-        std::fprintf(stderr, "cuda: prefill graph of %llu tokens, %llu sequences captured in %.2f ms\n",
-                     (unsigned long long)(key >> 24 & ((uint64_t(1) << 39) - 1)),
-                     (unsigned long long)(key & 0xffffff),
-                     std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-    } catch (const Error& e) {
-      if (!prefill) throw;  // every decode op is meant to be capturable: a failure there is a bug to see
-      // A prefill shape whose ops cannot all be recorded (nothing was run): eager for this shape from now on.
-      g.eager_only = true;
-      g.out = Tensor();
-      if (verbose_) std::fprintf(stderr, "cuda: prefill of key %llx runs eagerly (%s)\n", (unsigned long long)key, e.what());
-      return body();
-    }
-  }
-  SPEAR_CUDA_CHECK(cudaGraphLaunch(g.exec, stream_));
-  return g.out;
-}
-
-void CudaBackend::set_prefill_graphs(bool on) {
-  if (std::getenv("SPEAR_PREFILL_GRAPHS")) return;
-  SPEAR_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  if (!on)
-    for (auto it = graphs_.begin(); it != graphs_.end();) {
-      if (!(it->first.second & kPrefillGraphKey)) {
-        ++it;
-        continue;
-      }
-      if (it->second.exec) cudaGraphExecDestroy(it->second.exec);
-      it = graphs_.erase(it);
-    }
-  prefill_graphs_ = on;
-}
-
-size_t CudaBackend::graphs_kept(bool prefill) const {
-  size_t n = 0;
-  for (const auto& [id, g] : graphs_) n += g.exec && ((id.second & kPrefillGraphKey) != 0) == prefill;
-  return n;
-}
-
-void CudaBackend::evict_prefill_graphs() {
-  for (;;) {
-    auto oldest = graphs_.end();
-    int kept = 0;
-    for (auto it = graphs_.begin(); it != graphs_.end(); ++it) {
-      if (!(it->first.second & kPrefillGraphKey)) continue;
-      ++kept;
-      if (oldest == graphs_.end() || it->second.last_use < oldest->second.last_use) oldest = it;
-    }
-    if (kept < prefill_graph_cap_) return;
-    // An exec still running on the stream is freed when it completes (cudaGraphExecDestroy).
-    if (oldest->second.exec) cudaGraphExecDestroy(oldest->second.exec);
-    graphs_.erase(oldest);
-  }
-}
-
-cudaGraphExec_t CudaBackend::capture_graph(const std::function<void()>& body) {
-  cudaGraph_t graph = nullptr;
-  SPEAR_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
-  capturing_ = true;
-  try {
-    body();
-  } catch (...) {
-    capturing_ = false;
-    cudaStreamEndCapture(stream_, &graph);
-    if (graph) cudaGraphDestroy(graph);
-    throw;
-  }
-  capturing_ = false;
-  SPEAR_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
-  cudaGraphExec_t exec = nullptr;
-  const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
-  cudaGraphDestroy(graph);
-  SPEAR_CUDA_CHECK(err);
-  return exec;
 }
 
 const int32_t* CudaBackend::device_ints(std::span<const int32_t> v) {

@@ -390,7 +390,9 @@ class CudaBackend : public Backend {
     bool eager_only = false;   // a prefill body that could not be captured: runs eagerly from then on
     uint64_t last_use = 0;     // graph_clock_ at the last run, for evicting prefill graphs
   };
-  std::map<std::pair<uint64_t, uint64_t>, Graph> graphs_;  // (KV cache id, key)
+  using GraphMap = std::map<std::pair<uint64_t, uint64_t>, Graph>;  // (KV cache id, key)
+  GraphMap graphs_;
+  GraphMap::iterator erase_graph(GraphMap::iterator it);  // destroys its exec
   // Prefill (and mixed) iterations as graphs (SPEAR_PREFILL_GRAPHS=0: eager): at most prefill_graph_cap_ shapes
   // (SPEAR_PREFILL_GRAPH_CAP) are kept, the least recently run dropped first, since a server sees many token counts.
   bool prefill_graphs_ = true;
