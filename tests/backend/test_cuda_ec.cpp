@@ -143,6 +143,18 @@ std::string describe(const EcCase& cs, int m) {
          std::to_string(cs.rank) + " gate " + std::to_string(cs.gate) + " m " + std::to_string(m);
 }
 
+// Each member's output of a grouped launch against its own naive path and the double-precision reference.
+void expect_members_match(cuda::CudaBackend& gpu, const EcGroup& eg, const Tensor& x, const std::vector<float>& hx,
+                          int m, const Tensor (&ys)[3], const std::string& what) {
+  for (int i = 0; i < 3; ++i) {
+    std::vector<float> got(size_t(ys[i].numel()));
+    gpu.download(ys[i], got.data());
+    const std::vector<float> naive = run(gpu, *eg.ls[size_t(i)], x, EcPath::Naive);
+    EXPECT_LT(rel_err(got, naive), 1e-2) << what << " member " << i;
+    EXPECT_LT(rel_err(got, reference(eg.ps[size_t(i)], eg.ec(i), hx, m)), 1e-2) << what << " member " << i;
+  }
+}
+
 }  // namespace
 
 TEST(CudaEc, FusedAndOverlappedMatchNaiveAndReference) {
@@ -269,14 +281,7 @@ TEST(CudaEc, GroupedClusterEcLaunchMatchesNaive) {
       const uint64_t before = cuda::w4a16_bulk_ec_launches();
       gpu.linear_group(x, members, outs);
       EXPECT_EQ(cuda::w4a16_bulk_ec_launches(), before + 1) << "gate " << gate << " m " << m << ": not bulk";
-      for (int i = 0; i < 3; ++i) {
-        std::vector<float> got(size_t(ys[i].numel()));
-        gpu.download(ys[i], got.data());
-        const std::vector<float> naive = run(gpu, *ls[i], x, EcPath::Naive);
-        EXPECT_LT(rel_err(got, naive), 1e-2) << "gate " << gate << " m " << m << " member " << i;
-        EXPECT_LT(rel_err(got, reference(eg.ps[size_t(i)], eg.ec(i), hx, m)), 1e-2)
-            << "gate " << gate << " m " << m << " member " << i;
-      }
+      expect_members_match(gpu, eg, x, hx, m, ys, "gate " + std::to_string(gate) + " m " + std::to_string(m));
     }
   }
 }
@@ -369,14 +374,7 @@ TEST(CudaEc, GroupedFusedLaunchMatchesNaive) {
       Tensor* outs[3] = {&ys[0], &ys[1], &ys[2]};
       gpu.set_ec_path(EcPath::Fused);
       gpu.linear_group(x, members, outs);
-      for (int i = 0; i < 3; ++i) {
-        std::vector<float> got(size_t(ys[i].numel()));
-        gpu.download(ys[i], got.data());
-        const std::vector<float> naive = run(gpu, *ls[i], x, EcPath::Naive);
-        EXPECT_LT(rel_err(got, naive), 1e-2) << "group " << group << " m " << m << " member " << i;
-        EXPECT_LT(rel_err(got, reference(eg.ps[size_t(i)], eg.ec(i), hx, m)), 1e-2)
-            << "group " << group << " m " << m << " member " << i;
-      }
+      expect_members_match(gpu, eg, x, hx, m, ys, "group " + std::to_string(group) + " m " + std::to_string(m));
     }
   }
 }

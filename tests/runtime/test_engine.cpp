@@ -14,6 +14,7 @@
 #include "runtime/engine.h"
 #include "runtime/latency_table.h"
 #include "runtime/generator.h"
+#include "ref_model_suite.h"
 #include "test_util.h"
 #include "tokenizer/tokenizer.h"
 
@@ -27,18 +28,8 @@ struct Outcome {
   int finished_events = 0;
 };
 
-class EngineTest : public ::testing::Test {
+class EngineTest : public test::RefModelSuite {
  protected:
-  static void SetUpTestSuite() {
-    be_ = new CpuBackend();
-    model_ = Model::load(test::ref_model_dir(), *be_).release();
-    tok_ = new Tokenizer(Tokenizer::from_dir(test::ref_model_dir()));
-  }
-  static void TearDownTestSuite() {
-    delete model_;
-    delete be_;
-    delete tok_;
-  }
   static std::vector<std::vector<int32_t>> prompts(int n, uint32_t seed) {
     std::mt19937 rng(seed);
     std::uniform_int_distribution<int> len(1, 40), tok(3, model_->config().vocab_size - 1);
@@ -80,13 +71,7 @@ class EngineTest : public ::testing::Test {
   static TextStream::Decode decoder() {
     return [](std::span<const int32_t> ids) { return tok_->decode(ids); };
   }
-  static CpuBackend* be_;
-  static Model* model_;
-  static Tokenizer* tok_;
 };
-CpuBackend* EngineTest::be_ = nullptr;
-Model* EngineTest::model_ = nullptr;
-Tokenizer* EngineTest::tok_ = nullptr;
 
 }  // namespace
 

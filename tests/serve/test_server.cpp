@@ -14,6 +14,7 @@
 #include "backend/cpu/cpu_backend.h"
 #include "runtime/generator.h"
 #include "serve/server.h"
+#include "ref_model_suite.h"
 #include "test_util.h"
 
 namespace spear::serve {
@@ -22,18 +23,8 @@ namespace {
 
 using nlohmann::json;
 
-class ServerTest : public ::testing::Test {
+class ServerTest : public test::RefModelSuite {
  protected:
-  static void SetUpTestSuite() {
-    be_ = new CpuBackend();
-    model_ = Model::load(test::ref_model_dir(), *be_).release();
-    tok_ = new Tokenizer(Tokenizer::from_dir(test::ref_model_dir()));
-  }
-  static void TearDownTestSuite() {
-    delete model_;
-    delete be_;
-    delete tok_;
-  }
   void start(ServerOptions o = {}) {
     o.port = 0;
     o.model_name = "ref";
@@ -92,16 +83,10 @@ class ServerTest : public ::testing::Test {
     EXPECT_TRUE(done) << "no data: [DONE]";
     return s->status == 200 && done ? ev : std::vector<json>{};
   }
-  static CpuBackend* be_;
-  static Model* model_;
-  static Tokenizer* tok_;
   std::unique_ptr<Server> server_;
   std::thread http_;
   int port_ = 0;
 };
-CpuBackend* ServerTest::be_ = nullptr;
-Model* ServerTest::model_ = nullptr;
-Tokenizer* ServerTest::tok_ = nullptr;
 
 }  // namespace
 
