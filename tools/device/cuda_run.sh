@@ -14,7 +14,8 @@
 #   ab:LIKE   bench decode of a LIKE-shaped W4 model at batch AB_BATCH (default 1,8), one process per entry of
 #             AB_RUNS (each NAME=VALUE[,NAME=VALUE...], e.g. "SPEAR_FUSED_MLP=0 SPEAR_FUSED_MLP=1"), one JSON each
 #   ecab:LIKE issue 6 A/B: one LIKE-shaped W4 model, then per entry of ECAB_RUNS (NAME=VALUE[,NAME=VALUE...]) a
-#             spear tune (EC dispatch table) and bench decode with ECs (EC_TOKENS, EC_BATCH, EC_DENS, EC_PATHS)
+#             spear tune (EC dispatch table) and bench decode with ECs (EC_TOKENS, EC_BATCH, EC_DENS, EC_PATHS;
+#             EC_GATE: the random ECs' gate width, default 8, 0 static)
 #   tunelog:LIKE  every decode plan's tuning time (SPEAR_W4_TUNE_LOG=1) in a bench decode of a LIKE-shaped W4 model at
 #             batch TL_BATCH (default 1) with fused ECs on TL_DENS (default 0.6): best ring plan vs bulk per shape
 #   e2e:LIKE  make-model --like LIKE (bf16 + W4 package) and bench decode at batch 1, 8, 32
@@ -383,10 +384,10 @@ for stage in "$@"; do
         i=$((i + 1))
         echo "run$i: $run" | tee -a "$R/ecab-$like.runs"
         env ${run//,/ } timeout 200 "$BIN/spear" tune --device cuda -m "/tmp/$like-w4" --no-latency-table --ec-density 1 \
-          --ec-rank 16 --ec-gate 8 --ec-tokens ${EC_TOKENS:-1,8} --ec-dispatch-out "$R/ecab-$like-run$i.dispatch.json" \
+          --ec-rank 16 --ec-gate ${EC_GATE:-8} --ec-tokens ${EC_TOKENS:-1,8} --ec-dispatch-out "$R/ecab-$like-run$i.dispatch.json" \
           > "$R/ecab-$like-run$i.tune.txt" 2>&1
         env ${run//,/ } timeout 300 "$BIN/spear" bench decode --device cuda -m "/tmp/$like-w4" --batch ${EC_BATCH:-1,8} \
-          --steps 48 --ec-density ${EC_DENS:-0,0.15,0.38,0.6} --ec-paths ${EC_PATHS:-fused,auto} \
+          --steps 48 --ec-density ${EC_DENS:-0,0.15,0.38,0.6} --ec-paths ${EC_PATHS:-fused,auto} --ec-gate ${EC_GATE:-8} \
           --ec-dispatch "$R/ecab-$like-run$i.dispatch.json" --out "$R/ecab-$like-run$i.json" 2>&1 \
           | tee "$R/ecab-$like-run$i.txt" | grep -v "ms/step$" | tail -16 | cut -c1-20,40-200
       done ;;
