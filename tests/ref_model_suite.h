@@ -15,19 +15,18 @@ namespace spear::test {
 class RefModelSuite : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    be_ = new CpuBackend();
-    model_ = Model::load(ref_model_dir(), *be_).release();
-    tok_ = new Tokenizer(Tokenizer::from_dir(ref_model_dir()));
+    be_ = std::make_unique<CpuBackend>();
+    model_ = Model::load(ref_model_dir(), *be_);
+    tok_ = std::make_unique<Tokenizer>(Tokenizer::from_dir(ref_model_dir()));
   }
-  static void TearDownTestSuite() {
-    delete model_;
-    delete be_;
-    delete tok_;
-    model_ = nullptr, be_ = nullptr, tok_ = nullptr;
+  static void TearDownTestSuite() {  // the model before the backend it was loaded on
+    model_.reset();
+    be_.reset();
+    tok_.reset();
   }
-  static inline CpuBackend* be_ = nullptr;
-  static inline Model* model_ = nullptr;
-  static inline Tokenizer* tok_ = nullptr;
+  static inline std::unique_ptr<CpuBackend> be_;
+  static inline std::unique_ptr<Model> model_;
+  static inline std::unique_ptr<Tokenizer> tok_;
 };
 
 }  // namespace spear::test
